@@ -1,0 +1,1 @@
+"""`agentrt bench ...` and `agentrt eval ...` implementations, one module each."""

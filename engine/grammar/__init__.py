@@ -1,0 +1,1 @@
+"""Grammar-constrained decoding: JSON Schema -> token automaton (outlines-core) -> per-request matcher."""

@@ -1,0 +1,1 @@
+"""Built-in tools, each an ordinary @tool function."""
