@@ -26,6 +26,16 @@ class Message(BaseModel):
     is_error: bool = False
 
 
+class ToolResult(BaseModel):
+    """What a tool call returned (or the error it raised / its timeout), as the model reads it."""
+
+    call_id: str
+    name: str
+    content: str
+    is_error: bool = False
+    duration_s: float = 0.0
+
+
 class Usage(BaseModel):
     """Token counts of one generation (or summed over a run)."""
 
