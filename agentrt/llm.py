@@ -67,3 +67,119 @@ class LLM(Protocol):
         json_schema: dict[str, Any] | None = None,
         params: GenerationParams | None = None,
     ) -> AsyncIterator[CompletionChunk]: ...
+
+
+class LocalLLM:
+    """The engine in-process behind the `LLM` protocol.
+
+    Loads a model once (None = the embedded SmolLM2-135M-Instruct), renders chat messages
+    with the model's own chat template, and compiles ``json_schema`` into a grammar that
+    constrains decoding, so the text returned always parses and validates (unless cut by
+    ``max_tokens``: then ``finish_reason == "length"``).
+    """
+
+    def __init__(self, model: str | None = None, *, config: Any = None, **config_overrides: Any):
+        from agentrt.engine import AsyncLLMEngine, EngineConfig, LLMEngine
+
+        if config is None:
+            config = EngineConfig(model=model, **config_overrides)
+        elif config_overrides or model is not None:
+            raise TypeError("pass either config=EngineConfig(...) or model/keyword overrides, not both")
+        self.config = config
+        self.sync_engine = LLMEngine(config)
+        self.engine = AsyncLLMEngine(self.sync_engine)
+        self.tokenizer = self.sync_engine.tokenizer
+        self.model_name: str = self.sync_engine.model_name
+        self._grammar_compiler: Any = None
+
+    @property
+    def grammar_compiler(self) -> Any:
+        """The per-model grammar compiler (built on first use: it indexes the vocabulary)."""
+        if self._grammar_compiler is None:
+            from agentrt.engine.grammar import GrammarCompiler
+
+            self._grammar_compiler = GrammarCompiler.from_tokenizer(
+                self.tokenizer, vocab_size=self.sync_engine.vocab_size
+            )
+        return self._grammar_compiler
+
+    def prompt_token_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The chat-templated prompt, ending with the assistant's generation header."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def compile(self, json_schema: dict[str, Any]) -> Any:
+        """Compile (or fetch from cache) the grammar of ``json_schema``; raises
+        UnsupportedSchemaError naming any keyword that cannot be enforced."""
+        return self.grammar_compiler.compile_json_schema(json_schema)
+
+    def stats(self) -> Any:
+        return self.sync_engine.stats()
+
+    async def complete(
+        self,
+        messages: list[ChatMessage],
+        *,
+        json_schema: dict[str, Any] | None = None,
+        params: GenerationParams | None = None,
+    ) -> Completion:
+        last: Completion | None = None
+        async for chunk in self.stream(messages, json_schema=json_schema, params=params):
+            last = chunk.completion or last
+        assert last is not None
+        return last
+
+    async def stream(
+        self,
+        messages: list[ChatMessage],
+        *,
+        json_schema: dict[str, Any] | None = None,
+        params: GenerationParams | None = None,
+    ) -> AsyncIterator[CompletionChunk]:
+        import anyio
+
+        from agentrt.engine import SamplingParams
+
+        params = params or GenerationParams()
+        prompt = self.prompt_token_ids(messages)
+        constraint = None
+        if json_schema is not None:
+            # Compiling can take a while on a cold cache: keep the event loop free.
+            grammar = await anyio.to_thread.run_sync(self.compile, json_schema)
+            constraint = grammar.matcher()
+        sampling = SamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            stop=list(params.stop),
+        )
+        async for out in self.engine.generate_stream(prompt, sampling, constraint=constraint):
+            if out.delta_text:
+                yield CompletionChunk(delta=out.delta_text)
+            if out.finished:
+                m = out.metrics
+                yield CompletionChunk(
+                    completion=Completion(
+                        text=out.text,
+                        finish_reason=out.finish_reason or "stop",
+                        usage=Usage(
+                            prompt_tokens=m.prompt_tokens,
+                            completion_tokens=m.completion_tokens,
+                            cached_tokens=m.cached_tokens,
+                        ),
+                        ttft_s=m.ttft_s,
+                        decode_s=m.decode_s,
+                        forced_tokens=m.forced_tokens,
+                    )
+                )
+
+
+def __getattr__(name: str) -> Any:
+    # RemoteLLM lives in its own module (it needs the openai client); re-exported here.
+    if name == "RemoteLLM":
+        from agentrt.remote import RemoteLLM
+
+        return RemoteLLM
+    raise AttributeError(name)
