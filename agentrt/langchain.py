@@ -16,6 +16,7 @@ is imported only by this module.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import threading
@@ -50,13 +51,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "agentrt.langchain needs langchain-core; install it with: pip install 'agentrt[langchain]'"
     ) from exc
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
+import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, create_model
 
 from agentrt.llm import LLM, Completion, GenerationParams
+from agentrt.registry import Tool, ToolRegistry
 from agentrt.stream_parser import ContentDelta, ToolCallArgsDelta, ToolCallStart, ToolCallStreamParser
 from agentrt.types import Message, ToolCall, ToolSpec, Usage
 
-__all__ = ["ChatAgentRT", "to_langchain_tool", "from_langchain_tool", "DEFAULT_MODEL_NAME"]
+__all__ = ["ChatAgentRT", "LangChainTool", "to_langchain_tool", "from_langchain_tool", "shared_local_llm", "DEFAULT_MODEL_NAME"]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 """Reported as the model name before the embedded model is loaded (LangSmith params)."""
@@ -761,12 +764,11 @@ def _events_to_chunk(events: list[Any]) -> AIMessageChunk | None:
 def to_langchain_tool(tool: Any) -> BaseTool:
     """An agentrt registry `Tool` as a LangChain `StructuredTool`.
 
-    Calls go through a one-tool `ToolRegistry`, so arguments are validated and timeouts
-    applied exactly as in agentrt; a failing call raises `ToolException`, which LangChain
-    turns into a ``ToolMessage(status="error")`` carrying the message.
+    The LangChain tool's ``args_schema`` is the agentrt tool's own JSON Schema, and calls
+    go through a one-tool `ToolRegistry`, so arguments are validated, context injected
+    and timeouts applied exactly as in agentrt. A failing call raises `ToolException`,
+    which LangChain turns into a ``ToolMessage(status="error")`` carrying the message.
     """
-    from agentrt.registry import ToolRegistry
-
     registry = ToolRegistry()
     registry.register(tool)
     counter = {"n": 0}
@@ -784,50 +786,60 @@ def to_langchain_tool(tool: Any) -> BaseTool:
     return StructuredTool(
         name=tool.name,
         description=tool.description or tool.name,
-        args_schema=tool.args_model,
+        # A dict schema: LangChain passes the arguments through untouched and the
+        # registry validates them (aliases, nested models and all) as it always does.
+        args_schema=tool.spec.parameters,
         func=_call,
         coroutine=_acall,
         handle_tool_error=True,
     )
 
 
-def from_langchain_tool(lc_tool: BaseTool, *, timeout_s: float | None = None) -> Any:
-    """A LangChain tool as an agentrt `Tool`, registrable in a `ToolRegistry`.
+@dataclasses.dataclass(eq=False)
+class LangChainTool(Tool):
+    """A registry `Tool` whose call is a LangChain tool's ``ainvoke`` (see `from_langchain_tool`)."""
 
-    The model sees the tool's own argument schema (what ``bind_tools`` would send); the
-    call runs ``lc_tool.ainvoke`` and returns its output as text (non-strings as JSON).
-    """
-    from agentrt.registry import Tool
+    lc_tool: Any = None
 
-    spec_fn = convert_to_openai_tool(lc_tool)["function"]
-    parameters = spec_fn.get("parameters") or {"type": "object", "properties": {}}
-    args_model = lc_tool.tool_call_schema
-    if not (isinstance(args_model, type) and issubclass(args_model, BaseModel)):
-        args_model = _model_from_json_schema(lc_tool.name, parameters)
-
-    async def fn(**kwargs: Any) -> str:
-        out = await lc_tool.ainvoke(kwargs)
+    async def invoke(self, arguments: dict[str, Any] | None, context: Any = None) -> Any:
+        arguments = arguments or {}
+        self.parse_arguments(arguments)  # the same validation as every agentrt tool
+        out = await self.lc_tool.ainvoke(arguments)
         if isinstance(out, ToolMessage):
+            if out.status == "error":
+                raise ToolException(_content_text(out.content, f"{self.name} result"))
             out = out.content
         return out if isinstance(out, str) else json.dumps(out, ensure_ascii=False, default=str)
 
+
+def from_langchain_tool(lc_tool: BaseTool, *, timeout_s: float | None = None) -> LangChainTool:
+    """A LangChain tool as an agentrt `Tool`, registrable in a `ToolRegistry`.
+
+    The model sees the tool's argument schema as ``bind_tools`` would send it; the
+    registry validates arguments against it, then the call runs ``lc_tool.ainvoke`` with
+    the arguments as given and returns its output as text (non-strings as JSON).
+    """
+    spec_fn = convert_to_openai_tool(lc_tool)["function"]
+    parameters = spec_fn.get("parameters") or {"type": "object", "properties": {}}
+    description = spec_fn.get("description") or lc_tool.description or ""
+    args_model = lc_tool.tool_call_schema
+    if not (isinstance(args_model, type) and issubclass(args_model, BaseModel)):
+        # A dict or pydantic-v1 schema: the JSON Schema validator below does the checking.
+        args_model = create_model(f"{lc_tool.name}_args", __config__=ConfigDict(extra="allow"))
+
+    async def fn(**kwargs: Any) -> Any:
+        return await lc_tool.ainvoke(kwargs)
+
     fn.__name__ = lc_tool.name
-    fn.__doc__ = lc_tool.description
-    return Tool(
+    fn.__doc__ = description
+    return LangChainTool(
         name=lc_tool.name,
-        description=spec_fn.get("description") or lc_tool.description or "",
-        spec=ToolSpec(name=lc_tool.name, description=spec_fn.get("description") or "", parameters=parameters),
+        description=description,
+        spec=ToolSpec(name=lc_tool.name, description=description, parameters=parameters),
         args_model=args_model,
         fn=fn,
         timeout_s=timeout_s,
-        takes_context=False,
+        is_async=True,
+        _validator=jsonschema.Draft202012Validator(parameters),
+        lc_tool=lc_tool,
     )
-
-
-def _model_from_json_schema(name: str, schema: dict[str, Any]) -> type[BaseModel]:
-    """A permissive pydantic model for a tool whose args schema is a plain dict: it keeps
-    every argument (the grammar already enforces the schema on the model's side)."""
-    from pydantic import create_model
-
-    model = create_model(f"{name}_args", __config__=ConfigDict(extra="allow"))
-    return model
