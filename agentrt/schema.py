@@ -277,6 +277,10 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_SINGLE = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
 
 
+_SHAPE_KEYS = ("type", "enum", "const", "anyOf", "oneOf", "allOf", "not", "properties", "items", "prefixItems",
+               "additionalProperties", "$ref")
+
+
 def clean_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """Make a pydantic JSON Schema self-contained and grammar-friendly.
 
@@ -316,6 +320,10 @@ def clean_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
         if isinstance(all_of, list) and len(all_of) == 1 and isinstance(all_of[0], dict):
             inner = out.pop("allOf")[0]
             out = {**inner, **out}
+        if not any(k in out for k in _SHAPE_KEYS):
+            # ``Any``: a schema with only annotations (description, default) names no shape, and
+            # grammar backends (outlines-core) refuse it; spell "any JSON value" out instead.
+            out["anyOf"] = [{"type": t} for t in ("string", "number", "boolean", "null", "object", "array")]
         if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out:
             out["additionalProperties"] = False
         return _ordered(out)
