@@ -141,7 +141,10 @@ def _render_assistant(msg: Message, json_turns: bool) -> str:
         # The planner stores the model's raw JSON in `content`: reuse it verbatim so the
         # tokens of a later prompt are exactly those the model produced (number spellings...).
         return content if _is_turn_json(content) else _calls_json(msg.tool_calls)
-    if json_turns and not _is_turn_json(content):
+    # Plain text (an earlier answer from a chat client) is shown in the JSON format the
+    # model must use; anything JSON-like is the model's own raw turn (possibly cut short
+    # or invalid, then fed back with an error) and stays verbatim.
+    if json_turns and not content.lstrip().startswith("{"):
         return compact_json({"answer": content})
     return content
 

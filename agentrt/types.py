@@ -1,7 +1,7 @@
 """Wire types shared by the planner, the server and the LangChain adapter."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field
 
@@ -62,3 +62,102 @@ class ToolSpec(BaseModel):
 # "auto": the model may call tools or answer; "required": it must call one or more;
 # "none": it must answer; any other string names the one tool it must call.
 ToolChoice = str
+
+
+# ---------------------------------------------------------------- the planner's trace
+
+RunStatus = Literal["completed", "max_steps", "cancelled", "budget_exceeded", "error"]
+
+
+class Step(BaseModel):
+    """One model turn of an agent run and the tool calls it made.
+
+    ``text`` is the model's raw output; ``error`` is set when the turn did not parse or its
+    answer failed validation (the message was fed back to the model). Timings in seconds;
+    ``cached_tokens`` of ``prompt_tokens`` were served from the prefix cache.
+    """
+
+    index: int
+    text: str = ""
+    calls: list[ToolCall] = Field(default_factory=list)
+    results: list[ToolResult] = Field(default_factory=list)
+    answer: Any = None
+    error: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    forced_tokens: int = 0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    tool_time_s: float = 0.0
+    duration_s: float = 0.0
+
+
+class RunResult(BaseModel):
+    """The outcome of ``Agent.run``: status, answer (a str or the output type), full trace."""
+
+    run_id: str
+    status: RunStatus
+    answer: Any = None
+    error: str | None = None
+    steps: list[Step] = Field(default_factory=list)
+    messages: list[Message] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    duration_s: float = 0.0
+
+
+class StepStarted(BaseModel):
+    """A model turn begins (``step`` counts from 1)."""
+
+    type: Literal["step_started"] = "step_started"
+    run_id: str
+    step: int
+
+
+class ToolCallEvent(BaseModel):
+    """The model called a tool; the call is about to run."""
+
+    type: Literal["tool_call"] = "tool_call"
+    run_id: str
+    step: int
+    call: ToolCall
+
+
+class ToolResultEvent(BaseModel):
+    """A tool call finished (successfully or with an error the model will read)."""
+
+    type: Literal["tool_result"] = "tool_result"
+    run_id: str
+    step: int
+    result: ToolResult
+
+
+class StepFinished(BaseModel):
+    """A model turn and its tool calls are done; ``step`` holds the whole record."""
+
+    type: Literal["step_finished"] = "step_finished"
+    run_id: str
+    step: Step
+
+
+class FinalAnswer(BaseModel):
+    """The model gave its final answer (already validated against the output type)."""
+
+    type: Literal["final_answer"] = "final_answer"
+    run_id: str
+    answer: Any = None
+
+
+class RunFinished(BaseModel):
+    """The last event of every run, whatever its status."""
+
+    type: Literal["run_finished"] = "run_finished"
+    run_id: str
+    result: RunResult
+
+
+AgentEvent = Annotated[
+    Union[StepStarted, ToolCallEvent, ToolResultEvent, StepFinished, FinalAnswer, RunFinished],
+    Field(discriminator="type"),
+]

@@ -1,0 +1,347 @@
+"""The planner loop: `Agent.run()` / `Agent.astream()`.
+
+Each step the model (any `agentrt.llm.LLM`) sees the transcript rendered by
+`agentrt.prompting` and a JSON Schema allowing either tool calls or the final answer.
+Calls run concurrently through the `ToolRegistry`; results go back into the transcript
+(append-only, so the next prompt extends this one and the prefix cache serves it). The
+loop ends at the final answer, at ``max_steps``, at a budget (run time, total tokens),
+on cancellation, or after too many unusable turns in a row. Every step is recorded.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from typing import Any, AsyncIterator, Callable, Iterable
+
+import anyio
+from pydantic import BaseModel, ValidationError
+
+from agentrt.llm import LLM, Completion, GenerationParams
+from agentrt.prompting import PromptPlan, TurnOutput, compact_json, parse_turn, plan_turn
+from agentrt.registry import RunContext, Tool, ToolRegistry
+from agentrt.types import (
+    AgentEvent,
+    FinalAnswer,
+    Message,
+    RunFinished,
+    RunResult,
+    RunStatus,
+    Step,
+    StepFinished,
+    StepStarted,
+    ToolCall,
+    ToolCallEvent,
+    ToolChoice,
+    ToolResult,
+    ToolResultEvent,
+    Usage,
+)
+
+DEFAULT_PARAMS = GenerationParams(max_tokens=256)
+RETRY_HINT = "Reply again with JSON in the format described above."
+
+
+class _Stop(Exception):
+    """Internal: end the run with ``status`` (raised from inside a step)."""
+
+    def __init__(self, status: RunStatus, error: str | None = None):
+        super().__init__(error or status)
+        self.status = status
+        self.error = error
+
+
+class Agent:
+    """A tool-using agent over any `LLM`.
+
+    Args:
+        llm: the model (e.g. ``agentrt.llm.LocalLLM()``, or ``ScriptedLLM`` in tests).
+        tools: a ``ToolRegistry`` or a list of functions / ``Tool`` objects.
+        system_prompt: extra instructions, after the tool list in the system message.
+        tool_choice: "auto" (call tools or answer), "required" (call at least one tool),
+            "none" (answer without tools) or a tool name (call that tool). "required" and a
+            named tool apply until the first tool call, then the loop switches to "auto"
+            (``reset_tool_choice=False`` keeps them; the run then ends at ``max_steps``).
+        parallel_tool_calls: let one turn call several tools (they run concurrently).
+        max_steps: the most model turns in a run.
+        output_type: a pydantic model the final answer must validate into.
+        deps: passed to tools that take a ``RunContext`` parameter.
+        run_timeout_s: a wall-clock budget for the whole run.
+        tool_timeout_s: a limit per tool call (a tool's own shorter limit still applies).
+        max_total_tokens: a budget of prompt + completion tokens summed over the steps.
+        params: generation settings of each turn (default greedy, 256 new tokens).
+        max_retries: consecutive unusable turns (unparsable, invalid answer) tolerated;
+            each is fed back to the model with the error.
+    """
+
+    def __init__(
+        self,
+        llm: LLM,
+        tools: ToolRegistry | Iterable[Tool | Callable[..., Any]] = (),
+        *,
+        system_prompt: str | None = None,
+        tool_choice: ToolChoice = "auto",
+        parallel_tool_calls: bool = True,
+        max_steps: int = 8,
+        output_type: type[BaseModel] | None = None,
+        deps: Any = None,
+        run_timeout_s: float | None = None,
+        tool_timeout_s: float | None = None,
+        max_total_tokens: int | None = None,
+        params: GenerationParams | None = None,
+        max_retries: int = 2,
+        reset_tool_choice: bool = True,
+    ):
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if output_type is not None and not (isinstance(output_type, type) and issubclass(output_type, BaseModel)):
+            raise TypeError(f"output_type must be a pydantic BaseModel subclass, got {output_type!r}")
+        self.llm = llm
+        self.registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(list(tools))
+        self.system_prompt = system_prompt
+        self.tool_choice = tool_choice
+        self.parallel_tool_calls = parallel_tool_calls
+        self.max_steps = max_steps
+        self.output_type = output_type
+        self.output_schema = output_type.model_json_schema() if output_type is not None else None
+        self.deps = deps
+        self.run_timeout_s = run_timeout_s
+        self.tool_timeout_s = tool_timeout_s
+        self.max_total_tokens = max_total_tokens
+        self.params = params or DEFAULT_PARAMS
+        self.max_retries = max_retries
+        self.reset_tool_choice = reset_tool_choice
+        # Validate tool_choice now rather than at the first step.
+        plan_turn([], self.registry.specs(), tool_choice, parallel_tool_calls, self.output_schema)
+
+    # ------------------------------------------------------------------ public API
+
+    async def run(self, task: str | list[Message], *, cancel: anyio.Event | None = None) -> RunResult:
+        """Run the loop to its end and return the result (see `astream` for the events)."""
+        result: RunResult | None = None
+        async for event in self.astream(task, cancel=cancel):
+            if isinstance(event, RunFinished):
+                result = event.result
+        assert result is not None
+        return result
+
+    def run_sync(self, task: str | list[Message]) -> RunResult:
+        """`run` from synchronous code (starts an event loop; not from inside one)."""
+        return anyio.run(self.run, task)
+
+    async def astream(
+        self, task: str | list[Message], *, cancel: anyio.Event | None = None
+    ) -> AsyncIterator[AgentEvent]:
+        """Run the loop, yielding events as they happen; the last is always `RunFinished`.
+
+        Setting ``cancel`` ends the run with status "cancelled" (the current generation and
+        tool calls are abandoned). Closing the iterator early abandons the run.
+        """
+        run = _Run(self, task, cancel)
+        async for event in run.events():
+            yield event
+
+
+class _Run:
+    """The state of one run; `events()` drives it."""
+
+    def __init__(self, agent: Agent, task: str | list[Message], cancel: anyio.Event | None):
+        self.agent = agent
+        self.run_id = "run_" + secrets.token_hex(8)
+        self.cancel = cancel
+        self.started = time.perf_counter()
+        self.deadline = math.inf if agent.run_timeout_s is None else self.started + agent.run_timeout_s
+        self.messages = self._initial_messages(task)
+        self.steps: list[Step] = []
+        self.usage = Usage()
+        self.tool_choice = agent.tool_choice
+        self.failures = 0  # consecutive unusable turns
+
+    def _initial_messages(self, task: str | list[Message]) -> list[Message]:
+        if isinstance(task, str):
+            if not task.strip():
+                raise ValueError("the task is empty: pass a question or a list of messages")
+            msgs = [Message(role="user", content=task)]
+        else:
+            msgs = [m if isinstance(m, Message) else Message.model_validate(m) for m in task]
+            if not msgs:
+                raise ValueError("the task has no messages")
+        if self.agent.system_prompt:
+            msgs = [Message(role="system", content=self.agent.system_prompt), *msgs]
+        return msgs
+
+    def _finish(self, status: RunStatus, answer: Any = None, error: str | None = None) -> RunFinished:
+        result = RunResult(
+            run_id=self.run_id,
+            status=status,
+            answer=answer,
+            error=error,
+            steps=self.steps,
+            messages=self.messages,
+            usage=self.usage,
+            duration_s=time.perf_counter() - self.started,
+        )
+        return RunFinished(run_id=self.run_id, result=result)
+
+    async def _guarded(self, fn: Callable[[], Any], what: str) -> Any:
+        """Await ``fn()`` within the run's deadline and cancel event; raise _Stop when cut."""
+        remaining = self.deadline - time.perf_counter()
+        if remaining <= 0:
+            raise _Stop("budget_exceeded", f"run timed out after {self.agent.run_timeout_s:g} s")
+        box: list[Any] = []
+
+        async def watch_cancel(scope: anyio.CancelScope) -> None:
+            assert self.cancel is not None
+            await self.cancel.wait()
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            with anyio.move_on_after(remaining) as scope:
+                if self.cancel is not None:
+                    tg.start_soon(watch_cancel, scope)
+                box.append(await fn())
+            tg.cancel_scope.cancel()  # stop the watcher, whatever happened
+        if self.cancel is not None and self.cancel.is_set():
+            raise _Stop("cancelled", f"cancelled during {what}")
+        if not box:
+            raise _Stop("budget_exceeded", f"run timed out after {self.agent.run_timeout_s:g} s during {what}")
+        return box[0]
+
+    def _params(self) -> GenerationParams:
+        params = self.agent.params
+        budget = self.agent.max_total_tokens
+        if budget is None:
+            return params
+        used = self.usage.prompt_tokens + self.usage.completion_tokens
+        left = budget - used
+        if left <= 0:
+            raise _Stop("budget_exceeded", f"token budget of {budget} used up ({used} tokens)")
+        return params.model_copy(update={"max_tokens": min(params.max_tokens, left)})
+
+    async def events(self) -> AsyncIterator[AgentEvent]:
+        agent = self.agent
+        specs = agent.registry.specs()
+        try:
+            for index in range(1, agent.max_steps + 1):
+                if self.cancel is not None and self.cancel.is_set():
+                    raise _Stop("cancelled", "cancelled before step %d" % index)
+                params = self._params()
+                plan = plan_turn(
+                    self.messages, specs, self.tool_choice, agent.parallel_tool_calls, agent.output_schema
+                )
+                yield StepStarted(run_id=self.run_id, step=index)
+                t0 = time.perf_counter()
+                completion: Completion = await self._guarded(
+                    lambda: agent.llm.complete(plan.chat_messages, json_schema=plan.json_schema, params=params),
+                    f"step {index}",
+                )
+                self.usage = self.usage + completion.usage
+                step = Step(
+                    index=index,
+                    text=completion.text,
+                    finish_reason=completion.finish_reason,
+                    prompt_tokens=completion.usage.prompt_tokens,
+                    cached_tokens=completion.usage.cached_tokens,
+                    completion_tokens=completion.usage.completion_tokens,
+                    forced_tokens=completion.forced_tokens,
+                    ttft_s=completion.ttft_s,
+                    decode_s=completion.decode_s,
+                )
+                self.steps.append(step)
+                turn, error = self._read_turn(completion, plan)
+                if error is not None:
+                    step.error = error
+                    self._feed_back(completion.text, error)
+                    step.duration_s = time.perf_counter() - t0
+                    yield StepFinished(run_id=self.run_id, step=step)
+                    self.failures += 1
+                    if self.failures > agent.max_retries:
+                        raise _Stop("error", f"{self.failures} unusable replies in a row; last: {error}")
+                    continue
+                self.failures = 0
+                assert turn is not None
+                if turn.tool_calls:
+                    self.messages.append(Message(role="assistant", content=completion.text, tool_calls=turn.tool_calls))
+                    step.calls = turn.tool_calls
+                    for call in turn.tool_calls:
+                        yield ToolCallEvent(run_id=self.run_id, step=index, call=call)
+                    t_tools = time.perf_counter()
+                    results = await self._guarded(lambda: self._call_tools(turn.tool_calls, index), "tool calls")
+                    step.tool_time_s = time.perf_counter() - t_tools
+                    step.results = results
+                    for result in results:
+                        self.messages.append(
+                            Message(
+                                role="tool",
+                                content=result.content,
+                                tool_call_id=result.call_id,
+                                name=result.name,
+                                is_error=result.is_error,
+                            )
+                        )
+                        yield ToolResultEvent(run_id=self.run_id, step=index, result=result)
+                    if self.agent.reset_tool_choice and self.tool_choice not in ("auto", "none"):
+                        self.tool_choice = "auto"
+                    step.duration_s = time.perf_counter() - t0
+                    yield StepFinished(run_id=self.run_id, step=step)
+                    continue
+                # the final answer
+                step.answer = turn.answer
+                self.messages.append(Message(role="assistant", content=completion.text if plan.mode != "tools"
+                                             else (turn.content or compact_json(turn.answer))))
+                step.duration_s = time.perf_counter() - t0
+                yield StepFinished(run_id=self.run_id, step=step)
+                yield FinalAnswer(run_id=self.run_id, answer=turn.answer)
+                yield self._finish("completed", turn.answer)
+                return
+            yield self._finish("max_steps", error=f"no final answer within max_steps={agent.max_steps}")
+        except _Stop as stop:
+            yield self._finish(stop.status, error=stop.error)
+
+    def _read_turn(self, completion: Completion, plan: PromptPlan) -> tuple[TurnOutput | None, str | None]:
+        """Parse the turn and validate a final answer; (turn, None) or (None, error message)."""
+        try:
+            turn = parse_turn(completion.text, plan)
+        except ValueError as exc:
+            cut = " (the reply was cut at max_tokens)" if completion.finish_reason == "length" else ""
+            return None, f"{exc}{cut}"
+        if turn.tool_calls or self.agent.output_type is None:
+            if not turn.tool_calls and plan.mode == "tools" and not isinstance(turn.answer, str):
+                return None, "the answer must be a string"
+            return turn, None
+        try:
+            value = self.agent.output_type.model_validate(turn.answer)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'answer'}: {e['msg']}" for e in exc.errors()
+            )
+            return None, f"the answer does not match the required output: {problems}"
+        return turn.model_copy(update={"answer": value}), None
+
+    def _feed_back(self, text: str, error: str) -> None:
+        """Append the unusable turn verbatim (append-only) and the error for the model to read."""
+        self.messages.append(Message(role="assistant", content=text))
+        self.messages.append(Message(role="user", content=f"Error: {error}. {RETRY_HINT}"))
+
+    async def _call_tools(self, calls: list[ToolCall], step: int) -> list[ToolResult]:
+        """Run the step's calls concurrently; results in call order."""
+        agent = self.agent
+        context = RunContext(deps=agent.deps, run_id=self.run_id, step=step, messages=list(self.messages))
+        results: list[ToolResult | None] = [None] * len(calls)
+
+        async def one(i: int, call: ToolCall) -> None:
+            results[i] = await agent.registry.call(call, context=context, timeout_s=self._tool_timeout(call))
+
+        async with anyio.create_task_group() as tg:
+            for i, call in enumerate(calls):
+                tg.start_soon(one, i, call)
+        return [r for r in results if r is not None]
+
+    def _tool_timeout(self, call: ToolCall) -> float | None:
+        """The tightest of: the tool's own limit, the agent's per-tool limit, the run's time left."""
+        limits = [self.agent.tool_timeout_s]
+        if call.name in self.agent.registry:
+            tool = self.agent.registry.get(call.name)
+            limits.append(tool.timeout_s if tool.timeout_s is not None else self.agent.registry.default_timeout_s)
+        limits = [x for x in limits if x is not None]
+        return min(limits) if limits else None
