@@ -1,0 +1,114 @@
+"""Helpers of the server tests: a live uvicorn on loopback, SSE parsing, test LLMs."""
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from typing import Any, AsyncIterator, Iterator
+
+import anyio
+import uvicorn
+
+from agentrt.llm import ChatMessage, Completion, CompletionChunk, GenerationParams
+from agentrt.types import Usage
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(app: Any, startup_timeout_s: float = 300.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 in a thread; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server thread died during start-up")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise TimeoutError("the server did not start in time")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def sse_events(lines: Iterator[str]) -> list[tuple[str | None, Any]]:
+    """(event name, decoded data) of each Server-Sent Event; ``[DONE]`` stays a string."""
+    events, name, data = [], None, []
+    for line in lines:
+        if line == "":
+            if data:
+                raw = "\n".join(data)
+                events.append((name, raw if raw == "[DONE]" else json.loads(raw)))
+            name, data = None, []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+    if data:
+        raw = "\n".join(data)
+        events.append((name, raw if raw == "[DONE]" else json.loads(raw)))
+    return events
+
+
+class SlowLLM:
+    """Streams ``text`` a few characters every ``delay_s``; records how streams ended."""
+
+    model_name = "slow"
+
+    def __init__(self, text: str = '{"answer":"' + "x" * 200 + '"}', delay_s: float = 0.05):
+        self.text, self.delay_s = text, delay_s
+        self.started = 0
+        self.closed_early = 0
+        self.finished = 0
+
+    async def complete(self, messages: list[ChatMessage], *, json_schema: dict | None = None,
+                       params: GenerationParams | None = None) -> Completion:
+        last = None
+        async for c in self.stream(messages, json_schema=json_schema, params=params):
+            last = c.completion or last
+        assert last is not None
+        return last
+
+    async def stream(self, messages: list[ChatMessage], *, json_schema: dict | None = None,
+                     params: GenerationParams | None = None) -> AsyncIterator[CompletionChunk]:
+        self.started += 1
+        done = False
+        try:
+            for i in range(0, len(self.text), 4):
+                await anyio.sleep(self.delay_s)
+                yield CompletionChunk(delta=self.text[i : i + 4])
+            done = True
+            self.finished += 1
+            yield CompletionChunk(completion=Completion(text=self.text, finish_reason="stop",
+                                                        usage=Usage(prompt_tokens=10, completion_tokens=50)))
+        finally:
+            if not done:
+                self.closed_early += 1
+
+
+class RaisingLLM:
+    """Raises ``exc`` when a generation starts (as the engine/grammar do on bad input)."""
+
+    model_name = "raising"
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    async def complete(self, messages: list[ChatMessage], **kw: Any) -> Completion:
+        raise self.exc
+
+    async def stream(self, messages: list[ChatMessage], **kw: Any) -> AsyncIterator[CompletionChunk]:
+        raise self.exc
+        yield  # pragma: no cover  (makes this an async generator)
