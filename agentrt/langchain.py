@@ -503,9 +503,7 @@ class ChatAgentRT(BaseChatModel):
                 parsed = parse_turn(text, turn.plan)
             except ValueError as exc:
                 # Only a cut (max_tokens) can leave grammar-constrained JSON unparsable.
-                reason = f"the model's output did not parse ({exc}); finish_reason={completion.finish_reason!r}"
-                if completion.finish_reason == "length":
-                    reason += f": raise max_tokens (was {turn.params.max_tokens})"
+                reason = self._cut_reason(exc, turn, completion)
                 invalid.append(invalid_tool_call(name=None, args=text, id=None, error=reason))
                 content = ""
             else:
@@ -591,28 +589,34 @@ class ChatAgentRT(BaseChatModel):
                 attempt += 1
         if completion is None:
             raise RuntimeError("the LLM stream ended without a final completion")
-        invalid: list[Any] = []
+        metadata: dict[str, Any] = {}
         if turn.plan.mode == "tools":
             try:
                 last = _events_to_chunk(parser.finish())
             except ValueError as exc:
+                # Chunks already sent cannot be taken back (as with any stream cut by
+                # length); LangChain rebuilds tool calls from the chunks, so the reason
+                # goes into response_metadata["parse_error"] next to finish_reason.
                 last = None
-                reason = f"{exc}; finish_reason={completion.finish_reason!r}"
-                if completion.finish_reason == "length":
-                    reason += f": raise max_tokens (was {turn.params.max_tokens})"
-                invalid.append(invalid_tool_call(name=None, args=completion.text, id=None, error=reason))
+                metadata["parse_error"] = self._cut_reason(exc, turn, completion)
             if last is not None:
                 yield ChatGenerationChunk(message=last)
         has_calls = turn.plan.mode == "tools" and bool(parser.tool_calls)
         yield ChatGenerationChunk(
             message=AIMessageChunk(
                 content="",
-                invalid_tool_calls=invalid,
                 usage_metadata=_usage_metadata(completion.usage),
-                response_metadata=self._response_metadata(turn, completion, has_calls),
+                response_metadata={**self._response_metadata(turn, completion, has_calls), **metadata},
                 chunk_position="last",
             )
         )
+
+    @staticmethod
+    def _cut_reason(exc: Exception, turn: _Turn, completion: Completion) -> str:
+        reason = f"the model's output did not parse ({exc}); finish_reason={completion.finish_reason!r}"
+        if completion.finish_reason == "length":
+            reason += f": raise max_tokens (was {turn.params.max_tokens})"
+        return reason
 
     def _stream(
         self,
@@ -690,7 +694,7 @@ class ChatAgentRT(BaseChatModel):
         if schema is None and method != "json_mode":
             raise ValueError(f"method={method!r} needs a schema (a pydantic model, TypedDict or JSON Schema dict)")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
-        ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        ls_format: dict[str, Any] | None = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
         output_parser: Runnable[Any, Any]
         if method == "function_calling":
             assert schema is not None
@@ -706,14 +710,17 @@ class ChatAgentRT(BaseChatModel):
         else:
             if schema is None:
                 response_format: dict[str, Any] = {"type": "json_object"}
-                ls_format = {"kwargs": {"method": method}}
+                ls_format = None  # LangChain's tracing wants a schema here
             else:
                 json_schema = _schema_for_grammar(schema)
                 response_format = {
                     "type": "json_schema",
                     "json_schema": {"name": json_schema.get("title", "output"), "schema": json_schema},
                 }
-            llm = self.bind(response_format=response_format, ls_structured_output_format=ls_format)
+            bind_kwargs: dict[str, Any] = {"response_format": response_format}
+            if ls_format is not None:
+                bind_kwargs["ls_structured_output_format"] = ls_format
+            llm = self.bind(**bind_kwargs)
             if is_pydantic:
                 output_parser = PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
             else:
