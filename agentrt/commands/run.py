@@ -1,0 +1,152 @@
+"""`agentrt run "question"`: an agent on the local model answers by calling tools, step by step."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+from agentrt.types import AgentEvent, RunResult
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("question", help="what to ask the agent")
+    parser.add_argument(
+        "--tools", action="append", metavar="MODULE:ATTR",
+        help="tools to offer: a ToolRegistry, a @tool function or a list of them (repeatable); "
+        "default: the built-in tools",
+    )
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="HF folder, .safetensors or .gguf (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--max-steps", type=int, default=8, help="most model turns (default 8)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="new tokens per turn (default 256)")
+    parser.add_argument("--tool-choice", default="auto", help="auto | required | none | a tool name")
+    parser.add_argument("--system", default=None, help="extra system instructions")
+    parser.add_argument("--json", action="store_true",
+                        help="print each event as one JSON line (the last is run_finished with the result)")
+    parser.add_argument("--no-prefix-cache", action="store_true", help="turn the engine's prefix cache off")
+
+
+def load_tools(specs: list[str] | None) -> Any:
+    """A ToolRegistry from ``module:attr`` specs (default: the built-in tools)."""
+    from agentrt.registry import Tool, ToolRegistry
+
+    if not specs:
+        from agentrt.tools import builtin_registry
+
+        return builtin_registry()
+    registry = ToolRegistry()
+    for spec in specs:
+        module_name, sep, attr = spec.partition(":")
+        if not sep or not module_name or not attr:
+            raise SystemExit(f"agentrt run: --tools expects MODULE:ATTR (e.g. mypkg.tools:registry), got {spec!r}")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise SystemExit(f"agentrt run: cannot load --tools {spec!r}: {exc}") from None
+        if isinstance(obj, ToolRegistry):
+            items: list[Any] = list(obj)
+        elif isinstance(obj, (list, tuple)):
+            items = list(obj)
+        elif isinstance(obj, Tool) or callable(obj):
+            items = [obj]
+        else:
+            raise SystemExit(f"agentrt run: {spec!r} is a {type(obj).__name__}, not a registry, tool or list of tools")
+        for item in items:
+            registry.register(item)
+    return registry
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = text.replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def print_event(console: Any, event: AgentEvent) -> None:
+    """Human-readable line(s) for one agent event."""
+    kind = event.type
+    if kind == "tool_call":
+        console.print(f"  [bold cyan]call[/] {event.call.name}({_short(event.call.arguments)})", highlight=False)
+    elif kind == "tool_result":
+        r = event.result
+        style = "red" if r.is_error else "green"
+        console.print(f"  [{style}]{'error' if r.is_error else 'result'}[/] {_short(r.content)}"
+                      f"  [dim]({r.duration_s * 1000:.0f} ms)[/]", highlight=False)
+    elif kind == "step_finished":
+        s = event.step
+        if s.error:
+            console.print(f"  [yellow]unusable reply[/] {_short(s.error)} - fed back to the model", highlight=False)
+        console.print(
+            f"[dim]step {s.index}: ttft {s.ttft_s * 1000:.0f} ms, decode {s.decode_s * 1000:.0f} ms, "
+            f"prompt {s.prompt_tokens} tok ({s.cached_tokens} cached), {s.completion_tokens} generated "
+            f"({s.forced_tokens} forced), tools {s.tool_time_s * 1000:.0f} ms[/]",
+            highlight=False,
+        )
+    elif kind == "step_started":
+        console.print(f"[bold]step {event.step}[/]")
+
+
+def print_result(console: Any, result: RunResult) -> None:
+    if result.status == "completed":
+        console.print(f"[bold green]answer:[/] {_short(result.answer, 2000)}", highlight=False)
+    else:
+        console.print(f"[bold red]{result.status}:[/] {result.error}", highlight=False)
+    u = result.usage
+    share = u.cached_tokens / u.prompt_tokens if u.prompt_tokens else 0.0
+    console.print(
+        f"[dim]{len(result.steps)} steps in {result.duration_s:.2f} s; prompt tokens {u.prompt_tokens} "
+        f"({share:.0%} from the prefix cache), generated {u.completion_tokens}[/]",
+        highlight=False,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    import anyio
+    from rich.console import Console
+
+    from agentrt.llm import GenerationParams, LocalLLM
+    from agentrt.planner import Agent
+
+    console = Console(stderr=args.json)
+    registry = load_tools(args.tools)
+    with console.status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}..."):
+        llm = LocalLLM(args.model, enable_prefix_caching=not args.no_prefix_cache)
+    try:
+        agent = Agent(
+            llm,
+            registry,
+            system_prompt=args.system,
+            tool_choice=args.tool_choice,
+            max_steps=args.max_steps,
+            params=GenerationParams(max_tokens=args.max_tokens),
+        )
+    except ValueError as exc:
+        console.print(f"[red]agentrt run: {exc}[/]")
+        return 2
+    if not args.json:
+        console.print(f"[dim]model {llm.model_name}; tools: {', '.join(registry.names)}[/]", highlight=False)
+
+    async def go() -> RunResult:
+        result: RunResult | None = None
+        async for event in agent.astream(args.question):
+            if args.json:
+                sys.stdout.write(event.model_dump_json() + "\n")
+                sys.stdout.flush()
+            else:
+                print_event(console, event)
+            if event.type == "run_finished":
+                result = event.result
+        assert result is not None
+        return result
+
+    try:
+        result = anyio.run(go)
+    finally:
+        shutdown = getattr(getattr(llm, "engine", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+    if not args.json:
+        print_result(console, result)
+    return 0 if result.status == "completed" else 1
