@@ -36,7 +36,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentrt.llm import LLM, Completion, CompletionChunk, GenerationParams
-from agentrt.prompting import PromptPlan, compact_json, parse_turn, plan_turn
+from agentrt.prompting import PromptPlan, compact_json, parse_turn, plan_turn, render_messages
 from agentrt.stream_parser import ContentDelta, ToolCallArgsDelta, ToolCallStart, ToolCallStreamParser
 from agentrt.types import Message, ToolCall, ToolSpec, Usage
 
@@ -425,6 +425,13 @@ def chat_plan(req: ChatCompletionRequest) -> PromptPlan:
             raise APIError(400, "response_format.json_schema.schema is required for type json_schema",
                            param="response_format.json_schema.schema")
         output_schema = _check_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
+    if output_schema is not None and (not tools or tool_choice == "none"):
+        # As OpenAI, vLLM and SGLang do: the messages are the prompt, unchanged, and the
+        # grammar enforces the schema. A remote planner (RemoteLLM) has already rendered
+        # its instructions into them, so its prompt is the same as in-process.
+        return PromptPlan(chat_messages=render_messages(messages, None, json_turns=False),
+                          json_schema=output_schema, tools=tools, tool_choice=tool_choice, mode="schema",
+                          parallel_tool_calls=req.parallel_tool_calls, output_schema=output_schema)
     try:
         return plan_turn(messages, tools, tool_choice=tool_choice,
                          parallel_tool_calls=req.parallel_tool_calls, output_schema=output_schema)
