@@ -62,6 +62,8 @@ class Agent:
             "none" (answer without tools) or a tool name (call that tool). "required" and a
             named tool apply until the first tool call, then the loop switches to "auto"
             (``reset_tool_choice=False`` keeps them; the run then ends at ``max_steps``).
+            "answer" asks for the final answer while still showing the tools. A callable
+            ``step -> choice`` (steps count from 1) schedules the choice per step.
         parallel_tool_calls: let one turn call several tools (they run concurrently).
         max_steps: the most model turns in a run.
         output_type: a pydantic model the final answer must validate into.
@@ -80,7 +82,7 @@ class Agent:
         tools: ToolRegistry | Iterable[Tool | Callable[..., Any]] = (),
         *,
         system_prompt: str | None = None,
-        tool_choice: ToolChoice = "auto",
+        tool_choice: ToolChoice | Callable[[int], ToolChoice] = "auto",
         parallel_tool_calls: bool = True,
         max_steps: int = 8,
         output_type: type[BaseModel] | None = None,
@@ -111,8 +113,8 @@ class Agent:
         self.params = params or DEFAULT_PARAMS
         self.max_retries = max_retries
         self.reset_tool_choice = reset_tool_choice
-        # Validate tool_choice now rather than at the first step.
-        plan_turn([], self.registry.specs(), tool_choice, parallel_tool_calls, self.output_schema)
+        if not callable(tool_choice):  # validate now rather than at the first step
+            plan_turn([], self.registry.specs(), tool_choice, parallel_tool_calls, self.output_schema)
 
     # ------------------------------------------------------------------ public API
 
@@ -226,9 +228,8 @@ class _Run:
                 if self.cancel is not None and self.cancel.is_set():
                     raise _Stop("cancelled", "cancelled before step %d" % index)
                 params = self._params()
-                plan = plan_turn(
-                    self.messages, specs, self.tool_choice, agent.parallel_tool_calls, agent.output_schema
-                )
+                choice = self.tool_choice(index) if callable(self.tool_choice) else self.tool_choice
+                plan = plan_turn(self.messages, specs, choice, agent.parallel_tool_calls, agent.output_schema)
                 yield StepStarted(run_id=self.run_id, step=index)
                 t0 = time.perf_counter()
                 completion: Completion = await self._guarded(
@@ -280,7 +281,9 @@ class _Run:
                             )
                         )
                         yield ToolResultEvent(run_id=self.run_id, step=index, result=result)
-                    if self.agent.reset_tool_choice and self.tool_choice not in ("auto", "none"):
+                    if agent.reset_tool_choice and isinstance(self.tool_choice, str) and self.tool_choice not in (
+                        "auto", "none", "answer"
+                    ):
                         self.tool_choice = "auto"
                     step.duration_s = time.perf_counter() - t0
                     yield StepFinished(run_id=self.run_id, step=step)

@@ -61,6 +61,7 @@ class PromptPlan(BaseModel):
     output_schema: dict[str, Any] | None = None
     # the tools the grammar lets this turn call (a subset of `tools` for a named choice)
     allowed_tools: list[str] = Field(default_factory=list)
+    allow_answer: bool = True
 
 
 class TurnOutput(BaseModel):
@@ -294,17 +295,19 @@ def answer_schema(output_schema: dict[str, Any] | None, defs: dict[str, Any]) ->
 
 def _allowed_tools(tools: list[ToolSpec], tool_choice: ToolChoice) -> tuple[list[ToolSpec], bool]:
     """(tools the turn may call, whether it may answer instead)."""
+    named = [t for t in tools if t.name == tool_choice]
+    if named:
+        return named, False
     if tool_choice == "auto":
         return tools, True
     if tool_choice == "required":
         return tools, False
-    named = [t for t in tools if t.name == tool_choice]
-    if not named:
-        known = ", ".join(t.name for t in tools) or "(none)"
-        raise ValueError(
-            f"tool_choice {tool_choice!r} is not 'auto', 'required', 'none' or a known tool; known tools: {known}"
-        )
-    return named, False
+    if tool_choice == "answer":
+        return [], True
+    known = ", ".join(t.name for t in tools) or "(none)"
+    raise ValueError(
+        f"tool_choice {tool_choice!r} is not 'auto', 'required', 'none', 'answer' or a known tool; known tools: {known}"
+    )
 
 
 def plan_turn(
@@ -319,7 +322,9 @@ def plan_turn(
     - no tools (or tool_choice "none"), no output_schema: free text (mode "text");
     - no tools, an output_schema: the output is that object itself (mode "schema");
     - tools: mode "tools"; the schema is anyOf the call shape (only the allowed tools) and,
-      unless the choice is "required" or a named tool, the answer shape.
+      unless the choice is "required" or a named tool, the answer shape. The extra choice
+      "answer" allows only the answer shape while keeping the tools in the prompt (so the
+      transcript renders as in the other steps and the prefix cache still hits).
     """
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
@@ -327,7 +332,7 @@ def plan_turn(
     if tools and tool_choice != "none":
         allowed, may_answer = _allowed_tools(tools, tool_choice)
         defs: dict[str, Any] = {}
-        shapes = [calls_schema(allowed, parallel_tool_calls, defs)]
+        shapes = [calls_schema(allowed, parallel_tool_calls, defs)] if allowed else []
         if may_answer:
             shapes.append(answer_schema(output_schema, defs))
         schema: dict[str, Any] = shapes[0] if len(shapes) == 1 else {"anyOf": shapes}
@@ -343,6 +348,7 @@ def plan_turn(
             parallel_tool_calls=parallel_tool_calls,
             output_schema=output_schema,
             allowed_tools=[t.name for t in allowed],
+            allow_answer=may_answer,
         )
     if output_schema is not None:
         system = SCHEMA_INSTRUCTIONS.format(schema=compact_json(output_schema))
@@ -395,7 +401,9 @@ def _as_call(item: Any, plan: PromptPlan) -> ToolCall:
             raise ValueError(f"the arguments of {name!r} are not a JSON object: {args!r}") from None
     if not isinstance(args, dict):
         raise ValueError(f"the arguments of {name!r} must be a JSON object, got {compact_json(args)}")
-    allowed = plan.allowed_tools or [t.name for t in plan.tools]
+    allowed = plan.allowed_tools if plan.mode == "tools" else [t.name for t in plan.tools]
+    if not allowed:
+        raise ValueError("a final answer is required here, not a tool call")
     if name not in allowed:
         raise ValueError(f"unknown tool {name!r}; you may call: {', '.join(allowed)}")
     return ToolCall(id=new_call_id(), name=name, arguments=args)
@@ -424,7 +432,7 @@ def parse_turn(text: str, plan: PromptPlan) -> TurnOutput:
             raise ValueError(f"only one call per turn is allowed, got {len(calls)}")
         return TurnOutput(tool_calls=[_as_call(c, plan) for c in calls])
     if isinstance(value, dict) and "answer" in value:
-        if plan.tool_choice not in ("auto", "none"):
+        if not plan.allow_answer:
             raise ValueError(f"a tool call is required here (tool_choice={plan.tool_choice!r}), not an answer")
         answer = value["answer"]
         content = answer if isinstance(answer, str) else compact_json(answer)

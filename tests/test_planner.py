@@ -298,3 +298,15 @@ def test_bad_arguments_to_agent():
         Agent(ScriptedLLM([]), [], output_type=dict)
     with pytest.raises(ValueError, match="empty"):
         Agent(ScriptedLLM([]), []).run_sync("  ")
+
+
+async def test_scheduled_tool_choice_per_step():
+    schedule = {1: "add", 2: "whoami"}
+    llm = ScriptedLLM([calls(("add", {"a": 1, "b": 1})), calls(("whoami", {})), answer("done")])
+    result = await Agent(llm, make_registry(), deps={"user": "x"}, tool_choice=lambda i: schedule.get(i, "answer")).run("go")
+    consts = [c[1]["properties"]["calls"]["items"]["properties"]["tool"]["const"] for c in llm.calls[:2]]
+    assert consts == ["add", "whoami"]
+    assert "calls" not in json.dumps(llm.calls[2][1])  # answer only
+    prompts = [c[0] for c in llm.calls]
+    assert prompts[2][: len(prompts[1])] == prompts[1]  # still append-only
+    assert result.status == "completed"

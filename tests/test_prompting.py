@@ -248,3 +248,22 @@ def test_duplicate_tool_names_are_rejected():
 def test_prompt_plan_is_json_serialisable():
     plan = plan_turn(USER, [CALC])
     assert PromptPlan.model_validate_json(plan.model_dump_json()) == plan
+
+
+def test_answer_choice_keeps_the_tool_prompt_but_allows_only_the_answer():
+    plan = plan_turn(USER, [CALC, NOW], tool_choice="answer")
+    assert plan.mode == "tools" and plan.allowed_tools == []
+    assert plan.chat_messages == plan_turn(USER, [CALC, NOW]).chat_messages
+    assert valid(plan.json_schema, '{"answer":"4"}')
+    assert not valid(plan.json_schema, '{"calls":[{"tool":"now","arguments":{}}]}')
+    with pytest.raises(ValueError, match="final answer is required"):
+        parse_turn('{"calls":[{"tool":"now","arguments":{}}]}', plan)
+    assert parse_turn('{"answer":"4"}', plan).content == "4"
+
+
+def test_a_tool_named_like_a_choice_is_a_named_choice():
+    answer_tool = ToolSpec(name="answer", parameters={"type": "object", "properties": {}})
+    plan = plan_turn(USER, [CALC, answer_tool], tool_choice="answer")
+    assert plan.allowed_tools == ["answer"] and not plan.allow_answer
+    with pytest.raises(ValueError, match="tool call is required"):
+        parse_turn('{"answer":"4"}', plan)
