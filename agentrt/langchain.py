@@ -418,7 +418,8 @@ class ChatAgentRT(BaseChatModel):
         key = self.api_key.get_secret_value() if self.api_key is not None else None
         # Retries and timeouts are applied here (one policy for every backend), so the
         # client itself must not retry too.
-        return RemoteLLM(base_url=self.base_url, model=model, api_key=key, max_retries=0)
+        extra = {"timeout": self.timeout} if self.timeout is not None else {}
+        return RemoteLLM(base_url=self.base_url, model=model, api_key=key, max_retries=0, **extra)
 
     # -- building a turn -----------------------------------------------------------------
 
