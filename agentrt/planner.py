@@ -191,6 +191,13 @@ class _Run:
         if remaining <= 0:
             raise _Stop("budget_exceeded", f"run timed out after {self.agent.run_timeout_s:g} s")
         box: list[Any] = []
+        errors: list[Exception] = []
+
+        async def work() -> None:
+            try:
+                box.append(await fn())
+            except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
+                errors.append(exc)
 
         async def watch_cancel(scope: anyio.CancelScope) -> None:
             assert self.cancel is not None
@@ -201,8 +208,10 @@ class _Run:
             with anyio.move_on_after(remaining) as scope:
                 if self.cancel is not None:
                     tg.start_soon(watch_cancel, scope)
-                box.append(await fn())
+                await work()
             tg.cancel_scope.cancel()  # stop the watcher, whatever happened
+        if errors:
+            raise errors[0]
         if self.cancel is not None and self.cancel.is_set():
             raise _Stop("cancelled", f"cancelled during {what}")
         if not box:
@@ -232,10 +241,15 @@ class _Run:
                 plan = plan_turn(self.messages, specs, choice, agent.parallel_tool_calls, agent.output_schema)
                 yield StepStarted(run_id=self.run_id, step=index)
                 t0 = time.perf_counter()
-                completion: Completion = await self._guarded(
-                    lambda: agent.llm.complete(plan.chat_messages, json_schema=plan.json_schema, params=params),
-                    f"step {index}",
-                )
+                try:
+                    completion: Completion = await self._guarded(
+                        lambda: agent.llm.complete(plan.chat_messages, json_schema=plan.json_schema, params=params),
+                        f"step {index}",
+                    )
+                except _Stop:
+                    raise
+                except Exception as exc:  # the model failed (bad schema, engine error): end the run, say why
+                    raise _Stop("error", f"the model call of step {index} failed: {type(exc).__name__}: {exc}") from exc
                 self.usage = self.usage + completion.usage
                 step = Step(
                     index=index,

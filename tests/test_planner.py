@@ -310,3 +310,12 @@ async def test_scheduled_tool_choice_per_step():
     prompts = [c[0] for c in llm.calls]
     assert prompts[2][: len(prompts[1])] == prompts[1]  # still append-only
     assert result.status == "completed"
+
+
+async def test_a_failing_model_call_ends_the_run_with_its_error():
+    def boom(messages, schema):
+        raise RuntimeError("engine on fire")
+
+    result = await Agent(ScriptedLLM([boom]), make_registry()).run("go")
+    assert result.status == "error"
+    assert "RuntimeError: engine on fire" in result.error
