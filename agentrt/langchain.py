@@ -300,6 +300,18 @@ def _usage_metadata(usage: Usage) -> UsageMetadata:
     )
 
 
+def _retryable(exc: BaseException) -> bool:
+    """Whether another attempt could succeed: not for bad input (ValueError/TypeError:
+    context overflow, unsupported schema...) nor a server's 4xx verdict on the request
+    (except 408 timeout, 409 conflict and 429 rate limit)."""
+    if isinstance(exc, (ValueError, TypeError, NotImplementedError)):
+        return False
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429):
+        return False
+    return True
+
+
 class _Turn:
     """Everything one model call needs: the plan, the sampling params and the LLM."""
 
@@ -461,21 +473,16 @@ class ChatAgentRT(BaseChatModel):
     # -- retries and timeouts ------------------------------------------------------------
 
     async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Run ``call`` with the per-call timeout, retrying transient failures.
-
-        ValueError/TypeError mean bad input (context overflow, unsupported schema...):
-        retrying cannot help, so they propagate at once.
-        """
+        """Run ``call`` with the per-call timeout, retrying transient failures
+        (see `_retryable`) with exponential back-off."""
         attempt = 0
         while True:
             try:
                 if self.timeout is None:
                     return await call()
                 return await asyncio.wait_for(call(), self.timeout)
-            except (ValueError, TypeError, NotImplementedError):
-                raise
-            except Exception:  # timeouts, connection errors, a server's 5xx ...
-                if attempt >= self.max_retries:
+            except Exception as exc:  # timeouts, connection errors, a server's 5xx ...
+                if not _retryable(exc) or attempt >= self.max_retries:
                     raise
                 await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
                 attempt += 1
@@ -580,11 +587,9 @@ class ChatAgentRT(BaseChatModel):
                     if aclose is not None:
                         await aclose()
                 break
-            except (ValueError, TypeError, NotImplementedError):
-                raise
-            except Exception:
+            except Exception as exc:
                 # Retry only before anything reached the caller: a restart would repeat text.
-                if started or attempt >= self.max_retries:
+                if started or not _retryable(exc) or attempt >= self.max_retries:
                     raise
                 await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
                 attempt += 1

@@ -340,6 +340,20 @@ def test_bad_input_is_not_retried():
     assert len(llm.calls) == 1
 
 
+def test_client_errors_are_not_retried_but_rate_limits_are():
+    class HTTPError(Exception):
+        def __init__(self, status_code: int):
+            super().__init__(f"HTTP {status_code}")
+            self.status_code = status_code
+
+    llm = ProgrammableLLM([HTTPError(401), ("never", "stop")])
+    with pytest.raises(HTTPError, match="401"):
+        ChatAgentRT(llm=llm, max_retries=3).invoke("x")
+    assert len(llm.calls) == 1
+    llm = ProgrammableLLM([HTTPError(429), HTTPError(503), ("third time", "stop")])
+    assert ChatAgentRT(llm=llm, max_retries=2).invoke("x").content == "third time"
+
+
 def test_timeout_cancels_then_gives_up_after_retries():
     llm = ProgrammableLLM([("sleep", 5), ("sleep", 5)])
     with pytest.raises(TimeoutError):
