@@ -1,0 +1,94 @@
+"""Configuration of the engine and of one request's sampling."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_QUANT = (None, "int8", "int4")
+
+
+@dataclass
+class EngineConfig:
+    """How to build and run an `LLMEngine`.
+
+    model: None = the embedded SmolLM2-135M-Instruct, else an HF folder, a .safetensors or a .gguf path.
+    num_kv_blocks: KV pool size in blocks of ``block_size`` tokens; None = sized from a memory budget
+      (at least one full ``max_model_len`` sequence).
+    max_num_batched_tokens: the most tokens one step computes (so a long prompt is prefilled in chunks
+      of at most this many tokens while other requests keep decoding).
+    max_model_len: context window; None = the model's ``max_position_embeddings`` (capped at 8192).
+    compile: wrap the model's forward in ``torch.compile`` (slow first steps; off by default).
+    num_threads: torch intra-op threads (None = leave torch's setting alone).
+    """
+
+    model: str | None = None
+    device: str = "cpu"
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    quantization: Literal["int8", "int4"] | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    compile: bool = False
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dtype not in _DTYPES:
+            problems.append(f"dtype={self.dtype!r} (choose one of {', '.join(_DTYPES)})")
+        if self.quantization not in _QUANT:
+            problems.append(f"quantization={self.quantization!r} (choose None, 'int8' or 'int4')")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name}={getattr(self, name)!r} (must be >= 1)")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            problems.append(f"num_kv_blocks={self.num_kv_blocks!r} (must be >= 1 or None)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            problems.append(f"max_model_len={self.max_model_len!r} (must be >= 2 or None)")
+        if self.num_threads is not None and self.num_threads < 1:
+            problems.append(f"num_threads={self.num_threads!r} (must be >= 1 or None)")
+        if problems:
+            raise ValueError("invalid EngineConfig: " + "; ".join(problems))
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    temperature 0 = greedy. top_k 0 = off. seed makes sampling reproducible per request.
+    stop: strings that end generation (the text is cut before them; finish_reason "stop").
+    stop_token_ids: extra tokens that end generation like EOS. ignore_eos: keep going past EOS.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_tokens < 1:
+            problems.append(f"max_tokens={self.max_tokens!r} (must be >= 1)")
+        if self.temperature < 0:
+            problems.append(f"temperature={self.temperature!r} (must be >= 0)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p!r} (must be in (0, 1])")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k!r} (must be >= 0; 0 = off)")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append(f"stop={self.stop!r} (must be non-empty strings)")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

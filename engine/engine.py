@@ -1,0 +1,562 @@
+"""`LLMEngine` (add_request / step / generate) and `AsyncLLMEngine` (a background step loop
+with one async token stream per request)."""
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence as Seq
+
+import torch
+
+from .config import EngineConfig, SamplingParams
+from .kv_cache import BlockManager, KVCache
+from .model import AttnMetadata, LlamaModel
+from .sampling import apply_mask, sample
+from .scheduler import Scheduler, Sequence
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Default KV pool budget when num_kv_blocks is None (at least one max_model_len sequence).
+_KV_BUDGET_BYTES = 1 << 30
+_DEFAULT_MAX_LEN_CAP = 8192
+
+
+class ContextOverflowError(ValueError):
+    """The prompt plus max_tokens cannot fit the context window (or the KV pool)."""
+
+
+@dataclass
+class RequestMetrics:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    forced_tokens: int
+    ttft_s: float | None
+    decode_s: float
+    queue_s: float | None
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: all tokens and text so far, plus the new text."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    text: str
+    delta_text: str
+    finished: bool
+    finish_reason: str | None
+    metrics: RequestMetrics
+
+
+@dataclass
+class EngineStats:
+    waiting: int
+    running: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_queried_tokens: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hit_tokens / max(1, self.prefix_cache_queried_tokens)
+
+
+class LLMEngine:
+    """The synchronous engine: one `step()` computes one batch (decodes plus prefill chunks).
+
+    Pass ``loaded`` (an `engine.loader.LoadedModel`) to reuse weights already in memory;
+    otherwise ``config.model`` is loaded with `engine.loader.load_model`.
+    """
+
+    def __init__(self, config: EngineConfig, loaded: Any = None):
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        if loaded is None:
+            from .loader import load_model
+
+            loaded = load_model(config.model)
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids: list[int] = list(loaded.eos_token_ids)
+        self.model_name: str = loaded.name
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.dtype]
+        hf_max = int(loaded.config.get("max_position_embeddings") or _DEFAULT_MAX_LEN_CAP)
+        self.max_model_len: int = config.max_model_len or min(hf_max, _DEFAULT_MAX_LEN_CAP)
+
+        self.model = LlamaModel.from_weights(loaded.config, loaded.weights, self.dtype, self.device,
+                                             max_len=self.max_model_len)
+        if config.quantization is not None:
+            from .quant import quantize_
+
+            quantize_(self.model, config.quantization)
+        a = self.model.args
+        self.vocab_size: int = a.vocab_size
+
+        bs = config.block_size
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None:
+            per_token = KVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, self.dtype)
+            budget_tokens = max(self.max_model_len, min(_KV_BUDGET_BYTES // per_token,
+                                                         config.max_num_seqs * self.max_model_len))
+            num_blocks = -(-budget_tokens // bs)
+        self.kv = KVCache(a.num_layers, num_blocks, bs, a.num_kv_heads, a.head_dim, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[RequestOutput] = []  # outputs produced outside a step (aborts, instant finishes)
+        self._arange_bs = torch.arange(bs, device=self.device)
+        self._forward = self.model.forward
+        if config.compile:
+            self._forward = torch.compile(self.model.forward, dynamic=True)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams, constraint: Any = None,
+                      request_id: str | None = None) -> Sequence:
+        """Validate and tokenize a request (no engine state is touched). Raises ContextOverflowError
+        if the prompt plus ``params.max_tokens`` does not fit."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt).input_ids)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ContextOverflowError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
+                f"context window of {self.max_model_len} tokens; shorten the prompt or lower max_tokens")
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise ContextOverflowError(
+                f"prompt + max_tokens = {total} tokens exceeds the KV pool "
+                f"({self.block_manager.num_blocks} blocks of {self.block_manager.block_size}); raise num_kv_blocks")
+        rid = request_id or uuid.uuid4().hex
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        return Sequence(request_id=rid, token_ids=ids, num_prompt_tokens=len(ids), params=params,
+                        constraint=constraint, generator=gen)
+
+    def add_sequence(self, seq: Sequence) -> str:
+        """Queue a sequence made by `make_sequence`."""
+        if seq.request_id in self._seqs:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self._seqs[seq.request_id] = seq
+        if seq.constraint is not None:
+            # the constraint may already be done or force the first tokens (jump-forward into the prefill)
+            if self._after_tokens(seq) is not None:
+                self._finish(seq)
+                self._pending.append(self._output(seq))
+                return seq.request_id
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, constraint: Any = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; returns its id. Raises ContextOverflowError before any work if it cannot fit."""
+        return self.add_sequence(self.make_sequence(prompt, params or SamplingParams(), constraint, request_id))
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks (its last output has finish_reason "abort")."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.finished:
+            return
+        seq.finish_reason = "abort"
+        self._finish(seq)
+        self._pending.append(self._output(seq))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
+                           kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used,
+                           kv_blocks_cached=bm.num_cached, prefix_cache_hit_tokens=bm.hit_tokens,
+                           prefix_cache_queried_tokens=bm.queried_tokens)
+
+    # ---- the step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that produced text or finished."""
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if plan is None or not plan.entries:
+            return outputs
+        input_ids, positions, meta, rows, to_sample = self._prepare(plan.entries)
+        hidden = self._forward(input_ids, positions, meta, self.kv.k, self.kv.v)  # [T, H]
+        logits = self.model.compute_logits(hidden[rows]) if to_sample else None  # [N, V] float32
+        for seq, n in plan.entries:
+            seq.num_computed_tokens += n
+            self.block_manager.commit_full_blocks(seq)
+        if to_sample:
+            outputs.extend(self._sample_and_update(to_sample, logits))
+        return outputs
+
+    def _prepare(self, entries: list[tuple[Sequence, int]]):
+        bs = self.config.block_size
+        dev = self.device
+        ids: list[int] = []
+        pos: list[int] = []
+        slot_chunks: list[torch.Tensor] = []
+        decode_slots: list[torch.Tensor] = []
+        decode_lens: list[int] = []
+        prefills = []
+        rows: list[int] = []
+        to_sample: list[Sequence] = []
+        t = 0
+        for seq, n in entries:
+            nc = seq.num_computed_tokens
+            end = nc + n
+            ids.extend(seq.token_ids[nc:end])
+            pos.extend(range(nc, end))
+            table = torch.tensor(seq.block_table, device=dev)
+            slots = (table[:, None] * bs + self._arange_bs).view(-1)[:end]  # [end] slots of tokens 0..end-1
+            slot_chunks.append(slots[nc:end])
+            if n == 1:
+                decode_slots.append(slots)
+                decode_lens.append(end)
+            else:
+                mask = None
+                if nc:
+                    # query i (position nc+i) sees keys 0..nc+i
+                    mask = torch.arange(end, device=dev)[None, :] <= torch.arange(nc, end, device=dev)[:, None]
+                prefills.append((t, t + n, slots, mask))
+            t += n
+            if end == len(seq.token_ids):
+                rows.append(t - 1)
+                to_sample.append(seq)
+        meta = AttnMetadata(slot_mapping=torch.cat(slot_chunks), num_decode=len(decode_slots), prefills=prefills)
+        if decode_slots:
+            meta.decode_slots = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True)  # [B, Lmax]
+            if min(decode_lens) != max(decode_lens):
+                lens = torch.tensor(decode_lens, device=dev)
+                meta.decode_mask = (torch.arange(max(decode_lens), device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        input_ids = torch.tensor(ids, device=dev)
+        positions = torch.tensor(pos, device=dev)
+        return input_ids, positions, meta, torch.tensor(rows, device=dev), to_sample
+
+    def _sample_and_update(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        now = time.perf_counter()
+        live: list[int] = []
+        outputs: list[RequestOutput] = []
+        for i, seq in enumerate(seqs):
+            c = seq.constraint
+            if c is not None:
+                if c.is_terminated():
+                    seq.finish_reason = "stop"
+                    continue
+                apply_mask(logits[i], c.next_token_mask())
+            live.append(i)
+        tokens = sample(logits[live], [seqs[i].params for i in live], [seqs[i].generator for i in live]) if live else []
+        picked = dict(zip(live, tokens))
+        for i, seq in enumerate(seqs):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if i in picked and not seq.finished:
+                if self._append(seq, picked[i], forced=False) is None:
+                    self._after_tokens(seq)
+            if seq.finished:
+                self._finish(seq)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, forced: bool) -> str | None:
+        """Add one output token; returns (and sets) the finish reason if it ends the request."""
+        seq.token_ids.append(token)
+        if forced:
+            seq.forced_tokens += 1
+        p = seq.params
+        if seq.constraint is not None:
+            seq.constraint.accept_token(token)
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            seq.stop_token_at_end = True
+            seq.finish_reason = "stop"
+        elif seq.constraint is not None and seq.constraint.is_terminated():
+            seq.finish_reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            seq.finish_reason = "length"
+        self._detokenize(seq)
+        return seq.finish_reason
+
+    def _after_tokens(self, seq: Sequence) -> str | None:
+        """Apply the constraint's forced tokens (jump-forward) after a sampled token or at admission."""
+        c = seq.constraint
+        if c is None or seq.finished:
+            return seq.finish_reason
+        if c.is_terminated():
+            seq.finish_reason = "stop"
+            return "stop"
+        for tok in c.forced_tokens():
+            if self._append(seq, int(tok), forced=True) is not None:
+                break
+        return seq.finish_reason
+
+    def _detokenize(self, seq: Sequence) -> None:
+        out = seq.output_token_ids
+        if seq.stop_token_at_end:
+            out = out[:-1]
+        text = self.tokenizer.decode(out, skip_special_tokens=False) if out else ""
+        stops = seq.params.stop
+        if stops:
+            start = max(0, len(seq.text) - max(len(s) for s in stops))
+            cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                seq.finish_reason = "stop"
+        seq.text = text
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.finish_time = time.perf_counter()
+        self.scheduler.remove(seq)
+        self._seqs.pop(seq.request_id, None)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        text = seq.text
+        if seq.finished:
+            safe = len(text)
+        else:
+            # hold back a trailing partial character or a possible beginning of a stop string
+            safe = len(text.rstrip("\ufffd"))
+            for s in seq.params.stop:
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+            safe = max(safe, seq.sent_text_len)
+        delta = text[seq.sent_text_len:safe]
+        seq.sent_text_len = safe
+        t0 = seq.arrival_time
+        ttft = seq.first_token_time - t0 if seq.first_token_time else None
+        end = seq.finish_time or time.perf_counter()
+        metrics = RequestMetrics(
+            prompt_tokens=seq.num_prompt_tokens, cached_tokens=seq.cached_tokens,
+            completion_tokens=seq.num_output_tokens, forced_tokens=seq.forced_tokens, ttft_s=ttft,
+            decode_s=(end - seq.first_token_time) if seq.first_token_time else 0.0,
+            queue_s=(seq.first_scheduled_time - t0) if seq.first_scheduled_time else None)
+        return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+                             output_token_ids=list(seq.output_token_ids), text=text[:safe], delta_text=delta,
+                             finished=seq.finished, finish_reason=seq.finish_reason, metrics=metrics)
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [T, vocab] (float32) at every position of ``token_ids`` (for tests and accuracy
+        benches). Uses free KV blocks temporarily, no prefix cache; call only while no other
+        thread is stepping the engine."""
+        seq = self.make_sequence(list(token_ids), SamplingParams(max_tokens=1))
+        if not self.block_manager.can_grow(seq, len(seq.token_ids)):
+            raise RuntimeError("not enough free KV blocks for prompt_logits; let running requests finish")
+        self.block_manager.grow(seq, len(seq.token_ids))
+        rows = []
+        try:
+            while seq.num_uncomputed:
+                n = min(seq.num_uncomputed, self.config.max_num_batched_tokens)
+                input_ids, positions, meta, _, _ = self._prepare([(seq, n)])
+                hidden = self._forward(input_ids, positions, meta, self.kv.k, self.kv.v)
+                rows.append(self.model.compute_logits(hidden))
+                seq.num_computed_tokens += n
+        finally:
+            self.block_manager.free(seq)
+        return torch.cat(rows)
+
+    # ---- blocking convenience ---------------------------------------------------------------------
+    def generate(self, prompts: Seq[str | list[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,
+                 constraints: Seq[Any] | None = None) -> list[RequestOutput]:
+        """Run ``prompts`` to completion (batched together); return their final outputs in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        n = len(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * n
+        clist = list(constraints) if constraints is not None else [None] * n
+        if len(plist) != n or len(clist) != n:
+            raise ValueError(f"got {n} prompts, {len(plist)} params and {len(clist)} constraints")
+        seqs = [self.make_sequence(p, sp, c) for p, sp, c in zip(prompts, plist, clist)]  # validate all first
+        ids = [self.add_sequence(s) for s in seqs]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < n:
+            for out in self.step():
+                if out.finished and out.request_id in ids:
+                    final[out.request_id] = out
+            if len(final) < n and not self.has_unfinished_requests():
+                raise RuntimeError("engine went idle with requests unfinished")
+        return [final[i] for i in ids]
+
+
+class _Sink:
+    """Delivers outputs from the engine thread to one consumer's event loop."""
+
+    def __init__(self, send: Any):
+        import sniffio
+
+        self.send = send
+        self.loop = None
+        self.token = None
+        if sniffio.current_async_library() == "asyncio":
+            self.loop = asyncio.get_running_loop()
+        else:
+            import anyio.lowlevel
+
+            self.token = anyio.lowlevel.current_token()
+
+    def put(self, item: Any) -> bool:
+        try:
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self._send, item)
+            else:
+                import anyio.from_thread
+
+                anyio.from_thread.run_sync(self._send, item, token=self.token)
+            return True
+        except RuntimeError:  # the consumer's loop is gone
+            return False
+
+    def _send(self, item: Any) -> None:
+        try:
+            self.send.send_nowait(item)
+        except Exception:  # receiver closed: the consumer stopped listening
+            pass
+
+
+class AsyncLLMEngine:
+    """Runs an `LLMEngine`'s step loop in a background thread; async streams per request.
+
+    Usage: ``async for out in aengine.generate_stream(prompt, params): ...``. Leaving the loop
+    early (break, cancellation) aborts the request and frees its blocks.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, _Sink] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="agentrt-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def generate_stream(self, prompt: str | list[int], params: SamplingParams | None = None, constraint: Any = None,
+                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Validate now (ContextOverflowError raises here), then stream the request's outputs."""
+        if self._stop:
+            raise RuntimeError("the engine is shut down")
+        seq = self.engine.make_sequence(prompt, params or SamplingParams(), constraint, request_id)
+        return self._stream(seq)
+
+    async def _stream(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
+        import anyio
+
+        send, recv = anyio.create_memory_object_stream(math.inf)
+        rid = seq.request_id
+        self._sinks[rid] = _Sink(send)
+        self._submit(("add", seq))
+        done = False
+        try:
+            async with recv:
+                async for item in recv:
+                    if isinstance(item, BaseException):
+                        done = True
+                        raise item
+                    if item.finished:
+                        done = True
+                    yield item
+                    if done:
+                        return
+        finally:
+            self._sinks.pop(rid, None)
+            if not done:
+                self._submit(("abort", rid))
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       constraint: Any = None, request_id: str | None = None) -> RequestOutput:
+        """Run one request to completion and return its final output."""
+        last = None
+        async for out in self.generate_stream(prompt, params, constraint, request_id):
+            last = out
+        assert last is not None
+        return last
+
+    def abort(self, request_id: str) -> None:
+        self._submit(("abort", request_id))
+
+    def shutdown(self) -> None:
+        """Stop the loop thread; unfinished streams end with finish_reason "abort"."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def __del__(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    # ---- the loop thread -------------------------------------------------------------------------
+    def _submit(self, cmd: tuple) -> None:
+        self._cmds.put(cmd)
+        self._wake.set()
+
+    def _drain(self) -> None:
+        eng = self.engine
+        while True:
+            try:
+                op, arg = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                try:
+                    eng.add_sequence(arg)
+                except Exception as exc:  # e.g. duplicate id
+                    self._deliver_error(arg.request_id, exc)
+            elif op == "abort":
+                eng.abort_request(arg)
+
+    def _deliver_error(self, rid: str, exc: BaseException) -> None:
+        sink = self._sinks.get(rid)
+        if sink is not None:
+            sink.put(exc)
+
+    def _run(self) -> None:
+        eng = self.engine
+        while not self._stop:
+            self._wake.clear()
+            self._drain()
+            if not eng.has_unfinished_requests():
+                self._wake.wait()
+                continue
+            try:
+                outs = eng.step()
+            except Exception as exc:  # a failed step fails the requests in flight, not the loop
+                for rid in list(eng._seqs):
+                    eng.abort_request(rid)
+                    self._deliver_error(rid, exc)
+                eng._pending.clear()
+                continue
+            for out in outs:
+                sink = self._sinks.get(out.request_id)
+                if sink is not None and not sink.put(out):
+                    eng.abort_request(out.request_id)
+        # shutting down: end every open stream
+        self._drain()
+        for rid in list(eng._seqs):
+            eng.abort_request(rid)
+        for out in eng.step():
+            sink = self._sinks.get(out.request_id)
+            if sink is not None:
+                sink.put(out)

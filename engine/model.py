@@ -1,0 +1,240 @@
+"""A compact Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) that reads and writes a paged KV cache.
+
+Written for the engine's step: one flat batch of T tokens from many sequences. The first
+``num_decode`` tokens are one-token sequences (decode, or a one-token prefill chunk); after them come
+prefill chunks, one contiguous range per sequence. Each layer writes the new keys/values to their
+cache slots, then every query attends to its sequence's slots (gathered through the block table).
+
+q/k/v and gate/up projections are fused into one matmul each at load time (fewer, larger ops: the
+step of a small model on CPU is dominated by per-op overhead). All projections stay `nn.Linear`, so
+weight-only quantization can swap them in place.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    """The architecture numbers the forward needs, read from an HF ``config.json`` dict."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if config.get(k) is None]
+        if missing:
+            raise ValueError(f"model config lacks required keys: {', '.join(missing)}")
+        model_type = config.get("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported model_type {model_type!r}: the engine runs llama, mistral and qwen2")
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        return cls(
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(config.get("rope_theta", 10000.0)),
+            rope_scaling=config.get("rope_scaling"),
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            # qwen2 has q/k/v biases without saying so in its config
+            attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] (float32) with the config's theta and scaling
+    (none/default, linear, llama3; dynamic NTK is refused rather than silently wrong)."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = args.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind in (None, "default"):
+        pass
+    elif kind == "linear":
+        inv = inv / float(sc["factor"])
+    elif kind == "llama3":
+        factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+        old_len = float(sc["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        is_mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv = torch.where(is_mid, mid, scaled)
+    else:
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+    return inv.float()
+
+
+@dataclass
+class AttnMetadata:
+    """Where a step's tokens write their K/V and what each query attends to.
+
+    slot_mapping: [T] cache slot of each token's new K/V.
+    num_decode: the first ``num_decode`` tokens are one-token sequences.
+    decode_slots: [B, Lmax] the slots each one-token query attends to (padded with 0).
+    decode_mask: [B, 1, 1, Lmax] bool, True = attend (None when all B lengths are equal).
+    prefills: per multi-token chunk (start, end, slots [L], mask [n, L] bool or None = plain causal, L == n).
+    """
+
+    slot_mapping: torch.Tensor
+    num_decode: int
+    decode_slots: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hd, nh, nkv, h = args.head_dim, args.num_heads, args.num_kv_heads, args.hidden_size
+        self.qkv_proj = nn.Linear(h, (nh + 2 * nkv) * hd, bias=args.attention_bias, device="meta")
+        self.o_proj = nn.Linear(nh * hd, h, bias=False, device="meta")
+        self.gate_up_proj = nn.Linear(h, 2 * args.intermediate_size, bias=False, device="meta")
+        self.down_proj = nn.Linear(args.intermediate_size, h, bias=False, device="meta")
+        self.input_layernorm = nn.Parameter(torch.empty(h, device="meta"), requires_grad=False)
+        self.post_attention_layernorm = nn.Parameter(torch.empty(h, device="meta"), requires_grad=False)
+
+
+class LlamaModel(nn.Module):
+    """The decoder. Build with `LlamaModel.from_weights(config, hf_weights, dtype, device)`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device="meta")
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = nn.Parameter(torch.empty(args.hidden_size, device="meta"), requires_grad=False)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device="meta")
+        self._qk_dim = (args.num_heads + args.num_kv_heads) * args.head_dim
+        self._eps = args.rms_norm_eps
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_weights(cls, config: dict, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                     device: str | torch.device = "cpu", max_len: int | None = None) -> "LlamaModel":
+        """Build from HF-Llama-named weights (q/k in HF layout), fusing qkv and gate/up.
+        ``max_len`` sizes the RoPE tables (default: the config's max_position_embeddings)."""
+        args = ModelArgs.from_config(config)
+        model = cls(args)
+
+        def w(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise KeyError(f"weight {name!r} missing from the checkpoint")
+            return weights[name]
+
+        def param(t: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+
+        model.embed_tokens.weight = param(w("model.embed_tokens.weight"))
+        for i, layer in enumerate(model.layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            layer.qkv_proj.weight = param(torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"),
+                                                     w(a + "v_proj.weight")]))
+            if args.attention_bias:
+                layer.qkv_proj.bias = param(torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"),
+                                                       w(a + "v_proj.bias")]))
+            layer.o_proj.weight = param(w(a + "o_proj.weight"))
+            layer.gate_up_proj.weight = param(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]))
+            layer.down_proj.weight = param(w(p + "mlp.down_proj.weight"))
+            layer.input_layernorm = param(w(p + "input_layernorm.weight"))
+            layer.post_attention_layernorm = param(w(p + "post_attention_layernorm.weight"))
+        model.norm = param(w("model.norm.weight"))
+        if args.tie_word_embeddings or "lm_head.weight" not in weights:
+            model.lm_head.weight = model.embed_tokens.weight
+        else:
+            model.lm_head.weight = param(w("lm_head.weight"))
+
+        n = max_len or args.max_position_embeddings
+        inv = rope_inv_freq(args)
+        freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # [n, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [n, hd] (HF rotate_half layout)
+        model.register_buffer("rope_cos", emb.cos().to(device=device, dtype=dtype), persistent=False)
+        model.register_buffer("rope_sin", emb.sin().to(device=device, dtype=dtype), persistent=False)
+        return model.eval()
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T]; k_cache/v_cache: [layers, slots, n_kv, head_dim].
+        Returns the final hidden states [T, hidden]."""
+        a = self.args
+        T = input_ids.shape[0]
+        nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
+        x = self.embed_tokens(input_ids)  # [T, H]
+        cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, hd]
+        sin = self.rope_sin[positions].unsqueeze(1)
+        half = hd // 2
+        hsz = (a.hidden_size,)
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, hsz, layer.input_layernorm, self._eps)
+            qkv = layer.qkv_proj(h)  # [T, (nh + 2 nkv) hd]
+            qk = qkv[:, : self._qk_dim].view(T, nh + nkv, hd)
+            rot = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
+            qk = qk * cos + rot * sin  # RoPE on q and k at once
+            q, k = qk[:, :nh], qk[:, nh:]  # [T, nh, hd], [T, nkv, hd]
+            v = qkv[:, self._qk_dim:].view(T, nkv, hd)
+            kc, vc = k_cache[i], v_cache[i]
+            kc.index_copy_(0, meta.slot_mapping, k)
+            vc.index_copy_(0, meta.slot_mapping, v)
+            o = self._attention(q, kc, vc, meta)  # [T, nh * hd]
+            x = x + layer.o_proj(o)
+            h = F.rms_norm(x, hsz, layer.post_attention_layernorm, self._eps)
+            gu = layer.gate_up_proj(h)  # [T, 2I]
+            g, u = gu.chunk(2, dim=-1)
+            x = x + layer.down_proj(F.silu(g) * u)
+        return F.rms_norm(x, hsz, self.norm, self._eps)
+
+    def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        T, nh, hd = q.shape
+        B = meta.num_decode
+        out = None
+        if B:
+            qd = q[:B].unsqueeze(2)  # [B, nh, 1, hd]
+            kd = kc[meta.decode_slots].transpose(1, 2)  # [B, nkv, Lmax, hd]
+            vd = vc[meta.decode_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
+            if B == T:
+                return od.reshape(T, nh * hd)  # [B, nh, 1, hd] -> [T, nh*hd]
+            out = q.new_empty(T, nh, hd)
+            out[:B] = od.squeeze(2)
+        if out is None:
+            out = q.new_empty(T, nh, hd)
+        for start, end, slots, mask in meta.prefills:
+            qp = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
+            kp = kc[slots].transpose(0, 1).unsqueeze(0)  # [1, nkv, L, hd]
+            vp = vc[slots].transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
+                                                enable_gqa=True)
+            out[start:end] = op[0].transpose(0, 1)
+        return out.view(T, nh * hd)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> float32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,347 @@
+"""Engine unit tests on a tiny random-weights Llama (fast; no real model needed)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _engine_util import tiny_config, tiny_loaded, tiny_weights  # noqa: E402
+
+from agentrt.engine import (AsyncLLMEngine, ContextOverflowError, EngineConfig, LLMEngine,  # noqa: E402
+                            SamplingParams)
+
+torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared machine
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "hello",
+    "abcdefghijklmnopqrstuvwxyz0123456789" * 2,
+    "A somewhat different prompt that shares nothing.",
+]
+
+
+def make_engine(loaded=None, **cfg) -> LLMEngine:
+    cfg.setdefault("dtype", "float32")
+    cfg.setdefault("num_kv_blocks", 128)
+    cfg.setdefault("block_size", 4)
+    return LLMEngine(EngineConfig(**cfg), loaded=loaded or tiny_loaded())
+
+
+def hf_reference(loaded):
+    """transformers' own Llama/Qwen2 on the same weights: the reference for logits."""
+    import transformers
+
+    cfg = dict(loaded.config)
+    cls_cfg = transformers.Qwen2Config if cfg["model_type"] == "qwen2" else transformers.LlamaConfig
+    cls_model = transformers.Qwen2ForCausalLM if cfg["model_type"] == "qwen2" else transformers.LlamaForCausalLM
+    model = cls_model(cls_cfg(**cfg)).eval()
+    missing, unexpected = model.load_state_dict(loaded.weights, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    return model
+
+
+@pytest.mark.parametrize("variant", [
+    {},
+    {"model_type": "qwen2", "attention_bias": True, "tie_word_embeddings": False},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}},
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+])
+def test_logits_match_transformers_tiny(variant):
+    loaded = tiny_loaded(**variant)
+    # chunked prefill (max_num_batched_tokens=16) exercises attention to cached blocks too
+    eng = make_engine(loaded, max_num_batched_tokens=16)
+    ids = list(range(3, 83))
+    ours = eng.prompt_logits(ids)  # [80, V]
+    with torch.no_grad():
+        ref = hf_reference(loaded)(torch.tensor([ids])).logits[0].float()
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() < 1e-4  # fp32 vs fp32: only summation-order noise
+
+
+def test_unsupported_model_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        make_engine(tiny_loaded(model_type="gpt2"))
+
+
+def test_greedy_deterministic_and_length_finish():
+    eng = make_engine()
+    a = eng.generate(PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    b = eng.generate(PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert a.output_token_ids == b.output_token_ids
+    assert len(a.output_token_ids) == 12 and a.finish_reason == "length" and a.finished
+
+
+def _sequential(prompts, params, **cfg):
+    eng = make_engine(enable_prefix_caching=False, **cfg)
+    return [eng.generate(p, params)[0].output_token_ids for p in prompts]
+
+
+def test_prefix_cache_hit_gives_identical_output_and_counts_cached_tokens():
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    eng = make_engine()
+    first = eng.generate(PROMPTS[0], params)[0]
+    assert first.metrics.cached_tokens == 0
+    again = eng.generate(PROMPTS[0], params)[0]
+    n = len(first.prompt_token_ids)
+    assert again.metrics.cached_tokens == (n - 1) // 4 * 4  # all full blocks but the last token's
+    assert again.output_token_ids == first.output_token_ids
+    # a longer prompt extending prompt + output hits the generated tokens' blocks too
+    ext = first.prompt_token_ids + first.output_token_ids + [65, 66, 67]
+    third = eng.generate([ext], params)[0]
+    assert third.metrics.cached_tokens >= (n + 10) // 4 * 4 - 4
+    uncached = make_engine(enable_prefix_caching=False).generate([ext], params)[0]
+    assert uncached.metrics.cached_tokens == 0
+    assert third.output_token_ids == uncached.output_token_ids
+    st = eng.stats()
+    assert st.kv_blocks_used == 0 and st.prefix_cache_hit_tokens > 0
+
+
+def test_concurrent_equals_sequential_with_chunked_prefill():
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    seq = _sequential(PROMPTS, params)
+    eng = make_engine(max_num_batched_tokens=8, max_num_seqs=3)
+    outs = eng.generate(PROMPTS, params)
+    assert [o.output_token_ids for o in outs] == seq
+    assert eng.stats().kv_blocks_used == 0
+
+
+def test_tiny_pool_evicts_and_preempts_but_outputs_stay_exact():
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    seq = _sequential(PROMPTS, params)
+    # 40 blocks of 4 tokens cannot hold all four requests at once: forces preemption + eviction
+    eng = make_engine(num_kv_blocks=40)
+    outs = eng.generate(PROMPTS, params)
+    assert [o.output_token_ids for o in outs] == seq
+    for _ in range(3):  # more traffic through the same tiny pool: LRU eviction of cached blocks
+        outs = eng.generate(PROMPTS[::-1], params)
+        assert [o.output_token_ids for o in outs] == seq[::-1]
+    st = eng.stats()
+    assert st.kv_blocks_used == 0 and st.kv_blocks_cached <= 40
+
+
+def test_context_overflow_refused_before_work():
+    eng = make_engine(max_model_len=64)
+    with pytest.raises(ContextOverflowError, match="context window of 64"):
+        eng.add_request("x" * 60, SamplingParams(max_tokens=10))
+    assert not eng.has_unfinished_requests()
+    small_pool = make_engine(num_kv_blocks=4)
+    with pytest.raises(ContextOverflowError, match="KV pool"):
+        small_pool.add_request("x" * 10, SamplingParams(max_tokens=10))
+
+
+def test_abort_frees_blocks():
+    eng = make_engine()
+    rid = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.step()
+    eng.step()
+    assert eng.stats().kv_blocks_used > 0
+    eng.abort_request(rid)
+    assert eng.stats().kv_blocks_used == 0
+    outs = eng.step()
+    assert outs and outs[0].finish_reason == "abort" and outs[0].finished
+    assert not eng.has_unfinished_requests()
+
+
+def test_stop_strings_and_stop_tokens():
+    eng = make_engine()
+    base = eng.generate(PROMPTS[2], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    toks = base.output_token_ids
+    # stop at the token that appears at index 5: generation ends there, finish "stop"
+    out = eng.generate(PROMPTS[2], SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=[toks[5]]))[0]
+    k = toks.index(toks[5])
+    assert out.finish_reason == "stop" and out.output_token_ids == toks[:k + 1]
+    # stop string: the text of tokens 3..4 (bytes) cuts the text before it
+    stop = bytes(toks[3:5]).decode("utf-8", errors="replace")
+    out = eng.generate(PROMPTS[2], SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == base.text[:base.text.find(stop)]
+    assert stop not in out.text
+
+
+def test_eos_stops_unless_ignored():
+    loaded = tiny_loaded()
+    eng = make_engine(loaded)
+    first = eng.generate(PROMPTS[1], SamplingParams(max_tokens=3, ignore_eos=True))[0].output_token_ids[0]
+    loaded.eos_token_ids = [first]  # pretend the first greedy token is EOS
+    eng2 = make_engine(loaded)
+    out = eng2.generate(PROMPTS[1], SamplingParams(max_tokens=5))[0]
+    assert out.finish_reason == "stop" and out.output_token_ids == [first] and out.text == ""
+    out = eng2.generate(PROMPTS[1], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.output_token_ids) == 5
+
+
+def test_seeded_sampling_is_reproducible():
+    eng = make_engine()
+    p = dict(max_tokens=24, temperature=20.0, ignore_eos=True)  # the tiny model is very peaked
+    a = eng.generate(PROMPTS[1], SamplingParams(seed=7, **p))[0].output_token_ids
+    b = eng.generate(PROMPTS[1], SamplingParams(seed=7, **p))[0].output_token_ids
+    c = eng.generate(PROMPTS[1], SamplingParams(seed=8, **p))[0].output_token_ids
+    assert a == b and a != c
+    # top_k=1 is greedy whatever the temperature
+    greedy = eng.generate(PROMPTS[1], SamplingParams(max_tokens=8, ignore_eos=True))[0].output_token_ids
+    k1 = eng.generate(PROMPTS[1], SamplingParams(max_tokens=8, temperature=2.0, top_k=1, seed=1,
+                                                 ignore_eos=True))[0].output_token_ids
+    assert k1 == greedy
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from agentrt.engine.sampling import sample_one
+
+    logits = torch.tensor([5.0, 4.9, -10.0, -10.0])
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_one(logits, SamplingParams(temperature=1.0, top_p=0.5), g) for _ in range(50)}
+    assert picks <= {0, 1}
+    picks = {sample_one(logits, SamplingParams(temperature=1.0, top_p=0.99), g) for _ in range(200)}
+    assert picks == {0, 1}
+
+
+class EvenThenForced:
+    """Trivial constraint: a sampled token must be even; after every sampled token the
+    constraint forces [65, 66]; it terminates after ``rounds`` sampled tokens."""
+
+    def __init__(self, vocab: int, rounds: int = 3):
+        self.vocab, self.rounds = vocab, rounds
+        self.sampled: list[int] = []
+        self.pending: list[int] = [70, 71]  # forced before the first sampled token
+        self.accepted: list[int] = []
+
+    def next_token_mask(self):
+        m = torch.zeros(self.vocab, dtype=torch.bool)
+        m[0:256:2] = True
+        return m
+
+    def accept_token(self, t):
+        self.accepted.append(t)
+        if self.pending:
+            if t != self.pending[0]:
+                raise ValueError(f"token {t} not allowed")
+            self.pending.pop(0)
+            return
+        if t % 2:
+            raise ValueError(f"odd token {t}")
+        self.sampled.append(t)
+        self.pending = [65, 66]
+
+    def forced_tokens(self):
+        return list(self.pending)
+
+    def is_terminated(self):
+        return len(self.sampled) >= self.rounds and not self.pending
+
+
+def test_constraint_hook_masks_forces_and_terminates():
+    eng = make_engine()
+    c = EvenThenForced(eng.vocab_size)
+    steps = 0
+    rid = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True), constraint=c)
+    final = None
+    while eng.has_unfinished_requests():
+        steps += 1
+        for o in eng.step():
+            if o.request_id == rid and o.finished:
+                final = o
+    out = final.output_token_ids
+    assert out[:2] == [70, 71]
+    assert len(out) == 2 + 3 * 3 and out[2::3] == c.sampled and all(t % 2 == 0 for t in c.sampled)
+    assert out[3::3] == [65] * 3 and out[4::3] == [66] * 3
+    assert final.finish_reason == "stop" and final.metrics.forced_tokens == 2 + 2 * 3
+    assert steps == 3  # one step per sampled token: forced runs ride along as prefill chunks
+    assert eng.stats().kv_blocks_used == 0
+
+
+def test_constraint_mask_width_checked():
+    class Bad(EvenThenForced):
+        def next_token_mask(self):
+            return torch.ones(10, dtype=torch.bool)
+
+    eng = make_engine()
+    with pytest.raises(ValueError, match="logits width"):
+        eng.generate(PROMPTS[1], SamplingParams(max_tokens=5), constraints=[Bad(eng.vocab_size)])
+
+
+def test_block_manager_refcounts_and_lru():
+    from agentrt.engine.kv_cache import BlockManager
+    from agentrt.engine.scheduler import Sequence
+
+    bm = BlockManager(num_blocks=4, block_size=2)
+
+    def seq(toks):
+        return Sequence(request_id=str(toks), token_ids=list(toks), num_prompt_tokens=len(toks),
+                        params=SamplingParams())
+
+    a = seq([1, 2, 3, 4, 5])
+    bm.match_prefix(a)
+    bm.grow(a, 5)
+    a.num_computed_tokens = 5
+    bm.commit_full_blocks(a)
+    assert bm.num_used == 3 and bm.num_cached == 2
+    b = seq([1, 2, 3, 4, 9])
+    assert bm.match_prefix(b) == 4  # shares both full blocks
+    assert bm.blocks[a.block_table[0]].ref_count == 2
+    bm.free(a)
+    assert bm.num_used == 2  # shared blocks survive a's release
+    bm.free(b)
+    assert bm.num_used == 0 and bm.num_cached == 2
+    # filling the pool evicts cached blocks, the tail (3,4) before the head (1,2)
+    c = seq([7, 7, 7, 7, 7, 7, 7])
+    bm.match_prefix(c)
+    bm.grow(c, 6)
+    assert bm.num_cached == 1 and bm.match_prefix(seq([1, 2, 3, 4, 5])) == 2
+
+
+async def test_async_stream_deltas_and_cancellation_free_blocks():
+    import anyio
+
+    eng = make_engine()
+    aeng = AsyncLLMEngine(eng)
+    try:
+        params = SamplingParams(max_tokens=12, ignore_eos=True)
+        ref = eng_ref = make_engine().generate(PROMPTS[2], params)[0]
+        text, n = "", 0
+        async for out in aeng.generate_stream(PROMPTS[2], params):
+            text += out.delta_text
+            n += 1
+        assert out.finished and out.output_token_ids == eng_ref.output_token_ids and text == ref.text
+        assert n >= 2
+
+        with pytest.raises(ContextOverflowError):
+            aeng.generate_stream("x" * 10, SamplingParams(max_tokens=10_000))
+
+        # concurrent requests through the background loop equal the sequential ones
+        seq = _sequential(PROMPTS, params)
+        results = {}
+
+        async def one(i):
+            results[i] = (await aeng.generate(PROMPTS[i], params)).output_token_ids
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(PROMPTS)):
+                tg.start_soon(one, i)
+        assert [results[i] for i in range(len(PROMPTS))] == seq
+
+        # breaking out early aborts the request and frees its blocks
+        stream = aeng.generate_stream(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
+        async for out in stream:
+            if len(out.output_token_ids) >= 2:
+                break
+        await stream.aclose()
+        for _ in range(200):
+            if eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests():
+                break
+            await anyio.sleep(0.01)
+        assert eng.stats().kv_blocks_used == 0
+
+        # cancellation from outside (timeout) does the same
+        with anyio.move_on_after(0.2):
+            await aeng.generate(PROMPTS[0], SamplingParams(max_tokens=300, ignore_eos=True))
+        for _ in range(200):
+            if eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests():
+                break
+            await anyio.sleep(0.01)
+        assert eng.stats().kv_blocks_used == 0
+    finally:
+        aeng.shutdown()
