@@ -1,0 +1,131 @@
+"""Date and time tools: the current time in any IANA time zone, date arithmetic,
+differences between dates, weekdays, and converting a time between zones.
+
+Dates travel as ISO strings (``YYYY-MM-DD``): the schemas say ``format: date``, so the
+grammar only lets the model write real dates.
+"""
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import zoneinfo
+
+from agentrt.registry import ToolRegistry
+
+__all__ = ["add_to_date", "convert_time", "current_time", "date_difference", "get_zone", "weekday"]
+
+
+def _now() -> dt.datetime:
+    """The current UTC time (one place for tests to pin the clock)."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def get_zone(name: str) -> dt.tzinfo:
+    """The IANA time zone ``name`` ("UTC", "Europe/Paris"...); ValueError naming the fix."""
+    key = name.strip()
+    if key.upper() in ("UTC", "Z", "GMT"):
+        return dt.timezone.utc
+    try:
+        return zoneinfo.ZoneInfo(key)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        hint = ""
+        lowered = key.lower().replace(" ", "_")
+        matches = sorted(z for z in zoneinfo.available_timezones() if lowered in z.lower())[:5]
+        if matches:
+            hint = f"; did you mean {', '.join(matches)}?"
+        raise ValueError(f"unknown time zone {name!r}: use an IANA name like 'Europe/Paris' or 'UTC'{hint}") from None
+
+
+def _describe(moment: dt.datetime, zone_name: str) -> dict[str, str]:
+    offset = moment.strftime("%z")
+    return {
+        "datetime": moment.isoformat(timespec="seconds"),
+        "date": moment.date().isoformat(),
+        "time": moment.strftime("%H:%M:%S"),
+        "weekday": moment.strftime("%A"),
+        "timezone": zone_name,
+        "utc_offset": f"{offset[:3]}:{offset[3:]}" if offset else "+00:00",
+    }
+
+
+_tools = ToolRegistry()
+
+
+@_tools.tool
+def current_time(timezone: str = "UTC") -> dict[str, str]:
+    """Get the current date, time and weekday in a time zone.
+
+    Args:
+        timezone: IANA time zone name, e.g. "UTC", "Europe/Paris", "America/New_York".
+    """
+    zone = get_zone(timezone)
+    return _describe(_now().astimezone(zone), timezone.strip())
+
+
+def _add_months(day: dt.date, months: int) -> dt.date:
+    index = day.year * 12 + (day.month - 1) + months
+    year, month = divmod(index, 12)
+    if not 1 <= year <= 9999:
+        raise ValueError("resulting date is out of range (years 1-9999)")
+    last = calendar.monthrange(year, month + 1)[1]
+    return dt.date(year, month + 1, min(day.day, last))  # Jan 31 + 1 month = Feb 28/29
+
+
+@_tools.tool
+def add_to_date(date: dt.date, days: int = 0, weeks: int = 0, months: int = 0, years: int = 0) -> dict[str, str]:
+    """Add (or subtract, with negative numbers) days, weeks, months or years to a date.
+
+    Args:
+        date: Start date, YYYY-MM-DD.
+        days: Days to add.
+        weeks: Weeks to add.
+        months: Months to add (the day is clamped to the month's end).
+        years: Years to add.
+    """
+    try:
+        result = _add_months(date, months + 12 * years) + dt.timedelta(days=days, weeks=weeks)
+    except OverflowError:
+        raise ValueError("resulting date is out of range (years 1-9999)") from None
+    return {"date": result.isoformat(), "weekday": result.strftime("%A")}
+
+
+@_tools.tool
+def date_difference(start: dt.date, end: dt.date) -> dict[str, int]:
+    """Count the days (and whole weeks, months, years) from start to end.
+
+    Args:
+        start: First date, YYYY-MM-DD.
+        end: Second date, YYYY-MM-DD.
+    """
+    sign = 1 if end >= start else -1
+    lo, hi = (start, end) if sign == 1 else (end, start)
+    months = (hi.year - lo.year) * 12 + hi.month - lo.month
+    if _add_months(lo, months) > hi:
+        months -= 1
+    days = (hi - lo).days
+    return {"days": sign * days, "weeks": sign * (days // 7), "months": sign * months, "years": sign * (months // 12)}
+
+
+@_tools.tool
+def weekday(date: dt.date) -> str:
+    """Tell the day of the week of a date.
+
+    Args:
+        date: The date, YYYY-MM-DD.
+    """
+    return date.strftime("%A")
+
+
+@_tools.tool
+def convert_time(time: dt.datetime, to_timezone: str, from_timezone: str = "UTC") -> dict[str, str]:
+    """Convert a date and time from one time zone to another.
+
+    Args:
+        time: Date and time, e.g. "2025-03-01T15:30:00" (an explicit offset wins over from_timezone).
+        to_timezone: IANA time zone to convert to.
+        from_timezone: IANA time zone the time is in.
+    """
+    source = get_zone(from_timezone)
+    target = get_zone(to_timezone)
+    moment = time if time.tzinfo is not None else time.replace(tzinfo=source)
+    return _describe(moment.astimezone(target), to_timezone.strip())

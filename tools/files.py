@@ -1,0 +1,152 @@
+"""Read-only file tools confined to one root folder.
+
+:class:`FileSandbox` resolves every path the model gives against the root and refuses
+``..`` components, absolute paths outside the root, and symlinks whose target leaves
+it; it never writes. :func:`file_tools` binds ``read_file`` and ``list_files`` to a
+sandbox. The default root is ``$AGENTRT_FILES_ROOT`` or the current directory,
+looked up at call time.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path, PurePath
+
+from agentrt.registry import Tool, ToolRegistry
+
+__all__ = ["FileAccessError", "FileSandbox", "file_tools"]
+
+ROOT_ENV = "AGENTRT_FILES_ROOT"
+
+
+class FileAccessError(PermissionError):
+    """A path the sandbox refuses (outside the root, too big, binary...)."""
+
+
+class FileSandbox:
+    """Read-only access to the files under ``root``.
+
+    Args:
+        root: the folder; None = ``$AGENTRT_FILES_ROOT`` or the current directory at each call.
+        max_file_bytes: files larger than this are refused.
+        max_chars: the most characters one read returns (the rest is announced, not sent).
+        max_entries: the most entries one listing returns.
+        allow_hidden: whether names starting with "." (``.env``, ``.git``, ``.ssh``) may be
+            listed and read; off by default because secrets live there.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, max_file_bytes: int = 2_000_000,
+                 max_chars: int = 8_000, max_entries: int = 200, allow_hidden: bool = False):
+        self._root = None if root is None else Path(root)
+        if self._root is not None and not self._root.is_dir():
+            raise NotADirectoryError(f"file tools root {str(root)!r} is not a folder")
+        self.max_file_bytes = max_file_bytes
+        self.max_chars = max_chars
+        self.max_entries = max_entries
+        self.allow_hidden = allow_hidden
+
+    @property
+    def root(self) -> Path:
+        """The resolved root folder."""
+        root = self._root if self._root is not None else Path(os.environ.get(ROOT_ENV) or os.getcwd())
+        return root.resolve()
+
+    def resolve(self, path: str) -> Path:
+        """The real path of ``path`` (relative to the root) if it stays inside the root."""
+        root = self.root
+        text = (path or ".").strip()
+        if "\x00" in text:
+            raise FileAccessError("path contains a NUL character")
+        pure = PurePath(text)
+        if ".." in pure.parts:
+            raise FileAccessError(f"'..' is not allowed in paths: {path!r}")
+        candidate = Path(text) if pure.is_absolute() else root / text
+        real = candidate.resolve()  # follows symlinks: a link pointing outside is caught here
+        if real != root and root not in real.parents:
+            raise FileAccessError(f"{path!r} is outside the allowed folder")
+        if not self.allow_hidden and self._hidden(real.relative_to(root)):
+            raise FileAccessError(f"{path!r} is a hidden file or folder (its name starts with '.')")
+        return real
+
+    @staticmethod
+    def _hidden(rel: PurePath) -> bool:
+        return any(part.startswith(".") for part in rel.parts)
+
+    def read(self, path: str, start_line: int = 1, max_lines: int = 200) -> str:
+        """Lines ``start_line``.. of a text file (at most ``max_lines`` and ``max_chars``)."""
+        if start_line < 1 or max_lines < 1:
+            raise ValueError("start_line and max_lines must be >= 1")
+        real = self.resolve(path)
+        if not real.exists():
+            raise FileNotFoundError(f"no file {path!r} (use list_files to see what exists)")
+        if real.is_dir():
+            raise IsADirectoryError(f"{path!r} is a folder; use list_files")
+        size = real.stat().st_size
+        if size > self.max_file_bytes:
+            raise FileAccessError(f"{path!r} is {size} bytes; the limit is {self.max_file_bytes}")
+        data = real.read_bytes()
+        if b"\x00" in data[:4096]:
+            raise FileAccessError(f"{path!r} is a binary file")
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        chosen = lines[start_line - 1:start_line - 1 + max_lines]
+        text = "\n".join(chosen)
+        end = start_line - 1 + len(chosen)
+        notes = []
+        if len(text) > self.max_chars:
+            text = text[: self.max_chars]
+            notes.append(f"[cut at {self.max_chars} characters]")
+        if end < len(lines):
+            notes.append(f"[lines {start_line}-{end} of {len(lines)}; read on with start_line={end + 1}]")
+        return "\n".join([text, *notes]) if notes else text
+
+    def list(self, path: str = ".", pattern: str = "*") -> list[str]:
+        """Names in a folder (folders end with '/'), sorted, filtered by a glob ``pattern``."""
+        real = self.resolve(path)
+        if not real.is_dir():
+            raise NotADirectoryError(f"{path!r} is not a folder")
+        root = self.root
+        entries = []
+        for child in sorted(real.iterdir(), key=lambda p: p.name):
+            if not fnmatch.fnmatch(child.name, pattern or "*"):
+                continue
+            if child.name.startswith(".") and not self.allow_hidden:
+                continue
+            target = child.resolve()
+            if target != root and root not in target.parents:
+                continue  # a symlink leading out of the root is not shown
+            if not self.allow_hidden and self._hidden(target.relative_to(root)):
+                continue  # nor one leading into a hidden folder
+            entries.append(child.name + ("/" if target.is_dir() else ""))
+        if len(entries) > self.max_entries:
+            more = len(entries) - self.max_entries
+            entries = entries[: self.max_entries] + [f"...and {more} more"]
+        return entries
+
+
+def file_tools(root: str | os.PathLike[str] | None = None, **limits: int) -> list[Tool]:
+    """``read_file`` and ``list_files`` tools confined to ``root`` (see :class:`FileSandbox`)."""
+    sandbox = FileSandbox(root, **limits)
+    reg = ToolRegistry()
+
+    @reg.tool
+    def read_file(path: str, start_line: int = 1, max_lines: int = 200) -> str:
+        """Read a text file from the allowed folder.
+
+        Args:
+            path: File path relative to the folder, e.g. "notes/todo.txt".
+            start_line: First line to read (1 = the beginning).
+            max_lines: How many lines to read at most.
+        """
+        return sandbox.read(path, start_line, max_lines)
+
+    @reg.tool
+    def list_files(path: str = ".", pattern: str = "*") -> list[str]:
+        """List the files and folders (names ending in "/") in a folder.
+
+        Args:
+            path: Folder relative to the allowed folder; "." is the folder itself.
+            pattern: Only names matching this glob, e.g. "*.csv".
+        """
+        return sandbox.list(path, pattern)
+
+    return list(reg)
