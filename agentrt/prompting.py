@@ -92,6 +92,8 @@ def _type_label(schema: Any) -> str:
     t = schema.get("type")
     if isinstance(t, list):
         return "|".join(str(x) for x in t)
+    if t == "string" and isinstance(schema.get("format"), str):
+        return schema["format"]  # date, date-time...: tells a small model the expected spelling
     if t == "array":
         return f"list[{_type_label(schema.get('items', {}))}]"
     if t is None:

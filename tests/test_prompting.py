@@ -267,3 +267,9 @@ def test_a_tool_named_like_a_choice_is_a_named_choice():
     assert plan.allowed_tools == ["answer"] and not plan.allow_answer
     with pytest.raises(ValueError, match="tool call is required"):
         parse_turn('{"answer":"4"}', plan)
+
+
+def test_string_formats_show_in_the_tool_line():
+    spec = ToolSpec(name="weekday", description="Day of the week.", parameters={
+        "type": "object", "properties": {"date": {"type": "string", "format": "date"}}, "required": ["date"]})
+    assert tool_line(spec) == "- weekday(date: date): Day of the week."

@@ -1,0 +1,71 @@
+"""`bench agent` machinery on a scripted model: the task suite, schedules, summaries."""
+from __future__ import annotations
+
+import pytest
+
+from agentrt.benchmarks.agent import TASKS, make_workspace, run_side_by_side, summarize
+from agentrt.llm import GenerationParams
+from agentrt.testing import ScriptedLLM
+from agentrt.tools import builtin_registry
+
+ARGS = {
+    "calculate": {"expression": "6*7"},
+    "current_time": {"timezone": "UTC"},
+    "add_to_date": {"date": "2025-01-01", "days": 3},
+    "date_difference": {"start": "2025-01-01", "end": "2025-02-01"},
+    "weekday": {"date": "2025-01-01"},
+    "convert_time": {"time": "2025-01-01T12:00:00", "to_timezone": "Asia/Tokyo"},
+    "convert_units": {"value": 10, "from_unit": "km", "to_unit": "mi"},
+    "read_file": {"path": "notes.txt"},
+    "list_files": {},
+    "query_data": {"source": "sales.csv", "aggregate": "sum", "field": "amount"},
+}
+
+
+def schema_following_reply(messages, schema):
+    """Call the one tool the step's schema allows, or answer when only the answer is allowed."""
+    calls = (schema.get("properties") or {}).get("calls")
+    if calls is None:
+        return '{"answer":"done"}'
+    name = calls["items"]["properties"]["tool"]["const"]
+    import json
+
+    return json.dumps({"calls": [{"tool": name, "arguments": ARGS[name]}]}, separators=(",", ":"))
+
+
+def test_suite_has_20_tasks_of_3_calls_on_builtin_tools():
+    names = set(builtin_registry().names)
+    assert len(TASKS) >= 20 and len({t.name for t in TASKS}) == len(TASKS)
+    for task in TASKS:
+        assert len(task.plan) >= 3 and set(task.plan) <= names, task.name
+        assert task.tool_choice(len(task.plan) + 1) == "answer"
+
+
+async def test_side_by_side_runs_every_task_with_its_schedule():
+    tools = builtin_registry(make_workspace())
+    engines = {"a": ScriptedLLM([schema_following_reply] * 400), "b": ScriptedLLM([schema_following_reply] * 400)}
+    seen = []
+    summaries = await run_side_by_side(engines, list(TASKS), tools, GenerationParams(max_tokens=32),
+                                       on_run=lambda n, t, r: seen.append((n, t.name, r.status)))
+    assert len(seen) == 2 * len(TASKS) and all(status == "completed" for _, _, status in seen)
+    a = summaries["a"]
+    assert a["runs"] == len(TASKS) and a["completed"] == len(TASKS)
+    assert a["steps"] == sum(len(t.plan) + 1 for t in TASKS)
+    assert a["tool_calls"] == sum(len(t.plan) for t in TASKS)
+    assert a["tool_errors"] == 0, "every canned call must succeed on the bench workspace"
+    assert a["cached_share_step2plus"] > 0.9  # ScriptedLLM models an append-only prefix cache
+
+
+def test_summarize_percentiles_and_shares():
+    from agentrt.types import RunResult, Step
+
+    runs = [RunResult(run_id="r", status="completed", steps=[
+        Step(index=1, ttft_s=1.0, prompt_tokens=100),
+        Step(index=2, ttft_s=0.1, prompt_tokens=120, cached_tokens=110),
+        Step(index=3, ttft_s=0.3, prompt_tokens=140, cached_tokens=130),
+    ])]
+    s = summarize(runs, 2.0)
+    assert s["ttft_step1_p50_ms"] == pytest.approx(1000)
+    assert s["ttft_step2plus_p95_ms"] == pytest.approx(300)
+    assert s["cached_share_step2plus"] == pytest.approx(240 / 260)
+    assert s["total_s"] == 2.0
