@@ -136,17 +136,33 @@ _LOCAL_LLMS: dict[str | None, LLM] = {}
 _LOCAL_LOCK = threading.Lock()
 
 
+def _model_key(model: str | None) -> str | None:
+    """One cache key per model file: None for the embedded model however it is named."""
+    if model is None:
+        return None
+    path = os.path.realpath(os.path.expanduser(model))
+    try:
+        from agentrt.engine.loader import embedded_model_path
+
+        if path == os.path.realpath(embedded_model_path()):
+            return None
+    except (ImportError, FileNotFoundError):  # no embedded model installed: not it
+        pass
+    return path
+
+
 def shared_local_llm(model: str | None = None) -> LLM:
     """The process-wide `LocalLLM` for ``model`` (None = the embedded model), built on
-    first use. Loading a model takes seconds; every `ChatAgentRT` on the same path shares
+    first use. Loading a model takes seconds; every `ChatAgentRT` on the same model shares
     one engine, so its prefix cache and continuous batching serve them all."""
+    key = _model_key(model)
     with _LOCAL_LOCK:
-        llm = _LOCAL_LLMS.get(model)
+        llm = _LOCAL_LLMS.get(key)
         if llm is None:
             from agentrt.llm import LocalLLM
 
-            llm = LocalLLM(model)
-            _LOCAL_LLMS[model] = llm
+            llm = LocalLLM(key)
+            _LOCAL_LLMS[key] = llm
         return llm
 
 
@@ -415,6 +431,11 @@ class ChatAgentRT(BaseChatModel):
     def _resolve_llm(self, model_override: str | None = None) -> LLM:
         """The LLM this call goes to: ``llm=``, a server client, or the shared LocalLLM."""
         if self.llm is not None:
+            if model_override and model_override != getattr(self.llm, "model_name", None):
+                raise ValueError(
+                    f"model={model_override!r} cannot be served: this ChatAgentRT was given llm= "
+                    f"({type(self.llm).__name__}), which serves one model; build one without llm="
+                )
             return self.llm
         if self.base_url:
             if model_override and model_override != self.model:
@@ -468,7 +489,9 @@ class ChatAgentRT(BaseChatModel):
         )
         model_override = kwargs.get("model")
         llm = self._resolve_llm(model_override)
-        return _Turn(plan, params, llm, str(getattr(llm, "model_name", "") or self._model_name(model_override)))
+        # A per-call model is reported by the name the caller asked for it by.
+        name = model_override or getattr(llm, "model_name", "") or self._model_name()
+        return _Turn(plan, params, llm, str(name))
 
     # -- retries and timeouts ------------------------------------------------------------
 

@@ -378,3 +378,11 @@ def test_streaming_flag_makes_invoke_stream():
 
     msg = ChatAgentRT(llm=llm, streaming=True).invoke("x", config={"callbacks": [Collect()]})
     assert msg.content == "streamed" and "".join(tokens) == "streamed" and len(tokens) > 1
+
+
+def test_per_call_model_cannot_switch_an_injected_llm():
+    llm = ScriptedLLM(["a", "b"])
+    model = ChatAgentRT(llm=llm)
+    assert model.invoke("x", model="scripted").response_metadata["model_name"] == "scripted"
+    with pytest.raises(ValueError, match="serves one model"):
+        model.invoke("x", model="other-model")
