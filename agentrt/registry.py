@@ -101,6 +101,10 @@ class Tool:
     params: tuple[ParamInfo, ...] = ()
     _validator: Any = dataclasses.field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if self._validator is None:  # built directly (subclasses, adapters): validate the spec as given
+            self._validator = jsonschema.Draft202012Validator(self.spec.parameters)
+
     @classmethod
     def from_function(
         cls,
@@ -134,7 +138,8 @@ class Tool:
             params=fs.params,
             _validator=jsonschema.Draft202012Validator(fs.json_schema),
         )
-        functools.update_wrapper(result, fn, updated=())  # type: ignore[arg-type]
+        if hasattr(fn, "__name__"):  # plain functions: the Tool looks like the function it wraps
+            functools.update_wrapper(result, fn, updated=())  # type: ignore[arg-type]
         return result
 
     @property

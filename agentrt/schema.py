@@ -96,10 +96,22 @@ def _describe(doc: docstring_parser.Docstring) -> str:
     return "\n\n".join(parts)
 
 
+def _unpartial(fn: Callable[..., Any]) -> Callable[..., Any]:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+def _docstring(fn: Callable[..., Any]) -> str:
+    """The docstring of a function, or of a callable object's class or ``__call__``."""
+    doc = inspect.getdoc(fn)
+    if not doc and not (inspect.isfunction(fn) or inspect.ismethod(fn)) and hasattr(fn, "__call__"):
+        doc = inspect.getdoc(type(fn).__call__)
+    return doc or ""
+
+
 def _is_async(fn: Callable[..., Any]) -> bool:
-    target = fn
-    while isinstance(target, functools.partial):
-        target = target.func
+    target = _unpartial(fn)
     if inspect.iscoroutinefunction(target):
         return True
     call = getattr(target, "__call__", None)  # callable objects with an async __call__
@@ -131,7 +143,8 @@ def function_schema(
         ToolDefinitionError: listing every problem found (missing hints, unsupported
             types, ``*args``/``**kwargs``, bad names, undocumented docstring params...).
     """
-    tool_name = name or getattr(fn, "__name__", None) or type(fn).__name__
+    inner = _unpartial(fn)
+    tool_name = name or getattr(inner, "__name__", None) or type(inner).__name__
     problems: list[str] = []
     if not _NAME_RE.match(tool_name):
         problems.append(
@@ -144,7 +157,7 @@ def function_schema(
     hints, hint_problems = _resolve_hints(fn, signature, localns or {})
     problems.extend(hint_problems)
 
-    doc = docstring_parser.parse(inspect.getdoc(fn) or "")
+    doc = docstring_parser.parse(_docstring(inner))
     doc_params = {p.arg_name.lstrip("*"): (p.description or "").strip() for p in doc.params}
 
     fields: dict[str, Any] = {}

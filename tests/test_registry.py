@@ -401,3 +401,79 @@ async def test_pydantic_model_arguments_arrive_as_models() -> None:
     assert res.content == '{"city":"OSLO","temp_c":2.0}'
     bad = await r.call(call("report", w={"city": "oslo", "temp_c": 1}, note="too long"))
     assert bad.is_error and "note:" in bad.content
+
+
+# -- every kind of callable ------------------------------------------------------------------
+
+class _Service:
+    def __init__(self) -> None:
+        self.factor = 10
+
+    def scale(self, x: int) -> int:
+        """Scale x by the service's factor."""
+        return x * self.factor
+
+    async def ascale(self, x: int, ctx: RunContext) -> int:
+        """Scale x, asynchronously."""
+        return x * self.factor + ctx.step
+
+    @staticmethod
+    def identity(y: float) -> float:
+        """Return y."""
+        return y
+
+
+class _Echo:
+    def __call__(self, q: str) -> str:
+        """Echo q."""
+        return q
+
+
+class _AsyncEcho:
+    async def __call__(self, q: str) -> str:
+        """Echo q loudly."""
+        return q + "!"
+
+
+def _base_add(a: int, b: int) -> int:
+    """Add a and b."""
+    return a + b
+
+
+async def test_methods_callables_and_partials() -> None:
+    import functools
+
+    svc = _Service()
+    r = ToolRegistry()
+    r.register(svc.scale)
+    r.register(svc.ascale)
+    r.register(_Service.identity)
+    r.register(_Echo(), name="echo")
+    r.register(_AsyncEcho(), name="aecho")
+    r.register(functools.partial(_base_add, b=5), name="add5")
+    assert [(t.name, t.is_async) for t in r] == [
+        ("scale", False), ("ascale", True), ("identity", False), ("echo", False), ("aecho", True), ("add5", False)]
+    assert [t.description for t in r] == [
+        "Scale x by the service's factor.", "Scale x, asynchronously.", "Return y.", "Echo q.", "Echo q loudly.",
+        "Add a and b."]
+    assert r.get("add5").json_schema["properties"]["b"] == {"type": "integer", "default": 5}
+    cases = [("scale", {"x": 2}, "20"), ("ascale", {"x": 3}, "32"), ("identity", {"y": 1.5}, "1.5"),
+             ("echo", {"q": "hi"}, "hi"), ("aecho", {"q": "hi"}, "hi!"), ("add5", {"a": 1}, "6"),
+             ("add5", {"a": 1, "b": 2}, "3")]
+    for name, args, expected in cases:
+        res = await r.call(ToolCall(id="1", name=name, arguments=args), context=RunContext(step=2))
+        assert (res.is_error, res.content) == (False, expected), name
+
+
+async def test_tool_built_directly_validates_its_spec() -> None:
+    async def fn(**kwargs: Any) -> str:
+        return ",".join(sorted(kwargs))
+
+    spec = ToolSpec(name="raw", parameters={"type": "object", "properties": {"k": {"type": "integer"}},
+                                            "required": ["k"], "additionalProperties": False})
+    from pydantic import ConfigDict, create_model
+
+    t = Tool(name="raw", description="", spec=spec, args_model=create_model("RawArgs", __config__=ConfigDict(extra="allow")),
+             fn=fn, is_async=True)
+    with pytest.raises(ToolArgumentsError, match="'k' is a required property"):
+        t.parse_arguments({})
