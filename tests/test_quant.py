@@ -1,0 +1,95 @@
+"""engine/quant.py: weight-only int8/int4 linears on torch's CPU kernels, and quantize_."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _loader_util import tiny_llama  # noqa: E402
+
+from agentrt.engine.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_, quantized_bytes  # noqa: E402
+
+
+@pytest.mark.parametrize("n,k", [(960, 576), (192, 576), (576, 1536)])
+def test_int8_linear(n, k):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, bias=True)
+    q = Int8WeightOnlyLinear(lin.weight, lin.bias)
+    w = lin.weight.detach()
+    dq = q.dequantized_weight()
+    # symmetric per-row rounding: |error| <= half a step (row max / 127 / 2); the bf16 scale can
+    # make the row max overflow 127 by a hair, then it is clamped (0.6 steps)
+    assert ((dq - w).abs() <= w.abs().amax(1, keepdim=True) / 127 * 0.6).all()
+    assert ((dq - w).abs() <= w.abs().amax(1, keepdim=True) / 254 * 1.001).float().mean() > 0.999
+    x = torch.randn(2, 7, k)
+    y = q(x)
+    assert y.shape == (2, 7, n) and y.dtype == torch.float32
+    # the kernel multiplies by exactly the dequantized weight (up to bf16 activations)
+    ref = x @ dq.T + lin.bias
+    assert (y - ref).norm() / ref.norm() < 0.01
+    assert (y - lin(x)).norm() / lin(x).norm() < 0.02
+    assert q(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n,k,gs", [(960, 576, 32), (192, 576, 64), (576, 1536, 128)])
+def test_int4_linear(n, k, gs):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, bias=False)
+    q = Int4WeightOnlyLinear(lin.weight, None, group_size=gs)
+    w = lin.weight.detach()
+    dq = q.dequantized_weight()
+    # asymmetric per-group: |error| <= half a step ((max - min) / 15 / 2), plus bf16 scale rounding
+    g = w.reshape(n, k // gs, gs)
+    half_step = ((g.amax(-1) - g.amin(-1)) / 30)[..., None].expand_as(g).reshape(n, k)
+    assert ((dq - w).abs() <= half_step * 1.2).all()
+    x = torch.randn(5, k)
+    y = q(x)
+    ref = x @ dq.T
+    assert (y - ref).norm() / ref.norm() < 0.01
+    assert (y - lin(x)).norm() / lin(x).norm() < 0.12  # 4 bits on Gaussian weights: ~6% typical
+
+
+def test_int4_rejects_bad_group():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        Int4WeightOnlyLinear(torch.randn(64, 48), group_size=32)
+    with pytest.raises(ValueError, match="group_size=16"):
+        Int4WeightOnlyLinear(torch.randn(64, 64), group_size=16)
+
+
+def test_quantize_replaces_linears_but_lm_head():
+    model = tiny_llama(tie=False)
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    before = quantized_bytes(model)
+    quantize_(model, "int8")
+    assert isinstance(model.lm_head, nn.Linear)
+    assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 1
+    assert sum(isinstance(m, Int8WeightOnlyLinear) for m in model.modules()) == n_linear - 1
+    assert quantized_bytes(model) < before
+    quantize_(model, "int4", include_lm_head=True)  # already-quantized layers are left alone
+    assert isinstance(model.lm_head, Int4WeightOnlyLinear)
+
+
+def test_quantize_errors():
+    with pytest.raises(ValueError, match="'int3'"):
+        quantize_(nn.Sequential(nn.Linear(64, 64)), "int3")
+    with pytest.raises(ValueError, match=r"cannot quantize 0: .*in_features=48"):
+        quantize_(nn.Sequential(nn.Linear(48, 64)), "int4")
+    with pytest.raises(ValueError, match="meta"):
+        quantize_(nn.Sequential(nn.Linear(64, 64, device="meta")), "int8")
+
+
+@pytest.mark.parametrize("mode,min_agree", [("int8", 0.95), ("int4", 0.7)])
+def test_tiny_llama_accuracy(mode, min_agree):
+    """Teacher-forced top-1 agreement with the fp32 model on random tokens stays high."""
+    ref = tiny_llama(num_layers=2, seed=1)
+    q = quantize_(tiny_llama(num_layers=2, seed=1), mode)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids).logits, q(ids).logits
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert agree >= min_agree, agree
+    assert 0 < (a - b).abs().max().item() < a.abs().max().item()
