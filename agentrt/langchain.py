@@ -51,7 +51,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "agentrt.langchain needs langchain-core; install it with: pip install 'agentrt[langchain]'"
     ) from exc
 
-import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, create_model
 
 from agentrt.llm import LLM, Completion, GenerationParams
@@ -860,7 +859,7 @@ def from_langchain_tool(lc_tool: BaseTool, *, timeout_s: float | None = None) ->
     description = spec_fn.get("description") or lc_tool.description or ""
     args_model = lc_tool.tool_call_schema
     if not (isinstance(args_model, type) and issubclass(args_model, BaseModel)):
-        # A dict or pydantic-v1 schema: the JSON Schema validator below does the checking.
+        # A dict or pydantic-v1 schema: the Tool's JSON Schema validator does the checking.
         args_model = create_model(f"{lc_tool.name}_args", __config__=ConfigDict(extra="allow"))
 
     async def fn(**kwargs: Any) -> Any:
@@ -876,6 +875,5 @@ def from_langchain_tool(lc_tool: BaseTool, *, timeout_s: float | None = None) ->
         fn=fn,
         timeout_s=timeout_s,
         is_async=True,
-        _validator=jsonschema.Draft202012Validator(parameters),
         lc_tool=lc_tool,
     )
