@@ -298,8 +298,10 @@ def clean_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """Make a pydantic JSON Schema self-contained and grammar-friendly.
 
     Inlines every ``$ref`` (raising ``ValueError`` for recursive types, which a finite
-    grammar cannot inline), drops ``title`` keywords, closes objects that list
-    properties, and turns ``allOf: [one]`` wrappers into their one member.
+    grammar cannot inline), drops ``title`` keywords and ``uniqueItems`` (sets dedupe
+    on validation; a regex grammar cannot enforce it), closes objects that list
+    properties, turns ``allOf: [one]`` wrappers into their one member, and spells
+    ``Any`` out as an ``anyOf`` of every JSON type.
     """
     defs = schema.get("$defs", {})
 
@@ -321,7 +323,9 @@ def clean_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
             return target
         out: dict[str, Any] = {}
         for key, value in node.items():
-            if key in ("title", "$defs", "definitions"):
+            if key in ("title", "$defs", "definitions", "uniqueItems"):
+                # uniqueItems comes from set[...] parameters, which validation dedupes anyway;
+                # a regex grammar cannot enforce it, so it would only block compilation.
                 continue
             if key in _SCHEMA_MAPS and isinstance(value, dict):
                 out[key] = {name: resolve(sub, stack) for name, sub in value.items()}

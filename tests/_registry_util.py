@@ -35,3 +35,4 @@ def grammar_regex(schema: dict[str, Any]) -> str:
     from outlines_core.json_schema import build_regex_from_schema
 
     return build_regex_from_schema(json.dumps(schema), "")
+

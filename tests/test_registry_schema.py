@@ -223,6 +223,7 @@ def test_schema_is_grammar_friendly(name: str, tools: dict[str, Tool]) -> None:
     schema = tools[name].json_schema
     text = json.dumps(schema)
     assert "$ref" not in text and "$defs" not in text and '"title"' not in text
+    assert "uniqueItems" not in text  # a regex grammar cannot enforce it; sets dedupe on validation
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
@@ -334,3 +335,10 @@ def test_typing_typeddict_is_an_actionable_error() -> None:
 
     with pytest.raises(ToolDefinitionError, match="parameter 'x': unsupported type Old.*typing_extensions"):
         Tool.from_function(f)
+
+
+async def test_set_parameters_dedupe_instead_of_refusing(tools: dict[str, Tool]) -> None:
+    reg = ToolRegistry([tools["containers"]])
+    res = await reg.call(ToolCall(id="c", name="containers", arguments={
+        "ids": [1], "weights": {}, "pair": [0, ""], "tags": ["b", "a", "b"]}))
+    assert (res.is_error, res.content) == (False, "[1]|[]|(0, '')|['a', 'b']|None")
