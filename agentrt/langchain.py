@@ -327,14 +327,14 @@ def _retryable(exc: BaseException) -> bool:
     return True
 
 
+@dataclasses.dataclass
 class _Turn:
     """Everything one model call needs: the plan, the sampling params and the LLM."""
 
-    def __init__(self, plan: Any, params: GenerationParams, llm: LLM, model_name: str):
-        self.plan = plan
-        self.params = params
-        self.llm = llm
-        self.model_name = model_name
+    plan: Any  # agentrt.prompting.PromptPlan
+    params: GenerationParams
+    llm: LLM
+    model_name: str
 
 
 # --------------------------------------------------------------------------------------
@@ -353,8 +353,9 @@ class ChatAgentRT(BaseChatModel):
         llm.bind_tools([get_weather]).invoke("Weather in Paris?").tool_calls
 
     Tool-call arguments and structured outputs are constrained by a grammar compiled
-    from their JSON Schema, so they always parse and validate (unless cut off by
-    ``max_tokens``: then the call lands in ``invalid_tool_calls`` with the reason).
+    from their JSON Schema, so they always parse and validate, unless cut off by
+    ``max_tokens``: then ``finish_reason`` is "length" and the reason is given in
+    ``invalid_tool_calls`` (invoke) or ``response_metadata["parse_error"]`` (stream).
     """
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
