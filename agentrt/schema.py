@@ -37,7 +37,9 @@ __all__ = [
     "function_schema",
 ]
 
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+# OpenAI's rule for function names (so tools pass through /v1/chat/completions unchanged),
+# starting with a letter or '_' so every model reads it as an identifier.
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 
 
 class ToolDefinitionError(TypeError):
@@ -148,7 +150,7 @@ def function_schema(
     problems: list[str] = []
     if not _NAME_RE.match(tool_name):
         problems.append(
-            f"tool name {tool_name!r} must start with a letter or '_' and use only letters, digits, '_', '.', '-' (max 64)"
+            f"tool name {tool_name!r} must start with a letter or '_' and use only letters, digits, '_' and '-' (max 64)"
         )
     try:
         signature = inspect.signature(fn)
@@ -183,7 +185,8 @@ def function_schema(
             problems.append(f"parameter {pname!r}: names starting with '_' cannot be schema properties")
             continue
         try:
-            TypeAdapter(annotation).json_schema()
+            adapter = TypeAdapter(annotation)
+            adapter.json_schema()
         except Exception as exc:
             problems.append(
                 f"parameter {pname!r}: unsupported type {_type_name(annotation)} ({_first_sentence(exc)}); "
@@ -200,6 +203,11 @@ def function_schema(
         if not _annotated_description(annotation) and doc_params.get(pname):
             info_kwargs["description"] = doc_params[pname]
         default = ... if param.default is inspect.Parameter.empty else param.default
+        if default is not ... and not _default_fits(adapter, default):
+            fix = f"; annotate it Optional[{_type_name(annotation)}]" if default is None else ""
+            problems.append(f"parameter {pname!r}: its default {default!r} is not a valid "
+                            f"{_type_name(annotation)}{fix}")
+            continue
         fields[field_name] = (annotation, Field(default, **info_kwargs))
         params.append(ParamInfo(pname, field_name, param.kind is inspect.Parameter.POSITIONAL_ONLY))
 
@@ -268,6 +276,15 @@ def _resolve_hints(
 
 
 _UNRESOLVED = object()
+
+
+def _default_fits(adapter: TypeAdapter[Any], default: Any) -> bool:
+    """Whether a default passes validation (the model is shown it, and may repeat it)."""
+    try:
+        adapter.validate_python(default)
+        return True
+    except Exception:
+        return False
 
 
 def _first_sentence(exc: BaseException) -> str:

@@ -477,3 +477,26 @@ async def test_tool_built_directly_validates_its_spec() -> None:
              fn=fn, is_async=True)
     with pytest.raises(ToolArgumentsError, match="'k' is a required property"):
         t.parse_arguments({})
+
+
+def test_defaults_must_fit_their_type() -> None:
+    def f(a: int = None, b: str = 3, c: float = 1, d: list[int] = [1, 2]) -> None:  # type: ignore[assignment]
+        """F."""
+
+    with pytest.raises(ToolDefinitionError) as info:
+        Tool.from_function(f)
+    assert info.value.problems == [
+        "parameter 'a': its default None is not a valid int; annotate it Optional[int]",
+        "parameter 'b': its default 3 is not a valid str",
+    ]
+
+
+def test_names_follow_the_openai_rule() -> None:
+    def f() -> None:
+        """F."""
+
+    for bad in ("a.b", "1abc", "x" * 65, "name with space"):
+        with pytest.raises(ToolDefinitionError, match="must start with a letter"):
+            Tool.from_function(f, name=bad)
+    for good in ("get_weather", "get-weather", "_private", "A1"):
+        assert Tool.from_function(f, name=good).name == good
