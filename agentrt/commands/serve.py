@@ -1,0 +1,58 @@
+"""`agentrt serve`: the HTTP server (``/agent/run`` + the OpenAI-compatible API) on uvicorn.
+
+The model is loaded once when the server starts; every request shares it. Bind to
+127.0.0.1 (the default) unless the server is behind a proxy or has ``--api-key``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="HF folder, .safetensors or .gguf file (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the model's)")
+    parser.add_argument("--tools", action="append", metavar="MODULE:ATTR",
+                        help="tools /agent/run may run: a ToolRegistry, a @tool function or a list of them "
+                        "(repeatable); default: the built-in tools")
+    parser.add_argument("--api-key", action="append", metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' (repeatable; also $AGENTRT_API_KEYS, comma-separated)")
+    parser.add_argument("--max-concurrent", type=int, default=32, help="requests served at once (default 32)")
+    parser.add_argument("--max-queue", type=int, default=128,
+                        help="requests waiting beyond those; more get 429 + Retry-After (default 128)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """Keys from ``--api-key`` and ``$AGENTRT_API_KEYS``."""
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("AGENTRT_API_KEYS", "").split(",") if k.strip()]
+    return keys
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from agentrt.commands.run import load_tools
+    from agentrt.server import create_app
+
+    if not 0 < args.port < 65536:
+        print(f"agentrt serve: --port must be 1..65535, got {args.port}", file=sys.stderr)
+        return 2
+    if args.model and not os.path.exists(args.model):
+        print(f"agentrt serve: --model {args.model!r} does not exist", file=sys.stderr)
+        return 2
+    keys = api_keys(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        print(f"agentrt serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    app = create_app(
+        llm=None, registry=load_tools(args.tools), api_keys=keys, model=args.model, model_name=args.model_name,
+        max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
