@@ -160,7 +160,10 @@ def function_schema(
     problems.extend(hint_problems)
 
     doc = docstring_parser.parse(_docstring(inner))
-    doc_params = {p.arg_name.lstrip("*"): (p.description or "").strip() for p in doc.params}
+    doc_params: dict[str, str] = {}
+    for entry in doc.params:  # NumPy style may document several at once: "x, y : int"
+        for arg in entry.arg_name.split(","):
+            doc_params[arg.strip().lstrip("*")] = (entry.description or "").strip()
 
     fields: dict[str, Any] = {}
     params: list[ParamInfo] = []
@@ -211,8 +214,12 @@ def function_schema(
         fields[field_name] = (annotation, Field(default, **info_kwargs))
         params.append(ParamInfo(pname, field_name, param.kind is inspect.Parameter.POSITIONAL_ONLY))
 
+    try:  # a partial's docstring documents the wrapped function's parameters
+        documentable = set(inspect.signature(inner).parameters) | set(signature.parameters)
+    except (TypeError, ValueError):
+        documentable = set(signature.parameters)
     for documented in doc_params:
-        if documented not in signature.parameters:
+        if documented not in documentable:
             problems.append(f"the docstring documents {documented!r}, which is not a parameter")
 
     args_model: type[BaseModel] | None = None

@@ -342,3 +342,35 @@ async def test_set_parameters_dedupe_instead_of_refusing(tools: dict[str, Tool])
     res = await reg.call(ToolCall(id="c", name="containers", arguments={
         "ids": [1], "weights": {}, "pair": [0, ""], "tags": ["b", "a", "b"]}))
     assert (res.is_error, res.content) == (False, "[1]|[]|(0, '')|['a', 'b']|None")
+
+
+def test_numpy_params_documented_together() -> None:
+    def span(x: float, y: float) -> float:
+        """Distance from the origin.
+
+        Parameters
+        ----------
+        x, y : float
+            Coordinates in metres.
+        """
+        return (x * x + y * y) ** 0.5
+
+    props = Tool.from_function(span).json_schema["properties"]
+    assert props["x"]["description"] == props["y"]["description"] == "Coordinates in metres."
+
+
+def test_partial_keeps_the_wrapped_docstring() -> None:
+    import functools
+
+    def power(base: float, exponent: int) -> float:
+        """Raise base to a power.
+
+        Args:
+            base: The base.
+            exponent: The power.
+        """
+        return base**exponent
+
+    t = Tool.from_function(functools.partial(power, 2.0), name="two_to")
+    assert t.description == "Raise base to a power."
+    assert t.json_schema["properties"] == {"exponent": {"type": "integer", "description": "The power."}}
