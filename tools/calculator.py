@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
 from typing import Any, Callable
 
 from agentrt.registry import ToolRegistry
@@ -129,9 +130,16 @@ def _tidy(value: Any) -> int | float:
     return value
 
 
+# "x" between operands means times, except in a hex literal ("0x10": a lone 0 before x).
+_TIMES_X = re.compile(r"(?<=[\d)])(?:\s+[xX]\s+|(?<!\b0)\s*[xX]\s*)(?=[\d(])")
+
+
 def evaluate(expression: str) -> int | float:
     """Evaluate an arithmetic expression safely; raises :class:`CalculatorError`."""
-    text = expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/")
+    # Forgive what people and small models write: "12 x 7", "2^10", "3 × 4 =".
+    text = expression.strip().rstrip("=?").strip()
+    text = text.replace("^", "**").replace("×", "*").replace("÷", "/")
+    text = _TIMES_X.sub("*", text)
     if not text:
         raise CalculatorError("empty expression")
     if len(text) > MAX_EXPRESSION_CHARS:

@@ -12,7 +12,7 @@ import zoneinfo
 
 from agentrt.registry import ToolRegistry
 
-__all__ = ["add_to_date", "convert_time", "current_time", "date_difference", "get_zone", "weekday"]
+__all__ = ["add_to_date", "convert_time", "current_time", "date_difference", "get_zone", "resolve_zone", "weekday"]
 
 
 def _now() -> dt.datetime:
@@ -20,20 +20,32 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def get_zone(name: str) -> dt.tzinfo:
-    """The IANA time zone ``name`` ("UTC", "Europe/Paris"...); ValueError naming the fix."""
+def resolve_zone(name: str) -> tuple[dt.tzinfo, str]:
+    """The time zone ``name`` and its IANA name; ValueError naming the fix.
+
+    Besides IANA names ("Europe/Paris") a bare city that names exactly one zone
+    ("Tokyo", "new york") is accepted, as small models often write it that way.
+    """
     key = name.strip()
     if key.upper() in ("UTC", "Z", "GMT"):
-        return dt.timezone.utc
+        return dt.timezone.utc, "UTC"
     try:
-        return zoneinfo.ZoneInfo(key)
+        return zoneinfo.ZoneInfo(key), key
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        hint = ""
-        lowered = key.lower().replace(" ", "_")
-        matches = sorted(z for z in zoneinfo.available_timezones() if lowered in z.lower())[:5]
-        if matches:
-            hint = f"; did you mean {', '.join(matches)}?"
-        raise ValueError(f"unknown time zone {name!r}: use an IANA name like 'Europe/Paris' or 'UTC'{hint}") from None
+        pass
+    lowered = "_".join(key.lower().split())
+    zones = zoneinfo.available_timezones()
+    by_city = sorted(z for z in zones if z.lower().rsplit("/", 1)[-1] == lowered and "/" in z)
+    if len(by_city) == 1:
+        return zoneinfo.ZoneInfo(by_city[0]), by_city[0]
+    matches = by_city or sorted(z for z in zones if lowered and lowered in z.lower())
+    hint = f"; did you mean {', '.join(matches[:5])}?" if matches else ""
+    raise ValueError(f"unknown time zone {name!r}: use an IANA name like 'Europe/Paris' or 'UTC'{hint}")
+
+
+def get_zone(name: str) -> dt.tzinfo:
+    """The time zone called ``name`` (see :func:`resolve_zone`)."""
+    return resolve_zone(name)[0]
 
 
 def _describe(moment: dt.datetime, zone_name: str) -> dict[str, str]:
@@ -58,8 +70,8 @@ def current_time(timezone: str = "UTC") -> dict[str, str]:
     Args:
         timezone: IANA time zone name, e.g. "UTC", "Europe/Paris", "America/New_York".
     """
-    zone = get_zone(timezone)
-    return _describe(_now().astimezone(zone), timezone.strip())
+    zone, zone_name = resolve_zone(timezone)
+    return _describe(_now().astimezone(zone), zone_name)
 
 
 def _add_months(day: dt.date, months: int) -> dt.date:
@@ -126,6 +138,6 @@ def convert_time(time: dt.datetime, to_timezone: str, from_timezone: str = "UTC"
         from_timezone: IANA time zone the time is in.
     """
     source = get_zone(from_timezone)
-    target = get_zone(to_timezone)
+    target, target_name = resolve_zone(to_timezone)
     moment = time if time.tzinfo is not None else time.replace(tzinfo=source)
-    return _describe(moment.astimezone(target), to_timezone.strip())
+    return _describe(moment.astimezone(target), target_name)

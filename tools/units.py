@@ -66,7 +66,7 @@ _LINEAR: dict[str, dict[str, tuple[float, tuple[str, ...]]]] = {
     },
     "speed": {
         "m/s": (1.0, ("mps", "meters per second", "metres per second")),
-        "km/h": (1 / 3.6, ("kph", "kmh", "kilometers per hour", "kilometres per hour")),
+        "km/h": (1 / 3.6, ("kph", "kmh", "km/hr", "kilometers per hour", "kilometres per hour")),
         "mph": (0.44704, ("mi/h", "miles per hour")),
         "kn": (1852 / 3600, ("knot", "knots", "kt")),
         "ft/s": (0.3048, ("fps", "feet per second")),
@@ -90,7 +90,7 @@ _LINEAR: dict[str, dict[str, tuple[float, tuple[str, ...]]]] = {
 
 # Temperature is affine: (scale, offset) with kelvin = value * scale + offset.
 _TEMPERATURE: dict[str, tuple[float, float, tuple[str, ...]]] = {
-    "C": (1.0, 273.15, ("°C", "celsius", "degC", "centigrade")),
+    "C": (1.0, 273.15, ("°C", "celsius", "celcius", "degC", "centigrade")),
     "F": (5 / 9, 273.15 - 32 * 5 / 9, ("°F", "fahrenheit", "degF")),
     "K": (1.0, 0.0, ("kelvin", "kelvins")),
 }
