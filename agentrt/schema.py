@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import types
 import typing
 from typing import Any, Callable
 
@@ -75,9 +76,13 @@ class FunctionSchema:
 
 
 def _is_context(annotation: Any, context_types: tuple[type, ...]) -> bool:
-    """True for ``RunContext``, ``RunContext[Deps]`` and subclasses (also inside Annotated)."""
+    """True for ``RunContext``, ``RunContext[Deps]``, subclasses, ``Optional[...]`` of them
+    and any of these inside ``Annotated``."""
     if typing.get_origin(annotation) is typing.Annotated:
         annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return len(members) == 1 and _is_context(members[0], context_types)
     origin = typing.get_origin(annotation) or annotation
     return inspect.isclass(origin) and bool(context_types) and issubclass(origin, context_types)
 

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import anyio
 import pytest
@@ -278,6 +278,14 @@ async def test_context_is_injected_and_hidden_from_schema() -> None:
     def whoami(greeting: str, ctx: RunContext[Deps]) -> str:
         """Greet the current user."""
         return f"{greeting} {ctx.deps.user} (run {ctx.run_id}, step {ctx.step}, call {ctx.tool_call_id})"
+
+    @r.tool
+    def optional_ctx(x: int, ctx: Optional[RunContext[Deps]] = None) -> str:
+        """An optional context is still a context."""
+        return f"{x} {ctx.deps.user if ctx else None}"
+
+    assert list(r.get("optional_ctx").json_schema["properties"]) == ["x"]
+    assert (await r.call(call("optional_ctx", x=1), context=RunContext(deps=Deps("bo")))).content == "1 bo"
 
     @r.tool
     def no_ctx(ctx: RunContext) -> str:
