@@ -215,9 +215,9 @@ def _schema_error_message(err: jsonschema.ValidationError) -> str:
 
 def _caller_locals() -> dict[str, Any]:
     """The locals of the user's frame that defined the tool (the first frame outside
-    agentrt's registration code), to resolve string annotations of local types."""
+    agentrt, so ``Agent(llm, [fn])`` works too), to resolve string annotations of local types."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_globals.get("__name__") in ("agentrt.registry", "agentrt.schema"):
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("agentrt."):
         frame = frame.f_back
     return dict(frame.f_locals) if frame is not None else {}
 

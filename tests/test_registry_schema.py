@@ -374,3 +374,18 @@ def test_partial_keeps_the_wrapped_docstring() -> None:
     t = Tool.from_function(functools.partial(power, 2.0), name="two_to")
     assert t.description == "Raise base to a power."
     assert t.json_schema["properties"] == {"exponent": {"type": "integer", "description": "The power."}}
+
+
+def test_local_types_resolve_through_the_planner() -> None:
+    from agentrt.planner import Agent
+    from agentrt.testing import ScriptedLLM
+
+    class Query(BaseModel):
+        text: str
+
+    def lookup(q: Query) -> str:
+        """Look it up."""
+        return q.text
+
+    agent = Agent(ScriptedLLM([]), [lookup])
+    assert agent.registry.get("lookup").json_schema["properties"]["q"]["required"] == ["text"]
