@@ -24,7 +24,7 @@ import pydantic
 import pydantic_core
 from pydantic import BaseModel
 
-from agentrt.schema import FunctionSchema, ParamInfo, ToolDefinitionError, function_schema
+from agentrt.schema import FunctionSchema, ParamInfo, ToolDefinitionError, function_schema, name_problem
 from agentrt.types import ToolCall, ToolResult, ToolSpec
 
 __all__ = [
@@ -142,6 +142,41 @@ class Tool:
             functools.update_wrapper(result, fn, updated=())  # type: ignore[arg-type]
         return result
 
+    @classmethod
+    def from_json_schema(
+        cls,
+        name: str,
+        parameters: dict[str, Any],
+        fn: Callable[..., Any],
+        *,
+        description: str = "",
+        timeout_s: float | None = None,
+    ) -> "Tool":
+        """A tool described by a ready-made JSON Schema (an OpenAI function, a BFCL entry...).
+
+        ``fn`` receives the validated arguments as keyword arguments; the schema alone
+        validates them (there is no Python signature to derive a model from).
+        """
+        problems = [p for p in [name_problem(name)] if p]
+        try:
+            jsonschema.Draft202012Validator.check_schema(parameters)
+        except jsonschema.SchemaError as exc:
+            problems.append(f"parameters is not a valid JSON Schema: {exc.message}")
+        if not isinstance(parameters, dict) or parameters.get("type") != "object":
+            problems.append('parameters must be an object schema ({"type": "object", ...})')
+        if not callable(fn):
+            problems.append(f"fn must be callable, got {type(fn).__name__}")
+        if problems:
+            raise ToolDefinitionError(name, problems)
+        model = pydantic.create_model(
+            "".join(p.capitalize() for p in name.replace("-", "_").split("_") if p) + "Args",
+            __config__=pydantic.ConfigDict(extra="allow"),
+        )
+        params = tuple(ParamInfo(p, p, False) for p in parameters.get("properties", {}))
+        spec = ToolSpec(name=name, description=description, parameters=parameters)
+        return cls(name=name, description=description, spec=spec, args_model=model, fn=fn, timeout_s=timeout_s,
+                   is_async=inspect.iscoroutinefunction(fn), params=params)
+
     @property
     def json_schema(self) -> dict[str, Any]:
         """The JSON Schema of the arguments (the same dict as ``spec.parameters``)."""
@@ -181,8 +216,14 @@ class Tool:
         model = self.parse_arguments(arguments)
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
+        extra = model.model_extra or {}
         for p in self.params:
-            value = getattr(model, p.field_name)
+            if p.field_name in type(model).model_fields:
+                value = getattr(model, p.field_name)
+            elif p.field_name in extra:  # tools made from a bare JSON Schema
+                value = extra[p.field_name]
+            else:
+                continue  # an optional property the call left out: the function's own default
             if p.positional_only:
                 args.append(value)
             else:

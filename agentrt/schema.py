@@ -36,6 +36,7 @@ __all__ = [
     "ToolDefinitionError",
     "clean_json_schema",
     "function_schema",
+    "name_problem",
 ]
 
 # OpenAI's rule for function names (so tools pass through /v1/chat/completions unchanged),
@@ -73,6 +74,13 @@ class FunctionSchema:
     params: tuple[ParamInfo, ...]
     context_param: str | None  # the injected RunContext parameter, if any
     is_async: bool
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a tool name, or None when it can."""
+    if isinstance(name, str) and _NAME_RE.match(name):
+        return None
+    return f"tool name {name!r} must start with a letter or '_' and use only letters, digits, '_' and '-' (max 64)"
 
 
 def _is_context(annotation: Any, context_types: tuple[type, ...]) -> bool:
@@ -152,11 +160,7 @@ def function_schema(
     """
     inner = _unpartial(fn)
     tool_name = name or getattr(inner, "__name__", None) or type(inner).__name__
-    problems: list[str] = []
-    if not _NAME_RE.match(tool_name):
-        problems.append(
-            f"tool name {tool_name!r} must start with a letter or '_' and use only letters, digits, '_' and '-' (max 64)"
-        )
+    problems: list[str] = [p for p in [name_problem(tool_name)] if p]
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:

@@ -508,3 +508,22 @@ def test_names_follow_the_openai_rule() -> None:
             Tool.from_function(f, name=bad)
     for good in ("get_weather", "get-weather", "_private", "A1"):
         assert Tool.from_function(f, name=good).name == good
+
+
+async def test_tool_from_json_schema() -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+              "required": ["city"], "additionalProperties": False}
+
+    def forecast(city: str, days: int = 1) -> dict:
+        return {"city": city, "days": days}
+
+    t = Tool.from_json_schema("forecast", schema, forecast, description="Forecast.", timeout_s=2)
+    assert t.spec == ToolSpec(name="forecast", description="Forecast.", parameters=schema)
+    r = ToolRegistry([t])
+    assert (await r.call(call("forecast", city="Oslo"))).content == '{"city":"Oslo","days":1}'
+    assert (await r.call(call("forecast", city="Oslo", days=3))).content == '{"city":"Oslo","days":3}'
+    bad = await r.call(call("forecast", days="x"))
+    assert bad.is_error and "'city' is a required property" in bad.content and "days: 'x'" in bad.content
+    with pytest.raises(ToolDefinitionError) as info:
+        Tool.from_json_schema("bad name", {"type": "array", "items": 3}, forecast)
+    assert len(info.value.problems) == 3
