@@ -355,7 +355,13 @@ def clean_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
             target.update({k: resolve(v, stack) for k, v in node.items()})  # siblings (description) win
             return target
         out: dict[str, Any] = {}
+        if "discriminator" in node and "oneOf" in node:
+            # pydantic's discriminated union: the branches differ in a const tag, so they are
+            # exclusive and anyOf says the same thing in the form every grammar supports.
+            node["anyOf"] = node.pop("oneOf")
         for key, value in node.items():
+            if key == "discriminator":  # an OpenAPI annotation whose mapping points into $defs
+                continue
             if key in ("title", "$defs", "definitions", "uniqueItems"):
                 # uniqueItems comes from set[...] parameters, which validation dedupes anyway;
                 # a regex grammar cannot enforce it, so it would only block compilation.

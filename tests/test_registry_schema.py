@@ -63,6 +63,21 @@ class Filter(TypedDict):
     op: NotRequired[Literal["eq", "ne", "gt", "lt"]]
 
 
+class Cat(BaseModel):
+    kind: Literal["cat"]
+    lives: int = 9
+
+
+class Dog(BaseModel):
+    kind: Literal["dog"]
+    good: bool = True
+
+
+def discriminated(pet: Annotated[Cat | Dog, Field(discriminator="kind")], friend: Cat | Dog | None = None) -> str:
+    """Unions of models, tagged (pydantic's discriminator) and plain."""
+    return f"{type(pet).__name__}|{type(friend).__name__}"
+
+
 def scalars(text: str, count: int, ratio: float, flag: bool, label: str = "x", limit: int = 10) -> str:
     """Scalars of every JSON type, some with defaults."""
     return f"{text}|{count}|{ratio}|{flag}|{label}|{limit}"
@@ -203,6 +218,7 @@ CASES: dict[str, tuple[Callable[..., Any], dict[str, Any], str]] = {
     "numpy_style": (numpy_style, {"city": "Paris", "days": 1}, "Paris|1"),
     "sphinx_style": (sphinx_style, {"city": "Paris"}, "Paris|3"),
     "async_tool": (async_tool, {"query": "q", "top_k": 2}, '["q","q"]'),
+    "discriminated": (discriminated, {"pet": {"kind": "dog"}, "friend": {"kind": "cat", "lives": 3}}, "Dog|Cat"),
 }
 
 
@@ -224,6 +240,7 @@ def test_schema_is_grammar_friendly(name: str, tools: dict[str, Tool]) -> None:
     text = json.dumps(schema)
     assert "$ref" not in text and "$defs" not in text and '"title"' not in text
     assert "uniqueItems" not in text  # a regex grammar cannot enforce it; sets dedupe on validation
+    assert "discriminator" not in text and "oneOf" not in text
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
