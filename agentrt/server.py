@@ -94,6 +94,27 @@ def _known_llm_error(exc: BaseException) -> APIError | None:
     if ContextOverflowError is not None and isinstance(exc, ContextOverflowError):
         return APIError(400, f"{exc}. Shorten the messages or lower max_tokens.",
                         param="messages", code="context_length_exceeded")
+    return _remote_error(exc)
+
+
+def _remote_error(exc: BaseException) -> APIError | None:
+    """Errors of a `RemoteLLM` backend (``serve --remote-url``): the upstream's verdict on
+    the request passes through; its own failures are a 502."""
+    import openai
+
+    if isinstance(exc, openai.APIStatusError):
+        err = (exc.body or {}).get("error", exc.body) if isinstance(exc.body, dict) else None
+        message = err.get("message") if isinstance(err, dict) else None
+        text = f"the model server refused the request: {message or exc}"
+        if exc.status_code in (400, 404, 413, 422):
+            code = err.get("code") if isinstance(err, dict) else None
+            return APIError(400, text, param=err.get("param") if isinstance(err, dict) else None, code=code)
+        if exc.status_code == 429:
+            return APIError(429, text, type="rate_limit_error", code="upstream_busy", headers={"Retry-After": "1"})
+        return APIError(502, text, type="server_error", code="upstream_error")
+    if isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError)):
+        return APIError(502, f"the model server could not be reached: {exc}", type="server_error",
+                        code="upstream_unreachable")
     return None
 
 

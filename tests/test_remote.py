@@ -75,3 +75,24 @@ def test_base_url_normalised():
     assert _normalise_base_url("https://proxy/openai/v1") == "https://proxy/openai/v1"
     with pytest.raises(ValueError, match="http"):
         _normalise_base_url("h:8000")
+
+
+def test_server_in_front_of_a_remote_passes_its_errors_through(served):
+    """``agentrt serve --remote-url``: a server whose LLM is a RemoteLLM (scale-out front)."""
+    from fastapi.testclient import TestClient
+
+    backend, url = served
+    backend._replies[:] = [{"calls": [{"tool": "add", "arguments": {"a": 1, "b": 1}}]}, {"answer": "2"}]
+    front = create_app(llm=RemoteLLM(url, api_key="k1"), registry=make_registry())
+    with TestClient(front) as c:
+        body = c.post("/agent/run", json={"task": "1+1?", "tools": ["add"]}).json()
+        assert body["status"] == "completed" and body["answer"] == "2"
+        assert body["steps"][0]["results"][0]["content"] == "2"
+    bad_key = create_app(llm=RemoteLLM(url, model="m", api_key="wrong", max_retries=0), registry=make_registry())
+    with TestClient(bad_key) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
+    gone = create_app(llm=RemoteLLM("http://127.0.0.1:9", model="m", max_retries=0), registry=make_registry())
+    with TestClient(gone) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"

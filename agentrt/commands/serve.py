@@ -15,6 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--model", default=None, metavar="PATH",
                         help="HF folder, .safetensors or .gguf file (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--remote-url", default=None, metavar="URL",
+                        help="generate on this OpenAI-compatible server (vLLM, SGLang, another agentrt) "
+                        "instead of a local model; tools and the planner stay here")
+    parser.add_argument("--remote-api-key", default=None, help="API key of --remote-url (default $OPENAI_API_KEY)")
     parser.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the model's)")
     parser.add_argument("--tools", action="append", metavar="MODULE:ATTR",
                         help="tools /agent/run may run: a ToolRegistry, a @tool function or a list of them "
@@ -44,14 +48,22 @@ def main(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         print(f"agentrt serve: --port must be 1..65535, got {args.port}", file=sys.stderr)
         return 2
+    if args.model and args.remote_url:
+        print("agentrt serve: give --model or --remote-url, not both", file=sys.stderr)
+        return 2
     if args.model and not os.path.exists(args.model):
         print(f"agentrt serve: --model {args.model!r} does not exist", file=sys.stderr)
         return 2
     keys = api_keys(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         print(f"agentrt serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    llm = None
+    if args.remote_url:
+        from agentrt.remote import RemoteLLM
+
+        llm = RemoteLLM(args.remote_url, model=args.model_name, api_key=args.remote_api_key)
     app = create_app(
-        llm=None, registry=load_tools(args.tools), api_keys=keys, model=args.model, model_name=args.model_name,
+        llm=llm, registry=load_tools(args.tools), api_keys=keys, model=args.model, model_name=args.model_name,
         max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
