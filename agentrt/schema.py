@@ -323,6 +323,10 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_SINGLE = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
 
 
+# String formats that grammar backends (outlines-core and agentrt's own) can enforce;
+# other formats are dropped from the schema rather than left to block compilation.
+GRAMMAR_FORMATS = frozenset({"date", "time", "date-time", "uuid", "email"})
+
 _SHAPE_KEYS = ("type", "enum", "const", "anyOf", "oneOf", "allOf", "not", "properties", "items", "prefixItems",
                "additionalProperties", "$ref")
 
@@ -333,8 +337,9 @@ def clean_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     Inlines every ``$ref`` (raising ``ValueError`` for recursive types, which a finite
     grammar cannot inline), drops ``title`` keywords and ``uniqueItems`` (sets dedupe
     on validation; a regex grammar cannot enforce it), closes objects that list
-    properties, turns ``allOf: [one]`` wrappers into their one member, and spells
-    ``Any`` out as an ``anyOf`` of every JSON type.
+    properties, turns ``allOf: [one]`` wrappers into their one member, spells
+    ``Any`` out as an ``anyOf`` of every JSON type, and keeps only the string formats
+    in :data:`GRAMMAR_FORMATS`.
     """
     defs = schema.get("$defs", {})
 
@@ -362,6 +367,8 @@ def clean_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
         for key, value in node.items():
             if key == "discriminator":  # an OpenAPI annotation whose mapping points into $defs
                 continue
+            if key == "format" and value not in GRAMMAR_FORMATS:
+                continue  # e.g. path, binary, duration, uri: pydantic still validates the value
             if key in ("title", "$defs", "definitions", "uniqueItems"):
                 # uniqueItems comes from set[...] parameters, which validation dedupes anyway;
                 # a regex grammar cannot enforce it, so it would only block compilation.

@@ -12,7 +12,9 @@ import dataclasses
 import datetime as dt
 import enum
 import json
+import pathlib
 import re
+import uuid
 from typing import Annotated, Any, Callable, Literal, Optional
 
 import pytest
@@ -406,3 +408,23 @@ def test_local_types_resolve_through_the_planner() -> None:
 
     agent = Agent(ScriptedLLM([]), [lookup])
     assert agent.registry.get("lookup").json_schema["properties"]["q"]["required"] == ["text"]
+
+
+@pytest.mark.parametrize(
+    ("annotation", "expected"),
+    [
+        (pathlib.Path, {"type": "string"}),
+        (bytes, {"type": "string"}),
+        (dt.timedelta, {"type": "string"}),
+        (uuid.UUID, {"type": "string", "format": "uuid"}),
+        (dt.time, {"type": "string", "format": "time"}),
+    ],
+)
+def test_only_enforceable_formats_are_kept(annotation: Any, expected: dict) -> None:
+    def f(x) -> None:  # type: ignore[no-untyped-def]
+        """F."""
+
+    f.__annotations__ = {"x": annotation}
+    schema = Tool.from_function(f).json_schema
+    assert schema["properties"]["x"] == expected
+    grammar_regex(schema)  # compiles
