@@ -728,6 +728,10 @@ def create_app(
         err.headers = dict(exc.headers or {})
         return err.response()
 
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         err = _known_llm_error(exc)
@@ -778,7 +782,8 @@ def _add_routes(app: FastAPI) -> None:
         return {"tools": [s.model_dump() for s in state.registry.specs()]}
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(req: ChatCompletionRequest, state: ServerState = Depends(get_state)) -> Any:
+    async def chat_completions(req: ChatCompletionRequest, request: Request,
+                               state: ServerState = Depends(get_state)) -> Any:
         """OpenAI-compatible chat completions with grammar-constrained tool calls."""
         plan = chat_plan(req)
         params = generation_params(state.llm, plan, req.max_completion_tokens or req.max_tokens,
@@ -800,7 +805,7 @@ def _add_routes(app: FastAPI) -> None:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(_finish_stream, stream, ticket))
         try:
-            completion = await _drain(stream, first)
+            completion = await _unless_disconnected(request, lambda: _drain(stream, first))
         finally:
             await _close(stream)
             ticket.release()
@@ -811,7 +816,7 @@ def _add_routes(app: FastAPI) -> None:
                 "usage": _usage_json(completion.usage)}
 
     @app.post("/agent/run", dependencies=auth)
-    async def agent_run(req: AgentRunRequest, state: ServerState = Depends(get_state)) -> Any:
+    async def agent_run(req: AgentRunRequest, request: Request, state: ServerState = Depends(get_state)) -> Any:
         """Run an agent on the server's tools: the answer and the full step trace
         (or, with ``stream: true``, Server-Sent Events as the run goes)."""
         agent, task = await build_agent(state, req)
@@ -821,11 +826,34 @@ def _add_routes(app: FastAPI) -> None:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(ticket.release))
         try:
-            result = await agent.run(task)
+            result = await _unless_disconnected(request, lambda: agent.run(task))
         finally:
             ticket.release()
         _observe_run(state.metrics, result)
         return _result_json(state, result)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its (non-streamed) answer was ready."""
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Await ``work()``, cancelling it if the client disconnects first (so an abandoned
+    request stops generating and frees its KV blocks instead of running to the end)."""
+    result: list[Any] = []
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await anyio.sleep(0.25)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        result.append(await work())
+        tg.cancel_scope.cancel()
+    if not result:
+        raise ClientDisconnected
+    return result[0]
 
 
 async def _drain(stream: AsyncIterator[CompletionChunk], first: CompletionChunk | None) -> Completion:

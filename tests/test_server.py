@@ -334,3 +334,16 @@ def test_agent_run_bad_requests():
         assert_error(c.post("/agent/run", json={"task": "x", "tool_choice": "shell"}), 400, "shell")
         assert_error(c.post("/agent/run", json={"task": "x", "max_steps": 0}), 400, "max_steps")
         assert_error(c.post("/agent/run", json={"task": "x", "output_schema": {"type": "nope"}}), 400, "output_schema")
+
+
+def test_disconnect_cancels_a_non_streamed_request():
+    llm = SlowLLM(delay_s=0.05)
+    app = create_app(llm=llm, registry=make_registry())
+    with live_server(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json={"messages": USER}, timeout=0.6)
+        for _ in range(100):
+            if llm.closed_early and app.state.agentrt.queue.running == 0:
+                break
+            anyio.run(anyio.sleep, 0.05)
+    assert llm.started == 1 and llm.closed_early == 1 and llm.finished == 0
