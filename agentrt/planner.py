@@ -74,6 +74,9 @@ class Agent:
         params: generation settings of each turn (default greedy, 256 new tokens).
         max_retries: consecutive unusable turns (unparsable, invalid answer) tolerated;
             each is fed back to the model with the error.
+        repeat_guard: when every call of a turn repeats an earlier call (same tool, same
+            arguments), don't run it again: tell the model so and ask for the final answer
+            in the next step (small models otherwise loop on the same call).
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class Agent:
         params: GenerationParams | None = None,
         max_retries: int = 2,
         reset_tool_choice: bool = True,
+        repeat_guard: bool = True,
     ):
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -113,6 +117,7 @@ class Agent:
         self.params = params or DEFAULT_PARAMS
         self.max_retries = max_retries
         self.reset_tool_choice = reset_tool_choice
+        self.repeat_guard = repeat_guard
         if not callable(tool_choice):  # validate now rather than at the first step
             plan_turn([], self.registry.specs(), tool_choice, parallel_tool_calls, self.output_schema)
 
@@ -158,6 +163,8 @@ class _Run:
         self.usage = Usage()
         self.tool_choice = agent.tool_choice
         self.failures = 0  # consecutive unusable turns
+        self.seen_calls: set[tuple[str, str]] = set()
+        self.next_choice: ToolChoice | None = None  # a one-step override (repeat guard)
 
     def _initial_messages(self, task: str | list[Message]) -> list[Message]:
         if isinstance(task, str):
@@ -238,6 +245,8 @@ class _Run:
                     raise _Stop("cancelled", "cancelled before step %d" % index)
                 params = self._params()
                 choice = self.tool_choice(index) if callable(self.tool_choice) else self.tool_choice
+                if self.next_choice is not None:
+                    choice, self.next_choice = self.next_choice, None
                 plan = plan_turn(self.messages, specs, choice, agent.parallel_tool_calls, agent.output_schema)
                 yield StepStarted(run_id=self.run_id, step=index)
                 t0 = time.perf_counter()
@@ -275,7 +284,22 @@ class _Run:
                     continue
                 self.failures = 0
                 assert turn is not None
+                keys = [(c.name, compact_json(c.arguments)) for c in turn.tool_calls]
+                if turn.tool_calls and agent.repeat_guard and all(k in self.seen_calls for k in keys):
+                    names = ", ".join(dict.fromkeys(c.name for c in turn.tool_calls))
+                    step.error = f"repeated call(s) of {names} with the same arguments: not run again"
+                    self.messages.append(Message(role="assistant", content=completion.text))
+                    self.messages.append(Message(
+                        role="user",
+                        content=f"You already called {names} with these arguments; the results are above. "
+                        "Give the final answer now.",
+                    ))
+                    self.next_choice = "answer"
+                    step.duration_s = time.perf_counter() - t0
+                    yield StepFinished(run_id=self.run_id, step=step)
+                    continue
                 if turn.tool_calls:
+                    self.seen_calls.update(keys)
                     self.messages.append(Message(role="assistant", content=completion.text, tool_calls=turn.tool_calls))
                     step.calls = turn.tool_calls
                     for call in turn.tool_calls:

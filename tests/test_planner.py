@@ -319,3 +319,18 @@ async def test_a_failing_model_call_ends_the_run_with_its_error():
     result = await Agent(ScriptedLLM([boom]), make_registry()).run("go")
     assert result.status == "error"
     assert "RuntimeError: engine on fire" in result.error
+
+
+async def test_repeated_calls_are_not_rerun_and_the_answer_is_asked_for():
+    same = calls(("add", {"a": 1, "b": 1}))
+    llm = ScriptedLLM([same, same, answer("2")])
+    result = await Agent(llm, make_registry()).run("go")
+    assert result.status == "completed" and result.answer == "2"
+    assert len(result.steps[0].results) == 1 and result.steps[1].results == []
+    assert "repeated call" in result.steps[1].error
+    assert llm.calls[2][0][-1]["content"].endswith("Give the final answer now.")
+    assert "calls" not in json.dumps(llm.calls[2][1])  # the next step may only answer
+    # without the guard the repeat runs again
+    llm = ScriptedLLM([same, same, answer("2")])
+    result = await Agent(llm, make_registry(), repeat_guard=False).run("go")
+    assert len(result.steps[1].results) == 1
