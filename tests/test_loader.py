@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from agentrt.engine.loader import (
+sys.path.insert(0, str(Path(__file__).parent))
+from _loader_util import llamacpp_permute, tiny_tokenizer, write_tiny_gguf, write_tiny_hf_folder  # noqa: E402
+
+from agentrt import cli  # noqa: E402
+from agentrt.engine.loader import (  # noqa: E402
     LoadedModel,
     ModelNotFoundError,
     UnsupportedModelError,
@@ -18,7 +24,6 @@ from agentrt.engine.loader import (
     load_model,
     unpermute_qk,
 )
-from _loader_util import llamacpp_permute, tiny_tokenizer, write_tiny_gguf, write_tiny_hf_folder
 
 CONFIG_KEYS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
@@ -197,3 +202,37 @@ def ref_tok(path):
 
         _REF_TOK[path] = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return _REF_TOK[path]
+
+
+# ---- `agentrt bench engine --quick --json` smoke test (on a tiny random Llama: the JSON has every section
+# and positive figures; the numbers themselves are machine-dependent and not asserted)
+
+
+@pytest.mark.e2e
+def test_bench_engine_quick_json(tmp_path, capsys):
+    write_tiny_hf_folder(tmp_path / "tiny")
+    rc = cli.main(["bench", "engine", "--quick", "--json", "--model", str(tmp_path / "tiny"), "--threads", "1",
+                   "--settings", "fp32,int8", "--requests", "40"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    speed = {(r["impl"], r["setting"]): r for r in rep["speed"]}
+    assert {("agentrt", "fp32"), ("agentrt", "int8"), ("transformers", "bf16")} <= set(speed)
+    for r in rep["speed"]:
+        assert r["decode_ms_per_token"] > 0 and r["prefill_tokens_per_s"] > 0 and r["weight_bytes"] > 0
+        assert r["floor_ms_per_token"] > 0
+    assert rep["skipped"]["llama.cpp"] == "the model is not a GGUF file"
+    pc = rep["prefix_cache"]
+    assert pc["ttft_cached_s"] > 0 and pc["ttft_uncached_s"] > 0
+    assert 0 < pc["cached_tokens_reported"] <= pc["shared_prefix_tokens"]
+    assert rep["batching"]["tokens_per_s_1"] > 0 and rep["batching"]["tokens_per_s_8"] > 0
+    (acc,) = rep["accuracy"]
+    assert acc["setting"] == "int8" and 0 < acc["max_abs_logit_diff"] and 0 <= acc["top1_agreement"] <= 1
+    assert rep["memory"]["requests"] == 40 and rep["memory"]["kv_blocks_referenced_after"] == 0
+    assert rep["memory"]["peak_rss_mb_total"] > 0
+    assert rep["targets"]["decode_speedup_vs_transformers"] > 0
+
+
+def test_bench_engine_rejects_unknown_setting(tmp_path):
+    write_tiny_hf_folder(tmp_path / "tiny")
+    with pytest.raises(SystemExit, match="fp8"):
+        cli.main(["bench", "engine", "--quick", "--model", str(tmp_path / "tiny"), "--settings", "fp8"])
