@@ -236,3 +236,15 @@ def test_bench_engine_rejects_unknown_setting(tmp_path):
     write_tiny_hf_folder(tmp_path / "tiny")
     with pytest.raises(SystemExit, match="fp8"):
         cli.main(["bench", "engine", "--quick", "--model", str(tmp_path / "tiny"), "--settings", "fp8"])
+
+
+def test_pull_converts_and_reports(tmp_path, capsys):
+    model = write_tiny_hf_folder(tmp_path / "hf")
+    gguf_path = write_tiny_gguf(tmp_path / "t.gguf", model, tiny_tokenizer())
+    assert cli.main(["pull", str(gguf_path), "--cache-dir", str(tmp_path / "c"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert Path(info["converted_to"]).parent == tmp_path / "c"
+    assert (Path(info["converted_to"]) / "model.safetensors").is_file()
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())  # tied: counted once
+    assert cli.main(["pull", str(tmp_path / "missing.gguf")]) == 1
+    assert "missing.gguf" in capsys.readouterr().err
