@@ -4,8 +4,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _QUANT = (None, "int8", "int4")
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read(1 << 16)
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass
@@ -18,13 +27,16 @@ class EngineConfig:
     max_num_batched_tokens: the most tokens one step computes (so a long prompt is prefilled in chunks
       of at most this many tokens while other requests keep decoding).
     max_model_len: context window; None = the model's ``max_position_embeddings`` (capped at 8192).
+    dtype: "auto" = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else float32
+      (without native bf16 the CPU matmuls run several times slower in bf16 than in fp32).
+    quantization: weight-only int8/int4 for the decoder layers' linears (the lm_head gets int8).
     compile: wrap the model's forward in ``torch.compile`` (slow first steps; off by default).
     num_threads: torch intra-op threads (None = leave torch's setting alone).
     """
 
     model: str | None = None
     device: str = "cpu"
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     quantization: Literal["int8", "int4"] | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -34,6 +46,14 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     compile: bool = False
     num_threads: int | None = None
+
+    def resolved_dtype(self) -> str:
+        """The concrete dtype name ("auto" resolved for ``device``)."""
+        if self.dtype != "auto":
+            return self.dtype
+        if str(self.device).startswith("cuda"):
+            return "bfloat16"
+        return "bfloat16" if _cpu_has_native_bf16() else "float32"
 
     def __post_init__(self) -> None:
         problems = []

@@ -88,16 +88,18 @@ class LLMEngine:
         self.eos_token_ids: list[int] = list(loaded.eos_token_ids)
         self.model_name: str = loaded.name
         self.device = torch.device(config.device)
-        self.dtype = _DTYPES[config.dtype]
+        self.dtype = _DTYPES[config.resolved_dtype()]
         hf_max = int(loaded.config.get("max_position_embeddings") or _DEFAULT_MAX_LEN_CAP)
         self.max_model_len: int = config.max_model_len or min(hf_max, _DEFAULT_MAX_LEN_CAP)
 
         self.model = LlamaModel.from_weights(loaded.config, loaded.weights, self.dtype, self.device,
                                              max_len=self.max_model_len)
         if config.quantization is not None:
-            from .quant import quantize_
+            from .quant import Int8WeightOnlyLinear, quantize_
 
-            quantize_(self.model, config.quantization)
+            quantize_(self.model, config.quantization)  # the decoder layers
+            # the lm_head is a fifth of the weight bytes of a small model: int8 per-row keeps its logits close
+            self.model.lm_head = Int8WeightOnlyLinear(self.model.lm_head.weight, None)
         a = self.model.args
         self.vocab_size: int = a.vocab_size
 

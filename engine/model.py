@@ -91,6 +91,15 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return inv.float()
 
 
+def _interleave_heads(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Reorder each head's rows from HF's rotate-half pairs (i, i + hd/2) to adjacent pairs
+    (2i, 2i + 1), so RoPE is a complex multiply. q and k get the same order, so q.k is unchanged."""
+    half = head_dim // 2
+    perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)  # [hd]
+    shape = w.shape
+    return w.reshape(-1, head_dim, *shape[1:])[:, perm].reshape(shape)
+
+
 @dataclass
 class AttnMetadata:
     """Where a step's tokens write their K/V and what each query attends to.
@@ -155,11 +164,14 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(model.layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
-            layer.qkv_proj.weight = param(torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"),
-                                                     w(a + "v_proj.weight")]))
+            # q/k rows go to the interleaved RoPE layout (see _interleave_heads); v stays as is
+            q, k = (_interleave_heads(w(a + "q_proj.weight"), args.head_dim),
+                    _interleave_heads(w(a + "k_proj.weight"), args.head_dim))
+            layer.qkv_proj.weight = param(torch.cat([q, k, w(a + "v_proj.weight")]))
             if args.attention_bias:
-                layer.qkv_proj.bias = param(torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"),
-                                                       w(a + "v_proj.bias")]))
+                qb, kb = (_interleave_heads(w(a + "q_proj.bias"), args.head_dim),
+                          _interleave_heads(w(a + "k_proj.bias"), args.head_dim))
+                layer.qkv_proj.bias = param(torch.cat([qb, kb, w(a + "v_proj.bias")]))
             layer.o_proj.weight = param(w(a + "o_proj.weight"))
             layer.gate_up_proj.weight = param(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]))
             layer.down_proj.weight = param(w(p + "mlp.down_proj.weight"))
@@ -174,9 +186,8 @@ class LlamaModel(nn.Module):
         n = max_len or args.max_position_embeddings
         inv = rope_inv_freq(args)
         freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # [n, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [n, hd] (HF rotate_half layout)
-        model.register_buffer("rope_cos", emb.cos().to(device=device, dtype=dtype), persistent=False)
-        model.register_buffer("rope_sin", emb.sin().to(device=device, dtype=dtype), persistent=False)
+        model.register_buffer("rope_cis", torch.polar(torch.ones_like(freqs), freqs).to(device),
+                              persistent=False)  # [n, hd/2] complex64
         return model.eval()
 
     # ---- forward --------------------------------------------------------------------------------
@@ -188,16 +199,18 @@ class LlamaModel(nn.Module):
         T = input_ids.shape[0]
         nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
         x = self.embed_tokens(input_ids)  # [T, H]
-        cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, hd]
-        sin = self.rope_sin[positions].unsqueeze(1)
-        half = hd // 2
+        cis = self.rope_cis[positions].unsqueeze(1)  # [T, 1, hd/2] complex
+        fp32 = x.dtype == torch.float32
         hsz = (a.hidden_size,)
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, hsz, layer.input_layernorm, self._eps)
             qkv = layer.qkv_proj(h)  # [T, (nh + 2 nkv) hd]
-            qk = qkv[:, : self._qk_dim].view(T, nh + nkv, hd)
-            rot = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
-            qk = qk * cos + rot * sin  # RoPE on q and k at once
+            qk = qkv[:, : self._qk_dim]
+            if not fp32:
+                qk = qk.float()
+            # RoPE on q and k at once, as one complex multiply (rows are in interleaved pair order)
+            qk = torch.view_as_real(torch.view_as_complex(qk.view(T, nh + nkv, hd // 2, 2)) * cis)
+            qk = qk.flatten(2) if fp32 else qk.flatten(2).to(x.dtype)  # [T, nh + nkv, hd]
             q, k = qk[:, :nh], qk[:, nh:]  # [T, nh, hd], [T, nkv, hd]
             v = qkv[:, self._qk_dim:].view(T, nkv, hd)
             kc, vc = k_cache[i], v_cache[i]
