@@ -96,6 +96,8 @@ def test_files_under_the_root(tmp_path: Path) -> None:
     assert len(load_records("people.csv", box)) == 4
     assert len(load_records("people.json", box)) == 3
     assert load_records("people.tsv", box)[1]["city"] == "Rome"
+    (tmp_path / "excel.csv").write_bytes("\ufeffname,n\nA,1\n".encode())
+    assert load_records("excel.csv", box) == [{"name": "A", "n": 1}]
     with pytest.raises(FileNotFoundError, match="no file 'nope.csv'"):
         load_records("nope.csv", box)
     with pytest.raises(PermissionError, match="not allowed"):

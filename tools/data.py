@@ -74,7 +74,7 @@ def _parse_json(text: str, lines: bool = False) -> list[dict[str, Any]]:
 
 def load_records(source: str, sandbox: FileSandbox | None = None) -> list[dict[str, Any]]:
     """Rows from inline JSON/CSV text or from a file under ``sandbox``'s root."""
-    text = source.strip()
+    text = source.strip().lstrip("\ufeff")
     if not text:
         raise ValueError("source is empty: give a file path or JSON/CSV text")
     if text[0] in "[{":
@@ -92,7 +92,7 @@ def load_records(source: str, sandbox: FileSandbox | None = None) -> list[dict[s
     size = real.stat().st_size
     if size > sandbox.max_file_bytes:
         raise PermissionError(f"{text!r} is {size} bytes; the limit is {sandbox.max_file_bytes}")
-    content = real.read_text(encoding="utf-8", errors="replace")
+    content = real.read_text(encoding="utf-8-sig", errors="replace")  # -sig: Excel's BOM
     suffix = os.path.splitext(real.name)[1].lower()
     if suffix == ".json":
         return _parse_json(content)
