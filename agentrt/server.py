@@ -607,13 +607,10 @@ def check_api_key(request: Request) -> None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in state.api_keys):
+    given = token.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k.encode()) for k in state.api_keys):
         raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                        type="authentication_error", code="invalid_api_key")
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 class ServerMiddleware:
@@ -639,26 +636,35 @@ class ServerMiddleware:
         too_large = APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
         declared = dict(scope.get("headers") or []).get(b"content-length")
         try:
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                await too_large.response()(scope, receive, send_)
-            else:
-                seen = 0
-
-                async def receive_() -> dict:
-                    nonlocal seen
-                    message = await receive()
-                    if message["type"] == "http.request":
-                        seen += len(message.get("body", b""))
-                        if seen > limit:
-                            raise _BodyTooLarge
-                    return message
-
-                try:
-                    await self.app(scope, receive_, send_)
-                except _BodyTooLarge:
-                    if status["started"]:
-                        raise
+            if declared is not None and declared.isdigit():
+                if int(declared) > limit:
                     await too_large.response()(scope, receive, send_)
+                else:  # the server's HTTP framing holds the client to the declared length
+                    await self.app(scope, receive, send_)
+                return
+            # No declared length (chunked): read the body here, up to the limit, then replay it.
+            parts, seen = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left before sending its body
+                parts.append(message.get("body", b""))
+                seen += len(parts[-1])
+                if seen > limit:
+                    await too_large.response()(scope, receive, send_)
+                    return
+                if not message.get("more_body", False):
+                    break
+            replayed = False
+
+            async def receive_() -> dict:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+                return await receive()
+
+            await self.app(scope, receive_, send_)
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"

@@ -216,11 +216,21 @@ def test_semantic_errors_name_what_to_fix():
         assert_error(post({"messages": [{"role": "user", "content": "x" * 5000}]}), 413, "request_too_large")
         assert_error(c.get("/v1/nothing"), 404)
 
+        def chunked():  # no Content-Length: the limit is found while reading
+            yield b'{"messages":[{"role":"user","content":"'
+            for _ in range(100):
+                yield b"x" * 50
+            yield b'"}]}'
+
+        assert_error(c.post("/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"}),
+                     413, "request_too_large")
+
 
 def test_api_keys():
     with client(ScriptedLLM(["ok"]), api_keys=["sekret"]) as c:
         assert_error(c.post("/v1/chat/completions", json={"messages": USER}), 401, "invalid_api_key")
         assert_error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        assert_error(c.get("/v1/models", headers={"Authorization": "Bearer s\xc3\xa9".encode("latin-1")}), 401)
         r = c.post("/v1/chat/completions", json={"messages": USER}, headers={"Authorization": "Bearer sekret"})
         assert r.status_code == 200
         assert c.get("/health").status_code == 200  # liveness stays open

@@ -1,0 +1,303 @@
+"""`agentrt bench server`: a bounded load on the HTTP server over loopback, then scale-out.
+
+Phase 1 starts ``agentrt serve`` (the embedded model unless ``--model``) in a child
+process and drives it with ``--clients`` concurrent clients (16) through a fixed list
+of jobs: ``--agent-runs`` ``POST /agent/run`` (built-in calculator) and ``--chats``
+streamed ``/v1/chat/completions`` (tool calls and ``response_format`` json_schema, with
+the official ``openai`` client). It prints requests/s, p50/p95 latency, client-side
+TTFT p50/p95, errors (target 0) and the server's peak RSS (VmHWM).
+
+Phase 2 shows the scale-out path end to end: a second agentrt process serves the model
+and a front ``agentrt serve --remote-url`` (planner + tools, no model: its LLM is a
+`RemoteLLM`) takes the same agent runs. Pointing ``--remote-url`` at vLLM or SGLang
+instead is the whole of scaling out.
+
+Everything binds 127.0.0.1 and every child process is stopped at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+CITY_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"},
+                                                "country": {"type": "string"}},
+               "required": ["city", "country"], "additionalProperties": False}
+CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Hanoi", "Perth"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    parser.add_argument("--agent-runs", type=int, default=32, help="agent runs in phase 1 and 2 (default 32)")
+    parser.add_argument("--chats", type=int, default=64, help="chat completions in phase 1 (default 64)")
+    parser.add_argument("--model", default=None, metavar="PATH", help="model to serve (default: embedded)")
+    parser.add_argument("--max-steps", type=int, default=3, help="max_steps of each agent run (default 3)")
+    parser.add_argument("--no-remote", action="store_true", help="skip phase 2 (RemoteLLM scale-out)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 4 clients, 4 agent runs, 8 chats")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a server")
+
+
+# ---------------------------------------------------------------------- child servers
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The peak resident set (VmHWM) of a live process, in MiB (Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+@contextmanager
+def serve_process(extra: list[str], timeout_s: float) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start ``agentrt serve`` on a free loopback port; yield (base URL, process); stop it."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "agentrt.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read() if proc.stderr else ""
+                raise RuntimeError(f"agentrt serve exited with {proc.returncode}:\n{err[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).json().get("status") == "ok":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agentrt serve did not become ready within {timeout_s:.0f} s")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------------- the load
+
+
+@dataclass
+class Sample:
+    kind: str
+    ok: bool
+    latency_s: float
+    ttft_s: list[float] = field(default_factory=list)
+    error: str = ""
+    steps: int = 0
+
+
+def _agent_body(i: int, max_steps: int) -> dict[str, Any]:
+    a, b = 12 + i, 7 + (i % 5)
+    return {"task": f"What is {a} times {b}? Use the calculator.", "tools": ["calculate"],
+            "tool_choice": "calculate", "max_steps": max_steps, "max_tokens": 48}
+
+
+async def agent_job(http: Any, i: int, max_steps: int) -> Sample:
+    start = time.perf_counter()
+    try:
+        r = await http.post("/agent/run", json=_agent_body(i, max_steps))
+        latency = time.perf_counter() - start
+        if r.status_code != 200:
+            return Sample("agent", False, latency, error=f"HTTP {r.status_code}: {r.text[:200]}")
+        body = r.json()
+        ok = body["status"] in ("completed", "max_steps") and bool(body["steps"])
+        return Sample("agent", ok, latency, [s["ttft_s"] for s in body["steps"]],
+                      "" if ok else f"status {body['status']}: {body.get('error')}", len(body["steps"]))
+    except Exception as e:  # a benchmark records failures rather than stopping
+        return Sample("agent", False, time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
+
+
+async def chat_job(client: Any, i: int) -> Sample:
+    city = CITIES[i % len(CITIES)]
+    if i % 2 == 0:
+        kwargs: dict[str, Any] = {"messages": [{"role": "user", "content": f"What is the weather in {city}?"}],
+                                  "tools": [WEATHER], "tool_choice": "required"}
+    else:
+        kwargs = {"messages": [{"role": "user", "content": f"Which country is {city} in? Answer in JSON."}],
+                  "response_format": {"type": "json_schema",
+                                      "json_schema": {"name": "place", "schema": CITY_SCHEMA, "strict": True}}}
+    start = time.perf_counter()
+    first: float | None = None
+    try:
+        stream = await client.chat.completions.create(model="default", max_tokens=48, stream=True, **kwargs)
+        finish = None
+        async for chunk in stream:
+            for choice in chunk.choices:
+                d = choice.delta
+                if first is None and d is not None and (d.content or d.tool_calls):
+                    first = time.perf_counter() - start
+                finish = choice.finish_reason or finish
+        ok = finish in ("stop", "tool_calls", "length")
+        return Sample("chat", ok, time.perf_counter() - start, [first] if first is not None else [],
+                      "" if ok else f"finish_reason {finish}")
+    except Exception as e:
+        return Sample("chat", False, time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
+
+
+async def run_load(url: str, clients: int, agent_runs: int, chats: int, max_steps: int) -> tuple[list[Sample], float]:
+    """Interleave the jobs; ``clients`` workers take them in turn. Returns (samples, wall s)."""
+    import httpx
+    import openai
+
+    jobs: list[tuple[str, int]] = []
+    for i in range(max(agent_runs, chats)):
+        if i < agent_runs:
+            jobs.append(("agent", i))
+        if i < chats:
+            jobs.append(("chat", i))
+    queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    samples: list[Sample] = []
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as http:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=900, max_retries=0,
+                                    http_client=httpx.AsyncClient(timeout=900, limits=limits))
+
+        async def worker() -> None:
+            while not queue.empty():
+                kind, i = queue.get_nowait()
+                samples.append(await (agent_job(http, i, max_steps) if kind == "agent" else chat_job(client, i)))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - start
+        await client.close()
+    return samples, wall
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+def summarise(samples: list[Sample], wall_s: float, kinds: tuple[str, ...] = ("agent", "chat")) -> dict[str, Any]:
+    out: dict[str, Any] = {"requests": len(samples), "wall_s": round(wall_s, 2),
+                           "requests_per_s": round(len(samples) / wall_s, 3) if wall_s else None,
+                           "errors": sum(not s.ok for s in samples)}
+    for kind in kinds:
+        group = [s for s in samples if s.kind == kind]
+        if not group:
+            continue
+        lat = [s.latency_s for s in group if s.ok]
+        ttft = [t for s in group if s.ok for t in s.ttft_s]
+        out[kind] = {
+            "n": len(group), "errors": sum(not s.ok for s in group),
+            "latency_p50_s": _round(_pct(lat, 50)), "latency_p95_s": _round(_pct(lat, 95)),
+            "ttft_p50_s": _round(_pct(ttft, 50)), "ttft_p95_s": _round(_pct(ttft, 95)),
+        }
+        if kind == "agent":
+            out[kind]["mean_steps"] = _round(statistics.fmean([s.steps for s in group if s.ok] or [0]))
+    errors = [s.error for s in samples if not s.ok][:3]
+    if errors:
+        out["first_errors"] = errors
+    return out
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+def _metric(url: str, name: str) -> float | None:
+    import httpx
+
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def _print_phase(title: str, res: dict[str, Any]) -> None:
+    print(f"\n== {title}")
+    print(f"requests {res['requests']} in {res['wall_s']} s: {res['requests_per_s']} req/s, errors {res['errors']}")
+    for kind in ("agent", "chat"):
+        if kind in res:
+            r = res[kind]
+            extra = f", mean steps {r['mean_steps']}" if "mean_steps" in r else ""
+            print(f"  {kind:5s} n={r['n']:3d}  latency p50 {r['latency_p50_s']} s  p95 {r['latency_p95_s']} s  "
+                  f"TTFT p50 {r['ttft_p50_s']} s  p95 {r['ttft_p95_s']} s{extra}")
+    for key in ("server_peak_rss_mb", "model_server_peak_rss_mb", "front_peak_rss_mb", "prefix_cache_hit_rate"):
+        if res.get(key) is not None:
+            print(f"  {key}: {res[key]}")
+    for err in res.get("first_errors", []):
+        print(f"  error: {err}")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.clients, args.agent_runs, args.chats = min(args.clients, 4), min(args.agent_runs, 4), min(args.chats, 8)
+    if args.clients < 1 or args.agent_runs < 0 or args.chats < 0:
+        print("agentrt bench server: --clients must be >= 1, counts >= 0", file=sys.stderr)
+        return 2
+    model_args = ["--model", args.model] if args.model else []
+    # each server may take every client at once: the bench measures serving, not 429s
+    limits = ["--max-concurrent", str(args.clients), "--max-queue", str(args.clients)]
+    results: dict[str, Any] = {"clients": args.clients}
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    with serve_process(model_args + limits, args.startup_timeout) as (url, proc):
+        # warm-up: every grammar compiled once (then cached), the first prefill done
+        asyncio.run(run_load(url, 1, min(1, args.agent_runs), 2, args.max_steps))
+        samples, wall = asyncio.run(run_load(url, args.clients, args.agent_runs, args.chats, args.max_steps))
+        res = summarise(samples, wall)
+        res["server_peak_rss_mb"] = _round(peak_rss_mb(proc.pid))
+        res["prefix_cache_hit_rate"] = _round(_metric(url, "agentrt_prefix_cache_hit_rate"))
+        results["local"] = res
+
+    if not args.no_remote and args.agent_runs:
+        with serve_process(model_args + limits, args.startup_timeout) as (model_url, model_proc):
+            front = ["--remote-url", model_url + "/v1", *limits]
+            with serve_process(front, args.startup_timeout) as (front_url, front_proc):
+                asyncio.run(run_load(front_url, 1, 1, 0, args.max_steps))
+                samples, wall = asyncio.run(run_load(front_url, args.clients, args.agent_runs, 0, args.max_steps))
+                res = summarise(samples, wall, ("agent",))
+                res["model_server_peak_rss_mb"] = _round(peak_rss_mb(model_proc.pid))
+                res["front_peak_rss_mb"] = _round(peak_rss_mb(front_proc.pid))
+                results["remote"] = res
+
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_phase(f"local: agentrt serve, {args.clients} clients", results["local"])
+        if "remote" in results:
+            _print_phase("scale-out: agentrt serve --remote-url -> a second agentrt serve (RemoteLLM)",
+                         results["remote"])
+    errors = results["local"]["errors"] + results.get("remote", {}).get("errors", 0)
+    return 1 if errors else 0
