@@ -326,6 +326,7 @@ class ChatCompletionRequest(_Loose):
     response_format: ResponseFormat | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, le=100000)  # vLLM / SGLang extension
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
@@ -468,7 +469,7 @@ def _max_model_len(llm: Any) -> int | None:
 
 def generation_params(llm: Any, plan: PromptPlan, max_tokens: int | None, temperature: float | None,
                       top_p: float | None = None, stop: str | list[str] | None = None,
-                      seed: int | None = None) -> GenerationParams:
+                      seed: int | None = None, top_k: int | None = None) -> GenerationParams:
     """The request's sampling settings, checked against the model's context window."""
     limit = _max_model_len(llm) or MAX_TOKENS_CAP
     if max_tokens is not None and max_tokens > limit:
@@ -481,6 +482,7 @@ def generation_params(llm: Any, plan: PromptPlan, max_tokens: int | None, temper
         max_tokens=max_tokens or min(1024, limit),
         temperature=0.0 if temperature is None else temperature,  # greedy by default: small models
         top_p=1.0 if top_p is None else top_p,
+        top_k=top_k or 0,
         seed=seed,
         stop=stops,
     )
@@ -793,7 +795,7 @@ def _add_routes(app: FastAPI) -> None:
         """OpenAI-compatible chat completions with grammar-constrained tool calls."""
         plan = chat_plan(req)
         params = generation_params(state.llm, plan, req.max_completion_tokens or req.max_tokens,
-                                   req.temperature, req.top_p, req.stop, req.seed)
+                                   req.temperature, req.top_p, req.stop, req.seed, req.top_k)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         ticket = await state.queue.acquire()

@@ -357,3 +357,28 @@ def test_disconnect_cancels_a_non_streamed_request():
                 break
             anyio.run(anyio.sleep, 0.05)
     assert llm.started == 1 and llm.closed_early == 1 and llm.finished == 0
+
+
+class RecordingLLM(ScriptedLLM):
+    """A ScriptedLLM that also keeps the GenerationParams of each call."""
+
+    def __init__(self, replies):
+        super().__init__(replies)
+        self.params = []
+
+    async def complete(self, messages, *, json_schema=None, params=None):
+        self.params.append(params)
+        return await super().complete(messages, json_schema=json_schema, params=params)
+
+
+def test_sampling_settings_reach_the_model():
+    llm = RecordingLLM(["text", {"calls": [{"tool": "add", "arguments": {"a": 1, "b": 2}}]}])
+    with client(llm) as c:
+        c.post("/v1/chat/completions", json={"messages": USER, "temperature": 0.7, "top_p": 0.9, "top_k": 20,
+                                             "seed": 3, "stop": ["END"], "max_completion_tokens": 33})
+        c.post("/v1/chat/completions", json={"messages": USER, "tools": [ADD_TOOL], "stop": "}"})
+    text, tools = llm.params
+    assert (text.temperature, text.top_p, text.top_k, text.seed, text.stop, text.max_tokens) == (
+        0.7, 0.9, 20, 3, ["END"], 33)
+    assert tools.temperature == 0.0  # greedy unless asked
+    assert tools.stop == []  # the grammar ends JSON turns: a stop string would cut a call
