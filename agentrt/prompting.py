@@ -334,7 +334,10 @@ def plan_turn(
     if tools and tool_choice != "none":
         allowed, may_answer = _allowed_tools(tools, tool_choice)
         defs: dict[str, Any] = {}
-        shapes = [calls_schema(allowed, parallel_tool_calls, defs)] if allowed else []
+        # A named choice means one call of that tool (as in OpenAI's API): never a list of them.
+        named = tool_choice not in ("auto", "required", "answer") or any(t.name == tool_choice for t in tools)
+        parallel = parallel_tool_calls and not named
+        shapes = [calls_schema(allowed, parallel, defs)] if allowed else []
         if may_answer:
             shapes.append(answer_schema(output_schema, defs))
         schema: dict[str, Any] = shapes[0] if len(shapes) == 1 else {"anyOf": shapes}
@@ -347,7 +350,7 @@ def plan_turn(
             tools=tools,
             tool_choice=tool_choice,
             mode="tools",
-            parallel_tool_calls=parallel_tool_calls,
+            parallel_tool_calls=parallel,  # what this turn may do (the prompt keeps the caller's setting)
             output_schema=output_schema,
             allowed_tools=[t.name for t in allowed],
             allow_answer=may_answer,

@@ -273,3 +273,9 @@ def test_string_formats_show_in_the_tool_line():
     spec = ToolSpec(name="weekday", description="Day of the week.", parameters={
         "type": "object", "properties": {"date": {"type": "string", "format": "date"}}, "required": ["date"]})
     assert tool_line(spec) == "- weekday(date: date): Day of the week."
+
+
+def test_named_choice_is_exactly_one_call():
+    plan = plan_turn(USER, [CALC, NOW], tool_choice="now", parallel_tool_calls=True)
+    assert plan.json_schema["properties"]["calls"]["maxItems"] == 1
+    assert "maxItems" not in plan_turn(USER, [CALC, NOW], tool_choice="required").json_schema["properties"]["calls"]

@@ -138,8 +138,9 @@ async def run_task(llm: LLM, task: AgentTask, tools: Any, params: GenerationPara
     """One task on one engine: the scheduled calls, then the answer."""
     from agentrt.planner import Agent
 
+    # No repeat guard: the schedule fixes the steps, so both engines do exactly the same work.
     agent = Agent(llm, tools, tool_choice=task.tool_choice, parallel_tool_calls=False,
-                  max_steps=len(task.plan) + 1, params=params)
+                  max_steps=len(task.plan) + 1, params=params, repeat_guard=False)
     return await agent.run(task.question)
 
 
