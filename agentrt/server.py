@@ -690,14 +690,14 @@ def create_app(
 
     ``llm``: the model behind every route; None builds ``LocalLLM(model)`` in ``lifespan``
     (``model`` None = the embedded SmolLM2). ``registry``: the tools ``/agent/run`` may run
-    (None = the built-in tools, when available). ``api_keys``: if given, every route but
+    (None = the built-in tools that read no files, see `default_server_registry`). ``api_keys``: if given, every route but
     ``/health`` and ``/metrics`` needs ``Authorization: Bearer <key>``. At most
     ``max_concurrent`` requests run at once and ``max_queue`` wait; more get 429.
     """
     if isinstance(api_keys, str):
         api_keys = [api_keys]
     if registry is None:
-        registry = _default_registry()
+        registry = default_server_registry()
     state = ServerState(llm, registry, api_keys=list(api_keys or []),
                         queue=AdmissionQueue(max_concurrent, max_queue, retry_after_s), model_name=model_name)
 
@@ -752,14 +752,23 @@ def create_app(
     return app
 
 
-def _default_registry() -> Any:
+def default_server_registry(files_root: str | None = None) -> Any:
+    """The built-in tools a server offers by default: the pure ones (calculator, clock,
+    units) only, unless ``files_root`` names the one folder the file and data tools may
+    read, so that no client can read the server's files by default."""
     from agentrt.registry import ToolRegistry
 
     try:
         from agentrt.tools import builtin_registry
+        from agentrt.tools.data import data_tools
+        from agentrt.tools.files import FileSandbox, file_tools
     except ImportError:  # built-in tools not there: serve none
         return ToolRegistry()
-    return builtin_registry()
+    if files_root is not None:
+        return builtin_registry(files_root)
+    registry = builtin_registry()
+    reads_files = {t.name for t in file_tools(None)} | {t.name for t in data_tools(FileSandbox(None))}
+    return registry.subset([n for n in registry.names if n not in reads_files])
 
 
 def _add_routes(app: FastAPI) -> None:

@@ -32,9 +32,9 @@ def test_peak_rss_of_this_process():
 def test_bench_and_serve_arguments():
     args = build_parser(["bench", "server", "--quick"]).parse_args(["bench", "server", "--quick"])
     assert args.quick and args.clients == 16 and args.agent_runs == 32
-    argv = ["serve", "--port", "8123", "--api-key", "a", "--remote-url", "http://gpu:8000/v1"]
+    argv = ["serve", "--port", "8123", "--api-key", "a", "--remote-url", "http://gpu:8000/v1", "--files-root", "/srv"]
     args = build_parser(argv).parse_args(argv)
-    assert args.port == 8123 and args.remote_url == "http://gpu:8000/v1"
+    assert args.port == 8123 and args.remote_url == "http://gpu:8000/v1" and args.files_root == "/srv"
     os.environ["AGENTRT_API_KEYS"] = "b, c"
     try:
         assert serve.api_keys(args) == ["a", "b", "c"]
@@ -44,10 +44,21 @@ def test_bench_and_serve_arguments():
 
 def test_serve_refuses_bad_arguments(capsys):
     base = dict(host="127.0.0.1", port=8000, model=None, model_name=None, tools=None, api_key=None,
-                remote_url=None, remote_api_key=None, max_concurrent=4, max_queue=4, max_body_bytes=1000,
+                remote_url=None, remote_api_key=None, files_root=None, max_concurrent=4, max_queue=4, max_body_bytes=1000,
                 log_level="warning")
     assert serve.main(argparse.Namespace(**{**base, "port": 0})) == 2
     assert serve.main(argparse.Namespace(**{**base, "model": "/nonexistent/model.gguf"})) == 2
     assert serve.main(argparse.Namespace(**{**base, "model": __file__, "remote_url": "http://x"})) == 2
+    assert serve.main(argparse.Namespace(**{**base, "files_root": "/nonexistent/dir"})) == 2
     err = capsys.readouterr().err
-    assert "--port" in err and "does not exist" in err and "not both" in err
+    assert "--port" in err and "does not exist" in err and "not both" in err and "not a folder" in err
+
+
+def test_default_server_tools_read_no_files(tmp_path):
+    from agentrt.server import default_server_registry
+
+    safe = default_server_registry()
+    assert "calculate" in safe and "read_file" not in safe and "list_files" not in safe
+    assert "query_data" not in safe
+    with_files = default_server_registry(str(tmp_path))
+    assert "read_file" in with_files and set(safe.names) < set(with_files.names)

@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the model's)")
     parser.add_argument("--tools", action="append", metavar="MODULE:ATTR",
                         help="tools /agent/run may run: a ToolRegistry, a @tool function or a list of them "
-                        "(repeatable); default: the built-in tools")
+                        "(repeatable); default: the built-in tools that read no files")
+    parser.add_argument("--files-root", default=None, metavar="DIR",
+                        help="also offer the built-in file and data tools, confined to DIR")
     parser.add_argument("--api-key", action="append", metavar="KEY",
                         help="require 'Authorization: Bearer KEY' (repeatable; also $AGENTRT_API_KEYS, comma-separated)")
     parser.add_argument("--max-concurrent", type=int, default=32, help="requests served at once (default 32)")
@@ -43,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from agentrt.commands.run import load_tools
-    from agentrt.server import create_app
+    from agentrt.server import create_app, default_server_registry
 
     if not 0 < args.port < 65536:
         print(f"agentrt serve: --port must be 1..65535, got {args.port}", file=sys.stderr)
@@ -62,8 +64,12 @@ def main(args: argparse.Namespace) -> int:
         from agentrt.remote import RemoteLLM
 
         llm = RemoteLLM(args.remote_url, model=args.model_name, api_key=args.remote_api_key)
+    if args.files_root is not None and not os.path.isdir(args.files_root):
+        print(f"agentrt serve: --files-root {args.files_root!r} is not a folder", file=sys.stderr)
+        return 2
+    registry = load_tools(args.tools) if args.tools else default_server_registry(args.files_root)
     app = create_app(
-        llm=llm, registry=load_tools(args.tools), api_keys=keys, model=args.model, model_name=args.model_name,
+        llm=llm, registry=registry, api_keys=keys, model=args.model, model_name=args.model_name,
         max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
