@@ -777,18 +777,26 @@ def _schema_for_grammar(schema: dict[str, Any] | type) -> dict[str, Any]:
 
 
 def _events_to_chunk(events: list[Any]) -> AIMessageChunk | None:
-    """Stream-parser events -> one AIMessageChunk (content + tool_call_chunks), or None."""
+    """Stream-parser events -> one AIMessageChunk (content + tool_call_chunks), or None.
+
+    One delta can hold several events of the same call (forced tokens arrive in bulk):
+    they become a single tool_call_chunk per call index, because LangChain merges chunks
+    by index only across messages, not within one.
+    """
     text: list[str] = []
-    chunks: list[Any] = []
+    calls: dict[int, dict[str, Any]] = {}
     for ev in events:
         if isinstance(ev, ContentDelta):
             text.append(ev.text)
-        elif isinstance(ev, ToolCallStart):
-            chunks.append(tool_call_chunk(name=ev.name, args="", id=ev.id, index=ev.index))
-        elif isinstance(ev, ToolCallArgsDelta):
-            chunks.append(tool_call_chunk(name=None, args=ev.json_fragment, id=None, index=ev.index))
-    if not text and not chunks:
+        elif isinstance(ev, (ToolCallStart, ToolCallArgsDelta)):
+            entry = calls.setdefault(ev.index, {"name": None, "id": None, "args": ""})
+            if isinstance(ev, ToolCallStart):
+                entry["name"], entry["id"] = ev.name, ev.id
+            else:
+                entry["args"] += ev.json_fragment
+    if not text and not calls:
         return None
+    chunks = [tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=i) for i, c in calls.items()]
     return AIMessageChunk(content="".join(text), tool_call_chunks=chunks)
 
 

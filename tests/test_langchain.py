@@ -18,6 +18,7 @@ from typing_extensions import TypedDict  # noqa: E402
 
 from agentrt.langchain import ChatAgentRT, to_agentrt_messages  # noqa: E402
 from agentrt.testing import ScriptedLLM  # noqa: E402
+from agentrt.llm import Completion, CompletionChunk  # noqa: E402
 from agentrt.types import Usage  # noqa: E402
 
 from tests._langchain_util import ProgrammableLLM  # noqa: E402
@@ -264,6 +265,28 @@ def test_stream_tool_call_chunks_add_up_to_the_calls():
     assert all(c["id"].startswith("call_") for c in full.tool_calls)
     assert full.response_metadata["finish_reason"] == "tool_calls"
     assert full.invalid_tool_calls == []
+
+
+@pytest.mark.parametrize("chars_per_delta", [1, 1000])
+def test_stream_whole_calls_in_one_delta_still_aggregate(chars_per_delta):
+    """The engine sends forced tokens in bulk: a call's start and arguments (even two
+    calls) can arrive in one delta."""
+    two = json.dumps({"calls": [{"tool": "get_weather", "arguments": {"city": "Oslo"}},
+                                {"tool": "magic_function", "arguments": {}}]}, separators=(",", ":"))
+
+    class Bulk(ProgrammableLLM):
+        async def stream(self, messages, *, json_schema=None, params=None):
+            text, finish = await self._next(messages, json_schema, params)
+            for i in range(0, len(text), chars_per_delta):
+                yield CompletionChunk(delta=text[i : i + chars_per_delta])
+            yield CompletionChunk(completion=Completion(text=text, finish_reason=finish, usage=self.usage))
+
+    model = ChatAgentRT(llm=Bulk([(two, "stop")])).bind_tools([get_weather, magic_function])
+    full = None
+    for c in model.stream("x"):
+        full = c if full is None else full + c
+    assert [(c["name"], c["args"]) for c in full.tool_calls] == [("get_weather", {"city": "Oslo"}), ("magic_function", {})]
+    assert all(c["id"].startswith("call_") for c in full.tool_calls)
 
 
 async def test_astream_answer_in_tools_mode_streams_unescaped_content():
