@@ -1,1 +1,18 @@
-"""Grammar-constrained decoding: JSON Schema -> token automaton (outlines-core) -> per-request matcher."""
+"""Grammar-constrained decoding: JSON Schema -> regex (our own, exact, see schema_regex) ->
+token automaton (outlines-core ``Index``) -> per-request matcher (the engine's TokenConstraint).
+
+    compiler = GrammarCompiler.from_tokenizer(tokenizer, vocab_size=engine.vocab_size)
+    grammar = compiler.compile_json_schema(schema)        # cached in memory and on disk
+    engine.add_request(prompt, params, constraint=grammar.matcher())
+"""
+from .automaton import ByteAutomaton
+from .compiler import CompiledGrammar, GrammarCompiler, default_cache_dir
+from .errors import GrammarCompileError, UnsupportedSchemaError
+from .matcher import GrammarMatcher
+from .schema_regex import schema_to_regex
+from .vocab import TokenVocab, vocab_from_tokenizer
+
+__all__ = [
+    "ByteAutomaton", "CompiledGrammar", "GrammarCompileError", "GrammarCompiler", "GrammarMatcher",
+    "TokenVocab", "UnsupportedSchemaError", "default_cache_dir", "schema_to_regex", "vocab_from_tokenizer",
+]

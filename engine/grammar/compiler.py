@@ -1,0 +1,282 @@
+"""GrammarCompiler (one per model/tokenizer) -> CompiledGrammar (one per schema, shared by
+requests) -> GrammarMatcher (one per request; see matcher.py).
+
+Compiled grammars are cached in memory (LRU) and on disk, keyed by the tokenizer's content
+hash and the schema's hash, so a second compile of a schema costs a dict look-up.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .automaton import build_index, outlines_vocabulary
+from .errors import GrammarCompileError
+from .schema_regex import schema_to_regex
+from .vocab import TokenVocab, vocab_from_tokenizer
+
+COMPILER_VERSION = "2"  # bump when the regex a schema compiles to may change (invalidates disk caches)
+_MAX_FORCED_BYTES = 512
+
+
+def default_cache_dir() -> str:
+    """``$AGENTRT_CACHE_DIR/grammar``, else ``$XDG_CACHE_HOME`` or ``~/.cache`` + ``agentrt/grammar``."""
+    base = os.environ.get("AGENTRT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "agentrt")
+    return os.path.join(base, "grammar")
+
+
+class CompiledGrammar:
+    """A schema compiled against one vocabulary. Immutable as far as callers are concerned;
+    it lazily caches per-state masks and forced-token runs, shared by all its matchers."""
+
+    def __init__(self, schema: Any, regex: str, index: Any, vocab: TokenVocab, encode,  # noqa: ANN001
+                 unenforced: list[str], lenient: bool, mask_cache_size: int = 512):
+        self.schema = schema
+        self.regex = regex
+        self.index = index
+        self.vocab = vocab
+        self.unenforced = list(unenforced)  # keywords only checked after generation (lenient)
+        self.lenient = lenient
+        self.compile_s = 0.0
+        self.from_cache = ""  # "", "memory" or "disk"
+        self._encode = encode
+        self._eos = torch.tensor(vocab.eos_token_ids, dtype=torch.long)
+        self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._mask_cache_size = mask_cache_size
+        self._allowed: dict[int, np.ndarray] = {}
+        self._forced: dict[int, list[int]] = {}
+        self._final: dict[int, bool] = {}
+        self._lock = threading.Lock()
+        self._validator = None
+
+    # -- per-state queries (cached) ---------------------------------------------------
+    def initial_state(self) -> int:
+        return self.index.initial_state()
+
+    def allowed_ids(self, state: int) -> np.ndarray:
+        """Ordinary (non-EOS) token ids allowed in ``state``, as an int64 array."""
+        ids = self._allowed.get(state)
+        if ids is None:
+            ids = self.index.allowed_ids(state)
+            self._allowed[state] = ids
+        return ids
+
+    def is_final(self, state: int) -> bool:
+        """True when the output so far is a complete value (EOS allowed)."""
+        f = self._final.get(state)
+        if f is None:
+            f = self._final[state] = self.index.is_final(state)
+        return f
+
+    def mask(self, state: int) -> torch.Tensor:
+        """Bool [vocab_size] mask for ``state`` (cached; treat as read-only)."""
+        m = self._masks.get(state)
+        if m is not None:
+            self._masks.move_to_end(state)
+            return m
+        m = torch.zeros(self.vocab.vocab_size, dtype=torch.bool)
+        ids = self.allowed_ids(state)
+        if ids.size:
+            m[torch.from_numpy(ids)] = True
+        if self.is_final(state):
+            m[self._eos] = True
+        with self._lock:
+            self._masks[state] = m
+            while len(self._masks) > self._mask_cache_size:
+                self._masks.popitem(last=False)
+        return m
+
+    def next_state(self, state: int, token_id: int) -> int | None:
+        return self.index.next_state(state, token_id)
+
+    def forced_tokens(self, state: int) -> list[int]:
+        """The jump-forward run from ``state`` (cached): the canonical tokenization of the
+        only text the grammar admits next, minus the boundary token when free text follows."""
+        toks = self._forced.get(state)
+        if toks is None:
+            toks = self._compute_forced(state)
+            self._forced[state] = toks
+        return toks
+
+    def _compute_forced(self, state: int) -> list[int]:
+        data = bytearray()
+        s = state
+        fb = self.vocab.first_byte
+        while len(data) < _MAX_FORCED_BYTES and not self.is_final(s):
+            ids = self.allowed_ids(s)
+            if not ids.size:
+                break
+            firsts = fb[ids]
+            b = int(firsts[0])
+            if not (firsts == b).all():
+                break
+            tid = self.vocab.byte_token.get(b)
+            nxt = None if tid is None else self.next_state(s, tid)
+            if nxt is None:
+                break
+            data.append(b)
+            s = nxt
+        if not data:
+            return []
+        toks = self._tokenize(bytes(data), state)
+        # Nothing but EOS may follow: the run is the whole rest, keep every token. Otherwise
+        # hold back the last token: free text after it may merge with it into a longer token.
+        ends = self.is_final(s) and not self.allowed_ids(s).size
+        return toks if ends else toks[:-1]
+
+    def _tokenize(self, data: bytes, state: int) -> list[int]:
+        try:
+            toks = list(self._encode(data.decode("utf-8")))
+        except UnicodeDecodeError:
+            toks = []
+        if not self._walks(toks, data, state):
+            toks = self._greedy(data)
+            if not self._walks(toks, data, state):
+                return []
+        return toks
+
+    def _walks(self, toks: list[int], data: bytes, state: int) -> bool:
+        tb = self.vocab.token_bytes
+        if not toks or b"".join(tb.get(t, b"\x00\x00") for t in toks) != data:
+            return False
+        s: int | None = state
+        for t in toks:
+            s = self.next_state(s, t)  # type: ignore[arg-type]
+            if s is None:
+                return False
+        return True
+
+    def _greedy(self, data: bytes) -> list[int]:
+        by_bytes = self.vocab.bytes_to_id()
+        out, i, longest = [], 0, self.vocab.max_token_len
+        while i < len(data):
+            for n in range(min(longest, len(data) - i), 0, -1):
+                tid = by_bytes.get(data[i:i + n])
+                if tid is not None:
+                    out.append(tid)
+                    i += n
+                    break
+            else:
+                return []
+        return out
+
+    # -- helpers for callers ------------------------------------------------------------
+    def matcher(self):  # noqa: ANN201
+        """A fresh per-request matcher (implements engine.constraint.TokenConstraint)."""
+        from .matcher import GrammarMatcher
+
+        return GrammarMatcher(self)
+
+    def accepts_tokens(self, token_ids: list[int], *, complete: bool = True) -> bool:
+        """Whether the token sequence is admitted (and, if ``complete``, may end there)."""
+        s: int | None = self.initial_state()
+        for t in token_ids:
+            s = self.next_state(s, t)  # type: ignore[arg-type]
+            if s is None:
+                return False
+        return self.is_final(s) if complete else True  # type: ignore[arg-type]
+
+    def validate(self, text: str) -> list[str]:
+        """Errors of ``text`` against the full schema (jsonschema, formats asserted); [] if valid.
+        The check lenient grammars rely on for the keywords listed in ``unenforced``."""
+        import jsonschema
+
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            return [f"not JSON: {e}"]
+        if self._validator is None:
+            self._validator = jsonschema.Draft202012Validator(self.schema, format_checker=jsonschema.FormatChecker())
+        return [f"{'/'.join(map(str, e.absolute_path)) or '/'}: {e.message}" for e in self._validator.iter_errors(value)]
+
+
+class GrammarCompiler:
+    """Compiles JSON Schemas to token automata for one tokenizer (build once per model)."""
+
+    def __init__(self, vocab: TokenVocab, encode, cache_dir: str | None = None,  # noqa: ANN001
+                 memory_cache_size: int = 256):
+        self.vocab = vocab
+        self._encode = encode
+        self._vocabulary = outlines_vocabulary(vocab.token_bytes, vocab.vocab_size)
+        self.cache_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()) / vocab.hash
+        self._memory: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        self._memory_size = memory_cache_size
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, vocab_size: int, cache_dir: str | None = None,  # noqa: ANN001
+                       *, eos_token_ids: list[int] | None = None) -> GrammarCompiler:
+        """Build from a transformers tokenizer; ``vocab_size`` is the model's logits width.
+        ``eos_token_ids`` (default: the tokenizer's eos) are allowed wherever output may end."""
+        vocab = vocab_from_tokenizer(tokenizer, vocab_size, eos_token_ids)
+        if hasattr(tokenizer, "backend_tokenizer") or not hasattr(tokenizer, "encode_batch"):
+            def encode(text: str) -> list[int]:
+                return tokenizer.encode(text, add_special_tokens=False)
+        else:  # a raw `tokenizers.Tokenizer`
+            def encode(text: str) -> list[int]:
+                return tokenizer.encode(text, add_special_tokens=False).ids
+        return cls(vocab, encode, cache_dir)
+
+    def compile_json_schema(self, schema: dict, *, lenient: bool = False, timeout_s: float | None = 10.0) -> CompiledGrammar:
+        """Compile (or fetch from cache) the grammar for ``schema``.
+
+        Strict mode raises UnsupportedSchemaError naming every keyword that cannot be enforced;
+        ``lenient=True`` enforces the rest and lists the dropped ones in ``.unenforced`` (check
+        the output with ``.validate``). GrammarCompileError for invalid schemas and timeouts.
+        """
+        t0 = time.perf_counter()
+        try:
+            text = json.dumps(schema, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise GrammarCompileError(f"the schema is not JSON-serializable: {e}") from None
+        key = hashlib.sha256(f"{COMPILER_VERSION}|{int(lenient)}|{text}".encode()).hexdigest()[:32]
+        with self._lock:
+            hit = self._memory.get(key)
+            if hit is not None:
+                self._memory.move_to_end(key)
+                hit.from_cache = "memory"
+                return hit
+        regex, unenforced, index = None, [], None
+        path = self.cache_dir / f"{key}.pkl"
+        if path.exists():
+            try:
+                with open(path, "rb") as f:
+                    regex, unenforced, index = pickle.load(f)
+            except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
+                index = None
+        source = "disk" if index is not None else ""
+        if index is None:
+            regex, unenforced = schema_to_regex(schema, lenient=lenient)
+            left = None if timeout_s is None else t0 + timeout_s - time.perf_counter()
+            if left is not None and left <= 0:
+                raise GrammarCompileError(f"compiling the schema took longer than {timeout_s:g}s and was stopped")
+            index = build_index(regex, self._vocabulary, self.vocab.vocab_size, left)
+            self._save(path, (regex, unenforced, index))
+        grammar = CompiledGrammar(schema, regex, index, self.vocab, self._encode, unenforced, lenient)
+        grammar.compile_s = time.perf_counter() - t0
+        grammar.from_cache = source
+        with self._lock:
+            self._memory[key] = grammar
+            while len(self._memory) > self._memory_size:
+                self._memory.popitem(last=False)
+        return grammar
+
+    def _save(self, path: Path, payload: tuple) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache dir only costs recompiles

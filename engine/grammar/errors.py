@@ -1,0 +1,23 @@
+"""Errors raised while turning a JSON Schema into a token automaton."""
+from __future__ import annotations
+
+
+class UnsupportedSchemaError(ValueError):
+    """The schema uses keywords the grammar cannot enforce exactly.
+
+    ``keywords`` lists every offending keyword (with its JSON pointer), so the caller can
+    fix them all at once, or compile with ``lenient=True`` to enforce the rest and have the
+    final output validated afterwards.
+    """
+
+    def __init__(self, keywords: list[str]):
+        self.keywords = list(keywords)
+        super().__init__(
+            "JSON Schema uses keywords that cannot be enforced by the grammar: "
+            + "; ".join(self.keywords)
+            + " (remove them, or compile with lenient=True to check them only after generation)"
+        )
+
+
+class GrammarCompileError(ValueError):
+    """The schema could not be compiled (invalid schema, regex too large, or time limit hit)."""

