@@ -488,7 +488,11 @@ def generation_params(llm: Any, plan: PromptPlan, max_tokens: int | None, temper
     )
     count = getattr(llm, "prompt_token_ids", None)
     if callable(count) and _max_model_len(llm):
-        n = len(count(plan.chat_messages))
+        try:
+            n = len(count(plan.chat_messages))
+        except Exception as e:  # e.g. a chat template that refuses this role order
+            raise APIError(400, f"the messages cannot be rendered with the model's chat template: {e}",
+                           param="messages", code="invalid_messages") from None
         if n + params.max_tokens > limit:
             explicit = max_tokens is not None
             if explicit or n >= limit:
