@@ -262,6 +262,14 @@ def test_schema_is_grammar_friendly(name: str, tools: dict[str, Tool]) -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
+def test_schema_compiles_strictly_with_agentrt_grammar(name: str, tools: dict[str, Tool]) -> None:
+    from agentrt.engine.grammar import schema_to_regex
+
+    regex, unenforced = schema_to_regex(tools[name].json_schema)  # raises UnsupportedSchemaError
+    assert regex and unenforced == []
+
+
+@pytest.mark.parametrize("name", list(CASES))
 async def test_valid_arguments_round_trip_into_the_call(name: str, tools: dict[str, Tool]) -> None:
     _, valid, expected = CASES[name]
     reg = ToolRegistry([tools[name]])

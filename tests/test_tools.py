@@ -44,6 +44,9 @@ def test_builtin_schema_snapshot_and_grammar(name: str, tmp_path: Path) -> None:
     assert_matches_snapshot(f"builtin_{name}.json", t.spec.model_dump())
     assert re.fullmatch(grammar_regex(t.json_schema), compact(EXAMPLES[name]))
     t.parse_arguments(EXAMPLES[name])  # the example is valid for pydantic too
+    from agentrt.engine.grammar import schema_to_regex
+
+    assert schema_to_regex(t.json_schema)[1] == []  # agentrt's grammar enforces every keyword
 
 
 async def test_file_tools_are_bound_to_their_root(tmp_path: Path) -> None:
