@@ -1,0 +1,99 @@
+"""End to end on the embedded SmolLM2-135M: prompts extend token by token, and an agent
+calls the calculator and the clock (valid calls, grammar-constrained) before answering."""
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from agentrt.prompting import plan_turn
+from agentrt.types import Message, ToolCall
+
+pytestmark = pytest.mark.e2e
+BLOCK = 16  # the engine's default KV block size: the prefix cache works in whole blocks
+
+
+@pytest.fixture(scope="module")
+def llm():
+    import torch
+
+    from agentrt.llm import LocalLLM
+
+    torch.set_num_threads(2)
+    model = LocalLLM(block_size=BLOCK)
+    yield model
+    model.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory):
+    from agentrt.tools import builtin_registry
+
+    return builtin_registry(tmp_path_factory.mktemp("files")).subset(
+        ["calculate", "current_time", "convert_units", "weekday"]
+    )
+
+
+def test_prompt_tokens_of_each_step_extend_the_previous_step(llm, tools):
+    specs = tools.specs()
+    raw = '{"calls":[{"tool":"calculate","arguments":{"expression":"23.50*19"}}]}'
+    call = ToolCall(id="call_1", name="calculate", arguments={"expression": "23.50*19"})
+    transcripts = [
+        [Message(role="user", content="What is 23.5*19 and the time in UTC?")],
+    ]
+    transcripts.append([
+        *transcripts[0],
+        Message(role="assistant", content=raw, tool_calls=[call]),
+        Message(role="tool", tool_call_id="call_1", name="calculate", content="446.5"),
+    ])
+    transcripts.append([
+        *transcripts[1],
+        Message(role="assistant", content='{"calls":[{"tool":"current_time","arguments":{"timezone":"UTC"}}]}',
+                tool_calls=[ToolCall(id="call_2", name="current_time", arguments={"timezone": "UTC"})]),
+        Message(role="tool", tool_call_id="call_2", name="current_time", content='{"time":"12:00"}'),
+    ])
+    # any tool_choice per step: the rendering (and so the tokens) must not depend on it
+    choices = ["required", "auto", "answer"]
+    ids = [llm.prompt_token_ids(plan_turn(t, specs, c).chat_messages) for t, c in zip(transcripts, choices)]
+    for prev, cur in zip(ids, ids[1:]):
+        assert len(cur) > len(prev) and cur[: len(prev)] == prev
+    # the assistant's JSON is in the next prompt verbatim (the number kept as "23.50")
+    assert raw in llm.tokenizer.decode(ids[1])
+
+
+def test_agent_calls_calculator_and_clock_before_answering(llm, tools):
+    from agentrt.llm import GenerationParams
+    from agentrt.planner import Agent
+
+    agent = Agent(
+        llm,
+        tools,
+        tool_choice="required",  # the first step must call tools; then the model decides
+        parallel_tool_calls=True,
+        max_steps=5,
+        params=GenerationParams(max_tokens=96),
+    )
+    result = agent.run_sync(
+        "Use the calculate tool to compute 23*19. Then use the current_time tool to get the time in UTC. "
+        "Then answer with both results."
+    )
+    trace = json.dumps([s.model_dump(exclude={"results"}) for s in result.steps], default=str)[:3000]
+    assert result.status == "completed", trace
+    calls = [c for s in result.steps for c in s.calls]
+    names = [c.name for c in calls]
+    assert "calculate" in names and "current_time" in names, trace
+    specs = {s.name: s.parameters for s in tools.specs()}
+    for step in result.steps:
+        for c, r in zip(step.calls, step.results):
+            jsonschema.validate(c.arguments, specs[c.name])  # every call valid against its schema
+            assert not r.is_error, (c, r)
+    calc = next(r for s in result.steps for c, r in zip(s.calls, s.results) if c.name == "calculate")
+    assert calc.content == "437"
+    # the answer came after the calls
+    assert result.steps[-1].answer is not None and not result.steps[-1].calls
+    # append-only prompts: each step is served from the prefix cache up to (at least) the
+    # last whole KV block of the previous step's prompt
+    for prev, step in zip(result.steps, result.steps[1:]):
+        assert step.cached_tokens >= prev.prompt_tokens // BLOCK * BLOCK, trace
+    assert sum(s.forced_tokens for s in result.steps) > 0  # jump-forward did the JSON structure
