@@ -90,10 +90,12 @@ def test_date_difference() -> None:
 
 def test_weekday_and_convert_time() -> None:
     assert clock.weekday(dt.date(2000, 1, 1)) == "Saturday"
-    out = clock.convert_time(dt.datetime(2024, 1, 15, 9, 0), to_timezone="Asia/Tokyo", from_timezone="Europe/London")
+    out = clock.convert_time("2024-01-15T09:00", to_timezone="Asia/Tokyo", from_timezone="Europe/London")
     assert (out["date"], out["time"], out["utc_offset"]) == ("2024-01-15", "18:00:00", "+09:00")
-    aware = dt.datetime(2024, 1, 15, 9, 0, tzinfo=dt.timezone.utc)
-    assert clock.convert_time(aware, "America/Los_Angeles", "Asia/Tokyo")["time"] == "01:00:00"
+    out = clock.convert_time("2024-07-01T09:00:30", "America/Los_Angeles", "Asia/Tokyo")
+    assert (out["date"], out["time"], out["utc_offset"]) == ("2024-06-30", "17:00:30", "-07:00")
+    with pytest.raises(ValueError, match="invalid date or time '2024-02-30T10:00'"):
+        clock.convert_time("2024-02-30T10:00", "UTC")
 
 
 async def test_as_tools_with_string_dates() -> None:
@@ -105,6 +107,9 @@ async def test_as_tools_with_string_dates() -> None:
     res = await reg.call(ToolCall(id="3", name="convert_time",
                                   arguments={"time": "2024-06-01T12:00:00", "to_timezone": "Europe/Berlin"}))
     assert not res.is_error and '"time":"14:00:00"' in res.content
+    res = await reg.call(ToolCall(id="5", name="convert_time",
+                                  arguments={"time": "2024-06-01T12:00:00+02:00", "to_timezone": "UTC"}))
+    assert res.is_error and "time:" in res.content  # offsets are not accepted: from_timezone says the zone
     res = await reg.call(ToolCall(id="4", name="current_time", arguments={"timezone": "Nowhere/City"}))
     assert res.is_error and res.content.startswith("ValueError: unknown time zone 'Nowhere/City'")
     assert reg.get("weekday").spec.parameters["properties"]["date"]["format"] == "date"

@@ -9,6 +9,9 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import zoneinfo
+from typing import Annotated
+
+from pydantic import Field
 
 from agentrt.registry import ToolRegistry
 
@@ -128,16 +131,24 @@ def weekday(date: dt.date) -> str:
     return date.strftime("%A")
 
 
+# A local wall-clock time without an offset: the zone is from_timezone. (JSON Schema's
+# "date-time" format requires an offset, which would make from_timezone meaningless.)
+LocalDateTime = Annotated[str, Field(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2})?$")]
+
+
 @_tools.tool
-def convert_time(time: dt.datetime, to_timezone: str, from_timezone: str = "UTC") -> dict[str, str]:
+def convert_time(time: LocalDateTime, to_timezone: str, from_timezone: str = "UTC") -> dict[str, str]:
     """Convert a date and time from one time zone to another.
 
     Args:
-        time: Date and time, e.g. "2025-03-01T15:30:00" (an explicit offset wins over from_timezone).
+        time: Local date and time in from_timezone, e.g. "2025-03-01T15:30".
         to_timezone: IANA time zone to convert to.
         from_timezone: IANA time zone the time is in.
     """
+    try:
+        local = dt.datetime.fromisoformat(time)
+    except ValueError as exc:
+        raise ValueError(f"invalid date or time {time!r}: {exc}") from None
     source = get_zone(from_timezone)
     target, target_name = resolve_zone(to_timezone)
-    moment = time if time.tzinfo is not None else time.replace(tzinfo=source)
-    return _describe(moment.astimezone(target), target_name)
+    return _describe(local.replace(tzinfo=source).astimezone(target), target_name)
