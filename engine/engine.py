@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence as Seq
 
 import torch
+from torch import nn
 
 from .config import EngineConfig, SamplingParams
 from .kv_cache import BlockManager, KVCache
-from .model import AttnMetadata, LlamaModel
+from .model import AttnMetadata, DecodeQuantLinear, LlamaModel
 from .sampling import apply_mask, sample
 from .scheduler import Scheduler, Sequence
 
@@ -95,11 +96,7 @@ class LLMEngine:
         self.model = LlamaModel.from_weights(loaded.config, loaded.weights, self.dtype, self.device,
                                              max_len=self.max_model_len)
         if config.quantization is not None:
-            from .quant import Int8WeightOnlyLinear, quantize_
-
-            quantize_(self.model, config.quantization)  # the decoder layers
-            # the lm_head is a fifth of the weight bytes of a small model: int8 per-row keeps its logits close
-            self.model.lm_head = Int8WeightOnlyLinear(self.model.lm_head.weight, None)
+            self._quantize(config.quantization)
         a = self.model.args
         self.vocab_size: int = a.vocab_size
 
@@ -117,8 +114,31 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # outputs produced outside a step (aborts, instant finishes)
         self._arange_bs = torch.arange(bs, device=self.device)
         self._forward = self.model.forward
+        self._decode_forward = self.model.decode_forward
         if config.compile:
-            self._forward = torch.compile(self.model.forward, dynamic=True)
+            # only the decode-only step is compiled: its shapes vary in two sizes (batch, context)
+            self._decode_forward = torch.compile(self.model.decode_forward, dynamic=True)
+
+    def _quantize(self, mode: str) -> None:
+        """Weight-only quantize the decoder linears (``mode``) and the lm_head (int8).
+
+        On CPU the dense weights are kept for prefill chunks (see `DecodeQuantLinear`): decode reads
+        the small quantized weights, prefill keeps the dense matmul's speed. On CUDA the torch
+        kernels used do not apply: refuse clearly."""
+        from .quant import Int8WeightOnlyLinear, quantize_
+
+        if self.device.type != "cpu":
+            raise ValueError(f"quantization={mode!r} uses torch's CPU kernels; use quantization=None on {self.device}")
+        layers = self.model.layers
+        dense = {name: mod for name, mod in layers.named_modules() if isinstance(mod, nn.Linear)}
+        quantize_(layers, mode)  # replaces every nn.Linear under layers in place
+        for name, lin in dense.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = layers.get_submodule(parent_name)
+            setattr(parent, attr, DecodeQuantLinear(lin, getattr(parent, attr)))
+        # the lm_head is a fifth of the weight bytes of a small model: int8 per-row keeps its logits close;
+        # it only ever sees the rows being sampled, so no dense copy is needed
+        self.model.lm_head = Int8WeightOnlyLinear(self.model.lm_head.weight, None)
 
     # ---- requests -------------------------------------------------------------------------------
     def make_sequence(self, prompt: str | list[int], params: SamplingParams, constraint: Any = None,
@@ -199,7 +219,11 @@ class LLMEngine:
         if plan is None or not plan.entries:
             return outputs
         input_ids, positions, meta, rows, to_sample = self._prepare(plan.entries)
-        hidden = self._forward(input_ids, positions, meta, self.kv.k, self.kv.v)  # [T, H]
+        if not meta.prefills:
+            hidden = self._decode_forward(input_ids, positions, meta.slot_mapping, meta.decode_slots,
+                                          meta.decode_mask, self.kv.k, self.kv.v)  # [B, H]
+        else:
+            hidden = self._forward(input_ids, positions, meta, self.kv.k, self.kv.v)  # [T, H]
         logits = self.model.compute_logits(hidden[rows]) if to_sample else None  # [N, V] float32
         for seq, n in plan.entries:
             seq.num_computed_tokens += n
@@ -460,6 +484,8 @@ class AsyncLLMEngine:
         """Validate now (ContextOverflowError raises here), then stream the request's outputs."""
         if self._stop:
             raise RuntimeError("the engine is shut down")
+        if request_id is not None and request_id in self._sinks:
+            raise ValueError(f"request id {request_id!r} is already streaming")
         seq = self.engine.make_sequence(prompt, params or SamplingParams(), constraint, request_id)
         return self._stream(seq)
 

@@ -100,6 +100,25 @@ def _interleave_heads(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.reshape(-1, head_dim, *shape[1:])[:, perm].reshape(shape)
 
 
+class DecodeQuantLinear(nn.Module):
+    """A linear that keeps its dense weight for prefill and a weight-only quantized copy for decode.
+
+    Small batches (decode: a few rows) are bound by the weight bytes read, where int8/int4 win;
+    large batches (prefill chunks) are bound by compute, where the quantized kernels run slower than
+    a dense matmul on CPUs without native low-precision GEMM. Above ``max_rows`` rows the dense
+    weight is used.
+    """
+
+    def __init__(self, dense: nn.Linear, quantized: nn.Module, max_rows: int = 16):
+        super().__init__()
+        self.dense = dense
+        self.quantized = quantized
+        self.max_rows = max_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K]
+        return self.quantized(x) if x.shape[0] <= self.max_rows else self.dense(x)
+
+
 @dataclass
 class AttnMetadata:
     """Where a step's tokens write their K/V and what each query attends to.
@@ -223,6 +242,15 @@ class LlamaModel(nn.Module):
             g, u = gu.chunk(2, dim=-1)
             x = x + layer.down_proj(F.silu(g) * u)
         return F.rms_norm(x, hsz, self.norm, self._eps)
+
+    def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                       decode_slots: torch.Tensor, decode_mask: torch.Tensor | None,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """`forward` for a step of one-token sequences only, with plain tensor arguments (the form
+        ``torch.compile`` traces well). Returns hidden states [B, H]."""
+        meta = AttnMetadata(slot_mapping=slot_mapping, num_decode=input_ids.shape[0],
+                            decode_slots=decode_slots, decode_mask=decode_mask)
+        return self.forward(input_ids, positions, meta, k_cache, v_cache)
 
     def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         T, nh, hd = q.shape

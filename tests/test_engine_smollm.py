@@ -78,3 +78,15 @@ def test_bf16_close_to_fp32(engine_fp32):
     a, b = engine_fp32.prompt_logits(ids), eng.prompt_logits(ids)
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agree >= 0.85, f"bf16 top-1 agreement with fp32 only {agree:.2f}"
+
+
+@pytest.mark.parametrize("mode,min_agree", [("int8", 0.85), ("int4", 0.6)])
+def test_weight_only_quantization_accuracy(engine_fp32, mode, min_agree):
+    """The accuracy cost of weight-only quantization: top-1 agreement with fp32 over a prompt."""
+    eng = LLMEngine(EngineConfig(dtype="float32", quantization=mode, num_kv_blocks=64), loaded=smollm_loaded())
+    ids = engine_fp32.tokenizer(TEXTS[1] + TEXTS[0] + TEXTS[2]).input_ids
+    a, b = engine_fp32.prompt_logits(ids), eng.prompt_logits(ids)
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    diff = (a - b).abs().max().item()
+    print(f"{mode}: top-1 agreement {agree:.3f}, max abs logit diff {diff:.2f}")
+    assert agree >= min_agree, f"{mode} top-1 agreement with fp32 only {agree:.2f} (max logit diff {diff:.2f})"
