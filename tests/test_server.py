@@ -382,3 +382,20 @@ def test_sampling_settings_reach_the_model():
         0.7, 0.9, 20, 3, ["END"], 33)
     assert tools.temperature == 0.0  # greedy unless asked
     assert tools.stop == []  # the grammar ends JSON turns: a stop string would cut a call
+
+
+def test_disconnect_cancels_a_streamed_agent_run():
+    llm = SlowLLM(delay_s=0.05)
+    app = create_app(llm=llm, registry=make_registry())
+    with live_server(app) as url:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            with c.stream("POST", "/agent/run", json={"task": "think long", "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("event: step_started"):
+                        break  # hang up while the model is generating
+            for _ in range(100):
+                if llm.closed_early and app.state.agentrt.queue.running == 0:
+                    break
+                anyio.run(anyio.sleep, 0.05)
+    assert llm.started == 1 and llm.closed_early == 1 and llm.finished == 0
+    assert app.state.agentrt.queue.running == 0
