@@ -36,6 +36,7 @@ from agentrt.types import ToolCall
         ("abs(-2.5) * 2", 5),
         ("floor(2.7) + ceil(2.1)", 5),
         ("hypot(3, 4)", 5),
+        ("cbrt(-27)", -3),
         ("2 ** -1", 0.5),
         ("1e3 * 3", 3000),
         ("12 × 3 ÷ 4", 9),

@@ -43,8 +43,12 @@ def _round(x: float, digits: int = 0) -> float:
     return round(x, int(digits))
 
 
+def _cbrt(x: float) -> float:  # math.cbrt arrived in Python 3.11
+    return math.copysign(abs(x) ** (1 / 3), x)
+
+
 FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "sqrt": math.sqrt, "cbrt": math.cbrt, "exp": math.exp,
+    "sqrt": math.sqrt, "cbrt": getattr(math, "cbrt", _cbrt), "exp": math.exp,
     "log": math.log, "ln": math.log, "log10": math.log10, "log2": math.log2,
     "sin": math.sin, "cos": math.cos, "tan": math.tan,
     "asin": math.asin, "acos": math.acos, "atan": math.atan, "atan2": math.atan2,
