@@ -423,6 +423,13 @@ def _load_hf(folder: Path, files: list[Path] | None, *, progress: bool) -> Loade
     if not cfg_path.is_file():
         raise ModelNotFoundError(f"{folder}: no config.json (an HF model folder needs config.json, *.safetensors "
                                  "and tokenizer files)")
+    index = folder / "model.safetensors.index.json"
+    if files is None and index.is_file():  # sharded checkpoint: the index names the shards
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        files = [folder / s for s in shards]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise ModelNotFoundError(f"{folder}: shards listed in {index.name} are missing: {', '.join(absent)}")
     if files is None:
         files = sorted(folder.glob("*.safetensors"))
         if not files:

@@ -248,3 +248,22 @@ def test_pull_converts_and_reports(tmp_path, capsys):
     assert info["parameters"] == sum(p.numel() for p in model.parameters())  # tied: counted once
     assert cli.main(["pull", str(tmp_path / "missing.gguf")]) == 1
     assert "missing.gguf" in capsys.readouterr().err
+
+
+def test_sharded_hf_folder(tmp_path):
+    model = write_tiny_hf_folder(tmp_path / "m")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(tmp_path / "m" / "model.safetensors"))
+    (tmp_path / "m" / "model.safetensors").unlink()
+    keys = sorted(sd)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for fname, ks in halves.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / "m" / fname))
+    (tmp_path / "m" / "stray.safetensors").write_bytes(b"not a checkpoint")  # must be ignored
+    index = {"weight_map": {k: f for f, ks in halves.items() for k in ks}}
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps(index))
+    _assert_same_weights(load_model(tmp_path / "m", progress=False), model)
+    (tmp_path / "m" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match="00002"):
+        load_model(tmp_path / "m", progress=False)

@@ -42,6 +42,7 @@ _TEXT = ("An agent answers questions by calling tools. It reads the tool specs, 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--json-out", default=None, metavar="PATH", help="also write the JSON report to PATH")
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (median; default 3, quick 1)")
     p.add_argument("--quick", action="store_true", help="small sizes and fewer settings: a smoke test")
@@ -571,6 +572,9 @@ def _print_report(rep: Report) -> None:
 def main(args: argparse.Namespace) -> int:
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
     rep = run(args, log)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(asdict(rep), f, indent=2)
     if args.json:
         print(json.dumps(asdict(rep), indent=2))
     else:
