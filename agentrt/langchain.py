@@ -529,11 +529,12 @@ class ChatAgentRT(BaseChatModel):
         content: str = text
         calls: list[Any] = []
         invalid: list[Any] = []
-        if turn.plan.mode == "tools":
+        if turn.plan.mode == "tools" and completion.finish_reason == "length":
+            content, calls, invalid = self._salvage_cut_turn(turn, completion)
+        elif turn.plan.mode == "tools":
             try:
                 parsed = parse_turn(text, turn.plan)
-            except ValueError as exc:
-                # Only a cut (max_tokens) can leave grammar-constrained JSON unparsable.
+            except ValueError as exc:  # cannot happen under the grammar; an LLM without one
                 reason = self._cut_reason(exc, turn, completion)
                 invalid.append(invalid_tool_call(name=None, args=text, id=None, error=reason))
                 content = ""
@@ -547,6 +548,22 @@ class ChatAgentRT(BaseChatModel):
             usage_metadata=_usage_metadata(completion.usage),
             response_metadata=self._response_metadata(turn, completion, bool(calls)),
         )
+
+    def _salvage_cut_turn(self, turn: _Turn, completion: Completion) -> tuple[str, list[Any], list[Any]]:
+        """A tools-mode output cut by max_tokens: keep what is complete, as streaming does
+        (the calls whose arguments closed, the answer text so far), and report the cut as
+        an invalid tool call naming the fix."""
+        parser = ToolCallStreamParser("tools")
+        try:
+            parser.feed(completion.text)
+            parser.finish()
+        except ValueError as exc:
+            reason = self._cut_reason(exc, turn, completion)
+        else:  # the JSON closed exactly at the limit
+            reason = None
+        calls = [tool_call(name=c.name, args=c.arguments, id=c.id) for c in parser.tool_calls]
+        invalid = [] if reason is None else [invalid_tool_call(name=None, args=completion.text, id=None, error=reason)]
+        return parser.content or "", calls, invalid
 
     # -- BaseChatModel hooks -------------------------------------------------------------
 

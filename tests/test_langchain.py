@@ -296,6 +296,21 @@ async def test_astream_answer_in_tools_mode_streams_unescaped_content():
     assert sum(len(c.tool_call_chunks) for c in chunks) == 0
 
 
+def test_cut_output_keeps_the_complete_calls_like_streaming():
+    """A model repeating calls until max_tokens: invoke and stream agree on the calls that
+    closed, and both say the output was cut."""
+    text = '{"calls":[{"tool":"magic_function","arguments":{"input":3}},{"tool":"magic_function","arguments":{"input":3}},{"tool":"magic_fun'
+    model = ChatAgentRT(llm=ProgrammableLLM([(text, "length")] * 2), max_tokens=40).bind_tools([magic_function])
+    msg = model.invoke("x")
+    assert [c["args"] for c in msg.tool_calls] == [{"input": 3}, {"input": 3}]
+    assert "raise max_tokens (was 40)" in msg.invalid_tool_calls[0]["error"]
+    full = None
+    for c in model.stream("x"):
+        full = c if full is None else full + c
+    assert [c["args"] for c in full.tool_calls] == [{"input": 3}, {"input": 3}]
+    assert full.response_metadata["finish_reason"] == msg.response_metadata["finish_reason"] == "length"
+
+
 def test_output_cut_by_max_tokens_becomes_an_invalid_tool_call():
     llm = ProgrammableLLM([('{"calls":[{"tool":"magic_function","argu', "length")] * 2)
     model = ChatAgentRT(llm=llm, max_tokens=12).bind_tools([magic_function], tool_choice="any")
