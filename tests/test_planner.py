@@ -76,13 +76,13 @@ async def test_prompts_are_append_only_and_cached_share_grows():
 
 
 async def test_parallel_calls_run_concurrently_and_keep_order():
-    llm = ScriptedLLM([calls(("slow", {"seconds": 0.3}), ("add", {"a": 1, "b": 2}), ("slow", {"seconds": 0.3})), answer("ok")])
+    llm = ScriptedLLM([calls(("slow", {"seconds": 0.6}), ("add", {"a": 1, "b": 2}), ("slow", {"seconds": 0.6})), answer("ok")])
     t0 = time.perf_counter()
     result = await Agent(llm, make_registry()).run("go")
-    assert time.perf_counter() - t0 < 0.55  # two 0.3 s sleeps overlapped
+    assert time.perf_counter() - t0 < 1.1  # two 0.6 s sleeps overlapped (in turn: >= 1.2 s)
     assert [r.content for r in result.steps[0].results] == ["done", "3", "done"]
     assert [r.call_id for r in result.steps[0].results] == [c.id for c in result.steps[0].calls]
-    assert result.steps[0].tool_time_s >= 0.3
+    assert result.steps[0].tool_time_s >= 0.6
 
 
 async def test_parallel_off_limits_schema_and_rejects_two_calls():
