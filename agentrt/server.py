@@ -1020,6 +1020,7 @@ async def build_agent(state: ServerState, req: AgentRunRequest) -> tuple[Any, st
                        param="max_tokens", code="invalid_value")
     params = GenerationParams(max_tokens=req.max_tokens or 256,
                               temperature=0.0 if req.temperature is None else req.temperature)
+    _check_first_prompt_fits(state.llm, task, registry, req, output_type, params)
     try:
         agent = Agent(state.llm, registry, system_prompt=req.system_prompt, tool_choice=req.tool_choice,
                       parallel_tool_calls=req.parallel_tool_calls, max_steps=req.max_steps,
@@ -1027,6 +1028,30 @@ async def build_agent(state: ServerState, req: AgentRunRequest) -> tuple[Any, st
     except ValueError as e:
         raise APIError(400, str(e), param="tool_choice", code="invalid_value") from None
     return agent, task
+
+
+def _check_first_prompt_fits(llm: Any, task: str | list[Message], registry: Any, req: AgentRunRequest,
+                             output_type: Any, params: GenerationParams) -> None:
+    """A task too long for the context window is a 400 now, not a failed run later."""
+    count, limit = getattr(llm, "prompt_token_ids", None), _max_model_len(llm)
+    if not callable(count) or not limit:
+        return
+    messages = [Message(role="user", content=task)] if isinstance(task, str) else list(task)
+    if req.system_prompt:
+        messages.insert(0, Message(role="system", content=req.system_prompt))
+    schema = output_type.model_json_schema() if output_type is not None else None
+    try:
+        plan = plan_turn(messages, registry.specs(), req.tool_choice, req.parallel_tool_calls, schema)
+        n = len(count(plan.chat_messages))
+    except ValueError as e:
+        raise APIError(400, str(e), param="tool_choice", code="invalid_value") from None
+    except Exception as e:  # a chat template that refuses the transcript
+        raise APIError(400, f"the messages cannot be rendered with the model's chat template: {e}",
+                       param="messages", code="invalid_messages") from None
+    if n + params.max_tokens > limit:
+        raise APIError(400, f"the first prompt has {n} tokens and each step may add {params.max_tokens}: over the "
+                       f"context window of {limit} tokens. Shorten the task or lower max_tokens.",
+                       param="task" if isinstance(task, str) else "messages", code="context_length_exceeded")
 
 
 def _answer_json(answer: Any) -> Any:

@@ -167,6 +167,8 @@ def test_bad_inputs_are_4xx(server, client):
         r = c.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER],
                                                  "tool_choice": {"type": "function", "function": {"name": "rm"}}})
         assert r.status_code == 400 and "rm" in r.json()["error"]["message"]
+        r = c.post("/agent/run", json={"task": "word " * 9000, "tools": ["calculate"]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         r = c.post("/agent/run", json={"task": "x", "tools": ["shell"]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_tool"
     with pytest.raises(openai.BadRequestError):
