@@ -210,6 +210,32 @@ class LLMEngine:
                            kv_blocks_cached=bm.num_cached, prefix_cache_hit_tokens=bm.hit_tokens,
                            prefix_cache_queried_tokens=bm.queried_tokens)
 
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads: the quantized copies when quantized (not the dense
+        prefill copies), the lm_head, not the embedding table (one row per token) nor RoPE tables.
+        Divided by the memory bandwidth, this is the floor of decode time per step."""
+        seen: set[int] = set()
+        total = 0
+
+        def walk(mod: nn.Module) -> None:
+            nonlocal total
+            if isinstance(mod, DecodeQuantLinear):
+                walk(mod.quantized)
+                return
+            for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+            for child in mod.children():
+                if child is not self.model.embed_tokens:
+                    walk(child)
+
+        for layer in self.model.layers:
+            walk(layer)
+        walk(self.model.lm_head)
+        total += self.model.norm.numel() * self.model.norm.element_size()
+        return total
+
     # ---- the step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
