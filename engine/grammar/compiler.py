@@ -256,7 +256,7 @@ class GrammarCompiler:
                 index = None
         source = "disk" if index is not None else ""
         if index is None:
-            regex, unenforced = schema_to_regex(schema, lenient=lenient)
+            regex, unenforced = schema_to_regex(schema, lenient=lenient, timeout_s=timeout_s)
             left = None if timeout_s is None else t0 + timeout_s - time.perf_counter()
             if left is not None and left <= 0:
                 raise GrammarCompileError(f"compiling the schema took longer than {timeout_s:g}s and was stopped")

@@ -21,6 +21,7 @@ must be checkable; its regex -> token index (``Index``) is used for the token au
 from __future__ import annotations
 
 import json
+import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import unquote
@@ -51,7 +52,9 @@ _TYPES = ("null", "boolean", "object", "array", "string", "number", "integer")
 
 
 class _Ctx:
-    def __init__(self, root: Any, lenient: bool, max_ref_depth: int, max_any_depth: int):
+    def __init__(self, root: Any, lenient: bool, max_ref_depth: int, max_any_depth: int,
+                 deadline: float | None = None):
+        self.deadline = deadline
         self.root = root
         self.lenient = lenient
         self.max_ref_depth = max_ref_depth
@@ -64,7 +67,8 @@ class _Ctx:
 
 
 def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 3,
-                    max_any_depth: int = 3) -> tuple[str, list[str]]:
+                    max_any_depth: int = 3, timeout_s: float | None = None,
+                    max_regex_chars: int = 4_000_000) -> tuple[str, list[str]]:
     """Compile ``schema`` to a regex over compact JSON text.
 
     Returns ``(regex, unenforced)``; ``unenforced`` is empty unless ``lenient`` (then it lists
@@ -76,8 +80,12 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
 
     if not isinstance(schema, (dict, bool)):
         raise GrammarCompileError(f"a JSON Schema must be an object or a boolean, got {type(schema).__name__}")
-    ctx = _Ctx(schema, lenient, max_ref_depth, max_any_depth)
+    deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+    ctx = _Ctx(schema, lenient, max_ref_depth, max_any_depth, deadline)
     regex = _node(schema, ctx, "")
+    if regex is not None and len(regex) > max_regex_chars:
+        raise GrammarCompileError(f"the schema expands to a {len(regex):,}-character regex (limit {max_regex_chars:,}): "
+                                  "simplify it (fewer nested $refs / alternatives)")
     if ctx.problems and not lenient:
         raise UnsupportedSchemaError(ctx.problems)
     if regex is None:
@@ -99,6 +107,9 @@ def any_value(depth: int) -> str:
 
 # ----------------------------------------------------------------------------- the walker
 def _node(schema: Any, ctx: _Ctx, path: str) -> str | None:
+    if ctx.deadline is not None and time.perf_counter() > ctx.deadline:
+        raise GrammarCompileError("compiling the schema took longer than the time limit and was stopped "
+                                  "(simplify it: fewer nested $refs / alternatives, or raise timeout_s)")
     if schema is True:
         return any_value(ctx.max_any_depth)
     if schema is False:
