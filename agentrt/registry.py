@@ -11,14 +11,18 @@ The registry depends on neither the planner nor the engine.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
 import sys
+import threading
 import time
+import weakref
 from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar, overload
 
 import anyio
+import anyio.lowlevel
 import jsonschema
 import pydantic
 import pydantic_core
@@ -40,6 +44,12 @@ __all__ = [
 
 DepsT = TypeVar("DepsT")
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+# The thread limiter of the registry serving the current call (None: anyio's shared pool).
+# A context variable rather than an argument, so subclasses overriding Tool.invoke keep working.
+_THREAD_LIMITER: contextvars.ContextVar[anyio.CapacityLimiter | None] = contextvars.ContextVar(
+    "agentrt_tool_thread_limiter", default=None)
 
 
 @dataclasses.dataclass
@@ -211,7 +221,8 @@ class Tool:
         """Validate ``arguments`` and run the function; returns its raw value, raises its errors.
 
         Sync functions run in a worker thread (abandoned, not killed, if the caller's
-        timeout fires); async ones are awaited in the caller's task.
+        timeout fires; the calling registry's limiter bounds how many run at once);
+        async ones are awaited in the caller's task.
         """
         model = self.parse_arguments(arguments)
         args: list[Any] = []
@@ -234,7 +245,8 @@ class Tool:
             result = await self.fn(*args, **kwargs)
         else:
             result = await anyio.to_thread.run_sync(
-                functools.partial(self.fn, *args, **kwargs), abandon_on_cancel=True
+                functools.partial(self.fn, *args, **kwargs), abandon_on_cancel=True,
+                limiter=_THREAD_LIMITER.get(),
             )
         if inspect.isawaitable(result):  # a sync wrapper returning a coroutine
             result = await result
@@ -280,13 +292,23 @@ class ToolRegistry:
         default_timeout_s: the timeout for tools that set none (None = no limit).
         max_result_chars: cut tool results longer than this (None = never), so one
             big result cannot flood a small model's context.
+        max_threads: how many sync tools of this registry may run at once (per event
+            loop). A sync tool that times out is abandoned, not killed; this limit keeps
+            such threads from using up anyio's shared pool (FastAPI draws on it too).
     """
 
     def __init__(self, tools: Iterable[Tool | Callable[..., Any]] = (), *,
-                 default_timeout_s: float | None = None, max_result_chars: int | None = None):
+                 default_timeout_s: float | None = None, max_result_chars: int | None = None,
+                 max_threads: int = 16):
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be >= 1, got {max_threads}")
         self._tools: dict[str, Tool] = {}
         self.default_timeout_s = default_timeout_s
         self.max_result_chars = max_result_chars
+        self.max_threads = max_threads
+        # One limiter per event loop: a limiter is not safe to share between loops (threads).
+        self._limiters: weakref.WeakKeyDictionary[Any, anyio.CapacityLimiter] = weakref.WeakKeyDictionary()
+        self._limiters_lock = threading.Lock()
         for t in tools:
             self.register(t)
 
@@ -376,7 +398,7 @@ class ToolRegistry:
     def subset(self, names: Iterable[str]) -> "ToolRegistry":
         """A new registry with only ``names`` (KeyError for an unknown one); same settings."""
         return ToolRegistry([self.get(n) for n in names], default_timeout_s=self.default_timeout_s,
-                            max_result_chars=self.max_result_chars)
+                            max_result_chars=self.max_result_chars, max_threads=self.max_threads)
 
     # -- calling ----------------------------------------------------------------------
     async def call(self, call: ToolCall, *, context: RunContext | None = None,
@@ -405,8 +427,12 @@ class ToolRegistry:
         try:
             # move_on_after rather than fail_after: a TimeoutError raised by the tool itself
             # (a socket, say) must read as the tool's error, not as our deadline.
-            with anyio.move_on_after(limit) as scope:
-                value = await tool_.invoke(call.arguments, context)
+            token = _THREAD_LIMITER.set(self._thread_limiter())
+            try:
+                with anyio.move_on_after(limit) as scope:
+                    value = await tool_.invoke(call.arguments, context)
+            finally:
+                _THREAD_LIMITER.reset(token)
             if scope.cancelled_caught:
                 return result(f"TimeoutError: tool {call.name!r} did not finish within {limit:g} s", True)
             return result(serialize_result(value), False)
@@ -427,6 +453,18 @@ class ToolRegistry:
             for i, c in enumerate(calls):
                 tg.start_soon(run, i, c)
         return [r for r in results if r is not None]
+
+    def _thread_limiter(self) -> anyio.CapacityLimiter | None:
+        """This registry's thread limiter for the running event loop (None: anyio's shared one)."""
+        loop = anyio.lowlevel.current_token().native_token
+        with self._limiters_lock:
+            try:
+                limiter = self._limiters.get(loop)
+                if limiter is None:
+                    limiter = self._limiters[loop] = anyio.CapacityLimiter(self.max_threads)
+            except TypeError:  # a loop object that cannot be weakly referenced
+                return None
+        return limiter
 
     def _cut(self, content: str) -> str:
         limit = self.max_result_chars

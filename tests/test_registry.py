@@ -527,3 +527,52 @@ async def test_tool_from_json_schema() -> None:
     with pytest.raises(ToolDefinitionError) as info:
         Tool.from_json_schema("bad name", {"type": "array", "items": 3}, forecast)
     assert len(info.value.problems) == 3
+
+
+async def test_sync_tools_are_bounded_by_the_registry_thread_limit() -> None:
+    r = ToolRegistry(max_threads=2)
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    @r.tool
+    def busy(i: int) -> int:
+        """Occupy a thread for a while."""
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return i
+
+    results = await r.call_many([ToolCall(id=str(i), name="busy", arguments={"i": i}) for i in range(6)])
+    assert [x.content for x in results] == [str(i) for i in range(6)]
+    assert peak == 2
+    with pytest.raises(ValueError, match="max_threads"):
+        ToolRegistry(max_threads=0)
+
+
+def test_one_registry_serves_several_event_loops_at_once() -> None:
+    r = ToolRegistry(max_threads=2)
+
+    @r.tool
+    def nap(i: int) -> int:
+        """Sleep briefly."""
+        time.sleep(0.02)
+        return i
+
+    outcomes: list[list[str]] = []
+
+    async def batch() -> None:
+        results = await r.call_many([ToolCall(id=str(i), name="nap", arguments={"i": i}) for i in range(5)])
+        outcomes.append([x.content for x in results])
+
+    threads = [threading.Thread(target=lambda: asyncio.run(batch()), daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads), "a loop hung on another loop's limiter"
+    assert outcomes == [["0", "1", "2", "3", "4"]] * 3
