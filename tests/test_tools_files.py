@@ -85,6 +85,13 @@ def test_other_errors(tree: Path) -> None:
     with pytest.raises(NotADirectoryError, match="is not a folder"):
         FileSandbox(tree / "missing")
     assert FileSandbox(tree, max_chars=5).read("readme.md") == "# Hel\n[cut at 5 characters]"
+    with pytest.raises(ValueError, match="has only 2 lines"):
+        box.read("readme.md", start_line=3)
+    os.mkfifo(tree / "pipe")
+    with pytest.raises(FileAccessError, match="not a regular file"):
+        box.read("pipe")
+    (tree / "empty.txt").write_text("")
+    assert box.read("empty.txt") == ""
 
 
 def test_default_root_from_environment(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:

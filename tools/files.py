@@ -81,6 +81,8 @@ class FileSandbox:
             raise FileNotFoundError(f"no file {path!r} (use list_files to see what exists)")
         if real.is_dir():
             raise IsADirectoryError(f"{path!r} is a folder; use list_files")
+        if not real.is_file():  # a FIFO or device would block or never end
+            raise FileAccessError(f"{path!r} is not a regular file")
         size = real.stat().st_size
         if size > self.max_file_bytes:
             raise FileAccessError(f"{path!r} is {size} bytes; the limit is {self.max_file_bytes}")
@@ -88,6 +90,8 @@ class FileSandbox:
         if b"\x00" in data[:4096]:
             raise FileAccessError(f"{path!r} is a binary file")
         lines = data.decode("utf-8", errors="replace").splitlines()
+        if start_line > max(len(lines), 1):
+            raise ValueError(f"{path!r} has only {len(lines)} lines; start_line must be <= {max(len(lines), 1)}")
         chosen = lines[start_line - 1:start_line - 1 + max_lines]
         text = "\n".join(chosen)
         end = start_line - 1 + len(chosen)
