@@ -117,6 +117,7 @@ class LLMEngine:
         self._decode_forward = self.model.decode_forward
         if config.compile:
             # only the decode-only step is compiled: its shapes vary in two sizes (batch, context)
+            self.model.rope_real = True
             self._decode_forward = torch.compile(self.model.decode_forward, dynamic=True)
 
     def _quantize(self, mode: str) -> None:

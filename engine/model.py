@@ -161,6 +161,9 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device="meta")
         self._qk_dim = (args.num_heads + args.num_kv_heads) * args.head_dim
         self._eps = args.rms_norm_eps
+        # RoPE as real arithmetic instead of one complex multiply: torch.compile cannot generate
+        # code for complex ops (eager prefers the single complex op)
+        self.rope_real = False
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -207,6 +210,8 @@ class LlamaModel(nn.Module):
         freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # [n, hd/2]
         model.register_buffer("rope_cis", torch.polar(torch.ones_like(freqs), freqs).to(device),
                               persistent=False)  # [n, hd/2] complex64
+        model.register_buffer("rope_cos", freqs.cos().to(device), persistent=False)  # [n, hd/2] for rope_real
+        model.register_buffer("rope_sin", freqs.sin().to(device), persistent=False)
         return model.eval()
 
     # ---- forward --------------------------------------------------------------------------------
@@ -218,7 +223,11 @@ class LlamaModel(nn.Module):
         T = input_ids.shape[0]
         nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
         x = self.embed_tokens(input_ids)  # [T, H]
-        cis = self.rope_cis[positions].unsqueeze(1)  # [T, 1, hd/2] complex
+        if self.rope_real:
+            cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, hd/2]
+            sin = self.rope_sin[positions].unsqueeze(1)
+        else:
+            cis = self.rope_cis[positions].unsqueeze(1)  # [T, 1, hd/2] complex
         fp32 = x.dtype == torch.float32
         hsz = (a.hidden_size,)
         for i, layer in enumerate(self.layers):
@@ -228,7 +237,12 @@ class LlamaModel(nn.Module):
             if not fp32:
                 qk = qk.float()
             # RoPE on q and k at once, as one complex multiply (rows are in interleaved pair order)
-            qk = torch.view_as_real(torch.view_as_complex(qk.view(T, nh + nkv, hd // 2, 2)) * cis)
+            pairs = qk.view(T, nh + nkv, hd // 2, 2)
+            if self.rope_real:
+                x0, x1 = pairs[..., 0], pairs[..., 1]
+                qk = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+            else:
+                qk = torch.view_as_real(torch.view_as_complex(pairs) * cis)
             qk = qk.flatten(2) if fp32 else qk.flatten(2).to(x.dtype)  # [T, nh + nkv, hd]
             q, k = qk[:, :nh], qk[:, nh:]  # [T, nh, hd], [T, nkv, hd]
             v = qkv[:, self._qk_dim:].view(T, nkv, hd)

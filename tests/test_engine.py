@@ -364,3 +364,21 @@ def test_quantized_engine_decodes_close_to_fp32(mode):
     assert agree >= 0.9, agree
     out = eng.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True))[0]
     assert len(out.output_token_ids) == 8 and eng.stats().kv_blocks_used == 0
+
+
+def test_real_valued_rope_equals_complex_rope():
+    eng = make_engine()
+    ids = list(range(3, 40))
+    a = eng.prompt_logits(ids)
+    eng.model.rope_real = True  # the form used under torch.compile
+    b = eng.prompt_logits(ids)
+    assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.e2e
+def test_compiled_decode_matches_eager():
+    pytest.importorskip("torch._inductor", reason="torch.compile needs inductor")
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    eager = make_engine().generate(PROMPTS[:2], params)
+    compiled = make_engine(compile=True).generate(PROMPTS[:2], params)
+    assert [o.output_token_ids for o in compiled] == [o.output_token_ids for o in eager]
