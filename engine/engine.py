@@ -53,6 +53,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     metrics: RequestMetrics
+    error: BaseException | None = None  # set (finish_reason "abort") when the request's constraint failed
 
 
 @dataclass
@@ -180,7 +181,12 @@ class LLMEngine:
         self._seqs[seq.request_id] = seq
         if seq.constraint is not None:
             # the constraint may already be done or force the first tokens (jump-forward into the prefill)
-            if self._after_tokens(seq) is not None:
+            try:
+                done = self._after_tokens(seq) is not None
+            except Exception:
+                self._seqs.pop(seq.request_id, None)
+                raise
+            if done:
                 self._finish(seq)
                 self._pending.append(self._output(seq))
                 return seq.request_id
@@ -309,10 +315,14 @@ class LLMEngine:
         for i, seq in enumerate(seqs):
             c = seq.constraint
             if c is not None:
-                if c.is_terminated():
-                    seq.finish_reason = "stop"
+                try:
+                    if c.is_terminated():
+                        seq.finish_reason = "stop"
+                        continue
+                    apply_mask(logits[i], c.next_token_mask())
+                except Exception as exc:  # a broken constraint fails its own request only
+                    seq.error, seq.finish_reason = exc, "abort"
                     continue
-                apply_mask(logits[i], c.next_token_mask())
             live.append(i)
         tokens = sample(logits[live], [seqs[i].params for i in live], [seqs[i].generator for i in live]) if live else []
         picked = dict(zip(live, tokens))
@@ -320,8 +330,11 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if i in picked and not seq.finished:
-                if self._append(seq, picked[i], forced=False) is None:
-                    self._after_tokens(seq)
+                try:
+                    if self._append(seq, picked[i], forced=False) is None:
+                        self._after_tokens(seq)
+                except Exception as exc:  # the constraint refused a token or failed
+                    seq.error, seq.finish_reason = exc, "abort"
             if seq.finished:
                 self._finish(seq)
             outputs.append(self._output(seq))
@@ -402,7 +415,8 @@ class LLMEngine:
             queue_s=(seq.first_scheduled_time - t0) if seq.first_scheduled_time else None)
         return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
                              output_token_ids=list(seq.output_token_ids), text=text[:safe], delta_text=delta,
-                             finished=seq.finished, finish_reason=seq.finish_reason, metrics=metrics)
+                             finished=seq.finished, finish_reason=seq.finish_reason, metrics=metrics,
+                             error=seq.error)
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -442,6 +456,11 @@ class LLMEngine:
         while len(final) < n:
             for out in self.step():
                 if out.finished and out.request_id in ids:
+                    if out.error is not None:
+                        for rid in ids:
+                            self.abort_request(rid)
+                        self._pending = [o for o in self._pending if o.request_id not in ids]
+                        raise out.error
                     final[out.request_id] = out
             if len(final) < n and not self.has_unfinished_requests():
                 raise RuntimeError("engine went idle with requests unfinished")
@@ -530,6 +549,9 @@ class AsyncLLMEngine:
                     if isinstance(item, BaseException):
                         done = True
                         raise item
+                    if item.error is not None:
+                        done = True
+                        raise item.error
                     if item.finished:
                         done = True
                     yield item

@@ -40,6 +40,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None
+    error: BaseException | None = None  # a failing constraint ends only its own request
     # text state (see engine._detokenize)
     text: str = ""
     sent_text_len: int = 0

@@ -382,3 +382,28 @@ def test_compiled_decode_matches_eager():
     eager = make_engine().generate(PROMPTS[:2], params)
     compiled = make_engine(compile=True).generate(PROMPTS[:2], params)
     assert [o.output_token_ids for o in compiled] == [o.output_token_ids for o in eager]
+
+
+async def test_failing_constraint_fails_only_its_request():
+    class Refuses(EvenThenForced):
+        def __init__(self, vocab):
+            super().__init__(vocab)
+            self.pending = []
+
+        def accept_token(self, t):
+            raise ValueError("constraint refuses everything")
+
+    eng = make_engine()
+    aeng = AsyncLLMEngine(eng)
+    try:
+        params = SamplingParams(max_tokens=10, ignore_eos=True)
+        good = aeng.generate(PROMPTS[0], params)
+        bad = aeng.generate(PROMPTS[1], params, constraint=Refuses(eng.vocab_size))
+        import asyncio
+
+        res = await asyncio.gather(good, bad, return_exceptions=True)
+        assert len(res[0].output_token_ids) == 10
+        assert isinstance(res[1], ValueError) and "refuses" in str(res[1])
+        assert eng.stats().kv_blocks_used == 0
+    finally:
+        aeng.shutdown()
