@@ -189,8 +189,9 @@ def _engine(loaded: Any, setting: str, threads: int, sizes: Sizes, *, caching: b
     dtype, quant = SETTINGS[setting]
     max_len = max(sizes.prefill, sizes.ttft_prompt) + sizes.decode + sizes.greedy_tokens + 64
     need = sizes.concurrency * (max_len + 16)
+    # 64 sequences at once lets the many-short-requests check fill 512-token steps
     cfg = EngineConfig(dtype=dtype, quantization=quant, num_threads=threads, enable_prefix_caching=caching,
-                       max_model_len=max_len, num_kv_blocks=-(-need // 16) + 8, compile=compile)
+                       max_model_len=max_len, num_kv_blocks=-(-need // 16) + 8, compile=compile, max_num_seqs=64)
     return LLMEngine(cfg, loaded=loaded)
 
 
