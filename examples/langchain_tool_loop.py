@@ -5,8 +5,8 @@ a LangChain tool with `to_langchain_tool`; ``get_weather`` is an ordinary LangCh
 ``@tool``. The model's tool calls are grammar-constrained, so their arguments always
 validate against the tools' schemas.
 
-    python examples/langchain_tool_loop.py "What is the weather in Paris?"
-    python examples/langchain_tool_loop.py --model /path/to/model "What is 12.5 times 4?"
+    python examples/langchain_tool_loop.py "What is 12.5 times 4?"
+    python examples/langchain_tool_loop.py --model /path/to/model "What is the weather in Paris?"
 """
 from __future__ import annotations
 
@@ -49,13 +49,16 @@ def run(question: str, model: str | None = None, max_steps: int = 4, verbose: bo
     Returns the whole transcript; its last message is the model's answer. ``llm`` puts
     any agentrt LLM (e.g. ScriptedLLM) behind the chat model instead of the engine."""
     by_name = {t.name: t for t in TOOLS}
-    chat = ChatAgentRT(model=model, llm=llm, max_tokens=96).bind_tools(TOOLS)
+    base = ChatAgentRT(model=model, llm=llm, max_tokens=96)
+    # Small models tend to answer from memory: force a tool call on the first turn
+    # ("any": the grammar only allows calls), then let the model choose ("auto").
+    first, later = base.bind_tools(TOOLS, tool_choice="any"), base.bind_tools(TOOLS)
     messages: list[BaseMessage] = [
         SystemMessage("Use a tool when it helps, then answer in one sentence."),
         HumanMessage(question),
     ]
-    for _ in range(max_steps):
-        ai = chat.invoke(messages)
+    for step in range(max_steps):
+        ai = (first if step == 0 else later).invoke(messages)
         messages.append(ai)
         if not ai.tool_calls:
             break
@@ -66,7 +69,10 @@ def run(question: str, model: str | None = None, max_steps: int = 4, verbose: bo
             messages.append(result)
     if verbose:
         last = messages[-1]
-        usage = last.usage_metadata if isinstance(last, AIMessage) else None
+        if not isinstance(last, AIMessage) or last.tool_calls:
+            print(f"no answer within {max_steps} model turns")
+            return messages
+        usage = last.usage_metadata
         print(f"answer: {last.content}")
         if usage:
             print(f"(last turn: {usage['input_tokens']} prompt tokens, "
@@ -76,7 +82,7 @@ def run(question: str, model: str | None = None, max_steps: int = 4, verbose: bo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("question", nargs="?", default="What is the weather in Paris?")
+    parser.add_argument("question", nargs="?", default="What is 12.5 times 4?")
     parser.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M)")
     args = parser.parse_args(argv)
     run(args.question, model=args.model)
