@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,19 +51,16 @@ def test_langgraph_example_runs_tools_then_answers():
     assert state["messages"][-1].content == "It is sunny in Paris."
 
 
-def _run_example(name: str, question: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / f"{name}.py"), question],
-        capture_output=True, text=True, timeout=600, env=env, cwd=EXAMPLES.parent,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+def _run_example(name: str, question: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the example's ``main`` as ``python examples/<name>.py "<question>"`` would, but
+    in this process, so it shares the already-loaded embedded model with the other tests."""
+    assert _load(name).main([question]) == 0
+    return capsys.readouterr().out
 
 
 @pytest.mark.e2e
-def test_tool_loop_example_on_the_embedded_model():
-    out = _run_example("langchain_tool_loop", "What is 12.5 times 4?")
+def test_tool_loop_example_on_the_embedded_model(capsys):
+    out = _run_example("langchain_tool_loop", "What is 12.5 times 4?", capsys)
     # The first turn must call a tool (tool_choice "any"), and the tool really runs; whether
     # the 135M model then answers or keeps calling is up to it (both end the program).
     assert "tool multiply(" in out or "tool get_weather(" in out
@@ -74,7 +68,7 @@ def test_tool_loop_example_on_the_embedded_model():
 
 
 @pytest.mark.e2e
-def test_langgraph_example_on_the_embedded_model():
+def test_langgraph_example_on_the_embedded_model(capsys):
     pytest.importorskip("langgraph", reason="langgraph (dev extra) is not installed")
-    out = _run_example("langgraph_react_agent", "What is 6 times 7?")
+    out = _run_example("langgraph_react_agent", "What is 6 times 7?", capsys)
     assert "answer:" in out  # the graph ran to its end (the model may answer without a tool)
