@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -245,7 +246,7 @@ def _metric(url: str, name: str) -> float | None:
 
 
 def _print_phase(title: str, res: dict[str, Any]) -> None:
-    print(f"\n== {title}")
+    print(f"\n== {title}", flush=True)
     print(f"requests {res['requests']} in {res['wall_s']} s: {res['requests_per_s']} req/s, errors {res['errors']}")
     for kind in ("agent", "chat"):
         if kind in res:
@@ -258,6 +259,7 @@ def _print_phase(title: str, res: dict[str, Any]) -> None:
             print(f"  {key}: {res[key]}")
     for err in res.get("first_errors", []):
         print(f"  error: {err}")
+    sys.stdout.flush()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -272,6 +274,9 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"clients": args.clients}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    # A SIGTERM (e.g. from `timeout`) must still stop the child servers: unwind normally.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    show = (lambda title, res: None) if args.json else _print_phase
     with serve_process(model_args + limits, args.startup_timeout) as (url, proc):
         # warm-up: every grammar compiled once (then cached), the first prefill done
         asyncio.run(run_load(url, 1, min(1, args.agent_runs), 2, args.max_steps))
@@ -280,6 +285,7 @@ def main(args: argparse.Namespace) -> int:
         res["server_peak_rss_mb"] = _round(peak_rss_mb(proc.pid))
         res["prefix_cache_hit_rate"] = _round(_metric(url, "agentrt_prefix_cache_hit_rate"))
         results["local"] = res
+        show(f"local: agentrt serve, {args.clients} clients", res)
 
     if not args.no_remote and args.agent_runs:
         with serve_process(model_args + limits, args.startup_timeout) as (model_url, model_proc):
@@ -291,13 +297,9 @@ def main(args: argparse.Namespace) -> int:
                 res["model_server_peak_rss_mb"] = _round(peak_rss_mb(model_proc.pid))
                 res["front_peak_rss_mb"] = _round(peak_rss_mb(front_proc.pid))
                 results["remote"] = res
+                show("scale-out: agentrt serve --remote-url -> a second agentrt serve (RemoteLLM)", res)
 
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        _print_phase(f"local: agentrt serve, {args.clients} clients", results["local"])
-        if "remote" in results:
-            _print_phase("scale-out: agentrt serve --remote-url -> a second agentrt serve (RemoteLLM)",
-                         results["remote"])
     errors = results["local"]["errors"] + results.get("remote", {}).get("errors", 0)
     return 1 if errors else 0
