@@ -436,13 +436,21 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
                  bandwidth_gbs_measured=measure_bandwidth_gbs(args.threads),
                  torch_version=torch.__version__, machine=f"{platform.machine()} {platform.processor() or ''}".strip())
 
-    # ours: speed for every setting; keep the engines for the accuracy section
+    def checkpoint() -> None:  # write what is measured so far: a long run killed midway still reports
+        rep.targets = _targets(rep)
+        rep.memory["peak_rss_mb_total"] = _peak_rss_mb()
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(asdict(rep), f, indent=2)
+
+    # 1. speed, side by side: ours for every setting (engines kept for the accuracy section), then baselines
     engines: dict[str, Any] = {}
     for s in settings:
         log(f"agentrt {s}: speed ...")
         eng = _engine(loaded, s, args.threads, sizes, caching=False)
         rep.speed.append(_ours_speed(eng, loaded, sizes, s, bw))
         engines[s] = eng
+        checkpoint()
     ours = [r for r in rep.speed if r.impl == "agentrt"]
     best = min(ours, key=lambda r: r.decode_ms_per_token)
     if args.compile:
@@ -452,34 +460,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
         row.setting += "+compile"
         rep.speed.append(row)
         del eng
-
-    # accuracy vs fp32 (needs the fp32 engine)
-    if "fp32" in engines and len(engines) > 1:
-        log("accuracy vs fp32 ...")
-        rep.accuracy = _accuracy(engines, sizes)
-    else:
-        rep.skipped["accuracy"] = "needs fp32 and another setting in --settings"
-    engines.clear()
-    gc.collect()
-
-    # prefix cache, batching and leaks on our best setting
-    log(f"agentrt {best.setting}: prefix cache, batching, {sizes.requests} requests ...")
-    eng = _engine(loaded, best.setting, args.threads, sizes, caching=True)
-    rep.prefix_cache = {"setting": best.setting, **_prefix_cache(eng, sizes)}
-    rep.batching = {"setting": best.setting, **_batching(eng, sizes)}
-    rep.memory = {"setting": best.setting, **_leak_check(eng, sizes),
-                  "rss_mb_now": _rss_mb(), "peak_rss_mb_ours": _peak_rss_mb(),
-                  "note": "peak RSS before any baseline is loaded (includes the float32 weights as loaded)"}
-    del eng
-    gc.collect()
-
-    # baselines
     if args.no_transformers:
         rep.skipped["transformers"] = "--no-transformers"
     else:
         for dt in (["bf16"] if q else ["fp32", "bf16"]):
             log(f"transformers {dt}: speed ...")
             rep.speed.append(_transformers_speed(loaded, dt, sizes, bw, loaded.tokenizer))
+            checkpoint()
     gguf_path = str(src) if src.suffix == ".gguf" else None
     if args.no_llamacpp:
         rep.skipped["llama.cpp"] = "--no-llamacpp"
@@ -492,9 +479,31 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
             rep.skipped["llama.cpp"] = "llama-cpp-python is not installed (see README: benchmarking against llama.cpp)"
         else:
             log("llama.cpp: speed ...")
-            rep.speed.append(_llamacpp_speed(gguf_path, args.threads, sizes, bw, loaded.tokenizer, loaded.config["vocab_size"]))
-    rep.memory["peak_rss_mb_total"] = _peak_rss_mb()
-    rep.targets = _targets(rep)
+            rep.speed.append(_llamacpp_speed(gguf_path, args.threads, sizes, bw, loaded.tokenizer,
+                                             loaded.config["vocab_size"]))
+            checkpoint()
+
+    # 2. prefix cache, batching and leaks on our best setting
+    log(f"agentrt {best.setting}: prefix cache, batching, {sizes.requests} requests ...")
+    eng = _engine(loaded, best.setting, args.threads, sizes, caching=True)
+    rep.prefix_cache = {"setting": best.setting, **_prefix_cache(eng, sizes)}
+    checkpoint()
+    rep.batching = {"setting": best.setting, **_batching(eng, sizes)}
+    checkpoint()
+    rep.memory = {"setting": best.setting, **_leak_check(eng, sizes), "rss_mb_now": _rss_mb(),
+                  "note": "rss_mb_now: with our engines alive (incl. the float32 weights as loaded)"}
+    checkpoint()
+    del eng
+
+    # 3. accuracy vs fp32 (needs the fp32 engine)
+    if "fp32" in engines and len(engines) > 1:
+        log("accuracy vs fp32 ...")
+        rep.accuracy = _accuracy(engines, sizes)
+    else:
+        rep.skipped["accuracy"] = "needs fp32 and another setting in --settings"
+    engines.clear()
+    gc.collect()
+    checkpoint()
     return rep
 
 
@@ -515,6 +524,8 @@ def _targets(rep: Report) -> dict[str, Any]:
         t["prefill_speedup_vs_llamacpp"] = best_pre.prefill_tokens_per_s / lc[0].prefill_tokens_per_s
     if rep.prefix_cache:
         t["prefix_cache_ttft_speedup"] = rep.prefix_cache["speedup"]
+    if rep.memory.get("requests"):
+        t["kv_blocks_referenced_after"] = rep.memory["kv_blocks_referenced_after"]
     if rep.batching:
         t["batching_speedup"] = rep.batching["speedup"]
     t["goals"] = {"decode_speedup_vs_transformers": ">= 3", "decode_ratio_vs_llamacpp": "<= 1.0",
@@ -562,8 +573,8 @@ def _print_report(rep: Report) -> None:
                       f"{a['greedy_identical_prefix_mean']:.1f}/{a['greedy_tokens']}")
         con.print(t)
     m = rep.memory
-    con.print(f"memory: peak RSS {m['peak_rss_mb_ours']:.0f} MB (ours, before baselines), "
-              f"{m['peak_rss_mb_total']:.0f} MB (whole run); after {m['requests']} requests: "
+    con.print(f"memory: RSS {m['rss_mb_now']:.0f} MB with our engines loaded, peak "
+              f"{m['peak_rss_mb_total']:.0f} MB (whole run, baselines included); after {m['requests']} requests: "
               f"{m['kv_blocks_referenced_after']} KV blocks referenced (must be 0), "
               f"{m['kv_blocks_cached_after']} cached for reuse, of {m['kv_blocks_total']}")
     tg = {k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in rep.targets.items() if k != "goals"}
