@@ -326,6 +326,8 @@ def main(args: argparse.Namespace) -> int:
                     def tick(_: CaseResult) -> None:
                         done[0] += 1
                         status.update(f"{label}: {done[0]}/{len(cases)}")
+                        if not console.is_terminal and done[0] % 10 == 0:  # logs get progress too
+                            console.print(f"{label}: {done[0]}/{len(cases)}", highlight=False)
 
                     reports.append(await evaluate(llm, cases, constrained=constrained, data=Path(path).name,
                                                   params=params, on_result=tick))
