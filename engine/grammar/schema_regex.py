@@ -10,7 +10,8 @@ invalid ones):
 - declared properties appear in schema order, and an object that declares ``properties``
   gets no undeclared extra keys (as xgrammar's strict mode);
 - unconstrained values (``{}``, ``true``, arrays without ``items``) nest at most
-  ``max_any_depth`` levels; recursive ``$ref`` unrolls ``max_ref_depth`` levels;
+  ``max_any_depth`` (default 1) containers deep: the DFA of deeper "any JSON" grows
+  too fast to build (depth 2 is ~30x depth 1, depth 3 ~50x more); recursive ``$ref`` unrolls ``max_ref_depth`` levels;
 - date formats reject Feb 29 (a leap day needs arithmetic a regex should not carry).
 
 outlines-core's own ``build_regex_from_schema`` is not used for this because it silently
@@ -67,7 +68,7 @@ class _Ctx:
 
 
 def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 3,
-                    max_any_depth: int = 3, timeout_s: float | None = None,
+                    max_any_depth: int = 1, timeout_s: float | None = None,
                     max_regex_chars: int = 4_000_000) -> tuple[str, list[str]]:
     """Compile ``schema`` to a regex over compact JSON text.
 
