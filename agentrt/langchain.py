@@ -493,6 +493,13 @@ class ChatAgentRT(BaseChatModel):
         name = model_override or getattr(llm, "model_name", "") or self._model_name()
         return _Turn(plan, params, llm, str(name))
 
+    async def _aprepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> _Turn:
+        """`_prepare` off the event loop: the first call of a process loads the model
+        (seconds), which must not stall other requests sharing the loop."""
+        if self.llm is None and not self.base_url and _model_key(kwargs.get("model") or self.model) not in _LOCAL_LLMS:
+            return await asyncio.to_thread(self._prepare, messages, stop, kwargs)
+        return self._prepare(messages, stop, kwargs)
+
     # -- retries and timeouts ------------------------------------------------------------
 
     async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -568,7 +575,7 @@ class ChatAgentRT(BaseChatModel):
     # -- BaseChatModel hooks -------------------------------------------------------------
 
     async def _acomplete(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> ChatResult:
-        turn = self._prepare(messages, stop, kwargs)
+        turn = await self._aprepare(messages, stop, kwargs)
         completion = await self._with_retries(
             lambda: turn.llm.complete(turn.plan.chat_messages, json_schema=turn.plan.json_schema, params=turn.params)
         )
@@ -598,7 +605,7 @@ class ChatAgentRT(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         """The streamed turn as LangChain chunks; the last one carries usage and metadata."""
         kwargs = {k: v for k, v in kwargs.items() if k != "stream"}
-        turn = self._prepare(messages, stop, kwargs)
+        turn = await self._aprepare(messages, stop, kwargs)
         parser = ToolCallStreamParser(turn.plan.mode)
         completion: Completion | None = None
         attempt = 0
