@@ -419,9 +419,11 @@ class LLMEngine:
                              error=seq.error)
 
     @torch.inference_mode()
-    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+    def prompt_logits(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
         """Logits [T, vocab] (float32) at every position of ``token_ids`` (for tests and accuracy
-        benches). Uses free KV blocks temporarily, no prefix cache; call only while no other
+        benches), computed ``chunk_size`` tokens per forward (default max_num_batched_tokens; with
+        quantization, chunks of <= 16 rows run the quantized decode kernels, larger ones the dense
+        weights). Uses free KV blocks temporarily, no prefix cache; call only while no other
         thread is stepping the engine."""
         seq = self.make_sequence(list(token_ids), SamplingParams(max_tokens=1))
         if not self.block_manager.can_grow(seq, len(seq.token_ids)):
@@ -430,7 +432,7 @@ class LLMEngine:
         rows = []
         try:
             while seq.num_uncomputed:
-                n = min(seq.num_uncomputed, self.config.max_num_batched_tokens)
+                n = min(seq.num_uncomputed, chunk_size or self.config.max_num_batched_tokens)
                 input_ids, positions, meta, _, _ = self._prepare([(seq, n)])
                 hidden = self._forward(input_ids, positions, meta, self.kv.k, self.kv.v)
                 rows.append(self.model.compute_logits(hidden))

@@ -353,15 +353,19 @@ def test_quantized_engine_decodes_close_to_fp32(mode):
 
     loaded = tiny_loaded()
     ref = make_engine(loaded)
-    eng = make_engine(loaded, quantization=mode, max_num_batched_tokens=8)
+    eng = make_engine(loaded, quantization=mode)
     assert isinstance(eng.model.layers[0].qkv_proj, DecodeQuantLinear)
     # decode reads the quantized copies only: int8 is about a quarter of fp32's bytes (plus scales)
     assert eng.decode_weight_bytes() < ref.decode_weight_bytes() / 3
     ids = list(range(3, 83))
     # chunks of 8 rows run the quantized kernels; top-1 must mostly agree with fp32
-    a, b = ref.prompt_logits(ids), eng.prompt_logits(ids)
+    a, b = ref.prompt_logits(ids), eng.prompt_logits(ids, chunk_size=8)
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agree >= 0.9, agree
+    # big chunks take the dense prefill weights (a different path; only the int8 lm_head differs from fp32)
+    dense = eng.prompt_logits(ids, chunk_size=80)
+    assert not torch.equal(dense, b)
+    assert (dense.argmax(-1) == a.argmax(-1)).float().mean().item() >= 0.9
     out = eng.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True))[0]
     assert len(out.output_token_ids) == 8 and eng.stats().kv_blocks_used == 0
 
