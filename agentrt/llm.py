@@ -72,13 +72,21 @@ class LLM(Protocol):
 class LocalLLM:
     """The engine in-process behind the `LLM` protocol.
 
-    Loads a model once (None = the embedded SmolLM2-135M-Instruct), renders chat messages
+    Loads a model once (None = the embedded SmolLM2-135M-Instruct; keyword overrides go to
+    `EngineConfig`), renders chat messages
     with the model's own chat template, and compiles ``json_schema`` into a grammar that
     constrains decoding, so the text returned always parses and validates (unless cut by
     ``max_tokens``: then ``finish_reason == "length"``).
     """
 
-    def __init__(self, model: str | None = None, *, config: Any = None, **config_overrides: Any):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        config: Any = None,
+        grammar_timeout_s: float = 120.0,
+        **config_overrides: Any,
+    ):
         from agentrt.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 
         if config is None:
@@ -91,6 +99,9 @@ class LocalLLM:
         self.tokenizer = self.sync_engine.tokenizer
         self.model_name: str = self.sync_engine.model_name
         self._grammar_compiler: Any = None
+        # A union of many tools' argument grammars indexes slowly on a cold cache (seconds per
+        # tool on 2 cores); compiled grammars are then cached on disk, so only the first run pays.
+        self.grammar_timeout_s = grammar_timeout_s
 
     @property
     def grammar_compiler(self) -> Any:
@@ -111,7 +122,7 @@ class LocalLLM:
     def compile(self, json_schema: dict[str, Any]) -> Any:
         """Compile (or fetch from cache) the grammar of ``json_schema``; raises
         UnsupportedSchemaError naming any keyword that cannot be enforced."""
-        return self.grammar_compiler.compile_json_schema(json_schema)
+        return self.grammar_compiler.compile_json_schema(json_schema, timeout_s=self.grammar_timeout_s)
 
     def stats(self) -> Any:
         return self.sync_engine.stats()
