@@ -153,3 +153,10 @@ def test_load_cases_errors_and_real_data():
             args = {k: v[0] for k, v in params.items() if v[0] != ""}
             calls.append(ToolCall(id="c", name=name, arguments=args))
         assert score_calls(calls, case["ground_truth"], tools) is None, (case["id"], json.dumps(calls[0].arguments))
+
+
+async def test_required_tool_choice_sends_calls_only_and_counts_cuts():
+    llm = ScriptedLLM([{"calls": [{"tool": "calculate_triangle_area", "arguments": {"base": 10, "height": 5}}]}])
+    report = await evaluate(llm, CASES[:1], constrained=True, tool_choice="required")
+    assert "anyOf" not in llm.calls[0][1] and report.accuracy == 1.0
+    assert report.summary()["cut_at_max_tokens"] == 0

@@ -213,6 +213,7 @@ class CaseResult:
     reason: str | None
     text: str
     seconds: float
+    finish_reason: str = "stop"
 
 
 @dataclass
@@ -237,17 +238,20 @@ class EvalReport:
             "cases": len(self.results),
             "accuracy": round(self.accuracy, 4),
             "valid_call_rate": round(self.valid_rate, 4),
+            # replies cut at max_tokens: the grammar can only vouch for finished outputs
+            "cut_at_max_tokens": sum(r.finish_reason == "length" for r in self.results),
             "seconds_p50": round(statistics.median(secs), 3) if secs else 0.0,
             "seconds_total": round(sum(secs), 1),
         }
 
 
 async def evaluate_case(
-    llm: LLM, case: dict[str, Any], *, constrained: bool, params: GenerationParams, parallel: bool = False
+    llm: LLM, case: dict[str, Any], *, constrained: bool, params: GenerationParams, parallel: bool = False,
+    tool_choice: str = "auto",
 ) -> CaseResult:
-    """Ask the model one case and score its reply."""
+    """Ask the model one case and score its reply (``tool_choice`` "auto" lets it decline)."""
     tools = case_tools(case)
-    plan = plan_turn(case_messages(case), tools, "auto", parallel_tool_calls=parallel)
+    plan = plan_turn(case_messages(case), tools, tool_choice, parallel_tool_calls=parallel)
     t0 = time.perf_counter()
     completion = await llm.complete(
         plan.chat_messages, json_schema=plan.json_schema if constrained else None, params=params
@@ -258,19 +262,21 @@ async def evaluate_case(
     wrong = score_calls(calls, case.get("ground_truth"), tools)
     return CaseResult(
         id=case["id"], correct=wrong is None, valid=invalid is None,
-        reason=invalid or wrong, text=completion.text, seconds=seconds,
+        reason=invalid or wrong, text=completion.text, seconds=seconds, finish_reason=completion.finish_reason,
     )
 
 
 async def evaluate(
     llm: LLM, cases: list[dict[str, Any]], *, constrained: bool, data: str = "",
     params: GenerationParams | None = None, parallel: bool = False, on_result: Any = None,
+    tool_choice: str = "auto",
 ) -> EvalReport:
     """Run every case in order (one at a time: a steady per-case latency)."""
     params = params or GenerationParams(max_tokens=192)
     report = EvalReport(data=data, constrained=constrained)
     for case in cases:
-        result = await evaluate_case(llm, case, constrained=constrained, params=params, parallel=parallel)
+        result = await evaluate_case(llm, case, constrained=constrained, params=params, parallel=parallel,
+                                     tool_choice=tool_choice)
         report.results.append(result)
         if on_result is not None:
             on_result(result)
@@ -288,6 +294,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--constraints-only", action="store_true", help="only the grammar-constrained run")
     parser.add_argument("--model", default=None, metavar="PATH", help="default: the embedded SmolLM2-135M")
     parser.add_argument("--max-tokens", type=int, default=192)
+    parser.add_argument("--tool-choice", default="auto", choices=["auto", "required"],
+                        help="auto (default: the model may decline, as irrelevance needs) or required")
     parser.add_argument("--show-failures", type=int, default=0, metavar="N", help="print N failing cases per run")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -330,7 +338,7 @@ def main(args: argparse.Namespace) -> int:
                             console.print(f"{label}: {done[0]}/{len(cases)}", highlight=False)
 
                     reports.append(await evaluate(llm, cases, constrained=constrained, data=Path(path).name,
-                                                  params=params, on_result=tick))
+                                                  params=params, on_result=tick, tool_choice=args.tool_choice))
 
     try:
         anyio.run(go)
@@ -342,12 +350,13 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps([r.summary() for r in reports], indent=2))
         return 0
     table = Table(title=f"BFCL AST on {llm.model_name}")
-    for col in ("data", "constraints", "cases", "accuracy", "valid calls", "p50 s/case", "total s"):
+    for col in ("data", "constraints", "cases", "accuracy", "valid calls", "cut", "p50 s/case", "total s"):
         table.add_column(col)
     for r in reports:
         s = r.summary()
         table.add_row(s["data"], s["constraints"], str(s["cases"]), f"{s['accuracy']:.1%}",
-                      f"{s['valid_call_rate']:.1%}", f"{s['seconds_p50']:.2f}", f"{s['seconds_total']:.0f}")
+                      f"{s['valid_call_rate']:.1%}", str(s["cut_at_max_tokens"]), f"{s['seconds_p50']:.2f}",
+                      f"{s['seconds_total']:.0f}")
     console.print(table)
     for r in reports:
         failures = [x for x in r.results if not x.correct][: args.show_failures]
