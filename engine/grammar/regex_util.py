@@ -173,6 +173,8 @@ _DATE = (
 _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+\-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+# RFC 3986 path/query/fragment characters, with '%' only as a percent-escape
+_URI_CHARS = r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/?\-]|%[0-9A-Fa-f]{2})"
 # Conservative on purpose: every string these accept is valid for any common validator
 # (a format regex that is too wide would let invalid output through; too narrow only loses coverage).
 FORMATS: dict[str, str] = {
@@ -181,6 +183,8 @@ FORMATS: dict[str, str] = {
     "date-time": _DATE + "T" + _TIME,
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "email": r"[A-Za-z0-9_%+\-]+(?:\.[A-Za-z0-9_%+\-]+)*@" + _LABEL + r"(?:\." + _LABEL + r")*\.[A-Za-z]{2,24}",
+    "uri": r"https?://" + _LABEL + r"(?:\." + _LABEL + r")*(?::[0-9]{1,5})?"
+           + rf"(?:/{_URI_CHARS}*)?(?:\?{_URI_CHARS}*)?(?:#{_URI_CHARS}*)?",
     "ipv4": _OCTET + r"(?:\." + _OCTET + "){3}",
     "hostname": _LABEL + r"(?:\." + _LABEL + r")*",
 }

@@ -83,7 +83,10 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
         raise GrammarCompileError(f"a JSON Schema must be an object or a boolean, got {type(schema).__name__}")
     deadline = None if timeout_s is None else time.perf_counter() + timeout_s
     ctx = _Ctx(schema, lenient, max_ref_depth, max_any_depth, deadline)
-    regex = _node(schema, ctx, "")
+    try:
+        regex = _node(schema, ctx, "")
+    except RecursionError:
+        raise GrammarCompileError("the schema nests too deeply (or allOf/$ref refer to themselves)") from None
     if regex is not None and len(regex) > max_regex_chars:
         raise GrammarCompileError(f"the schema expands to a {len(regex):,}-character regex (limit {max_regex_chars:,}): "
                                   "simplify it (fewer nested $refs / alternatives)")
