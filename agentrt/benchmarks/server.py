@@ -125,7 +125,7 @@ class Sample:
 def _agent_body(i: int, max_steps: int) -> dict[str, Any]:
     a, b = 12 + i, 7 + (i % 5)
     return {"task": f"What is {a} times {b}? Use the calculator.", "tools": ["calculate"],
-            "tool_choice": "calculate", "max_steps": max_steps, "max_tokens": 48}
+            "tool_choice": "calculate", "max_steps": max_steps, "max_tokens": 96}
 
 
 async def agent_job(http: Any, i: int, max_steps: int) -> Sample:
