@@ -180,9 +180,9 @@ def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, out=s
     with tempfile.TemporaryDirectory() as cache:
         comp = GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok), cache_dir=cache)
         print(f"\n{'subset':<15}{'n':>4}{'cold p50':>10}{'p95 ms':>8}{'cached p50':>12}{'p95 us':>8}"
-              f"{'disk p50 ms':>12}{'mask p50':>10}{'p99 us':>8}{'forced':>8}", file=out)
+              f"{'disk p50 ms':>12}{'mask 1st p50':>13}{'p99 us':>8}{'warm p50':>10}{'p99 us':>8}{'forced':>8}", file=out)
         for name in subsets:
-            cold, cached, disk, mask_us = [], [], [], []
+            cold, cached, disk, mask_us, warm_us = [], [], [], [], []
             forced = total = 0
             for case in load_subset(name)[: per_subset * 3]:
                 if len(cold) >= per_subset:
@@ -193,6 +193,7 @@ def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, out=s
                     cold.append(time.perf_counter() - t0)
                 except (UnsupportedSchemaError, GrammarCompileError):
                     continue
+                seen: set[int] = set()
                 t0 = time.perf_counter()
                 comp.compile_json_schema(case["schema"], timeout_s=timeout_s)
                 cached.append(time.perf_counter() - t0)
@@ -200,9 +201,9 @@ def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, out=s
                 t0 = time.perf_counter()
                 fresh.compile_json_schema(case["schema"], timeout_s=timeout_s)
                 disk.append(time.perf_counter() - t0)
-                for t in case["tests"]:
-                    if not t["valid"]:
-                        continue
+                for t in [t for t in case["tests"] if t["valid"]] * 2:  # 2nd pass: per-state masks are cached
+                    sink = mask_us if id(t) not in seen else warm_us
+                    seen.add(id(t))
                     ids = tok.encode(compact(reorder(t["data"], case["schema"], case["schema"])), add_special_tokens=False)
                     if not g.accepts_tokens(ids):
                         continue
@@ -219,14 +220,15 @@ def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, out=s
                             continue
                         t1 = time.perf_counter()
                         mask = m.next_token_mask()
-                        mask_us.append((time.perf_counter() - t1) * 1e6)
+                        sink.append((time.perf_counter() - t1) * 1e6)
                         assert mask[ids[i]]
                         m.accept_token(ids[i])
                         i += 1
                         total += 1
             print(f"{name:<15}{len(cold):>4}{_quantile(cold, 0.5) * 1e3:>10.1f}{_quantile(cold, 0.95) * 1e3:>8.1f}"
                   f"{_quantile(cached, 0.5) * 1e6:>12.1f}{_quantile(cached, 0.95) * 1e6:>8.1f}"
-                  f"{_quantile(disk, 0.5) * 1e3:>12.1f}{_quantile(mask_us, 0.5):>10.1f}{_quantile(mask_us, 0.99):>8.1f}"
+                  f"{_quantile(disk, 0.5) * 1e3:>12.1f}{_quantile(mask_us, 0.5):>13.1f}{_quantile(mask_us, 0.99):>8.1f}"
+                  f"{_quantile(warm_us, 0.5):>10.1f}{_quantile(warm_us, 0.99):>8.1f}"
                   f"{_pct(forced, total):>8}", file=out, flush=True)
 
 
