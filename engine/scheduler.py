@@ -144,9 +144,11 @@ class Scheduler:
             self.waiting.popleft()
             if not seq.admitted:
                 seq.admitted = True
-                seq.cached_tokens = cached
+                # Tokens forced at admission may extend past the prompt and hit the cache
+                # too; usage reports only the prompt's cached share.
+                seq.cached_tokens = min(cached, seq.num_prompt_tokens)
                 seq.first_scheduled_time = time.perf_counter()
-                self.bm.record_query(seq.num_prompt_tokens, cached)
+                self.bm.record_query(seq.num_prompt_tokens, seq.cached_tokens)
             self.running.append(seq)
             (singles if n == 1 else chunks).append((seq, n))
             budget -= n
