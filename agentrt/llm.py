@@ -7,6 +7,7 @@ engine in-process; `RemoteLLM` talks to any OpenAI-compatible server.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, AsyncIterator, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
@@ -102,6 +103,8 @@ class LocalLLM:
         # A union of many tools' argument grammars indexes slowly on a cold cache (seconds per
         # tool on 2 cores); compiled grammars are then cached on disk, so only the first run pays.
         self.grammar_timeout_s = grammar_timeout_s
+        self._transcripts: OrderedDict[str, list[int]] = OrderedDict()  # rendered text -> its tokens
+        self.max_remembered_transcripts = 256
 
     @property
     def grammar_compiler(self) -> Any:
@@ -115,9 +118,35 @@ class LocalLLM:
         return self._grammar_compiler
 
     def prompt_token_ids(self, messages: list[ChatMessage]) -> list[int]:
-        """The chat-templated prompt, ending with the assistant's generation header."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """The chat-templated prompt, ending with the assistant's generation header.
+
+        When the rendered text extends an earlier prompt plus the text generated for it (the
+        next agent step), that earlier part keeps the exact tokens the engine saw and sampled:
+        re-tokenizing generated text can split it differently (forced runs such as `"}` vs
+        `"` `}}`), which would end the prefix-cache hit a few tokens early.
+        """
+        return self._encode_prompt(self._render(messages))
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        key = max((k for k in self._transcripts if text.startswith(k)), key=len, default="")
+        if not key:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        self._transcripts.move_to_end(key)
+        return self._transcripts[key] + self.tokenizer.encode(text[len(key):], add_special_tokens=False)
+
+    def _render(self, messages: list[ChatMessage]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _remember(self, prompt_text: str, prompt_ids: list[int], out: Any) -> None:
+        """Keep prompt + generated tokens under their text, for `prompt_token_ids`."""
+        generated = list(out.output_token_ids)
+        if generated and generated[-1] in self.sync_engine.eos_token_ids:
+            generated.pop()
+        # Only when the tokens spell exactly the returned text (not cut by a stop string).
+        if self.tokenizer.decode(generated, skip_special_tokens=False) == out.text:
+            self._transcripts[prompt_text + out.text] = prompt_ids + generated
+            while len(self._transcripts) > self.max_remembered_transcripts:
+                self._transcripts.popitem(last=False)
 
     def compile(self, json_schema: dict[str, Any]) -> Any:
         """Compile (or fetch from cache) the grammar of ``json_schema``; raises
@@ -152,7 +181,8 @@ class LocalLLM:
         from agentrt.engine import SamplingParams
 
         params = params or GenerationParams()
-        prompt = self.prompt_token_ids(messages)
+        prompt_text = self._render(messages)
+        prompt = self._encode_prompt(prompt_text)
         constraint = None
         if json_schema is not None:
             # Compiling can take a while on a cold cache: keep the event loop free.
@@ -170,6 +200,7 @@ class LocalLLM:
             if out.delta_text:
                 yield CompletionChunk(delta=out.delta_text)
             if out.finished:
+                self._remember(prompt_text, prompt, out)
                 m = out.metrics
                 yield CompletionChunk(
                     completion=Completion(
