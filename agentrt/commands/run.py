@@ -17,11 +17,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tools to offer: a ToolRegistry, a @tool function or a list of them (repeatable); "
         "default: the built-in tools",
     )
+    parser.add_argument("--only", default=None, metavar="NAME[,NAME...]",
+                        help="offer only these of the loaded tools (a small model chooses better among few)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="allow several tool calls per turn (default: one call per turn)")
     parser.add_argument("--model", default=None, metavar="PATH",
                         help="HF folder, .safetensors or .gguf (default: the embedded SmolLM2-135M)")
     parser.add_argument("--max-steps", type=int, default=8, help="most model turns (default 8)")
     parser.add_argument("--max-tokens", type=int, default=256, help="new tokens per turn (default 256)")
-    parser.add_argument("--tool-choice", default="auto", help="auto | required | none | a tool name")
+    # A small model answers from memory when it may; "required" makes the first step call a
+    # tool (the planner then switches to "auto" so the model can answer with the results).
+    parser.add_argument("--tool-choice", default="required",
+                        help="first step: required (default) | auto | none | a tool name")
     parser.add_argument("--system", default=None, help="extra system instructions")
     parser.add_argument("--json", action="store_true",
                         help="print each event as one JSON line (the last is run_finished with the result)")
@@ -111,6 +118,13 @@ def main(args: argparse.Namespace) -> int:
 
     console = Console(stderr=args.json)
     registry = load_tools(args.tools)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in registry]
+        if unknown:
+            console.print(f"[red]agentrt run: --only names unknown tools {unknown}; known: {registry.names}[/]")
+            return 2
+        registry = registry.subset(names)
     with console.status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}..."):
         llm = LocalLLM(args.model, enable_prefix_caching=not args.no_prefix_cache)
     try:
@@ -119,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
             registry,
             system_prompt=args.system,
             tool_choice=args.tool_choice,
+            parallel_tool_calls=args.parallel,
             max_steps=args.max_steps,
             params=GenerationParams(max_tokens=args.max_tokens),
         )
