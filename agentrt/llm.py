@@ -47,6 +47,16 @@ class CompletionChunk(BaseModel):
     completion: Completion | None = None
 
 
+async def final_completion(chunks: AsyncIterator[CompletionChunk]) -> Completion:
+    """Drain a stream of chunks and return the `Completion` its last chunk carries."""
+    last: Completion | None = None
+    async for chunk in chunks:
+        last = chunk.completion or last
+    if last is None:
+        raise RuntimeError("the stream ended without a final completion")
+    return last
+
+
 @runtime_checkable
 class LLM(Protocol):
     """Anything that turns chat messages (+ an optional JSON Schema) into text."""
@@ -163,11 +173,7 @@ class LocalLLM:
         json_schema: dict[str, Any] | None = None,
         params: GenerationParams | None = None,
     ) -> Completion:
-        last: Completion | None = None
-        async for chunk in self.stream(messages, json_schema=json_schema, params=params):
-            last = chunk.completion or last
-        assert last is not None
-        return last
+        return await final_completion(self.stream(messages, json_schema=json_schema, params=params))
 
     async def stream(
         self,

@@ -26,7 +26,7 @@ import time
 from typing import Any, AsyncIterator
 from urllib.parse import urlparse
 
-from agentrt.llm import ChatMessage, Completion, CompletionChunk, GenerationParams
+from agentrt.llm import ChatMessage, Completion, CompletionChunk, GenerationParams, final_completion
 from agentrt.types import Usage
 
 
@@ -129,11 +129,7 @@ class RemoteLLM:
         params: GenerationParams | None = None,
     ) -> Completion:
         """One generation; streamed underneath so that TTFT is measured."""
-        last: Completion | None = None
-        async for chunk in self.stream(messages, json_schema=json_schema, params=params):
-            last = chunk.completion or last
-        assert last is not None
-        return last
+        return await final_completion(self.stream(messages, json_schema=json_schema, params=params))
 
     async def stream(
         self,
