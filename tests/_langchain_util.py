@@ -127,3 +127,28 @@ def oracle_reply(messages: list[ChatMessage], json_schema: dict[str, Any] | None
     call = {"tool": first["properties"]["tool"]["const"],
             "arguments": _instance(first["properties"]["arguments"], defs, hints)}
     return json.dumps({"calls": [call]}, ensure_ascii=False, separators=(",", ":"))
+
+
+class ChatAgentRTFeatures:
+    """The feature flags of `ChatAgentRT`, shared by every langchain-tests suite class here
+    (set truthfully: tool calling with tool_choice, structured output, JSON mode, usage)."""
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True

@@ -30,6 +30,7 @@ from langchain_core.tools import BaseTool  # noqa: E402
 from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa: E402
 
 from agentrt.langchain import ChatAgentRT  # noqa: E402
+from tests._langchain_util import ChatAgentRTFeatures  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +82,7 @@ def wrong_arguments(expected: dict[str, Any]) -> Callable[[list[BaseMessage]], s
     return diagnose
 
 
-class TestChatAgentRTIntegration(ChatModelIntegrationTests):
+class TestChatAgentRTIntegration(ChatAgentRTFeatures, ChatModelIntegrationTests):
     @property
     def recorder(self) -> _Recorder:
         if not hasattr(self, "_recorder"):
@@ -96,26 +97,6 @@ class TestChatAgentRTIntegration(ChatModelIntegrationTests):
     def chat_model_params(self) -> dict:
         # Greedy and short: the suite runs ~80 generations on 2 CPU cores.
         return {"max_tokens": MAX_TOKENS, "temperature": 0.0, "callbacks": [self.recorder]}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
 
     @property
     def model_override_value(self) -> str:

@@ -16,6 +16,7 @@ from langchain_core.messages import AIMessage  # noqa: E402
 from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa: E402
 
 from agentrt.langchain import ChatAgentRT  # noqa: E402
+from tests._langchain_util import ChatAgentRTFeatures  # noqa: E402
 from agentrt.testing import ScriptedLLM  # noqa: E402
 from tests._langchain_util import oracle_reply  # noqa: E402
 
@@ -24,7 +25,7 @@ def scripted_oracle() -> ScriptedLLM:
     return ScriptedLLM([oracle_reply] * 200)
 
 
-class TestChatAgentRTScriptedIntegration(ChatModelIntegrationTests):
+class TestChatAgentRTScriptedIntegration(ChatAgentRTFeatures, ChatModelIntegrationTests):
     @property
     def chat_model_class(self) -> type[ChatAgentRT]:
         return ChatAgentRT
@@ -34,30 +35,10 @@ class TestChatAgentRTScriptedIntegration(ChatModelIntegrationTests):
         return {"llm": scripted_oracle(), "max_tokens": 64}
 
     @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
     def supports_model_override(self) -> bool:
         # An llm= object serves one model (a per-call model= is refused with a ValueError);
         # per-call models are covered on the embedded model in test_langchain_standard.py.
         return False
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
 
     @property
     def supported_usage_metadata_details(self) -> dict:

@@ -12,9 +12,10 @@ pytest.importorskip("langchain_tests", reason="langchain-tests (dev extra) is no
 from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
 
 from agentrt.langchain import ChatAgentRT  # noqa: E402
+from tests._langchain_util import ChatAgentRTFeatures  # noqa: E402
 
 
-class TestChatAgentRTUnit(ChatModelUnitTests):
+class TestChatAgentRTUnit(ChatAgentRTFeatures, ChatModelUnitTests):
     @property
     def chat_model_class(self) -> type[ChatAgentRT]:
         return ChatAgentRT
@@ -22,26 +23,6 @@ class TestChatAgentRTUnit(ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict:
         return {}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
 
     @property
     def init_from_env_params(self) -> tuple[dict, dict, dict]:
