@@ -217,7 +217,7 @@ class LocalLLM:
                             completion_tokens=m.completion_tokens,
                             cached_tokens=m.cached_tokens,
                         ),
-                        ttft_s=m.ttft_s,
+                        ttft_s=m.ttft_s or 0.0,  # None when no token was produced
                         decode_s=m.decode_s,
                         forced_tokens=m.forced_tokens,
                     )
