@@ -6,13 +6,26 @@ style), so a later request whose token prefix matches reuses the block's K/V ins
 recomputing it. Shared blocks carry a reference count and are never handed out while in
 use; blocks nobody references but whose content is indexed stay cached and are evicted
 least-recently-freed first when the pool runs out.
+
+Reuse is token-granular at the end of a match (SGLang-radix-like within the block design):
+every indexed block, full or not, is also listed under its parent's chained hash, and a
+sequence's last, partly filled block is indexed when the sequence is released. A new prompt
+whose tokens run past its last fully matched block into such a child block (fully or up to
+where they diverge) gets those tokens' K/V copied into a fresh block it owns (copy-on-write:
+the indexed block stays shared-read-only and may be evicted later), so only the tokens after
+the common prefix are recomputed. An agent's next step, which extends the previous step's
+tokens, is thus served all of the previous step's computed tokens, not just its full blocks.
 """
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+# copy_kv(src_block, dst_block, num_tokens): copy the first num_tokens slots' K/V of one block to another
+CopyKV = Callable[[int, int, int], None]
 
 
 def block_hash(prev_hash: int, tokens: tuple[int, ...]) -> int:
@@ -24,8 +37,9 @@ def block_hash(prev_hash: int, tokens: tuple[int, ...]) -> int:
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int = -1  # != -1 only while registered in the prefix index
-    tokens: tuple[int, ...] = ()
+    hash: int = -1  # != -1 only while registered in the prefix index as a full block
+    tokens: tuple[int, ...] = ()  # the computed tokens of an indexed block (full or partial)
+    parent: int | None = None  # the chained hash it is listed under in `children`; None = not indexed
 
 
 class BlockManager:
@@ -34,16 +48,22 @@ class BlockManager:
     A sequence is anything with ``token_ids`` (list[int]), ``block_table`` (list[int]),
     ``block_hashes`` (list[int]: chained hashes of its full blocks, filled as they fill)
     and ``num_computed_tokens`` (int).
+
+    ``copy_kv`` (the K/V pools' `KVCache.copy_block_prefix`) enables token-granular reuse of a
+    partly matching block; without it matches stop at the last fully matching block.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 copy_kv: CopyKV | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.copy_kv = copy_kv
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block: dict[int, int] = {}
+        self.children: dict[int, set[int]] = {}  # parent chained hash (-1 = none) -> indexed blocks after it
         self._free_plain: deque[int] = deque(range(num_blocks))  # free, content not indexed
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # free but indexed; oldest first = LRU
         self.hit_tokens = 0
@@ -64,6 +84,11 @@ class BlockManager:
     def num_cached(self) -> int:
         """Blocks whose content is in the prefix index (in use or not)."""
         return len(self.hash_to_block)
+
+    @property
+    def num_partial_cached(self) -> int:
+        """Partly filled blocks kept indexed after their sequence was released."""
+        return sum(1 for b in self.blocks if b.parent is not None and b.hash == -1)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -96,7 +121,32 @@ class BlockManager:
         seq.block_table = hits
         seq.block_hashes = hashes
         seq.num_computed_tokens = len(hits) * bs
-        return len(hits) * bs
+        if self.enable_prefix_caching and self.copy_kv is not None:
+            seq.num_computed_tokens += self._match_partial(seq, prev)
+        return seq.num_computed_tokens
+
+    def _match_partial(self, seq, parent: int) -> int:
+        """Copy the K/V of the longest common token prefix with an indexed child of ``parent``
+        into a fresh block appended to ``seq.block_table``; returns the number of tokens copied."""
+        start = len(seq.block_table) * self.block_size
+        want = seq.token_ids[start:min(start + self.block_size, len(seq.token_ids) - 1)]
+        best, best_n = -1, 0
+        for bid in self.children.get(parent, ()):
+            n = _common_prefix_len(self.blocks[bid].tokens, want)
+            if n > best_n:
+                best, best_n = bid, n
+        if best_n == 0:
+            return 0
+        self._ref(best)  # so taking a fresh block cannot evict the source
+        try:
+            if self.num_free == 0:
+                return 0
+            dst = self._take_free()
+            self.copy_kv(best, dst, best_n)
+            seq.block_table.append(dst)
+        finally:
+            self._unref(best)
+        return best_n
 
     def record_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.queried_tokens += num_prompt_tokens
@@ -131,27 +181,55 @@ class BlockManager:
             if blk.hash == -1:
                 blk.hash, blk.tokens = h, toks
                 self.hash_to_block[h] = blk.block_id
+                self._index_child(blk, seq.block_hashes[i - 1] if i else -1)
 
     def free(self, seq) -> None:
-        """Release every block of ``seq`` (tail first, so the tail is evicted before the head)."""
+        """Release every block of ``seq`` (tail first, so the tail is evicted before the head).
+
+        The computed tokens of its last, partly filled block stay indexed (see `match_prefix`)."""
+        self._index_partial(seq)
         for bid in reversed(seq.block_table):
-            blk = self.blocks[bid]
-            blk.ref_count -= 1
-            assert blk.ref_count >= 0, f"block {bid} released twice"
-            if blk.ref_count == 0:
-                if blk.hash != -1:
-                    self._free_cached[bid] = None
-                else:
-                    self._free_plain.append(bid)
+            self._unref(bid)
         seq.block_table = []
         seq.num_computed_tokens = 0
 
+    def _index_partial(self, seq) -> None:
+        bs = self.block_size
+        n_full, n_part = divmod(seq.num_computed_tokens, bs)
+        if (not self.enable_prefix_caching or n_part == 0 or n_full >= len(seq.block_table)
+                or len(seq.block_hashes) < n_full):  # no chain known (e.g. engine.prompt_logits)
+            return
+        blk = self.blocks[seq.block_table[n_full]]
+        if blk.parent is not None or blk.ref_count != 1:
+            return  # already indexed, or shared (then it is a full block of another sequence)
+        parent = seq.block_hashes[n_full - 1] if n_full else -1
+        toks = tuple(seq.token_ids[n_full * bs:n_full * bs + n_part])
+        siblings = self.children.get(parent, ())
+        if any(self.blocks[b].tokens[:n_part] == toks for b in siblings):
+            return  # an indexed block already holds these tokens (e.g. the one this was copied from)
+        blk.tokens = toks
+        self._index_child(blk, parent)
+
     # ---- internals -------------------------------------------------------------------------------
+    def _index_child(self, blk: Block, parent: int) -> None:
+        blk.parent = parent
+        self.children.setdefault(parent, set()).add(blk.block_id)
+
     def _ref(self, bid: int) -> None:
         blk = self.blocks[bid]
         if blk.ref_count == 0:
             self._free_cached.pop(bid, None)
         blk.ref_count += 1
+
+    def _unref(self, bid: int) -> None:
+        blk = self.blocks[bid]
+        blk.ref_count -= 1
+        assert blk.ref_count >= 0, f"block {bid} released twice"
+        if blk.ref_count == 0:
+            if blk.parent is not None:  # indexed (full or partial): evictable, most recent last
+                self._free_cached[bid] = None
+            else:
+                self._free_plain.append(bid)
 
     def _take_free(self) -> int:
         if self._free_plain:
@@ -159,11 +237,25 @@ class BlockManager:
         else:
             bid, _ = self._free_cached.popitem(last=False)  # evict the least recently freed
             blk = self.blocks[bid]
-            if self.hash_to_block.get(blk.hash) == bid:
+            if blk.hash != -1 and self.hash_to_block.get(blk.hash) == bid:
                 del self.hash_to_block[blk.hash]
+            siblings = self.children.get(blk.parent)
+            if siblings is not None:
+                siblings.discard(bid)
+                if not siblings:
+                    del self.children[blk.parent]
         blk = self.blocks[bid]
-        blk.hash, blk.tokens, blk.ref_count = -1, (), 1
+        blk.hash, blk.tokens, blk.parent, blk.ref_count = -1, (), None, 1
         return bid
+
+
+def _common_prefix_len(a: tuple[int, ...], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class KVCache:
@@ -175,8 +267,16 @@ class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: str | torch.device = "cpu"):
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.block_size = block_size
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+
+    def copy_block_prefix(self, src: int, dst: int, num_tokens: int) -> None:
+        """Copy the K/V of the first ``num_tokens`` slots of block ``src`` into block ``dst``
+        (the copy-on-write of a partly reused block; a few hundred KB for a small model)."""
+        s, d = src * self.block_size, dst * self.block_size
+        self.k[:, d:d + num_tokens] = self.k[:, s:s + num_tokens]  # [layers, n, n_kv, head_dim]
+        self.v[:, d:d + num_tokens] = self.v[:, s:s + num_tokens]
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
