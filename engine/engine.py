@@ -109,7 +109,8 @@ class LLMEngine:
                                                          config.max_num_seqs * self.max_model_len))
             num_blocks = -(-budget_tokens // bs)
         self.kv = KVCache(a.num_layers, num_blocks, bs, a.num_kv_heads, a.head_dim, self.dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching,
+                                          copy_kv=self.kv.copy_block_prefix)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside a step (aborts, instant finishes)
