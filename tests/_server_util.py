@@ -62,6 +62,12 @@ def sse_events(lines: Iterator[str]) -> list[tuple[str | None, Any]]:
     return events
 
 
+def prometheus_samples(text: str) -> dict[str, float]:
+    """{'name{labels}': value} of a Prometheus exposition text."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
 class SlowLLM:
     """Streams ``text`` a few characters every ``delay_s``; records how streams ended."""
 

@@ -12,7 +12,7 @@ from agentrt.llm import CompletionChunk
 from agentrt.registry import ToolRegistry
 from agentrt.server import create_app
 from agentrt.testing import ScriptedLLM
-from tests._server_util import SlowLLM, live_server, sse_events
+from tests._server_util import SlowLLM, live_server, prometheus_samples, sse_events
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -184,6 +184,8 @@ def test_length_cut_tool_call_is_not_passed_off_as_complete():
     ({"messages": USER, "max_tokens": 0}, "max_tokens"),
     ({"messages": USER, "temperature": 7}, "temperature"),
     ({"messages": USER, "n": 3}, "n"),
+    ({"messages": USER, "logprobs": True}, "logprobs"),
+    ({"messages": USER, "top_logprobs": 5}, "top_logprobs"),
     ({"messages": USER, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
 ])
 def test_invalid_fields_are_400_with_the_field_path(body, param):
@@ -311,6 +313,31 @@ def test_agent_run_returns_answer_and_trace():
     assert [s["calls"][0]["name"] for s in steps[:2]] == ["add", "shout"]
     assert steps[0]["results"][0]["content"] == "5" and steps[1]["results"][0]["content"] == "FIVE"
     assert all("ttft_s" in s and "cached_tokens" in s for s in steps)
+
+
+def test_agent_runs_fill_the_step_token_and_run_metrics():
+    with client(agent_llm()) as c:
+        assert c.post("/agent/run", json={"task": "add 2 and 3 and shout it"}).json()["status"] == "completed"
+        with c.stream("POST", "/agent/run", json={"task": "x", "tools": ["add"], "max_steps": 1,
+                                                  "stream": True}) as r:  # the script has run out: an error
+            assert sse_events(r.iter_lines())[-1][1]["result"]["status"] == "error"
+        text = c.get("/metrics").text
+    samples = prometheus_samples(text)
+    assert samples["agentrt_agent_step_seconds_count"] == 3  # the failed run raised before its step ended
+    assert samples['agentrt_agent_runs_total{status="completed"}'] == 1
+    assert samples['agentrt_agent_runs_total{status="error"}'] == 1
+    assert samples["agentrt_agent_steps_count"] == 2
+    assert samples['agentrt_tokens_total{kind="prompt"}'] > 0 and samples['agentrt_tokens_total{kind="completion"}'] > 0
+    assert samples['agentrt_tokens_total{kind="cached"}'] > 0  # steps 2 and 3 extend step 1's prompt
+    assert 0 < samples["agentrt_prefix_cache_hit_rate"] < 1
+
+
+def test_default_server_runs_no_file_tool():
+    with TestClient(create_app(llm=ScriptedLLM([]))) as c:  # registry None: the default one
+        names = {t["name"] for t in c.get("/tools").json()["tools"]}
+        assert "calculate" in names and not names & {"read_file", "list_files", "query_data"}
+        for tool in ("read_file", "list_files"):
+            assert_error(c.post("/agent/run", json={"task": "show /etc/passwd", "tools": [tool]}), 400, "unknown_tool")
 
 
 def test_agent_run_streams_events():

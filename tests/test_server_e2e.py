@@ -13,7 +13,7 @@ import pytest
 
 from agentrt.llm import GenerationParams
 from agentrt.server import create_app
-from tests._server_util import live_server, sse_events
+from tests._server_util import live_server, prometheus_samples, sse_events
 
 pytestmark = pytest.mark.e2e
 
@@ -213,6 +213,9 @@ def test_disconnect_cancels_and_frees_kv_blocks(server):
     # (2000 tokens would take minutes: being idle within 30 s means the request was aborted)
     metrics = httpx.get(url + "/metrics").text
     assert "agentrt_queue_depth 0.0" in metrics and "agentrt_running_requests 0.0" in metrics
+    samples = prometheus_samples(metrics)
+    assert samples["agentrt_ttft_seconds_count"] > 0 and samples["agentrt_prefix_cache_hit_rate"] > 0
+    assert samples['agentrt_tokens_total{kind="cached"}'] > 0
 
 
 async def test_remote_llm_agent_against_the_real_server(server):

@@ -1,0 +1,185 @@
+"""The OpenAI-compatible routes: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+The request becomes a `PromptPlan` (`chat_request`); tool-call arguments are generated
+under the grammar of the tools' JSON Schemas, never parsed after the fact. Streaming
+follows OpenAI's chunks: the role, content or tool-call deltas (``index``/``id``/``name``
+once, then argument fragments), the finish reason, optional usage, ``[DONE]``. The
+server never runs a tool here: tool calls go back to the client, as OpenAI does.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from starlette.background import BackgroundTask
+
+from agentrt.llm import Completion, CompletionChunk
+from agentrt.prompting import PromptPlan, compact_json, parse_turn
+from agentrt.server.chat_request import chat_plan, generation_params
+from agentrt.server.errors import APIError
+from agentrt.server.limits import QueueTicket, check_api_key
+from agentrt.server.request_models import ChatCompletionRequest
+from agentrt.server.state import ServerState, get_state
+from agentrt.server.streams import close, drain, first_chunk, resumed, sse, sse_response, unless_disconnected
+from agentrt.stream_parser import ContentDelta, ToolCallArgsDelta, ToolCallStart, ToolCallStreamParser
+from agentrt.types import Usage
+
+router = APIRouter(dependencies=[Depends(check_api_key)])
+
+
+@router.get("/v1/models")
+async def models(state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """The one model this server serves."""
+    return {"object": "list", "data": [
+        {"id": state.model_name, "object": "model", "created": state.started, "owned_by": "agentrt"}]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request,
+                           state: ServerState = Depends(get_state)) -> Any:
+    """OpenAI-compatible chat completions with grammar-constrained tool calls."""
+    plan = chat_plan(req)
+    params = generation_params(state.llm, plan, req)
+    cid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    ticket = await state.queue.acquire()
+    stream = state.llm.stream(plan.chat_messages, json_schema=plan.json_schema, params=params)
+    try:
+        first = await first_chunk(stream)
+    except BaseException:
+        await close(stream)
+        ticket.release()
+        raise
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        chunks = ChunkWriter(cid, created, state.model_name)
+        body = stream_chat(state, plan, stream, first, ticket, chunks, include_usage)
+        return sse_response(body, BackgroundTask(finish_stream, stream, ticket))
+    try:
+        completion = await unless_disconnected(request, lambda: drain(stream, first))
+    finally:
+        await close(stream)
+        ticket.release()
+    state.metrics.observe_usage(completion.usage, completion.ttft_s)
+    message, finish = completion_message(completion, plan)
+    return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": usage_json(completion.usage)}
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    """OpenAI's ``usage`` object, with ``prompt_tokens_details.cached_tokens``."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def completion_message(completion: Completion, plan: PromptPlan) -> tuple[dict[str, Any], str]:
+    """(the OpenAI assistant message, finish_reason) of a finished completion."""
+    if completion.finish_reason == "length" and plan.mode == "tools":
+        # Cut before the JSON closed: no tool call is passed off as complete.
+        parser = ToolCallStreamParser("tools")
+        with contextlib.suppress(ValueError):
+            parser.feed(completion.text)
+        return {"role": "assistant", "content": parser.content}, "length"
+    finish = "length" if completion.finish_reason == "length" else "stop"
+    if plan.mode != "tools":
+        return {"role": "assistant", "content": completion.text}, finish
+    try:
+        turn = parse_turn(completion.text, plan)
+    except ValueError as e:
+        raise APIError(502, f"the model's output did not parse as a turn: {e}", type="server_error",
+                       code="model_output_invalid") from None
+    if turn.tool_calls:
+        calls = [{"id": c.id, "type": "function",
+                  "function": {"name": c.name, "arguments": compact_json(c.arguments)}} for c in turn.tool_calls]
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    content = turn.content if turn.content is not None else compact_json(turn.answer)
+    return {"role": "assistant", "content": content}, finish
+
+
+class ChunkWriter:
+    """The ``chat.completion.chunk`` events of one streamed completion."""
+
+    def __init__(self, cid: str, created: int, model: str):
+        self.head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+
+    def delta(self, delta: dict[str, Any], finish: str | None = None) -> str:
+        return sse({**self.head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                              "finish_reason": finish}]})
+
+    def event(self, ev: ContentDelta | ToolCallStart | ToolCallArgsDelta) -> str:
+        """A parser event as OpenAI's delta: content, a call's start, or argument text."""
+        if isinstance(ev, ContentDelta):
+            return self.delta({"content": ev.text})
+        if isinstance(ev, ToolCallStart):
+            return self.delta({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
+                                               "function": {"name": ev.name, "arguments": ""}}]})
+        return self.delta({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.json_fragment}}]})
+
+    def usage(self, usage: Usage) -> str:
+        return sse({**self.head, "choices": [], "usage": usage_json(usage)})
+
+    @staticmethod
+    def error(message: str) -> str:
+        """The stream's last words when the model's output cannot be streamed on."""
+        err = APIError(502, message, type="server_error", code="model_output_invalid")
+        return sse(err.body()) + sse("[DONE]")
+
+
+async def stream_chat(state: ServerState, plan: PromptPlan, stream: AsyncIterator[CompletionChunk],
+                      first: CompletionChunk | None, ticket: QueueTicket, chunks: ChunkWriter,
+                      include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI-style SSE: role, then content / tool-call deltas as the parser finds them,
+    then the finish reason (and usage when asked), then ``[DONE]``."""
+    parser = ToolCallStreamParser(plan.mode)
+    made_calls = False
+    completion: Completion | None = None
+    try:
+        yield chunks.delta({"role": "assistant", "content": ""})
+        async for chunk in resumed(stream, first):
+            try:
+                events = parser.feed(chunk.delta) if chunk.delta else []
+            except ValueError as e:  # output the grammar should not have let through
+                yield chunks.error(f"the model's output did not parse: {e}")
+                return
+            for ev in events:
+                made_calls = made_calls or isinstance(ev, ToolCallStart)
+                yield chunks.event(ev)
+            completion = chunk.completion or completion
+        if completion is None:
+            yield chunks.error("the model stream ended without a completion")
+            return
+        finish = "length" if completion.finish_reason == "length" else "stop"
+        if finish == "stop" and plan.mode == "tools":
+            try:
+                events = parser.finish()
+            except ValueError as e:
+                yield chunks.error(f"the model's output did not parse: {e}")
+                return
+            for ev in events:
+                yield chunks.event(ev)
+            if made_calls:
+                finish = "tool_calls"
+        yield chunks.delta({}, finish)
+        state.metrics.observe_usage(completion.usage, completion.ttft_s)
+        if include_usage:
+            yield chunks.usage(completion.usage)
+        yield sse("[DONE]")
+    finally:
+        # A disconnect cancels this generator: abort the generation, free the slot (the
+        # response's background task does the same when the server runs it; both are idempotent).
+        await finish_stream(stream, ticket)
+
+
+async def finish_stream(stream: Any, ticket: QueueTicket) -> None:
+    """After a streamed response (sent in full or cut by a disconnect): end the generation
+    and give back the slot."""
+    await close(stream)
+    ticket.release()
