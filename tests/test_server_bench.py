@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 import os
 
+import anyio
+import httpx
+import pytest
+
 from agentrt.benchmarks import server as bench
 from agentrt.cli import build_parser
 from agentrt.commands import serve
@@ -13,14 +17,62 @@ def test_percentiles_and_summary():
     assert bench._pct([], 50) is None
     assert bench._pct([3.0, 1.0, 2.0], 50) == 2.0
     assert bench._pct([float(i) for i in range(1, 101)], 95) == 95.0
-    samples = [bench.Sample("agent", True, 2.0, [0.5, 0.1], steps=3),
-               bench.Sample("agent", False, 9.0, error="HTTP 500: boom"),
-               bench.Sample("chat", True, 1.0, [0.2])]
-    res = bench.summarise(samples, wall_s=4.0)
-    assert res["requests"] == 3 and res["errors"] == 1 and res["requests_per_s"] == 0.75
-    assert res["agent"]["latency_p50_s"] == 2.0 and res["agent"]["ttft_p95_s"] == 0.5
-    assert res["agent"]["mean_steps"] == 3.0 and res["chat"]["ttft_p50_s"] == 0.2
-    assert res["first_errors"] == ["HTTP 500: boom"]
+    samples = [bench.Sample("agent", "", 2.0, [0.5, 0.1], steps=3, outcome="completed"),
+               bench.Sample("agent", "http", 9.0, error="HTTP 500: boom"),
+               bench.Sample("agent", "run", 4.0, [0.3], error="run status error: cut", steps=1, outcome="error"),
+               bench.Sample("chat", "", 1.0, [0.2], outcome="tool_calls"),
+               bench.Sample("chat", "output", 1.5, [0.4], error="invalid output", outcome="stop")]
+    res = bench.summarise(samples, wall_s=5.0)
+    assert res["requests"] == 5 and res["requests_per_s"] == 1.0
+    assert (res["errors"], res["http_errors"], res["agent_run_errors"], res["invalid_outputs"]) == (3, 1, 1, 1)
+    agent, chat = res["agent"], res["chat"]
+    assert (agent["errors"], agent["http_errors"], agent["agent_run_errors"]) == (2, 1, 1)
+    assert agent["outcomes"] == {"completed": 1, "error": 1} and chat["outcomes"] == {"stop": 1, "tool_calls": 1}
+    assert agent["latency_p50_s"] == 2.0 and agent["ttft_p95_s"] == 0.5  # served requests only
+    assert agent["mean_steps"] == 3.0 and chat["ttft_p50_s"] == 0.2 and chat["invalid_outputs"] == 1
+    assert res["first_errors"] == ["agent: HTTP 500: boom", "agent: run status error: cut", "chat: invalid output"]
+
+
+class FakeHTTP:
+    """Answers ``post`` with one canned response (an httpx.Response)."""
+
+    def __init__(self, status: int, body: dict):
+        self.response = httpx.Response(status, json=body)
+
+    async def post(self, path: str, json: dict) -> httpx.Response:
+        return self.response
+
+
+@pytest.mark.parametrize("status,body,failure,outcome", [
+    (200, {"status": "completed", "steps": [{"ttft_s": 0.1}, {"ttft_s": 0.05}]}, "", "completed"),
+    (200, {"status": "max_steps", "steps": [{"ttft_s": 0.1}]}, "", "max_steps"),
+    (200, {"status": "error", "error": "cut at max_tokens",
+           "steps": [{"ttft_s": 0.1, "finish_reason": "length", "error": "unterminated string"}]}, "run", "error"),
+    (200, {"status": "completed", "steps": []}, "run", "completed"),
+    (429, {"error": {"message": "busy"}}, "http", ""),
+])
+def test_agent_job_tells_http_errors_from_failed_runs(status, body, failure, outcome):
+    sample = anyio.run(bench.agent_job, FakeHTTP(status, body), 0, 3)
+    assert (sample.failure, sample.outcome) == (failure, outcome), sample
+    if failure == "run":
+        assert "run status" in sample.error
+    if failure == "http":
+        assert sample.error.startswith("HTTP 429")
+
+
+def test_chat_output_is_checked_against_the_grammar_it_promises():
+    tools = {"tools": [bench.WEATHER]}
+    fmt = {"response_format": {"json_schema": {"schema": bench.CITY_SCHEMA}}}
+    good = {0: {"name": "get_weather", "args": '{"city":"Oslo","unit":"celsius"}'}}
+    assert bench.check_chat_output(tools, "tool_calls", "", good) == ""
+    assert "ValidationError" in bench.check_chat_output(
+        tools, "tool_calls", "", {0: {"name": "get_weather", "args": '{"city":"Oslo","unit":"kelvin"}'}})
+    assert "JSONDecodeError" in bench.check_chat_output(tools, "tool_calls", "", {0: {"name": "get_weather",
+                                                                                        "args": '{"city":'}})
+    assert "0 call(s)" in bench.check_chat_output(tools, "stop", "hello", {})
+    assert bench.check_chat_output(fmt, "stop", '{"city":"Oslo","country":"Norway"}', {}) == ""
+    assert bench.check_chat_output(fmt, "stop", '{"city":"Oslo"}', {}) != ""
+    assert bench.check_chat_output(fmt, "length", '{"city":"Os', {}) == ""  # cut replies say so themselves
 
 
 def test_peak_rss_of_this_process():

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -114,12 +115,22 @@ def serve_process(extra: list[str], timeout_s: float) -> Iterator[tuple[str, sub
 
 @dataclass
 class Sample:
+    """One request of the load. ``failure`` is "" (served), "http" (no usable HTTP answer:
+    a status other than 200, a transport error, a broken stream), "run" (an agent run whose
+    status is error) or "output" (a 200 whose tool call or JSON does not parse/validate).
+    ``outcome`` is the run's status or the chat's finish_reason."""
+
     kind: str
-    ok: bool
+    failure: str
     latency_s: float
     ttft_s: list[float] = field(default_factory=list)
     error: str = ""
     steps: int = 0
+    outcome: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failure
 
 
 def _agent_body(i: int, max_steps: int) -> dict[str, Any]:
@@ -134,13 +145,40 @@ async def agent_job(http: Any, i: int, max_steps: int) -> Sample:
         r = await http.post("/agent/run", json=_agent_body(i, max_steps))
         latency = time.perf_counter() - start
         if r.status_code != 200:
-            return Sample("agent", False, latency, error=f"HTTP {r.status_code}: {r.text[:200]}")
+            return Sample("agent", "http", latency, error=f"HTTP {r.status_code}: {r.text[:200]}")
         body = r.json()
-        ok = body["status"] in ("completed", "max_steps") and bool(body["steps"])
-        return Sample("agent", ok, latency, [s["ttft_s"] for s in body["steps"]],
-                      "" if ok else f"status {body['status']}: {body.get('error')}", len(body["steps"]))
+        status, steps = body["status"], body["steps"]
+        ttft = [s["ttft_s"] for s in steps]
+        if status == "error" or not steps:
+            last = steps[-1] if steps else {}
+            why = f"finish_reason {last.get('finish_reason')}, step error {last.get('error')!r}" if last else "no step"
+            return Sample("agent", "run", latency, ttft, f"run status {status}: {body.get('error')} ({why})",
+                          len(steps), status)
+        return Sample("agent", "", latency, ttft, steps=len(steps), outcome=status)
     except Exception as e:  # a benchmark records failures rather than stopping
-        return Sample("agent", False, time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
+        return Sample("agent", "http", time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
+
+
+def check_chat_output(kwargs: dict[str, Any], finish: str | None, content: str, calls: dict[int, dict]) -> str:
+    """Why a streamed chat's output is not what the request's grammar promises ("" if it is):
+    reassembled tool-call arguments must parse and match the tool's schema, a json_schema
+    answer must match its schema (a reply cut at max_tokens is exempt: it says so)."""
+    import jsonschema
+
+    if finish == "length":
+        return ""
+    try:
+        if "tools" in kwargs:
+            if finish != "tool_calls" or not calls:
+                return f"tool_choice required but finish_reason {finish} with {len(calls)} call(s)"
+            schemas = {t["function"]["name"]: t["function"]["parameters"] for t in kwargs["tools"]}
+            for call in calls.values():
+                jsonschema.validate(json.loads(call["args"]), schemas[call["name"]])
+        else:
+            jsonschema.validate(json.loads(content), kwargs["response_format"]["json_schema"]["schema"])
+    except (ValueError, KeyError, jsonschema.ValidationError) as e:
+        return f"invalid output: {type(e).__name__}: {str(e)[:160]}"
+    return ""
 
 
 async def chat_job(client: Any, i: int) -> Sample:
@@ -156,18 +194,26 @@ async def chat_job(client: Any, i: int) -> Sample:
     first: float | None = None
     try:
         stream = await client.chat.completions.create(model="default", max_tokens=48, stream=True, **kwargs)
-        finish = None
+        finish, content, calls = None, "", {}
         async for chunk in stream:
             for choice in chunk.choices:
                 d = choice.delta
                 if first is None and d is not None and (d.content or d.tool_calls):
                     first = time.perf_counter() - start
+                content += (d.content or "") if d is not None else ""
+                for tc in (d.tool_calls or []) if d is not None else []:
+                    slot = calls.setdefault(tc.index, {"name": "", "args": ""})
+                    slot["name"] = (tc.function and tc.function.name) or slot["name"]
+                    slot["args"] += (tc.function and tc.function.arguments) or ""
                 finish = choice.finish_reason or finish
-        ok = finish in ("stop", "tool_calls", "length")
-        return Sample("chat", ok, time.perf_counter() - start, [first] if first is not None else [],
-                      "" if ok else f"finish_reason {finish}")
+        latency = time.perf_counter() - start
+        ttft = [first] if first is not None else []
+        if finish not in ("stop", "tool_calls", "length"):
+            return Sample("chat", "http", latency, ttft, f"stream ended with finish_reason {finish}", outcome=str(finish))
+        invalid = check_chat_output(kwargs, finish, content, calls)
+        return Sample("chat", "output" if invalid else "", latency, ttft, invalid, outcome=finish)
     except Exception as e:
-        return Sample("chat", False, time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
+        return Sample("chat", "http", time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
 
 
 async def run_load(url: str, clients: int, agent_runs: int, chats: int, max_steps: int) -> tuple[list[Sample], float]:
@@ -209,10 +255,19 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
+FAILURES = {"http": "http_errors", "run": "agent_run_errors", "output": "invalid_outputs"}
+
+
+def _failures(group: list[Sample]) -> dict[str, int]:
+    return {name: sum(s.failure == f for s in group) for f, name in FAILURES.items()}
+
+
 def summarise(samples: list[Sample], wall_s: float, kinds: tuple[str, ...] = ("agent", "chat")) -> dict[str, Any]:
+    """requests/s, errors by kind of failure, and per job kind: latency and TTFT
+    percentiles of the served requests, and how they ended (run status / finish_reason)."""
     out: dict[str, Any] = {"requests": len(samples), "wall_s": round(wall_s, 2),
                            "requests_per_s": round(len(samples) / wall_s, 3) if wall_s else None,
-                           "errors": sum(not s.ok for s in samples)}
+                           "errors": sum(not s.ok for s in samples), **_failures(samples)}
     for kind in kinds:
         group = [s for s in samples if s.kind == kind]
         if not group:
@@ -220,13 +275,14 @@ def summarise(samples: list[Sample], wall_s: float, kinds: tuple[str, ...] = ("a
         lat = [s.latency_s for s in group if s.ok]
         ttft = [t for s in group if s.ok for t in s.ttft_s]
         out[kind] = {
-            "n": len(group), "errors": sum(not s.ok for s in group),
+            "n": len(group), "errors": sum(not s.ok for s in group), **_failures(group),
+            "outcomes": dict(sorted(Counter(s.outcome for s in group if s.outcome).items())),
             "latency_p50_s": _round(_pct(lat, 50)), "latency_p95_s": _round(_pct(lat, 95)),
             "ttft_p50_s": _round(_pct(ttft, 50)), "ttft_p95_s": _round(_pct(ttft, 95)),
         }
         if kind == "agent":
             out[kind]["mean_steps"] = _round(statistics.fmean([s.steps for s in group if s.ok] or [0]))
-    errors = [s.error for s in samples if not s.ok][:3]
+    errors = [f"{s.kind}: {s.error}" for s in samples if not s.ok][:5]
     if errors:
         out["first_errors"] = errors
     return out
@@ -236,25 +292,33 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
 
-def _metric(url: str, name: str) -> float | None:
+def _metrics(url: str, name: str) -> dict[str, float]:
+    """The samples of one Prometheus metric on the server: {labels text (or ""): value}."""
     import httpx
 
+    out = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            key, _, value = line.rpartition(" ")
+            out[key[len(name):].strip("{}")] = float(value)
+    return out
 
 
 def _print_phase(title: str, res: dict[str, Any]) -> None:
     print(f"\n== {title}", flush=True)
-    print(f"requests {res['requests']} in {res['wall_s']} s: {res['requests_per_s']} req/s, errors {res['errors']}")
+    print(f"requests {res['requests']} in {res['wall_s']} s: {res['requests_per_s']} req/s, errors {res['errors']} "
+          f"(HTTP/transport {res['http_errors']}, agent runs with status error {res['agent_run_errors']}, "
+          f"invalid outputs {res['invalid_outputs']})")
     for kind in ("agent", "chat"):
         if kind in res:
             r = res[kind]
             extra = f", mean steps {r['mean_steps']}" if "mean_steps" in r else ""
             print(f"  {kind:5s} n={r['n']:3d}  latency p50 {r['latency_p50_s']} s  p95 {r['latency_p95_s']} s  "
                   f"TTFT p50 {r['ttft_p50_s']} s  p95 {r['ttft_p95_s']} s{extra}")
-    for key in ("server_peak_rss_mb", "model_server_peak_rss_mb", "front_peak_rss_mb", "prefix_cache_hit_rate"):
+            ends = ", ".join(f"{k} {v}" for k, v in r["outcomes"].items())
+            print(f"        {'run status' if kind == 'agent' else 'finish_reason'}: {ends or '-'}")
+    for key in ("warmup_errors", "server_peak_rss_mb", "model_server_peak_rss_mb", "front_peak_rss_mb",
+                "prefix_cache_hit_rate", "server_agent_runs"):
         if res.get(key) is not None:
             print(f"  {key}: {res[key]}")
     for err in res.get("first_errors", []):
@@ -279,11 +343,14 @@ def main(args: argparse.Namespace) -> int:
     show = (lambda title, res: None) if args.json else _print_phase
     with serve_process(model_args + limits, args.startup_timeout) as (url, proc):
         # warm-up: every grammar compiled once (then cached), the first prefill done
-        asyncio.run(run_load(url, 1, min(1, args.agent_runs), 2, args.max_steps))
+        warm, _ = asyncio.run(run_load(url, 1, min(1, args.agent_runs), 2, args.max_steps))
         samples, wall = asyncio.run(run_load(url, args.clients, args.agent_runs, args.chats, args.max_steps))
         res = summarise(samples, wall)
+        res["warmup_errors"] = sum(not s.ok for s in warm)  # not in the figures above, but not hidden
         res["server_peak_rss_mb"] = _round(peak_rss_mb(proc.pid))
-        res["prefix_cache_hit_rate"] = _round(_metric(url, "agentrt_prefix_cache_hit_rate"))
+        res["prefix_cache_hit_rate"] = _round(_metrics(url, "agentrt_prefix_cache_hit_rate").get(""))
+        # the server's own count (warm-up included): a cross-check of the clients' figures
+        res["server_agent_runs"] = _metrics(url, "agentrt_agent_runs_total")
         results["local"] = res
         show(f"local: agentrt serve, {args.clients} clients", res)
 
@@ -291,9 +358,11 @@ def main(args: argparse.Namespace) -> int:
         with serve_process(model_args + limits, args.startup_timeout) as (model_url, model_proc):
             front = ["--remote-url", model_url + "/v1", *limits]
             with serve_process(front, args.startup_timeout) as (front_url, front_proc):
-                asyncio.run(run_load(front_url, 1, 1, 0, args.max_steps))
+                warm, _ = asyncio.run(run_load(front_url, 1, 1, 0, args.max_steps))
                 samples, wall = asyncio.run(run_load(front_url, args.clients, args.agent_runs, 0, args.max_steps))
                 res = summarise(samples, wall, ("agent",))
+                res["warmup_errors"] = sum(not s.ok for s in warm)
+                res["server_agent_runs"] = _metrics(front_url, "agentrt_agent_runs_total")
                 res["model_server_peak_rss_mb"] = _round(peak_rss_mb(model_proc.pid))
                 res["front_peak_rss_mb"] = _round(peak_rss_mb(front_proc.pid))
                 results["remote"] = res
