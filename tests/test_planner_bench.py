@@ -60,12 +60,15 @@ def test_summarize_percentiles_and_shares():
     from agentrt.types import RunResult, Step
 
     runs = [RunResult(run_id="r", status="completed", steps=[
-        Step(index=1, ttft_s=1.0, prompt_tokens=100),
-        Step(index=2, ttft_s=0.1, prompt_tokens=120, cached_tokens=110),
-        Step(index=3, ttft_s=0.3, prompt_tokens=140, cached_tokens=130),
+        Step(index=1, ttft_s=1.0, prompt_tokens=100, completion_tokens=10),
+        Step(index=2, ttft_s=0.1, prompt_tokens=120, cached_tokens=110, completion_tokens=8),
+        Step(index=3, ttft_s=0.3, prompt_tokens=140, cached_tokens=125),
     ])]
     s = summarize(runs, 2.0)
     assert s["ttft_step1_p50_ms"] == pytest.approx(1000)
     assert s["ttft_step2plus_p95_ms"] == pytest.approx(300)
-    assert s["cached_share_step2plus"] == pytest.approx(240 / 260)
+    assert s["cached_share_step2plus"] == pytest.approx(235 / 260)
+    # step 2 got all 110 tokens of step 1; step 3 missed 3 of step 2's 128
+    assert s["prev_step_tokens_missed_max"] == 3 and s["prev_step_tokens_missed_p50"] in (0, 3)
+    assert s["new_tokens_per_step_mean"] == pytest.approx((10 + 12) / 2)
     assert s["total_s"] == 2.0
