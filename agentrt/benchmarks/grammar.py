@@ -90,8 +90,35 @@ class SchemaResult:
     examples: list[str] = field(default_factory=list)
 
 
+def instance_forms(case: dict, test: dict) -> set[str] | None:
+    """The compact JSON texts an instance is tried as: as written and with keys in schema order
+    (None for NaN/inf, which are not JSON)."""
+    try:
+        return {compact(test["data"]), compact(reorder(test["data"], case["schema"], case["schema"]))}
+    except (ValueError, TypeError):
+        return None
+
+
+def score_instances(case: dict, res: SchemaResult, accepts) -> SchemaResult:  # noqa: ANN001
+    """Fill ``res`` by asking ``accepts(text)`` about every instance of ``case``: a valid instance
+    must be accepted in some form, an invalid one rejected in every form."""
+    for t in case["tests"]:
+        forms = instance_forms(case, t)
+        if forms is None:
+            continue
+        accepted = any(accepts(f) for f in forms)
+        if accepted and not t["valid"]:
+            res.wrongly_accepted += 1
+            res.examples.append("accepted invalid " + min(forms)[:120])
+        elif not accepted and t["valid"]:
+            res.wrongly_rejected += 1
+    if res.wrongly_accepted or res.wrongly_rejected:
+        res.status = "inexact"
+    return res
+
+
 def check_schema(case: dict, timeout_s: float = 10.0) -> SchemaResult:
-    """Compile one schema to the byte-level automaton and test every instance against it."""
+    """Compile one schema to our byte-level automaton and test every instance against it."""
     from agentrt.engine.grammar import ByteAutomaton, GrammarCompileError, UnsupportedSchemaError, schema_to_regex
 
     t0 = time.perf_counter()
@@ -103,20 +130,21 @@ def check_schema(case: dict, timeout_s: float = 10.0) -> SchemaResult:
     except GrammarCompileError as e:
         return SchemaResult(case["id"], "error", error=str(e)[:200])
     res = SchemaResult(case["id"], "exact", compile_s=time.perf_counter() - t0)
-    for t in case["tests"]:
-        try:
-            forms = {compact(t["data"]), compact(reorder(t["data"], case["schema"], case["schema"]))}
-        except (ValueError, TypeError):
-            continue  # NaN/inf are not JSON
-        accepted = any(auto.fullmatch(f) for f in forms)
-        if accepted and not t["valid"]:
-            res.wrongly_accepted += 1
-            res.examples.append("accepted invalid " + min(forms)[:120])
-        elif not accepted and t["valid"]:
-            res.wrongly_rejected += 1
-    if res.wrongly_accepted or res.wrongly_rejected:
-        res.status = "inexact"
-    return res
+    return score_instances(case, res, auto.fullmatch)
+
+
+def check_peer(peer, case: dict) -> SchemaResult:  # noqa: ANN001
+    """The same test as ``check_schema`` with a peer library's own compiler and matcher
+    (compile time here is the peer's full compile against the tokenizer)."""
+    from .grammar_peers import PeerRefused
+
+    t0 = time.perf_counter()
+    try:
+        compiled = peer.compile(case["schema"])
+    except PeerRefused as e:
+        return SchemaResult(case["id"], "refused", refused=[str(e)])
+    res = SchemaResult(case["id"], "exact", compile_s=time.perf_counter() - t0)
+    return score_instances(case, res, lambda text: peer.accepts(compiled, text))
 
 
 def _pct(a: int, b: int) -> str:
@@ -130,34 +158,97 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def run_exactness(subsets: list[str], limit: int | None, timeout_s: float, out=sys.stdout) -> dict:  # noqa: ANN001
-    print(f"{'subset':<15}{'schemas':>8}{'compiled':>10}{'exact':>9}{'wrong acc':>11}{'wrong rej':>11}"
+def _top_reasons(results: list[SchemaResult], keyword_only: bool, n: int = 4) -> str:
+    """The most frequent refusal reasons: our refused keyword names, or a peer's message start."""
+    reasons: dict[str, int] = {}
+    for r in results:
+        for k in r.refused:
+            key = k.split(" ")[0] if keyword_only else k[:48]
+            reasons[key] = reasons.get(key, 0) + 1
+        if r.status == "error":
+            reasons["error"] = reasons.get("error", 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:n])
+
+
+def _subset_row(results: list[SchemaResult]) -> dict:
+    compiled = [r for r in results if r.status in ("exact", "inexact")]
+    times = [r.compile_s * 1000 for r in compiled]
+    return {"schemas": len(results), "compiled": len(compiled), "exact": sum(r.status == "exact" for r in results),
+            "wrongly_accepted": sum(r.wrongly_accepted for r in results),
+            "wrongly_rejected": sum(r.wrongly_rejected for r in results),
+            "compile_p50_ms": _quantile(times, 0.5), "compile_p95_ms": _quantile(times, 0.95)}
+
+
+def run_exactness(subsets: list[str], limit: int | None, timeout_s: float, peers: list | None = None,  # noqa: ANN001
+                  out=sys.stdout) -> dict:  # noqa: ANN001
+    """Exactness per subset for ours and each peer on the same schemas and instances.
+
+    Returns {subset: {engine: row}} with row keys schemas, compiled, exact, wrongly_accepted,
+    wrongly_rejected, compile_p50_ms, compile_p95_ms. Our compile time here is schema -> regex ->
+    byte automaton (no tokenizer); a peer's is its full compile against the tokenizer (the
+    like-for-like token-level compile times are in the speed table).
+    """
+    peers = peers or []
+    print(f"{'subset':<15}{'engine':<12}{'schemas':>8}{'compiled':>10}{'exact':>9}{'wrong acc':>11}{'wrong rej':>11}"
           f"{'compile p50':>13}{'p95 ms':>8}  top refusals", file=out)
-    summary = {}
+    summary: dict[str, dict] = {}
     for name in subsets:
         cases = load_subset(name, limit=limit)
-        results = [check_schema(c, timeout_s) for c in cases]
-        n = len(results)
-        compiled = [r for r in results if r.status in ("exact", "inexact")]
-        exact = sum(r.status == "exact" for r in results)
-        wa = sum(r.wrongly_accepted for r in results)
-        wr = sum(r.wrongly_rejected for r in results)
-        reasons: dict[str, int] = {}
-        for r in results:
-            for k in r.refused:
-                reasons[k.split(" ")[0]] = reasons.get(k.split(" ")[0], 0) + 1
-            if r.status == "error":
-                reasons["error"] = reasons.get("error", 0) + 1
-        times = [r.compile_s * 1000 for r in compiled]
-        top = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:4])
-        print(f"{name:<15}{n:>8}{_pct(len(compiled), n):>10}{_pct(exact, n):>9}{wa:>11}{wr:>11}"
-              f"{_quantile(times, 0.5):>13.1f}{_quantile(times, 0.95):>8.1f}  {top}", file=out, flush=True)
-        for r in results:
-            for ex in r.examples[:2]:
-                print(f"    WRONGLY ACCEPTED {r.id}: {ex}", file=out)
-        summary[name] = {"schemas": n, "compiled": len(compiled), "exact": exact, "wrongly_accepted": wa,
-                         "wrongly_rejected": wr}
+        runs = [("ours", [check_schema(c, timeout_s) for c in cases])]
+        for peer in peers:
+            runs.append((peer.name, [check_peer(peer, c) for c in cases]))
+        summary[name] = {}
+        for engine, results in runs:
+            row = summary[name][engine] = _subset_row(results)
+            n = row["schemas"]
+            print(f"{name:<15}{engine:<12}{n:>8}{_pct(row['compiled'], n):>10}{_pct(row['exact'], n):>9}"
+                  f"{row['wrongly_accepted']:>11}{row['wrongly_rejected']:>11}{row['compile_p50_ms']:>13.1f}"
+                  f"{row['compile_p95_ms']:>8.1f}  {_top_reasons(results, engine == 'ours')}", file=out, flush=True)
+            if engine == "ours":
+                for r in results:
+                    for ex in r.examples[:2]:
+                        print(f"    WRONGLY ACCEPTED {r.id}: {ex}", file=out)
     return summary
+
+
+def print_summary(summary: dict, out=sys.stdout) -> dict:  # noqa: ANN001
+    """Exact count per subset, ours vs each peer, overall, and the issue's targets: overall exact
+    count at least the best peer's; 100% compiled and exact on Glaiveai2K and BFCL_*.
+    Returns {"overall": {engine: exact}, "beats_best_peer": bool|None, "targets_100": {subset: bool}}."""
+    engines = list(dict.fromkeys(e for rows in summary.values() for e in rows))
+    print(f"\nexact schemas per subset ({' vs '.join(engines)}):", file=out)
+    print(f"{'subset':<15}{'schemas':>8}" + "".join(f"{e:>12}" for e in engines), file=out)
+    overall = dict.fromkeys(engines, 0)
+    total = 0
+    for name, rows in summary.items():
+        n = next(iter(rows.values()))["schemas"]
+        total += n
+        cells = ""
+        for e in engines:
+            x = rows.get(e, {}).get("exact")
+            overall[e] += x or 0
+            cells += f"{'-' if x is None else x:>12}"
+        print(f"{name:<15}{n:>8}{cells}", file=out)
+    print(f"{'overall':<15}{total:>8}" + "".join(f"{overall[e]:>12}" for e in engines), file=out)
+    peers = [e for e in engines if e != "ours"]
+    beats = None
+    if peers:
+        best = max(peers, key=lambda e: overall[e])
+        beats = overall.get("ours", 0) >= overall[best]
+        print(f"target overall exact >= best peer ({best} {overall[best]}): ours {overall.get('ours', 0)} -> "
+              f"{'MET' if beats else 'NOT MET'}", file=out)
+    else:
+        print("target overall exact >= best peer: no peer installed, not checked", file=out)
+    targets = {}
+    for name, rows in summary.items():
+        if name == "Glaiveai2K" or name.startswith("BFCL_"):
+            r = rows.get("ours")
+            if r:
+                targets[name] = r["compiled"] == r["exact"] == r["schemas"]
+    if targets:
+        print("target 100% compiled and exact: " + ", ".join(f"{k} {'MET' if v else 'NOT MET'}"
+                                                             for k, v in targets.items()), file=out)
+    return {"overall": overall, "beats_best_peer": beats, "targets_100": targets}
 
 
 # ----------------------------------------------------------------------------- token-level speed
@@ -173,10 +264,54 @@ def embedded_tokenizer():  # noqa: ANN201
                                          gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, out=sys.stdout) -> None:  # noqa: ANN001
+def _mask_times_us(grammar, token_ids: list[int]) -> list[float] | None:  # noqa: ANN001
+    """Our mask time before every token (no jump-forward), like the peers' figures."""
+    m = grammar.matcher()
+    out = []
+    for t in token_ids:
+        t0 = time.perf_counter()
+        mask = m.next_token_mask()
+        out.append((time.perf_counter() - t0) * 1e6)
+        if not mask[t]:
+            return None
+        m.accept_token(t)
+    return out
+
+
+def _valid_token_ids(tok, case: dict) -> list[list[int]]:  # noqa: ANN001
+    forms = [compact(reorder(t["data"], case["schema"], case["schema"])) for t in case["tests"] if t["valid"]]
+    return [tok.encode(f, add_special_tokens=False) for f in forms]
+
+
+def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, peers: list | None = None,  # noqa: ANN001
+                    tok=None, out=sys.stdout) -> dict:  # noqa: ANN001
+    """Token-level figures on the embedded tokenizer for the first ``per_subset`` schemas we
+    compile per subset: our compile cold / cached / from disk, mask time along valid instances
+    with jump-forward (first visit and warm), forced share; then, side by side with each peer on
+    the same schemas and token sequences: compile cold and again, mask time before every token.
+    Returns {subset: {engine: {compile_cold_ms: [..], compile_again_ms: [..], mask_us: [..]}}}."""
+    import torch
+
+    peers = peers or []
+    tok = tok if tok is not None else embedded_tokenizer()
+    side: dict[str, dict] = {}
+    threads = torch.get_num_threads()
+    # One torch thread: a mask is a 49k-element op, and with 2 OpenMP threads on a busy 2-core
+    # machine each such op waits ~25 ms for the second thread to wake (measured), which would time
+    # the scheduler, not the grammar. The peers' masks are single-threaded native code too.
+    torch.set_num_threads(1)
+    print(f"\n(token-level timings with torch.set_num_threads(1), was {threads})", file=out)
+    try:
+        return _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out):  # noqa: ANN001, ANN202
     from agentrt.engine.grammar import GrammarCompileError, GrammarCompiler, UnsupportedSchemaError
 
-    tok = embedded_tokenizer()
+    from .grammar_peers import PeerRefused
+
     with tempfile.TemporaryDirectory() as cache:
         comp = GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok), cache_dir=cache)
         print(f"\n{'subset':<15}{'n':>4}{'cold p50':>10}{'p95 ms':>8}{'cached p50':>12}{'p95 us':>8}"
@@ -184,6 +319,8 @@ def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, out=s
         for name in subsets:
             cold, cached, disk, mask_us, warm_us = [], [], [], [], []
             forced = total = 0
+            side[name] = {e: {"compile_cold_ms": [], "compile_again_ms": [], "mask_us": []}
+                          for e in ["ours"] + [p.name for p in peers]}
             for case in load_subset(name)[: per_subset * 3]:
                 if len(cold) >= per_subset:
                     break
@@ -199,8 +336,28 @@ def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, out=s
                 cached.append(time.perf_counter() - t0)
                 fresh = GrammarCompiler(comp.vocab, comp._encode, cache_dir=cache)
                 t0 = time.perf_counter()
-                fresh.compile_json_schema(case["schema"], timeout_s=timeout_s)
+                gd = fresh.compile_json_schema(case["schema"], timeout_s=timeout_s)
                 disk.append(time.perf_counter() - t0)
+                token_seqs = _valid_token_ids(tok, case)
+                ours = side[name]["ours"]
+                ours["compile_cold_ms"].append(cold[-1] * 1e3)
+                ours["compile_again_ms"].append(cached[-1] * 1e3)
+                for ids in token_seqs:  # a separate grammar object: its per-state masks start cold
+                    ours["mask_us"] += _mask_times_us(gd, ids) or []
+                for peer in peers:
+                    row = side[name][peer.name]
+                    peer.clear_cache()
+                    try:
+                        t0 = time.perf_counter()
+                        compiled = peer.compile(case["schema"])
+                        row["compile_cold_ms"].append((time.perf_counter() - t0) * 1e3)
+                        t0 = time.perf_counter()
+                        compiled = peer.compile(case["schema"])
+                        row["compile_again_ms"].append((time.perf_counter() - t0) * 1e3)
+                    except PeerRefused:
+                        continue
+                    for ids in token_seqs:
+                        row["mask_us"] += peer.mask_times_us(compiled, ids) or []
                 for t in [t for t in case["tests"] if t["valid"]] * 2:  # 2nd pass: per-state masks are cached
                     sink = mask_us if id(t) not in seen else warm_us
                     seen.add(id(t))
@@ -230,6 +387,23 @@ def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, out=s
                   f"{_quantile(disk, 0.5) * 1e3:>12.1f}{_quantile(mask_us, 0.5):>13.1f}{_quantile(mask_us, 0.99):>8.1f}"
                   f"{_quantile(warm_us, 0.5):>10.1f}{_quantile(warm_us, 0.99):>8.1f}"
                   f"{_pct(forced, total):>8}", file=out, flush=True)
+    print_speed_side_by_side(side, out)
+    return side
+
+
+def print_speed_side_by_side(side: dict, out=sys.stdout) -> None:  # noqa: ANN001
+    """The token-level table, one row per engine: same schemas, same token sequences."""
+    print("\nside by side, same schemas and tokens (mask before every token, no jump-forward; 'again' = "
+          "the same schema compiled a second time: ours and xgrammar from their caches, llguidance has none):",
+          file=out)
+    print(f"{'subset':<15}{'engine':<12}{'n':>4}{'cold p50':>10}{'p95 ms':>8}{'again p50':>11}{'p95 ms':>8}"
+          f"{'mask p50':>10}{'p99 us':>8}{'tokens':>8}", file=out)
+    for name, rows in side.items():
+        for engine, r in rows.items():
+            c, a, m = r["compile_cold_ms"], r["compile_again_ms"], r["mask_us"]
+            print(f"{name:<15}{engine:<12}{len(c):>4}{_quantile(c, 0.5):>10.1f}{_quantile(c, 0.95):>8.1f}"
+                  f"{_quantile(a, 0.5):>11.3f}{_quantile(a, 0.95):>8.3f}{_quantile(m, 0.5):>10.1f}"
+                  f"{_quantile(m, 0.99):>8.1f}{len(m):>8}", file=out, flush=True)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -254,6 +428,11 @@ class NoJumpForward:
 
 def bfcl_cases(n: int) -> list[tuple[list[dict], dict]]:
     """(chat messages, parameters schema) for the first n BFCL simple questions."""
+    return [(msgs, schema) for _, msgs, schema in bfcl_cases_with_ids(n)]
+
+
+def bfcl_cases_with_ids(n: int) -> list[tuple[str, list[dict], dict]]:
+    """(BFCL id, chat messages, parameters schema) for the first n BFCL simple questions."""
     cases = []
     with open(DATA / "bfcl" / "simple.jsonl") as fh:
         for line in fh:
@@ -263,53 +442,61 @@ def bfcl_cases(n: int) -> list[tuple[list[dict], dict]]:
                       f"Its parameters (JSON Schema): {json.dumps(fn['parameters'])}\n"
                       "Reply with the arguments as one JSON object.")
             msgs = [{"role": "system", "content": system}] + [m for m in d["question"][0] if m["role"] != "system"]
-            cases.append((msgs, fn["parameters"]))
+            cases.append((d["id"], msgs, fn["parameters"]))
             if len(cases) >= n:
                 break
     return cases
 
 
-def run_e2e(n: int, timing_n: int, max_tokens: int, out=sys.stdout) -> dict:  # noqa: ANN001
+def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, out=sys.stdout) -> dict:  # noqa: ANN001
+    """BFCL simple prompts with their tool's parameter schema on the embedded model: all ``n``
+    batched through the engine (continuous batching), every output parsed and validated; then
+    ``timing_n`` prompts one request at a time: unconstrained, constrained without and with
+    jump-forward (each prompt prefilled once first, so all three hit the prefix cache alike)."""
     import jsonschema
 
     from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
     from agentrt.engine.grammar import GrammarCompiler
 
-    engine = LLMEngine(EngineConfig())
+    engine = LLMEngine(EngineConfig(max_num_seqs=max_num_seqs))
     tok = engine.tokenizer
-    comp = GrammarCompiler.from_tokenizer(tok, vocab_size=engine.vocab_size)
-    cases = bfcl_cases(n)
-    prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m, _ in cases]
-    grammars = [comp.compile_json_schema(s) for _, s in cases]
+    cases = bfcl_cases_with_ids(n)
+    prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for _, m, _ in cases]
+    with tempfile.TemporaryDirectory() as cache:
+        comp = GrammarCompiler.from_tokenizer(tok, vocab_size=engine.vocab_size, cache_dir=cache)
+        t0 = time.perf_counter()
+        grammars = [comp.compile_json_schema(s, timeout_s=120) for _, _, s in cases]
+        compile_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params, [g.matcher() for g in grammars])
     wall = time.perf_counter() - t0
-    valid = length = 0
-    bad: list[str] = []
+    valid = 0
+    failures: list[str] = []
     forced = completion = 0
-    for o, (_, schema) in zip(outs, cases):
+    for o, (cid, _, schema) in zip(outs, cases):
         forced += o.metrics.forced_tokens
         completion += o.metrics.completion_tokens
         if o.finish_reason == "length":
-            length += 1
+            failures.append(f"{cid}: cut by max_tokens {max_tokens} (finish_reason=length): {o.text[:80]!r}")
             continue
         try:
             jsonschema.validate(json.loads(o.text), schema)
             valid += 1
         except (ValueError, jsonschema.ValidationError) as e:
-            bad.append(f"{o.text[:80]!r}: {str(e)[:80]}")
-    print(f"\nend to end, embedded model, {n} BFCL simple prompts (batch, greedy, max_tokens {max_tokens}): "
-          f"{valid}/{n - length} complete outputs parse and validate ({length} cut by max_tokens, reported "
-          f"finish_reason=length); forced tokens {_pct(forced, completion).strip()} of {completion}; wall {wall:.1f}s",
-          file=out)
-    for b in bad[:5]:
-        print("    INVALID", b, file=out)
+            failures.append(f"{cid}: INVALID {o.text[:80]!r}: {str(e)[:80]}")
+    print(f"\nend to end, embedded model, {n} BFCL simple prompts (batched, max_num_seqs {max_num_seqs}, greedy, "
+          f"max_tokens {max_tokens}): {valid}/{n} parse and validate, {len(failures)} failures; forced tokens "
+          f"{_pct(forced, completion).strip()} of {completion}; generation wall {wall:.1f}s "
+          f"({completion / wall:.1f} tokens/s); {n} schemas compiled cold in {compile_s:.1f}s", file=out)
+    for f in failures:
+        print("    FAILED", f, file=out)
 
     # one request at a time, so per-token figures are not muddled by batching
     rows = {"unconstrained": [], "constrained, no jump-forward": [], "constrained + jump-forward": []}
     for p, g in list(zip(prompts, grammars))[:timing_n]:
+        engine.generate([p], SamplingParams(max_tokens=1, temperature=0.0))  # prefill once: all three hit the cache
         for label, c in (("unconstrained", None), ("constrained, no jump-forward", NoJumpForward(g.matcher())),
                          ("constrained + jump-forward", g.matcher())):
             t0 = time.perf_counter()
@@ -317,7 +504,7 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, out=sys.stdout) -> dict:  # 
             w = time.perf_counter() - t0
             decoded = max(1, o.metrics.completion_tokens - o.metrics.forced_tokens - 1)
             rows[label].append((w, o.metrics.decode_s / decoded * 1e3, o.metrics.completion_tokens, o.metrics.forced_tokens))
-    print(f"\none request at a time, {timing_n} prompts:", file=out)
+    print(f"\none request at a time, {timing_n} prompts (wall: mean; ms/token: median over prompts):", file=out)
     print(f"{'':<32}{'wall s/request':>15}{'decode ms/token':>17}{'tokens':>8}{'forced':>8}", file=out)
     means = {}
     for label, r in rows.items():
@@ -327,9 +514,13 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, out=sys.stdout) -> dict:  # 
         print(f"{label:<32}{w:>15.3f}{ms:>17.2f}{statistics.mean(x[2] for x in r):>8.1f}"
               f"{statistics.mean(x[3] for x in r):>8.1f}", file=out)
     u, nj, jf = means["unconstrained"], means["constrained, no jump-forward"], means["constrained + jump-forward"]
+    per_prompt = statistics.median(a[0] / b[0] for a, b in zip(rows["constrained + jump-forward"],
+                                                              rows["constrained, no jump-forward"]))
     print(f"decode ms/token constrained / unconstrained: {nj[1] / u[1]:.2f}x (target <= 1.10x); "
-          f"wall with jump-forward / without: {jf[0] / nj[0]:.2f}x (target <= 0.7x)", file=out)
-    return {"valid": valid, "complete": n - length, "forced_share": forced / max(1, completion)}
+          f"wall with jump-forward / without: {jf[0] / nj[0]:.2f}x, median per prompt {per_prompt:.2f}x "
+          f"(target <= 0.7x)", file=out)
+    return {"valid": valid, "n": n, "failures": failures, "forced_share": forced / max(1, completion),
+            "decode_ratio": nj[1] / u[1], "jump_forward_wall_ratio": jf[0] / nj[0]}
 
 
 # ----------------------------------------------------------------------------- cli
@@ -344,26 +535,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=192)
     parser.add_argument("--skip-exactness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--peers", nargs="*", default=["xgrammar", "llguidance"],
+                        help="peer libraries to compare side by side when installed (none: --peers)")
+    parser.add_argument("--json-out", default=None, help="write the exactness table as JSON to this file")
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="engine batch size for the e2e generations")
 
 
 def main(args: argparse.Namespace) -> int:
     if not DATA.exists():
         print(f"no shared data at {DATA}: nothing to measure", file=sys.stderr)
         return 2
+    peers, tok = [], None
+    if args.peers and not (args.skip_exactness and args.skip_speed):
+        from .grammar_peers import load_peers
+
+        tok = embedded_tokenizer()
+        peers, notes = load_peers(tok, len(tok), args.peers)
+        for note in notes:
+            print(f"note: {note}")
+        for peer in peers:
+            print(f"peer {peer.config}")
+        if peers:
+            print("ours: compact JSON only; keywords we cannot enforce are refused by name (strict, not lenient)")
     if not args.skip_exactness:
-        run_exactness(args.subsets, args.limit, args.timeout)
-        _peers_note()
+        if args.limit:
+            print(f"(first {args.limit} schemas per subset only: --limit)")
+        summary = run_exactness(args.subsets, args.limit, args.timeout, peers)
+        print_summary(summary)
+        if not peers:
+            print("(published MaskBench totals on 11,306 schemas: llguidance 8,909 passing, XGrammar 8,122, "
+                  "Outlines 7,050)")
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(summary, indent=1))
     if not args.skip_speed:
-        run_token_speed([s for s in args.subsets if s != "jsts"] or args.subsets, args.speed_schemas, args.timeout)
+        run_token_speed([s for s in args.subsets if s != "jsts"] or args.subsets, args.speed_schemas, args.timeout,
+                        peers, tok)
     if args.e2e:
-        run_e2e(args.e2e, args.timing_prompts, args.max_tokens)
+        run_e2e(args.e2e, args.timing_prompts, args.max_tokens, args.max_num_seqs)
     return 0
-
-
-def _peers_note() -> None:
-    import importlib.util
-
-    missing = [p for p in ("xgrammar", "llguidance") if importlib.util.find_spec(p) is None]
-    if missing:
-        print(f"(peers not installed, no side-by-side: {', '.join(missing)}; published MaskBench totals "
-              "on 11,306 schemas: llguidance 8,909 passing, XGrammar 8,122, Outlines 7,050)")

