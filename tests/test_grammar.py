@@ -88,7 +88,7 @@ def test_integer_and_number_ranges_brute_force():
 def test_unsupported_keywords_listed_by_name():
     schema = {"type": "object", "properties": {
         "a": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
-        "b": {"not": {"type": "string"}},
+        "b": {"not": {"pattern": "^x"}},
         "c": {"type": "integer", "multipleOf": 3}},
         "patternProperties": {"^x": {"type": "string"}}}
     with pytest.raises(UnsupportedSchemaError) as e:
@@ -108,6 +108,85 @@ def test_overlapping_oneof_refused_and_bad_schema_errors():
         schema_to_regex({"type": "float"})
     with pytest.raises(GrammarCompileError, match="does not resolve"):
         schema_to_regex({"$ref": "#/$defs/missing"})
+
+
+# ------------------------------------------------------------------------- combinators (issue 3)
+_DIMS = {"type": "number"}
+_AREA = {"type": "object", "properties": {"radius": _DIMS, "length": _DIMS, "width": _DIMS}}
+
+
+@pytest.mark.parametrize("schema,good,bad", [
+    # oneOf over required sets (Glaiveai2K's calculate_area): exactly one shape's dimensions
+    ({**_AREA, "oneOf": [{"required": ["radius"]}, {"required": ["length", "width"]}]},
+     [{"radius": 1}, {"length": 1, "width": 2}],
+     [{}, {"length": 1}, {"radius": 1, "length": 1, "width": 2}, {"radius": "1"}, 3]),
+    # not {required} inside oneOf branches
+    ({**_AREA, "oneOf": [{"required": ["radius"], "not": {"required": ["length"]}},
+                         {"required": ["length"], "not": {"required": ["radius"]}}]},
+     [{"radius": 1}, {"radius": 1, "width": 2}, {"length": 1}],
+     [{}, {"radius": 1, "length": 1}, {"width": 1}]),
+    # dependencies, list form (= dependentRequired) and schema form (= dependentSchemas)
+    ({**_AREA, "$schema": "http://json-schema.org/draft-07/schema#", "dependencies": {"length": ["width"]}},
+     [{}, {"width": 1}, {"length": 1, "width": 2}, {"radius": 1}], [{"length": 1}, {"radius": 1, "length": 1}]),
+    ({**_AREA, "dependentRequired": {"radius": ["length", "width"]}},
+     [{}, {"radius": 1, "length": 1, "width": 2}], [{"radius": 1}, {"radius": 1, "width": 2}]),
+    ({**_AREA, "dependentSchemas": {"radius": {"properties": {"width": {"maximum": 0}}, "required": ["width"]}}},
+     # (a value test only offers its passing cell: {"width": 5} is valid but not generated; narrower, never wider)
+     [{"length": 3}, {"radius": 1, "width": 0}, {"width": -1}], [{"radius": 1}, {"radius": 1, "width": 2}]),
+    # oneOf with an enum discriminator narrowing the parent's enum (allOf-style enum intersection)
+    ({"type": "object", "properties": {"shape": {"type": "string", "enum": ["circle", "square"]}, "radius": _DIMS,
+                                       "side": _DIMS},
+      "oneOf": [{"properties": {"shape": {"const": "circle"}}, "required": ["shape", "radius"]},
+                {"properties": {"shape": {"enum": ["square"]}}, "required": ["shape", "side"]}]},
+     [{"shape": "circle", "radius": 1}, {"shape": "square", "side": 2}, {"shape": "circle", "radius": 1, "side": 2}],
+     [{"shape": "circle", "side": 2}, {"shape": "square", "radius": 1}, {"shape": "oval", "radius": 1}, {}]),
+    # not {} on a property: the property must be absent
+    ({**_AREA, "properties": {**_AREA["properties"], "width": {"not": {}}}}, [{"radius": 1}], [{"width": 1}]),
+    # anyOf of required sets beside allOf
+    ({**_AREA, "allOf": [{"anyOf": [{"required": ["radius"]}, {"required": ["width"]}]}]},
+     [{"radius": 1}, {"radius": 1, "width": 1}, {"width": 1}], [{}, {"length": 2}]),
+    # no type: non-objects satisfy every branch, so this oneOf only admits objects
+    ({"oneOf": [{"properties": {"k": {"const": 1}}}, {"properties": {"k": {"const": 2}}}]},
+     [{"k": 1}, {"k": 2}], [{}, 1, "s", {"k": 3}]),
+    # not {type} / not {enum}: the other types, the other values
+    ({"not": {"type": "string"}}, [1, None, {}, [], True, 1.5], ["s", ""]),
+    ({"type": ["integer", "string"], "not": {"type": "integer"}}, ["s"], [1, None]),
+    ({"enum": ["a", "b", 3], "not": {"enum": ["a", 3]}}, ["b"], ["a", 3]),
+    # a format JSON Schema does not define is an annotation (validators ignore it)
+    ({"type": "string", "format": "binary"}, ["", "QUJD"], [1]),
+])
+def test_presence_combinators_exact(schema, good, bad):
+    import jsonschema
+
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+    a = automaton(schema)
+    for v in good:
+        assert validator.is_valid(v), v  # the test data itself is right
+        assert a.fullmatch(compact(v)), f"rejected valid {compact(v)} for {schema}"
+    for v in bad:
+        assert not validator.is_valid(v), v
+        assert not a.fullmatch(compact(v)), f"accepted invalid {compact(v)} for {schema}"
+
+
+def test_combinators_refused_by_name_when_not_expressible():
+    from agentrt.engine.grammar.errors import UnsatisfiableSchemaError
+
+    cases = {
+        "dependentSchemas": {**_AREA, "dependentSchemas": {"radius": {"maxProperties": 1}}},
+        "oneOf": {"oneOf": [{"type": "integer"}, {"minimum": 2}]},
+        "format": {"type": "string", "format": "ipv6"},
+    }
+    for kw, schema in cases.items():
+        with pytest.raises(UnsupportedSchemaError, match=kw):
+            schema_to_regex(schema)
+    # draft 2020-12 has no "dependencies" (draft-07's): ignored when the schema says it is 2020-12
+    regex, _ = schema_to_regex({**_AREA, "$schema": "https://json-schema.org/draft/2020-12/schema",
+                                "dependencies": {"length": ["width"]}})
+    assert ByteAutomaton(regex, timeout_s=None).fullmatch('{"length":1}')
+    # every property required and exactly one of them: nothing satisfies it, said as such
+    with pytest.raises(UnsatisfiableSchemaError, match="no JSON value"):
+        schema_to_regex({**_AREA, "required": ["radius", "length"],
+                         "oneOf": [{"required": ["radius"]}, {"required": ["length"]}]})
 
 
 # ------------------------------------------------------------------------- vocabularies

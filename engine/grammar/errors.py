@@ -21,3 +21,8 @@ class UnsupportedSchemaError(ValueError):
 
 class GrammarCompileError(ValueError):
     """The schema could not be compiled (invalid schema, regex too large, or time limit hit)."""
+
+
+class UnsatisfiableSchemaError(GrammarCompileError):
+    """No JSON value satisfies the schema (e.g. ``required`` lists every property while a
+    ``oneOf`` demands exactly one of them): there is nothing a grammar could let the model write."""

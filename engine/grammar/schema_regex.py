@@ -27,7 +27,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import unquote
 
-from .errors import GrammarCompileError
+from .errors import GrammarCompileError, UnsatisfiableSchemaError
+from .object_presence import COMBINATORS, NotPresenceOnly, Plan, plan_object
 from .regex_util import (
     BOOLEAN, FORMATS, INTEGER, NULL, NUMBER, STRING, STRING_CHAR, PatternError, alt,
     int_range, json_literal_text, lit, number_range, opt, pattern_regex, rep, seq,
@@ -48,6 +49,12 @@ ASSERTIONS = {
     "dependentRequired", "dependentSchemas", "dependencies", "properties", "patternProperties",
     "additionalProperties", "propertyNames", "unevaluatedProperties", "allOf", "anyOf", "oneOf",
     "not", "if", "then", "else", "$ref", "$dynamicRef", "$recursiveRef",
+}
+# The formats JSON Schema 2020-12 defines (and validators check); any other format is an annotation.
+ASSERTED_FORMATS = {
+    "date-time", "date", "time", "duration", "email", "idn-email", "hostname", "idn-hostname", "ipv4", "ipv6",
+    "uri", "uri-reference", "iri", "iri-reference", "uuid", "uri-template", "json-pointer",
+    "relative-json-pointer", "regex", "color",
 }
 _TYPES = ("null", "boolean", "object", "array", "string", "number", "integer")
 
@@ -82,6 +89,9 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
     if not isinstance(schema, (dict, bool)):
         raise GrammarCompileError(f"a JSON Schema must be an object or a boolean, got {type(schema).__name__}")
     deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+    if isinstance(schema, dict) and any(d in str(schema.get("$schema", "")) for d in ("2019-09", "2020-12")):
+        # draft 2019-09 replaced "dependencies" by dependentRequired/dependentSchemas: now an unknown keyword
+        schema = _without_key(schema, "dependencies")
     ctx = _Ctx(schema, lenient, max_ref_depth, max_any_depth, deadline)
     try:
         regex = _node(schema, ctx, "")
@@ -93,8 +103,20 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
     if ctx.problems and not lenient:
         raise UnsupportedSchemaError(ctx.problems)
     if regex is None:
-        raise GrammarCompileError("no JSON value satisfies this schema (as far as the grammar can tell)")
+        raise UnsatisfiableSchemaError("no JSON value satisfies this schema (as far as the grammar can tell)")
     return regex, ctx.problems
+
+
+def _without_key(x: Any, key: str) -> Any:
+    """``x`` with the keyword ``key`` removed from every subschema (property *names* are kept)."""
+    if isinstance(x, list):
+        return [_without_key(v, key) for v in x]
+    if not isinstance(x, dict):
+        return x
+    return {k: (v if k in ("properties", "enum", "const") and not isinstance(v, dict) else
+                {n: _without_key(s, key) for n, s in v.items()} if k in ("properties", "$defs", "definitions")
+                else v if k in ("enum", "const") else _without_key(v, key))
+            for k, v in x.items() if k != key}
 
 
 # ----------------------------------------------------------------------------- any value
@@ -120,13 +142,16 @@ def _node(schema: Any, ctx: _Ctx, path: str) -> str | None:
         return None
     if not isinstance(schema, dict):
         raise GrammarCompileError(f"subschema at {path or '/'} must be an object or boolean")
+    if ("const" in schema or "enum" in schema) and not _has_ref(schema):
+        return _enum(schema, ctx, path)  # every other keyword is checked on each value (exact)
+    planned = _presence(schema, ctx, path)
+    if planned is not _NOT_PLANNED:
+        return planned
     schema = _merge_all_of(schema, ctx, path)
     if not isinstance(schema, dict):
         return _node(schema, ctx, path)
     # Unknown keywords are ignored by validators (annotations), so they are ignored here too.
-    for kw in ("not", "if", "then", "else", "dependentSchemas", "dependencies", "dependentRequired",
-               "patternProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
-               "contains", "maxContains", "minContains", "additionalItems", "$dynamicRef", "$recursiveRef"):
+    for kw in _REFUSED:
         if kw in schema and not _trivial(kw, schema[kw]):
             ctx.refuse(path, kw)
 
@@ -175,6 +200,53 @@ def _node(schema: Any, ctx: _Ctx, path: str) -> str | None:
 
 
 _UNRESOLVED = object()
+_NOT_PLANNED = object()
+# refused wherever they assert something (unless a branch below enforces them)
+_REFUSED = ("not", "if", "then", "else", "dependentSchemas", "dependencies", "dependentRequired",
+            "patternProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
+            "contains", "maxContains", "minContains", "additionalItems", "$dynamicRef", "$recursiveRef")
+
+
+def _presence(schema: dict, ctx: _Ctx, path: str) -> Any:
+    """An object schema whose combinators only constrain property presence / enum values:
+    exact via object_presence (oneOf, not, dependencies...); _NOT_PLANNED when it does not apply."""
+    keys = [k for k in COMBINATORS if k in schema]
+    if not keys or set(keys) <= {"anyOf"} or "$ref" in schema or "const" in schema or "enum" in schema:
+        return _NOT_PLANNED
+    if set(keys) == {"allOf"}:
+        scratch = _Ctx(ctx.root, True, 0, 0)
+        merged = _merge_all_of(schema, scratch, path)
+        if not scratch.problems and (not isinstance(merged, dict) or not any(k in merged for k in COMBINATORS)):
+            return _NOT_PLANNED  # a plain merge is exact and smaller
+    types = schema.get("type", list(_TYPES))
+    types = [types] if isinstance(types, str) else types
+    if not isinstance(types, list) or any(t not in _TYPES for t in types):
+        return _NOT_PLANNED
+    base = {k: v for k, v in schema.items() if k not in COMBINATORS}
+    props = base.get("properties", {})
+    if not isinstance(props, dict) or any(k in base and not _trivial(k, base[k]) for k in _REFUSED):
+        return _NOT_PLANNED
+
+    def resolve(ref: Any) -> Any:
+        target = _resolve(ref, _Ctx(ctx.root, True, 0, 0), path)
+        if target is _UNRESOLVED:
+            raise NotPresenceOnly(f"$ref {ref!r}")
+        return target
+
+    def merge(a: Any, b: Any) -> Any:
+        scratch = _Ctx(ctx.root, True, 0, 0)
+        out = _merge(a, _deref(b, ctx), scratch, path)
+        return None if scratch.problems or out is False else out
+
+    try:
+        plan = plan_object(schema, declared=props, addl=base.get("additionalProperties", True),
+                           base_types=types, resolve=resolve, merge=merge)
+    except NotPresenceOnly:
+        return _NOT_PLANNED
+    parts = [_object(base, ctx, path, plan)] if "object" in types else []
+    others = [t for t in plan.other_types if not (t == "integer" and "number" in plan.other_types)]
+    parts += [_BUILDERS[t](base, ctx, path) for t in others]
+    return alt(parts)
 
 
 def _trivial(kw: str, value: Any) -> bool:
@@ -458,6 +530,8 @@ def _string(schema: dict, ctx: _Ctx, path: str) -> str | None:
     has_len = mn > 0 or mx is not None
     fmt, pattern = schema.get("format"), schema.get("pattern")
     inner: str | None
+    if fmt is not None and fmt not in FORMATS and fmt not in ASSERTED_FORMATS:
+        fmt = None  # not a format JSON Schema defines (OpenAPI's "binary", "int32"...): validators ignore it
     if fmt is not None and fmt not in FORMATS:
         ctx.refuse(path, "format", f"format {fmt!r} is not enforced (supported: {', '.join(sorted(FORMATS))})")
         fmt = None
@@ -513,7 +587,9 @@ def _array(schema: dict, ctx: _Ctx, path: str) -> str | None:
     return seq(r"\[", body if mn >= 1 else opt(body), r"\]")
 
 
-def _object(schema: dict, ctx: _Ctx, path: str) -> str | None:
+def _object(schema: dict, ctx: _Ctx, path: str, plan: Plan | None = None) -> str | None:
+    """Objects: declared properties in schema order; ``plan`` (see object_presence) restricts
+    which of the properties it mentions are present and with which value cells."""
     props = schema.get("properties", {})
     if not isinstance(props, dict):
         raise GrammarCompileError(f"properties at {path or '/'} must be an object")
@@ -524,9 +600,11 @@ def _object(schema: dict, ctx: _Ctx, path: str) -> str | None:
     mn = _nonneg_int(schema, "minProperties", path, 0) or 0
     mx = _nonneg_int(schema, "maxProperties", path, None)
 
-    if not props and not [r for r in required]:
+    if plan is not None and not plan.worlds:
+        return None  # the combinators hold on no object
+    if not props and not required and (plan is None or not plan.props):
         # a map: any keys, values by additionalProperties
-        value = _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(ctx.max_any_depth - 1)
+        value = _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(ctx.max_any_depth)
         if mn > 1:
             ctx.refuse(path, "minProperties", "above 1 on an object without declared properties")
         pair = seq(STRING, ":", value)
@@ -538,43 +616,87 @@ def _object(schema: dict, ctx: _Ctx, path: str) -> str | None:
         body = seq(pair, rep(seq(",", pair), 0, None if hi is None else hi - 1))
         return seq(r"\{", body if mn >= 1 else opt(body), r"\}")
 
-    entries: list[tuple[str, str | None, bool]] = []  # (name, "\"name\":value" regex, required)
+    relevant = set(plan.props) if plan else set()
+    # (key regex, value regexes (cells of a planned property), required, planned)
+    entries: list[tuple[str, list[str | None], bool, bool]] = []
+
+    def addl_value(name: str) -> str | None:
+        if addl is False:
+            return None
+        return _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(ctx.max_any_depth)
+
+    def planned(name: str) -> tuple[str, list[str | None], bool, bool]:
+        cells = [_node(c.schema, ctx, f"{path}/properties/{name}") for c in plan.cells[name]]  # type: ignore[union-attr]
+        return lit(json_literal_text(name)), cells, False, True
+
     for name, sub in props.items():
-        val = _node(sub, ctx, f"{path}/properties/{name}")
-        entries.append((name, None if val is None else lit(json_literal_text(name)) + ":" + val, name in required))
+        if name in relevant:
+            entries.append(planned(name))
+        else:
+            entries.append((lit(json_literal_text(name)), [_node(sub, ctx, f"{path}/properties/{name}")],
+                            name in required, False))
     for name in required:
-        if name not in props:  # required but undeclared: typed by additionalProperties
-            if addl is False:
-                return None
-            val = _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(ctx.max_any_depth - 1)
-            entries.append((name, None if val is None else lit(json_literal_text(name)) + ":" + val, True))
-    n_req = sum(1 for _, _, r in entries if r)
+        if name not in props and name not in relevant:  # required but undeclared: typed by additionalProperties
+            entries.append((lit(json_literal_text(name)), [addl_value(name)], True, False))
+    for name in plan.props if plan else []:
+        if name not in props:
+            entries.append(planned(name))
+    n_req = sum(1 for e in entries if e[2]) + (min((sum(x is not None for x in w) for w in plan.worlds), default=0)
+                                                if plan else 0)
     if mn > n_req:
         ctx.refuse(path, "minProperties", "more than the required properties")
     if mx is not None and mx < len(entries):
         ctx.refuse(path, "maxProperties", "fewer than the declared properties")
-    # drop optional properties that cannot take any value; a required one makes it impossible
-    if any(r is None and req for _, r, req in entries):
-        return None
-    entries = [e for e in entries if e[1] is not None]
+    worlds = frozenset(plan.worlds) if plan else frozenset({()})
+    return seq(r"\{", _object_body(entries, worlds), r"\}")
 
-    # R(i, started): properties i.. ; started = something was written (so a comma comes first)
-    def rest_started(i: int) -> str:
-        out = []
-        for _, r, req in entries[i:]:
-            out.append("," + r if req else opt("," + r))  # type: ignore[operator]
-        return "".join(out)
 
-    alts: list[str | None] = []
-    all_optional = True
-    for j, (_, r, req) in enumerate(entries):
-        alts.append(r + rest_started(j + 1))  # type: ignore[operator]
-        if req:
-            all_optional = False
-            break
-    body = alt(alts)
-    # every property optional: the empty object too
-    return seq(r"\{", opt(body) if all_optional else body, r"\}")
+def _object_body(entries: list[tuple[str, list[str | None], bool, bool]], worlds: frozenset) -> str | None:
+    """The properties of an object, in order, comma-separated; ``worlds``: the allowed tuples of
+    choices (None = absent, i = value cell i) over the planned entries, in their order."""
+    memo: dict = {}
+
+    def body(i: int, started: bool, ws: frozenset) -> str | None:
+        if i == len(entries):
+            return "" if () in ws else None
+        k = (i, started, ws)
+        if k in memo:
+            return memo[k]
+        key, values, req, is_planned = entries[i]
+        head = ("," if started else "") + key + ":"
+        parts: list[str | None] = []
+        if is_planned:
+            groups: dict = {}
+            for w in ws:
+                groups.setdefault(w[0], set()).add(w[1:])
+            if started:
+                # choices leading to the same remaining worlds share their tail (keeps the regex linear)
+                by_rest: dict = {}
+                for choice in sorted(groups, key=lambda c: -1 if c is None else c):
+                    by_rest.setdefault(frozenset(groups[choice]), []).append(choice)
+                for rest, choices in by_rest.items():
+                    here = [("" if c is None else seq(head, values[c])) for c in choices]
+                    nonempty_here = [h for h in here if h != ""]
+                    mid = alt(nonempty_here) if len(nonempty_here) == len(here) else opt(alt(nonempty_here))
+                    parts.append(seq(mid, body(i + 1, True, rest)))
+            else:
+                for choice in sorted(groups, key=lambda c: -1 if c is None else c):
+                    rest = frozenset(groups[choice])
+                    parts.append(body(i + 1, False, rest) if choice is None
+                                 else seq(head, values[choice], body(i + 1, True, rest)))
+        elif started:
+            tail = body(i + 1, True, ws)
+            parts.append(seq(head, values[0], tail) if req else seq(opt(seq(head, values[0])), tail))
+        else:
+            parts.append(seq(head, values[0], body(i + 1, True, ws)))
+            if not req:
+                parts.append(body(i + 1, False, ws))
+        nonempty = [p for p in parts if p != ""]
+        out = alt(nonempty) if len(nonempty) == len(parts) else opt(alt(nonempty))
+        memo[k] = out
+        return out
+
+    return body(0, False, worlds)
 
 
 _BUILDERS = {

@@ -1,0 +1,251 @@
+"""Object schemas whose combinators (oneOf / anyOf / allOf / not / dependencies /
+dependentRequired / dependentSchemas) only say *which properties are present* and *which of
+a few values they take*: turned into a finite set of allowed "worlds".
+
+A world fixes, for each property the combinators mention, either "absent" or one value
+*cell*: a set of values on which every test the combinators apply to that property has a
+known truth value (a literal from an enum/const; the whole base schema when no test needs
+splitting it; base AND one test). Every world is evaluated against the combinator formula
+exactly (JSON Schema semantics: oneOf = exactly one branch), and the object regex is the
+union of the worlds that hold (see ``schema_regex._object``). Cells that cannot be expressed
+(e.g. "a string other than these enum values") are simply not offered: the grammar gets
+narrower, never wider.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+COMBINATORS = ("oneOf", "anyOf", "allOf", "not", "dependencies", "dependentRequired", "dependentSchemas")
+_NO_ASSERT = {
+    "$schema", "$id", "$comment", "$defs", "definitions", "$anchor", "$vocabulary", "title",
+    "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
+    "contentMediaType", "contentEncoding", "contentSchema",
+}
+
+
+class NotPresenceOnly(Exception):
+    """The combinators assert something this module does not model (the message says what)."""
+
+
+def _key(schema: Any) -> str:
+    return json.dumps(schema, sort_keys=True)
+
+
+def _strip(schema: Any) -> Any:
+    return {k: v for k, v in schema.items() if k not in _NO_ASSERT} if isinstance(schema, dict) else schema
+
+
+@dataclass
+class Cell:
+    """A set of values of one property: ``schema`` describes it, ``truth`` maps each test's key to
+    whether every value of the cell passes that test."""
+    schema: Any
+    truth: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """``props``: the mentioned properties (schema order, then undeclared ones by first mention);
+    ``cells[p]``: value cells offered for p; ``worlds``: allowed tuples over ``props``
+    (``None`` = absent, else an index into ``cells[p]``); ``other_types``: the non-object
+    JSON types the combinators admit (their values are built from the base schema)."""
+    props: list[str]
+    cells: dict[str, list[Cell]]
+    worlds: set[tuple]
+    other_types: list[str]
+
+
+class _Analysis:
+    def __init__(self, resolve: Callable[[str], Any]):
+        self.resolve = resolve
+        self.tests: dict[str, dict[str, Any]] = {}
+        self.order: list[str] = []
+
+    def mention(self, prop: Any) -> None:
+        if not isinstance(prop, str):
+            raise NotPresenceOnly("a property name that is not a string")
+        if prop not in self.tests:
+            self.tests[prop] = {}
+            self.order.append(prop)
+
+    def collect(self, c: Any, depth: int = 0) -> None:
+        """Record every property (and test on its value) the constraint ``c`` mentions."""
+        if depth > 16:
+            raise NotPresenceOnly("$ref nesting")
+        if isinstance(c, bool):
+            return
+        if not isinstance(c, dict):
+            raise NotPresenceOnly("a subschema that is not an object")
+        for k, v in c.items():
+            if k in _NO_ASSERT or k == "type" or (k == "additionalProperties" and v in (True, {})):
+                continue
+            if k == "required":
+                for p in v:
+                    self.mention(p)
+            elif k == "properties":
+                for p, t in v.items():
+                    self.mention(p)
+                    self.tests[p][_key(t)] = t
+            elif k in ("dependencies", "dependentRequired", "dependentSchemas"):
+                for p, d in v.items():
+                    self.mention(p)
+                    if isinstance(d, list):
+                        for q in d:
+                            self.mention(q)
+                    else:
+                        self.collect(d, depth + 1)
+            elif k == "not":
+                self.collect(v, depth + 1)
+            elif k in ("allOf", "anyOf", "oneOf"):
+                if not isinstance(v, list) or not v:
+                    raise NotPresenceOnly(f"{k} that is not a non-empty array")
+                for b in v:
+                    self.collect(b, depth + 1)
+            elif k == "$ref":
+                self.collect(self.resolve(v), depth + 1)
+            else:
+                raise NotPresenceOnly(f"'{k}' inside a combinator")
+
+    def holds(self, c: Any, world: dict[str, Cell | None] | None, typ: str, depth: int = 0) -> bool:
+        """Whether constraint ``c`` holds on an object in ``world`` (``world`` None: a non-object of ``typ``)."""
+        if isinstance(c, bool):
+            return c
+        for k, v in c.items():
+            if k in _NO_ASSERT or k == "additionalProperties":
+                continue
+            if k == "type":
+                ts = {v} if isinstance(v, str) else set(v)
+                if typ == "number" and "integer" in ts and "number" not in ts:
+                    raise NotPresenceOnly("type integer tested on numbers")
+                ok = typ in ts or (typ == "integer" and "number" in ts)
+            elif world is None:  # the object keywords below hold vacuously on non-objects
+                ok = k not in ("not", "allOf", "anyOf", "oneOf", "$ref") or self._applicator(k, v, world, typ, depth)
+            elif k == "required":
+                ok = all(world.get(p) is not None for p in v)
+            elif k == "properties":
+                ok = all(world.get(p) is None or world[p].truth[_key(t)] for p, t in v.items())
+            elif k in ("dependencies", "dependentRequired", "dependentSchemas"):
+                ok = all(world.get(p) is None
+                         or (all(world.get(q) is not None for q in d) if isinstance(d, list)
+                             else self.holds(d, world, typ, depth + 1))
+                         for p, d in v.items())
+            else:
+                ok = self._applicator(k, v, world, typ, depth)
+            if not ok:
+                return False
+        return True
+
+    def _applicator(self, k: str, v: Any, world: Any, typ: str, depth: int) -> bool:
+        if k == "not":
+            return not self.holds(v, world, typ, depth + 1)
+        if k == "$ref":
+            return self.holds(self.resolve(v), world, typ, depth + 1)
+        results = [self.holds(b, world, typ, depth + 1) for b in v]
+        if k == "allOf":
+            return all(results)
+        if k == "anyOf":
+            return any(results)
+        return sum(results) == 1  # oneOf
+
+
+def _finite(schema: Any) -> list | None:
+    if isinstance(schema, dict) and ("const" in schema or "enum" in schema):
+        return [schema["const"]] if "const" in schema else list(schema["enum"])
+    return None
+
+
+def _has_ref(x: Any) -> bool:
+    if isinstance(x, dict):
+        return "$ref" in x or any(_has_ref(v) for v in x.values())
+    return isinstance(x, list) and any(_has_ref(v) for v in x)
+
+
+def _constant(base: Any, test: Any) -> bool | None:
+    """A test's truth on every value of ``base`` when it does not depend on the value, else None."""
+    t, b = _strip(test), _strip(base)
+    if t is True or t == {}:
+        return True
+    if t is False or t == {"not": {}} or t == {"not": True}:
+        return False
+    if isinstance(t, dict) and isinstance(b, dict):
+        if all(k in b and b[k] == v for k, v in t.items()):
+            return True  # the base already asserts all of it
+        if set(t) == {"type"} and "type" in b:
+            tt = {t["type"]} if isinstance(t["type"], str) else set(t["type"])
+            bt = {b["type"]} if isinstance(b["type"], str) else set(b["type"])
+            if "number" in tt:
+                tt.add("integer")
+            if bt <= tt:
+                return True
+            if not (bt & tt) and not ("number" in bt and "integer" in tt):
+                return False
+    return None
+
+
+def _cells(base: Any, tests: dict[str, Any], merge: Callable[[Any, Any], Any]) -> list[Cell]:
+    """The value cells offered for one property (see the module docstring)."""
+    import jsonschema
+
+    consts = {k: _constant(base, t) for k, t in tests.items()}
+    open_tests = {k: t for k, t in tests.items() if consts[k] is None}
+    values: list = []
+    for t in [base, *open_tests.values()]:
+        for v in _finite(t) or []:
+            if not any(_key(v) == _key(u) for u in values):
+                values.append(v)
+    if values:
+        if _has_ref(base) or any(_has_ref(t) for t in open_tests.values()):
+            raise NotPresenceOnly("an enum test beside a $ref")
+        check = lambda s, v: jsonschema.Draft202012Validator(s, format_checker=jsonschema.FormatChecker()).is_valid(v)  # noqa: E731
+        cells = [Cell({"const": v}, {k: consts[k] if consts[k] is not None else check(tests[k], v) for k in tests})
+                 for v in values if check(base, v)]
+        # the base's values outside every enum: offered only when no test needs splitting them
+        if _finite(base) is None and all(_finite(t) is not None for t in open_tests.values()):
+            pass  # "base minus these literals" has no regex here: not offered (narrower)
+        return cells
+    if not open_tests:
+        return [Cell(base, {k: bool(v) for k, v in consts.items()})]
+    if len(open_tests) == 1:
+        (k, t), = open_tests.items()
+        merged = merge(base, t)
+        if merged is None:
+            return []
+        return [Cell(merged, {**{q: bool(v) for q, v in consts.items() if v is not None}, k: True})]
+    return []  # several tests that would split the values: only "absent" is offered (narrower)
+
+
+def plan_object(schema: dict, *, declared: dict[str, Any], addl: Any, base_types: list[str],
+                resolve: Callable[[str], Any], merge: Callable[[Any, Any], Any],
+                max_worlds: int = 4096) -> Plan:
+    """The allowed worlds of the object ``schema`` (its combinator keywords are the formula).
+
+    ``declared``: the base properties (name -> schema), ``addl``: additionalProperties (the
+    schema of mentioned-but-undeclared properties; False = they must be absent), ``merge(a, b)``:
+    one schema for "a and b" or None. Raises NotPresenceOnly when the combinators assert
+    something else.
+    """
+    an = _Analysis(resolve)
+    formula = {k: schema[k] for k in COMBINATORS if k in schema}
+    an.collect(formula)
+    required = {p for p in schema.get("required", []) if isinstance(p, str)}
+    props = [p for p in declared if p in an.tests] + [p for p in an.order if p not in declared]
+    cells: dict[str, list[Cell]] = {}
+    for p in props:
+        base = declared.get(p, addl)
+        cells[p] = [] if base is False else _cells(base, an.tests[p], merge)
+    n = 1
+    for p in props:
+        n *= len(cells[p]) + 1
+    if n > max_worlds:
+        raise NotPresenceOnly(f"{n} combinations of {len(props)} properties (limit {max_worlds})")
+    worlds = set()
+    choices = [([] if p in required else [None]) + list(range(len(cells[p]))) for p in props]
+    for combo in itertools.product(*choices):
+        world = {p: (None if c is None else cells[p][c]) for p, c in zip(props, combo)}
+        if an.holds(formula, world, "object"):
+            worlds.add(combo)
+    others = [t for t in base_types if t != "object" and an.holds(formula, None, t)]
+    return Plan(props, cells, worlds, others)
