@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import EngineConfig, SamplingParams
+from .detokenize import IncrementalDetokenizer
 from .kv_cache import BlockManager, KVCache
 from .model import AttnMetadata, DecodeQuantLinear, LlamaModel
 from .sampling import apply_mask, sample
@@ -24,6 +25,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Default KV pool budget when num_kv_blocks is None (at least one max_model_len sequence).
 _KV_BUDGET_BYTES = 1 << 30
 _DEFAULT_MAX_LEN_CAP = 8192
+
+
+def _consecutive(block_table: list[int], num_tokens: int, block_size: int) -> bool:
+    """Whether the blocks holding tokens 0..num_tokens-1 are consecutive in the pool (so their
+    slots form one range and attention can read them as a view)."""
+    nb = -(-num_tokens // block_size)
+    first = block_table[0]
+    return block_table[:nb] == list(range(first, first + nb))
 
 
 class ContextOverflowError(ValueError):
@@ -114,9 +123,12 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside a step (aborts, instant finishes)
+        self._detok: dict[str, IncrementalDetokenizer] = {}  # request id -> its output text so far
         self._arange_bs = torch.arange(bs, device=self.device)
         self._forward = self.model.forward
         self._decode_forward = self.model.decode_forward
+        # attention reads consecutive slots as views of the cache (a compiled graph wants tensors)
+        self._kv_views = not config.compile
         if config.compile:
             # only the decode-only step is compiled: its shapes vary in two sizes (batch, context)
             self.model.rope_real = True
@@ -186,6 +198,7 @@ class LLMEngine:
                 done = self._after_tokens(seq) is not None
             except Exception:
                 self._seqs.pop(seq.request_id, None)
+                self._detok.pop(seq.request_id, None)
                 raise
             if done:
                 self._finish(seq)
@@ -253,12 +266,13 @@ class LLMEngine:
         if plan is None or not plan.entries:
             return outputs
         input_ids, positions, meta, rows, to_sample = self._prepare(plan.entries)
-        if not meta.prefills:
+        if not meta.prefills and not isinstance(meta.decode_slots, slice):
             hidden = self._decode_forward(input_ids, positions, meta.slot_mapping, meta.decode_slots,
                                           meta.decode_mask, self.kv.k, self.kv.v)  # [B, H]
         else:
             hidden = self._forward(input_ids, positions, meta, self.kv.k, self.kv.v)  # [T, H]
-        logits = self.model.compute_logits(hidden[rows]) if to_sample else None  # [N, V] float32
+        if to_sample:
+            logits = self.model.compute_logits(hidden if rows is None else hidden[rows])  # [N, V] float32
         for seq, n in plan.entries:
             seq.num_computed_tokens += n
             self.block_manager.commit_full_blocks(seq)
@@ -267,13 +281,19 @@ class LLMEngine:
         return outputs
 
     def _prepare(self, entries: list[tuple[Sequence, int]]):
+        """The step's flat inputs: input_ids [T], positions [T], AttnMetadata, rows (the tokens whose
+        logits are sampled; None = all T in order, as in a decode-only step) and their sequences.
+
+        Slots are computed arithmetically from the block tables; a sequence whose blocks are
+        consecutive in the pool attends through a slice (a view of the cache) instead of a gather."""
         bs = self.config.block_size
         dev = self.device
+        views = self._kv_views
         ids: list[int] = []
         pos: list[int] = []
-        slot_chunks: list[torch.Tensor] = []
-        decode_slots: list[torch.Tensor] = []
-        decode_lens: list[int] = []
+        decode_slot_ids: list[int] = []  # new-token slots of the one-token entries (they come first)
+        prefill_slot_parts: list[torch.Tensor] = []
+        decode_seqs: list[tuple[Sequence, int]] = []
         prefills = []
         rows: list[int] = []
         to_sample: list[Sequence] = []
@@ -281,15 +301,21 @@ class LLMEngine:
         for seq, n in entries:
             nc = seq.num_computed_tokens
             end = nc + n
+            table = seq.block_table
             ids.extend(seq.token_ids[nc:end])
-            pos.extend(range(nc, end))
-            table = torch.tensor(seq.block_table, device=dev)
-            slots = (table[:, None] * bs + self._arange_bs).view(-1)[:end]  # [end] slots of tokens 0..end-1
-            slot_chunks.append(slots[nc:end])
             if n == 1:
-                decode_slots.append(slots)
-                decode_lens.append(end)
+                pos.append(nc)
+                decode_slot_ids.append(table[nc // bs] * bs + nc % bs)
+                decode_seqs.append((seq, end))
             else:
+                pos.extend(range(nc, end))
+                if views and _consecutive(table, end, bs):
+                    first = table[0]
+                    slots: torch.Tensor | slice = slice(first * bs, first * bs + end)
+                    prefill_slot_parts.append(torch.arange(first * bs + nc, first * bs + end, device=dev))
+                else:
+                    slots = self._slots(table, end)  # [end]
+                    prefill_slot_parts.append(slots[nc:end])
                 mask = None
                 if nc:
                     # query i (position nc+i) sees keys 0..nc+i
@@ -299,15 +325,31 @@ class LLMEngine:
             if end == len(seq.token_ids):
                 rows.append(t - 1)
                 to_sample.append(seq)
-        meta = AttnMetadata(slot_mapping=torch.cat(slot_chunks), num_decode=len(decode_slots), prefills=prefills)
-        if decode_slots:
-            meta.decode_slots = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True)  # [B, Lmax]
-            if min(decode_lens) != max(decode_lens):
-                lens = torch.tensor(decode_lens, device=dev)
-                meta.decode_mask = (torch.arange(max(decode_lens), device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        slot_mapping = torch.tensor(decode_slot_ids, dtype=torch.long, device=dev)
+        if prefill_slot_parts:
+            slot_mapping = torch.cat([slot_mapping, *prefill_slot_parts])
+        meta = AttnMetadata(slot_mapping=slot_mapping, num_decode=len(decode_seqs), prefills=prefills)
+        if len(decode_seqs) == 1 and views:
+            seq, end = decode_seqs[0]
+            if _consecutive(seq.block_table, end, bs):
+                first = seq.block_table[0]
+                meta.decode_slots = slice(first * bs, first * bs + end)
+        if decode_seqs and meta.decode_slots is None:
+            lens = [end for _, end in decode_seqs]
+            meta.decode_slots = torch.nn.utils.rnn.pad_sequence(
+                [self._slots(seq.block_table, end) for seq, end in decode_seqs], batch_first=True)  # [B, Lmax]
+            if min(lens) != max(lens):
+                lt = torch.tensor(lens, device=dev)
+                meta.decode_mask = (torch.arange(max(lens), device=dev)[None, :] < lt[:, None])[:, None, None, :]
         input_ids = torch.tensor(ids, device=dev)
         positions = torch.tensor(pos, device=dev)
-        return input_ids, positions, meta, torch.tensor(rows, device=dev), to_sample
+        row_t = None if rows == list(range(t)) else torch.tensor(rows, device=dev)
+        return input_ids, positions, meta, row_t, to_sample
+
+    def _slots(self, block_table: list[int], end: int) -> torch.Tensor:
+        """[end] cache slots of a sequence's tokens 0..end-1."""
+        table = torch.tensor(block_table, device=self.device)
+        return (table[:, None] * self.config.block_size + self._arange_bs).view(-1)[:end]
 
     def _sample_and_update(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         now = time.perf_counter()
@@ -376,7 +418,11 @@ class LLMEngine:
         out = seq.output_token_ids
         if seq.stop_token_at_end:
             out = out[:-1]
-        text = self.tokenizer.decode(out, skip_special_tokens=False) if out else ""
+        detok = self._detok.get(seq.request_id)
+        if detok is None:
+            detok = self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
+        # while running, text holds complete characters only (a partial one waits for its next bytes)
+        text = detok.flush(out) if seq.finished else detok.update(out)
         stops = seq.params.stop
         if stops:
             start = max(0, len(seq.text) - max(len(s) for s in stops))
@@ -388,6 +434,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         seq.finish_time = time.perf_counter()
+        self._detok.pop(seq.request_id, None)
         self.scheduler.remove(seq)
         self._seqs.pop(seq.request_id, None)
 

@@ -116,7 +116,8 @@ class DecodeQuantLinear(nn.Module):
         self.max_rows = max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K]
-        return self.quantized(x) if x.shape[0] <= self.max_rows else self.dense(x)
+        # .forward directly: a decode step makes 120+ of these calls, nn.Module.__call__ costs each
+        return self.quantized.forward(x) if x.shape[0] <= self.max_rows else self.dense.forward(x)
 
 
 @dataclass
@@ -125,16 +126,19 @@ class AttnMetadata:
 
     slot_mapping: [T] cache slot of each token's new K/V.
     num_decode: the first ``num_decode`` tokens are one-token sequences.
-    decode_slots: [B, Lmax] the slots each one-token query attends to (padded with 0).
+    decode_slots: [B, Lmax] the slots each one-token query attends to (padded with 0), or, when
+      B == 1 and that sequence's slots are consecutive, a ``slice`` of them: the keys are then read
+      as a view of the cache instead of gathered (a copy of the whole context per layer per token).
     decode_mask: [B, 1, 1, Lmax] bool, True = attend (None when all B lengths are equal).
-    prefills: per multi-token chunk (start, end, slots [L], mask [n, L] bool or None = plain causal, L == n).
+    prefills: per multi-token chunk (start, end, slots [L] or a ``slice`` when consecutive,
+      mask [n, L] bool or None = plain causal, L == n).
     """
 
     slot_mapping: torch.Tensor
     num_decode: int
-    decode_slots: torch.Tensor | None = None
+    decode_slots: torch.Tensor | slice | None = None
     decode_mask: torch.Tensor | None = None
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    prefills: list[tuple[int, int, torch.Tensor | slice, torch.Tensor | None]] = field(default_factory=list)
 
 
 class DecoderLayer(nn.Module):
@@ -250,11 +254,11 @@ class LlamaModel(nn.Module):
             kc.index_copy_(0, meta.slot_mapping, k)
             vc.index_copy_(0, meta.slot_mapping, v)
             o = self._attention(q, kc, vc, meta)  # [T, nh * hd]
-            x = x + layer.o_proj(o)
+            x.add_(layer.o_proj(o))  # in place: x is this forward's own tensor (from the embedding)
             h = F.rms_norm(x, hsz, layer.post_attention_layernorm, self._eps)
             gu = layer.gate_up_proj(h)  # [T, 2I]
             g, u = gu.chunk(2, dim=-1)
-            x = x + layer.down_proj(F.silu(g) * u)
+            x.add_(layer.down_proj(F.silu(g).mul_(u)))  # silu allocates a contiguous [T, I]; mul in place
         return F.rms_norm(x, hsz, self.norm, self._eps)
 
     def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -272,8 +276,12 @@ class LlamaModel(nn.Module):
         out = None
         if B:
             qd = q[:B].unsqueeze(2)  # [B, nh, 1, hd]
-            kd = kc[meta.decode_slots].transpose(1, 2)  # [B, nkv, Lmax, hd]
-            vd = vc[meta.decode_slots].transpose(1, 2)
+            if isinstance(meta.decode_slots, slice):  # B == 1, consecutive slots: views, no copy
+                kd = kc[meta.decode_slots].transpose(0, 1).unsqueeze(0)  # [1, nkv, L, hd]
+                vd = vc[meta.decode_slots].transpose(0, 1).unsqueeze(0)
+            else:
+                kd = kc[meta.decode_slots].transpose(1, 2)  # [B, nkv, Lmax, hd]
+                vd = vc[meta.decode_slots].transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
             if B == T:
                 return od.reshape(T, nh * hd)  # [B, nh, 1, hd] -> [T, nh*hd]

@@ -411,3 +411,106 @@ async def test_failing_constraint_fails_only_its_request():
         assert eng.stats().kv_blocks_used == 0
     finally:
         aeng.shutdown()
+
+
+def test_consecutive_blocks_attend_through_views_with_the_gather_logits():
+    eng = make_engine()
+    ids = list(range(3, 40))
+    seq = eng.make_sequence(ids, SamplingParams(max_tokens=1))
+    eng.block_manager.grow(seq, len(ids))
+    try:
+        seq.num_computed_tokens = len(ids) - 1
+        _, _, meta, _, _ = eng._prepare([(seq, 1)])
+        assert isinstance(meta.decode_slots, slice)  # a fresh pool hands out consecutive blocks
+        seq.num_computed_tokens = 0
+        _, _, meta, _, _ = eng._prepare([(seq, len(ids))])
+        assert isinstance(meta.prefills[0][2], slice)
+    finally:
+        eng.block_manager.free(seq)
+    views = eng.prompt_logits(ids, chunk_size=1)  # every chunk a one-token decode
+    views_prefill = eng.prompt_logits(ids, chunk_size=8)
+    eng._kv_views = False  # the gather path
+    gather = eng.prompt_logits(ids, chunk_size=1)
+    gather_prefill = eng.prompt_logits(ids, chunk_size=8)
+    assert (views - gather).abs().max().item() < 1e-5
+    assert (views_prefill - gather_prefill).abs().max().item() < 1e-5
+
+
+def test_scattered_blocks_gather_and_stay_exact():
+    """Blocks taken out of order (a fragmented pool) fall back to the gather; outputs unchanged."""
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    ref = make_engine().generate(PROMPTS[0], params)[0].output_token_ids
+    eng = make_engine()
+    free = eng.block_manager._free_plain
+    free.rotate(3)
+    free.reverse()  # the next blocks handed out are descending: never consecutive
+    seq = eng.make_sequence(PROMPTS[0], params)
+    eng.block_manager.grow(seq, len(seq.token_ids) + 1)
+    seq.num_computed_tokens = len(seq.token_ids) - 1
+    _, _, meta, _, _ = eng._prepare([(seq, 1)])
+    assert isinstance(meta.decode_slots, torch.Tensor)
+    eng.block_manager.free(seq)
+    free.clear()
+    free.extend(range(eng.block_manager.num_blocks - 1, -1, -1))
+    assert eng.generate(PROMPTS[0], params)[0].output_token_ids == ref
+
+
+class _SentencePieceLike:
+    """Decodes like SentencePiece: a word token carries its leading space, dropped at the start of a decode."""
+
+    words = ["▁hello", "▁wor", "ld", "▁é", "t", "é", "▁!"]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.words[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+
+def test_incremental_detokenizer_equals_full_decode():
+    from agentrt.engine.detokenize import IncrementalDetokenizer
+    from _engine_util import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ids = list("naïve café — 日本語 🙂 ok".encode("utf-8"))  # 2-, 3- and 4-byte characters, one byte per token
+    d = IncrementalDetokenizer(tok)
+    for n in range(1, len(ids) + 1):
+        text = d.update(ids[:n])
+        assert "\ufffd" not in text and tok.decode(ids[:n]).startswith(text)
+    assert d.flush(ids) == tok.decode(ids)
+    partial = list("x🙂".encode("utf-8"))[:-1]  # a character cut short at the end
+    d2 = IncrementalDetokenizer(tok)
+    assert d2.update(partial[:1]) == "x" and d2.update(partial) == "x"  # the partial character waits
+    assert d2.flush(partial) == tok.decode(partial)  # ... and shows as a full decode shows it at the end
+    sp = _SentencePieceLike()
+    d3 = IncrementalDetokenizer(sp)
+    seq = [0, 1, 2, 3, 4, 5, 6]
+    for n in range(1, len(seq) + 1):
+        assert d3.update(seq[:n]) == sp.decode(seq[:n])  # spaces between words survive the windows
+
+
+def test_engine_text_with_multibyte_tokens_and_stop_string():
+    """The engine's incremental text equals one full decode, and a stop string cuts it, both when the
+    output is made of multi-byte characters split over tokens (forced by a constraint)."""
+    text = "café 🙂 done. après"
+    forced = list(text.encode("utf-8"))
+
+    class Forces:  # forces the whole text at admission, then is done
+        def __init__(self):
+            self.accepted = 0
+
+        def is_terminated(self):
+            return self.accepted == len(forced)
+
+        def next_token_mask(self):
+            return torch.ones(260, dtype=torch.bool)
+
+        def accept_token(self, t):
+            self.accepted += 1
+
+        def forced_tokens(self):
+            return forced[self.accepted:]
+
+    eng = make_engine()
+    out = eng.generate("hi", SamplingParams(max_tokens=64, ignore_eos=True), constraints=[Forces()])[0]
+    assert out.output_token_ids == forced and out.text == text
+    out = eng.generate("hi", SamplingParams(max_tokens=64, ignore_eos=True, stop=["🙂 d"]),
+                       constraints=[Forces()])[0]
+    assert out.text == "café " and out.finish_reason == "stop"
