@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -293,14 +294,14 @@ def _round(v: float | None) -> float | None:
 
 
 def _metrics(url: str, name: str) -> dict[str, float]:
-    """The samples of one Prometheus metric on the server: {labels text (or ""): value}."""
+    """The samples of one Prometheus metric on the server: {its label values (or ""): value}."""
     import httpx
 
     out = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             key, _, value = line.rpartition(" ")
-            out[key[len(name):].strip("{}")] = float(value)
+            out[",".join(re.findall(r'"([^"]*)"', key[len(name):]))] = float(value)  # label values
     return out
 
 
