@@ -4,7 +4,7 @@ outlines-core 0.2.14's Index drops a transition that leaves a match state into a
 state (``a(?:bc)?`` does not accept "abc"; a top-level ``1.5`` is cut after ``1``): it works
 only for prefix-free languages. So the regex is compiled with an end sentinel (U+10FFFF,
 never generated: tokens holding its lead byte 0xF4 are excluded) appended, which makes
-every language prefix-free; "may end here" = "the sentinel token is allowed here".
+every language prefix-free; "may end here" = "the sentinel token leads to an accepting state".
 
 ``Index`` construction runs in Rust and cannot be interrupted from Python, so when a time
 limit is given it runs in a forked child process that is killed at the deadline (a run-away
@@ -57,7 +57,10 @@ class TokenIndex:
         return raw[raw < self.width]
 
     def is_final(self, state: int) -> bool:
-        return self.index.get_next_state(state, self.width) is not None
+        # The sentinel must lead to the end: inside a string whose characters include U+10FFFF
+        # it is read as one more character (a non-final state), and EOS must not be allowed there.
+        nxt = self.index.get_next_state(state, self.width)
+        return nxt is not None and self.index.is_final_state(nxt)
 
 
 def _child(regex: str, vocabulary: Vocabulary, conn) -> None:  # noqa: ANN001
