@@ -3,9 +3,10 @@ token automaton (outlines-core ``Index``) -> per-request matcher (the engine's T
 
     compiler = GrammarCompiler.from_tokenizer(tokenizer, vocab_size=engine.vocab_size)
     grammar = compiler.compile_json_schema(schema)        # cached in memory and on disk
-    engine.add_request(prompt, params, constraint=grammar.matcher())
+    engine.add_request(prompt, params, constraint=grammar.matcher(max_tokens=params.max_tokens))
 """
 from .automaton import ByteAutomaton
+from .budget import BudgetError, TokenDistances
 from .compiler import CompiledGrammar, GrammarCompiler, default_cache_dir
 from .errors import GrammarCompileError, UnsupportedSchemaError
 from .matcher import GrammarMatcher
@@ -13,6 +14,7 @@ from .schema_regex import schema_to_regex
 from .vocab import TokenVocab, vocab_from_tokenizer
 
 __all__ = [
-    "ByteAutomaton", "CompiledGrammar", "GrammarCompileError", "GrammarCompiler", "GrammarMatcher",
-    "TokenVocab", "UnsupportedSchemaError", "default_cache_dir", "schema_to_regex", "vocab_from_tokenizer",
+    "BudgetError", "ByteAutomaton", "CompiledGrammar", "GrammarCompileError", "GrammarCompiler", "GrammarMatcher",
+    "TokenDistances", "TokenVocab", "UnsupportedSchemaError", "default_cache_dir", "schema_to_regex",
+    "vocab_from_tokenizer",
 ]

@@ -58,6 +58,23 @@ class CompiledGrammar:
         self._final: dict[int, bool] = {}
         self._lock = threading.Lock()
         self._validator = None
+        self._distances = None
+        self._dist_lock = threading.Lock()  # not _lock: the engine's mask() calls must not wait on a build
+
+    def distances(self):  # noqa: ANN201
+        """The grammar's TokenDistances (fewest tokens from each state to a complete value),
+        computed on first use and shared by every budgeted matcher of this grammar."""
+        if self._distances is None:
+            from .budget import TokenDistances
+
+            with self._dist_lock:
+                if self._distances is None:
+                    self._distances = TokenDistances(self)
+        return self._distances
+
+    def min_tokens(self) -> int:
+        """Tokens the shortest complete value takes (an upper bound; see budget.py)."""
+        return self.distances().of(self.initial_state())
 
     # -- per-state queries (cached) ---------------------------------------------------
     def initial_state(self) -> int:
@@ -171,11 +188,15 @@ class CompiledGrammar:
         return out
 
     # -- helpers for callers ------------------------------------------------------------
-    def matcher(self):  # noqa: ANN201
-        """A fresh per-request matcher (implements engine.constraint.TokenConstraint)."""
+    def matcher(self, max_tokens: int | None = None):  # noqa: ANN201
+        """A fresh per-request matcher (implements engine.constraint.TokenConstraint).
+
+        With ``max_tokens`` (the request's, counting sampled and forced tokens) the matcher
+        closes the value in time so the output is always complete; raises BudgetError when
+        even the shortest complete value does not fit."""
         from .matcher import GrammarMatcher
 
-        return GrammarMatcher(self)
+        return GrammarMatcher(self, max_tokens=max_tokens)
 
     def accepts_tokens(self, token_ids: list[int], *, complete: bool = True) -> bool:
         """Whether the token sequence is admitted (and, if ``complete``, may end there)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .budget import INF, BudgetError
 from .compiler import CompiledGrammar
 
 
@@ -12,22 +13,69 @@ class GrammarMatcher:
     Every query is a cached per-state look-up on the shared grammar (no loop over the
     vocabulary per step): ``next_token_mask`` is the state's precomputed bool mask,
     ``forced_tokens`` its precomputed jump-forward run.
+
+    With ``max_tokens`` (the request's limit; sampled, forced and EOS tokens all count) the
+    matcher keeps "fewest tokens to a complete value" (``CompiledGrammar.distances()``) within
+    the tokens left: while the budget is ample nothing changes; near the end the mask admits
+    only tokens after which the value can still be completed in time, so the output always
+    ends as a complete, valid value, at the latest on its last token (``is_terminated()``
+    then reports True and the engine stops with finish_reason "stop"). ``closed_by_budget``
+    tells whether the budget narrowed a choice (e.g. ended a string the model was still
+    writing): the value is valid but may be shorter than the model would have made it.
     """
 
-    def __init__(self, grammar: CompiledGrammar):
+    def __init__(self, grammar: CompiledGrammar, max_tokens: int | None = None):
         self.grammar = grammar
         self.state: int = grammar.initial_state()
         self._terminated = False
         self._eos = set(grammar.vocab.eos_token_ids)
+        self._eos_ids = torch.tensor(sorted(self._eos), dtype=torch.long)
         self.num_accepted = 0
+        self.max_tokens = max_tokens
+        self.closed_by_budget = False
+        self._dist = None
+        if max_tokens is not None:
+            if max_tokens < 1:
+                raise BudgetError(f"max_tokens={max_tokens} must be at least 1")
+            dist = grammar.distances()
+            if dist.complete:  # else the grammar is too large to plan for: behave as unbudgeted
+                need = dist.of(self.state)
+                if need >= INF:
+                    raise BudgetError("the schema admits no value this tokenizer can spell out")
+                if need > max_tokens:
+                    raise BudgetError(f"max_tokens={max_tokens} is below the {need} tokens the schema needs "
+                                      f"at minimum; raise max_tokens to at least {need}")
+                self._dist = dist
+
+    def tokens_left(self) -> int | None:
+        """Tokens the request may still add, or None without a budget."""
+        return None if self.max_tokens is None else self.max_tokens - self.num_accepted
+
+    def _tight(self) -> bool:
+        """Whether some allowed token could leave too few tokens to finish the value."""
+        d = self._dist
+        if d is None:
+            return False
+        left = self.max_tokens - self.num_accepted  # type: ignore[operator]
+        return d.max_finite > left - 1 and d.worst_next(self.state) > left - 1
 
     def next_token_mask(self) -> torch.Tensor:
         """Bool [vocab_size]: True where allowed (EOS only where the JSON may end). Read-only."""
         if self._terminated:
             mask = torch.zeros(self.grammar.vocab.vocab_size, dtype=torch.bool)
-            mask[list(self._eos)] = True
+            mask[self._eos_ids] = True
             return mask
-        return self.grammar.mask(self.state)
+        if not self._tight():
+            return self.grammar.mask(self.state)
+        left = self.max_tokens - self.num_accepted  # type: ignore[operator]
+        ids, dist = self._dist.successors(self.state)  # type: ignore[union-attr]  # [n], [n]
+        keep = torch.from_numpy(ids[dist <= left - 1])  # [k] tokens after which the value still fits
+        mask = torch.zeros(self.grammar.vocab.vocab_size, dtype=torch.bool)
+        mask[keep] = True
+        if self.grammar.is_final(self.state):
+            mask[self._eos_ids] = True
+        self.closed_by_budget = True
+        return mask
 
     def accept_token(self, token_id: int) -> None:
         """Advance past ``token_id``; ValueError if the grammar does not allow it here."""
@@ -46,22 +94,44 @@ class GrammarMatcher:
         self.num_accepted += 1
 
     def forced_tokens(self) -> list[int]:
-        """Tokens that must come next (jump-forward); empty when the model has a choice."""
+        """Tokens that must come next (jump-forward); empty when the model has a choice.
+
+        Under a budget the run is cut where its tokenization would leave too few tokens to
+        finish (the mask then picks the shortest spelling)."""
         if self._terminated:
             return []
-        return list(self.grammar.forced_tokens(self.state))
+        run = list(self.grammar.forced_tokens(self.state))
+        if self._dist is None or not run:
+            return run
+        left = self.max_tokens - self.num_accepted  # type: ignore[operator]
+        s, keep = self.state, 0
+        for i, t in enumerate(run, 1):
+            s = self.grammar.next_state(s, t)  # type: ignore[assignment]
+            if s is None or self._dist.of(s) > left - i:
+                break
+            keep = i
+        return run[:keep]
 
     def can_end(self) -> bool:
         """True when the output so far is a complete value (EOS would be accepted)."""
         return self._terminated or self.grammar.is_final(self.state)
 
     def is_terminated(self) -> bool:
-        """True once EOS was accepted, or the value is complete and nothing else may follow."""
+        """True once EOS was accepted, or the value is complete and nothing else may follow
+        (no allowed token, or the budget is spent)."""
         if self._terminated:
             return True
-        return self.grammar.is_final(self.state) and not self.grammar.allowed_ids(self.state).size
+        if not self.grammar.is_final(self.state):
+            return False
+        if not self.grammar.allowed_ids(self.state).size:
+            return True
+        if self.max_tokens is not None and self._dist is not None and self.num_accepted >= self.max_tokens:
+            self.closed_by_budget = True  # the model could have gone on (e.g. more digits)
+            return True
+        return False
 
     def reset(self) -> None:
         self.state = self.grammar.initial_state()
         self._terminated = False
         self.num_accepted = 0
+        self.closed_by_budget = False
