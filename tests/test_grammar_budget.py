@@ -194,3 +194,28 @@ def test_distance_counts_tokens_not_bytes(setup):
     greedy = g._greedy(shortest)  # longest-match tokens: accepted by the grammar, fewer than the bytes
     assert g.accepts_tokens(greedy) and len(greedy) < len(shortest)
     assert g.min_tokens() <= len(greedy)
+
+
+def test_engine_with_budget_never_cuts_a_value(tmp_path):
+    """The real engine loop (forced runs, sampling, max_tokens) on a tiny random byte-level
+    model: unbudgeted, many outputs are cut ("length"); budgeted, every one is complete."""
+    from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
+    from agentrt.engine.grammar import TokenVocab
+
+    from _engine_util import ByteTokenizer, tiny_loaded
+
+    engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=128, block_size=4), loaded=tiny_loaded())
+    vocab = TokenVocab({b: bytes([b]) for b in range(256)}, [256], 260, "byte_level")
+    comp = GrammarCompiler(vocab, ByteTokenizer().encode, cache_dir=str(tmp_path))
+    schema = SCHEMAS[-1]
+    g = comp.compile_json_schema(schema, timeout_s=None)
+    max_tokens = g.min_tokens() + 6
+    params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=s) for s in range(8)]
+    free = engine.generate(["{"] * 8, params, [g.matcher() for _ in params])
+    assert sum(o.finish_reason == "length" for o in free) >= 4  # the random model rambles
+    matchers = [g.matcher(max_tokens=max_tokens) for _ in params]
+    outs = engine.generate(["{"] * 8, params, matchers)
+    for out, m in zip(outs, matchers):
+        assert out.finish_reason == "stop" and len(out.output_token_ids) <= max_tokens
+        jsonschema.validate(json.loads(out.text), schema)
+    assert any(m.closed_by_budget for m in matchers)

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import GrammarCompileError
+
 if TYPE_CHECKING:
     from .compiler import CompiledGrammar
     from .vocab import TokenVocab
@@ -52,8 +54,9 @@ def _shortcut_tokens(vocab: TokenVocab) -> np.ndarray:
     return hit
 
 
-class BudgetError(ValueError):
-    """max_tokens is too small for the shortest complete value of the schema."""
+class BudgetError(GrammarCompileError):
+    """max_tokens is too small for the shortest complete value of the schema (a request
+    error: callers that map GrammarCompileError to "bad request" cover it too)."""
 
 
 class TokenDistances:
