@@ -193,7 +193,8 @@ class LocalLLM:
         if json_schema is not None:
             # Compiling can take a while on a cold cache: keep the event loop free.
             grammar = await anyio.to_thread.run_sync(self.compile, json_schema)
-            constraint = grammar.matcher()
+            # max_tokens lets the matcher close the value in time (first use per grammar plans it: off the loop)
+            constraint = await anyio.to_thread.run_sync(grammar.matcher, params.max_tokens)
         sampling = SamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
