@@ -26,3 +26,24 @@ def test_engine_input_errors_become_400():
         err = assert_error(c.post("/v1/chat/completions", json={"messages": USER}), 400)
         assert err["code"] == "context_length_exceeded"
         assert c.app.state.agentrt.queue.running == 0  # the slot was given back
+
+
+def test_output_schema_compiles_under_a_slot_and_a_refusal_gives_it_back():
+    from agentrt.engine.grammar.errors import UnsupportedSchemaError
+    from agentrt.testing import ScriptedLLM
+
+    class Compiling(ScriptedLLM):
+        def compile(self, schema):
+            seen.append(app.state.agentrt.queue.running)  # a compile can take seconds: it holds a slot
+            if "patternProperties" in schema:
+                raise UnsupportedSchemaError(["patternProperties at /"])
+
+    seen: list[int] = []
+    app = create_app(llm=Compiling([{"answer": {"n": 1}}]), registry=make_registry(), max_concurrent=1, max_queue=0)
+    with TestClient(app) as c:
+        err = assert_error(c.post("/agent/run", json={"task": "x", "output_schema": {
+            "type": "object", "patternProperties": {"^a": {}}}}), 400, "unsupported_schema")
+        assert err["param"] == "output_schema" and app.state.agentrt.queue.running == 0
+        r = c.post("/agent/run", json={"task": "x", "output_schema": {"type": "object"}})
+        assert r.status_code == 200 and r.json()["answer"] == {"n": 1}
+    assert seen == [1, 1] and app.state.agentrt.queue.running == 0

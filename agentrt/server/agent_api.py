@@ -41,8 +41,13 @@ async def tools(state: ServerState = Depends(server_state)) -> dict[str, Any]:
 async def agent_run(req: AgentRunRequest, request: Request, state: ServerState = Depends(get_state)) -> Any:
     """Run an agent on the server's tools: the answer and the full step trace
     (or, with ``stream: true``, Server-Sent Events as the run goes)."""
-    agent, task = await build_agent(state, req)
+    # The slot first: checking output_schema compiles it, which can take seconds of CPU.
     ticket = await state.queue.acquire()
+    try:
+        agent, task = await build_agent(state, req)
+    except BaseException:
+        ticket.release()
+        raise
     if req.stream:
         return sse_response(stream_run(state, agent, task, ticket), BackgroundTask(ticket.release))
     try:
