@@ -117,6 +117,17 @@ def test_llguidance_refuses_an_unimplemented_keyword(tokenizer):
         peer.compile({"type": "object", "dependentSchemas": {"a": {"required": ["b"]}}})
 
 
+def test_xgrammar_strict_mode_is_a_choice(tokenizer):
+    if importlib.util.find_spec("xgrammar") is None:
+        pytest.skip("xgrammar is not installed (optional benchmark peer, not in CI)")
+    open_schema = {"type": "object", "properties": {"a": {"type": "integer"}}}  # extras allowed by JSON Schema
+    strict = grammar_peers.XGrammarPeer(tokenizer, len(tokenizer))
+    lax = grammar_peers.XGrammarPeer(tokenizer, len(tokenizer), strict=False)
+    assert "strict_mode=True" in strict.config and "strict_mode=False" in lax.config
+    assert not strict.accepts(strict.compile(open_schema), '{"a":1,"b":2}')
+    assert lax.accepts(lax.compile(open_schema), '{"a":1,"b":2}')
+
+
 def test_side_by_side_tables_on_a_small_subset(tokenizer):
     if not (DATA / "maskbench" / "BFCL_simple.jsonl").exists():
         pytest.skip(f"no shared data at {DATA}")

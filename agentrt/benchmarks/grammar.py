@@ -448,17 +448,19 @@ def bfcl_cases_with_ids(n: int) -> list[tuple[str, list[dict], dict]]:
     return cases
 
 
-def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, out=sys.stdout) -> dict:  # noqa: ANN001
+def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_threads: int | None = 1,
+            out=sys.stdout) -> dict:  # noqa: ANN001
     """BFCL simple prompts with their tool's parameter schema on the embedded model: all ``n``
     batched through the engine (continuous batching), every output parsed and validated; then
     ``timing_n`` prompts one request at a time: unconstrained, constrained without and with
     jump-forward (each prompt prefilled once first, so all three hit the prefix cache alike)."""
     import jsonschema
+    import torch
 
     from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
     from agentrt.engine.grammar import GrammarCompiler
 
-    engine = LLMEngine(EngineConfig(max_num_seqs=max_num_seqs))
+    engine = LLMEngine(EngineConfig(max_num_seqs=max_num_seqs, num_threads=num_threads))
     tok = engine.tokenizer
     cases = bfcl_cases_with_ids(n)
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for _, m, _ in cases]
@@ -486,7 +488,8 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, out=
             valid += 1
         except (ValueError, jsonschema.ValidationError) as e:
             failures.append(f"{cid}: INVALID {o.text[:80]!r}: {str(e)[:80]}")
-    print(f"\nend to end, embedded model, {n} BFCL simple prompts (batched, max_num_seqs {max_num_seqs}, greedy, "
+    print(f"\nend to end, embedded model, {n} BFCL simple prompts (batched, max_num_seqs {max_num_seqs}, "
+          f"torch threads {torch.get_num_threads()}, greedy, "
           f"max_tokens {max_tokens}): {valid}/{n} parse and validate, {len(failures)} failures; forced tokens "
           f"{_pct(forced, completion).strip()} of {completion}; generation wall {wall:.1f}s "
           f"({completion / wall:.1f} tokens/s); {n} schemas compiled cold in {compile_s:.1f}s", file=out)
@@ -537,7 +540,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--peers", nargs="*", default=["xgrammar", "llguidance"],
                         help="peer libraries to compare side by side when installed (none: --peers)")
+    parser.add_argument("--xgrammar-lax", action="store_true",
+                        help="xgrammar with strict_mode=False (allows undeclared properties, as JSON Schema does)")
     parser.add_argument("--json-out", default=None, help="write the exactness table as JSON to this file")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the e2e engine (0 = torch's default); 1 by default because on a "
+                             "busy shared 2-core machine two OpenMP threads spend most of a step waiting for each other")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="engine batch size for the e2e generations")
 
 
@@ -550,7 +558,7 @@ def main(args: argparse.Namespace) -> int:
         from .grammar_peers import load_peers
 
         tok = embedded_tokenizer()
-        peers, notes = load_peers(tok, len(tok), args.peers)
+        peers, notes = load_peers(tok, len(tok), args.peers, {"xgrammar": {"strict": not args.xgrammar_lax}})
         for note in notes:
             print(f"note: {note}")
         for peer in peers:
@@ -571,5 +579,5 @@ def main(args: argparse.Namespace) -> int:
         run_token_speed([s for s in args.subsets if s != "jsts"] or args.subsets, args.speed_schemas, args.timeout,
                         peers, tok)
     if args.e2e:
-        run_e2e(args.e2e, args.timing_prompts, args.max_tokens, args.max_num_seqs)
+        run_e2e(args.e2e, args.timing_prompts, args.max_tokens, args.max_num_seqs, args.threads or None)
     return 0

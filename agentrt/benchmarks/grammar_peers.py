@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import time
 from typing import Any
 
@@ -47,22 +48,29 @@ class Peer:
 class XGrammarPeer(Peer):
     name = "xgrammar"
 
-    def __init__(self, tokenizer: Any, vocab_size: int, threads: int = 2):
+    def __init__(self, tokenizer: Any, vocab_size: int, threads: int = 2, strict: bool = True):
+        """``strict`` is xgrammar's strict_mode: True (the default) refuses properties and items the
+        schema does not declare even where JSON Schema allows them (ours and llguidance follow
+        JSON Schema there); False follows JSON Schema."""
         import xgrammar
 
         self._xgr = xgrammar
+        self.strict = strict
         self.info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = xgrammar.GrammarCompiler(self.info, max_threads=threads, cache_enabled=True)
         self.bitmask = xgrammar.allocate_token_bitmask(1, self.info.vocab_size)
         self.config = (f"xgrammar {_version('xgrammar')}: compile_json_schema(any_whitespace=False, "
-                       "separators=(',', ':'), strict_mode=True)  [strict: no properties/items beyond the schema's]")
+                       f"separators=(',', ':'), strict_mode={strict})"
+                       + ("  [strict: no properties/items beyond the schema's]" if strict else ""))
 
     def compile(self, schema: dict) -> Any:
         try:
             return self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False,
-                                                     separators=(",", ":"), strict_mode=True)
+                                                     separators=(",", ":"), strict_mode=self.strict)
         except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError/its own types
-            raise PeerRefused(f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+            # drop the C++ log prefix "[21:44:11] /project/cpp/json_schema_converter.cc:1499: "
+            first = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", (str(e).splitlines() or [""])[0])
+            raise PeerRefused(f"{type(e).__name__}: {first[:160]}") from None
 
     def clear_cache(self) -> None:
         self.compiler.clear_cache()
@@ -139,9 +147,11 @@ def _version(dist: str) -> str:
 PEERS = {"xgrammar": XGrammarPeer, "llguidance": LLGuidancePeer}
 
 
-def load_peers(tokenizer: Any, vocab_size: int, names: list[str] | None = None) -> tuple[list[Peer], list[str]]:
-    """The installed peers among ``names`` (default: all), built for ``tokenizer``, and a note
-    for each one skipped (not installed, or failed to load)."""
+def load_peers(tokenizer: Any, vocab_size: int, names: list[str] | None = None,
+               options: dict[str, dict] | None = None) -> tuple[list[Peer], list[str]]:
+    """The installed peers among ``names`` (default: all), built for ``tokenizer`` (with keyword
+    ``options`` per peer name, e.g. {"xgrammar": {"strict": False}}), and a note for each one
+    skipped (not installed, or failed to load)."""
     peers, notes = [], []
     for name in names if names is not None else list(PEERS):
         if name not in PEERS:
@@ -150,7 +160,7 @@ def load_peers(tokenizer: Any, vocab_size: int, names: list[str] | None = None) 
             notes.append(f"{name} is not installed: its rows are skipped (pip install {name} to compare)")
             continue
         try:
-            peers.append(PEERS[name](tokenizer, vocab_size))
+            peers.append(PEERS[name](tokenizer, vocab_size, **(options or {}).get(name, {})))
         except Exception as e:  # noqa: BLE001 - a broken optional install must not stop our own figures
             notes.append(f"{name} failed to load ({type(e).__name__}: {str(e)[:120]}): its rows are skipped")
     return peers, notes
