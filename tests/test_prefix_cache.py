@@ -207,20 +207,24 @@ def test_copied_kv_equals_recomputed_kv():
 
 
 def test_thousand_requests_tiny_pool_leave_no_block_referenced():
-    # 24 blocks of 8 tokens: 4 concurrent requests of ~60 tokens do not fit, so requests are
-    # preempted and cached blocks (full and partial) are evicted all along.
-    params = SamplingParams(max_tokens=3, ignore_eos=True)
-    eng = make_engine(num_kv_blocks=24, max_num_seqs=4, max_num_batched_tokens=64)
+    # 12 blocks of 8 tokens: 4 concurrent requests of up to 70 tokens do not fit, so requests
+    # are preempted as they grow, and cached blocks (full and partial) are evicted all along.
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    eng = make_engine(num_kv_blocks=12, max_num_seqs=4, max_num_batched_tokens=64)
     rng = random.Random(1)
     stems = [[rng.randrange(256) for _ in range(rng.randrange(5, 40))] for _ in range(6)]
     prompts = [rng.choice(stems) + [rng.randrange(256) for _ in range(rng.randrange(1, 20))] for _ in range(1000)]
+    preempted, copies = [], []
+    preempt, copy = eng.scheduler._preempt, eng.block_manager.copy_kv
+    eng.scheduler._preempt = lambda s: (preempted.append(s), preempt(s))
+    eng.block_manager.copy_kv = lambda *a: (copies.append(a), copy(*a))
     outs = []
     for i in range(0, len(prompts), 50):
         outs += eng.generate([[*p] for p in prompts[i:i + 50]], params)
     bm = eng.block_manager
     assert eng.stats().kv_blocks_used == 0 and all(b.ref_count == 0 for b in bm.blocks)
     check_index(bm)
-    assert bm.hit_tokens > 0 and bm.num_partial_cached > 0
+    assert preempted and len(copies) > 100 and bm.hit_tokens > 0  # the paths under test did run
     # exactness under all that churn, on a sample checked against a cache-free engine
     ref = make_engine(enable_prefix_caching=False)
     sample = rng.sample(range(len(prompts)), 40)
