@@ -89,8 +89,8 @@ def test_unsupported_keywords_listed_by_name():
     schema = {"type": "object", "properties": {
         "a": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
         "b": {"not": {"pattern": "^x"}},
-        "c": {"type": "integer", "multipleOf": 3}},
-        "patternProperties": {"^x": {"type": "string"}}}
+        "c": {"type": "integer", "multipleOf": 3},
+        "d": {"type": "object", "patternProperties": {"^x": {"type": "string"}, "^y": {"type": "integer"}}}}}
     with pytest.raises(UnsupportedSchemaError) as e:
         schema_to_regex(schema)
     text = " ".join(e.value.keywords)
@@ -140,6 +140,11 @@ _AREA = {"type": "object", "properties": {"radius": _DIMS, "length": _DIMS, "wid
                 {"properties": {"shape": {"enum": ["square"]}}, "required": ["shape", "side"]}]},
      [{"shape": "circle", "radius": 1}, {"shape": "square", "side": 2}, {"shape": "circle", "radius": 1, "side": 2}],
      [{"shape": "circle", "side": 2}, {"shape": "square", "radius": 1}, {"shape": "oval", "radius": 1}, {}]),
+    # branches closed by additionalProperties: false (Github's "either key or keys")
+    ({"type": "object", "oneOf": [
+        {"additionalProperties": False, "properties": {"key": {"type": "string", "maxLength": 3}}},
+        {"additionalProperties": False, "properties": {"keys": {"type": "array", "items": {"type": "string"}}}}]},
+     [{"key": "ab"}, {"keys": ["a"]}], [{}, {"key": "ab", "keys": []}, {"key": "abcd"}, {"keys": "a"}]),
     # not {} on a property: the property must be absent
     ({**_AREA, "properties": {**_AREA["properties"], "width": {"not": {}}}}, [{"radius": 1}], [{"width": 1}]),
     # anyOf of required sets beside allOf
@@ -152,13 +157,31 @@ _AREA = {"type": "object", "properties": {"radius": _DIMS, "length": _DIMS, "wid
     ({"not": {"type": "string"}}, [1, None, {}, [], True, 1.5], ["s", ""]),
     ({"type": ["integer", "string"], "not": {"type": "integer"}}, ["s"], [1, None]),
     ({"enum": ["a", "b", 3], "not": {"enum": ["a", 3]}}, ["b"], ["a", 3]),
+    # patternProperties: map keys by pattern; declared properties a pattern matches get its schema too
+    ({"type": "object", "patternProperties": {"^x-[a-z]+$": {"type": "integer"}}, "additionalProperties": False},
+     [{}, {"x-a": 1, "x-bc": 2}], [{"x-a": "s"}, {"y": 1}, {"x-": 1}]),
+    ({"type": "object", "properties": {"x-id": {"type": "number"}}, "patternProperties": {"^x-": {"minimum": 0}}},
+     [{"x-id": 0.5}, {}], [{"x-id": -1}]),
+    # draft-07 tuples: items as an array, additionalItems for the rest
+    ({"$schema": "http://json-schema.org/draft-07/schema#", "type": "array", "items": [{"type": "integer"}, {"type": "string"}], "additionalItems": False},
+     [[], [1], [1, "a"]], [[1, "a", 2], ["a"]]),
+    # pattern with length limits folded into its one variable part; format implying them
+    ({"type": "string", "pattern": "^[A-Z]{2}[0-9]+$", "minLength": 4, "maxLength": 5}, ["AB12", "AB123"],
+     ["AB1", "AB1234", "ab12"]),
+    ({"type": "string", "format": "date", "maxLength": 10}, ["2024-01-31"], ["2024-01-32"]),
+    # enum intersections (allOf)
+    ({"allOf": [{"enum": ["a", "b", "c"]}, {"enum": ["b", "c", "d"]}, {"not": {"const": "c"}}]}, ["b"], ["a", "c", "d"]),
+    # integer multipleOf: by last digits (k = 2^a 5^b) or listed within bounds; a number becomes an integer
+    ({"type": "integer", "multipleOf": 4}, [0, 8, -12, 100, 1016], [2, 10, -6, 1.5]),
+    ({"type": "number", "multipleOf": 3, "minimum": 1, "maximum": 10}, [3, 6, 9], [0, 1, 12, 4.5]),
     # a format JSON Schema does not define is an annotation (validators ignore it)
     ({"type": "string", "format": "binary"}, ["", "QUJD"], [1]),
 ])
 def test_presence_combinators_exact(schema, good, bad):
     import jsonschema
 
-    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
     a = automaton(schema)
     for v in good:
         assert validator.is_valid(v), v  # the test data itself is right
@@ -175,6 +198,7 @@ def test_combinators_refused_by_name_when_not_expressible():
         "dependentSchemas": {**_AREA, "dependentSchemas": {"radius": {"maxProperties": 1}}},
         "oneOf": {"oneOf": [{"type": "integer"}, {"minimum": 2}]},
         "format": {"type": "string", "format": "ipv6"},
+        "multipleOf": {"type": "integer", "multipleOf": 7},
     }
     for kw, schema in cases.items():
         with pytest.raises(UnsupportedSchemaError, match=kw):

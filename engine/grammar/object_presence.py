@@ -63,6 +63,7 @@ class _Analysis:
         self.resolve = resolve
         self.tests: dict[str, dict[str, Any]] = {}
         self.order: list[str] = []
+        self.closed = False  # some branch says additionalProperties: false (every property matters)
 
     def mention(self, prop: Any) -> None:
         if not isinstance(prop, str):
@@ -81,6 +82,11 @@ class _Analysis:
             raise NotPresenceOnly("a subschema that is not an object")
         for k, v in c.items():
             if k in _NO_ASSERT or k == "type" or (k == "additionalProperties" and v in (True, {})):
+                continue
+            if k == "additionalProperties" and v is False and "patternProperties" not in c:
+                self.closed = True
+                for p in c.get("properties", {}):
+                    self.mention(p)
                 continue
             if k == "required":
                 for p in v:
@@ -114,9 +120,12 @@ class _Analysis:
         if isinstance(c, bool):
             return c
         for k, v in c.items():
-            if k in _NO_ASSERT or k == "additionalProperties":
+            if k in _NO_ASSERT or (k == "additionalProperties" and v is not False):
                 continue
-            if k == "type":
+            if k == "additionalProperties":  # false: only the properties this subschema declares
+                props = c.get("properties", {})
+                ok = world is None or all(q in props for q, cell in world.items() if cell is not None)
+            elif k == "type":
                 ts = {v} if isinstance(v, str) else set(v)
                 if typ == "number" and "integer" in ts and "number" not in ts:
                     raise NotPresenceOnly("type integer tested on numbers")
@@ -231,6 +240,11 @@ def plan_object(schema: dict, *, declared: dict[str, Any], addl: Any, base_types
     formula = {k: schema[k] for k in COMBINATORS if k in schema}
     an.collect(formula)
     required = {p for p in schema.get("required", []) if isinstance(p, str)}
+    if an.closed:  # whether a branch's additionalProperties: false holds depends on every property
+        for p in declared:
+            an.mention(p)
+        for p in required:
+            an.mention(p)
     props = [p for p in declared if p in an.tests] + [p for p in an.order if p not in declared]
     cells: dict[str, list[Cell]] = {}
     for p in props:

@@ -310,14 +310,62 @@ class _Translator:
         raise PatternError(f"{str(op).lower()} (anchors inside the pattern, look-around, back-references, word boundaries) cannot be expressed")
 
 
-def pattern_regex(pattern: str) -> str | None:
-    """Regex over JSON string *content* (no quotes) for strings ``pattern`` finds a match in.
+def pattern_regex(pattern: str, min_len: int = 0, max_len: int | None = None) -> str | None:
+    """Regex over JSON string *content* (no quotes) for strings ``pattern`` finds a match in
+    (and whose length in code points is within [min_len, max_len]).
 
     Exact for the common subset of ECMA-262 and Python ``re``; where the dialects differ
     (``\\d``, ``\\w``, ``\\s``, ``.``) it takes the intersection, so it never admits a string
-    one of them would reject. Raises PatternError for constructs it cannot express.
+    one of them would reject. Raises PatternError for constructs it cannot express, and for
+    length limits it cannot fold into the pattern (see ``_fold_length``).
     """
-    return _Translator(pattern).translate()
+    tr = _Translator(pattern)
+    if min_len > 0 or max_len is not None:
+        if not _fold_length(tr, min_len, max_len):
+            return None
+    return tr.translate()
+
+
+def length_bounds(regex_text: str) -> tuple[int, int | None]:
+    """(min, max) length in code points of the strings a fully anchored Python-syntax regex matches
+    (max None = unbounded); used for formats, whose regexes match the whole string."""
+    lo, hi = sre_parse.parse(regex_text).getwidth()
+    return lo, (None if hi >= C.MAXREPEAT - 1 else hi)
+
+
+def _fold_length(tr: "_Translator", mn: int, mx: int | None) -> bool:
+    """Intersect the parsed pattern with mn <= length <= mx in place; False when nothing is left.
+
+    Possible when the limits are implied by the pattern, or when the pattern is anchored at both
+    ends and has one variable-length part: a repeat of a single character (``^[A-Z]{2}[a-z]+$``),
+    whose bounds then absorb the limits. Raises PatternError otherwise."""
+    items = list(tr.parsed)
+    anchored = (len(items) >= 2 and items[0][0] is C.AT and items[0][1] in (C.AT_BEGINNING, C.AT_BEGINNING_STRING)
+                and items[-1][0] is C.AT and items[-1][1] in (C.AT_END, C.AT_END_STRING))
+    lo, hi = tr.parsed.getwidth()
+    hi = hi if anchored and hi < C.MAXREPEAT - 1 else None
+    if lo >= mn and (mx is None or (hi is not None and hi <= mx)):
+        return True  # the pattern already implies the limits
+    if (mx is not None and lo > mx) or (hi is not None and hi < mn):
+        return False
+    body = items[1:-1] if anchored else []
+    if any(op is C.BRANCH or op is C.AT for op, _ in body):
+        body = []
+    variable = [i for i, (op, av) in enumerate(body) if sre_parse.SubPattern(tr.parsed.state, [(op, av)]).getwidth()[0]
+                != sre_parse.SubPattern(tr.parsed.state, [(op, av)]).getwidth()[1]]
+    if not anchored or len(variable) != 1:
+        raise PatternError("minLength/maxLength beside a pattern that is not anchored with one variable part")
+    i = variable[0]
+    op, av = body[i]
+    if op is not C.MAX_REPEAT or sre_parse.SubPattern(tr.parsed.state, list(av[2])).getwidth() != (1, 1):
+        raise PatternError("minLength/maxLength beside a pattern whose variable part is not a repeated character")
+    fixed = lo - av[0]
+    r_lo = max(av[0], mn - fixed)
+    r_hi = av[1] if mx is None else min(av[1], mx - fixed)
+    if r_hi < r_lo:
+        return False
+    tr.parsed[i + 1] = (op, (r_lo, r_hi, av[2]))
+    return True
 
 
 # ----------------------------------------------------------------------------- numeric ranges
@@ -494,3 +542,38 @@ def number_range(lo, lo_incl: bool, hi, hi_incl: bool) -> str | None:  # noqa: A
         mag = nonneg_decimal_range(m_lo, m_lo_incl, m_hi, m_hi_incl)
         parts.append(None if mag is None else f"-(?:{mag})")
     return alt(parts)
+
+
+def multiples_of(k: int, lo: int | None, hi: int | None, max_alternatives: int = 256) -> str | None:
+    """Regex for the integers in [lo, hi] (None = unbounded) that are multiples of ``k`` >= 1.
+
+    A bounded range with few multiples is listed; otherwise k must be 2^a * 5^b, whose
+    multiples are decided by their last max(a, b) digits. Raises PatternError beyond that."""
+    if lo is not None and hi is not None:
+        first = -(-lo // k) * k
+        if first > hi:
+            return None
+        if (hi - first) // k + 1 <= max_alternatives:
+            return alt([str(v) for v in range(first, hi + 1, k)])
+    d, rest = 0, k
+    for p in (2, 5):
+        n = 0
+        while rest % p == 0:
+            rest, n = rest // p, n + 1
+        d = max(d, n)
+    if rest != 1 or 10 ** d // k > max_alternatives:
+        raise PatternError(f"multiples of {k} over an unbounded or large range")
+    if lo is not None or hi is not None:
+        if not ((lo is None or lo <= 0) and (hi is None or hi >= 0) and (lo in (None, 0) or hi in (None, 0))):
+            raise PatternError(f"multiples of {k} with bounds other than 0")
+    small = [str(v) for v in range(0, 10 ** d, k)]  # at most d digits, no leading zeros
+    suffixes = [str(v).zfill(d) for v in range(0, 10 ** d, k)]
+    mag = alt(small + ([f"[1-9][0-9]*{alt(suffixes)}"] if d else []))
+    if d == 0:
+        mag = "(?:0|[1-9][0-9]*)"
+    pos, neg = mag, "-" + f"(?:{mag})"
+    if lo == 0:
+        return pos
+    if hi == 0:
+        return alt(["0", neg])
+    return alt([pos, neg])

@@ -31,7 +31,7 @@ from .errors import GrammarCompileError, UnsatisfiableSchemaError
 from .object_presence import COMBINATORS, NotPresenceOnly, Plan, plan_object
 from .regex_util import (
     BOOLEAN, FORMATS, INTEGER, NULL, NUMBER, STRING, STRING_CHAR, PatternError, alt,
-    int_range, json_literal_text, lit, number_range, opt, pattern_regex, rep, seq,
+    int_range, json_literal_text, length_bounds, lit, multiples_of, number_range, opt, pattern_regex, rep, seq,
 )
 
 # Keywords that only annotate (or that 2020-12 validators ignore): never change validity.
@@ -148,7 +148,7 @@ def _node(schema: Any, ctx: _Ctx, path: str) -> str | None:
     if planned is not _NOT_PLANNED:
         return planned
     schema = _merge_all_of(schema, ctx, path)
-    if not isinstance(schema, dict):
+    if not isinstance(schema, dict) or (("const" in schema or "enum" in schema) and not _has_ref(schema)):
         return _node(schema, ctx, path)
     # Unknown keywords are ignored by validators (annotations), so they are ignored here too.
     for kw in _REFUSED:
@@ -203,8 +203,8 @@ _UNRESOLVED = object()
 _NOT_PLANNED = object()
 # refused wherever they assert something (unless a branch below enforces them)
 _REFUSED = ("not", "if", "then", "else", "dependentSchemas", "dependencies", "dependentRequired",
-            "patternProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
-            "contains", "maxContains", "minContains", "additionalItems", "$dynamicRef", "$recursiveRef")
+            "propertyNames", "unevaluatedProperties", "unevaluatedItems",
+            "contains", "maxContains", "minContains", "$dynamicRef", "$recursiveRef")
 
 
 def _presence(schema: dict, ctx: _Ctx, path: str) -> Any:
@@ -224,7 +224,8 @@ def _presence(schema: dict, ctx: _Ctx, path: str) -> Any:
         return _NOT_PLANNED
     base = {k: v for k, v in schema.items() if k not in COMBINATORS}
     props = base.get("properties", {})
-    if not isinstance(props, dict) or any(k in base and not _trivial(k, base[k]) for k in _REFUSED):
+    if (not isinstance(props, dict) or base.get("patternProperties")
+            or any(k in base and not _trivial(k, base[k]) for k in _REFUSED)):
         return _NOT_PLANNED
 
     def resolve(ref: Any) -> Any:
@@ -328,7 +329,14 @@ def _merge(a: Any, b: Any, ctx: _Ctx, path: str) -> Any:
     a = _merge_all_of(a, ctx, path)
     b = _merge_all_of(b, ctx, path)
     out = dict(a)
+    va, vb = _values(a), _values(b)
+    if va is not None and vb is not None:  # enum/const on both sides: the common values
+        for k in ("enum", "const"):
+            out.pop(k, None)
+        out["enum"] = [v for v in va if any(_json_eq(v, w) for w in vb)]
     for k, v in b.items():
+        if k in ("enum", "const") and va is not None:
+            continue
         if k not in out or out[k] == v or k in ANNOTATIONS:
             out.setdefault(k, v)
         elif k == "required":
@@ -356,6 +364,15 @@ def _merge(a: Any, b: Any, ctx: _Ctx, path: str) -> Any:
     if out.get("type") == "__none__":
         return False
     return out
+
+
+def _values(schema: dict) -> list | None:
+    """The values an enum/const allows (None when neither is there)."""
+    if "const" in schema and "enum" in schema:
+        return [v for v in schema["enum"] if _json_eq(v, schema["const"])] if isinstance(schema["enum"], list) else None
+    if "const" in schema:
+        return [schema["const"]]
+    return list(schema["enum"]) if isinstance(schema.get("enum"), list) else None
 
 
 # ----------------------------------------------------------------------------- oneOf
@@ -482,27 +499,42 @@ def _bounds(schema: dict, path: str):  # noqa: ANN202
     return lo, lo_incl, hi, hi_incl
 
 
-def _multiple_of_ok(schema: dict, integer: bool) -> bool:
+def _int_multiple(schema: dict, path: str) -> int | None:
+    """multipleOf as a positive integer k (1 = no constraint on integers), or None when it is not one."""
     m = schema.get("multipleOf")
-    return m is None or (integer and isinstance(m, (int, float)) and float(m) == 1.0)
+    if m is None:
+        return 1
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0:
+        raise GrammarCompileError(f"multipleOf at {path or '/'} must be a number above 0, got {m!r}")
+    return int(m) if float(m).is_integer() else None
 
 
 def _integer(schema: dict, ctx: _Ctx, path: str) -> str | None:
-    if not _multiple_of_ok(schema, True):
-        ctx.refuse(path, "multipleOf")
-    lo, lo_incl, hi, hi_incl = _bounds(schema, path)
-    if lo is None and hi is None:
-        return INTEGER
     import math
 
+    k = _int_multiple(schema, path)
+    lo, lo_incl, hi, hi_incl = _bounds(schema, path)
     ilo = None if lo is None else (math.ceil(lo) if lo_incl else math.floor(lo) + 1)
     ihi = None if hi is None else (math.floor(hi) if hi_incl else math.ceil(hi) - 1)
+    if k is None:  # a fractional multipleOf: validators' float division decides (0.07 is no multiple of 0.01)
+        ctx.refuse(path, "multipleOf", "not an integer")
+        return None
+    if k > 1:
+        try:
+            return multiples_of(k, ilo, ihi)
+        except PatternError as e:
+            ctx.refuse(path, "multipleOf", str(e))
+            return None
+    if lo is None and hi is None:
+        return INTEGER
     return int_range(ilo, ihi)
 
 
 def _number(schema: dict, ctx: _Ctx, path: str) -> str | None:
-    if not _multiple_of_ok(schema, False):
-        ctx.refuse(path, "multipleOf")
+    k = _int_multiple(schema, path)
+    if k is None or k > 1 or ("multipleOf" in schema and k == 1):
+        # an integer multipleOf admits integers only (written as integers: narrower than 4.0)
+        return _integer(schema, ctx, path)
     lo, lo_incl, hi, hi_incl = _bounds(schema, path)
     if lo is None and hi is None:
         return NUMBER
@@ -537,8 +569,14 @@ def _string(schema: dict, ctx: _Ctx, path: str) -> str | None:
         fmt = None
     if pattern is not None and not isinstance(pattern, str):
         raise GrammarCompileError(f"pattern at {path or '/'} must be a string")
+    if fmt and has_len:
+        lo, hi = length_bounds(FORMATS[fmt])
+        if (mx is not None and lo > mx) or (hi is not None and hi < mn):
+            return None
+        if lo >= mn and (mx is None or (hi is not None and hi <= mx)):
+            has_len = False  # the format implies the limits (date, uuid...)
     constraints = [c for c in ("format" if fmt else None, "pattern" if pattern is not None else None,
-                               "minLength/maxLength" if has_len else None) if c]
+                               "minLength/maxLength" if has_len and pattern is None else None) if c]
     if len(constraints) > 1:
         ctx.refuse(path, "+".join(constraints), "these cannot be intersected in one regex")
         return None
@@ -546,9 +584,9 @@ def _string(schema: dict, ctx: _Ctx, path: str) -> str | None:
         inner = FORMATS[fmt]
     elif pattern is not None:
         try:
-            inner = pattern_regex(pattern)
+            inner = pattern_regex(pattern, mn, mx)
         except PatternError as e:
-            ctx.refuse(path, "pattern", str(e))
+            ctx.refuse(path, "pattern+minLength/maxLength" if has_len else "pattern", str(e))
             return None
     else:
         inner = rep(STRING_CHAR, mn, mx)
@@ -562,9 +600,11 @@ def _array(schema: dict, ctx: _Ctx, path: str) -> str | None:
         ctx.refuse(path, "uniqueItems")
     prefix = schema.get("prefixItems", [])
     items = schema.get("items", True)
-    if isinstance(items, list):  # draft-07 tuple form: not valid 2020-12
-        ctx.refuse(path, "items", "array form (use prefixItems)")
-        return None
+    if isinstance(items, list):  # draft-07 tuple form: items = prefixItems, additionalItems = items
+        if "prefixItems" in schema:
+            ctx.refuse(path, "items", "array form beside prefixItems")
+            return None
+        prefix, items = items, schema.get("additionalItems", True)
     elems = [_node(p, ctx, f"{path}/prefixItems/{i}") for i, p in enumerate(prefix)]
     tail = None if items is False else _node(items, ctx, f"{path}/items")
     k = len(elems)
@@ -600,14 +640,21 @@ def _object(schema: dict, ctx: _Ctx, path: str, plan: Plan | None = None) -> str
     mn = _nonneg_int(schema, "minProperties", path, 0) or 0
     mx = _nonneg_int(schema, "maxProperties", path, None)
 
+    pprops = schema.get("patternProperties") or {}
+    if not isinstance(pprops, dict):
+        raise GrammarCompileError(f"patternProperties at {path or '/'} must be an object")
+
     if plan is not None and not plan.worlds:
         return None  # the combinators hold on no object
     if not props and not required and (plan is None or not plan.props):
         # a map: any keys, values by additionalProperties
-        value = _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(ctx.max_any_depth)
         if mn > 1:
             ctx.refuse(path, "minProperties", "above 1 on an object without declared properties")
-        pair = seq(STRING, ":", value)
+        if pprops:
+            pair = _pattern_pairs(pprops, ctx, path)
+        else:
+            value = _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(ctx.max_any_depth)
+            pair = seq(STRING, ":", value)
         if pair is None:
             return seq(r"\{", r"\}") if mn == 0 else None
         hi = None if mx is None else mx
@@ -621,9 +668,16 @@ def _object(schema: dict, ctx: _Ctx, path: str, plan: Plan | None = None) -> str
     entries: list[tuple[str, list[str | None], bool, bool]] = []
 
     def addl_value(name: str) -> str | None:
+        matching = _matching_patterns(pprops, name, ctx, path)
+        if matching:  # additionalProperties does not apply to names a patternProperties matches
+            return _node(_merge_many(matching, ctx, path), ctx, f"{path}/patternProperties")
         if addl is False:
             return None
         return _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(ctx.max_any_depth)
+
+    if pprops:  # declared properties whose names a pattern matches must satisfy its schema too
+        props = {name: _merge_many([sub, *_matching_patterns(pprops, name, ctx, path)], ctx, path)
+                 for name, sub in props.items()}
 
     def planned(name: str) -> tuple[str, list[str | None], bool, bool]:
         cells = [_node(c.schema, ctx, f"{path}/properties/{name}") for c in plan.cells[name]]  # type: ignore[union-attr]
@@ -649,6 +703,42 @@ def _object(schema: dict, ctx: _Ctx, path: str, plan: Plan | None = None) -> str
         ctx.refuse(path, "maxProperties", "fewer than the declared properties")
     worlds = frozenset(plan.worlds) if plan else frozenset({()})
     return seq(r"\{", _object_body(entries, worlds), r"\}")
+
+
+def _matching_patterns(pprops: dict, name: str, ctx: _Ctx, path: str) -> list:
+    import re
+
+    out = []
+    for pat, sub in pprops.items():
+        try:
+            if re.search(pat, name):
+                out.append(sub)
+        except re.error:
+            ctx.refuse(path, "patternProperties", f"pattern {pat!r} does not parse")
+    return out
+
+
+def _merge_many(schemas: list, ctx: _Ctx, path: str) -> Any:
+    out: Any = True
+    for sub in schemas:
+        out = _merge(out, _deref(sub, ctx), ctx, path)
+    return out
+
+
+def _pattern_pairs(pprops: dict, ctx: _Ctx, path: str) -> str | None:
+    """``"key":value`` for keys some pattern matches (other keys are not generated: narrower).
+    Exact when one pattern (or all patterns share one schema): a key two patterns match would
+    need both schemas."""
+    subs = list(pprops.values())
+    if any(not _json_eq(sub, subs[0]) for sub in subs[1:]):
+        ctx.refuse(path, "patternProperties", "several patterns with different schemas")
+        return None
+    try:
+        keys = alt([pattern_regex(p) for p in pprops])
+    except PatternError as e:
+        ctx.refuse(path, "patternProperties", str(e))
+        return None
+    return seq('"', keys, '":', _node(subs[0], ctx, f"{path}/patternProperties"))
 
 
 def _object_body(entries: list[tuple[str, list[str | None], bool, bool]], worlds: frozenset) -> str | None:
