@@ -63,7 +63,8 @@ class BlockManager:
         self.copy_kv = copy_kv
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block: dict[int, int] = {}
-        self.children: dict[int, set[int]] = {}  # parent chained hash (-1 = none) -> indexed blocks after it
+        # (parent's chained hash or -1, first token) -> indexed blocks (full or partial) there
+        self.children: dict[tuple[int, int], set[int]] = {}
         self._free_plain: deque[int] = deque(range(num_blocks))  # free, content not indexed
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # free but indexed; oldest first = LRU
         self.hit_tokens = 0
@@ -130,8 +131,10 @@ class BlockManager:
         into a fresh block appended to ``seq.block_table``; returns the number of tokens copied."""
         start = len(seq.block_table) * self.block_size
         want = seq.token_ids[start:min(start + self.block_size, len(seq.token_ids) - 1)]
+        if not want:
+            return 0
         best, best_n = -1, 0
-        for bid in self.children.get(parent, ()):
+        for bid in self.children.get((parent, want[0]), ()):
             n = _common_prefix_len(self.blocks[bid].tokens, want)
             if n > best_n:
                 best, best_n = bid, n
@@ -204,7 +207,7 @@ class BlockManager:
             return  # already indexed, or shared (then it is a full block of another sequence)
         parent = seq.block_hashes[n_full - 1] if n_full else -1
         toks = tuple(seq.token_ids[n_full * bs:n_full * bs + n_part])
-        siblings = self.children.get(parent, ())
+        siblings = self.children.get((parent, toks[0]), ())
         if any(self.blocks[b].tokens[:n_part] == toks for b in siblings):
             return  # an indexed block already holds these tokens (e.g. the one this was copied from)
         blk.tokens = toks
@@ -213,7 +216,7 @@ class BlockManager:
     # ---- internals -------------------------------------------------------------------------------
     def _index_child(self, blk: Block, parent: int) -> None:
         blk.parent = parent
-        self.children.setdefault(parent, set()).add(blk.block_id)
+        self.children.setdefault((parent, blk.tokens[0]), set()).add(blk.block_id)
 
     def _ref(self, bid: int) -> None:
         blk = self.blocks[bid]
@@ -239,11 +242,12 @@ class BlockManager:
             blk = self.blocks[bid]
             if blk.hash != -1 and self.hash_to_block.get(blk.hash) == bid:
                 del self.hash_to_block[blk.hash]
-            siblings = self.children.get(blk.parent)
+            key = (blk.parent, blk.tokens[0]) if blk.parent is not None else None
+            siblings = self.children.get(key)
             if siblings is not None:
                 siblings.discard(bid)
                 if not siblings:
-                    del self.children[blk.parent]
+                    del self.children[key]
         blk = self.blocks[bid]
         blk.hash, blk.tokens, blk.parent, blk.ref_count = -1, (), None, 1
         return bid

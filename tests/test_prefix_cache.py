@@ -48,8 +48,8 @@ def check_index(bm: BlockManager) -> None:
         assert bm.blocks[bid].hash == h
     listed = {bid for kids in bm.children.values() for bid in kids}
     assert listed == {b.block_id for b in bm.blocks if b.parent is not None}
-    for parent, kids in bm.children.items():
-        assert kids and all(bm.blocks[b].parent == parent and bm.blocks[b].tokens for b in kids)
+    for (parent, first), kids in bm.children.items():
+        assert kids and all(bm.blocks[b].parent == parent and bm.blocks[b].tokens[0] == first for b in kids)
     free = set(bm._free_plain) | set(bm._free_cached)
     assert free == {b.block_id for b in bm.blocks if b.ref_count == 0}
     assert all(bm.blocks[b].parent is not None for b in bm._free_cached)
