@@ -146,6 +146,11 @@ class LLMEngine:
             raise ValueError(f"quantization={mode!r} uses torch's CPU kernels; use quantization=None on {self.device}")
         layers = self.model.layers
         dense = {name: mod for name, mod in layers.named_modules() if isinstance(mod, nn.Linear)}
+        if self.config.prefill_int8:  # prefill chunks through dynamic int8 (W8A8), SmoothQuant-calibrated
+            from .dynamic_int8 import CALIBRATION_TEXT, DynamicInt8Linear, calibrate_llama
+
+            absmax = calibrate_llama(self.model, list(self.tokenizer(CALIBRATION_TEXT).input_ids)[: self.max_model_len])
+            dense = {name: DynamicInt8Linear(lin.weight, lin.bias, act_absmax=absmax[name]) for name, lin in dense.items()}
         quantize_(layers, mode)  # replaces every nn.Linear under layers in place
         for name, lin in dense.items():
             parent_name, _, attr = name.rpartition(".")

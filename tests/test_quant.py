@@ -12,6 +12,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from _loader_util import tiny_llama  # noqa: E402
 
+from agentrt.engine.dynamic_int8 import (  # noqa: E402
+    DynamicInt8Linear, collect_input_absmax, dynamic_int8_available, quantize_dynamic_int8_)
 from agentrt.engine.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_, quantized_bytes  # noqa: E402
 
 
@@ -124,3 +126,115 @@ def test_smollm2_accuracy_cost():
             agree = (lg.argmax(-1) == ref.argmax(-1)).float().mean().item()
             print(f"{mode}: top-1 agreement {agree:.3f}, max |logit diff| {(lg - ref).abs().max().item():.3f}")
             assert agree >= floor, (mode, agree)
+
+
+# ---- dynamic int8 (W8A8) for prefill chunks: engine/dynamic_int8.py ----------------------------------
+
+needs_fbgemm = pytest.mark.skipif(not dynamic_int8_available(), reason="torch has no FBGEMM quantized engine (non-x86)")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536)])
+def test_dynamic_int8_linear(n, k):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, bias=True)
+    q = DynamicInt8Linear(lin.weight, lin.bias)
+    w = lin.weight.detach()
+    dq = q.dequantized_weight()
+    # symmetric per-row weights: |error| <= half a step (row max / 127 / 2)
+    assert ((dq - w).abs() <= w.abs().amax(1, keepdim=True) / 254 * 1.001).all()
+    x = torch.randn(3, 100, k)
+    y = q(x)
+    assert y.shape == (3, 100, n) and y.dtype == torch.float32
+    # 7-bit activations per row: a few % of error vs the exact product with the same weights
+    assert 0 < _rel(y, x @ dq.T + lin.bias) < 0.04
+    assert _rel(y, lin(x)) < 0.05
+    assert q(x.bfloat16()).dtype == torch.bfloat16
+
+
+@needs_fbgemm
+def test_dynamic_int8_per_row_scales_survive_an_outlier_token():
+    """One huge row must not coarsen the others' rounding (FBGEMM alone uses one scale per call)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128, bias=False)
+    x = torch.randn(64, 256)
+    x[0] *= 1000.0
+    with torch.no_grad():
+        ref = lin(x)
+    per_row = _rel(DynamicInt8Linear(lin.weight)(x)[1:], ref[1:])
+    per_call = _rel(DynamicInt8Linear(lin.weight, per_row=False)(x)[1:], ref[1:])
+    assert per_row < 0.04 and per_call > 5 * per_row, (per_row, per_call)
+
+
+@needs_fbgemm
+def test_dynamic_int8_smoothing_flattens_outlier_channels():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128, bias=False)
+    scale = torch.ones(256)
+    scale[[3, 77]] = 60.0  # two outlier channels, as LLM activations have
+    x = torch.randn(64, 256) * scale
+    with torch.no_grad():
+        ref = lin(x)
+    plain = DynamicInt8Linear(lin.weight)
+    smooth = DynamicInt8Linear(lin.weight, act_absmax=x.abs().amax(0))
+    # the smoothed layer still computes x @ W.T (the smoothing cancels out; the outlier columns grow,
+    # so the other columns' weight rounding gets coarser: ~2% here) ...
+    assert _rel(smooth.dequantized_weight(), lin.weight.detach()) < 0.03
+    # ... with a smaller error than without it
+    assert _rel(smooth(x), ref) < 0.5 * _rel(plain(x), ref)
+    with pytest.raises(ValueError, match=r"expected \(256,\)"):
+        DynamicInt8Linear(lin.weight, act_absmax=torch.ones(3))
+
+
+@needs_fbgemm
+def test_quantize_dynamic_int8_with_calibration():
+    model = tiny_llama(num_layers=2, seed=1)
+    ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+    absmax = collect_input_absmax(model, lambda: model(ids))
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(absmax) == sorted(names)
+    got = {}  # the o_proj input, captured directly
+    handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, i: got.setdefault("x", i[0]))
+    with torch.no_grad():
+        ref = model(ids).logits
+    handle.remove()
+    assert torch.equal(absmax["model.layers.0.self_attn.o_proj"], got["x"].reshape(-1, 64).abs().amax(0))
+    with pytest.raises(KeyError, match="lm_head|q_proj"):
+        quantize_dynamic_int8_(copy.deepcopy(model), {}, skip=lambda n: False)
+    q = quantize_dynamic_int8_(model, absmax)
+    assert isinstance(q.lm_head, nn.Linear)
+    assert sum(isinstance(m, DynamicInt8Linear) for m in q.modules()) == len(names) - 1
+    with torch.no_grad():
+        out = q(ids).logits
+    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= 0.9 and 0 < (out - ref).abs().max().item() < ref.abs().max().item(), agree
+
+
+@needs_fbgemm
+def test_engine_prefill_int8_switch():
+    """EngineConfig(prefill_int8=True): prefill chunks go through W8A8, decode rows through the weight-only kernels."""
+    from _engine_util import FakeLoaded, ByteTokenizer, tiny_config, tiny_weights
+
+    from agentrt.engine import EngineConfig, LLMEngine
+    from agentrt.engine.model import DecodeQuantLinear
+
+    with pytest.raises(ValueError, match="prefill_int8=True needs quantization"):
+        EngineConfig(prefill_int8=True)
+    cfg = tiny_config()
+    loaded = FakeLoaded(cfg, tiny_weights(cfg), ByteTokenizer())
+    base = LLMEngine(EngineConfig(dtype="float32", quantization="int8", num_kv_blocks=64), loaded=loaded)
+    fast = LLMEngine(EngineConfig(dtype="float32", quantization="int8", prefill_int8=True, num_kv_blocks=64),
+                     loaded=loaded)
+    wrapped = [m for m in fast.model.modules() if isinstance(m, DecodeQuantLinear)]
+    assert wrapped and all(isinstance(m.dense, DynamicInt8Linear) for m in wrapped)
+    assert all(m.dense.inv_smooth is not None for m in wrapped)  # calibrated at load
+    ids = list(range(40, 140))
+    a, b = base.prompt_logits(ids, chunk_size=64), fast.prompt_logits(ids, chunk_size=64)
+    assert 0 < (a - b).abs().max().item() < 0.5 * a.abs().max().item()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.8
+    # one-row chunks run the weight-only decode kernels in both engines: identical logits
+    assert torch.equal(base.prompt_logits(ids[:20], chunk_size=1), fast.prompt_logits(ids[:20], chunk_size=1))
