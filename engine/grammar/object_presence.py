@@ -194,10 +194,12 @@ def _constant(base: Any, test: Any) -> bool | None:
     return None
 
 
-def _cells(base: Any, tests: dict[str, Any], merge: Callable[[Any, Any], Any]) -> list[Cell]:
+def _cells(base: Any, tests: dict[str, Any], merge: Callable[[Any, Any], Any],
+           deref: Callable[[Any], Any] = lambda s: s) -> list[Cell]:
     """The value cells offered for one property (see the module docstring)."""
     import jsonschema
 
+    base, tests = deref(base), {k: deref(t) for k, t in tests.items()}
     consts = {k: _constant(base, t) for k, t in tests.items()}
     open_tests = {k: t for k, t in tests.items() if consts[k] is None}
     values: list = []
@@ -215,15 +217,41 @@ def _cells(base: Any, tests: dict[str, Any], merge: Callable[[Any, Any], Any]) -
         if _finite(base) is None and all(_finite(t) is not None for t in open_tests.values()):
             pass  # "base minus these literals" has no regex here: not offered (narrower)
         return cells
+    known = {q: bool(v) for q, v in consts.items() if v is not None}
     if not open_tests:
-        return [Cell(base, {k: bool(v) for k, v in consts.items()})]
-    if len(open_tests) == 1:
-        (k, t), = open_tests.items()
-        merged = merge(base, t)
-        if merged is None:
-            return []
-        return [Cell(merged, {**{q: bool(v) for q, v in consts.items() if v is not None}, k: True})]
-    return []  # several tests that would split the values: only "absent" is offered (narrower)
+        return [Cell(base, known)]
+    # cells "base and t" for each open test t whose relation to the other open tests is known,
+    # else "base and all of them"; values failing every test are not offered (narrower)
+    cells = []
+    for k, t in open_tests.items():
+        truth = {q: True if q == k else _relation(deref(t), deref(t2)) for q, t2 in open_tests.items()}
+        if None not in truth.values() and (merged := merge(base, t)) is not None:
+            cells.append(Cell(merged, {**known, **truth}))
+    if not any(all(c.truth[q] for q in open_tests) for c in cells):
+        merged = base
+        for t in open_tests.values():
+            merged = None if merged is None else merge(merged, t)
+        if merged is not None:
+            cells.append(Cell(merged, {**known, **{q: True for q in open_tests}}))
+    return cells
+
+
+def _relation(a: Any, b: Any) -> bool | None:
+    """Whether every value passing ``a`` passes ``b`` (True), none does (False), or unknown (None)."""
+    sa, sb = _strip(a), _strip(b)
+    if isinstance(sa, dict) and isinstance(sb, dict):
+        if all(k in sa and _key(sa[k]) == _key(v) for k, v in sb.items()):
+            return True
+        if set(sb) == {"type"} and "type" in sa:
+            ta = {sa["type"]} if isinstance(sa["type"], str) else set(sa["type"])
+            tb = {sb["type"]} if isinstance(sb["type"], str) else set(sb["type"])
+            if "number" in tb:
+                tb.add("integer")
+            if ta <= tb:
+                return True
+            if not (ta & tb) and not ("number" in ta and "integer" in tb):
+                return False
+    return None
 
 
 def plan_object(schema: dict, *, declared: dict[str, Any], addl: Any, base_types: list[str],
@@ -236,6 +264,13 @@ def plan_object(schema: dict, *, declared: dict[str, Any], addl: Any, base_types
     one schema for "a and b" or None. Raises NotPresenceOnly when the combinators assert
     something else.
     """
+    def deref(x: Any) -> Any:
+        for _ in range(8):
+            if not (isinstance(x, dict) and set(_strip(x)) == {"$ref"}):
+                break
+            x = resolve(x["$ref"])
+        return x
+
     an = _Analysis(resolve)
     formula = {k: schema[k] for k in COMBINATORS if k in schema}
     an.collect(formula)
@@ -249,7 +284,7 @@ def plan_object(schema: dict, *, declared: dict[str, Any], addl: Any, base_types
     cells: dict[str, list[Cell]] = {}
     for p in props:
         base = declared.get(p, addl)
-        cells[p] = [] if base is False else _cells(base, an.tests[p], merge)
+        cells[p] = [] if base is False else _cells(base, an.tests[p], merge, deref)
     n = 1
     for p in props:
         n *= len(cells[p]) + 1

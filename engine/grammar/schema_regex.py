@@ -175,12 +175,11 @@ def _node(schema: Any, ctx: _Ctx, path: str) -> str | None:
         if not isinstance(branches, list) or not branches:
             raise GrammarCompileError(f"{key} at {path or '/'} must be a non-empty array")
         rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
-        if key == "oneOf" and not _disjoint(branches, ctx):
+        merged = [_merge(_deref(br, ctx), rest, ctx, f"{path}/{key}/{i}") if any(k in ASSERTIONS for k in rest)
+                  else _deref(br, ctx) for i, br in enumerate(branches)]
+        if key == "oneOf" and not _disjoint(merged, ctx):
             ctx.refuse(path, "oneOf", "branches may overlap; only provably exclusive branches are enforced")
-        for i, br in enumerate(branches):
-            br = _deref(br, ctx)
-            if any(k in ASSERTIONS for k in rest):
-                br = _merge(br, rest, ctx, f"{path}/{key}/{i}")
+        for i, br in enumerate(merged):
             parts.append(_node(br, ctx, f"{path}/{key}/{i}"))
         return alt(parts)
 
@@ -213,6 +212,13 @@ def _presence(schema: dict, ctx: _Ctx, path: str) -> Any:
     keys = [k for k in COMBINATORS if k in schema]
     if not keys or set(keys) <= {"anyOf"} or "$ref" in schema or "const" in schema or "enum" in schema:
         return _NOT_PLANNED
+    if set(keys) == {"oneOf"} and isinstance(schema["oneOf"], list):
+        # exclusive branches (types, discriminators): plain alternation, each branch in its own order
+        scratch = _Ctx(ctx.root, True, 0, 0)
+        rest = {k: v for k, v in schema.items() if k != "oneOf"}
+        merged = [_merge(_deref(b, ctx), rest, scratch, path) for b in schema["oneOf"]]
+        if not scratch.problems and _disjoint(merged, ctx):
+            return _NOT_PLANNED
     if set(keys) == {"allOf"}:
         scratch = _Ctx(ctx.root, True, 0, 0)
         merged = _merge_all_of(schema, scratch, path)
