@@ -5,8 +5,12 @@
    instance (compact JSON) and reject every invalid one. Instances are tried as written and
    with object keys in the schema's property order (the grammar emits declared properties in
    that order); an invalid instance counts as wrongly accepted if either form is accepted.
+   When xgrammar / llguidance are installed (optional, see grammar_peers), each is scored the
+   same way with its own compiler and matcher on the same instances, side by side, and a
+   summary compares exact counts per subset against the issue's targets.
 2. Speed on the embedded model's tokenizer: compile time cold / cached (memory) / disk,
-   mask time per token along the tokens of valid instances.
+   mask time per token along the tokens of valid instances; side by side with the peers on
+   the same schemas and token sequences.
 3. End to end on the embedded model: BFCL simple prompts with their tool's parameter schema:
    share that parses and validates, decode ms/token constrained vs not, wall time with
    jump-forward vs without, share of forced tokens.
@@ -393,8 +397,9 @@ def _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out):  # noqa
 
 def print_speed_side_by_side(side: dict, out=sys.stdout) -> None:  # noqa: ANN001
     """The token-level table, one row per engine: same schemas, same token sequences."""
-    print("\nside by side, same schemas and tokens (mask before every token, no jump-forward; 'again' = "
-          "the same schema compiled a second time: ours and xgrammar from their caches, llguidance has none):",
+    print("\nside by side, same schemas and tokens (mask before every token, no jump-forward; 'tokens' = "
+          "those of the valid instances each engine accepts; 'again' = the same schema compiled a second "
+          "time: ours and xgrammar from their caches, llguidance has none and compiles lazily, during masks):",
           file=out)
     print(f"{'subset':<15}{'engine':<12}{'n':>4}{'cold p50':>10}{'p95 ms':>8}{'again p50':>11}{'p95 ms':>8}"
           f"{'mask p50':>10}{'p99 us':>8}{'tokens':>8}", file=out)
