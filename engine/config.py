@@ -33,7 +33,9 @@ class EngineConfig:
     prefill_int8: with ``quantization``, prefill chunks (> 16 rows) run dynamic int8 W8A8 linears
       (FBGEMM, SmoothQuant-calibrated at load) instead of the dense weights: faster prefill on x86,
       at an accuracy cost (SmolLM2-135M: ~0.85-0.9 teacher-forced top-1 agreement with fp32); off by default.
-    compile: wrap the model's forward in ``torch.compile`` (slow first steps; off by default).
+    compile: run decode-only steps through ``torch.compile`` (inductor) of `LlamaModel.decode_graph`;
+      prefill chunks stay eager. The first steps pay the compile (minutes on a small CPU; cached on
+      disk by inductor for the next process); off by default.
     num_threads: torch intra-op threads (None = leave torch's setting alone).
     """
 

@@ -25,6 +25,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Default KV pool budget when num_kv_blocks is None (at least one max_model_len sequence).
 _KV_BUDGET_BYTES = 1 << 30
 _DEFAULT_MAX_LEN_CAP = 8192
+# the compiled decode step attends to contexts padded to a multiple of this many tokens
+_GRAPH_BUCKET = 128
 
 
 def _consecutive(block_table: list[int], num_tokens: int, block_size: int) -> bool:
@@ -126,13 +128,12 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}  # request id -> its output text so far
         self._arange_bs = torch.arange(bs, device=self.device)
         self._forward = self.model.forward
-        self._decode_forward = self.model.decode_forward
-        # attention reads consecutive slots as views of the cache (a compiled graph wants tensors)
-        self._kv_views = not config.compile
+        self._kv_views = True  # attention reads consecutive slots as views of the cache
+        self._decode_graph = None
         if config.compile:
-            # only the decode-only step is compiled: its shapes vary in two sizes (batch, context)
-            self.model.rope_real = True
-            self._decode_forward = torch.compile(self.model.decode_forward, dynamic=True)
+            # only decode-only steps are compiled (prefill chunks run eager): a pure function of the
+            # batch and the bucketed context length, so a few compiled shapes serve every step
+            self._decode_graph = torch.compile(self.model.decode_graph, dynamic=True)
 
     def _quantize(self, mode: str) -> None:
         """Weight-only quantize the decoder linears (``mode``) and the lm_head (int8).
@@ -270,11 +271,15 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan is None or not plan.entries:
             return outputs
-        input_ids, positions, meta, rows, to_sample = self._prepare(plan.entries)
-        if not meta.prefills and not isinstance(meta.decode_slots, slice):
-            hidden = self._decode_forward(input_ids, positions, meta.slot_mapping, meta.decode_slots,
-                                          meta.decode_mask, self.kv.k, self.kv.v)  # [B, H]
+        if self._decode_graph is not None and all(n == 1 for _, n in plan.entries):
+            input_ids, positions, slot_mapping, kv_slots, kv_mask, to_sample = self._prepare_graph(plan.entries)
+            hidden, k_new, v_new = self._decode_graph(input_ids, positions, kv_slots, kv_mask,
+                                                      self.kv.k, self.kv.v)  # [B, H], [layers, B, nkv, hd]
+            self.kv.k[:, slot_mapping] = k_new  # every layer's new K/V in one write each
+            self.kv.v[:, slot_mapping] = v_new
+            rows = None
         else:
+            input_ids, positions, meta, rows, to_sample = self._prepare(plan.entries)
             hidden = self._forward(input_ids, positions, meta, self.kv.k, self.kv.v)  # [T, H]
         if to_sample:
             logits = self.model.compute_logits(hidden if rows is None else hidden[rows])  # [N, V] float32
@@ -350,6 +355,26 @@ class LLMEngine:
         positions = torch.tensor(pos, device=dev)
         row_t = None if rows == list(range(t)) else torch.tensor(rows, device=dev)
         return input_ids, positions, meta, row_t, to_sample
+
+    def _prepare_graph(self, entries: list[tuple[Sequence, int]]):
+        """Inputs of the compiled decode step (`LlamaModel.decode_graph`) for one-token entries:
+        input_ids, positions, slot_mapping [B], kv_slots [B, Lp] (each sequence's earlier tokens,
+        Lp rounded up to a multiple of ``_GRAPH_BUCKET`` so compiled shapes repeat),
+        kv_mask [B, 1, 1, Lp + 1] and the sequences (all sampled)."""
+        bs, dev = self.config.block_size, self.device
+        seqs = [seq for seq, _ in entries]
+        pos = [seq.num_computed_tokens for seq in seqs]  # = earlier tokens of each
+        lp = -(-max(max(pos), 1) // _GRAPH_BUCKET) * _GRAPH_BUCKET
+        kv_slots = torch.zeros(len(seqs), lp, dtype=torch.long, device=dev)
+        for b, (seq, p) in enumerate(zip(seqs, pos)):
+            if p:
+                kv_slots[b, :p] = self._slots(seq.block_table, p)
+        p_t = torch.tensor(pos, device=dev)
+        kv_mask = torch.arange(lp + 1, device=dev)[None, :] < p_t[:, None]  # [B, Lp + 1]
+        kv_mask[:, lp] = True  # the new token itself
+        slot_mapping = torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)], device=dev)
+        input_ids = torch.tensor([s.token_ids[p] for s, p in zip(seqs, pos)], device=dev)
+        return input_ids, p_t, slot_mapping, kv_slots, kv_mask[:, None, None, :], seqs
 
     def _slots(self, block_table: list[int], end: int) -> torch.Tensor:
         """[end] cache slots of a sequence's tokens 0..end-1."""

@@ -100,6 +100,13 @@ def _interleave_heads(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.reshape(-1, head_dim, *shape[1:])[:, perm].reshape(shape)
 
 
+def _rope_real(pairs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on adjacent pairs [..., d/2, 2] as real arithmetic (the complex multiply written out,
+    which torch.compile can generate code for); cos/sin broadcast to [..., d/2]."""
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+
+
 class DecodeQuantLinear(nn.Module):
     """A linear that keeps its dense weight for prefill and a weight-only quantized copy for decode.
 
@@ -243,8 +250,7 @@ class LlamaModel(nn.Module):
             # RoPE on q and k at once, as one complex multiply (rows are in interleaved pair order)
             pairs = qk.view(T, nh + nkv, hd // 2, 2)
             if self.rope_real:
-                x0, x1 = pairs[..., 0], pairs[..., 1]
-                qk = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+                qk = _rope_real(pairs, cos, sin)
             else:
                 qk = torch.view_as_real(torch.view_as_complex(pairs) * cis)
             qk = qk.flatten(2) if fp32 else qk.flatten(2).to(x.dtype)  # [T, nh + nkv, hd]
@@ -261,14 +267,43 @@ class LlamaModel(nn.Module):
             x.add_(layer.down_proj(F.silu(g).mul_(u)))  # silu allocates a contiguous [T, I]; mul in place
         return F.rms_norm(x, hsz, self.norm, self._eps)
 
-    def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                       decode_slots: torch.Tensor, decode_mask: torch.Tensor | None,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """`forward` for a step of one-token sequences only, with plain tensor arguments (the form
-        ``torch.compile`` traces well). Returns hidden states [B, H]."""
-        meta = AttnMetadata(slot_mapping=slot_mapping, num_decode=input_ids.shape[0],
-                            decode_slots=decode_slots, decode_mask=decode_mask)
-        return self.forward(input_ids, positions, meta, k_cache, v_cache)
+    def decode_graph(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
+                     kv_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A step of B one-token sequences as a pure function, the form ``torch.compile`` turns into a
+        few fused kernels: it does not write the cache (a graph that mutates a view of a graph input
+        may copy the whole pool back); it returns the new keys/values for the caller to write, one op
+        for all layers, and attends to the gathered earlier tokens plus the new token.
+
+        input_ids, positions: [B]; kv_slots: [B, Lp] slots of each sequence's earlier tokens (padded,
+        Lp bucketed so shapes repeat); kv_mask: [B, 1, 1, Lp + 1] bool, True = attend (the last column
+        is the new token); k_cache/v_cache: [layers, slots, n_kv, head_dim], read only.
+        Returns hidden [B, H] and the new k, v [layers, B, n_kv, head_dim]."""
+        a = self.args
+        B = input_ids.shape[0]
+        nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
+        hsz = (a.hidden_size,)
+        x = self.embed_tokens(input_ids)  # [B, H]
+        cos = self.rope_cos[positions].unsqueeze(1)  # [B, 1, hd/2]
+        sin = self.rope_sin[positions].unsqueeze(1)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, hsz, layer.input_layernorm, self._eps)
+            qkv = layer.qkv_proj(h)  # [B, (nh + 2 nkv) hd]
+            pairs = qkv[:, : self._qk_dim].float().view(B, nh + nkv, hd // 2, 2)
+            qk = _rope_real(pairs, cos, sin).flatten(2).to(x.dtype)  # [B, nh + nkv, hd]
+            q, k = qk[:, :nh], qk[:, nh:]  # [B, nh, hd], [B, nkv, hd]
+            v = qkv[:, self._qk_dim:].view(B, nkv, hd)
+            ks.append(k)
+            vs.append(v)
+            kd = torch.cat([k_cache[i][kv_slots], k.unsqueeze(1)], dim=1).transpose(1, 2)  # [B, nkv, Lp+1, hd]
+            vd = torch.cat([v_cache[i][kv_slots], v.unsqueeze(1)], dim=1).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=kv_mask, enable_gqa=True)
+            x = x + layer.o_proj(o.reshape(B, nh * hd))
+            h = F.rms_norm(x, hsz, layer.post_attention_layernorm, self._eps)
+            g, u = layer.gate_up_proj(h).chunk(2, dim=-1)  # [B, I] each
+            x = x + layer.down_proj(F.silu(g) * u)
+        return F.rms_norm(x, hsz, self.norm, self._eps), torch.stack(ks), torch.stack(vs)
 
     def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         T, nh, hd = q.shape
