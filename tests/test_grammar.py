@@ -36,7 +36,8 @@ def automaton(schema: dict) -> ByteAutomaton:
     ({"type": "string", "minLength": 2, "maxLength": 3}, ["ab", "abc", "a\nb", "é\"x"], ["a", "abcd", 3]),
     ({"type": "string", "pattern": "^[a-z]+\\d{2}$"}, ["ab12"], ["ab1", "AB12", "ab123", "ab٣٣"]),
     ({"type": "string", "pattern": "cat"}, ["a cat!", "cat"], ["ca t", "dog"]),
-    ({"type": "string", "format": "date"}, ["2024-02-28", "1999-12-31"], ["2024-02-30", "2024-13-01", "24-01-01"]),
+    ({"type": "string", "format": "date"}, ["2024-02-28", "1999-12-31", "2024-02-29", "2000-02-29"],
+     ["2024-02-30", "2024-13-01", "24-01-01", "2023-02-29", "1900-02-29", "0000-01-01"]),
     ({"type": "string", "format": "uuid"}, ["123e4567-e89b-12d3-a456-426614174000"], ["123e4567"]),
     ({"enum": ["a", 1, None, {"k": [1]}]}, ["a", 1, None, {"k": [1]}], ["b", 2, {"k": [2]}]),
     ({"type": ["string", "null"], "maxLength": 1}, ["", "x", None], ["xy", 0]),
@@ -174,6 +175,12 @@ _AREA = {"type": "object", "properties": {"radius": _DIMS, "length": _DIMS, "wid
     # integer multipleOf: by last digits (k = 2^a 5^b) or listed within bounds; a number becomes an integer
     ({"type": "integer", "multipleOf": 4}, [0, 8, -12, 100, 1016], [2, 10, -6, 1.5]),
     ({"type": "number", "multipleOf": 3, "minimum": 1, "maximum": 10}, [3, 6, 9], [0, 1, 12, 4.5]),
+    # 1.0 is an integer (draft 6 on); not under draft-04
+    ({"type": "integer", "maximum": 3}, [1, 1.0, -2, 3.0], [1.5, 4, 4.0, "1"]),
+    ({"$schema": "http://json-schema.org/draft-04/schema#", "type": "integer"}, [1, -2], [1.0, 1.5]),
+    # minProperties / maxProperties over optional properties
+    ({**_AREA, "minProperties": 2, "maxProperties": 2}, [{"radius": 1, "width": 2}, {"length": 1, "width": 1}],
+     [{}, {"radius": 1}, {"radius": 1, "length": 1, "width": 1}]),
     # a format JSON Schema does not define is an annotation (validators ignore it)
     ({"type": "string", "format": "binary"}, ["", "QUJD"], [1]),
 ])

@@ -256,13 +256,13 @@ def _relation(a: Any, b: Any) -> bool | None:
 
 def plan_object(schema: dict, *, declared: dict[str, Any], addl: Any, base_types: list[str],
                 resolve: Callable[[str], Any], merge: Callable[[Any, Any], Any],
-                max_worlds: int = 4096) -> Plan:
+                max_worlds: int = 4096, count: tuple[int, int | None] | None = None) -> Plan:
     """The allowed worlds of the object ``schema`` (its combinator keywords are the formula).
 
     ``declared``: the base properties (name -> schema), ``addl``: additionalProperties (the
     schema of mentioned-but-undeclared properties; False = they must be absent), ``merge(a, b)``:
-    one schema for "a and b" or None. Raises NotPresenceOnly when the combinators assert
-    something else.
+    one schema for "a and b" or None; ``count``: (minProperties, maxProperties) to enforce over
+    every property. Raises NotPresenceOnly when the combinators assert something else.
     """
     def deref(x: Any) -> Any:
         for _ in range(8):
@@ -275,7 +275,7 @@ def plan_object(schema: dict, *, declared: dict[str, Any], addl: Any, base_types
     formula = {k: schema[k] for k in COMBINATORS if k in schema}
     an.collect(formula)
     required = {p for p in schema.get("required", []) if isinstance(p, str)}
-    if an.closed:  # whether a branch's additionalProperties: false holds depends on every property
+    if an.closed or count:  # additionalProperties: false / a property count depend on every property
         for p in declared:
             an.mention(p)
         for p in required:
@@ -294,6 +294,9 @@ def plan_object(schema: dict, *, declared: dict[str, Any], addl: Any, base_types
     choices = [([] if p in required else [None]) + list(range(len(cells[p]))) for p in props]
     for combo in itertools.product(*choices):
         world = {p: (None if c is None else cells[p][c]) for p, c in zip(props, combo)}
+        present = sum(c is not None for c in combo)
+        if count and (present < count[0] or (count[1] is not None and present > count[1])):
+            continue
         if an.holds(formula, world, "object"):
             worlds.add(combo)
     others = [t for t in base_types if t != "object" and an.holds(formula, None, t)]

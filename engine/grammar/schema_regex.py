@@ -12,7 +12,9 @@ invalid ones):
 - unconstrained values (``{}``, ``true``, arrays without ``items``) nest at most
   ``max_any_depth`` (default 1) containers deep: the DFA of deeper "any JSON" grows
   too fast to build (depth 2 is ~30x depth 1, depth 3 ~50x more); recursive ``$ref`` unrolls ``max_ref_depth`` levels;
-- date formats reject Feb 29 (a leap day needs arithmetic a regex should not carry).
+- keys an object may have beyond its declared properties (additionalProperties,
+  patternProperties) are generated only in the simple cases; property-presence combinators
+  (see object_presence) offer only the value cells they can express.
 
 outlines-core's own ``build_regex_from_schema`` is not used for this because it silently
 ignores or mis-handles keywords (``allOf`` concatenates, ``oneOf`` = ``anyOf``, ``pattern``
@@ -69,6 +71,9 @@ class _Ctx:
         self.max_any_depth = max_any_depth
         self.problems: list[str] = []
         self.ref_depth: dict[str, int] = {}
+        # draft 6 on: 1.0 is an integer; drafts 3/4 said no
+        dialect = str(root.get("$schema", "")) if isinstance(root, dict) else ""
+        self.float_ints = not any(d in dialect for d in ("draft-03", "draft-04"))
 
     def refuse(self, path: str, keyword: str, why: str = "") -> None:
         self.problems.append(f"{keyword} at {path or '/'}" + (f" ({why})" if why else ""))
@@ -206,11 +211,28 @@ _REFUSED = ("not", "if", "then", "else", "dependentSchemas", "dependencies", "de
             "contains", "maxContains", "minContains", "$dynamicRef", "$recursiveRef")
 
 
+def _count_limits(schema: dict, path: str) -> tuple[int, int | None] | None:
+    """(minProperties, maxProperties) when they say more than the declared/required properties do
+    (then every property's presence is planned); None otherwise."""
+    props = schema.get("properties")
+    if not isinstance(props, dict) or not props:
+        return None
+    required = [r for r in schema.get("required", []) if isinstance(r, str)] if isinstance(schema.get("required"), list) else []
+    mn = _nonneg_int(schema, "minProperties", path, 0) or 0
+    mx = _nonneg_int(schema, "maxProperties", path, None)
+    n_all = len(set(props) | set(required))
+    if mn > len(set(required)) or (mx is not None and mx < n_all):
+        return mn, mx
+    return None
+
+
 def _presence(schema: dict, ctx: _Ctx, path: str) -> Any:
     """An object schema whose combinators only constrain property presence / enum values:
     exact via object_presence (oneOf, not, dependencies...); _NOT_PLANNED when it does not apply."""
     keys = [k for k in COMBINATORS if k in schema]
-    if not keys or set(keys) <= {"anyOf"} or "$ref" in schema or "const" in schema or "enum" in schema:
+    count = _count_limits(schema, path)
+    if ((not keys and count is None) or (keys and set(keys) <= {"anyOf"})
+            or "$ref" in schema or "const" in schema or "enum" in schema):
         return _NOT_PLANNED
     if set(keys) == {"oneOf"} and isinstance(schema["oneOf"], list):
         # exclusive branches (types, discriminators): plain alternation, each branch in its own order
@@ -247,7 +269,7 @@ def _presence(schema: dict, ctx: _Ctx, path: str) -> Any:
 
     try:
         plan = plan_object(schema, declared=props, addl=base.get("additionalProperties", True),
-                           base_types=types, resolve=resolve, merge=merge)
+                           base_types=types, resolve=resolve, merge=merge, count=count)
     except NotPresenceOnly:
         return _NOT_PLANNED
     parts = [_object(base, ctx, path, plan)] if "object" in types else []
@@ -516,6 +538,14 @@ def _int_multiple(schema: dict, path: str) -> int | None:
 
 
 def _integer(schema: dict, ctx: _Ctx, path: str) -> str | None:
+    """Integers; also written with a zero fraction ("1.0" is an integer in JSON Schema)."""
+    r = _integer_digits(schema, ctx, path)
+    if r is None or not ctx.float_ints:
+        return r
+    return f"(?:{r})" + r"(?:\.0+)?"
+
+
+def _integer_digits(schema: dict, ctx: _Ctx, path: str) -> str | None:
     import math
 
     k = _int_multiple(schema, path)
@@ -703,9 +733,10 @@ def _object(schema: dict, ctx: _Ctx, path: str, plan: Plan | None = None) -> str
             entries.append(planned(name))
     n_req = sum(1 for e in entries if e[2]) + (min((sum(x is not None for x in w) for w in plan.worlds), default=0)
                                                 if plan else 0)
-    if mn > n_req:
+    counted = plan is not None and _count_limits(schema, path) is not None
+    if mn > n_req and not counted:
         ctx.refuse(path, "minProperties", "more than the required properties")
-    if mx is not None and mx < len(entries):
+    if mx is not None and mx < len(entries) and not counted:
         ctx.refuse(path, "maxProperties", "fewer than the declared properties")
     worlds = frozenset(plan.worlds) if plan else frozenset({()})
     return seq(r"\{", _object_body(entries, worlds), r"\}")
