@@ -155,11 +155,15 @@ def test_agent_run_plain_and_streamed(server):
 def test_bad_inputs_are_4xx(server, client):
     _, url = server
     with httpx.Client(base_url=url, timeout=120) as c:
+        tags = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"},
+                                                          "uniqueItems": True}}}
         r = c.post("/v1/chat/completions", json={"messages": ASK, "response_format": {
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {
-                "type": "object", "patternProperties": {"^a": {"type": "string"}}}}}})
+            "type": "json_schema", "json_schema": {"name": "x", "schema": tags}}})
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_schema"
-        assert "patternProperties" in r.json()["error"]["message"]
+        assert "uniqueItems" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 2, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": WEATHER["function"]["parameters"]}}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # no complete value fits
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 9000}]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         r = c.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 10**6})

@@ -14,6 +14,7 @@ def client(llm) -> TestClient:
 
 def test_engine_input_errors_become_400():
     from agentrt.engine import ContextOverflowError
+    from agentrt.engine.grammar.budget import BudgetError
     from agentrt.engine.grammar.errors import UnsupportedSchemaError
 
     exc = UnsupportedSchemaError(["patternProperties at /properties/x"])
@@ -22,6 +23,10 @@ def test_engine_input_errors_become_400():
             err = assert_error(c.post("/v1/chat/completions", json={"messages": USER, "stream": stream,
                                                                     "response_format": {"type": "json_object"}}), 400)
             assert err["code"] == "unsupported_schema" and "patternProperties" in err["message"]
+    with client(RaisingLLM(BudgetError("max_tokens=2 is below the 7 tokens the schema needs"))) as c:
+        err = assert_error(c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2,
+                                                                "response_format": {"type": "json_object"}}), 400)
+        assert err["param"] == "max_tokens" and "below the 7 tokens" in err["message"]
     with client(RaisingLLM(ContextOverflowError("prompt of 9000 tokens over 8192"))) as c:
         err = assert_error(c.post("/v1/chat/completions", json={"messages": USER}), 400)
         assert err["code"] == "context_length_exceeded"

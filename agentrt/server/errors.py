@@ -53,6 +53,12 @@ def known_llm_error(exc: BaseException) -> APIError | None:
     except ImportError:  # grammar not built: nothing of it can be raised either
         GrammarCompileError = UnsupportedSchemaError = None  # type: ignore[assignment,misc]
     try:
+        from agentrt.engine.grammar.budget import BudgetError
+    except ImportError:
+        BudgetError = None  # type: ignore[assignment,misc]
+    if BudgetError is not None and isinstance(exc, BudgetError):  # before its base, GrammarCompileError
+        return APIError(400, f"{exc}. Raise max_tokens.", param="max_tokens", code="invalid_value")
+    try:
         from agentrt.engine import ContextOverflowError
     except ImportError:
         ContextOverflowError = None  # type: ignore[assignment,misc]
