@@ -397,7 +397,11 @@ class LLMEngine:
                     seq.error, seq.finish_reason = exc, "abort"
                     continue
             live.append(i)
-        tokens = sample(logits[live], [seqs[i].params for i in live], [seqs[i].generator for i in live]) if live else []
+        if live:
+            rows = logits if len(live) == len(seqs) else logits[live]  # no [N, V] copy in the common case
+            tokens = sample(rows, [seqs[i].params for i in live], [seqs[i].generator for i in live])
+        else:
+            tokens = []
         picked = dict(zip(live, tokens))
         for i, seq in enumerate(seqs):
             if seq.first_token_time is None:
