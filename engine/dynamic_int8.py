@@ -87,7 +87,9 @@ class DynamicInt8Linear(nn.Module):
             x2 = x2 * self.inv_smooth
         if self.per_row:
             s = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)         # [M, 1]
-            y = torch.ops.quantized.linear_dynamic(x2 / s, self._packed, self.reduce_range)  # [M, N]
+            # x2 is our own temporary after smoothing: divide it in place
+            xs = x2.div_(s) if self.inv_smooth is not None else x2 / s
+            y = torch.ops.quantized.linear_dynamic(xs, self._packed, self.reduce_range)  # [M, N]
             y.mul_(s)
         else:
             y = torch.ops.quantized.linear_dynamic(x2, self._packed, self.reduce_range)
