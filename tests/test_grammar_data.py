@@ -52,6 +52,27 @@ def test_no_wrong_acceptance(subset):
             assert len(compiled) == len(results)
 
 
+def test_glaive_combinators_compile_exactly():
+    """Glaiveai2K's oneOf / not / dependencies / allOf schemas (refused before issue 3): each one with
+    instances compiles and is exact; the ones nothing satisfies are named as such."""
+    import json
+
+    from agentrt.engine.grammar import schema_to_regex
+    from agentrt.engine.grammar.errors import UnsatisfiableSchemaError
+
+    keys = ('"oneOf"', '"not"', '"dependencies"', '"allOf"')
+    cases = [c for c in load_subset("Glaiveai2K") if any(k in json.dumps(c["schema"]) for k in keys)]
+    assert len(cases) >= 50
+    with_tests = [c for c in cases if c["tests"]][:12]
+    results = [check_schema(c, timeout_s=10.0) for c in with_tests]
+    assert all(r.status == "exact" for r in results), [(r.id, r.status, r.refused, r.error) for r in results]
+    for c in cases:  # the rest at least compile to a regex, or are proven unsatisfiable
+        try:
+            schema_to_regex(c["schema"])
+        except UnsatisfiableSchemaError:
+            assert not any(t["valid"] for t in c["tests"]), c["id"]
+
+
 def test_token_level_matcher_agrees_on_a_sample(tmp_path):
     """Through the real tokenizer and matcher: valid instances' tokens are accepted, invalid rejected."""
     tok = smollm2_tokenizer()
