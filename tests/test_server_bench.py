@@ -49,6 +49,7 @@ class FakeHTTP:
     (200, {"status": "error", "error": "cut at max_tokens",
            "steps": [{"ttft_s": 0.1, "finish_reason": "length", "error": "unterminated string"}]}, "run", "error"),
     (200, {"status": "completed", "steps": []}, "run", "completed"),
+    (200, {"status": "budget_exceeded", "error": "run time limit", "steps": [{"ttft_s": 9.0}]}, "run", "budget_exceeded"),
     (429, {"error": {"message": "busy"}}, "http", ""),
 ])
 def test_agent_job_tells_http_errors_from_failed_runs(status, body, failure, outcome):

@@ -117,8 +117,8 @@ def serve_process(extra: list[str], timeout_s: float) -> Iterator[tuple[str, sub
 @dataclass
 class Sample:
     """One request of the load. ``failure`` is "" (served), "http" (no usable HTTP answer:
-    a status other than 200, a transport error, a broken stream), "run" (an agent run whose
-    status is error) or "output" (a 200 whose tool call or JSON does not parse/validate).
+    a status other than 200, a transport error, a broken stream), "run" (an agent run that
+    failed: status error, or stopped by the server's run time limit: budget_exceeded / cancelled) or "output" (a 200 whose tool call or JSON does not parse/validate).
     ``outcome`` is the run's status or the chat's finish_reason."""
 
     kind: str
@@ -150,7 +150,7 @@ async def agent_job(http: Any, i: int, max_steps: int) -> Sample:
         body = r.json()
         status, steps = body["status"], body["steps"]
         ttft = [s["ttft_s"] for s in steps]
-        if status == "error" or not steps:
+        if status in FAILED_RUN or not steps:
             last = steps[-1] if steps else {}
             why = f"finish_reason {last.get('finish_reason')}, step error {last.get('error')!r}" if last else "no step"
             return Sample("agent", "run", latency, ttft, f"run status {status}: {body.get('error')} ({why})",
@@ -257,6 +257,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 FAILURES = {"http": "http_errors", "run": "agent_run_errors", "output": "invalid_outputs"}
+FAILED_RUN = ("error", "budget_exceeded", "cancelled")  # max_steps is an outcome: the model did not answer in time
 
 
 def _failures(group: list[Sample]) -> dict[str, int]:
@@ -308,7 +309,7 @@ def _metrics(url: str, name: str) -> dict[str, float]:
 def _print_phase(title: str, res: dict[str, Any]) -> None:
     print(f"\n== {title}", flush=True)
     print(f"requests {res['requests']} in {res['wall_s']} s: {res['requests_per_s']} req/s, errors {res['errors']} "
-          f"(HTTP/transport {res['http_errors']}, agent runs with status error {res['agent_run_errors']}, "
+          f"(HTTP/transport {res['http_errors']}, failed agent runs {res['agent_run_errors']}, "
           f"invalid outputs {res['invalid_outputs']})")
     for kind in ("agent", "chat"):
         if kind in res:
