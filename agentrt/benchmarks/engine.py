@@ -29,11 +29,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-SETTINGS = {  # name -> (dtype, quantization)
+SETTINGS = {  # name -> (dtype, quantization[, prefill_int8])
     "fp32": ("float32", None),
     "bf16": ("bfloat16", None),
     "int8": ("bfloat16", "int8"),
     "int4": ("bfloat16", "int4"),
+    # int8 decode, dynamic int8 (W8A8) prefill chunks; float32 elsewhere (no native bf16 on most CPUs)
+    "int8-w8a8": ("float32", "int8", True),
 }
 _TEXT = ("An agent answers questions by calling tools. It reads the tool specs, decides which tool "
          "to call with which arguments, reads the result and either calls another tool or answers. "
@@ -186,12 +188,13 @@ def _peak_rss_mb() -> float:
 def _engine(loaded: Any, setting: str, threads: int, sizes: Sizes, *, caching: bool, compile: bool = False) -> Any:
     from agentrt.engine import EngineConfig, LLMEngine
 
-    dtype, quant = SETTINGS[setting]
+    dtype, quant, *w8a8 = SETTINGS[setting]
     max_len = max(sizes.prefill, sizes.ttft_prompt) + sizes.decode + sizes.greedy_tokens + 64
     need = sizes.concurrency * (max_len + 16)
     # 64 sequences at once lets the many-short-requests check fill 512-token steps
-    cfg = EngineConfig(dtype=dtype, quantization=quant, num_threads=threads, enable_prefix_caching=caching,
-                       max_model_len=max_len, num_kv_blocks=-(-need // 16) + 8, compile=compile, max_num_seqs=64)
+    cfg = EngineConfig(dtype=dtype, quantization=quant, prefill_int8=bool(w8a8 and w8a8[0]), num_threads=threads,
+                       enable_prefix_caching=caching, max_model_len=max_len, num_kv_blocks=-(-need // 16) + 8,
+                       compile=compile, max_num_seqs=64)
     return LLMEngine(cfg, loaded=loaded)
 
 
