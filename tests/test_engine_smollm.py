@@ -92,3 +92,18 @@ def test_weight_only_quantization_accuracy(engine_fp32, mode, min_agree):
     diff = (a - b).abs().max().item()
     print(f"{mode}: top-1 agreement {agree:.3f}, max abs logit diff {diff:.2f}")
     assert agree >= min_agree, f"{mode} top-1 agreement with fp32 only {agree:.2f} (max logit diff {diff:.2f})"
+
+
+def test_incremental_detokenization_equals_full_decode_on_the_real_tokenizer(engine_fp32):
+    """Token by token, the engine's incremental text is always a clean prefix of one full decode and ends
+    equal to it (byte-level BPE: accents, CJK and emoji are split over several tokens)."""
+    from agentrt.engine.detokenize import IncrementalDetokenizer
+
+    tok = engine_fp32.tokenizer
+    ids = tok("Naïve café — 日本語のテキスト 🙂🚀 done.\n<|im_end|> x").input_ids
+    d = IncrementalDetokenizer(tok)
+    for n in range(1, len(ids) + 1):
+        full = tok.decode(ids[:n], skip_special_tokens=False)
+        text = d.update(ids[:n])
+        assert full.startswith(text) and "\ufffd" not in text
+    assert d.flush(ids) == tok.decode(ids, skip_special_tokens=False)
