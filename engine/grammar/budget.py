@@ -67,7 +67,7 @@ class TokenDistances:
         self.grammar = grammar
         self.dense: dict[int, int] = {}  # automaton state -> row in ``dist``
         self.dist = np.zeros(1, dtype=np.int32)  # [num_states + 1]; the last row is "unknown" (INF)
-        self.max_finite = 0  # largest finite distance: a budget above it never needs a tight mask
+        self.max_dist = 0  # largest distance of any state (INF if one is unknown): a budget above it is never tight
         self.complete = False  # False when the search was skipped (too many states)
         self._succ: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._build()
@@ -113,8 +113,7 @@ class TokenDistances:
                     dist[i] = d
                     frontier.append(i)
         self.dense, self.dist, self.complete = dense, dist, True
-        finite = dist[dist < INF]
-        self.max_finite = int(finite.max()) if finite.size else 0
+        self.max_dist = int(dist[:-1].max())
 
     # -- queries ------------------------------------------------------------------------------
     def of(self, state: int) -> int:

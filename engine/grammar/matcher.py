@@ -57,7 +57,7 @@ class GrammarMatcher:
         if d is None:
             return False
         left = self.max_tokens - self.num_accepted  # type: ignore[operator]
-        return d.max_finite > left - 1 and d.worst_next(self.state) > left - 1
+        return d.max_dist > left - 1 and d.worst_next(self.state) > left - 1
 
     def next_token_mask(self) -> torch.Tensor:
         """Bool [vocab_size]: True where allowed (EOS only where the JSON may end). Read-only."""
