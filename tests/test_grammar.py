@@ -181,6 +181,11 @@ _AREA = {"type": "object", "properties": {"radius": _DIMS, "length": _DIMS, "wid
     # minProperties / maxProperties over optional properties
     ({**_AREA, "minProperties": 2, "maxProperties": 2}, [{"radius": 1, "width": 2}, {"length": 1, "width": 1}],
      [{}, {"radius": 1}, {"radius": 1, "length": 1, "width": 1}]),
+    # unevaluated*: only declared properties / typed items are ever written
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "unevaluatedProperties": False},
+     [{}, {"a": 1}], [{"a": 1, "b": 2}]),
+    ({"type": "array", "prefixItems": [{"type": "integer"}], "unevaluatedItems": {"type": "string"}},
+     [[1], [1, "a", "b"]], [[1, 2], ["a"]]),
     # a format JSON Schema does not define is an annotation (validators ignore it)
     ({"type": "string", "format": "binary"}, ["", "QUJD"], [1]),
 ])
@@ -206,6 +211,7 @@ def test_combinators_refused_by_name_when_not_expressible():
         "oneOf": {"oneOf": [{"type": "integer"}, {"minimum": 2}]},
         "format": {"type": "string", "format": "ipv6"},
         "multipleOf": {"type": "integer", "multipleOf": 7},
+        "unevaluatedProperties": {"allOf": [{"properties": {"a": True}}, {"unevaluatedProperties": False}]},
     }
     for kw, schema in cases.items():
         with pytest.raises(UnsupportedSchemaError, match=kw):

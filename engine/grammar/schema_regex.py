@@ -155,6 +155,7 @@ def _node(schema: Any, ctx: _Ctx, path: str) -> str | None:
     schema = _merge_all_of(schema, ctx, path)
     if not isinstance(schema, dict) or (("const" in schema or "enum" in schema) and not _has_ref(schema)):
         return _node(schema, ctx, path)
+    schema = _unevaluated(schema)
     # Unknown keywords are ignored by validators (annotations), so they are ignored here too.
     for kw in _REFUSED:
         if kw in schema and not _trivial(kw, schema[kw]):
@@ -224,6 +225,28 @@ def _count_limits(schema: dict, path: str) -> tuple[int, int | None] | None:
     if mn > len(set(required)) or (mx is not None and mx < n_all):
         return mn, mx
     return None
+
+
+def _unevaluated(schema: dict) -> dict:
+    """Drop unevaluatedProperties / unevaluatedItems where the grammar only ever writes evaluated
+    ones: objects get only their declared (or additionalProperties-typed) keys, arrays only
+    prefixItems + items. Without ``items`` (and ``contains``), unevaluatedItems types the tail."""
+    if any(k in schema for k in ("anyOf", "oneOf", "$ref", "allOf")):
+        return schema  # handled on each branch / the merged schema
+    out = schema
+    if "unevaluatedProperties" in out:
+        props = out.get("properties")
+        req = out.get("required", [])
+        covered = ("additionalProperties" in out or
+                   (isinstance(props, dict) and props and isinstance(req, list) and all(r in props for r in req)))
+        if covered and not out.get("patternProperties"):
+            out = {k: v for k, v in out.items() if k != "unevaluatedProperties"}
+    if "unevaluatedItems" in out and "contains" not in out:
+        rest = {k: v for k, v in out.items() if k != "unevaluatedItems"}
+        if "items" not in rest:
+            rest["items"] = out["unevaluatedItems"]
+        out = rest
+    return out
 
 
 def _presence(schema: dict, ctx: _Ctx, path: str) -> Any:
@@ -356,6 +379,10 @@ def _merge(a: Any, b: Any, ctx: _Ctx, path: str) -> Any:
         return a
     a = _merge_all_of(a, ctx, path)
     b = _merge_all_of(b, ctx, path)
+    for kw in ("unevaluatedProperties", "unevaluatedItems"):
+        if any(isinstance(x, dict) and kw in x and not _trivial(kw, x[kw]) for x in (a, b)):
+            # which properties/items count as evaluated depends on where each keyword sits
+            ctx.refuse(path, kw, "combined with another subschema")
     out = dict(a)
     va, vb = _values(a), _values(b)
     if va is not None and vb is not None:  # enum/const on both sides: the common values
