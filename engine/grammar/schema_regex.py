@@ -703,6 +703,9 @@ def _object(schema: dict, ctx: _Ctx, path: str, plan: Plan | None = None) -> str
     mn = _nonneg_int(schema, "minProperties", path, 0) or 0
     mx = _nonneg_int(schema, "maxProperties", path, None)
 
+    # free values in an object the schema asks for (type: object) nest max_any_depth deep; in one
+    # that is only allowed (no type: any value) one less, as the object itself counts (DFA size)
+    free_depth = ctx.max_any_depth if "type" in schema else ctx.max_any_depth - 1
     pprops = schema.get("patternProperties") or {}
     if not isinstance(pprops, dict):
         raise GrammarCompileError(f"patternProperties at {path or '/'} must be an object")
@@ -716,7 +719,7 @@ def _object(schema: dict, ctx: _Ctx, path: str, plan: Plan | None = None) -> str
         if pprops:
             pair = _pattern_pairs(pprops, ctx, path)
         else:
-            value = _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(ctx.max_any_depth)
+            value = _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(free_depth)
             pair = seq(STRING, ":", value)
         if pair is None:
             return seq(r"\{", r"\}") if mn == 0 else None
@@ -736,7 +739,7 @@ def _object(schema: dict, ctx: _Ctx, path: str, plan: Plan | None = None) -> str
             return _node(_merge_many(matching, ctx, path), ctx, f"{path}/patternProperties")
         if addl is False:
             return None
-        return _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(ctx.max_any_depth)
+        return _node(addl, ctx, f"{path}/additionalProperties") if addl is not True else any_value(free_depth)
 
     if pprops:  # declared properties whose names a pattern matches must satisfy its schema too
         props = {name: _merge_many([sub, *_matching_patterns(pprops, name, ctx, path)], ctx, path)
