@@ -213,9 +213,8 @@ def _cells(base: Any, tests: dict[str, Any], merge: Callable[[Any, Any], Any],
         check = lambda s, v: jsonschema.Draft202012Validator(s, format_checker=jsonschema.FormatChecker()).is_valid(v)  # noqa: E731
         cells = [Cell({"const": v}, {k: consts[k] if consts[k] is not None else check(tests[k], v) for k in tests})
                  for v in values if check(base, v)]
-        # the base's values outside every enum: offered only when no test needs splitting them
-        if _finite(base) is None and all(_finite(t) is not None for t in open_tests.values()):
-            pass  # "base minus these literals" has no regex here: not offered (narrower)
+        # the base's values outside every listed one ("a string other than these") have no
+        # regex here: not offered (narrower)
         return cells
     known = {q: bool(v) for q, v in consts.items() if v is not None}
     if not open_tests:
