@@ -60,6 +60,16 @@ def test_score_instances_counts_both_kinds_of_error():
     assert (res.wrongly_accepted, res.wrongly_rejected) == (0, 1)
 
 
+def test_a_proven_unsatisfiable_schema_is_an_empty_grammar():
+    none_valid = {"id": "u", "schema": {}, "tests": [{"data": 1, "valid": False}, {"data": "a", "valid": False}]}
+    res = bench.unsatisfiable_result(none_valid)
+    assert (res.status, res.unsatisfiable, res.wrongly_rejected) == ("exact", True, 0)
+    res = bench.unsatisfiable_result(CASE)
+    assert (res.status, res.wrongly_accepted, res.wrongly_rejected) == ("inexact", 0, 2)
+    assert bench.UNSATISFIABLE.search("Unsatisfiable schema: schema is false")
+    assert bench.UNSATISFIABLE.search("RuntimeError: Schema 'false' cannot accept any value")
+
+
 def test_missing_or_unknown_peers_are_reported_not_raised(monkeypatch):
     with pytest.raises(ValueError, match="unknown peer 'outlines'"):
         grammar_peers.load_peers(None, 0, ["outlines"])

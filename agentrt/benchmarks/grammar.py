@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -92,6 +93,14 @@ class SchemaResult:
     error: str = ""
     compile_s: float = 0.0
     examples: list[str] = field(default_factory=list)
+    unsatisfiable: bool = False  # proven to admit no value: scored as a grammar that accepts nothing
+
+
+def unsatisfiable_result(case: dict, compile_s: float = 0.0) -> SchemaResult:
+    """A schema the compiler proved nothing satisfies is an empty grammar: exact when the data has
+    no valid instance, else every valid instance counts as wrongly rejected."""
+    res = SchemaResult(case["id"], "exact", compile_s=compile_s, unsatisfiable=True)
+    return score_instances(case, res, lambda text: False)
 
 
 def instance_forms(case: dict, test: dict) -> set[str] | None:
@@ -124,17 +133,24 @@ def score_instances(case: dict, res: SchemaResult, accepts) -> SchemaResult:  # 
 def check_schema(case: dict, timeout_s: float = 10.0) -> SchemaResult:
     """Compile one schema to our byte-level automaton and test every instance against it."""
     from agentrt.engine.grammar import ByteAutomaton, GrammarCompileError, UnsupportedSchemaError, schema_to_regex
+    from agentrt.engine.grammar.errors import UnsatisfiableSchemaError
 
     t0 = time.perf_counter()
     try:
         regex, _ = schema_to_regex(case["schema"], timeout_s=timeout_s)
         auto = ByteAutomaton(regex, timeout_s=max(0.1, timeout_s - (time.perf_counter() - t0)))
+    except UnsatisfiableSchemaError:
+        return unsatisfiable_result(case, time.perf_counter() - t0)
     except UnsupportedSchemaError as e:
         return SchemaResult(case["id"], "refused", refused=e.keywords)
     except GrammarCompileError as e:
         return SchemaResult(case["id"], "error", error=str(e)[:200])
     res = SchemaResult(case["id"], "exact", compile_s=time.perf_counter() - t0)
     return score_instances(case, res, auto.fullmatch)
+
+
+# how the peers say a schema admits no value (llguidance; xgrammar)
+UNSATISFIABLE = re.compile(r"unsatisfiable|cannot accept any value", re.IGNORECASE)
 
 
 def check_peer(peer, case: dict) -> SchemaResult:  # noqa: ANN001
@@ -146,6 +162,8 @@ def check_peer(peer, case: dict) -> SchemaResult:  # noqa: ANN001
     try:
         compiled = peer.compile(case["schema"])
     except PeerRefused as e:
+        if UNSATISFIABLE.search(str(e)):  # the peer's own proof that nothing satisfies the schema
+            return unsatisfiable_result(case, time.perf_counter() - t0)
         return SchemaResult(case["id"], "refused", refused=[str(e)])
     res = SchemaResult(case["id"], "exact", compile_s=time.perf_counter() - t0)
     return score_instances(case, res, lambda text: peer.accepts(compiled, text))
@@ -171,6 +189,8 @@ def _top_reasons(results: list[SchemaResult], keyword_only: bool, n: int = 4) ->
             reasons[key] = reasons.get(key, 0) + 1
         if r.status == "error":
             reasons["error"] = reasons.get("error", 0) + 1
+        if r.unsatisfiable:
+            reasons["(proven unsatisfiable)"] = reasons.get("(proven unsatisfiable)", 0) + 1
     return ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:n])
 
 
