@@ -38,6 +38,9 @@ class Completion(BaseModel):
     ttft_s: float = 0.0
     decode_s: float = 0.0
     forced_tokens: int = 0
+    # the grammar narrowed the model's choices to finish the JSON within max_tokens (a string or
+    # number may be shorter than the model would have written it; the value is complete and valid)
+    closed_by_budget: bool = False
 
 
 class CompletionChunk(BaseModel):
@@ -221,6 +224,7 @@ class LocalLLM:
                         ttft_s=m.ttft_s or 0.0,  # None when no token was produced
                         decode_s=m.decode_s,
                         forced_tokens=m.forced_tokens,
+                        closed_by_budget=bool(getattr(constraint, "closed_by_budget", False)),
                     )
                 )
 

@@ -74,7 +74,9 @@ class Step(BaseModel):
 
     ``text`` is the model's raw output; ``error`` is set when the turn did not parse or its
     answer failed validation (the message was fed back to the model). Timings in seconds;
-    ``cached_tokens`` of ``prompt_tokens`` were served from the prefix cache.
+    ``cached_tokens`` of ``prompt_tokens`` were served from the prefix cache; ``closed_by_budget``:
+    the grammar made the model finish its JSON early to fit max_tokens (complete and valid, but a
+    string or number may be shorter than the model meant).
     """
 
     index: int
@@ -88,6 +90,7 @@ class Step(BaseModel):
     cached_tokens: int = 0
     completion_tokens: int = 0
     forced_tokens: int = 0
+    closed_by_budget: bool = False
     ttft_s: float = 0.0
     decode_s: float = 0.0
     tool_time_s: float = 0.0

@@ -100,3 +100,21 @@ def test_agent_calls_calculator_and_clock_before_answering(llm, tools):
         assert step.cached_tokens >= reused // BLOCK * BLOCK, trace
         assert step.cached_tokens >= prev.prompt_tokens, trace
     assert sum(s.forced_tokens for s in result.steps) > 0  # jump-forward did the JSON structure
+
+
+async def test_local_llm_closes_the_json_within_max_tokens(llm):
+    # a long free-text field and a tiny budget: the grammar must make the model finish the value
+    # in time (valid, finish_reason "stop", flagged), never hand back a cut object
+    from agentrt.llm import GenerationParams
+
+    schema = {"type": "object", "properties": {"story": {"type": "string"}, "words": {"type": "integer"}},
+              "required": ["story", "words"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "Write a very long story about a dragon, in JSON."}]
+    out = await llm.complete(messages, json_schema=schema, params=GenerationParams(max_tokens=14))
+    jsonschema.validate(json.loads(out.text), schema)
+    assert out.finish_reason == "stop" and out.closed_by_budget, out
+    assert out.usage.completion_tokens <= 14
+    roomy = await llm.complete(messages, json_schema={"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                                      "required": ["ok"], "additionalProperties": False},
+                               params=GenerationParams(max_tokens=64))
+    assert not roomy.closed_by_budget and json.loads(roomy.text)["ok"] in (True, False)
