@@ -348,3 +348,40 @@ def test_lenient_validates_afterwards(compiler):
     g = compiler.compile_json_schema({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, lenient=True)
     assert g.unenforced and "uniqueItems" in g.unenforced[0]
     assert g.validate("[1,2]") == [] and g.validate("[1,1]")
+
+
+def test_deeply_nested_schema_is_refused_before_its_regex_grows():
+    # each array level repeats its items' regex: 40 levels would be ~2^40 characters; the size
+    # check at every level refuses it at once (it used to build gigabytes and draw the OOM killer)
+    import resource
+
+    from agentrt.engine.grammar import GrammarCompileError, schema_to_regex
+
+    schema: dict = {"type": "integer"}
+    for _ in range(40):
+        schema = {"type": "array", "items": schema}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(GrammarCompileError, match=r"expands to a .*-character regex .*simplify it"):
+        schema_to_regex(schema)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: well under 200 MB
+
+
+def test_grammar_compile_child_has_a_memory_cap():
+    import multiprocessing
+
+    from agentrt.engine.grammar.automaton import _cap_memory
+
+    def child(conn):
+        _cap_memory(64 << 20)
+        try:
+            bytearray(512 << 20)
+            conn.send("allocated")
+        except MemoryError:
+            conn.send("refused")
+
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child, args=(send,))
+    proc.start()
+    assert recv.recv() == "refused"
+    proc.join()

@@ -63,7 +63,24 @@ class TokenIndex:
         return nxt is not None and self.index.is_final_state(nxt)
 
 
+_CHILD_MEMORY_BYTES = 2 << 30  # what a compile may allocate beyond the forked parent's address space
+
+
+def _cap_memory(extra_bytes: int) -> None:
+    """Limit this (forked) process's address space to its current size + ``extra_bytes``, so a runaway
+    automaton fails its own compile instead of drawing the OOM killer onto the server."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as f:
+            vm_bytes = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (vm_bytes + extra_bytes, resource.RLIM_INFINITY))
+    except (OSError, ValueError, ImportError):  # not Linux: no cap, the time limit still applies
+        pass
+
+
 def _child(regex: str, vocabulary: Vocabulary, conn) -> None:  # noqa: ANN001
+    _cap_memory(_CHILD_MEMORY_BYTES)
     try:
         payload = pickle.dumps(("ok", Index(regex, vocabulary)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent

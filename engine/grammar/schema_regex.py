@@ -63,8 +63,9 @@ _TYPES = ("null", "boolean", "object", "array", "string", "number", "integer")
 
 class _Ctx:
     def __init__(self, root: Any, lenient: bool, max_ref_depth: int, max_any_depth: int,
-                 deadline: float | None = None):
+                 deadline: float | None = None, max_regex_chars: int = 4_000_000):
         self.deadline = deadline
+        self.max_regex_chars = max_regex_chars
         self.root = root
         self.lenient = lenient
         self.max_ref_depth = max_ref_depth
@@ -97,14 +98,11 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
     if isinstance(schema, dict) and any(d in str(schema.get("$schema", "")) for d in ("2019-09", "2020-12")):
         # draft 2019-09 replaced "dependencies" by dependentRequired/dependentSchemas: now an unknown keyword
         schema = _without_key(schema, "dependencies")
-    ctx = _Ctx(schema, lenient, max_ref_depth, max_any_depth, deadline)
+    ctx = _Ctx(schema, lenient, max_ref_depth, max_any_depth, deadline, max_regex_chars)
     try:
         regex = _node(schema, ctx, "")
     except RecursionError:
         raise GrammarCompileError("the schema nests too deeply (or allOf/$ref refer to themselves)") from None
-    if regex is not None and len(regex) > max_regex_chars:
-        raise GrammarCompileError(f"the schema expands to a {len(regex):,}-character regex (limit {max_regex_chars:,}): "
-                                  "simplify it (fewer nested $refs / alternatives)")
     if ctx.problems and not lenient:
         raise UnsupportedSchemaError(ctx.problems)
     if regex is None:
@@ -138,6 +136,16 @@ def any_value(depth: int) -> str:
 
 # ----------------------------------------------------------------------------- the walker
 def _node(schema: Any, ctx: _Ctx, path: str) -> str | None:
+    regex = _node_regex(schema, ctx, path)
+    # checked at every level, not once at the end: nesting multiplies the size, so a 25-deep array
+    # would build gigabytes of regex before a final check could refuse it
+    if regex is not None and len(regex) > ctx.max_regex_chars:
+        raise GrammarCompileError(f"the schema at {path or '/'} expands to a {len(regex):,}-character regex (limit "
+                                  f"{ctx.max_regex_chars:,}): simplify it (less nesting, fewer $refs / alternatives)")
+    return regex
+
+
+def _node_regex(schema: Any, ctx: _Ctx, path: str) -> str | None:
     if ctx.deadline is not None and time.perf_counter() > ctx.deadline:
         raise GrammarCompileError("compiling the schema took longer than the time limit and was stopped "
                                   "(simplify it: fewer nested $refs / alternatives, or raise timeout_s)")
