@@ -527,6 +527,7 @@ class ChatAgentRT(BaseChatModel):
             "ttft_s": completion.ttft_s,
             "decode_s": completion.decode_s,
             "forced_tokens": completion.forced_tokens,
+            "closed_by_budget": completion.closed_by_budget,
         }
 
     def _to_ai_message(self, turn: _Turn, completion: Completion) -> AIMessage:

@@ -53,11 +53,16 @@ class _Recorder(BaseCallbackHandler):
 
 
 def cut_at_max_tokens(messages: list[BaseMessage]) -> str | None:
-    """The model ran out of tokens before its JSON closed (it repeats itself)."""
+    """The model ran out of tokens before its JSON closed (it repeats itself): either the output
+    was cut, or the grammar had to close it at max_tokens (``closed_by_budget``), e.g. after the
+    model repeated the same call instead of closing the list after one."""
     for m in messages:
-        if m.response_metadata.get("finish_reason") == "length":
+        meta = m.response_metadata
+        if meta.get("finish_reason") == "length" or meta.get("closed_by_budget"):
             text = m.content or (m.invalid_tool_calls[0]["args"] if getattr(m, "invalid_tool_calls", None) else "")
-            return f"the model's output hit max_tokens={MAX_TOKENS} before its JSON closed: {str(text)[:120]!r}"
+            text = text or [(c["name"], c["args"]) for c in getattr(m, "tool_calls", [])]
+            how = "was cut" if meta.get("finish_reason") == "length" else "was closed by the grammar"
+            return f"the model's output {how} at max_tokens={MAX_TOKENS} before its JSON closed: {str(text)[:120]!r}"
     return None
 
 
