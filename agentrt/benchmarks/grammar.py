@@ -497,7 +497,9 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, params, [g.matcher() for g in grammars])
+    # the request's max_tokens goes to the matcher, as LocalLLM does: it closes the value in time
+    matchers = [g.matcher(max_tokens) for g in grammars]
+    outs = engine.generate(prompts, params, matchers)
     wall = time.perf_counter() - t0
     valid = 0
     failures: list[str] = []
@@ -517,7 +519,8 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_
           f"torch threads {torch.get_num_threads()}, greedy, "
           f"max_tokens {max_tokens}): {valid}/{n} parse and validate, {len(failures)} failures; forced tokens "
           f"{_pct(forced, completion).strip()} of {completion}; generation wall {wall:.1f}s "
-          f"({completion / wall:.1f} tokens/s); {n} schemas compiled cold in {compile_s:.1f}s", file=out)
+          f"({completion / wall:.1f} tokens/s); {n} schemas compiled cold in {compile_s:.1f}s; "
+          f"{sum(m.closed_by_budget for m in matchers)} closed by the max_tokens budget", file=out)
     for f in failures:
         print("    FAILED", f, file=out)
 
