@@ -523,6 +523,10 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_
           f"{sum(m.closed_by_budget for m in matchers)} closed by the max_tokens budget", file=out)
     for f in failures:
         print("    FAILED", f, file=out)
+    report = {"valid": valid, "n": n, "failures": failures, "forced_share": forced / max(1, completion),
+              "closed_by_budget": sum(m.closed_by_budget for m in matchers)}
+    if timing_n < 1:
+        return report
 
     # one request at a time, so per-token figures are not muddled by batching
     rows = {"unconstrained": [], "constrained, no jump-forward": [], "constrained + jump-forward": []}
@@ -550,8 +554,7 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_
     print(f"decode ms/token constrained / unconstrained: {nj[1] / u[1]:.2f}x (target <= 1.10x); "
           f"wall with jump-forward / without: {jf[0] / nj[0]:.2f}x, median per prompt {per_prompt:.2f}x "
           f"(target <= 0.7x)", file=out)
-    return {"valid": valid, "n": n, "failures": failures, "forced_share": forced / max(1, completion),
-            "decode_ratio": nj[1] / u[1], "jump_forward_wall_ratio": jf[0] / nj[0]}
+    return {**report, "decode_ratio": nj[1] / u[1], "jump_forward_wall_ratio": jf[0] / nj[0]}
 
 
 # ----------------------------------------------------------------------------- cli
@@ -562,7 +565,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="compile time limit per schema, seconds")
     parser.add_argument("--speed-schemas", type=int, default=20, help="schemas per subset for the token-level timings")
     parser.add_argument("--e2e", type=int, default=200, help="BFCL generations on the embedded model (0 = skip)")
-    parser.add_argument("--timing-prompts", type=int, default=10, help="prompts for the one-at-a-time timings")
+    parser.add_argument("--timing-prompts", type=int, default=10, help="prompts for the one-at-a-time timings (0 = skip them)")
     parser.add_argument("--max-tokens", type=int, default=192)
     parser.add_argument("--skip-exactness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
