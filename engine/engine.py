@@ -76,6 +76,7 @@ class EngineStats:
     kv_blocks_cached: int
     prefix_cache_hit_tokens: int
     prefix_cache_queried_tokens: int
+    finishing: int = 0  # finished requests whose last tokens' K/V the next step computes for the cache
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -163,9 +164,13 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     def make_sequence(self, prompt: str | list[int], params: SamplingParams, constraint: Any = None,
-                      request_id: str | None = None) -> Sequence:
+                      request_id: str | None = None, priority: float | None = None) -> Sequence:
         """Validate and tokenize a request (no engine state is touched). Raises ContextOverflowError
-        if the prompt plus ``params.max_tokens`` does not fit."""
+        if the prompt plus ``params.max_tokens`` does not fit.
+
+        ``priority``: scheduling order, lower first, on the `time.perf_counter` clock (None = the
+        arrival time, i.e. FIFO); e.g. an agent run's start time, so its later steps go ahead of
+        work that arrived after the run started."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
@@ -190,8 +195,10 @@ class LLMEngine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        if priority is not None and not math.isfinite(priority):
+            raise ValueError(f"priority must be a finite number, got {priority!r}")
         return Sequence(request_id=rid, token_ids=ids, num_prompt_tokens=len(ids), params=params,
-                        constraint=constraint, generator=gen)
+                        constraint=constraint, generator=gen, priority=priority)
 
     def add_sequence(self, seq: Sequence) -> str:
         """Queue a sequence made by `make_sequence`."""
@@ -214,9 +221,10 @@ class LLMEngine:
         return seq.request_id
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, constraint: Any = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, priority: float | None = None) -> str:
         """Queue a request; returns its id. Raises ContextOverflowError before any work if it cannot fit."""
-        return self.add_sequence(self.make_sequence(prompt, params or SamplingParams(), constraint, request_id))
+        return self.add_sequence(self.make_sequence(prompt, params or SamplingParams(), constraint, request_id,
+                                                    priority))
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its KV blocks (its last output has finish_reason "abort")."""
@@ -235,7 +243,7 @@ class LLMEngine:
         return EngineStats(waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
                            kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used,
                            kv_blocks_cached=bm.num_cached, prefix_cache_hit_tokens=bm.hit_tokens,
-                           prefix_cache_queried_tokens=bm.queried_tokens)
+                           prefix_cache_queried_tokens=bm.queried_tokens, finishing=len(self.scheduler.finishing))
 
     def decode_weight_bytes(self) -> int:
         """Bytes of weights one decode step reads: the quantized copies when quantized (not the dense
@@ -266,7 +274,10 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return an output for every request that produced text or finished."""
+        """Run one batch; return an output for every request that produced text or finished.
+
+        Finished requests' uncomputed tails (see `Scheduler.finish`) ride along in the batch; their
+        rows are not sampled, and their blocks are released into the prefix cache after it."""
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule()
         if plan is None or not plan.entries:
@@ -281,11 +292,16 @@ class LLMEngine:
         else:
             input_ids, positions, meta, rows, to_sample = self._prepare(plan.entries)
             hidden = self._forward(input_ids, positions, meta, self.kv.k, self.kv.v)  # [T, H]
+        if any(seq.finished for seq in to_sample):  # finishing tails: K/V only, nothing to sample
+            keep = [i for i, seq in enumerate(to_sample) if not seq.finished]
+            rows = torch.tensor(keep, device=self.device) if rows is None else rows[keep]
+            to_sample = [to_sample[i] for i in keep]
         if to_sample:
             logits = self.model.compute_logits(hidden if rows is None else hidden[rows])  # [N, V] float32
         for seq, n in plan.entries:
             seq.num_computed_tokens += n
             self.block_manager.commit_full_blocks(seq)
+        self.scheduler.release_finishing()
         if to_sample:
             outputs.extend(self._sample_and_update(to_sample, logits))
         return outputs
@@ -469,7 +485,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence) -> None:
         seq.finish_time = time.perf_counter()
         self._detok.pop(seq.request_id, None)
-        self.scheduler.remove(seq)
+        self.scheduler.finish(seq)  # an abort frees now; a stop/length may keep its tail for one more step
         self._seqs.pop(seq.request_id, None)
 
     def _output(self, seq: Sequence) -> RequestOutput:
@@ -526,7 +542,10 @@ class LLMEngine:
     # ---- blocking convenience ---------------------------------------------------------------------
     def generate(self, prompts: Seq[str | list[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,
                  constraints: Seq[Any] | None = None) -> list[RequestOutput]:
-        """Run ``prompts`` to completion (batched together); return their final outputs in order."""
+        """Run ``prompts`` to completion (batched together); return their final outputs in order.
+
+        Returns once their finished tails are in the prefix cache too (at most one more step), so
+        no block is referenced afterwards unless other requests are still running."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         n = len(prompts)
@@ -548,6 +567,9 @@ class LLMEngine:
                     final[out.request_id] = out
             if len(final) < n and not self.has_unfinished_requests():
                 raise RuntimeError("engine went idle with requests unfinished")
+        mine = set(ids)
+        while any(s.request_id in mine for s in self.scheduler.finishing):
+            self._pending.extend(self.step())  # other requests' outputs are kept for the next step()
         return [final[i] for i in ids]
 
 
@@ -610,13 +632,15 @@ class AsyncLLMEngine:
         return self.engine.stats()
 
     def generate_stream(self, prompt: str | list[int], params: SamplingParams | None = None, constraint: Any = None,
-                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Validate now (ContextOverflowError raises here), then stream the request's outputs."""
+                        request_id: str | None = None, priority: float | None = None
+                        ) -> AsyncIterator[RequestOutput]:
+        """Validate now (ContextOverflowError raises here), then stream the request's outputs
+        (``priority``: see `LLMEngine.make_sequence`)."""
         if self._stop:
             raise RuntimeError("the engine is shut down")
         if request_id is not None and request_id in self._sinks:
             raise ValueError(f"request id {request_id!r} is already streaming")
-        seq = self.engine.make_sequence(prompt, params or SamplingParams(), constraint, request_id)
+        seq = self.engine.make_sequence(prompt, params or SamplingParams(), constraint, request_id, priority)
         return self._stream(seq)
 
     async def _stream(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
@@ -647,10 +671,11 @@ class AsyncLLMEngine:
                 self._submit(("abort", rid))
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       constraint: Any = None, request_id: str | None = None) -> RequestOutput:
+                       constraint: Any = None, request_id: str | None = None,
+                       priority: float | None = None) -> RequestOutput:
         """Run one request to completion and return its final output."""
         last = None
-        async for out in self.generate_stream(prompt, params, constraint, request_id):
+        async for out in self.generate_stream(prompt, params, constraint, request_id, priority):
             last = out
         assert last is not None
         return last
@@ -707,6 +732,7 @@ class AsyncLLMEngine:
                 for rid in list(eng._seqs):
                     eng.abort_request(rid)
                     self._deliver_error(rid, exc)
+                eng.scheduler.release_finishing(all_=True)
                 eng._pending.clear()
                 continue
             for out in outs:

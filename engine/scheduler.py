@@ -1,15 +1,28 @@
 """Continuous batching: which sequences compute how many tokens in the next step.
 
-Every step the scheduler fills a token budget (``max_num_batched_tokens``): first one token for
-each running sequence that is decoding, then chunks of pending prefills (running ones first,
-then newly admitted ones), so a long prompt is prefilled a chunk per step while the others keep
-decoding. When the KV pool runs out, the most recently admitted sequence is preempted: its
-blocks are released (they stay in the prefix cache) and it is recomputed later.
+Every step the scheduler fills a token budget (``max_num_batched_tokens``): one token for each
+running sequence that is decoding, chunks of pending prefills, then newly admitted sequences, so
+a long prompt is prefilled a chunk per step while the others keep decoding.
+
+Order is by priority (lower first; ties by arrival): the waiting queue is admitted in that order
+and, when the KV pool runs out, the running sequence with the lowest priority is preempted (its
+blocks are released, they stay in the prefix cache, and it is recomputed later). A sequence's
+priority defaults to its arrival time (FIFO); an agent run passes its start time, so the later
+steps of a run that started earlier go ahead of newer work, as in vLLM's priority scheduling.
+Preemption never takes a sequence of higher priority than the one that needs the blocks, so the
+highest-priority sequence always progresses: no livelock, and a stream of newer arrivals cannot
+postpone an older run's step indefinitely.
+
+A sequence that finishes (stop or length) while its last tokens (the last sampled token and any
+forced closing tokens) were never run through the model is kept as *finishing*: the next step
+computes those tokens' K/V (no sampling) and then releases its blocks into the prefix cache, so
+a later prompt that extends the whole sequence (an agent's next step) is served every token of
+it. The finished output is delivered first; the tail costs the next step a few tokens.
 """
 from __future__ import annotations
 
+import bisect
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +41,8 @@ class Sequence:
     constraint: Any = None
     generator: Any = None  # torch.Generator when seeded
     arrival_time: float = field(default_factory=time.perf_counter)
+    # scheduling order, lower first (None = arrival_time): e.g. the start time of the agent run it belongs to
+    priority: float | None = None
     # KV state
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
@@ -62,6 +77,11 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def order_key(self) -> tuple[float, float]:
+        """Scheduling order: (priority, arrival time), smaller first."""
+        return (self.arrival_time if self.priority is None else self.priority, self.arrival_time)
+
 
 @dataclass
 class ScheduledStep:
@@ -83,65 +103,98 @@ class Scheduler:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: list[Sequence] = []  # sorted by order_key
         self.running: list[Sequence] = []
+        self.finishing: list[Sequence] = []  # finished, tail K/V still to compute (see the module doc)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        bisect.insort(self.waiting, seq, key=_key)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.finishing)
 
     def remove(self, seq: Sequence) -> None:
-        """Drop a sequence (finished or aborted) and release its blocks."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        """Drop a sequence (aborted, or finished without a tail to keep) and release its blocks now."""
+        for queue in (self.running, self.waiting, self.finishing):
+            if seq in queue:
+                queue.remove(seq)
+                break
         self.bm.free(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """A sequence ended with ``seq.finish_reason``. With prefix caching, a stop/length finish
+        whose last tokens have no K/V yet is kept as finishing (the next step computes them, then
+        `release_finishing` frees it); anything else is released now."""
+        keep = (self.bm.enable_prefix_caching and seq.finish_reason in ("stop", "length")
+                and seq in self.running and seq.num_uncomputed > 0)
+        if not keep:
+            self.remove(seq)
+            return
+        self.running.remove(seq)
+        self.finishing.append(seq)
+
+    def release_finishing(self, all_: bool = False) -> None:
+        """Release the finishing sequences whose tails are computed (``all_``: every one, e.g.
+        after a failed step); their blocks go to the prefix cache."""
+        keep = []
+        for seq in self.finishing:
+            if all_ or seq.num_uncomputed == 0:
+                self.bm.free(seq)
+            else:
+                keep.append(seq)
+        self.finishing = keep
 
     def schedule(self) -> ScheduledStep | None:
         budget = self.max_num_batched_tokens
         singles: list[tuple[Sequence, int]] = []
         chunks: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
-        scheduled: set[int] = set()
 
-        # running sequences: decodes first, then prefill chunks
-        order = sorted(self.running, key=lambda s: s.num_uncomputed != 1)
-        for seq in order:
-            if budget == 0:
-                break
-            if seq not in self.running:
-                continue  # preempted earlier in this same pass
-            n = min(seq.num_uncomputed, budget)
-            if n <= 0:
-                continue
-            while not self.bm.can_grow(seq, seq.num_computed_tokens + n):
-                victim = next((s for s in reversed(self.running) if id(s) not in scheduled), None)
-                if victim is None:
-                    break
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq not in self.running or not self.bm.can_grow(seq, seq.num_computed_tokens + n):
-                continue
+        def take(seq: Sequence, n: int) -> None:
+            nonlocal budget
             self.bm.grow(seq, seq.num_computed_tokens + n)
-            scheduled.add(id(seq))
             (singles if n == 1 else chunks).append((seq, n))
             budget -= n
 
-        # admit waiting sequences while budgets allow
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        # finishing tails first: a few tokens each, and their blocks are released right after
+        for seq in list(self.finishing):
+            n = min(seq.num_uncomputed, budget)
+            if n > 0 and self.bm.can_grow(seq, seq.num_computed_tokens + n):
+                take(seq, n)
+            elif n > 0:  # no room: give up the tail rather than hold blocks or preempt for it
+                self.finishing.remove(seq)
+                self.bm.free(seq)
+
+        # running sequences by priority; every decode keeps its one token of the budget
+        self.running.sort(key=_key)
+        decodes_left = sum(1 for s in self.running if s.num_uncomputed == 1)
+        scheduled: set[int] = set()
+        for seq in list(self.running):
+            if seq not in self.running:
+                continue  # preempted earlier in this same pass
+            decoding = seq.num_uncomputed == 1
+            decodes_left -= decoding
+            n = min(seq.num_uncomputed, budget - (0 if decoding else decodes_left))
+            if n <= 0:
+                continue
+            if not self._make_room(seq, seq.num_computed_tokens + n, scheduled, preempted):
+                continue
+            scheduled.add(id(seq))
+            take(seq, n)
+
+        # admit waiting sequences in priority order while budgets allow
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if preempted and _key(seq) >= min(_key(p) for p in preempted):
+                break  # memory is short: what was just preempted (or newer) waits for the next step
+            if any(_extends_tail(seq, f) for f in self.finishing):
+                break  # it extends a finishing sequence: admit it after that tail is in the cache
             cached = self.bm.match_prefix(seq)
             n = min(seq.num_uncomputed, budget)
-            if not self.bm.can_grow(seq, seq.num_computed_tokens + n):
+            if not self._make_room(seq, seq.num_computed_tokens + n, scheduled, preempted):
                 self.bm.free(seq)
                 break
-            self.bm.grow(seq, seq.num_computed_tokens + n)
-            self.waiting.popleft()
+            self.waiting.pop(0)
             if not seq.admitted:
                 seq.admitted = True
                 # Tokens forced at admission may extend past the prompt and hit the cache
@@ -150,15 +203,40 @@ class Scheduler:
                 seq.first_scheduled_time = time.perf_counter()
                 self.bm.record_query(seq.num_prompt_tokens, seq.cached_tokens)
             self.running.append(seq)
-            (singles if n == 1 else chunks).append((seq, n))
-            budget -= n
+            scheduled.add(id(seq))
+            take(seq, n)
 
         if not singles and not chunks:
             return None if not preempted else ScheduledStep([], preempted)
         return ScheduledStep(singles + chunks, preempted)
 
+    def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int], preempted: list[Sequence]) -> bool:
+        """Whether ``seq`` can hold ``num_tokens``, after preempting running sequences of lower
+        priority than ``seq`` that are not in this step yet (the lowest first)."""
+        while not self.bm.can_grow(seq, num_tokens):
+            victim = next((s for s in reversed(self.running) if id(s) not in scheduled and s is not seq
+                           and _key(s) > _key(seq)), None)
+            if victim is None:
+                if seq in self.running and id(seq) not in scheduled:
+                    self._preempt(seq)  # nothing below it to take from: it waits (its blocks help the others)
+                    preempted.append(seq)
+                return False
+            self._preempt(victim)
+            preempted.append(victim)
+        return True
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq)
         seq.block_hashes = []
-        self.waiting.appendleft(seq)
+        self.add(seq)
+
+
+def _key(seq: Sequence) -> tuple[float, float]:
+    return seq.order_key
+
+
+def _extends_tail(seq: Sequence, fin: Sequence) -> bool:
+    """Whether ``seq``'s tokens run into ``fin``'s not-yet-computed tail (so it should wait for it)."""
+    n = fin.num_computed_tokens + 1
+    return len(seq.token_ids) > n and seq.token_ids[:n] == fin.token_ids[:n]

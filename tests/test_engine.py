@@ -238,18 +238,20 @@ def test_constraint_hook_masks_forces_and_terminates():
     c = EvenThenForced(eng.vocab_size)
     steps = 0
     rid = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True), constraint=c)
-    final = None
+    final, final_step = None, None
     while eng.has_unfinished_requests():
         steps += 1
         for o in eng.step():
             if o.request_id == rid and o.finished:
-                final = o
+                final, final_step = o, steps
     out = final.output_token_ids
     assert out[:2] == [70, 71]
     assert len(out) == 2 + 3 * 3 and out[2::3] == c.sampled and all(t % 2 == 0 for t in c.sampled)
     assert out[3::3] == [65] * 3 and out[4::3] == [66] * 3
     assert final.finish_reason == "stop" and final.metrics.forced_tokens == 2 + 2 * 3
-    assert steps == 3  # one step per sampled token: forced runs ride along as prefill chunks
+    # one step per sampled token (forced runs ride along as prefill chunks); the output is delivered
+    # at once, and one more step computes the finished tail (last sampled + forced) for the cache
+    assert final_step == 3 and steps == 4
     assert eng.stats().kv_blocks_used == 0
 
 
@@ -408,6 +410,11 @@ async def test_failing_constraint_fails_only_its_request():
         res = await asyncio.gather(good, bad, return_exceptions=True)
         assert len(res[0].output_token_ids) == 10
         assert isinstance(res[1], ValueError) and "refuses" in str(res[1])
+        # the good request's finished tail is computed by the loop's next step, then all is free
+        for _ in range(200):
+            if eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
         assert eng.stats().kv_blocks_used == 0
     finally:
         aeng.shutdown()

@@ -173,8 +173,8 @@ def test_agent_chain_cached_equals_uncached_and_serves_every_computed_token():
     plain = agent_chain(make_engine(enable_prefix_caching=False), 5, params)
     assert [o.output_token_ids for o in cached] == [o.output_token_ids for o in plain]
     for prev, out in zip(cached, cached[1:]):
-        # everything the previous step computed: its prompt and all output tokens but the last
-        assert out.metrics.cached_tokens == len(prev.prompt_token_ids) + len(prev.output_token_ids) - 1
+        # every token of the previous step, its last sampled token too (its K/V was computed after it finished)
+        assert out.metrics.cached_tokens == len(prev.prompt_token_ids) + len(prev.output_token_ids)
     assert all(o.metrics.cached_tokens == 0 for o in plain)
 
 
@@ -230,3 +230,81 @@ def test_thousand_requests_tiny_pool_leave_no_block_referenced():
     sample = rng.sample(range(len(prompts)), 40)
     assert [outs[i].output_token_ids for i in sample] == [o.output_token_ids for o in ref.generate(
         [prompts[i] for i in sample], params)]
+
+
+class SampleThenClose:
+    """A constraint like a JSON grammar's end: ``k`` free tokens, then a forced closing run
+    (jump-forward, e.g. ``"}}]}``), then terminated."""
+
+    def __init__(self, vocab: int, k: int = 4, closing: tuple[int, ...] = (34, 125, 125, 93, 125)):
+        self.vocab, self.k, self.closing = vocab, k, closing
+        self.sampled = 0
+        self.pending: list[int] = []
+
+    def next_token_mask(self):
+        m = torch.zeros(self.vocab, dtype=torch.bool)
+        m[:256] = True
+        return m
+
+    def accept_token(self, t):
+        if self.pending:
+            assert t == self.pending.pop(0)
+            return
+        self.sampled += 1
+        if self.sampled == self.k:
+            self.pending = list(self.closing)
+
+    def forced_tokens(self):
+        return list(self.pending)
+
+    def is_terminated(self):
+        return self.sampled >= self.k and not self.pending
+
+
+def test_finished_tail_is_computed_after_the_output_and_served_to_the_next_prompt():
+    # Guarantee: a prompt that extends a finished request's prompt + output (and is longer) is
+    # served every one of those tokens from the cache, exactly, whatever the block size; the
+    # tail (last sampled token + forced closing run) is computed by the step after the output.
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    rng = random.Random(3)
+    prompt = [rng.randrange(256) for _ in range(29)]
+    eng = make_engine()
+    k = 4
+    eng.add_request(prompt, params, constraint=SampleThenClose(eng.vocab_size, k))
+    final, steps = None, 0
+    while final is None:
+        steps += 1
+        final = next((o for o in eng.step() if o.finished), None)
+    assert steps == k  # delivered in the step that sampled the last token: not delayed by the tail
+    assert final.output_token_ids[-5:] == [34, 125, 125, 93, 125] and final.metrics.forced_tokens == 5
+    st = eng.stats()
+    assert st.finishing == 1 and st.kv_blocks_used > 0 and eng.has_unfinished_requests()
+
+    # the next step's prompt arrives before the tail is computed: it waits one step for it
+    nxt = final.prompt_token_ids + final.output_token_ids + [rng.randrange(256) for _ in range(6)]
+    out2 = eng.generate([nxt], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert out2.metrics.cached_tokens == len(prompt) + len(final.output_token_ids)
+    assert eng.stats().kv_blocks_used == 0 and eng.stats().finishing == 0
+
+    # exact: the same two requests on a cache-free engine
+    ref = make_engine(enable_prefix_caching=False)
+    ref_final = ref.generate([prompt], params, [SampleThenClose(ref.vocab_size, k)])[0]
+    assert ref_final.output_token_ids == final.output_token_ids
+    assert ref.stats().finishing == 0  # nothing to keep without a prefix cache
+    ref_out2 = ref.generate([nxt], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert ref_out2.output_token_ids == out2.output_token_ids and ref_out2.metrics.cached_tokens == 0
+
+
+def test_abort_frees_at_once_and_length_finishes_keep_their_tail():
+    eng = make_engine()
+    rid = eng.add_request(list(range(40, 70)), SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.step()
+    eng.step()
+    eng.abort_request(rid)  # no step needed: an aborted request keeps nothing
+    assert eng.stats().kv_blocks_used == 0 and eng.stats().finishing == 0
+    assert [o.finish_reason for o in eng.step()] == ["abort"] and not eng.has_unfinished_requests()
+
+    out = eng.generate([list(range(40, 70))], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert out.finish_reason == "length"
+    nxt = out.prompt_token_ids + out.output_token_ids + [1, 2]
+    assert eng.generate([nxt], SamplingParams(max_tokens=1))[0].metrics.cached_tokens == len(nxt) - 2
