@@ -19,7 +19,13 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 class GenerationParams(BaseModel):
-    """Sampling settings of one generation. temperature 0 means greedy."""
+    """Sampling settings of one generation. temperature 0 means greedy.
+
+    ``priority`` orders the local engine's queue (lower first, on this process's
+    `time.perf_counter` clock; None = arrival order). The planner sets it to the run's start
+    time so a run's later steps go ahead of work that arrived after the run started.
+    `RemoteLLM` does not send it (servers differ in whether and how they accept one).
+    """
 
     max_tokens: int = 512
     temperature: float = 0.0
@@ -27,6 +33,7 @@ class GenerationParams(BaseModel):
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    priority: float | None = None
 
 
 class Completion(BaseModel):
@@ -206,7 +213,7 @@ class LocalLLM:
             seed=params.seed,
             stop=list(params.stop),
         )
-        async for out in self.engine.generate_stream(prompt, sampling, constraint=constraint):
+        async for out in self.engine.generate_stream(prompt, sampling, constraint=constraint, priority=params.priority):
             if out.delta_text:
                 yield CompletionChunk(delta=out.delta_text)
             if out.finished:

@@ -227,14 +227,19 @@ class _Run:
 
     def _params(self) -> GenerationParams:
         params = self.agent.params
+        update: dict[str, Any] = {}
+        if params.priority is None:
+            # every step of the run queues as if it arrived when the run started: a run that is
+            # under way is not postponed by work that came after it (see engine.scheduler)
+            update["priority"] = self.started
         budget = self.agent.max_total_tokens
-        if budget is None:
-            return params
-        used = self.usage.prompt_tokens + self.usage.completion_tokens
-        left = budget - used
-        if left <= 0:
-            raise _Stop("budget_exceeded", f"token budget of {budget} used up ({used} tokens)")
-        return params.model_copy(update={"max_tokens": min(params.max_tokens, left)})
+        if budget is not None:
+            used = self.usage.prompt_tokens + self.usage.completion_tokens
+            left = budget - used
+            if left <= 0:
+                raise _Stop("budget_exceeded", f"token budget of {budget} used up ({used} tokens)")
+            update["max_tokens"] = min(params.max_tokens, left)
+        return params.model_copy(update=update) if update else params
 
     async def events(self) -> AsyncIterator[AgentEvent]:
         agent = self.agent
