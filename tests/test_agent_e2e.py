@@ -3,6 +3,7 @@ calls the calculator and the clock (valid calls, grammar-constrained) before ans
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema
 import pytest
@@ -11,7 +12,7 @@ from agentrt.prompting import plan_turn
 from agentrt.types import Message, ToolCall
 
 pytestmark = pytest.mark.e2e
-BLOCK = 16  # the engine's default KV block size: the prefix cache works in whole blocks
+BLOCK = 16  # the engine's default KV block size (the prefix cache reuses partial blocks too)
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +93,32 @@ def test_agent_calls_calculator_and_clock_before_answering(llm, tools):
     assert calc.content == "437"
     # the answer came after the calls
     assert result.steps[-1].answer is not None and not result.steps[-1].calls
-    # append-only prompts: each step is served from the prefix cache up to (at least) the
-    # last whole KV block of the previous step's prompt plus its generated tokens (LocalLLM
-    # keeps the sampled tokens; the last one may be EOS, which the next prompt re-renders)
+    # append-only prompts: each step is served from the prefix cache every token of the previous
+    # step, its prompt and all it generated (the finished tail's K/V is computed after the output)
     for prev, step in zip(result.steps, result.steps[1:]):
-        reused = prev.prompt_tokens + prev.completion_tokens - 1
-        assert step.cached_tokens >= reused // BLOCK * BLOCK, trace
-        assert step.cached_tokens >= prev.prompt_tokens, trace
+        assert step.cached_tokens >= prev.prompt_tokens + prev.completion_tokens, trace
     assert sum(s.forced_tokens for s in result.steps) > 0  # jump-forward did the JSON structure
+
+
+def test_every_step_is_served_all_of_the_previous_step_from_the_cache(llm, tools):
+    # the criterion on a scheduled 4-step run (3 calls, then the answer): for every
+    # step n >= 2, cached_tokens[n] >= prompt_tokens[n-1] + completion_tokens[n-1]
+    from agentrt.llm import GenerationParams
+    from agentrt.planner import Agent
+
+    plan = ["calculate", "convert_units", "weekday"]
+    agent = Agent(llm, tools, tool_choice=lambda i: plan[i - 1] if i <= len(plan) else "answer",
+                  parallel_tool_calls=False, max_steps=4, params=GenerationParams(max_tokens=64), repeat_guard=False)
+    result = agent.run_sync("Compute 6*7, convert 10 km to miles, and tell the weekday of 2025-12-25.")
+    trace = json.dumps([s.model_dump(exclude={"results"}) for s in result.steps], default=str)[:3000]
+    assert len(result.steps) == 4, trace
+    assert sum(s.forced_tokens for s in result.steps) > 0  # forced closing runs were part of the tails
+    for prev, step in zip(result.steps, result.steps[1:]):
+        assert step.cached_tokens >= prev.prompt_tokens + prev.completion_tokens, trace
+    deadline = time.monotonic() + 30  # the engine loop computes the last step's tail right after its output
+    while (llm.stats().finishing or llm.stats().running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert llm.stats().kv_blocks_used == 0  # once idle, nothing stays referenced
 
 
 async def test_local_llm_closes_the_json_within_max_tokens(llm):

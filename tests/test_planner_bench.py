@@ -70,5 +70,6 @@ def test_summarize_percentiles_and_shares():
     assert s["cached_share_step2plus"] == pytest.approx(235 / 260)
     # step 2 got all 110 tokens of step 1; step 3 missed 3 of step 2's 128
     assert s["prev_step_tokens_missed_max"] == 3 and s["prev_step_tokens_missed_p50"] in (0, 3)
+    assert (s["append_only_steps_ok"], s["append_only_steps"]) == (1, 2)  # only step 2 meets the criterion
     assert s["new_tokens_per_step_mean"] == pytest.approx((10 + 12) / 2)
     assert s["total_s"] == 2.0

@@ -11,11 +11,11 @@ Reported per engine: TTFT p50/p95 of steps >= 2 (step 1 separately), the share o
 prompt tokens at steps >= 2 served from the prefix cache, tool-call errors, total time.
 Targets: cached share at steps >= 2 >= 90%; steps >= 2 TTFT >= 5x lower with the cache.
 
-Where the uncached rest comes from is reported too: how many of the previous step's tokens
-(its prompt and output) each step fails to get from the cache (the issue asks for none:
-cached at step n+1 >= all of step n; the last sampled token and any forced tokens after it
-were never computed, so they are always recomputed), and how many tokens each step adds
-(the tool results and the chat template's turn markers), which no cache can serve.
+Append-only prompting is checked step by step: the criterion is that every step n >= 2 is
+served at least all of step n-1's tokens from the cache (cached_tokens[n] >= prompt_tokens[n-1]
++ completion_tokens[n-1]); the bench prints how many steps meet it, and how many of the
+previous step's tokens the others missed. Also reported: how many tokens each step adds (the
+tool results and the chat template's turn markers), which no cache can serve.
 """
 from __future__ import annotations
 
@@ -124,6 +124,7 @@ def summarize(results: list[RunResult], wall_s: float) -> dict[str, Any]:
     # per step >= 2: tokens of the previous step (prompt + output) not served from the cache
     pairs = [(prev, s) for r in results for prev, s in zip(r.steps, r.steps[1:])]
     missed_prev = [max(0, p.prompt_tokens + p.completion_tokens - s.cached_tokens) for p, s in pairs]
+    append_only_ok = sum(m == 0 for m in missed_prev)
     new_tokens = [s.prompt_tokens - p.prompt_tokens - p.completion_tokens for p, s in pairs]
     return {
         "runs": len(results),
@@ -136,6 +137,8 @@ def summarize(results: list[RunResult], wall_s: float) -> dict[str, Any]:
         "prompt_tokens_step2plus": prompt_later,
         "prev_step_tokens_missed_p50": _pct(missed_prev, 0.5),
         "prev_step_tokens_missed_max": max(missed_prev, default=0),
+        "append_only_steps_ok": append_only_ok,  # steps n >= 2 with cached >= all of step n-1
+        "append_only_steps": len(pairs),
         "new_tokens_per_step_p50": _pct(new_tokens, 0.5),
         "new_tokens_per_step_mean": statistics.fmean(new_tokens) if new_tokens else 0.0,
         "decode_ms_per_step_p50": 1000 * _pct([s.decode_s for r in results for s in r.steps], 0.5),
@@ -222,6 +225,7 @@ def main(args: argparse.Namespace) -> int:
     on, off = summaries["cache on"], summaries["cache off"]
     speedup = off["ttft_step2plus_p50_ms"] / on["ttft_step2plus_p50_ms"] if on["ttft_step2plus_p50_ms"] else 0.0
     verdict = {
+        "append_only_all_steps": on["append_only_steps_ok"] == on["append_only_steps"],
         "cached_share_target_0.90": on["cached_share_step2plus"] >= 0.90,
         "ttft_speedup_step2plus_p50": speedup,
         "ttft_speedup_target_5x": speedup >= 5.0,
@@ -239,6 +243,7 @@ def main(args: argparse.Namespace) -> int:
         ("TTFT steps>=2 p50 ms", lambda s: f"{s['ttft_step2plus_p50_ms']:.0f}"),
         ("TTFT steps>=2 p95 ms", lambda s: f"{s['ttft_step2plus_p95_ms']:.0f}"),
         ("cached share steps>=2", lambda s: f"{s['cached_share_step2plus']:.1%}"),
+        ("steps>=2 cached >= all of step n-1", lambda s: f"{s['append_only_steps_ok']}/{s['append_only_steps']}"),
         ("prev step tokens not cached p50/max", lambda s: f"{s['prev_step_tokens_missed_p50']:.0f} / "
                                                           f"{s['prev_step_tokens_missed_max']:.0f}"),
         ("new tokens per step p50/mean", lambda s: f"{s['new_tokens_per_step_p50']:.0f} / "
@@ -254,6 +259,8 @@ def main(args: argparse.Namespace) -> int:
     console.print(
         f"steps>=2 TTFT speedup with the prefix cache: {speedup:.1f}x (target 5x: "
         f"{'met' if verdict['ttft_speedup_target_5x'] else 'NOT met'}); cached share "
-        f"{on['cached_share_step2plus']:.1%} (target 90%: {'met' if verdict['cached_share_target_0.90'] else 'NOT met'})"
+        f"{on['cached_share_step2plus']:.1%} (target 90%: {'met' if verdict['cached_share_target_0.90'] else 'NOT met'}); "
+        f"append-only (cached[n] >= prompt[n-1] + output[n-1]): {on['append_only_steps_ok']} of "
+        f"{on['append_only_steps']} steps"
     )
     return 0
