@@ -135,6 +135,11 @@ class LLMEngine:
             # only decode-only steps are compiled (prefill chunks run eager): a pure function of the
             # batch and the bucketed context length, so a few compiled shapes serve every step
             self._decode_graph = torch.compile(self.model.decode_graph, dynamic=True)
+        self._fused = None
+        if config.fused_decode:  # decode-only steps as one C++ call (None if it cannot build: torch path)
+            from .decode_fused import build_fused_decoder
+
+            self._fused = build_fused_decoder(self.model)
 
     def _quantize(self, mode: str) -> None:
         """Weight-only quantize the decoder linears (``mode``) and the lm_head (int8).
@@ -282,7 +287,11 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan is None or not plan.entries:
             return outputs
-        if self._decode_graph is not None and all(n == 1 for _, n in plan.entries):
+        if self._fused is not None and all(n == 1 for _, n in plan.entries):
+            input_ids, positions, slot_mapping, kv_slots, _, to_sample = self._prepare_graph(plan.entries)
+            hidden = self._fused(input_ids, positions, slot_mapping, kv_slots, self.kv.k, self.kv.v)  # [B, H]
+            rows = None
+        elif self._decode_graph is not None and all(n == 1 for _, n in plan.entries):
             input_ids, positions, slot_mapping, kv_slots, kv_mask, to_sample = self._prepare_graph(plan.entries)
             hidden, k_new, v_new = self._decode_graph(input_ids, positions, kv_slots, kv_mask,
                                                       self.kv.k, self.kv.v)  # [B, H], [layers, B, nkv, hd]
