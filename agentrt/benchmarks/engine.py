@@ -29,13 +29,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-SETTINGS = {  # name -> (dtype, quantization[, prefill_int8])
-    "fp32": ("float32", None),
-    "bf16": ("bfloat16", None),
-    "int8": ("bfloat16", "int8"),
-    "int4": ("bfloat16", "int4"),
+SETTINGS = {  # name -> EngineConfig fields
+    "fp32": dict(dtype="float32"),
+    "bf16": dict(dtype="bfloat16"),
+    "int8": dict(dtype="bfloat16", quantization="int8"),
+    "int4": dict(dtype="bfloat16", quantization="int4"),
     # int8 decode, dynamic int8 (W8A8) prefill chunks; float32 elsewhere (no native bf16 on most CPUs)
-    "int8-w8a8": ("float32", "int8", True),
+    "int8-w8a8": dict(dtype="float32", quantization="int8", prefill_int8=True),
+    # decode steps as one C++ call over the int8 weights (float32 activations); dense float32 prefill
+    "int8-fused": dict(dtype="float32", quantization="int8", fused_decode=True),
 }
 _TEXT = ("An agent answers questions by calling tools. It reads the tool specs, decides which tool "
          "to call with which arguments, reads the result and either calls another tool or answers. "
@@ -188,11 +190,10 @@ def _peak_rss_mb() -> float:
 def _engine(loaded: Any, setting: str, threads: int, sizes: Sizes, *, caching: bool, compile: bool = False) -> Any:
     from agentrt.engine import EngineConfig, LLMEngine
 
-    dtype, quant, *w8a8 = SETTINGS[setting]
     max_len = max(sizes.prefill, sizes.ttft_prompt) + sizes.decode + sizes.greedy_tokens + 64
     need = sizes.concurrency * (max_len + 16)
     # 64 sequences at once lets the many-short-requests check fill 512-token steps
-    cfg = EngineConfig(dtype=dtype, quantization=quant, prefill_int8=bool(w8a8 and w8a8[0]), num_threads=threads,
+    cfg = EngineConfig(**SETTINGS[setting], num_threads=threads,
                        enable_prefix_caching=caching, max_model_len=max_len, num_kv_blocks=-(-need // 16) + 8,
                        compile=compile, max_num_seqs=64)
     return LLMEngine(cfg, loaded=loaded)
@@ -296,6 +297,7 @@ def _accuracy(engines: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
     import torch
 
     from agentrt.engine import SamplingParams
+    from agentrt.engine.decode_fused import fused_prompt_logits
 
     ref = engines["fp32"]
     ids = _token_ids(ref.tokenizer, sizes.accuracy_tokens, 1, ref.vocab_size)
@@ -308,7 +310,8 @@ def _accuracy(engines: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
     for name, eng in engines.items():
         if name == "fp32":
             continue
-        lg = eng.prompt_logits(ids, chunk_size=16)
+        # a fused engine's decode path is its C++ step: teacher-force through that, one token a step
+        lg = fused_prompt_logits(eng, ids) if eng._fused is not None else eng.prompt_logits(ids, chunk_size=16)
         diff = (lg - ref_logits).abs()
         outs = [o.output_token_ids for o in eng.generate(prompts, sp)]
         same = sum(a == b for x, y in zip(outs, ref_out) for a, b in zip(x, y))
