@@ -20,6 +20,7 @@ from .kv_cache import BlockManager, KVCache
 from .model import AttnMetadata, DecodeQuantLinear, LlamaModel
 from .sampling import apply_mask, sample
 from .scheduler import Scheduler, Sequence
+from .threads import ThreadTuner
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Default KV pool budget when num_kv_blocks is None (at least one max_model_len sequence).
@@ -622,10 +623,16 @@ class AsyncLLMEngine:
 
     Usage: ``async for out in aengine.generate_stream(prompt, params): ...``. Leaving the loop
     early (break, cancellation) aborts the request and frees its blocks.
+
+    ``tune_threads``: let the loop pick 1 or torch's thread count by measuring step times (see
+    `engine.threads`); None = on for a CPU engine whose ``num_threads`` is not set explicitly.
     """
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, tune_threads: bool | None = None):
         self.engine = engine
+        if tune_threads is None:
+            tune_threads = engine.device.type == "cpu" and engine.config.num_threads is None
+        self.thread_tuner = ThreadTuner(torch.get_num_threads(), torch.set_num_threads) if tune_threads else None
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, _Sink] = {}
@@ -735,8 +742,14 @@ class AsyncLLMEngine:
             if not eng.has_unfinished_requests():
                 self._wake.wait()
                 continue
+            tuner = self.thread_tuner
+            if tuner is not None:
+                tuner.before_step()
+            t0 = time.perf_counter()
             try:
                 outs = eng.step()
+                if tuner is not None:
+                    tuner.after_step(time.perf_counter() - t0)
             except Exception as exc:  # a failed step fails the requests in flight, not the loop
                 for rid in list(eng._seqs):
                     eng.abort_request(rid)

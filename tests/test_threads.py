@@ -1,0 +1,70 @@
+"""`ThreadTuner`: the serving loop keeps the thread count whose steps measured faster."""
+from __future__ import annotations
+
+import pytest
+
+from agentrt.engine.threads import ThreadTuner
+
+
+def drive(tuner: ThreadTuner, cost: dict[int, float], steps: int) -> list[int]:
+    """Run ``steps`` fake steps whose duration depends on the thread count; return the counts used."""
+    used = []
+    for _ in range(steps):
+        threads = tuner.before_step()
+        used.append(threads)
+        tuner.after_step(cost[threads])
+    return used
+
+
+def test_a_contended_cpu_picks_one_thread_and_a_quiet_one_keeps_all():
+    calls: list[int] = []
+    tuner = ThreadTuner(2, calls.append, trial_steps=3, exploit_steps=10)
+    used = drive(tuner, {2: 4.5, 1: 0.27}, 6)  # the trial: alternating, 3 steps each
+    assert sorted(used) == [1, 1, 1, 2, 2, 2] and tuner.chosen == 1 and tuner.trials == 1
+    assert drive(tuner, {2: 4.5, 1: 0.27}, 10) == [1] * 10  # exploit the winner
+    # the load goes away: the next trial finds 2 threads faster and switches back
+    drive(tuner, {2: 0.05, 1: 0.08}, 6)
+    assert tuner.chosen == 2 and tuner.trials == 2
+    assert drive(tuner, {2: 0.05, 1: 0.08}, 5) == [2] * 5
+    assert calls and all(c in (1, 2) for c in calls)
+    assert all(a != b for a, b in zip(calls, calls[1:]))  # set only when the count changes
+
+
+def test_one_thread_never_switches_and_bad_arguments_are_refused():
+    calls: list[int] = []
+    tuner = ThreadTuner(1, calls.append)
+    assert drive(tuner, {1: 0.1}, 20) == [1] * 20 and calls == [] and tuner.trials == 0
+    with pytest.raises(ValueError):
+        ThreadTuner(0, calls.append)
+
+
+async def test_the_async_engine_loop_drives_the_tuner():
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _engine_util import tiny_loaded
+
+    from agentrt.engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
+
+    def make() -> LLMEngine:
+        return LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=64, block_size=4), loaded=tiny_loaded())
+
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    ref = make().generate("tuned", params)[0]
+    before = torch.get_num_threads()
+    aeng = AsyncLLMEngine(make(), tune_threads=True)
+    set_to: list[int] = []
+    aeng.thread_tuner = ThreadTuner(2, set_to.append, trial_steps=2, exploit_steps=3)
+    try:
+        out = await aeng.generate("tuned", params)
+    finally:
+        aeng.shutdown()
+    assert out.output_token_ids == ref.output_token_ids
+    assert aeng.thread_tuner.trials >= 2 and 1 in set_to  # trials ran and switched counts
+    assert torch.get_num_threads() == before  # the recording setter never touched torch here
+    plain = AsyncLLMEngine(make(), tune_threads=False)
+    plain.shutdown()
+    assert plain.thread_tuner is None
