@@ -33,6 +33,17 @@ def test_percentiles_and_summary():
     assert res["first_errors"] == ["agent: HTTP 500: boom", "agent: run status error: cut", "chat: invalid output"]
 
 
+def test_slowest_runs_split_their_time():
+    fast = bench.Sample("agent", "", 2.0, run_s=2.0, trace=[(100, 0, 10, 0.5, 1.0, 0.1)])
+    slow = bench.Sample("agent", "run", 9.0, run_s=9.0, outcome="budget_exceeded",
+                        trace=[(100, 0, 10, 1.0, 2.0, 0.5), (150, 110, 20, 3.0, 1.5, 0.0)])
+    runs = bench.slowest_runs([fast, slow], n=1)
+    assert len(runs) == 1 and runs[0]["run_s"] == 9.0 and runs[0]["status"] == "budget_exceeded"
+    assert runs[0]["other_s"] == 1.0  # 9 s minus 8 s inside steps
+    assert runs[0]["steps"][1] == {"prompt": 150, "cached": 110, "completion": 20, "ttft_s": 3.0,
+                                   "decode_s": 1.5, "tool_s": 0.0}
+
+
 class FakeHTTP:
     """Answers ``post`` with one canned response (an httpx.Response)."""
 

@@ -128,6 +128,9 @@ class Sample:
     error: str = ""
     steps: int = 0
     outcome: str = ""
+    run_s: float = 0.0  # an agent run's own duration (server side)
+    # per step of an agent run: (prompt, cached, completion tokens, TTFT s incl. queueing, decode s, tool s)
+    trace: list[tuple[int, int, int, float, float, float]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -150,12 +153,15 @@ async def agent_job(http: Any, i: int, max_steps: int) -> Sample:
         body = r.json()
         status, steps = body["status"], body["steps"]
         ttft = [s["ttft_s"] for s in steps]
+        trace = [(s.get("prompt_tokens", 0), s.get("cached_tokens", 0), s.get("completion_tokens", 0),
+                  s.get("ttft_s") or 0.0, s.get("decode_s") or 0.0, s.get("tool_time_s") or 0.0) for s in steps]
+        run_s = body.get("duration_s") or 0.0
         if status in FAILED_RUN or not steps:
             last = steps[-1] if steps else {}
             why = f"finish_reason {last.get('finish_reason')}, step error {last.get('error')!r}" if last else "no step"
             return Sample("agent", "run", latency, ttft, f"run status {status}: {body.get('error')} ({why})",
-                          len(steps), status)
-        return Sample("agent", "", latency, ttft, steps=len(steps), outcome=status)
+                          len(steps), status, run_s, trace)
+        return Sample("agent", "", latency, ttft, steps=len(steps), outcome=status, run_s=run_s, trace=trace)
     except Exception as e:  # a benchmark records failures rather than stopping
         return Sample("agent", "http", time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
 
@@ -284,9 +290,23 @@ def summarise(samples: list[Sample], wall_s: float, kinds: tuple[str, ...] = ("a
         }
         if kind == "agent":
             out[kind]["mean_steps"] = _round(statistics.fmean([s.steps for s in group if s.ok] or [0]))
+            out[kind]["slowest_runs"] = slowest_runs(group)
     errors = [f"{s.kind}: {s.error}" for s in samples if not s.ok][:5]
     if errors:
         out["first_errors"] = errors
+    return out
+
+
+def slowest_runs(group: list[Sample], n: int = 3) -> list[dict[str, Any]]:
+    """Where the slowest agent runs spent their time: per step, tokens (prompt/cached/completion),
+    TTFT (queueing + prefill), decode and tool seconds; the rest of the run is the gaps between."""
+    out = []
+    for s in sorted(group, key=lambda s: s.run_s, reverse=True)[:n]:
+        busy = sum(t[3] + t[4] + t[5] for t in s.trace)
+        out.append({"run_s": _round(s.run_s), "status": s.outcome, "other_s": _round(s.run_s - busy),
+                    "steps": [{"prompt": p, "cached": c, "completion": k, "ttft_s": _round(ttft),
+                               "decode_s": _round(dec), "tool_s": _round(tool)}
+                              for p, c, k, ttft, dec, tool in s.trace]})
     return out
 
 
@@ -319,6 +339,10 @@ def _print_phase(title: str, res: dict[str, Any]) -> None:
                   f"TTFT p50 {r['ttft_p50_s']} s  p95 {r['ttft_p95_s']} s{extra}")
             ends = ", ".join(f"{k} {v}" for k, v in r["outcomes"].items())
             print(f"        {'run status' if kind == 'agent' else 'finish_reason'}: {ends or '-'}")
+            for run in r.get("slowest_runs", []):
+                steps = "; ".join(f"{st['prompt']}/{st['cached']}/{st['completion']} tok, ttft {st['ttft_s']} s, "
+                                  f"decode {st['decode_s']} s" for st in run["steps"])
+                print(f"        slow run {run['run_s']} s ({run['status']}, {run['other_s']} s outside steps): {steps}")
     for key in ("warmup_errors", "server_peak_rss_mb", "model_server_peak_rss_mb", "front_peak_rss_mb",
                 "prefix_cache_hit_rate", "server_agent_runs"):
         if res.get(key) is not None:
