@@ -6,7 +6,9 @@ ops of a step waits a scheduler time slice. On this 2-core machine under a load 
 batch-8 decode step of SmolLM2-135M took 4.5 s with 2 threads and 0.27 s with 1 (median of
 4 alternating repeats), while on a quiet machine 2 threads are faster. So the serving loop
 measures instead of guessing: it alternates the candidates step by step for a short trial,
-keeps the one with the lower median step time, and re-tries every so often (load changes).
+keeps the one with the lower median step time, and re-tries every so often (load changes;
+the wait between trials doubles while the same count keeps winning, as a trial spends half
+its steps on the slower count).
 """
 from __future__ import annotations
 
@@ -20,17 +22,20 @@ class ThreadTuner:
     Call `before_step` before each engine step (it sets the thread count through
     ``set_threads``) and `after_step` with the step's duration. A trial alternates the
     candidates for ``trial_steps`` steps each (alternating, so a change of load hits both
-    alike), then the winner runs for ``exploit_steps`` steps before the next trial.
+    alike), then the winner runs for ``exploit_steps`` steps before the next trial (twice as
+    many after each trial with the same winner, up to ``max_backoff`` times as many).
     """
 
-    def __init__(self, max_threads: int, set_threads: Callable[[int], None], trial_steps: int = 6,
-                 exploit_steps: int = 300):
+    def __init__(self, max_threads: int, set_threads: Callable[[int], None], trial_steps: int = 3,
+                 exploit_steps: int = 300, max_backoff: int = 16):
         if max_threads < 1 or trial_steps < 1 or exploit_steps < 0:
             raise ValueError("need max_threads >= 1, trial_steps >= 1, exploit_steps >= 0")
         self.candidates = [max_threads, 1] if max_threads > 1 else [1]
         self.set_threads = set_threads
         self.trial_steps = trial_steps
         self.exploit_steps = exploit_steps
+        self.max_backoff = max_backoff
+        self._backoff = 1
         self.chosen = max_threads
         self._times: dict[int, list[float]] = {c: [] for c in self.candidates}
         self._trial_step = 0  # steps into the current trial (trial_steps * len(candidates) in all)
@@ -59,9 +64,12 @@ class ThreadTuner:
         self._times[self._current].append(seconds)
         self._trial_step += 1
         if self._trial_step >= self.trial_steps * len(self.candidates):
-            self.chosen = min(self.candidates, key=lambda c: statistics.median(self._times[c]))
+            best = min(self.candidates, key=lambda c: statistics.median(self._times[c]))
+            same = self.trials > 0 and best == self.chosen
+            self._backoff = min(2 * self._backoff, self.max_backoff) if same else 1
+            self.chosen = best
             self.trials += 1
             for times in self._times.values():
                 times.clear()
             self._trial_step = 0
-            self._exploit_left = self.exploit_steps
+            self._exploit_left = self.exploit_steps * self._backoff

@@ -26,6 +26,9 @@ def test_a_contended_cpu_picks_one_thread_and_a_quiet_one_keeps_all():
     drive(tuner, {2: 0.05, 1: 0.08}, 6)
     assert tuner.chosen == 2 and tuner.trials == 2
     assert drive(tuner, {2: 0.05, 1: 0.08}, 5) == [2] * 5
+    # the same winner again and again: trials come ever less often (twice the wait each time)
+    drive(tuner, {2: 0.05, 1: 0.08}, 5 + 6)  # rest of the window, then a trial: 2 wins again
+    assert tuner.trials == 3 and drive(tuner, {2: 0.05, 1: 0.08}, 20) == [2] * 20
     assert calls and all(c in (1, 2) for c in calls)
     assert all(a != b for a, b in zip(calls, calls[1:]))  # set only when the count changes
 
