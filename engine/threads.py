@@ -54,6 +54,12 @@ class ThreadTuner:
             self._current = threads
         return threads
 
+    def restore(self) -> None:
+        """Set the thread count back to ``max_threads`` (the loop is ending)."""
+        if self._current != self.candidates[0]:
+            self.set_threads(self.candidates[0])
+            self._current = self.candidates[0]
+
     def after_step(self, seconds: float) -> None:
         """Record the duration of the step that `before_step` prepared."""
         if len(self.candidates) == 1:

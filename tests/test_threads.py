@@ -67,6 +67,7 @@ async def test_the_async_engine_loop_drives_the_tuner():
         aeng.shutdown()
     assert out.output_token_ids == ref.output_token_ids
     assert aeng.thread_tuner.trials >= 2 and 1 in set_to  # trials ran and switched counts
+    assert set_to[-1] == 2  # the loop's end restored the count it started with
     assert torch.get_num_threads() == before  # the recording setter never touched torch here
     plain = AsyncLLMEngine(make(), tune_threads=False)
     plain.shutdown()
