@@ -36,9 +36,10 @@ class EngineConfig:
     compile: run decode-only steps through ``torch.compile`` (inductor) of `LlamaModel.decode_graph`;
       prefill chunks stay eager. The first steps pay the compile (minutes on a small CPU; cached on
       disk by inductor for the next process); off by default.
-    fused_decode: with ``quantization="int8"`` and float32 on CPU, run decode-only steps as one C++
-      call (`decode_fused`: int8 GEMVs, attention and norms fused; built on first use with g++, cached
-      on disk). Where the extension cannot build, a warning names why and the torch path runs.
+    fused_decode: with ``quantization`` ("int8", or "int4": groups of 32 on the GGUF Q4_1 grid) and
+      float32 on CPU, run decode-only steps as one C++ call (`decode_fused`: GEMVs, attention and norms
+      fused; built on first use with g++, cached on disk). Where the extension cannot build, a warning
+      names why and the torch path runs.
     num_threads: torch intra-op threads (None = leave torch's setting alone).
     """
 
@@ -73,9 +74,9 @@ class EngineConfig:
             problems.append(f"quantization={self.quantization!r} (choose None, 'int8' or 'int4')")
         if self.prefill_int8 and self.quantization is None:
             problems.append("prefill_int8=True needs quantization='int8' or 'int4' (it replaces their dense prefill weights)")
-        if self.fused_decode and (self.quantization != "int8" or self.resolved_dtype() != "float32"
+        if self.fused_decode and (self.quantization is None or self.resolved_dtype() != "float32"
                                   or not str(self.device).startswith("cpu")):
-            problems.append("fused_decode=True needs quantization='int8', dtype='float32' and device='cpu'")
+            problems.append("fused_decode=True needs quantization='int8' or 'int4', dtype='float32' and device='cpu'")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} (must be >= 1)")

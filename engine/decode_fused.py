@@ -74,9 +74,49 @@ def _int8_parts(mod: nn.Module, what: str) -> tuple[torch.Tensor, torch.Tensor, 
     """(int8 weight [N, K], float32 scales [N], float32 bias or empty) of a (wrapped) int8 linear."""
     q = getattr(mod, "quantized", mod)  # model.DecodeQuantLinear keeps the int8 copy in .quantized
     if not isinstance(q, Int8WeightOnlyLinear):
-        raise ValueError(f"fused decode needs int8 weight-only linears; {what} is {type(q).__name__}")
-    bias = torch.empty(0) if q.bias is None else q.bias.float().contiguous()
-    return q.weight.contiguous(), q.scales.float().contiguous(), bias
+        raise ValueError(f"fused int8 decode needs int8 weight-only linears; {what} is {type(q).__name__}")
+    return q.weight.contiguous(), q.scales.float().contiguous(), _bias(q.bias)
+
+
+def _bias(b: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(0) if b is None else b.detach().float().contiguous()
+
+
+def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of 32 inputs, the GGUF Q4_1 grid: w ~= d * q + m, q in 0..15, d and m
+    float16 (so weights dequantized from a Q4_1 file come back exactly when a group spans 0..15).
+    weight [N, K] (K a multiple of 32) -> packed uint8 [N, K/2] (byte j of a group: q[j] low nibble,
+    q[j + 16] high nibble), d [N, K/32], m [N, K/32]."""
+    n, k = weight.shape
+    if k % 32:
+        raise ValueError(f"int4 groups of 32: in_features={k} is not a multiple of 32")
+    w = weight.detach().float().reshape(n, k // 32, 32)  # [N, G, 32]
+    lo, hi = w.amin(-1), w.amax(-1)
+    d, m = ((hi - lo) / 15).half(), lo.half()  # rounded first; q is picked against the rounded values
+    df = torch.where(d == 0, torch.ones_like(d), d).float()
+    q = torch.round((w - m.float()[..., None]) / df[..., None]).clamp(0, 15).to(torch.uint8)  # [N, G, 32]
+    packed = q[..., :16] | (q[..., 16:] << 4)  # [N, G, 16]
+    return packed.reshape(n, k // 2).contiguous(), d.contiguous(), m.contiguous()
+
+
+def dequantize_int4_groups(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] that `quantize_int4_groups`' output stands for."""
+    n, g = d.shape
+    p = packed.reshape(n, g, 16)
+    q = torch.cat([p & 15, p >> 4], dim=-1).float()  # [N, G, 32]
+    return (q * d.float()[..., None] + m.float()[..., None]).reshape(n, g * 32)
+
+
+def _lin_parts(mod: nn.Module, mode: str, what: str) -> list[torch.Tensor]:
+    """[w, s, z] of one linear in the form decode_kernel.cpp's ``Lin`` reads (int8 or int4)."""
+    if mode == "int8":
+        w, s, _ = _int8_parts(mod, what)
+        return [w, s, torch.empty(0)]
+    dense = getattr(mod, "dense", mod)  # int4 packs from the float weight the prefill path keeps
+    weight = getattr(dense, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise ValueError(f"fused int4 decode needs {what}'s float weight (prefill_int8 replaces it)")
+    return list(quantize_int4_groups(weight))
 
 
 class FusedInt8Linear(nn.Module):
@@ -99,22 +139,27 @@ class FusedInt8Linear(nn.Module):
 
 
 class FusedDecoder:
-    """A decode step of a float32 `LlamaModel` whose decoder linears are int8 (`Int8WeightOnlyLinear`,
-    possibly inside `DecodeQuantLinear`), as one C++ call. The model's modules are not changed; the
-    int8 tensors are shared, not copied."""
+    """A decode step of a float32 `LlamaModel` as one C++ call, over int8 weights (the model's own
+    `Int8WeightOnlyLinear`s, possibly inside `DecodeQuantLinear`: shared, not copied) or int4 groups of
+    32 (packed here from the dense weights the prefill path keeps). The model's modules are unchanged."""
 
-    def __init__(self, model: nn.Module, ext: Any):
+    def __init__(self, model: nn.Module, ext: Any, mode: str = "int8"):
         a = model.args
+        if mode not in ("int8", "int4"):
+            raise ValueError(f"fused decode mode {mode!r}: choose 'int8' or 'int4'")
         if model.embed_tokens.weight.dtype != torch.float32 or model.embed_tokens.weight.device.type != "cpu":
             raise ValueError("fused decode needs a float32 model on CPU")
-        self.ext, self.model, self.args = ext, model, a
+        self.ext, self.model, self.args, self.mode = ext, model, a, mode
         parts: list[torch.Tensor] = []
         for i, layer in enumerate(model.layers):
-            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-                w, s, b = _int8_parts(getattr(layer, name), f"layers.{i}.{name}")
-                parts += [w, s, b] if name == "qkv_proj" else [w, s]
+            qkv = layer.qkv_proj
+            # the bias from the float linear when there is one (the quantized copies round it to bfloat16)
+            bias = getattr(getattr(qkv, "dense", None), "bias", getattr(qkv, "quantized", qkv).bias)
+            parts += _lin_parts(qkv, mode, f"layers.{i}.qkv_proj") + [_bias(bias)]
+            for name in ("o_proj", "gate_up_proj", "down_proj"):
+                parts += _lin_parts(getattr(layer, name), mode, f"layers.{i}.{name}")
             parts += [layer.input_layernorm.float().contiguous(), layer.post_attention_layernorm.float().contiguous()]
-        self.parts = parts  # 11 per layer, the order decode_kernel.cpp reads
+        self.parts = parts  # 15 per layer, the order decode_kernel.cpp reads
         self.norm = model.norm.float().contiguous()
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, new_slots: torch.Tensor,
@@ -127,13 +172,13 @@ class FusedDecoder:
                                     self.parts, self.norm, a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps)
 
 
-def build_fused_decoder(model: nn.Module) -> FusedDecoder | None:
-    """A `FusedDecoder` for ``model`` with its lm_head swapped for a `FusedInt8Linear` when that is int8;
-    None (with a logged reason) when the extension is unavailable."""
+def build_fused_decoder(model: nn.Module, mode: str = "int8") -> FusedDecoder | None:
+    """A `FusedDecoder` (``mode`` int8 or int4) for ``model`` with its lm_head swapped for a
+    `FusedInt8Linear` when that is int8; None (with a logged reason) when the extension is unavailable."""
     ext = load_extension()
     if ext is None:
         return None
-    dec = FusedDecoder(model, ext)
+    dec = FusedDecoder(model, ext, mode)
     if isinstance(model.lm_head, Int8WeightOnlyLinear):
         model.lm_head = FusedInt8Linear(model.lm_head, ext)
     return dec

@@ -2,10 +2,12 @@
 //
 // Why: a decode step of a 135M model on CPU is bound by per-op dispatch (hundreds of small torch ops
 // per token) and by torch's M=1 int8 kernels, which stream well below memory bandwidth. Here every
-// layer is plain loops: RMSNorm, an AVX2 int8 GEMV (float32 activations, per-output-row scale, several
-// rows and accumulators at once so FMA latency is hidden), RoPE on interleaved pairs, the new K/V
+// layer is plain loops: RMSNorm, an AVX2 int8 GEMV (activations quantized per row to int16, per-output-row
+// weight scale, integer multiply-adds), RoPE on interleaved pairs, the new K/V
 // written to the paged cache, attention over the sequence's slots, SwiGLU. Output rows are split over
 // threads with at::parallel_for (torch's own thread pool and thread count).
+//
+// int4 weights (groups of 32, float16 scale and min, the GGUF Q4_1 grid) halve the bytes a step reads.
 //
 // Layouts (same as engine/model.py): qkv rows are [q (nh*hd) | k (nkv*hd) | v (nkv*hd)] with q/k in
 // interleaved RoPE pair order; gate_up rows are [gate (I) | up (I)]; the cache is
@@ -26,9 +28,6 @@
 namespace {
 
 #ifdef AGENTRT_AVX2
-inline __m256 load_i8(const int8_t* p) {  // 8 int8 -> 8 float
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -36,12 +35,6 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 #endif
-
-inline float dot_i8(const int8_t* w, const float* x, int64_t k0, int64_t K) {
-  float s = 0.f;
-  for (int64_t k = k0; k < K; ++k) s += float(w[k]) * x[k];
-  return s;
-}
 
 inline float dot_f32(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
@@ -67,45 +60,82 @@ inline void axpy_f32(float a, const float* x, float* y, int64_t n) {  // y += a 
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
-// Y[m, n] (+)= S[n] * dot(W[n, :], X[m, :]) + bias[n] for rows n in [n0, n1); W [N, K] int8, X [M, K].
-void gemv_rows(const int8_t* W, const float* S, const float* bias, const float* X, float* Y, int64_t M,
-               int64_t K, int64_t ldy, bool accumulate, int64_t n0, int64_t n1) {
+// Activations are quantized per row to int16 (x ~= xq * sx) so the GEMV is an integer dot: int8
+// weights widen to int16 and _mm256_madd_epi16 multiplies and pairs 16 of them per instruction, twice
+// the float path's rate (int8 -> int32 -> float -> FMA per 8). The row's largest value maps to
+// act_limit(K) <= 32767 (16 bits, far finer than the weights' 8), small enough that no int32 lane
+// can overflow: a lane adds ceil(K / 16) pair sums of at most 2 * 128 * limit each.
+inline int32_t act_limit(int64_t K) {
+  const int64_t per_lane = (K + 15) / 16;
+  return int32_t(std::min<int64_t>(32767, (int64_t(1) << 31) / (per_lane * 2 * 128) - 1));
+}
+
+void quantize_rows(const float* X, int16_t* Q, float* sx, int64_t M, int64_t K) {
+  const float limit = float(act_limit(K));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = X + m * K;
+    float mx = 0.f;
+    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(x[k]));
+    const float s = mx > 0.f ? mx / limit : 1.f;
+    const float inv = 1.f / s;
+    for (int64_t k = 0; k < K; ++k) Q[m * K + k] = int16_t(std::nearbyint(x[k] * inv));
+    sx[m] = s;
+  }
+}
+
+inline int32_t dot_i8_i16(const int8_t* w, const int16_t* x, int64_t k0, int64_t K) {
+  int32_t s = 0;
+  for (int64_t k = k0; k < K; ++k) s += int32_t(w[k]) * int32_t(x[k]);
+  return s;
+}
+
+#ifdef AGENTRT_AVX2
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+inline __m256i madd_i8(const int8_t* w, __m256i x) {  // 16 int8 weights x 16 int16 activations -> 8 int32
+  return _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), x);
+}
+#endif
+
+// Y[m, n] (+)= S[n] * sx[m] * dot(W[n, :], XQ[m, :]) + bias[n] for rows n in [n0, n1); W [N, K] int8.
+void gemv_rows(const int8_t* W, const float* S, const float* bias, const int16_t* XQ, const float* sx, float* Y,
+               int64_t M, int64_t K, int64_t ldy, bool accumulate, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  auto put = [&](int64_t m, int64_t row, float dot) {
-    float v = dot * S[row] + (bias ? bias[row] : 0.f);
+  auto put = [&](int64_t m, int64_t row, int32_t dot) {
+    float v = float(dot) * sx[m] * S[row] + (bias ? bias[row] : 0.f);
     float& y = Y[m * ldy + row];
     y = accumulate ? y + v : v;
   };
 #ifdef AGENTRT_AVX2
   const int64_t K16 = K & ~int64_t(15);
-  for (; n + 4 <= n1; n += 4) {  // 4 rows x 2 accumulators: 8 independent FMA chains
+  for (; n + 4 <= n1; n += 4) {  // 4 rows at once: each activation load serves 4 weight rows
     const int8_t* w0 = W + n * K;
     const int8_t* w1 = w0 + K;
     const int8_t* w2 = w1 + K;
     const int8_t* w3 = w2 + K;
     for (int64_t m = 0; m < M; ++m) {  // the 4 rows (4K bytes) stay in L1 across the batch rows
-      const float* x = X + m * K;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+      const int16_t* x = XQ + m * K;
+      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t k = 0; k < K16; k += 16) {
-        const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-        a0 = _mm256_fmadd_ps(load_i8(w0 + k), x0, a0);
-        a1 = _mm256_fmadd_ps(load_i8(w0 + k + 8), x1, a1);
-        a2 = _mm256_fmadd_ps(load_i8(w1 + k), x0, a2);
-        a3 = _mm256_fmadd_ps(load_i8(w1 + k + 8), x1, a3);
-        a4 = _mm256_fmadd_ps(load_i8(w2 + k), x0, a4);
-        a5 = _mm256_fmadd_ps(load_i8(w2 + k + 8), x1, a5);
-        a6 = _mm256_fmadd_ps(load_i8(w3 + k), x0, a6);
-        a7 = _mm256_fmadd_ps(load_i8(w3 + k + 8), x1, a7);
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+        a0 = _mm256_add_epi32(a0, madd_i8(w0 + k, xv));
+        a1 = _mm256_add_epi32(a1, madd_i8(w1 + k, xv));
+        a2 = _mm256_add_epi32(a2, madd_i8(w2 + k, xv));
+        a3 = _mm256_add_epi32(a3, madd_i8(w3 + k, xv));
       }
-      put(m, n, hsum(_mm256_add_ps(a0, a1)) + dot_i8(w0, x, K16, K));
-      put(m, n + 1, hsum(_mm256_add_ps(a2, a3)) + dot_i8(w1, x, K16, K));
-      put(m, n + 2, hsum(_mm256_add_ps(a4, a5)) + dot_i8(w2, x, K16, K));
-      put(m, n + 3, hsum(_mm256_add_ps(a6, a7)) + dot_i8(w3, x, K16, K));
+      put(m, n, hsum_i32(a0) + dot_i8_i16(w0, x, K16, K));
+      put(m, n + 1, hsum_i32(a1) + dot_i8_i16(w1, x, K16, K));
+      put(m, n + 2, hsum_i32(a2) + dot_i8_i16(w2, x, K16, K));
+      put(m, n + 3, hsum_i32(a3) + dot_i8_i16(w3, x, K16, K));
     }
   }
 #endif
   for (; n < n1; ++n)
-    for (int64_t m = 0; m < M; ++m) put(m, n, dot_i8(W + n * K, X + m * K, 0, K));
+    for (int64_t m = 0; m < M; ++m) put(m, n, dot_i8_i16(W + n * K, XQ + m * K, 0, K));
 }
 
 // Y [M, N] (+)= X [M, K] @ (W * S[:, None]).T + bias, output rows split over threads.
@@ -115,9 +145,111 @@ void gemv(const torch::Tensor& W, const torch::Tensor& S, const torch::Tensor& b
   const int8_t* w = W.data_ptr<int8_t>();
   const float* s = S.data_ptr<float>();
   const float* b = bias.defined() && bias.numel() ? bias.data_ptr<float>() : nullptr;
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> sx(M);
+  quantize_rows(X, xq.data(), sx.data(), M, K);
   const int64_t blocks = (N + 3) / 4;
   at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-    gemv_rows(w, s, b, X, Y, M, K, N, accumulate, b0 * 4, std::min(b1 * 4, N));
+    gemv_rows(w, s, b, xq.data(), sx.data(), Y, M, K, N, accumulate, b0 * 4, std::min(b1 * 4, N));
+  });
+}
+
+// int4 rows, 32-weight groups (the GGUF Q4_1 grid): w = d_g * q + m_g, q in 0..15, d/m float16. Byte j of
+// a group holds q[j] (low nibble) and q[j + 16] (high nibble). Half the bytes of int8 per weight; the
+// dot is d_g * (q . xq)_g + m_g * (sum xq)_g per group, the integer part by the same madd as int8.
+inline float half_to_float(at::Half h) {
+#ifdef AGENTRT_AVX2
+  return _cvtsh_ss(h.x);
+#else
+  return float(h);
+#endif
+}
+
+void gemv4_rows(const uint8_t* W, const at::Half* D, const at::Half* Mn, const float* bias, const int16_t* XQ,
+                const float* gsum, const float* sx, float* Y, int64_t M, int64_t K, int64_t ldy, bool accumulate,
+                int64_t n0, int64_t n1) {
+  const int64_t G = K / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = W + n * (K / 2);
+    const at::Half* d = D + n * G;
+    const at::Half* mn = Mn + n * G;
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* x = XQ + m * K;
+      const float* gs = gsum + m * G;
+      float mins = 0.f, dot = 0.f;
+      int64_t g = 0;
+#ifdef AGENTRT_AVX2
+      const __m128i low = _mm_set1_epi8(0x0f);
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+      auto group = [&](int64_t gi) {  // 8 int32 partial sums of the group's q . xq
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + gi * 16));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + gi * 32));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + gi * 32 + 16));
+        return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1)));
+      };
+      for (; g + 2 <= G; g += 2) {  // two groups a round: two independent FMA chains
+        acc0 = _mm256_fmadd_ps(group(g), _mm256_set1_ps(half_to_float(d[g])), acc0);
+        acc1 = _mm256_fmadd_ps(group(g + 1), _mm256_set1_ps(half_to_float(d[g + 1])), acc1);
+      }
+      if (g < G) {
+        acc0 = _mm256_fmadd_ps(group(g), _mm256_set1_ps(half_to_float(d[g])), acc0);
+        ++g;
+      }
+      dot = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+      for (; g < G; ++g) {
+        int32_t t = 0;
+        for (int64_t j = 0; j < 16; ++j)
+          t += int32_t(w[g * 16 + j] & 15) * x[g * 32 + j] + int32_t(w[g * 16 + j] >> 4) * x[g * 32 + 16 + j];
+        dot += float(t) * half_to_float(d[g]);
+      }
+      for (int64_t gi = 0; gi < G; ++gi) mins += half_to_float(mn[gi]) * gs[gi];
+      float v = (dot + mins) * sx[m] + (bias ? bias[n] : 0.f);
+      float& y = Y[m * ldy + n];
+      y = accumulate ? y + v : v;
+    }
+  }
+}
+
+// A linear as the kernel sees it: int8 rows (w int8 [N, K], s float [N], z empty) or int4 groups
+// (w uint8 [N, K/2], s = d and z = m float16 [N, K/32]); bias float [N] or empty.
+struct Lin {
+  torch::Tensor w, s, z, b;
+};
+
+void check_lin(const Lin& l, int64_t N, int64_t K, const char* what) {
+  TORCH_CHECK(l.w.is_contiguous() && l.w.dim() == 2 && l.w.size(0) == N && l.s.is_contiguous(), what, ": bad weight");
+  if (l.w.scalar_type() == torch::kInt8) {
+    TORCH_CHECK(l.w.size(1) == K && l.s.scalar_type() == torch::kFloat && l.s.numel() == N, what,
+                ": int8 needs weight [N, K] and float32 scales [N]");
+  } else {
+    TORCH_CHECK(l.w.scalar_type() == torch::kUInt8 && K % 32 == 0 && l.w.size(1) == K / 2, what,
+                ": int4 needs uint8 weight [N, K/2] with K a multiple of 32");
+    TORCH_CHECK(l.s.scalar_type() == torch::kHalf && l.z.scalar_type() == torch::kHalf && l.z.is_contiguous() &&
+                l.s.numel() == N * (K / 32) && l.z.numel() == N * (K / 32), what, ": int4 needs float16 d, m [N, K/32]");
+  }
+  TORCH_CHECK(!l.b.defined() || l.b.numel() == 0 || (l.b.scalar_type() == torch::kFloat && l.b.numel() == N), what,
+              ": bias must be float32 [N]");
+}
+
+// Y [M, N] (+)= X [M, K] @ W.T + bias for either kind of linear.
+void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate) {
+  if (l.w.scalar_type() == torch::kInt8) return gemv(l.w, l.s, l.b, X, Y, M, accumulate);
+  const int64_t N = l.w.size(0), G = K / 32;
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> sx(M), gsum(M * G);
+  quantize_rows(X, xq.data(), sx.data(), M, K);
+  for (int64_t i = 0; i < M * G; ++i) {
+    int32_t t = 0;
+    for (int64_t j = 0; j < 32; ++j) t += xq[i * 32 + j];
+    gsum[i] = float(t);
+  }
+  const float* b = l.b.defined() && l.b.numel() ? l.b.data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    gemv4_rows(l.w.data_ptr<uint8_t>(), l.s.data_ptr<at::Half>(), l.z.data_ptr<at::Half>(), b, xq.data(), gsum.data(),
+               sx.data(), Y, M, K, N, accumulate, n0, n1);
   });
 }
 
@@ -152,9 +284,11 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, tor
 //   positions [B] int64 (= earlier tokens of each sequence); new_slots [B] int64: the new tokens' slots
 //   kv_slots [B, Lp] int64: slots of each sequence's earlier tokens (only the first positions[b] are read)
 //   rope_cos / rope_sin [max_len, hd/2] float32; k_cache / v_cache [layers, slots, nkv, hd] float32
-//   layers: 11 tensors per layer: qkv_w, qkv_s, qkv_b (empty = none), o_w, o_s, gu_w, gu_s, down_w, down_s,
-//           input_norm, post_attention_norm
+//   layers: 15 tensors per layer: qkv (w, s, z, bias), o (w, s, z), gate_up (w, s, z), down (w, s, z),
+//           input_norm, post_attention_norm (see Lin; empty tensors where there is none)
 // Returns the final-normed hidden states [B, H].
+constexpr size_t kPerLayer = 15;
+
 torch::Tensor decode_step(torch::Tensor x, torch::Tensor positions, torch::Tensor new_slots, torch::Tensor kv_slots,
                           torch::Tensor rope_cos, torch::Tensor rope_sin, torch::Tensor k_cache, torch::Tensor v_cache,
                           std::vector<torch::Tensor> layers, torch::Tensor final_norm, int64_t nh, int64_t nkv,
@@ -162,13 +296,14 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor positions, torch::Tenso
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "decode_step: x must be contiguous float32 [B, H]");
   TORCH_CHECK(k_cache.scalar_type() == torch::kFloat && v_cache.scalar_type() == torch::kFloat && k_cache.is_contiguous() &&
               v_cache.is_contiguous(), "decode_step: the KV cache must be contiguous float32");
-  TORCH_CHECK(layers.size() % 11 == 0 && int64_t(layers.size() / 11) == k_cache.size(0), "decode_step: 11 tensors per layer");
+  TORCH_CHECK(layers.size() % kPerLayer == 0 && int64_t(layers.size() / kPerLayer) == k_cache.size(0),
+              "decode_step: 15 tensors per layer, one layer per cache layer");
   TORCH_CHECK(k_cache.size(2) == nkv && k_cache.size(3) == hd && nh % nkv == 0, "decode_step: cache shape does not match the heads");
   positions = positions.contiguous();
   new_slots = new_slots.contiguous();
   kv_slots = kv_slots.contiguous();
-  const int64_t B = x.size(0), H = x.size(1), L = layers.size() / 11, S = k_cache.size(1);
-  const int64_t I = layers[5].size(0) / 2, qd = nh * hd, kvd = nkv * hd, nqkv = qd + 2 * kvd, half = hd / 2;
+  const int64_t B = x.size(0), H = x.size(1), L = layers.size() / kPerLayer, S = k_cache.size(1);
+  const int64_t I = layers[7].size(0) / 2, qd = nh * hd, kvd = nkv * hd, nqkv = qd + 2 * kvd, half = hd / 2;
   const int64_t Lp = kv_slots.dim() == 2 ? kv_slots.size(1) : 0;
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* nslot = new_slots.data_ptr<int64_t>();
@@ -178,13 +313,19 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor positions, torch::Tenso
                 "decode_step: position or slot out of range");
     for (int64_t j = 0; j < pos[b]; ++j) TORCH_CHECK(slots[b * Lp + j] >= 0 && slots[b * Lp + j] < S, "decode_step: kv slot out of range");
   }
+  std::vector<Lin> lins;  // 4 per layer: qkv, o, gate_up, down
   for (int64_t l = 0; l < L; ++l) {
-    check_i8(layers[l * 11], layers[l * 11 + 1], "qkv");
-    check_i8(layers[l * 11 + 3], layers[l * 11 + 4], "o");
-    check_i8(layers[l * 11 + 5], layers[l * 11 + 6], "gate_up");
-    check_i8(layers[l * 11 + 7], layers[l * 11 + 8], "down");
-    TORCH_CHECK(layers[l * 11].size(0) == nqkv && layers[l * 11].size(1) == H && layers[l * 11 + 7].size(0) == H,
-                "decode_step: layer weight shapes do not match");
+    const torch::Tensor* p = &layers[l * kPerLayer];
+    lins.push_back({p[0], p[1], p[2], p[3]});
+    lins.push_back({p[4], p[5], p[6], torch::Tensor()});
+    lins.push_back({p[7], p[8], p[9], torch::Tensor()});
+    lins.push_back({p[10], p[11], p[12], torch::Tensor()});
+    check_lin(lins[l * 4], nqkv, H, "qkv");
+    check_lin(lins[l * 4 + 1], H, qd, "o");
+    check_lin(lins[l * 4 + 2], 2 * I, H, "gate_up");
+    check_lin(lins[l * 4 + 3], H, I, "down");
+    TORCH_CHECK(p[13].numel() == H && p[14].numel() == H && p[13].scalar_type() == torch::kFloat &&
+                p[14].scalar_type() == torch::kFloat, "decode_step: norm weights must be float32 [H]");
   }
   auto opt = x.options();
   auto h = torch::empty({B, H}, opt);
@@ -200,11 +341,12 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor positions, torch::Tenso
   const int64_t group = nh / nkv, layer_stride = S * kvd;
 
   for (int64_t l = 0; l < L; ++l) {
-    const torch::Tensor* p = &layers[l * 11];
+    const torch::Tensor* p = &layers[l * kPerLayer];
+    const Lin* lin = &lins[l * 4];
     float* kc = kc0 + l * layer_stride;
     float* vc = vc0 + l * layer_stride;
-    rms_norm(xp, p[9].data_ptr<float>(), hp, B, H, eps);
-    gemv(p[0], p[1], p[2], hp, qkvp, B, false);
+    rms_norm(xp, p[13].data_ptr<float>(), hp, B, H, eps);
+    linear(lin[0], hp, qkvp, B, H, false);
     for (int64_t b = 0; b < B; ++b) {  // RoPE on q and k (adjacent pairs), then the new K/V to the cache
       float* r = qkvp + b * nqkv;
       const float* c = cosp + pos[b] * half;
@@ -243,15 +385,15 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor positions, torch::Tenso
         }
       }
     });
-    gemv(p[3], p[4], torch::Tensor(), attp, xp, B, true);  // x += o_proj(att)
-    rms_norm(xp, p[10].data_ptr<float>(), hp, B, H, eps);
-    gemv(p[5], p[6], torch::Tensor(), hp, gup, B, false);
+    linear(lin[1], attp, xp, B, qd, true);  // x += o_proj(att)
+    rms_norm(xp, p[14].data_ptr<float>(), hp, B, H, eps);
+    linear(lin[2], hp, gup, B, H, false);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < I; ++i) {
         const float g = gup[b * 2 * I + i];
         actp[b * I + i] = g / (1.f + std::exp(-g)) * gup[b * 2 * I + I + i];
       }
-    gemv(p[7], p[8], torch::Tensor(), actp, xp, B, true);  // x += down(silu(gate) * up)
+    linear(lin[3], actp, xp, B, I, true);  // x += down(silu(gate) * up)
   }
   auto out = torch::empty({B, H}, opt);
   rms_norm(xp, final_norm.data_ptr<float>(), out.data_ptr<float>(), B, H, eps);
@@ -260,7 +402,7 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor positions, torch::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "x [M, K] f32 @ (int8 W [N, K] * scales [N]).T + bias -> [M, N] f32");
-  m.def("decode_step", &decode_step, "one fused decode step (int8 weights, float32 activations and cache)");
+  m.def("decode_step", &decode_step, "one fused decode step (int8 or int4 weights, float32 activations and cache)");
   m.def("has_avx2", []() {
 #ifdef AGENTRT_AVX2
     return true;

@@ -140,7 +140,7 @@ class LLMEngine:
         if config.fused_decode:  # decode-only steps as one C++ call (None if it cannot build: torch path)
             from .decode_fused import build_fused_decoder
 
-            self._fused = build_fused_decoder(self.model)
+            self._fused = build_fused_decoder(self.model, config.quantization)
 
     def _quantize(self, mode: str) -> None:
         """Weight-only quantize the decoder linears (``mode``) and the lm_head (int8).

@@ -38,6 +38,8 @@ SETTINGS = {  # name -> EngineConfig fields
     "int8-w8a8": dict(dtype="float32", quantization="int8", prefill_int8=True),
     # decode steps as one C++ call over the int8 weights (float32 activations); dense float32 prefill
     "int8-fused": dict(dtype="float32", quantization="int8", fused_decode=True),
+    # the same with int4 layers in groups of 32 (the GGUF's own Q4_1 grid: half the bytes of int8)
+    "int4-fused": dict(dtype="float32", quantization="int4", fused_decode=True),
 }
 _TEXT = ("An agent answers questions by calling tools. It reads the tool specs, decides which tool "
          "to call with which arguments, reads the result and either calls another tool or answers. "
