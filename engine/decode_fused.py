@@ -2,8 +2,8 @@
 
 A decode step of a small model on CPU spends most of its time in per-op dispatch and in torch's
 batch-1 int8 kernels. `FusedDecoder` runs all layers of a one-token-per-sequence step in a single
-C++ call over the int8 weights that `quant.Int8WeightOnlyLinear` already holds (float32 activations
-and KV cache), and `FusedInt8Linear` serves the lm_head with the same GEMV.
+C++ call over int8 weights (those `quant.Int8WeightOnlyLinear` already holds) or int4 groups of 32,
+with float32 activations and KV cache; `FusedLinear` serves the lm_head with the same GEMVs.
 
 The extension is compiled with ``torch.utils.cpp_extension`` (g++ and ninja; AVX2+FMA when the CPU
 has them, scalar loops otherwise) into torch's extension cache, so only the first process pays the
@@ -119,23 +119,49 @@ def _lin_parts(mod: nn.Module, mode: str, what: str) -> list[torch.Tensor]:
     return list(quantize_int4_groups(weight))
 
 
-class FusedInt8Linear(nn.Module):
-    """An `Int8WeightOnlyLinear` run by the C++ GEMV in float32 (used for the lm_head: only the sampled
-    rows reach it, so M is small)."""
+def quantize_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 in groups of 32 inputs, the GGUF Q8_0 grid: w ~= d * q, q in -127..127, d float16
+    (weights dequantized from a Q8_0 file come back exactly). weight [N, K] -> q int8 [N, K], d [N, K/32]."""
+    n, k = weight.shape
+    if k % 32:
+        raise ValueError(f"int8 groups of 32: in_features={k} is not a multiple of 32")
+    w = weight.detach().float().reshape(n, k // 32, 32)
+    d = (w.abs().amax(-1) / 127).half()
+    df = torch.where(d == 0, torch.ones_like(d), d).float()
+    q = torch.round(w / df[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(n, k).contiguous(), d.contiguous()
 
-    def __init__(self, lin: Int8WeightOnlyLinear, ext: Any):
+
+class FusedLinear(nn.Module):
+    """A linear run by the C++ GEMV in float32 from the parts decode_kernel.cpp's ``Lin`` reads (int8
+    rows, int8 or int4 groups). Used for the lm_head: only the sampled rows reach it (M is small)."""
+
+    def __init__(self, parts: list[torch.Tensor], bias: torch.Tensor, in_features: int, ext: Any):
         super().__init__()
-        self.ext = ext
-        self.in_features, self.out_features = lin.in_features, lin.out_features
-        w, s, b = _int8_parts(lin, "lm_head")
-        self.register_buffer("weight", w)
-        self.register_buffer("scales", s)
-        self.register_buffer("bias", b)
+        self.ext, self.in_features, self.out_features = ext, in_features, parts[0].shape[0]
+        self.register_buffer("weight", parts[0])
+        self.register_buffer("scales", parts[1])
+        self.register_buffer("zeros", parts[2])
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
         shape = x.shape
-        y = self.ext.int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scales, self.bias)
+        y = self.ext.linear(x.reshape(-1, self.in_features).float(), self.weight, self.scales, self.zeros, self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def fused_lm_head(model: nn.Module, ext: Any) -> FusedLinear | None:
+    """The lm_head as a `FusedLinear`: int8 groups of 32 from the float embedding when tied (exact for a
+    Q8_0 GGUF embedding), else the engine's int8 rows; None when the lm_head is not int8."""
+    head = model.lm_head
+    if not isinstance(head, Int8WeightOnlyLinear):
+        return None
+    h = model.args.hidden_size
+    if model.args.tie_word_embeddings and h % 32 == 0:
+        q, d = quantize_int8_groups(model.embed_tokens.weight)
+        return FusedLinear([q, d, torch.empty(0)], torch.empty(0), h, ext)
+    w, s, b = _int8_parts(head, "lm_head")
+    return FusedLinear([w, s, torch.empty(0)], b, h, ext)
 
 
 class FusedDecoder:
@@ -173,14 +199,15 @@ class FusedDecoder:
 
 
 def build_fused_decoder(model: nn.Module, mode: str = "int8") -> FusedDecoder | None:
-    """A `FusedDecoder` (``mode`` int8 or int4) for ``model`` with its lm_head swapped for a
-    `FusedInt8Linear` when that is int8; None (with a logged reason) when the extension is unavailable."""
+    """A `FusedDecoder` (``mode`` int8 or int4) for ``model`` with its int8 lm_head swapped for a
+    `FusedLinear` (see `fused_lm_head`); None (with a logged reason) when the extension is unavailable."""
     ext = load_extension()
     if ext is None:
         return None
     dec = FusedDecoder(model, ext, mode)
-    if isinstance(model.lm_head, Int8WeightOnlyLinear):
-        model.lm_head = FusedInt8Linear(model.lm_head, ext)
+    head = fused_lm_head(model, ext)
+    if head is not None:
+        model.lm_head = head
     return dec
 
 

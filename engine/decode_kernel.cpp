@@ -154,9 +154,11 @@ void gemv(const torch::Tensor& W, const torch::Tensor& S, const torch::Tensor& b
   });
 }
 
-// int4 rows, 32-weight groups (the GGUF Q4_1 grid): w = d_g * q + m_g, q in 0..15, d/m float16. Byte j of
-// a group holds q[j] (low nibble) and q[j + 16] (high nibble). Half the bytes of int8 per weight; the
-// dot is d_g * (q . xq)_g + m_g * (sum xq)_g per group, the integer part by the same madd as int8.
+// Rows in groups of 32 weights with a float16 scale d_g each, the GGUF grids:
+//   int4 (Q4_1): w = d_g * q + m_g, q in 0..15; byte j of a group holds q[j] (low nibble) and q[j + 16]
+//                (high nibble); half the bytes of int8 per weight.
+//   int8 (Q8_0): w = d_g * q, q in -127..127.
+// The dot is d_g * (q . xq)_g (+ m_g * (sum xq)_g) per group, the integer part by the same madd as above.
 inline float half_to_float(at::Half h) {
 #ifdef AGENTRT_AVX2
   return _cvtsh_ss(h.x);
@@ -165,26 +167,32 @@ inline float half_to_float(at::Half h) {
 #endif
 }
 
-void gemv4_rows(const uint8_t* W, const at::Half* D, const at::Half* Mn, const float* bias, const int16_t* XQ,
-                const float* gsum, const float* sx, float* Y, int64_t M, int64_t K, int64_t ldy, bool accumulate,
-                int64_t n0, int64_t n1) {
-  const int64_t G = K / 32;
+template <bool kQ4>
+void gemv_groups_rows(const uint8_t* W, const at::Half* D, const at::Half* Mn, const float* bias, const int16_t* XQ,
+                      const float* gsum, const float* sx, float* Y, int64_t M, int64_t K, int64_t ldy, bool accumulate,
+                      int64_t n0, int64_t n1) {
+  const int64_t G = K / 32, gbytes = kQ4 ? 16 : 32;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = W + n * (K / 2);
+    const uint8_t* w = W + n * G * gbytes;
     const at::Half* d = D + n * G;
-    const at::Half* mn = Mn + n * G;
     for (int64_t m = 0; m < M; ++m) {
       const int16_t* x = XQ + m * K;
-      const float* gs = gsum + m * G;
-      float mins = 0.f, dot = 0.f;
+      float dot = 0.f;
       int64_t g = 0;
 #ifdef AGENTRT_AVX2
-      const __m128i low = _mm_set1_epi8(0x0f);
       __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-      auto group = [&](int64_t gi) {  // 8 int32 partial sums of the group's q . xq
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + gi * 16));
-        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
-        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
+      auto group = [&](int64_t gi) {  // 8 int32 partial sums of the group's q . xq, as float
+        const uint8_t* wg = w + gi * gbytes;
+        __m256i lo, hi;
+        if constexpr (kQ4) {
+          const __m128i low = _mm_set1_epi8(0x0f);
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wg));
+          lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
+          hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
+        } else {
+          lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg)));
+          hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16)));
+        }
         const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + gi * 32));
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + gi * 32 + 16));
         return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1)));
@@ -193,63 +201,77 @@ void gemv4_rows(const uint8_t* W, const at::Half* D, const at::Half* Mn, const f
         acc0 = _mm256_fmadd_ps(group(g), _mm256_set1_ps(half_to_float(d[g])), acc0);
         acc1 = _mm256_fmadd_ps(group(g + 1), _mm256_set1_ps(half_to_float(d[g + 1])), acc1);
       }
-      if (g < G) {
-        acc0 = _mm256_fmadd_ps(group(g), _mm256_set1_ps(half_to_float(d[g])), acc0);
-        ++g;
-      }
       dot = hsum(_mm256_add_ps(acc0, acc1));
 #endif
       for (; g < G; ++g) {
+        const uint8_t* wg = w + g * gbytes;
         int32_t t = 0;
-        for (int64_t j = 0; j < 16; ++j)
-          t += int32_t(w[g * 16 + j] & 15) * x[g * 32 + j] + int32_t(w[g * 16 + j] >> 4) * x[g * 32 + 16 + j];
+        for (int64_t j = 0; j < 16; ++j) {
+          if constexpr (kQ4) {
+            t += int32_t(wg[j] & 15) * x[g * 32 + j] + int32_t(wg[j] >> 4) * x[g * 32 + 16 + j];
+          } else {
+            t += int32_t(int8_t(wg[j])) * x[g * 32 + j] + int32_t(int8_t(wg[16 + j])) * x[g * 32 + 16 + j];
+          }
+        }
         dot += float(t) * half_to_float(d[g]);
       }
-      for (int64_t gi = 0; gi < G; ++gi) mins += half_to_float(mn[gi]) * gs[gi];
-      float v = (dot + mins) * sx[m] + (bias ? bias[n] : 0.f);
+      if constexpr (kQ4) {
+        const at::Half* mn = Mn + n * G;
+        const float* gs = gsum + m * G;
+        for (int64_t gi = 0; gi < G; ++gi) dot += half_to_float(mn[gi]) * gs[gi];
+      }
+      float v = dot * sx[m] + (bias ? bias[n] : 0.f);
       float& y = Y[m * ldy + n];
       y = accumulate ? y + v : v;
     }
   }
 }
 
-// A linear as the kernel sees it: int8 rows (w int8 [N, K], s float [N], z empty) or int4 groups
-// (w uint8 [N, K/2], s = d and z = m float16 [N, K/32]); bias float [N] or empty.
+// A linear as the kernel sees it (bias float [N] or empty in every case):
+//   int8 rows:   w int8 [N, K], s float32 [N], z empty
+//   int8 groups: w int8 [N, K], s = d float16 [N, K/32], z empty
+//   int4 groups: w uint8 [N, K/2], s = d and z = m float16 [N, K/32]
 struct Lin {
   torch::Tensor w, s, z, b;
+  bool rows() const { return w.scalar_type() == torch::kInt8 && s.scalar_type() == torch::kFloat; }
 };
 
 void check_lin(const Lin& l, int64_t N, int64_t K, const char* what) {
   TORCH_CHECK(l.w.is_contiguous() && l.w.dim() == 2 && l.w.size(0) == N && l.s.is_contiguous(), what, ": bad weight");
-  if (l.w.scalar_type() == torch::kInt8) {
-    TORCH_CHECK(l.w.size(1) == K && l.s.scalar_type() == torch::kFloat && l.s.numel() == N, what,
-                ": int8 needs weight [N, K] and float32 scales [N]");
+  if (l.rows()) {
+    TORCH_CHECK(l.w.size(1) == K && l.s.numel() == N, what, ": int8 rows need weight [N, K] and float32 scales [N]");
   } else {
-    TORCH_CHECK(l.w.scalar_type() == torch::kUInt8 && K % 32 == 0 && l.w.size(1) == K / 2, what,
-                ": int4 needs uint8 weight [N, K/2] with K a multiple of 32");
-    TORCH_CHECK(l.s.scalar_type() == torch::kHalf && l.z.scalar_type() == torch::kHalf && l.z.is_contiguous() &&
-                l.s.numel() == N * (K / 32) && l.z.numel() == N * (K / 32), what, ": int4 needs float16 d, m [N, K/32]");
+    const bool q4 = l.w.scalar_type() == torch::kUInt8;
+    TORCH_CHECK((q4 || l.w.scalar_type() == torch::kInt8) && K % 32 == 0 && l.w.size(1) == (q4 ? K / 2 : K), what,
+                ": group weights need int8 [N, K] or packed uint8 [N, K/2], K a multiple of 32");
+    TORCH_CHECK(l.s.scalar_type() == torch::kHalf && l.s.numel() == N * (K / 32), what, ": group scales: float16 [N, K/32]");
+    TORCH_CHECK(!q4 || (l.z.scalar_type() == torch::kHalf && l.z.is_contiguous() && l.z.numel() == N * (K / 32)), what,
+                ": int4 groups need float16 mins [N, K/32]");
   }
   TORCH_CHECK(!l.b.defined() || l.b.numel() == 0 || (l.b.scalar_type() == torch::kFloat && l.b.numel() == N), what,
               ": bias must be float32 [N]");
 }
 
-// Y [M, N] (+)= X [M, K] @ W.T + bias for either kind of linear.
+// Y [M, N] (+)= X [M, K] @ W.T + bias for any kind of linear.
 void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate) {
-  if (l.w.scalar_type() == torch::kInt8) return gemv(l.w, l.s, l.b, X, Y, M, accumulate);
+  if (l.rows()) return gemv(l.w, l.s, l.b, X, Y, M, accumulate);
+  const bool q4 = l.w.scalar_type() == torch::kUInt8;
   const int64_t N = l.w.size(0), G = K / 32;
   std::vector<int16_t> xq(M * K);
-  std::vector<float> sx(M), gsum(M * G);
+  std::vector<float> sx(M), gsum(q4 ? M * G : 0);
   quantize_rows(X, xq.data(), sx.data(), M, K);
-  for (int64_t i = 0; i < M * G; ++i) {
+  for (int64_t i = 0; i < int64_t(gsum.size()); ++i) {
     int32_t t = 0;
     for (int64_t j = 0; j < 32; ++j) t += xq[i * 32 + j];
     gsum[i] = float(t);
   }
   const float* b = l.b.defined() && l.b.numel() ? l.b.data_ptr<float>() : nullptr;
+  const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr());
+  const at::Half* d = l.s.data_ptr<at::Half>();
+  const at::Half* mn = q4 ? l.z.data_ptr<at::Half>() : nullptr;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    gemv4_rows(l.w.data_ptr<uint8_t>(), l.s.data_ptr<at::Half>(), l.z.data_ptr<at::Half>(), b, xq.data(), gsum.data(),
-               sx.data(), Y, M, K, N, accumulate, n0, n1);
+    if (q4) gemv_groups_rows<true>(w, d, mn, b, xq.data(), gsum.data(), sx.data(), Y, M, K, N, accumulate, n0, n1);
+    else gemv_groups_rows<false>(w, d, mn, b, xq.data(), gsum.data(), sx.data(), Y, M, K, N, accumulate, n0, n1);
   });
 }
 
@@ -262,20 +284,16 @@ void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t H, do
   }
 }
 
-void check_i8(const torch::Tensor& w, const torch::Tensor& s, const char* what) {
-  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.dim() == 2, what, ": weight must be contiguous int8 [N, K]");
-  TORCH_CHECK(s.scalar_type() == torch::kFloat && s.is_contiguous() && s.numel() == w.size(0), what, ": scales must be float32 [N]");
-}
-
 }  // namespace
 
-// x [M, K] float32 -> [M, N] float32 with an int8 [N, K] weight and float32 per-row scales [N].
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Tensor bias) {
-  check_i8(w, s, "int8_linear");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.size(1) == w.size(1), "int8_linear: x must be float32 [M, K]");
+// x [M, K] float32 -> [M, N] float32 through any kind of `Lin` (w, s, z, bias; see there).
+torch::Tensor linear_op(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Tensor z, torch::Tensor bias) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2, "linear: x must be float32 [M, K]");
+  const Lin l{w, s, z, bias};
+  check_lin(l, w.size(0), x.size(1), "linear");
   x = x.contiguous();
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
-  gemv(w, s, bias, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0), false);
+  linear(l, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), false);
   return y;
 }
 
@@ -401,7 +419,7 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor positions, torch::Tenso
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear, "x [M, K] f32 @ (int8 W [N, K] * scales [N]).T + bias -> [M, N] f32");
+  m.def("linear", &linear_op, "x [M, K] float32 through an int8 (rows or groups of 32) or int4 linear -> [M, N]");
   m.def("decode_step", &decode_step, "one fused decode step (int8 or int4 weights, float32 activations and cache)");
   m.def("has_avx2", []() {
 #ifdef AGENTRT_AVX2

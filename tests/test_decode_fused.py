@@ -59,19 +59,43 @@ def _engines_int4(**over):
     return fused, ref
 
 
+def _assert_within_activation_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """y == x @ w.T + b up to the kernel's 16-bit rounding of each activation row (half a step of
+    max|x| / 32767 per element, times |w|) and float32 summation."""
+    ref = x @ w.T + (0 if b is None else b)
+    bound = (x.abs().amax(1, keepdim=True) / 32767 / 2) * w.abs().sum(1)[None, :] + 1e-5  # [M, N]
+    assert ((y - ref).abs() <= bound).all(), (y - ref).abs().max()
+
+
 @pytest.mark.parametrize("n,k", [(8, 16), (13, 40), (960, 576), (7, 1537)])
-def test_int8_linear_matches_dequantized(ext, n, k):
+def test_int8_rows_linear(ext, n, k):
     torch.manual_seed(0)
     lin = torch.nn.Linear(k, n)
     q = Int8WeightOnlyLinear(lin.weight, lin.bias)
-    f = decode_fused.FusedInt8Linear(q, ext)
+    f = decode_fused.FusedLinear([q.weight, q.scales.float(), torch.empty(0)], lin.bias.detach(), k, ext)
     x = torch.randn(5, k)
-    w = q.dequantized_weight()
-    ref = x @ w.T + q.bias.float()
-    # the kernel rounds each activation row to 16 bits (half a step of max|x| / 32767 per element)
-    bound = (x.abs().amax(1, keepdim=True) / 32767 / 2) * w.abs().sum(1)[None, :] + 1e-5  # [5, n]
-    assert ((f(x) - ref).abs() <= bound).all()
-    assert ((f(x[:1]) - ref[:1]).abs() <= bound[:1]).all()
+    for m in (5, 1):
+        _assert_within_activation_rounding(f(x[:m]), x[:m], q.dequantized_weight(), lin.bias.detach())
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("n,k", [(8, 32), (13, 96), (960, 576)])
+def test_group_linears(ext, kind, n, k):
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.05
+    if kind == "int8":
+        q, d = decode_fused.quantize_int8_groups(w)
+        parts, wq = [q, d, torch.empty(0)], q.float() * d.float().repeat_interleave(32, 1)
+    else:
+        parts = list(decode_fused.quantize_int4_groups(w))
+        wq = decode_fused.dequantize_int4_groups(*parts)
+    assert (wq - w).abs().max() <= w.abs().max() / (127 if kind == "int8" else 15)
+    f = decode_fused.FusedLinear(parts, torch.empty(0), k, ext)
+    x = torch.randn(5, k)
+    for m in (5, 1):
+        _assert_within_activation_rounding(f(x[:m]), x[:m], wq, None)
+    with pytest.raises(RuntimeError, match="multiple of 32|float32"):
+        ext.linear(x[:, :-1].contiguous(), *parts, torch.empty(0))
 
 
 @pytest.mark.parametrize("build", [_engines, _engines_int4])
