@@ -51,11 +51,14 @@ class Plan:
     """``props``: the mentioned properties (schema order, then undeclared ones by first mention);
     ``cells[p]``: value cells offered for p; ``worlds``: allowed tuples over ``props``
     (``None`` = absent, else an index into ``cells[p]``); ``other_types``: the non-object
-    JSON types the combinators admit (their values are built from the base schema)."""
+    JSON types the combinators admit (their values are built from the base schema); ``closed``:
+    some branch says additionalProperties: false, so keys beyond ``props`` would change the truth
+    of the formula and must not be generated."""
     props: list[str]
     cells: dict[str, list[Cell]]
     worlds: set[tuple]
     other_types: list[str]
+    closed: bool = False
 
 
 class _Analysis:
@@ -299,4 +302,4 @@ def plan_object(schema: dict, *, declared: dict[str, Any], addl: Any, base_types
         if an.holds(formula, world, "object"):
             worlds.add(combo)
     others = [t for t in base_types if t != "object" and an.holds(formula, None, t)]
-    return Plan(props, cells, worlds, others)
+    return Plan(props, cells, worlds, others, an.closed)

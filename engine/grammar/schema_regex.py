@@ -7,8 +7,9 @@ invalid ones):
 
 - compact JSON only: no whitespace between tokens; strings in one canonical encoding
   (see regex_util); numbers with bounds are written without exponent;
-- declared properties appear in schema order, and an object that declares ``properties``
-  gets no undeclared extra keys (as xgrammar's strict mode);
+- declared properties appear in schema order; the other keys an open object may have come
+  after them (not in objects with maxProperties, patternProperties or a presence plan that
+  closes them; the runtime closes its tool schemas with additionalProperties: false);
 - unconstrained values (``{}``, ``true``, arrays without ``items``) nest at most
   ``max_any_depth`` (default 1) containers deep: the DFA of deeper "any JSON" grows
   too fast to build (depth 2 is ~30x depth 1, depth 3 ~50x more); recursive ``$ref`` unrolls ``max_ref_depth`` levels;
@@ -30,6 +31,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from .errors import GrammarCompileError, UnsatisfiableSchemaError
+from .object_keys import extras_tail, other_key
 from .object_presence import COMBINATORS, NotPresenceOnly, Plan, plan_object
 from .regex_util import (
     BOOLEAN, FORMATS, INTEGER, NULL, NUMBER, STRING, STRING_CHAR, PatternError, alt,
@@ -236,19 +238,17 @@ def _count_limits(schema: dict, path: str) -> tuple[int, int | None] | None:
 
 
 def _unevaluated(schema: dict) -> dict:
-    """Drop unevaluatedProperties / unevaluatedItems where the grammar only ever writes evaluated
-    ones: objects get only their declared (or additionalProperties-typed) keys, arrays only
-    prefixItems + items. Without ``items`` (and ``contains``), unevaluatedItems types the tail."""
+    """Rewrite unevaluatedProperties / unevaluatedItems where no applicator sits beside them:
+    unevaluatedProperties is then additionalProperties, and arrays get only prefixItems + items. Without ``items`` (and ``contains``), unevaluatedItems types the tail."""
     if any(k in schema for k in ("anyOf", "oneOf", "$ref", "allOf")):
         return schema  # handled on each branch / the merged schema
     out = schema
-    if "unevaluatedProperties" in out:
-        props = out.get("properties")
-        req = out.get("required", [])
-        covered = ("additionalProperties" in out or
-                   (isinstance(props, dict) and props and isinstance(req, list) and all(r in props for r in req)))
-        if covered and not out.get("patternProperties"):
-            out = {k: v for k, v in out.items() if k != "unevaluatedProperties"}
+    if "unevaluatedProperties" in out and not out.get("patternProperties"):
+        # no applicator beside it: the unevaluated keys are those properties does not name, which
+        # is what additionalProperties covers (when that is given, every key is evaluated)
+        rest = {k: v for k, v in out.items() if k != "unevaluatedProperties"}
+        rest.setdefault("additionalProperties", out["unevaluatedProperties"])
+        out = rest
     if "unevaluatedItems" in out and "contains" not in out:
         rest = {k: v for k, v in out.items() if k != "unevaluatedItems"}
         if "items" not in rest:
@@ -391,6 +391,8 @@ def _merge(a: Any, b: Any, ctx: _Ctx, path: str) -> Any:
         if any(isinstance(x, dict) and kw in x and not _trivial(kw, x[kw]) for x in (a, b)):
             # which properties/items count as evaluated depends on where each keyword sits
             ctx.refuse(path, kw, "combined with another subschema")
+    if isinstance(a, dict) and isinstance(b, dict):
+        a, b = _closed_over(a, b), _closed_over(b, a)
     out = dict(a)
     va, vb = _values(a), _values(b)
     if va is not None and vb is not None:  # enum/const on both sides: the common values
@@ -422,11 +424,26 @@ def _merge(a: Any, b: Any, ctx: _Ctx, path: str) -> Any:
             out[k] = False  # the other side may declare properties: refused below if it matters
             if set(a.get("properties", {})) != set(b.get("properties", {})):
                 ctx.refuse(path, "allOf", "additionalProperties: false combined with other properties")
+        elif k == "additionalProperties" and not (a.get("patternProperties") or b.get("patternProperties")):
+            out[k] = _merge(out[k], v, ctx, path)  # a key neither side names meets both
         else:
             ctx.refuse(path, "allOf", f"cannot intersect two different '{k}'")
     if out.get("type") == "__none__":
         return False
     return out
+
+
+def _closed_over(x: dict, y: dict) -> dict:
+    """``x`` with the properties only ``y`` names added as ``x``'s additionalProperties: in the
+    intersection such a key must meet both, and the merged schema keeps a single properties map.
+    Not done beside patternProperties (a name one of them matches is not additional)."""
+    addl = x.get("additionalProperties", True)
+    props, other = x.get("properties", {}), y.get("properties", {})
+    if (addl is True or addl == {} or x.get("patternProperties") or y.get("patternProperties")
+            or not isinstance(props, dict) or not isinstance(other, dict)):
+        return x
+    extra = {n: addl for n in other if n not in props}
+    return {**x, "properties": {**props, **extra}} if extra else x
 
 
 def _values(schema: dict) -> list | None:
@@ -777,7 +794,20 @@ def _object(schema: dict, ctx: _Ctx, path: str, plan: Plan | None = None) -> str
     if mx is not None and mx < len(entries) and not counted:
         ctx.refuse(path, "maxProperties", "fewer than the declared properties")
     worlds = frozenset(plan.worlds) if plan else frozenset({()})
-    return seq(r"\{", _object_body(entries, worlds), r"\}")
+    extra = None
+    if addl is not False and not pprops and mx is None and not counted and not (plan and plan.closed):
+        names = [*props, *(r for r in required if isinstance(r, str)), *(plan.props if plan else [])]
+        extra = other_pair(names, addl, ctx, f"{path}/additionalProperties", free_depth)
+    return seq(r"\{", _object_body(entries, worlds, extra), r"\}")
+
+
+def other_pair(names: list[str], addl: Any, ctx: _Ctx, path: str, free_depth: int) -> str | None:
+    """``"key":value`` for the keys an open object may have besides ``names`` (None when the
+    value schema is not enforceable: those keys are then not generated, narrower)."""
+    scratch = _Ctx(ctx.root, True, ctx.max_ref_depth, ctx.max_any_depth, ctx.deadline, ctx.max_regex_chars)
+    scratch.ref_depth = dict(ctx.ref_depth)
+    value = _node(addl, scratch, path) if addl is not True else any_value(free_depth)
+    return None if value is None or scratch.problems else seq(other_key(names), ":", value)
 
 
 def _matching_patterns(pprops: dict, name: str, ctx: _Ctx, path: str) -> list:
@@ -816,14 +846,16 @@ def _pattern_pairs(pprops: dict, ctx: _Ctx, path: str) -> str | None:
     return seq('"', keys, '":', _node(subs[0], ctx, f"{path}/patternProperties"))
 
 
-def _object_body(entries: list[tuple[str, list[str | None], bool, bool]], worlds: frozenset) -> str | None:
+def _object_body(entries: list[tuple[str, list[str | None], bool, bool]], worlds: frozenset,
+                 extra: str | None = None) -> str | None:
     """The properties of an object, in order, comma-separated; ``worlds``: the allowed tuples of
-    choices (None = absent, i = value cell i) over the planned entries, in their order."""
+    choices (None = absent, i = value cell i) over the planned entries, in their order; ``extra``:
+    the ``"key":value`` pair of the other keys the object may have (written after the named ones)."""
     memo: dict = {}
 
     def body(i: int, started: bool, ws: frozenset) -> str | None:
         if i == len(entries):
-            return "" if () in ws else None
+            return None if () not in ws else "" if extra is None else extras_tail(extra, started)
         k = (i, started, ws)
         if k in memo:
             return memo[k]
