@@ -126,6 +126,7 @@ class LLMEngine:
                                           copy_kv=self.kv.copy_block_prefix)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._seqs: dict[str, Sequence] = {}
+        self.last_step_decode_only = False  # whether the last step computed one token per sequence (for timing)
         self._pending: list[RequestOutput] = []  # outputs produced outside a step (aborts, instant finishes)
         self._detok: dict[str, IncrementalDetokenizer] = {}  # request id -> its output text so far
         self._arange_bs = torch.arange(bs, device=self.device)
@@ -286,6 +287,7 @@ class LLMEngine:
         rows are not sampled, and their blocks are released into the prefix cache after it."""
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule()
+        self.last_step_decode_only = plan is not None and bool(plan.entries) and all(n == 1 for _, n in plan.entries)
         if plan is None or not plan.entries:
             return outputs
         if self._fused is not None and all(n == 1 for _, n in plan.entries):
@@ -749,7 +751,7 @@ class AsyncLLMEngine:
             try:
                 outs = eng.step()
                 if tuner is not None:
-                    tuner.after_step(time.perf_counter() - t0)
+                    tuner.after_step(time.perf_counter() - t0, comparable=eng.last_step_decode_only)
             except Exception as exc:  # a failed step fails the requests in flight, not the loop
                 for rid in list(eng._seqs):
                     eng.abort_request(rid)

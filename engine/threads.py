@@ -20,9 +20,11 @@ class ThreadTuner:
     """Chooses between 1 and ``max_threads`` intra-op threads from measured step times.
 
     Call `before_step` before each engine step (it sets the thread count through
-    ``set_threads``) and `after_step` with the step's duration. A trial alternates the
-    candidates for ``trial_steps`` steps each (alternating, so a change of load hits both
-    alike), then the winner runs for ``exploit_steps`` steps before the next trial (twice as
+    ``set_threads``) and `after_step` with the step's duration and whether it is comparable
+    (the serving loop passes decode-only steps: a prefill chunk's step costs far more, so
+    mixing them in would decide by the batch mix, not the thread count). A trial alternates
+    the candidates for ``trial_steps`` comparable steps each (alternating, so a change of load
+    hits both alike), then the winner runs for ``exploit_steps`` steps before the next trial (twice as
     many after each trial with the same winner, up to ``max_backoff`` times as many).
     """
 
@@ -39,6 +41,7 @@ class ThreadTuner:
         self.chosen = max_threads
         self._times: dict[int, list[float]] = {c: [] for c in self.candidates}
         self._trial_step = 0  # steps into the current trial (trial_steps * len(candidates) in all)
+        self._skipped = 0  # steps of the current trial that were not comparable
         self._exploit_left = 0
         self._current = max_threads
         self.trials = 0
@@ -60,22 +63,32 @@ class ThreadTuner:
             self.set_threads(self.candidates[0])
             self._current = self.candidates[0]
 
-    def after_step(self, seconds: float) -> None:
-        """Record the duration of the step that `before_step` prepared."""
+    def after_step(self, seconds: float, comparable: bool = True) -> None:
+        """Record the duration of the step that `before_step` prepared (a trial counts only
+        comparable steps; one that sees too few of them is dropped, keeping the last choice)."""
         if len(self.candidates) == 1:
             return
         if self._exploit_left > 0:
             self._exploit_left -= 1
             return
+        total = self.trial_steps * len(self.candidates)
+        if not comparable:
+            self._skipped += 1
+            if self._skipped > 20 * total:
+                self._end_trial(self.chosen)
+            return
         self._times[self._current].append(seconds)
         self._trial_step += 1
-        if self._trial_step >= self.trial_steps * len(self.candidates):
+        if self._trial_step >= total:
             best = min(self.candidates, key=lambda c: statistics.median(self._times[c]))
             same = self.trials > 0 and best == self.chosen
             self._backoff = min(2 * self._backoff, self.max_backoff) if same else 1
-            self.chosen = best
             self.trials += 1
-            for times in self._times.values():
-                times.clear()
-            self._trial_step = 0
-            self._exploit_left = self.exploit_steps * self._backoff
+            self._end_trial(best)
+
+    def _end_trial(self, chosen: int) -> None:
+        self.chosen = chosen
+        for times in self._times.values():
+            times.clear()
+        self._trial_step = self._skipped = 0
+        self._exploit_left = self.exploit_steps * self._backoff

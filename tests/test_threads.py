@@ -33,6 +33,27 @@ def test_a_contended_cpu_picks_one_thread_and_a_quiet_one_keeps_all():
     assert all(a != b for a, b in zip(calls, calls[1:]))  # set only when the count changes
 
 
+def test_only_comparable_steps_decide_a_trial():
+    tuner = ThreadTuner(2, lambda n: None, trial_steps=2, exploit_steps=10)
+    # the 1-thread steps happen to carry prefill chunks (slow, not comparable): they must not count
+    for _ in range(8):
+        threads = tuner.before_step()
+        tuner.after_step(9.0 if threads == 1 else 1.0, comparable=threads == 2)
+    assert tuner.trials == 0  # still waiting for comparable 1-thread steps
+    for _ in range(4):
+        threads = tuner.before_step()
+        tuner.after_step(0.3 if threads == 1 else 1.0)
+    assert tuner.trials == 1 and tuner.chosen == 1
+    # a trial that sees no comparable step for long is dropped: the last choice stays
+    for _ in range(10):
+        tuner.before_step()
+        tuner.after_step(0.3)
+    for _ in range(20 * 4 + 1):
+        tuner.before_step()
+        tuner.after_step(5.0, comparable=False)
+    assert tuner.chosen == 1 and tuner.before_step() == 1
+
+
 def test_one_thread_never_switches_and_bad_arguments_are_refused():
     calls: list[int] = []
     tuner = ThreadTuner(1, calls.append)
