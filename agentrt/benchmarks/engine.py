@@ -2,7 +2,8 @@
 
 Sections (same model, prompts and thread count for every implementation; medians over repeats):
 
-* speed: decode ms/token and prefill tokens/s for ours (fp32, bf16, int8, int4 weight-only),
+* speed: decode ms/token and prefill tokens/s for ours (fp32, bf16, int8, int4 weight-only; int8/int4
+  with the fused C++ decode step: ``int8-fused``, ``int4-fused``),
   transformers' ``generate`` with its own cache (fp32, bf16) and llama.cpp through
   ``llama-cpp-python`` on the same GGUF (when installed), each beside its memory-bandwidth
   floor (weight bytes read per token / measured read bandwidth);
