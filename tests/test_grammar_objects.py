@@ -18,8 +18,8 @@ from agentrt.engine.grammar.object_keys import other_key  # noqa: E402
 
 
 def assert_exact(schema: dict, good: list, bad: list) -> None:
-    """The labels agree with jsonschema, and the grammar accepts ``good`` and rejects ``bad``."""
-    validator = jsonschema.Draft202012Validator(schema)
+    """The labels agree with jsonschema (formats asserted, as the grammar does), and the grammar accepts ``good`` and rejects ``bad``."""
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
     auto = ByteAutomaton(schema_to_regex(schema)[0])
     for v in good:
         assert validator.is_valid(v), f"test data: {v!r} is not valid"
@@ -45,9 +45,12 @@ def test_other_key_is_every_string_but_the_names():
 
 
 @pytest.mark.parametrize("schema,good,bad", [
-    # open object: other keys after the declared ones, any value (one level deep)
-    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
-     [{"a": 1}, {"a": 1, "b": "x"}, {"a": 1, "b": {"c": 1}, "": None}], [{"b": 1}, {"a": "x", "b": 1}, {}]),
+    # opened by additionalProperties: true: other keys after the declared ones, scalar values
+    # (a nested value is valid but not generated: narrower, each free container costs DFA states)
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": True},
+     [{"a": 1}, {"a": 1, "b": "x"}, {"a": 1, "b": 2.5, "": None}], [{"b": 1}, {"a": "x", "b": 1}, {}]),
+    # no additionalProperties: other keys are valid but not generated (narrower, as xgrammar's strict mode)
+    ({"type": "object", "properties": {"a": {"type": "integer"}}}, [{}, {"a": 1}], [{"a": "x"}]),
     # additionalProperties types the other keys (and a required key the properties do not name)
     ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["z"],
       "additionalProperties": {"type": "string"}},
@@ -69,7 +72,7 @@ def test_other_key_is_every_string_but_the_names():
      [{"key": "k"}, {"keys": []}], [{"key": "k", "keys": []}, {"key": "k", "x": 1}, {}]),
     # a presence plan over open branches: other keys are free
     ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-      "oneOf": [{"required": ["a"]}, {"required": ["b"]}]},
+      "additionalProperties": True, "oneOf": [{"required": ["a"]}, {"required": ["b"]}]},
      [{"a": 1}, {"b": 2, "c": "x"}], [{"a": 1, "b": 2}, {"c": 1}]),
 ])
 def test_open_and_closed_objects(schema, good, bad):
@@ -89,4 +92,53 @@ def test_open_and_closed_objects(schema, good, bad):
      [{}, {"a": 3}], [{"a": 1}, {"a": "x"}]),
 ])
 def test_all_of_merges_additional_properties(schema, good, bad):
+    assert_exact(schema, good, bad)
+
+
+@pytest.mark.parametrize("schema,good,bad", [
+    # a finite branch none of whose values the other admits (asked of the validator)
+    ({"oneOf": [{"type": "null"}, {"enum": ["GET", "POST"]}]}, [None, "GET"], ["PUT", 1]),
+    ({"$defs": {"n": {"type": "integer", "minimum": 5}},
+      "oneOf": [{"enum": [1, 2, "x"]}, {"$ref": "#/$defs/n"}]}, [1, "x", 5, 7], [3, "y"]),
+    # string branches whose regexes share no text
+    ({"type": ["integer", "string"], "oneOf": [
+        {"type": "integer"}, {"type": "string", "pattern": "^-?\\d+/\\d+$"},
+        {"type": "string", "pattern": "^-?0x1\\.[0-9a-f]{13}p[+-]\\d+$"}]},
+     [1, "-4/7", "0x1.6a09e667f3bcdp+0"], ["x", "0x1.6a09e667f3bcdp", 1.5]),
+    ({"oneOf": [{"type": "string", "format": "date"}, {"type": "string", "maxLength": 3}]},
+     ["2024-01-31", "abc", ""], ["abcd", 3]),
+])
+def test_one_of_proven_exclusive(schema, good, bad):
+    assert_exact(schema, good, bad)
+
+
+@pytest.mark.parametrize("schema", [
+    {"oneOf": [{"enum": ["a", "b"]}, {"type": "string", "maxLength": 1}]},  # "c" passes one, "a" both
+    {"oneOf": [{"type": "string", "pattern": "^a"}, {"type": "string", "pattern": "b$"}]},  # "ab"
+])
+def test_one_of_overlapping_is_refused(schema):
+    from agentrt.engine.grammar import UnsupportedSchemaError
+
+    with pytest.raises(UnsupportedSchemaError, match="oneOf"):
+        schema_to_regex(schema)
+
+
+@pytest.mark.parametrize("schema,good,bad", [
+    ({"type": "object", "if": {"required": ["x"]}, "then": {"required": ["y"]}},
+     [{}, {"y": 1}, {"x": 1, "y": 2}], [{"x": 1}, {"x": 1, "z": 2}]),
+    # inside a oneOf branch (planned as one formula)
+    ({"oneOf": [{"if": {"required": ["x"]}, "then": {"not": {"required": ["error"]}}, "else": {"required": ["error"]}},
+                {"type": "object", "dependentSchemas": {"x": {"not": {"required": ["error"]}}}}]},
+     [{}], [{"error": 1}, {"x": 1}, {"x": 1, "error": 1}, None, 1]),
+    ({"type": "object", "properties": {"x": {"type": "integer"}, "y": {}},
+      "if": {"properties": {"x": {"const": 1}}, "required": ["x"]},
+      "then": {"required": ["y"]}, "else": {"not": {"required": ["y"]}}},
+     # {"x": 2} is valid but not generated: "an integer other than 1" is a cell without a regex (narrower)
+     [{"x": 1, "y": 0}, {}], [{"x": 1}, {"x": 2, "y": 0}, {"y": 0}, {"x": "1"}]),
+    # no type: "if" on a non-object holds vacuously, so "then" decides
+    ({"if": {"required": ["x"]}, "then": {"type": "object", "required": ["y"]}},
+     [{"x": 1, "y": 1}, {}], [None, 1, {"x": 1}]),
+    ({"then": {"required": ["y"]}, "type": "object"}, [{}, {"x": 1}], []),  # no "if": then asserts nothing
+])
+def test_if_then_else_on_presence(schema, good, bad):
     assert_exact(schema, good, bad)

@@ -5,17 +5,26 @@ of these names" (the named keys have their own entries and value schemas).
 """
 from __future__ import annotations
 
-from .regex_util import STRING_CHAR, alt, complement, json_chars, json_literal_text, lit, seq
+from .regex_util import STRING_CHAR, alt, char_class, complement, intersect, json_chars, json_literal_text, lit, seq
 
 
-def other_key(names: list[str]) -> str:
+# characters written as themselves in one byte: the trie exclusion is spelled out for these only
+_SIMPLE = [(0x20, 0x21), (0x23, 0x5B), (0x5D, 0x7E)]
+_OTHER = json_chars(complement(_SIMPLE))  # multi-byte and escaped characters
+
+
+def other_key(names: list[str], max_nodes: int = 40) -> str:
     """Regex for a compact JSON string (quotes included) whose value is not in ``names``.
 
     Strings have one canonical encoding (regex_util.STRING), so excluding each name's canonical
     text excludes the name. On the trie of the names' code points, such a string either stops at
     a trie node where no name ends, or leaves the trie (a node's path, then a character none of
-    its children has) and goes on freely. The free part is factored out so ``STRING_CHAR*``
-    occurs once: every copy of that wide class costs the DFA construction dearly.
+    its children has) and goes on freely. DFA states are what a token index pays for (each costs
+    a pass over the vocabulary), so the wide parts occur once: the free rest ``STRING_CHAR*`` is
+    factored out, and leaving by a multi-byte or escaped character is one shared class after
+    the set of node paths (per node only where a child is such a character). A trie of more
+    than ``max_nodes`` nodes is cut at the depth that keeps it within: keys sharing a cut
+    prefix with a name are then not generated (narrower, never wider).
     """
     trie: dict = {}
     for name in names:
@@ -24,20 +33,50 @@ def other_key(names: list[str]) -> str:
             node = node.setdefault(ch, {})
         node[None] = True  # a name ends here
 
-    def walk(node: dict) -> tuple[str | None, str | None]:
-        """(strings that stop inside this subtrie, prefixes that leave it), relative to ``node``."""
+    cut = _cut_depth(trie, max_nodes)
+
+    def walk(node: dict, depth: int = 0) -> tuple[str | None, str | None, str | None]:
+        """(strings that stop in this subtrie, prefixes leaving it by a one-byte character or a
+        special child's sibling, paths to nodes whose children are all one-byte), from ``node``."""
+        if depth == cut:
+            return (None if None in node else ""), None, None
         children = sorted(c for c in node if c is not None)
+        simple = [(ord(c), ord(c)) for c in children if _is_simple(c)]
+        special = [(ord(c), ord(c)) for c in children if not _is_simple(c)]
         stops: list[str | None] = [] if None in node else [""]
-        leaves: list[str | None] = [json_chars(complement([(ord(c), ord(c)) for c in children]))]
+        leaves: list[str | None] = [char_class(intersect(_SIMPLE, complement(simple)))]
+        if special:
+            leaves.append(json_chars(complement(_SIMPLE + special)))
+        paths: list[str | None] = [] if special else [""]
         for ch in children:
-            sub_stop, sub_leave = walk(node[ch])
+            sub_stop, sub_leave, sub_paths = walk(node[ch], depth + 1)
             head = lit(json_literal_text(ch)[1:-1])
             stops.append(seq(head, sub_stop))
             leaves.append(seq(head, sub_leave))
-        return _alt_opt(stops), _alt_opt(leaves)
+            paths.append(seq(head, sub_paths))
+        return _alt_opt(stops), _alt_opt(leaves), _alt_opt(paths)
 
-    stop, leave = walk(trie)
+    stop, leave, paths = walk(trie)
+    leave = alt([leave, seq(paths, _OTHER)])
     return '"' + alt([seq(leave, f"{STRING_CHAR}*"), stop]) + '"'  # type: ignore[operator]
+
+
+def _cut_depth(trie: dict, max_nodes: int) -> int:
+    """The largest depth whose nodes (counted level by level) stay within ``max_nodes``."""
+    level, total, depth = [trie], 1, 0
+    while level:
+        nxt = [child for node in level for c, child in node.items() if c is not None]
+        if not nxt:
+            return depth + 1  # the whole trie fits
+        total += len(nxt)
+        if total > max_nodes:
+            return max(depth, 1)
+        level, depth = nxt, depth + 1
+    return depth + 1
+
+
+def _is_simple(ch: str) -> bool:
+    return any(lo <= ord(ch) <= hi for lo, hi in _SIMPLE)
 
 
 def _alt_opt(parts: list[str | None]) -> str | None:

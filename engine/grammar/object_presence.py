@@ -1,4 +1,4 @@
-"""Object schemas whose combinators (oneOf / anyOf / allOf / not / dependencies /
+"""Object schemas whose combinators (oneOf / anyOf / allOf / not / if-then-else / dependencies /
 dependentRequired / dependentSchemas) only say *which properties are present* and *which of
 a few values they take*: turned into a finite set of allowed "worlds".
 
@@ -18,7 +18,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-COMBINATORS = ("oneOf", "anyOf", "allOf", "not", "dependencies", "dependentRequired", "dependentSchemas")
+COMBINATORS = ("oneOf", "anyOf", "allOf", "not", "dependencies", "dependentRequired", "dependentSchemas",
+               "if", "then", "else")
 _NO_ASSERT = {
     "$schema", "$id", "$comment", "$defs", "definitions", "$anchor", "$vocabulary", "title",
     "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
@@ -106,7 +107,7 @@ class _Analysis:
                             self.mention(q)
                     else:
                         self.collect(d, depth + 1)
-            elif k == "not":
+            elif k in ("not", "if", "then", "else"):
                 self.collect(v, depth + 1)
             elif k in ("allOf", "anyOf", "oneOf"):
                 if not isinstance(v, list) or not v:
@@ -133,8 +134,10 @@ class _Analysis:
                 if typ == "number" and "integer" in ts and "number" not in ts:
                     raise NotPresenceOnly("type integer tested on numbers")
                 ok = typ in ts or (typ == "integer" and "number" in ts)
+            elif k in ("then", "else"):
+                continue  # evaluated with "if" (without an "if" they assert nothing)
             elif world is None:  # the object keywords below hold vacuously on non-objects
-                ok = k not in ("not", "allOf", "anyOf", "oneOf", "$ref") or self._applicator(k, v, world, typ, depth)
+                ok = k not in ("not", "allOf", "anyOf", "oneOf", "$ref", "if") or self._applicator(k, v, world, typ, depth, c)
             elif k == "required":
                 ok = all(world.get(p) is not None for p in v)
             elif k == "properties":
@@ -145,14 +148,17 @@ class _Analysis:
                              else self.holds(d, world, typ, depth + 1))
                          for p, d in v.items())
             else:
-                ok = self._applicator(k, v, world, typ, depth)
+                ok = self._applicator(k, v, world, typ, depth, c)
             if not ok:
                 return False
         return True
 
-    def _applicator(self, k: str, v: Any, world: Any, typ: str, depth: int) -> bool:
+    def _applicator(self, k: str, v: Any, world: Any, typ: str, depth: int, c: Any = None) -> bool:
         if k == "not":
             return not self.holds(v, world, typ, depth + 1)
+        if k == "if":
+            branch = c.get("then", True) if self.holds(v, world, typ, depth + 1) else c.get("else", True)
+            return self.holds(branch, world, typ, depth + 1)
         if k == "$ref":
             return self.holds(self.resolve(v), world, typ, depth + 1)
         results = [self.holds(b, world, typ, depth + 1) for b in v]

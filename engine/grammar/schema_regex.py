@@ -7,9 +7,10 @@ invalid ones):
 
 - compact JSON only: no whitespace between tokens; strings in one canonical encoding
   (see regex_util); numbers with bounds are written without exponent;
-- declared properties appear in schema order; the other keys an open object may have come
-  after them (not in objects with maxProperties, patternProperties or a presence plan that
-  closes them; the runtime closes its tool schemas with additionalProperties: false);
+- declared properties appear in schema order; other keys come after them, only where the
+  schema gives additionalProperties (true: scalar values) and not beside maxProperties,
+  patternProperties or a presence plan that closes the object: each open object costs DFA
+  states, so a schema that says nothing gets none (as xgrammar's strict mode);
 - unconstrained values (``{}``, ``true``, arrays without ``items``) nest at most
   ``max_any_depth`` (default 1) containers deep: the DFA of deeper "any JSON" grows
   too fast to build (depth 2 is ~30x depth 1, depth 3 ~50x more); recursive ``$ref`` unrolls ``max_ref_depth`` levels;
@@ -32,6 +33,7 @@ from urllib.parse import unquote
 
 from .errors import GrammarCompileError, UnsatisfiableSchemaError
 from .object_keys import extras_tail, other_key
+from .one_of import finite_disjoint, regexes_disjoint
 from .object_presence import COMBINATORS, NotPresenceOnly, Plan, plan_object
 from .regex_util import (
     BOOLEAN, FORMATS, INTEGER, NULL, NUMBER, STRING, STRING_CHAR, PatternError, alt,
@@ -458,14 +460,38 @@ def _values(schema: dict) -> list | None:
 # ----------------------------------------------------------------------------- oneOf
 def _disjoint(branches: list, ctx: _Ctx) -> bool:
     """True when no JSON value can satisfy two branches (checked by simple sufficient rules)."""
-    sigs = [_signature(_deref(b, ctx), ctx) for b in branches]
-    if any(s is None for s in sigs):
-        return False
+    derefd = [_deref(b, ctx) for b in branches]
+    sigs = [_signature(b, ctx) for b in derefd]
     for i in range(len(sigs)):
         for j in range(i + 1, len(sigs)):
-            if not _sig_disjoint(sigs[i], sigs[j]):
+            if sigs[i] is not None and sigs[j] is not None and _sig_disjoint(sigs[i], sigs[j]):
+                continue
+            if not _pair_disjoint(derefd[i], derefd[j], ctx):
                 return False
     return True
+
+
+_STRING_KEYS = {"type", "pattern", "format", "minLength", "maxLength", "enum", "const"}
+
+
+def _pair_disjoint(a: Any, b: Any, ctx: _Ctx) -> bool:
+    """The proofs of one_of.py: a finite branch none of whose values the other admits, or two
+    string branches whose regexes share no text."""
+    if finite_disjoint(a, b, ctx.root) or finite_disjoint(b, a, ctx.root):
+        return True
+    regexes = []
+    for s in (a, b):
+        if not (isinstance(s, dict) and s.get("type") in ("string", ["string"])
+                and set(s) - ANNOTATIONS <= _STRING_KEYS):
+            return False
+        scratch = _Ctx(ctx.root, True, 0, 0)
+        r = _node(s, scratch, "")
+        if scratch.problems:
+            return False
+        if r is None:
+            return True  # a branch without values overlaps nothing
+        regexes.append(r)
+    return regexes_disjoint(*regexes)
 
 
 def _signature(schema: Any, ctx: _Ctx) -> dict | None:
@@ -795,9 +821,10 @@ def _object(schema: dict, ctx: _Ctx, path: str, plan: Plan | None = None) -> str
         ctx.refuse(path, "maxProperties", "fewer than the declared properties")
     worlds = frozenset(plan.worlds) if plan else frozenset({()})
     extra = None
-    if addl is not False and not pprops and mx is None and not counted and not (plan and plan.closed):
+    if "additionalProperties" in schema and addl is not False and not pprops and mx is None and not counted \
+            and not (plan and plan.closed):  # only where the schema opens the object itself: each costs DFA states
         names = [*props, *(r for r in required if isinstance(r, str)), *(plan.props if plan else [])]
-        extra = other_pair(names, addl, ctx, f"{path}/additionalProperties", free_depth)
+        extra = other_pair(names, addl, ctx, f"{path}/additionalProperties", 0)
     return seq(r"\{", _object_body(entries, worlds, extra), r"\}")
 
 
