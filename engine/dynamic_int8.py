@@ -6,10 +6,16 @@ u8 x s8 -> int32 GEMM (``quantized::linear_dynamic``), which on AVX2 CPUs does a
 multiply-adds per cycle of a float32 GEMM. Decode-sized batches should not use it: they are
 bound by the weight bytes read, where the weight-only kernels of `engine.quant` win.
 
-FBGEMM quantizes the whole activation matrix with one scale. One outlier token would then
-coarsen every other token's rounding, so by default each row is first divided by its own
-max |x| (then all rows span [-1, 1] and the single scale fits each of them) and the output row
-is multiplied back: per-token activation scales at the cost of two cheap elementwise passes.
+FBGEMM quantizes the whole activation matrix with one scale and zero point. One outlier token
+would then coarsen every other token's rounding, so by default each row is first mapped onto
+[0, 1] by its own min and max (x - min) / (max - min), the single scale then fits every row with
+no code wasted on a sign, and the output is mapped back: y = (max - min) * y01 + min * rowsum(W).
+Per-token asymmetric activation scales, at the cost of a few cheap elementwise passes.
+
+Channel outliers (a few input channels whose activations are 10-100x the others, as in every
+LLM) would still set each row's range. SmoothQuant moves part of them into the weight; the
+largest ``outliers`` channels (by calibration max) are taken out of the int8 product altogether
+and multiplied in float32 (LLM.int8()'s decomposition), a [M, k] x [k, N] matmul with small k.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import torch
 from torch import nn
 
 _ENGINE = "fbgemm"
+# float32 input channels per layer when calibrated (see the module doc); measured on SmolLM2-135M
+DEFAULT_OUTLIERS = 32
 
 
 def dynamic_int8_available() -> bool:
@@ -30,17 +38,22 @@ def dynamic_int8_available() -> bool:
 class DynamicInt8Linear(nn.Module):
     """y = x @ W.T + bias with W int8 per output row and x quantized to 8 bits on every call.
 
-    per_row: one activation scale per row (token) instead of one per call (see the module doc).
+    per_row: one activation range (min, max) per row (token) instead of one per call (see the module doc).
     act_absmax: [in] max |x| per input channel seen on calibration text; given, the layer applies
       SmoothQuant (weight column c times s_c = absmax_c**alpha / max|W[:, c]|**(1 - alpha), x[:, c] / s_c),
       which flattens the activations' outlier channels that per-row scales cannot.
+    outliers: with ``act_absmax``, this many input channels with the largest calibration max are
+      computed in float32 outside the int8 product (None = ``DEFAULT_OUTLIERS`` when ``act_absmax``
+      is given, else 0).
     reduce_range: 7-bit activations, so FBGEMM's int16 pair sums (u8 * s8 + u8 * s8) cannot
-      saturate; with 8 bits an outlier channel can clip. Costs one bit of activation precision.
+      saturate (AVX2 has no int8 dot product with int32 sums); with 8 bits the [0, 1] rows clip
+      often. Costs one bit of activation precision.
     Inputs of any float dtype are computed in float32 and the result is cast back.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, per_row: bool = True,
-                 reduce_range: bool = True, act_absmax: torch.Tensor | None = None, alpha: float = 0.5) -> None:
+                 reduce_range: bool = True, act_absmax: torch.Tensor | None = None, alpha: float = 0.5,
+                 outliers: int | None = None) -> None:
         super().__init__()
         if weight.device.type != "cpu":
             raise ValueError(f"DynamicInt8Linear runs FBGEMM on CPU; the weight is on {weight.device}")
@@ -50,14 +63,29 @@ class DynamicInt8Linear(nn.Module):
         w = weight.detach().float()                                          # [N, K]
         n, k = w.shape
         self.register_buffer("inv_smooth", None)
+        self.register_buffer("outlier_idx", None)
+        self.register_buffer("outlier_weight", None)
+        if outliers is None:
+            outliers = DEFAULT_OUTLIERS if act_absmax is not None else 0
+        if outliers and act_absmax is None:
+            raise ValueError("outliers > 0 needs act_absmax (the channels are chosen by calibration)")
+        if not 0 <= outliers < k:
+            raise ValueError(f"outliers={outliers} must be in [0, {k}) (input channels)")
         if act_absmax is not None:
             if act_absmax.shape != (k,):
                 raise ValueError(f"act_absmax has shape {tuple(act_absmax.shape)}; expected ({k},) (one per input)")
             # SmoothQuant: move part of the activations' channel outliers into the weight
             sm = (act_absmax.float().clamp(min=1e-5) ** alpha / w.abs().amax(0).clamp(min=1e-5) ** (1 - alpha))
             sm = sm.clamp(min=1e-5)                                          # [K]
+            inv = 1.0 / sm
+            if outliers:
+                idx = act_absmax.float().topk(outliers).indices.sort().values   # [k_out]
+                self.outlier_idx = idx
+                self.outlier_weight = w[:, idx].T.contiguous()               # [k_out, N] for x[:, idx] @ it
+                # the smoothing multiply zeroes these channels' int8 input for free; their int8 columns are 0
+                sm[idx], inv[idx] = 0.0, 0.0
             w = w * sm
-            self.inv_smooth = 1.0 / sm
+            self.inv_smooth = inv
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)              # [N]
         self.in_features, self.out_features = k, n
         self.per_row, self.reduce_range = per_row, reduce_range
@@ -73,33 +101,42 @@ class DynamicInt8Linear(nn.Module):
                 self._packed = torch.ops.quantized.linear_prepack(qw, None)
         finally:
             torch.backends.quantized.engine = prev
+        # sum over inputs of the effective int8 weight: the shift of each row's [0, 1] map comes back as min * rowsum
+        self.register_buffer("w_rowsum", qw.dequantize().sum(dim=1))         # [N]
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight this layer effectively multiplies x by ([out, in]), smoothing included."""
         qw, _ = torch.ops.quantized.linear_unpack(self._packed)
         w = qw.dequantize()                                                  # [N, K]
-        return w if self.inv_smooth is None else w * self.inv_smooth
+        if self.inv_smooth is not None:
+            w = w * self.inv_smooth
+        if self.outlier_idx is not None:
+            w[:, self.outlier_idx] = self.outlier_weight.T
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape                                                      # [..., K]
         x2 = x.reshape(-1, self.in_features).float()                         # [M, K]
-        if self.inv_smooth is not None:
-            x2 = x2 * self.inv_smooth
+        xs = x2 * self.inv_smooth if self.inv_smooth is not None else x2     # outlier channels zeroed
         if self.per_row:
-            s = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)         # [M, 1]
-            # x2 is our own temporary after smoothing: divide it in place
-            xs = x2.div_(s) if self.inv_smooth is not None else x2 / s
-            y = torch.ops.quantized.linear_dynamic(xs, self._packed, self.reduce_range)  # [M, N]
-            y.mul_(s)
+            lo = xs.amin(dim=1, keepdim=True)                                # [M, 1]
+            span = (xs.amax(dim=1, keepdim=True) - lo).clamp_(min=1e-30)     # [M, 1]
+            # every row onto [0, 1] (a new tensor, x is not touched): FBGEMM's one scale fits all rows
+            x01 = (xs - lo).div_(span)
+            y = torch.ops.quantized.linear_dynamic(x01, self._packed, self.reduce_range)  # [M, N]
+            y.mul_(span).addr_(lo.squeeze(1), self.w_rowsum)
         else:
-            y = torch.ops.quantized.linear_dynamic(x2, self._packed, self.reduce_range)
+            y = torch.ops.quantized.linear_dynamic(xs, self._packed, self.reduce_range)
+        if self.outlier_idx is not None:
+            y.addmm_(x2[:, self.outlier_idx], self.outlier_weight)          # [M, k_out] @ [k_out, N]
         if self.bias is not None:
             y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)         # [..., N]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, dynamic int8, "
-                f"per_row={self.per_row}, reduce_range={self.reduce_range}")
+                f"per_row={self.per_row}, reduce_range={self.reduce_range}, "
+                f"outliers={0 if self.outlier_idx is None else self.outlier_idx.numel()}")
 
 
 def collect_input_absmax(model: nn.Module, run: Callable[[], object]) -> dict[str, torch.Tensor]:
