@@ -164,6 +164,36 @@ def json_literal_text(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
+def json_value_regex(value: object, zero_fraction: bool = True, max_permuted_keys: int = 4) -> str:
+    """Regex for the compact JSON texts equal to ``value`` under JSON Schema equality (enum/const):
+    numbers by value (``1``, ``1.0``, ``1.00``; ``1.5``, ``1.50``; exponents only as Python writes them), objects with
+    their keys in any order (up to ``max_permuted_keys`` keys; larger objects in the given order
+    only, which is narrower, never wider). ``zero_fraction=False`` keeps integers without a
+    fraction (drafts 3/4, where 1.0 is not an integer, when a type check sits beside the enum)."""
+    import itertools
+    from decimal import Decimal
+
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return lit(json_literal_text(value))
+    if isinstance(value, (int, float)):
+        text = json_literal_text(value)  # raises ValueError for NaN / inf
+        d = Decimal(value) if isinstance(value, int) else Decimal(repr(value))
+        if d == d.to_integral_value():
+            plain = lit(str(int(d))) + (r"(?:\.0+)?" if zero_fraction else "")
+        else:
+            plain = lit(format(d, "f").rstrip("0")) + "0*"  # 1.5 == 1.50
+        # Python writes large/tiny floats with an exponent (1e+300): that text too
+        return alt([plain, lit(text)]) if "e" in text else plain  # type: ignore[return-value]
+    if isinstance(value, list):
+        return r"\[" + ",".join(json_value_regex(v, zero_fraction, max_permuted_keys) for v in value) + r"\]"
+    if isinstance(value, dict):
+        pairs = [lit(json_literal_text(k)) + ":" + json_value_regex(v, zero_fraction, max_permuted_keys)
+                 for k, v in value.items()]
+        orders = itertools.permutations(pairs) if len(pairs) <= max_permuted_keys else [pairs]
+        return r"\{" + (alt([",".join(o) for o in orders]) or "") + r"\}"
+    raise ValueError(f"not a JSON value: {value!r}")
+
+
 # ----------------------------------------------------------------------------- string formats
 _D2 = "[0-9]{2}"
 # Gregorian leap years (4-digit): divisible by 4 and not by 100, or divisible by 400
@@ -582,3 +612,38 @@ def multiples_of(k: int, lo: int | None, hi: int | None, max_alternatives: int =
     if hi == 0:
         return alt(["0", neg])
     return alt([pos, neg])
+
+
+# ----------------------------------------------------------------------------- complements of finite sets
+NON_INTEGER = r"-?(?:0|[1-9][0-9]*)\.[0-9]*[1-9][0-9]*"  # numbers with a non-zero fraction (no exponent)
+
+
+def strings_except(values: list[str]) -> str:
+    """Regex for JSON strings (with quotes) whose decoded text is none of ``values`` (exact on the
+    canonical encoding): a trie walk that leaves the trie, or stops where no value ends."""
+    trie: dict = {}
+    for v in values:
+        node = trie
+        for ch in v:
+            node = node.setdefault(ch, {})
+        node[None] = True
+
+    def other(node: dict) -> str | None:
+        kids = sorted(k for k in node if k is not None)
+        parts = [None if None in node else ""]  # stopping here is fine unless a value ends here
+        leave = json_chars(complement([(ord(k), ord(k)) for k in kids]))
+        parts.append(seq(leave, f"{STRING_CHAR}*"))
+        parts += [seq(json_chars([(ord(k), ord(k))]), other(node[k])) for k in kids]
+        nonempty = [p for p in parts if p not in (None, "")]
+        body = alt(nonempty)
+        return body if "" not in parts else opt(body) if body is not None else ""
+
+    return seq('"', other(trie), '"')  # type: ignore[return-value]
+
+
+def numbers_except(values: list) -> str | None:  # noqa: ANN001 - Decimals
+    """Regex for JSON numbers (no exponent) equal to none of ``values`` (Decimals): the open
+    intervals between them. Raises PatternError when a gap lies inside one integer."""
+    vs = sorted(set(values))
+    bounds = [None, *vs, None]
+    return alt([number_range(lo, False, hi, False) for lo, hi in zip(bounds, bounds[1:])])

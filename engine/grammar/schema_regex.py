@@ -37,7 +37,8 @@ from .one_of import finite_disjoint, regexes_disjoint
 from .object_presence import COMBINATORS, NotPresenceOnly, Plan, plan_object
 from .regex_util import (
     BOOLEAN, FORMATS, INTEGER, NULL, NUMBER, STRING, STRING_CHAR, PatternError, alt,
-    int_range, json_literal_text, length_bounds, lit, multiples_of, number_range, opt, pattern_regex, rep, seq,
+    NON_INTEGER, int_range, json_literal_text, json_value_regex, length_bounds, lit, multiples_of, number_range,
+    numbers_except, opt, pattern_regex, rep, seq, strings_except,
 )
 
 # Keywords that only annotate (or that 2020-12 validators ignore): never change validity.
@@ -161,6 +162,7 @@ def _node_regex(schema: Any, ctx: _Ctx, path: str) -> str | None:
         raise GrammarCompileError(f"subschema at {path or '/'} must be an object or boolean")
     if ("const" in schema or "enum" in schema) and not _has_ref(schema):
         return _enum(schema, ctx, path)  # every other keyword is checked on each value (exact)
+    schema = _lower_if(schema)
     planned = _presence(schema, ctx, path)
     if planned is not _NOT_PLANNED:
         return planned
@@ -168,6 +170,10 @@ def _node_regex(schema: Any, ctx: _Ctx, path: str) -> str | None:
     if not isinstance(schema, dict) or (("const" in schema or "enum" in schema) and not _has_ref(schema)):
         return _node(schema, ctx, path)
     schema = _unevaluated(schema)
+    if "not" in schema:
+        negated = _not_by_type(schema, ctx, path)
+        if negated is not _NOT_PLANNED:
+            return negated
     # Unknown keywords are ignored by validators (annotations), so they are ignored here too.
     for kw in _REFUSED:
         if kw in schema and not _trivial(kw, schema[kw]):
@@ -221,7 +227,7 @@ _NOT_PLANNED = object()
 # refused wherever they assert something (unless a branch below enforces them)
 _REFUSED = ("not", "if", "then", "else", "dependentSchemas", "dependencies", "dependentRequired",
             "propertyNames", "unevaluatedProperties", "unevaluatedItems",
-            "contains", "maxContains", "minContains", "$dynamicRef", "$recursiveRef")
+            "$dynamicRef", "$recursiveRef")
 
 
 def _count_limits(schema: dict, path: str) -> tuple[int, int | None] | None:
@@ -366,6 +372,123 @@ def _deref(schema: Any, ctx: _Ctx) -> Any:
     return schema
 
 
+# ----------------------------------------------------------------------------- not / complements
+class _Inexpressible(Exception):
+    """The values failing a subschema cannot be written as a regex here."""
+
+
+_KINDS = ("null", "boolean", "number", "string", "object", "array")  # "integer" lives inside "number"
+
+
+def _kind_regex(kind: str, depth: int) -> str:
+    """Every value of one kind (containers nest ``depth`` deep, as any_value)."""
+    if kind in ("object", "array"):
+        inner = any_value(depth - 1) if depth > 0 else None
+        if inner is None:
+            return r"\{\}" if kind == "object" else r"\[\]"
+        if kind == "object":
+            return r"\{" + opt(f"{STRING}:{inner}(?:,{STRING}:{inner})*") + r"\}"
+        return r"\[" + opt(f"{inner}(?:,{inner})*") + r"\]"
+    return {"null": NULL, "boolean": BOOLEAN, "number": NUMBER, "string": STRING}[kind]
+
+
+def _complement(n: Any, ctx: _Ctx, depth: int) -> dict[str, str | None]:
+    """Per kind, a regex for the values of that kind that FAIL subschema ``n`` (None: no such
+    value). Narrower, never wider: numbers without exponents. Handles boolean schemas and
+    subschemas of ``type`` / ``enum`` / ``const`` of scalars; raises _Inexpressible otherwise."""
+    n = _deref(n, ctx)
+    if n is True or n == {}:
+        return dict.fromkeys(_KINDS)
+    if n is False:
+        return {k: _kind_regex(k, depth) for k in _KINDS}
+    if not isinstance(n, dict) or set(n) - ANNOTATIONS - {"type", "enum", "const"}:
+        raise _Inexpressible
+    types = n.get("type", list(_TYPES))
+    types = [types] if isinstance(types, str) else types
+    if not isinstance(types, list) or any(t not in _TYPES for t in types):
+        raise _Inexpressible
+    values = _values(n)
+    if values is None:  # type only: the other kinds, and non-integers when only integers pass
+        out = {k: (None if k in types else _kind_regex(k, depth)) for k in _KINDS}
+        if "integer" in types and "number" not in types:
+            out["number"] = NON_INTEGER
+        return out
+    import jsonschema
+
+    check = jsonschema.Draft202012Validator({"type": types})
+    passing = [v for v in values if check.is_valid(v)]  # fails n = fails the type or is no listed value
+    if any(isinstance(v, (dict, list)) for v in passing):
+        raise _Inexpressible
+    try:
+        nums = numbers_except([Decimal(repr(v)) if isinstance(v, float) else Decimal(v) for v in passing
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)])
+    except (PatternError, InvalidOperation):
+        raise _Inexpressible from None
+    bools = [b for b in ("true", "false") if not any(v is (b == "true") for v in passing)]
+    return {"null": None if None in passing else NULL, "boolean": alt(bools), "number": nums,
+            "string": strings_except([v for v in passing if isinstance(v, str)]),
+            "object": _kind_regex("object", depth), "array": _kind_regex("array", depth)}
+
+
+_FLIPPED = {"minimum": "exclusiveMaximum", "exclusiveMinimum": "maximum",
+            "maximum": "exclusiveMinimum", "exclusiveMaximum": "minimum"}
+
+
+def _negated_schemas(n: Any) -> list | None:
+    """Schemas whose union is exactly the values failing ``n``, when ``n`` is one numeric bound or
+    one length limit (values of the other types pass such a keyword, so only numbers / strings fail)."""
+    if not isinstance(n, dict):
+        return None
+    keys = set(n) - ANNOTATIONS
+    if len(keys) != 1:
+        return None
+    (kw,) = keys
+    v = n[kw]
+    if kw in _FLIPPED and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return [{"type": "number", _FLIPPED[kw]: v}]
+    if kw in ("minLength", "maxLength") and isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        if kw == "minLength":
+            return [{"type": "string", "maxLength": v - 1}] if v > 0 else []
+        return [{"type": "string", "minLength": v + 1}]
+    return None
+
+
+def _not_by_type(schema: dict, ctx: _Ctx, path: str) -> Any:
+    """``{..., "not": N}`` where N is a type/enum/const test: per kind, the values the rest of the
+    schema admits that fail N. Exact when, for each kind the rest admits, N either rejects the
+    whole kind or the rest puts no constraint on that kind. _NOT_PLANNED otherwise (refused)."""
+    rest = {k: v for k, v in schema.items() if k != "not"}
+    if any(k in rest for k in ("$ref", "anyOf", "oneOf", "allOf", *_REFUSED)):
+        return _NOT_PLANNED  # the per-type builders below do not see these
+    branches = _negated_schemas(_deref(schema["not"], ctx))
+    if branches is not None:  # not N == anyOf(branches): each merged with the rest
+        scratch = _Ctx(ctx.root, True, 0, 0)
+        merged = [_merge(rest, b, scratch, path) for b in branches]
+        if not scratch.problems:
+            return alt([_node(m, ctx, path) for m in merged])
+    try:
+        comp = _complement(schema["not"], ctx, ctx.max_any_depth)
+    except _Inexpressible:
+        return _NOT_PLANNED
+    types = rest.get("type", list(_TYPES))
+    types = [types] if isinstance(types, str) else types
+    if not isinstance(types, list) or any(t not in _TYPES for t in types):
+        return _NOT_PLANNED
+    parts: list[str | None] = []
+    for t in dict.fromkeys("number" if t == "integer" and "number" in types else t for t in types):
+        kind = "number" if t == "integer" else t
+        full = _kind_regex(kind, ctx.max_any_depth)
+        if comp[kind] is None or (t == "integer" and comp[kind] == NON_INTEGER):
+            continue  # N holds on every value of this kind (of these integers)
+        if comp[kind] == full:
+            parts.append(_BUILDERS[t]({**rest, "type": t}, ctx, path))  # N fails on the whole kind
+            continue
+        if t == "integer" or any(k in ASSERTIONS for k in rest if k != "type"):
+            return _NOT_PLANNED  # the rest's own constraints on this kind would need intersecting
+        parts.append(comp[kind])
+    return alt(parts)
+
+
 # ----------------------------------------------------------------------------- allOf / merging
 def _merge_all_of(schema: dict, ctx: _Ctx, path: str) -> dict:
     if "allOf" not in schema:
@@ -379,6 +502,21 @@ def _merge_all_of(schema: dict, ctx: _Ctx, path: str) -> dict:
     return merged if isinstance(merged, dict) else merged
 
 
+def _lower_if(schema: Any) -> Any:
+    """if/then/else as allOf/anyOf/not: ``(if AND then) OR (not if AND else)`` beside the rest;
+    ``then``/``else`` without ``if`` assert nothing. The parts are then enforced (or refused) as any
+    other allOf / anyOf / not."""
+    if not isinstance(schema, dict) or not any(k in schema for k in ("if", "then", "else")):
+        return schema
+    rest = {k: v for k, v in schema.items() if k not in ("if", "then", "else")}
+    if "if" not in schema:
+        return rest
+    cond, then, other = schema["if"], schema.get("then", True), schema.get("else", True)
+    if cond is True or cond is False:
+        return {"allOf": [rest, then if cond is True else other]}
+    return {"allOf": [rest, {"anyOf": [{"allOf": [cond, then]}, {"allOf": [other, {"not": cond}]}]}]}
+
+
 def _merge(a: Any, b: Any, ctx: _Ctx, path: str) -> Any:
     """Intersection of two schemas when it is expressible as one schema; refuses otherwise."""
     if a is False or b is False:
@@ -387,6 +525,7 @@ def _merge(a: Any, b: Any, ctx: _Ctx, path: str) -> Any:
         return b
     if b is True or b == {}:
         return a
+    a, b = _lower_if(a), _lower_if(b)  # if/then/else stay with their own subschema's keywords
     a = _merge_all_of(a, ctx, path)
     b = _merge_all_of(b, ctx, path)
     for kw in ("unevaluatedProperties", "unevaluatedItems"):
@@ -547,12 +686,14 @@ def _enum(schema: dict, ctx: _Ctx, path: str) -> str | None:
             ctx.refuse(path, "enum", "beside a $ref")
             return None
         validator = jsonschema.Draft202012Validator(rest, format_checker=jsonschema.FormatChecker())
+    # 1.0 equals 1, but drafts 3/4 do not call it an integer: no zero fractions there beside a type check
+    zero_fraction = ctx.float_ints or "integer" not in json.dumps(rest)
     out = []
     for v in values:
         if validator is not None and not validator.is_valid(v):
             continue
         try:
-            out.append(lit(json_literal_text(v)))
+            out.append(json_value_regex(v, zero_fraction))
         except ValueError:
             continue
     return alt(out)
@@ -726,6 +867,8 @@ def _array(schema: dict, ctx: _Ctx, path: str) -> str | None:
         mx = k if mx is None else min(mx, k)
     if mx is not None and mx < mn:
         return None
+    if "contains" in schema:
+        return _contains_array(schema, ctx, path, prefix, items, mn, mx)
 
     def after(i: int) -> str | None:
         """Items i.. given that i >= 1 items were written (each preceded by a comma)."""
@@ -739,6 +882,84 @@ def _array(schema: dict, ctx: _Ctx, path: str) -> str | None:
     first = elems[0] if k else tail
     body = seq(first, after(1)) if (mx is None or mx >= 1) else None
     return seq(r"\[", body if mn >= 1 else opt(body), r"\]")
+
+
+_MAX_CONTAINS_POSITIONS = 24  # explicit item positions a contains array spells out (the regex grows with them)
+
+
+def _contains_array(schema: dict, ctx: _Ctx, path: str, prefix: list, items: Any, mn: int, mx: int | None) -> str | None:
+    """Arrays with ``contains`` (and minContains / maxContains): a walk over item positions that
+    counts the items matching it. A matching item must satisfy its position's schema AND
+    ``contains`` (merged; refused when the merge is not expressible); with maxContains the others
+    must fail ``contains``, which is expressible for type / enum / const tests (see _complement)."""
+    c_min = _nonneg_int(schema, "minContains", path, 1)
+    c_max = _nonneg_int(schema, "maxContains", path, None)
+    contains = _deref(schema["contains"], ctx)
+    if c_max is not None and c_max < c_min:
+        return None
+    if c_min == 0 and c_max is None:
+        return _array({k: v for k, v in schema.items() if k != "contains"}, ctx, path)
+    scratch = _Ctx(ctx.root, True, 0, 0)
+    pos = [*prefix, True if items is False else items]  # pos[-1]: every item after the prefix
+    merged = [_merge(_deref(p, ctx), contains, scratch, path) for p in pos]
+    if scratch.problems:
+        ctx.refuse(path, "contains", "cannot intersect it with the item schemas")
+        return None
+    hits = [_node(m, ctx, f"{path}/contains") for m in merged]
+    if c_max is None:
+        misses = [_node(p, ctx, f"{path}/items") for p in pos]
+    else:
+        try:
+            comp = _complement(contains, ctx, ctx.max_any_depth)
+        except _Inexpressible:
+            ctx.refuse(path, "maxContains", "the items failing 'contains' cannot be written as a regex")
+            return None
+        misses = []
+        for p in pos:
+            miss = _not_by_type({**(_deref(p, ctx) if isinstance(_deref(p, ctx), dict) else {}), "not": contains},
+                                ctx, path) if _deref(p, ctx) is not True else alt(list(comp.values()))
+            if miss is _NOT_PLANNED:
+                ctx.refuse(path, "maxContains", "the items failing 'contains' cannot be written as a regex")
+                return None
+            misses.append(miss)
+    if items is False:
+        hits[-1] = misses[-1] = None
+    k = len(prefix)
+    loop_from = max(k, mn, 1)  # from here on, positions are alike: the rest of the walk is a loop
+    if mx is not None and mx > _MAX_CONTAINS_POSITIONS or loop_from > _MAX_CONTAINS_POSITIONS:
+        ctx.refuse(path, "contains", f"more than {_MAX_CONTAINS_POSITIONS} item positions to spell out")
+        return None
+    memo: dict = {}
+
+    def walk(i: int, c: int) -> str | None:
+        """The items from position i on, given i items written of which c matched (c capped at
+        c_min when there is no maxContains)."""
+        if (i, c) in memo:
+            return memo[(i, c)]
+        j = min(i, k)  # schema index of position i
+        sep = "," if i else ""
+        end = "" if i >= mn and c >= c_min else None
+        c_next = c + 1 if c_max is not None else min(c + 1, c_min)
+        hit_ok = c_max is None or c < c_max
+        if mx is not None and i >= mx:
+            out = end
+        elif mx is None and i >= loop_from:  # a loop of misses, then a hit (or the end)
+            nxt = seq(",", hits[j], walk(i + 1, c_next)) if hit_ok and c_next != c else None
+            if c_max is None and c >= c_min:
+                nxt = None
+            more = [p for p in (nxt,) if p is not None]
+            tail = opt(alt(more)) if end == "" else alt(more)
+            out = seq(rep(seq(",", misses[j]), 0, None), tail) if tail is not None else None
+        else:
+            steps = [end, seq(sep, misses[j], walk(i + 1, c)), seq(sep, hits[j], walk(i + 1, c_next)) if hit_ok else None]
+            nonempty = [p for p in steps if p not in (None, "")]
+            out = alt(nonempty)
+            if end == "":
+                out = opt(out) if out is not None else ""
+        memo[(i, c)] = out
+        return out
+
+    return seq(r"\[", walk(0, 0), r"\]")
 
 
 def _object(schema: dict, ctx: _Ctx, path: str, plan: Plan | None = None) -> str | None:

@@ -1,0 +1,132 @@
+"""Grammar exactness below the object level: enum/const by JSON equality (1 == 1.0, key order),
+``contains`` / minContains / maxContains, ``not`` on scalars, if/then/else.
+
+Each schema's automaton is checked against jsonschema on a pool of values (and arrays of them):
+every value it accepts must be valid (exactness), and the listed ``must_accept`` values must be
+accepted (so the test also fails when a construct is silently refused or made empty)."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import jsonschema
+import pytest
+
+from agentrt.engine.grammar import ByteAutomaton, UnsupportedSchemaError, schema_to_regex
+from agentrt.engine.grammar.regex_util import json_value_regex, numbers_except, strings_except
+
+from _grammar_util import compact
+
+SCALARS = [-20, -10, -5, -1, 0, 1, 2, 3, 4, 5, 6, 1.5, -0.5, "", "a", "ab", "abc", "then", "else", None, True, False]
+
+
+def _automaton(schema: dict) -> ByteAutomaton:
+    regex, _ = schema_to_regex(schema)
+    return ByteAutomaton(regex, timeout_s=None)
+
+
+def _texts(value: object) -> list[str]:
+    """A value's compact text and, for numbers, the same number with a zero fraction."""
+    out = [compact(value)]
+    if isinstance(value, int) and not isinstance(value, bool):
+        out.append(compact(value) + ".0")
+    return out
+
+
+def _check(schema: dict, pool: list, must_accept: list) -> None:
+    a = _automaton(schema)
+    v = jsonschema.Draft202012Validator(schema)
+    for x in pool:
+        for text in _texts(x):
+            if a.fullmatch(text):
+                assert v.is_valid(json.loads(text)), f"accepted invalid {text} for {schema}"
+    for x in must_accept:
+        assert v.is_valid(x), f"test data: {x!r} is not valid for {schema}"
+        assert a.fullmatch(compact(x)), f"rejected valid {compact(x)} for {schema}"
+
+
+@pytest.mark.parametrize("schema,must_accept", [
+    ({"not": {"type": "integer"}}, [1.5, "a", None, True, [], {}]),
+    ({"not": {"type": ["integer", "boolean"]}}, [1.5, "a", None]),
+    ({"type": "string", "not": {"enum": ["a", "ab"]}}, ["", "abc", "b"]),
+    ({"not": {"const": 1}}, [2, 0, "1", True, None, 1.5]),
+    ({"not": {"exclusiveMaximum": 0}}, [0, 1, 1.5]),
+    ({"type": "integer", "maximum": 10, "not": {"minimum": 3}}, [2, -5]),
+    ({"multipleOf": 2, "not": {"exclusiveMaximum": 0}}, [0, 2, 4]),
+    ({"not": {"maxLength": 2}}, ["abc", "then"]),
+    ({"if": {"exclusiveMaximum": 0}, "then": {"minimum": -10}, "else": {"multipleOf": 2}}, [-5, -1, 0, 2, "a"]),
+    ({"allOf": [{"if": {"exclusiveMaximum": 0}}, {"then": {"minimum": -10}}, {"else": {"multipleOf": 2}}]}, [-20, 3]),
+    ({"if": True, "then": {"const": "then"}, "else": {"const": "else"}}, ["then"]),
+    ({"if": False, "then": {"const": "then"}, "else": {"const": "else"}}, ["else"]),
+    ({"if": {"maxLength": 4}, "then": {"const": "then"}, "else": {"const": "else"}}, ["then"]),
+    ({"if": {"const": 1}, "then": False}, [2, "a"]),
+    ({"type": "integer", "if": {"minimum": 2}, "then": {"maximum": 3}, "else": {"minimum": -5}}, [2, 3, -5, 1]),
+])
+def test_scalar_not_and_if_then_else_exact(schema, must_accept):
+    _check(schema, SCALARS, must_accept)
+
+
+ITEMS = [1, 2, 3, 6, "a", None]
+
+
+@pytest.mark.parametrize("schema,must_accept", [
+    ({"contains": {"minimum": 5}}, [[6], [1, 6], [6, 1, "a"], "x"]),
+    ({"contains": {"const": 1}, "maxContains": 1}, [[1], [2, 1, 3]]),
+    ({"contains": {"const": 1}, "minContains": 2}, [[1, 1], [1, 2, 1]]),
+    ({"contains": {"const": 1}, "minContains": 0, "maxContains": 1}, [[], [2], [1, 2]]),
+    ({"contains": {"const": 1}, "minContains": 2, "maxContains": 3}, [[1, 1], [1, 2, 1, 1]]),
+    ({"items": {"multipleOf": 2}, "contains": {"multipleOf": 3}}, [[6], [2, 6]]),
+    ({"contains": {"type": "null"}, "minItems": 3}, [[1, None, 2], [None, None, None]]),
+    ({"type": "array", "prefixItems": [{"type": "integer"}], "contains": {"type": "string"}, "maxItems": 3},
+     [[1, "a"], ["a"], [1, 2, "a"]]),
+    ({"contains": True}, [[1]]),
+    ({"type": "array", "items": {"type": ["integer", "string"]}, "contains": {"type": "string"}, "maxContains": 1},
+     [["a"], [1, "a", 2]]),
+])
+def test_contains_exact(schema, must_accept):
+    pool = [list(arr) for n in range(4) for arr in itertools.product(ITEMS, repeat=n)] + SCALARS
+    _check(schema, pool, must_accept)
+
+
+def test_contains_false_admits_no_array():
+    a = _automaton({"contains": False})
+    assert not a.fullmatch("[]") and not a.fullmatch("[1]") and a.fullmatch('"s"')
+
+
+def test_contains_refused_when_items_fail_it_cannot_be_written():
+    # maxContains needs the items that fail `contains`: a pattern's complement is not a regex here
+    with pytest.raises(UnsupportedSchemaError, match="maxContains"):
+        schema_to_regex({"contains": {"pattern": "^a"}, "maxContains": 1})
+
+
+@pytest.mark.parametrize("value,same,different", [
+    (1, ["1", "1.0", "1.00"], ["1.5", "10", "true", "-1"]),
+    (-2.0, ["-2", "-2.0"], ["2", "-2.5"]),
+    (1.5, ["1.5", "1.50"], ["1.05", "15"]),
+    (1e300, ["1e+300"], ["1"]),
+    ({"foo": "bar", "baz": [0]}, ['{"foo":"bar","baz":[0]}', '{"baz":[0.0],"foo":"bar"}'], ['{"foo":"bar"}']),
+    ([0, "a"], ["[0,\"a\"]", "[0.0,\"a\"]"], ["[\"a\",0]", "[false,\"a\"]"]),
+])
+def test_json_value_regex_is_json_equality(value, same, different):
+    a = ByteAutomaton(json_value_regex(value), timeout_s=None)
+    for text in same:
+        assert a.fullmatch(text), text
+    for text in different:
+        assert not a.fullmatch(text), text
+
+
+def test_enum_numbers_by_value_except_integers_in_draft4():
+    assert _automaton({"enum": [0, [1]]}).fullmatch("0.0") and _automaton({"enum": [[1]]}).fullmatch("[1.0]")
+    draft4 = {"$schema": "http://json-schema.org/draft-04/schema#", "type": "integer", "enum": [1]}
+    assert not _automaton(draft4).fullmatch("1.0") and _automaton(draft4).fullmatch("1")
+
+
+def test_strings_and_numbers_except():
+    from decimal import Decimal
+
+    a = ByteAutomaton(strings_except(["", "a", "ab", 'q"']), timeout_s=None)
+    for s, ok in [("", False), ("a", False), ("ab", False), ('q"', False), ("abc", True), ("b", True), ("q", True)]:
+        assert a.fullmatch(compact(s)) == ok, s
+    n = ByteAutomaton(numbers_except([Decimal(1), Decimal(3)]), timeout_s=None)
+    for s, ok in [("1", False), ("1.0", False), ("3", False), ("2", True), ("1.5", True), ("-1", True), ("4", True)]:
+        assert n.fullmatch(s) == ok, s
