@@ -78,6 +78,10 @@ ITEMS = [1, 2, 6, "a", None]  # with the arrays of up to 3 of them: a pool small
     ({"type": "array", "prefixItems": [{"type": "integer"}], "contains": {"type": "string"}, "maxItems": 3},
      [[1, "a"], [1, 2, "a"]]),
     ({"contains": True}, [[1]]),
+    # items does not look into allOf's prefixItems: it still applies from the first position
+    ({"allOf": [{"prefixItems": [{"minimum": 3}]}], "items": {"minimum": 5}}, [[6, 6], []]),
+    ({"allOf": [{"prefixItems": [{"type": "integer"}, {"type": "string"}]}], "prefixItems": [{"minimum": 2}]},
+     [[6, "a"], [2], [6, "a", None]]),
     ({"type": "array", "items": {"type": ["integer", "string"]}, "contains": {"type": "string"}, "maxContains": 1},
      [["a"], [1, "a", 2]]),
 ])

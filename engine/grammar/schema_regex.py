@@ -534,6 +534,7 @@ def _merge(a: Any, b: Any, ctx: _Ctx, path: str) -> Any:
             ctx.refuse(path, kw, "combined with another subschema")
     if isinstance(a, dict) and isinstance(b, dict):
         a, b = _closed_over(a, b), _closed_over(b, a)
+        a, b = _positional_items(a, b, ctx, path)
     out = dict(a)
     va, vb = _values(a), _values(b)
     if va is not None and vb is not None:  # enum/const on both sides: the common values
@@ -585,6 +586,24 @@ def _closed_over(x: dict, y: dict) -> dict:
         return x
     extra = {n: addl for n in other if n not in props}
     return {**x, "properties": {**props, **extra}} if extra else x
+
+
+def _positional_items(a: dict, b: dict, ctx: _Ctx, path: str) -> tuple[dict, dict]:
+    """Intersect prefixItems/items position by position: ``items`` applies only after its own
+    schema's prefixItems, so ``{"items": A}`` and ``{"prefixItems": [B]}`` meet as
+    ``{"prefixItems": [A and B], "items": A}``. Returns (a with the merged keywords, b without them)."""
+    if not any("prefixItems" in x for x in (a, b)) or not all("prefixItems" in x or "items" in x for x in (a, b)):
+        return a, b
+    if any(isinstance(x.get("items"), list) or "additionalItems" in x for x in (a, b)):
+        ctx.refuse(path, "allOf", "draft-07 tuple items combined with prefixItems")
+    pa, pb = a.get("prefixItems", []), b.get("prefixItems", [])
+    ia, ib = a.get("items", True), b.get("items", True)
+    if not isinstance(pa, list) or not isinstance(pb, list):
+        raise GrammarCompileError(f"prefixItems at {path or '/'} must be an array")
+    prefix = [_merge(pa[i] if i < len(pa) else ia, pb[i] if i < len(pb) else ib, ctx, path)
+              for i in range(max(len(pa), len(pb)))]
+    merged = {**a, "prefixItems": prefix, "items": _merge(ia, ib, ctx, path)}
+    return merged, {k: v for k, v in b.items() if k not in ("prefixItems", "items")}
 
 
 def _values(schema: dict) -> list | None:
