@@ -12,6 +12,7 @@ build (~1 min). Where it cannot build, `load_extension` returns None and says wh
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -23,7 +24,9 @@ from torch import nn
 from .quant import Int8WeightOnlyLinear
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("decode_kernel.cpp")
+# decode_kernel.cpp holds the step and the bindings; the others the kernels it calls (kernels.h)
+_SOURCES = [Path(__file__).with_name(f) for f in ("decode_kernel.cpp", "linear_kernel.cpp", "attention_kernel.cpp")]
+_HEADER = Path(__file__).with_name("kernels.h")
 
 
 def _cpu_flags() -> set[str]:
@@ -48,8 +51,10 @@ def _load() -> tuple[Any, str | None]:
         cpu = _cpu_flags()
         if {"avx2", "fma"} <= cpu:
             flags += ["-mavx2", "-mfma", "-mf16c"]
-        tag = "avx2" if "-mavx2" in flags else "scalar"
-        ext = cpp_extension.load(name=f"agentrt_decode_{tag}", sources=[str(_SOURCE)], extra_cflags=flags,
+        # the name carries a hash of the code, so an edited kernel (or header) never loads a stale build
+        code = hashlib.sha256(b"".join(p.read_bytes() for p in (*_SOURCES, _HEADER))).hexdigest()[:10]
+        tag = ("avx2" if "-mavx2" in flags else "scalar") + "_" + code
+        ext = cpp_extension.load(name=f"agentrt_decode_{tag}", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                                  extra_ldflags=["-fopenmp"], verbose=False)
         return ext, None
     except Exception as e:  # no compiler, no ninja, no headers: the torch decode path still works

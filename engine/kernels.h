@@ -1,0 +1,82 @@
+// What the C++ kernel files share: the linear a kernel reads (`Lin`), the linear and attention entry
+// points, and small vector helpers. One extension is built from decode_kernel.cpp (the step and the
+// Python bindings), linear_kernel.cpp (int8 / int4 linears) and attention_kernel.cpp (paged attention).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define AGENTRT_AVX2 1
+#endif
+
+namespace agentrt {
+
+// A linear as the kernels see it (bias float [N] or empty in every case):
+//   int8 rows:   w int8 [N, K], s float32 [N], z empty
+//   int8 groups: w int8 [N, K], s = d float16 [N, K/32], z empty (the GGUF Q8_0 grid)
+//   int4 groups: w uint8 [N, K/2], s = d and z = m float16 [N, K/32] (the GGUF Q4_1 grid)
+struct Lin {
+  at::Tensor w, s, z, b;
+  bool rows() const { return w.scalar_type() == at::kChar && s.scalar_type() == at::kFloat; }
+};
+
+// Throws (TORCH_CHECK) naming `what` unless `l` is a well-formed [N, K] linear.
+void check_lin(const Lin& l, int64_t N, int64_t K, const char* what);
+
+// Y [M, N] (+)= X [M, K] @ W.T + bias for any kind of `Lin`; threads over torch's pool.
+void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate);
+
+// x [M, K] float32 -> [M, N] float32 through the `Lin` (w, s, z, bias): `linear` for Python.
+at::Tensor linear_op(at::Tensor x, at::Tensor w, at::Tensor s, at::Tensor z, at::Tensor bias);
+
+// Causal attention over a paged KV cache for a batch of sequences, each with n_i >= 1 new query rows
+// (a decode token or a prefill chunk) whose K/V are already in the cache.
+//   q:        [T, *] float32; row t's head h starts at q + t * q_stride + h * hd
+//   k_cache / v_cache: one layer, [slots, nkv, hd] float32
+//   seq_start [B + 1]: sequence i owns query rows [seq_start[i], seq_start[i + 1])
+//   ctx_len   [B]: keys sequence i's last query row sees (its earlier tokens + n_i)
+//   slots     [B, ld_slots]: slot of each key position of sequence i (first ctx_len[i] read)
+//   out:      [T, nh * hd] float32
+// Query row j (0-based within sequence i) sees key positions 0 .. ctx_len[i] - n_i + j.
+void attention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache, const int64_t* seq_start,
+               const int64_t* ctx_len, const int64_t* slots, int64_t ld_slots, int64_t B, int64_t nh, int64_t nkv,
+               int64_t hd, float* out);
+
+#ifdef AGENTRT_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef AGENTRT_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+  }
+  s = hsum(_mm256_add_ps(a0, a1));
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy_f32(float a, const float* x, float* y, int64_t n) {  // y += a * x
+  int64_t i = 0;
+#ifdef AGENTRT_AVX2
+  const __m256 av = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+}  // namespace agentrt
