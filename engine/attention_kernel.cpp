@@ -40,4 +40,34 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
   });
 }
 
+at::Tensor attention_op(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor seq_start, at::Tensor ctx_len,
+                        at::Tensor slots, int64_t nh, int64_t nkv, int64_t hd) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 2 && q.stride(1) == 1 && q.size(1) >= nh * hd,
+              "attention: q must be float32 [T, >= nh * hd] with unit column stride");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+              v_cache.is_contiguous() && k_cache.dim() == 3 && k_cache.size(1) == nkv && k_cache.size(2) == hd &&
+              v_cache.sizes() == k_cache.sizes(), "attention: caches must be contiguous float32 [slots, nkv, hd]");
+  TORCH_CHECK(nkv > 0 && nh % nkv == 0, "attention: nh must be a multiple of nkv");
+  seq_start = seq_start.to(at::kLong).contiguous();
+  ctx_len = ctx_len.to(at::kLong).contiguous();
+  slots = slots.to(at::kLong).contiguous();
+  const int64_t B = ctx_len.numel(), S = k_cache.size(0);
+  TORCH_CHECK(seq_start.numel() == B + 1 && slots.dim() == 2 && slots.size(0) == B, "attention: seq_start [B + 1], slots [B, L]");
+  const int64_t* st = seq_start.data_ptr<int64_t>();
+  const int64_t* cl = ctx_len.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  TORCH_CHECK(st[0] == 0 && st[B] == q.size(0), "attention: seq_start must run from 0 to T");
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t n = st[i + 1] - st[i];
+    TORCH_CHECK(n >= 1 && cl[i] >= n && cl[i] <= slots.size(1), "attention: sequence ", i, " has ", n,
+                " query rows and ctx_len ", cl[i], " (need 1 <= rows <= ctx_len <= slots.size(1))");
+    for (int64_t j = 0; j < cl[i]; ++j)
+      TORCH_CHECK(sl[i * slots.size(1) + j] >= 0 && sl[i * slots.size(1) + j] < S, "attention: slot out of range");
+  }
+  auto out = at::empty({q.size(0), nh * hd}, q.options());
+  attention(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), st, cl, sl,
+            slots.size(1), B, nh, nkv, hd, out.data_ptr<float>());
+  return out;
+}
+
 }  // namespace agentrt

@@ -137,6 +137,8 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor positions, torch::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &agentrt::linear_op, "x [M, K] float32 through an int8 (rows or groups of 32) or int4 linear -> [M, N]");
+  m.def("attention", &agentrt::attention_op,
+        "causal paged attention: q [T, nh*hd], caches [slots, nkv, hd], seq_start [B+1], ctx_len [B], slots [B, L]");
   m.def("decode_step", &decode_step, "one fused decode step (int8 or int4 weights, float32 activations and cache)");
   m.def("has_avx2", []() {
 #ifdef AGENTRT_AVX2

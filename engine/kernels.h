@@ -46,6 +46,11 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
                const int64_t* ctx_len, const int64_t* slots, int64_t ld_slots, int64_t B, int64_t nh, int64_t nkv,
                int64_t hd, float* out);
 
+// `attention` for Python: q [T, >= nh * hd], caches [slots, nkv, hd], seq_start [B + 1], ctx_len [B],
+// slots [B, L] (int64) -> out [T, nh * hd]; checks every index first.
+at::Tensor attention_op(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor seq_start, at::Tensor ctx_len,
+                        at::Tensor slots, int64_t nh, int64_t nkv, int64_t hd);
+
 #ifdef AGENTRT_AVX2
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
