@@ -1,14 +1,462 @@
 // Causal attention over a paged KV cache (see kernels.h's `attention` for the layout).
 //
-// One task per (query row, head): scores against the visible keys, softmax, weighted sum of values.
+// AVX2 path, two kernels, both reading K/V rows straight from their pages (no gather copy) and both
+// sharing each K/V row among the `group` query heads of its kv head (GQA), so a row is read once per
+// tile instead of once per head:
+//  - tiled (sequences with >= 2 query rows, i.e. prefill chunks): flash attention. A task is a run of
+//    query vectors (query row x head of one kv head) cut into columns of 16; per key block, a column
+//    computes s^T = K q^T [keys, 16] (vectorized over the 16 query vectors, so the online-softmax max,
+//    sum and rescale are plain vector ops with no horizontal reductions), masks the causal diagonal,
+//    takes exp2 (q is prescaled by log2(e) / sqrt(hd)) and accumulates o^T [hd, 16] += V^T p^T.
+//    Each column stops at its own last visible key, so only the causal triangle (to within a few keys)
+//    is computed.
+//  - decode (1 query row): per kv head, scores 8 keys at a time (8 dot-product accumulators reduced
+//    with one hadd tree), online softmax per block of keys, p.V for up to 3 heads at once. Long
+//    contexts with few (sequence, kv head) pairs split the keys over the threads and merge the parts.
+// Tasks are ordered longest first and handed out dynamically, so the causal triangle balances.
+// Without AVX2 a plain loop (one (row, head) at a time) is compiled instead.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <numeric>
 #include <vector>
 
 namespace agentrt {
+
+#ifdef AGENTRT_AVX2
+namespace {
+
+constexpr int64_t kLanes = 16;     // query vectors per column (two ymm)
+constexpr int64_t kCols = 4;       // columns per tiled task
+constexpr int64_t kKeyBlock = 64;  // keys per block (tiled); their K and V rows stay in L1 across the columns
+constexpr int64_t kDecBlock = 128; // keys per block (decode)
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x for x <= 0, 0 below -125 (and for -inf): x = n + f with |f| <= 0.5, 2^f by a degree-5 polynomial
+// fitted for relative error on [-0.5, 0.5] (2.3e-7 max in float32 arithmetic), 2^n put in the exponent.
+inline __m256 exp2_neg(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-125.f);
+  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(0.0013266970636323094f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.009675459936261177f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.05550742521882057f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022121727466583f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931469440460205f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000001192092896f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_and_ps(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e)), keep);
+}
+
+inline float exp2_neg1(float x) {
+  return _mm256_cvtss_f32(exp2_neg(_mm256_set1_ps(x)));
+}
+
+// ---- tiled (prefill) kernel ----
+
+// s: [R, 16] = K rows kp[0..R) (each hd floats) times qt: [hd, 16]
+template <int R>
+inline void qk_tile(const float* const* kp, const float* qt, int64_t hd, float* s) {
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  const float* k[R];
+  for (int r = 0; r < R; ++r) k[r] = kp[r];
+  for (int64_t d = 0; d < hd; ++d) {
+    const __m256 q0 = _mm256_loadu_ps(qt + d * kLanes), q1 = _mm256_loadu_ps(qt + d * kLanes + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 b = _mm256_broadcast_ss(k[r] + d);
+      a0[r] = _mm256_fmadd_ps(b, q0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(b, q1, a1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(s + r * kLanes, a0[r]);
+    _mm256_storeu_ps(s + r * kLanes + 8, a1[r]);
+  }
+}
+
+// ot: [R, 16] (dims d0 .. d0 + R of o^T) = alpha * ot + sum over n keys of V[key][d0 + r] * p[key]
+//   vp[key]: the key's V row; p: [n, 16]
+template <int R>
+inline void pv_tile(const float* const* vp, int64_t n, const float* p, int64_t d0, float* ot, __m256 al0, __m256 al1) {
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) {
+    a0[r] = _mm256_mul_ps(_mm256_loadu_ps(ot + r * kLanes), al0);
+    a1[r] = _mm256_mul_ps(_mm256_loadu_ps(ot + r * kLanes + 8), al1);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 p0 = _mm256_loadu_ps(p + j * kLanes), p1 = _mm256_loadu_ps(p + j * kLanes + 8);
+    const float* v = vp[j] + d0;
+    for (int r = 0; r < R; ++r) {
+      const __m256 b = _mm256_broadcast_ss(v + r);
+      a0[r] = _mm256_fmadd_ps(b, p0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(b, p1, a1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(ot + r * kLanes, a0[r]);
+    _mm256_storeu_ps(ot + r * kLanes + 8, a1[r]);
+  }
+}
+
+template <int R>
+void pv_span(const float* const* vp, int64_t n, const float* p, int64_t hd, float* ot, __m256 al0, __m256 al1) {
+  int64_t d = 0;
+  for (; d + R <= hd; d += R) pv_tile<R>(vp, n, p, d, ot + d * kLanes, al0, al1);
+  switch (hd - d) {  // the dims left over (hd % R)
+    case 1: pv_tile<1>(vp, n, p, d, ot + d * kLanes, al0, al1); break;
+    case 2: pv_tile<2>(vp, n, p, d, ot + d * kLanes, al0, al1); break;
+    case 3: pv_tile<3>(vp, n, p, d, ot + d * kLanes, al0, al1); break;
+    case 4: pv_tile<4>(vp, n, p, d, ot + d * kLanes, al0, al1); break;
+    case 5: pv_tile<5>(vp, n, p, d, ot + d * kLanes, al0, al1); break;
+    default: break;
+  }
+}
+
+// One column of a tiled task: its query vectors' state across key blocks.
+struct Column {
+  float* qt;        // [hd, 16] prescaled queries
+  float* ot;        // [hd, 16] unnormalized output
+  float m[kLanes];  // running max (log2 units)
+  float l[kLanes];  // running sum
+  int32_t lim[kLanes];  // last visible key of each lane
+  int64_t lo, hi;   // smallest and largest lim
+};
+
+// One key block [k0, k0 + n) for a column (n already cut at the column's last visible key).
+void column_block(Column& c, const float* const* kp, const float* const* vp, int64_t k0, int64_t n, int64_t hd,
+                  float* s /* [n, 16] scratch */) {
+  int64_t j = 0;
+  for (; j + 6 <= n; j += 6) qk_tile<6>(kp + j, c.qt, hd, s + j * kLanes);
+  switch (n - j) {
+    case 1: qk_tile<1>(kp + j, c.qt, hd, s + j * kLanes); break;
+    case 2: qk_tile<2>(kp + j, c.qt, hd, s + j * kLanes); break;
+    case 3: qk_tile<3>(kp + j, c.qt, hd, s + j * kLanes); break;
+    case 4: qk_tile<4>(kp + j, c.qt, hd, s + j * kLanes); break;
+    case 5: qk_tile<5>(kp + j, c.qt, hd, s + j * kLanes); break;
+    default: break;
+  }
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  if (k0 + n - 1 > c.lo) {  // the block crosses some lane's last key: mask key > lim
+    const __m256i l0 = _mm256_loadu_si256((const __m256i*)c.lim), l1 = _mm256_loadu_si256((const __m256i*)(c.lim + 8));
+    for (j = 0; j < n; ++j) {
+      const __m256i key = _mm256_set1_epi32(int32_t(k0 + j));
+      float* r = s + j * kLanes;
+      _mm256_storeu_ps(r, _mm256_blendv_ps(_mm256_loadu_ps(r), ninf, _mm256_castsi256_ps(_mm256_cmpgt_epi32(key, l0))));
+      _mm256_storeu_ps(r + 8, _mm256_blendv_ps(_mm256_loadu_ps(r + 8), ninf, _mm256_castsi256_ps(_mm256_cmpgt_epi32(key, l1))));
+    }
+  }
+  __m256 mx0 = ninf, mx1 = ninf;
+  for (j = 0; j < n; ++j) {
+    mx0 = _mm256_max_ps(mx0, _mm256_loadu_ps(s + j * kLanes));
+    mx1 = _mm256_max_ps(mx1, _mm256_loadu_ps(s + j * kLanes + 8));
+  }
+  const __m256 m0 = _mm256_loadu_ps(c.m), m1 = _mm256_loadu_ps(c.m + 8);
+  // every lane sees key 0, so after the first block m is finite and the new max below is too
+  const __m256 nm0 = _mm256_max_ps(m0, mx0), nm1 = _mm256_max_ps(m1, mx1);
+  const __m256 al0 = exp2_neg(_mm256_sub_ps(m0, nm0)), al1 = exp2_neg(_mm256_sub_ps(m1, nm1));
+  __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+  for (j = 0; j < n; ++j) {
+    float* r = s + j * kLanes;
+    const __m256 p0 = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(r), nm0));
+    const __m256 p1 = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(r + 8), nm1));
+    _mm256_storeu_ps(r, p0);
+    _mm256_storeu_ps(r + 8, p1);
+    sum0 = _mm256_add_ps(sum0, p0);
+    sum1 = _mm256_add_ps(sum1, p1);
+  }
+  _mm256_storeu_ps(c.m, nm0);
+  _mm256_storeu_ps(c.m + 8, nm1);
+  _mm256_storeu_ps(c.l, _mm256_fmadd_ps(_mm256_loadu_ps(c.l), al0, sum0));
+  _mm256_storeu_ps(c.l + 8, _mm256_fmadd_ps(_mm256_loadu_ps(c.l + 8), al1, sum1));
+  pv_span<6>(vp, n, s, hd, c.ot, al0, al1);
+}
+
+struct Shape {
+  const float* q;
+  int64_t q_stride;
+  const float* k_cache;
+  const float* v_cache;
+  const int64_t* seq_start;
+  const int64_t* ctx_len;
+  const int64_t* slots;
+  int64_t ld_slots, nh, nkv, hd, group;
+  float* out;
+};
+
+// Scratch a thread keeps across tasks.
+struct Scratch {
+  std::vector<float> f;
+  std::vector<const float*> p;
+  std::vector<Column> cols;
+};
+
+// Query vectors [v0, v1) of sequence i's kv head g; vector v is row v / group, head g * group + v % group.
+void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Scratch& sc) {
+  const int64_t hd = a.hd, G = a.group, kvd = a.nkv * hd;
+  const int64_t r0 = a.seq_start[i], prev = a.ctx_len[i] - (a.seq_start[i + 1] - r0);
+  const int64_t C = (v1 - v0 + kLanes - 1) / kLanes;
+  const float qscale = kLog2e / std::sqrt(float(hd));
+  sc.f.resize(2 * C * hd * kLanes + kKeyBlock * kLanes);
+  sc.p.resize(2 * kKeyBlock);
+  sc.cols.resize(C);
+  float* s = sc.f.data() + 2 * C * hd * kLanes;
+  const float** kp = sc.p.data();
+  const float** vp = kp + kKeyBlock;
+  int64_t kend = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    Column& col = sc.cols[c];
+    col.qt = sc.f.data() + 2 * c * hd * kLanes;
+    col.ot = col.qt + hd * kLanes;
+    std::fill(col.qt, col.qt + 2 * hd * kLanes, 0.f);
+    col.lo = INT64_MAX;
+    col.hi = 0;
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      col.m[lane] = -INFINITY;
+      col.l[lane] = 0.f;
+      const int64_t v = v0 + c * kLanes + lane;
+      if (v >= v1) continue;
+      const int64_t row = v / G;
+      const float* qr = a.q + (r0 + row) * a.q_stride + (g * G + v % G) * hd;
+      for (int64_t d = 0; d < hd; ++d) col.qt[d * kLanes + lane] = qr[d] * qscale;
+      col.lim[lane] = int32_t(prev + row);
+      col.lo = std::min(col.lo, prev + row);
+      col.hi = std::max(col.hi, prev + row);
+    }
+    for (int64_t lane = 0; lane < kLanes; ++lane)  // padding lanes (q = 0) see what the column sees
+      if (v0 + c * kLanes + lane >= v1) col.lim[lane] = int32_t(col.hi);
+    kend = std::max(kend, col.hi + 1);
+  }
+  const int64_t* sl = a.slots + i * a.ld_slots;
+  for (int64_t k0 = 0; k0 < kend; k0 += kKeyBlock) {
+    const int64_t nb = std::min(kKeyBlock, kend - k0);
+    for (int64_t j = 0; j < nb; ++j) {
+      kp[j] = a.k_cache + sl[k0 + j] * kvd + g * hd;
+      vp[j] = a.v_cache + sl[k0 + j] * kvd + g * hd;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      Column& col = sc.cols[c];
+      const int64_t n = std::min(nb, col.hi + 1 - k0);
+      if (n > 0) column_block(col, kp, vp, k0, n, hd, s);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const Column& col = sc.cols[c];
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      const int64_t v = v0 + c * kLanes + lane;
+      if (v >= v1) break;
+      float* o = a.out + (r0 + v / G) * a.nh * hd + (g * G + v % G) * hd;
+      const float inv = 1.f / col.l[lane];
+      for (int64_t d = 0; d < hd; ++d) o[d] = col.ot[d * kLanes + lane] * inv;
+    }
+  }
+}
+
+// ---- decode kernel ----
+
+// [sum a[0], ..., sum a[7]]
+inline __m256 hsum8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// s[0..8) = q . K row kp[j] for 8 keys
+inline void dec_qk8(const float* q, const float* const* kp, int64_t hd, float* s) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= hd; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[j] + d), acc[j]);
+  }
+  _mm256_storeu_ps(s, hsum8(acc));
+  for (; d < hd; ++d)
+    for (int j = 0; j < 8; ++j) s[j] += q[d] * kp[j][d];
+}
+
+// o[h][d0 .. d0 + 8 NV) = alpha[h] * o[h] + sum over n keys of p[h][j] * V row vp[j], H heads
+template <int H, int NV>
+inline void dec_pv(const float* const* vp, int64_t n, const float* p, int64_t ld_p, int64_t d0, float* o, int64_t ld_o,
+                   const float* alpha) {
+  __m256 acc[H][NV];
+  for (int h = 0; h < H; ++h)
+    for (int c = 0; c < NV; ++c)
+      acc[h][c] = _mm256_mul_ps(_mm256_loadu_ps(o + h * ld_o + d0 + 8 * c), _mm256_set1_ps(alpha[h]));
+  for (int64_t j = 0; j < n; ++j) {
+    __m256 v[NV];
+    for (int c = 0; c < NV; ++c) v[c] = _mm256_loadu_ps(vp[j] + d0 + 8 * c);
+    for (int h = 0; h < H; ++h) {
+      const __m256 b = _mm256_broadcast_ss(p + h * ld_p + j);
+      for (int c = 0; c < NV; ++c) acc[h][c] = _mm256_fmadd_ps(b, v[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < H; ++h)
+    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(o + h * ld_o + d0 + 8 * c, acc[h][c]);
+}
+
+template <int H>
+void dec_pv_heads(const float* const* vp, int64_t n, const float* p, int64_t ld_p, int64_t hd, float* o, int64_t ld_o,
+                  const float* alpha) {
+  int64_t d = 0;
+  for (; d + 32 <= hd; d += 32) dec_pv<H, 4>(vp, n, p, ld_p, d, o, ld_o, alpha);
+  for (; d + 8 <= hd; d += 8) dec_pv<H, 1>(vp, n, p, ld_p, d, o, ld_o, alpha);
+  for (; d < hd; ++d)  // dims left over (hd % 8)
+    for (int h = 0; h < H; ++h) {
+      float acc = o[h * ld_o + d] * alpha[h];
+      for (int64_t j = 0; j < n; ++j) acc += p[h * ld_p + j] * vp[j][d];
+      o[h * ld_o + d] = acc;
+    }
+}
+
+// Keys [ka, kb) of sequence i (one query row) for kv head g: res [group, hd + 2] = the unnormalized
+// output, then the max (log2 units) and the sum of each head.
+void decode_task(const Shape& a, int64_t i, int64_t g, int64_t ka, int64_t kb, float* res, Scratch& sc) {
+  const int64_t hd = a.hd, G = a.group, kvd = a.nkv * hd, ld = hd + 2;
+  const float qscale = kLog2e / std::sqrt(float(hd));
+  sc.f.resize(G * hd + G * kDecBlock + 8);
+  sc.p.resize(2 * kDecBlock);
+  float* qs = sc.f.data();        // [G, hd] prescaled queries
+  float* s = qs + G * hd;         // [G, kDecBlock] scores / probabilities
+  const float** kp = sc.p.data();
+  const float** vp = kp + kDecBlock;
+  const float* qr = a.q + (a.seq_start[i + 1] - 1) * a.q_stride + g * G * hd;
+  for (int64_t x = 0; x < G * hd; ++x) qs[x] = qr[x] * qscale;
+  for (int64_t h = 0; h < G; ++h) {
+    std::fill(res + h * ld, res + h * ld + hd, 0.f);
+    res[h * ld + hd] = -INFINITY;
+    res[h * ld + hd + 1] = 0.f;
+  }
+  const int64_t* sl = a.slots + i * a.ld_slots;
+  float alpha[4];
+  for (int64_t k0 = ka; k0 < kb; k0 += kDecBlock) {
+    const int64_t n = std::min(kDecBlock, kb - k0);
+    for (int64_t j = 0; j < n; ++j) {
+      kp[j] = a.k_cache + sl[k0 + j] * kvd + g * hd;
+      vp[j] = a.v_cache + sl[k0 + j] * kvd + g * hd;
+    }
+    const int64_t n8 = (n + 7) / 8 * 8;
+    for (int64_t j = n; j < n8; ++j) kp[j] = kp[0];  // pad to 8 keys; their scores are cut below
+    for (int64_t h = 0; h < G; ++h) {
+      float* sh = s + h * kDecBlock;
+      for (int64_t j = 0; j < n; j += 8) dec_qk8(qs + h * hd, kp + j, hd, sh + j);
+    }
+    for (int64_t h0 = 0; h0 < G; h0 += 3) {
+      const int64_t H = std::min<int64_t>(3, G - h0);
+      for (int64_t h = h0; h < h0 + H; ++h) {  // online softmax of head h over this block
+        float* sh = s + h * kDecBlock;
+        __m256 mx = _mm256_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sh + j));
+        float m = res[h * ld + hd];
+        for (int c = 0; c < 8; ++c) m = std::max(m, ((float*)&mx)[c]);
+        for (; j < n; ++j) m = std::max(m, sh[j]);
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 sum = _mm256_setzero_ps();
+        for (j = 0; j + 8 <= n; j += 8) {
+          const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(sh + j), mv));
+          _mm256_storeu_ps(sh + j, p);
+          sum = _mm256_add_ps(sum, p);
+        }
+        float tot = hsum(sum);
+        for (; j < n; ++j) tot += (sh[j] = exp2_neg1(sh[j] - m));
+        alpha[h - h0] = exp2_neg1(res[h * ld + hd] - m);
+        res[h * ld + hd] = m;
+        res[h * ld + hd + 1] = res[h * ld + hd + 1] * alpha[h - h0] + tot;
+      }
+      const float* ph = s + h0 * kDecBlock;
+      float* oh = res + h0 * ld;
+      if (H == 3) dec_pv_heads<3>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
+      else if (H == 2) dec_pv_heads<2>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
+      else dec_pv_heads<1>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
+    }
+  }
+}
+
+struct Task {
+  int64_t i, g, v0, v1;  // tiled: query vectors [v0, v1); decode: keys [v0, v1)
+  int64_t part;          // decode: its row in the parts buffer (-1: tiled)
+  double cost;
+};
+
+}  // namespace
+
+void attention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache, const int64_t* seq_start,
+               const int64_t* ctx_len, const int64_t* slots, int64_t ld_slots, int64_t B, int64_t nh, int64_t nkv,
+               int64_t hd, float* out) {
+  const int64_t G = nh / nkv;
+  const Shape a{q, q_stride, k_cache, v_cache, seq_start, ctx_len, slots, ld_slots, nh, nkv, hd, G, out};
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t dec_pairs = 0;  // (decode sequence, kv head) pairs
+  for (int64_t i = 0; i < B; ++i) dec_pairs += (seq_start[i + 1] - seq_start[i] == 1) * nkv;
+  std::vector<Task> tasks;
+  int64_t nparts = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t n = seq_start[i + 1] - seq_start[i], ctx = ctx_len[i];
+    if (n == 1) {
+      // few pairs and long keys: split the keys so every thread has work (parts of >= 256 keys)
+      const int64_t want = dec_pairs >= 4 * nthreads ? 1 : (4 * nthreads + dec_pairs - 1) / dec_pairs;
+      const int64_t parts = std::max<int64_t>(1, std::min(want, ctx / 256));
+      for (int64_t g = 0; g < nkv; ++g)
+        for (int64_t p = 0; p < parts; ++p)
+          tasks.push_back({i, g, ctx * p / parts, ctx * (p + 1) / parts, nparts++, double(ctx / parts) * G});
+      continue;
+    }
+    const int64_t prev = ctx - n, per = kCols * kLanes;
+    for (int64_t g = 0; g < nkv; ++g)
+      for (int64_t v0 = 0; v0 < n * G; v0 += per) {
+        const int64_t v1 = std::min(n * G, v0 + per);
+        tasks.push_back({i, g, v0, v1, -1, double(v1 - v0) * double(prev + (v0 + v1) / (2 * G) + 1)});
+      }
+  }
+  std::sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  std::vector<float> parts(nparts * G * (hd + 2));
+  std::atomic<int64_t> next{0};
+  const int64_t ntasks = int64_t(tasks.size());
+  at::parallel_for(0, std::min(nthreads, ntasks), 1, [&](int64_t, int64_t) {
+    Scratch sc;
+    for (int64_t t; (t = next.fetch_add(1)) < ntasks;) {
+      const Task& w = tasks[t];
+      if (w.part < 0) tiled_task(a, w.i, w.g, w.v0, w.v1, sc);
+      else decode_task(a, w.i, w.g, w.v0, w.v1, parts.data() + w.part * G * (hd + 2), sc);
+    }
+  });
+  // merge the decode parts of each (sequence, kv head): tasks of one pair hold consecutive part rows
+  std::vector<int64_t> first(B * nkv, -1), count(B * nkv, 0);
+  for (const Task& w : tasks)
+    if (w.part >= 0) {
+      const int64_t pair = w.i * nkv + w.g;
+      first[pair] = first[pair] < 0 ? w.part : std::min(first[pair], w.part);
+      ++count[pair];
+    }
+  const int64_t ld = hd + 2;
+  for (int64_t pair = 0; pair < B * nkv; ++pair) {
+    if (count[pair] == 0) continue;
+    const int64_t i = pair / nkv, g = pair % nkv;
+    for (int64_t h = 0; h < G; ++h) {
+      float m = -INFINITY;
+      for (int64_t p = 0; p < count[pair]; ++p) m = std::max(m, parts[(first[pair] + p) * G * ld + h * ld + hd]);
+      float* o = out + (seq_start[i + 1] - 1) * nh * hd + (g * G + h) * hd;
+      std::fill(o, o + hd, 0.f);
+      float l = 0.f;
+      for (int64_t p = 0; p < count[pair]; ++p) {
+        const float* r = parts.data() + (first[pair] + p) * G * ld + h * ld;
+        const float w = exp2_neg1(r[hd] - m);
+        l += w * r[hd + 1];
+        axpy_f32(w, r, o, hd);
+      }
+      const float inv = 1.f / l;
+      for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
+    }
+  }
+}
+
+#else  // no AVX2: one (row, head) at a time
 
 void attention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache, const int64_t* seq_start,
                const int64_t* ctx_len, const int64_t* slots, int64_t ld_slots, int64_t B, int64_t nh, int64_t nkv,
@@ -39,6 +487,8 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
     }
   });
 }
+
+#endif
 
 at::Tensor attention_op(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor seq_start, at::Tensor ctx_len,
                         at::Tensor slots, int64_t nh, int64_t nkv, int64_t hd) {
