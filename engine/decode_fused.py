@@ -1,9 +1,11 @@
-"""The fused C++ decode step (``decode_kernel.cpp``): build on first use, fall back clearly.
+"""The fused C++ engine step (``decode_kernel.cpp``): build on first use, fall back clearly.
 
 A decode step of a small model on CPU spends most of its time in per-op dispatch and in torch's
-batch-1 int8 kernels. `FusedDecoder` runs all layers of a one-token-per-sequence step in a single
-C++ call over int8 weights (those `quant.Int8WeightOnlyLinear` already holds) or int4 groups of 32,
-with float32 activations and KV cache; `FusedLinear` serves the lm_head with the same GEMVs.
+batch-1 int8 kernels; a prefill chunk in its linears and attention. `FusedDecoder` runs all layers
+of any step (decode rows, prefill chunks, mixed) in a single C++ call over int8 weights (those
+`quant.Int8WeightOnlyLinear` already holds) or int4 groups of 32, with float32 activations and KV
+cache, and the dense float32 weights for steps with many rows where a float GEMM is faster;
+`FusedLinear` serves the lm_head with the same kernels.
 
 The extension is compiled with ``torch.utils.cpp_extension`` (g++ and ninja; AVX2+FMA when the CPU
 has them, scalar loops otherwise) into torch's extension cache, so only the first process pays the
@@ -169,12 +171,21 @@ def fused_lm_head(model: nn.Module, ext: Any) -> FusedLinear | None:
     return FusedLinear([w, s, torch.empty(0)], b, h, ext)
 
 
-class FusedDecoder:
-    """A decode step of a float32 `LlamaModel` as one C++ call, over int8 weights (the model's own
-    `Int8WeightOnlyLinear`s, possibly inside `DecodeQuantLinear`: shared, not copied) or int4 groups of
-    32 (packed here from the dense weights the prefill path keeps). The model's modules are unchanged."""
+# Steps of at least this many rows run their linears on the dense float32 weights (at::mm) when the
+# model keeps them: a compute-bound GEMM on a CPU without VNNI outruns the weight-only kernels there.
+# Measured (SmolLM2-135M shapes, 2 Zen 3 threads, /tmp/s5/linbench.py-style side by side): int4
+# ext.linear / torch.mm = 0.5-0.7 at 1-4 rows, 1.15 at 8, 1.9-2.0 at 16, 4.6 at 512.
+DENSE_MIN_ROWS = 8
 
-    def __init__(self, model: nn.Module, ext: Any, mode: str = "int8"):
+
+class FusedDecoder:
+    """An engine step of a float32 `LlamaModel` (decode rows and prefill chunks, any mix) as one C++
+    call (``ext.step``), over int8 weights (the model's own `Int8WeightOnlyLinear`s, possibly inside
+    `DecodeQuantLinear`: shared, not copied) or int4 groups of 32 (packed here from the dense weights
+    the model keeps). Steps of >= ``dense_min_rows`` rows run their linears on those dense float32
+    weights (at::mm) where the model has them. The model's modules are unchanged."""
+
+    def __init__(self, model: nn.Module, ext: Any, mode: str = "int8", dense_min_rows: int = DENSE_MIN_ROWS):
         a = model.args
         if mode not in ("int8", "int4"):
             raise ValueError(f"fused decode mode {mode!r}: choose 'int8' or 'int4'")
@@ -182,6 +193,7 @@ class FusedDecoder:
             raise ValueError("fused decode needs a float32 model on CPU")
         self.ext, self.model, self.args, self.mode = ext, model, a, mode
         parts: list[torch.Tensor] = []
+        dense: list[torch.Tensor] = []
         for i, layer in enumerate(model.layers):
             qkv = layer.qkv_proj
             # the bias from the float linear when there is one (the quantized copies round it to bfloat16)
@@ -190,17 +202,36 @@ class FusedDecoder:
             for name in ("o_proj", "gate_up_proj", "down_proj"):
                 parts += _lin_parts(getattr(layer, name), mode, f"layers.{i}.{name}")
             parts += [layer.input_layernorm.float().contiguous(), layer.post_attention_layernorm.float().contiguous()]
+            dense += [_dense_weight(getattr(layer, name)) for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
         self.parts = parts  # 15 per layer, the order decode_kernel.cpp reads
+        # 4 per layer (empty where there is no float weight, e.g. W8A8 prefill linears); none at all
+        # when no layer has one
+        self.dense = dense if any(d.numel() for d in dense) else []
+        self.dense_min_rows = dense_min_rows
         self.norm = model.norm.float().contiguous()
+        # seconds in the linears, attention and the rest, summed over steps while not None (bench splits)
+        self.timings: torch.Tensor | None = None
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, new_slots: torch.Tensor,
-                 kv_slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions (= earlier tokens), new_slots: [B]; kv_slots [B, Lp] (>= max position);
-        k_cache/v_cache [layers, slots, nkv, hd] float32 (the new K/V are written). Returns hidden [B, H]."""
+    def __call__(self, input_ids: torch.Tensor, seq_start: torch.Tensor, ctx_len: torch.Tensor,
+                 block_tables: torch.Tensor, block_size: int, out_rows: torch.Tensor | None, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor) -> torch.Tensor:
+        """One step: input_ids [T] (sequence after sequence), seq_start [B + 1] (sequence i's rows
+        seq_start[i]:seq_start[i + 1]), ctx_len [B] (its tokens after the step), block_tables [B, W]
+        (its KV blocks of ``block_size`` slots), out_rows [R] (rows to return; None = all);
+        k_cache/v_cache [layers, slots, nkv, hd] float32 (the new K/V are written). Returns hidden [R, H]."""
         a, m = self.args, self.model
-        x = m.embed_tokens.weight.index_select(0, input_ids)  # [B, H], a fresh tensor the kernel updates
-        return self.ext.decode_step(x, positions, new_slots, kv_slots, m.rope_cos, m.rope_sin, k_cache, v_cache,
-                                    self.parts, self.norm, a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps)
+        x = m.embed_tokens.weight.index_select(0, input_ids)  # [T, H], a fresh tensor the kernel updates
+        return self.ext.step(x, seq_start, ctx_len, block_tables, block_size, out_rows, m.rope_cos, m.rope_sin,
+                             k_cache, v_cache, self.parts, self.dense, self.dense_min_rows, self.norm, a.num_heads,
+                             a.num_kv_heads, a.head_dim, a.rms_norm_eps, self.timings)
+
+
+def _dense_weight(mod: nn.Module) -> torch.Tensor:
+    """The float32 weight [N, K] a `DecodeQuantLinear` keeps for many rows, or an empty tensor."""
+    w = getattr(getattr(mod, "dense", None), "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.float32:
+        return torch.empty(0)
+    return w.detach() if w.is_contiguous() else w.detach().contiguous()
 
 
 def build_fused_decoder(model: nn.Module, mode: str = "int8") -> FusedDecoder | None:
@@ -214,28 +245,3 @@ def build_fused_decoder(model: nn.Module, mode: str = "int8") -> FusedDecoder | 
     if head is not None:
         model.lm_head = head
     return dec
-
-
-@torch.inference_mode()
-def fused_prompt_logits(engine: Any, token_ids: list[int]) -> torch.Tensor:
-    """Logits [T, vocab] at every position of ``token_ids``, each token run as a decode step through
-    ``engine``'s fused decoder (teacher forcing: what `LLMEngine.prompt_logits` gives for the torch
-    path). For tests and the accuracy bench; uses free KV blocks temporarily, no prefix cache."""
-    from .config import SamplingParams
-
-    if getattr(engine, "_fused", None) is None:
-        raise ValueError("the engine has no fused decoder (EngineConfig(fused_decode=True), extension built)")
-    seq = engine.make_sequence(list(token_ids), SamplingParams(max_tokens=1))
-    if not engine.block_manager.can_grow(seq, len(seq.token_ids)):
-        raise RuntimeError("not enough free KV blocks for fused_prompt_logits")
-    engine.block_manager.grow(seq, len(seq.token_ids))
-    rows = []
-    try:
-        while seq.num_uncomputed:
-            ids, pos, new_slots, kv_slots, _, _ = engine._prepare_graph([(seq, 1)])
-            hidden = engine._fused(ids, pos, new_slots, kv_slots, engine.kv.k, engine.kv.v)  # [1, H]
-            rows.append(engine.model.compute_logits(hidden))
-            seq.num_computed_tokens += 1
-    finally:
-        engine.block_manager.free(seq)
-    return torch.cat(rows)

@@ -1,75 +1,242 @@
-// A whole decode step of a Llama-family model with int8 / int4 weight-only linears, in one C++ call,
-// and the Python bindings of the extension (linear_kernel.cpp, attention_kernel.cpp).
+// A whole engine step of a Llama-family model (decode rows and prefill chunks alike) with int8 / int4
+// weight-only linears, in one C++ call, and the Python bindings of the extension (linear_kernel.cpp,
+// attention_kernel.cpp).
 //
 // Why: a decode step of a 135M model on CPU is bound by per-op dispatch (hundreds of small torch ops
-// per token) and by torch's M=1 int8 kernels, which stream well below memory bandwidth. Here every
-// layer is plain loops: RMSNorm, the linears of linear_kernel.cpp, RoPE on interleaved pairs, the new
-// K/V written to the paged cache, attention_kernel.cpp's attention over the sequence's slots, SwiGLU.
+// per token) and by torch's M=1 int8 kernels, which stream well below memory bandwidth; a prefill
+// chunk spends its time in the linears and attention, and its elementwise ops (norms, RoPE, SwiGLU,
+// residual adds) cost another ~7% in torch's many passes over memory. Here every layer is plain
+// loops: RMSNorm, the linears of linear_kernel.cpp (or at::mm on the dense float weights where that is
+// faster: many rows), RoPE on interleaved pairs, the new K/V written to the paged cache,
+// attention_kernel.cpp's causal attention over each sequence's slots, SwiGLU. The elementwise ops are
+// AVX2 and split over threads by rows when the step has many.
 //
 // Layouts (same as engine/model.py): qkv rows are [q (nh*hd) | k (nkv*hd) | v (nkv*hd)] with q/k in
 // interleaved RoPE pair order; gate_up rows are [gate (I) | up (I)]; the cache is
-// [layers, slots, nkv, hd] float32.
+// [layers, slots, nkv, hd] float32, slot = block * block_size + offset.
 #include <torch/extension.h>
+
+#include <ATen/Parallel.h>
 
 #include "kernels.h"
 
+#include <algorithm>
+#include <chrono>
+#include <optional>
 #include <vector>
 
 using agentrt::Lin;
 
 namespace {
 
-void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t H, double eps) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * H;
-    float ss = agentrt::dot_f32(xm, xm, H);
-    const float r = 1.f / std::sqrt(ss / float(H) + float(eps));
-    for (int64_t i = 0; i < H; ++i) y[m * H + i] = xm[i] * r * w[i];
-  }
+// Rows per thread task so that each task has about this many floats of work: a parallel region
+// costs microseconds, so a decode step's few rows run inline on the calling thread.
+constexpr int64_t kGrainFloats = 1 << 15;
+
+template <class F>
+void parallel_rows(int64_t M, int64_t floats_per_row, const F& f) {
+  at::parallel_for(0, M, std::max<int64_t>(1, kGrainFloats / std::max<int64_t>(1, floats_per_row)), f);
 }
+
+#ifdef AGENTRT_AVX2
+// exp on 8 floats: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 split in two constants (Cody-Waite),
+// p the Cephes expf polynomial (relative error ~1e-7 on the clamped range, where 2^n stays normal).
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// y [M, H] = x * rsqrt(mean(x^2) + eps) * w, row by row (torch's F.rms_norm in float32).
+void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t H, double eps) {
+  parallel_rows(M, 2 * H, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xm = x + m * H;
+      float* ym = y + m * H;
+      const float r = 1.f / std::sqrt(agentrt::dot_f32(xm, xm, H) / float(H) + float(eps));
+      int64_t i = 0;
+#ifdef AGENTRT_AVX2
+      const __m256 rv = _mm256_set1_ps(r);
+      for (; i + 8 <= H; i += 8)
+        _mm256_storeu_ps(ym + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xm + i), rv), _mm256_loadu_ps(w + i)));
+#endif
+      for (; i < H; ++i) ym[i] = xm[i] * r * w[i];
+    }
+  });
+}
+
+// RoPE on the q and k heads of each qkv row (adjacent pairs (2i, 2i + 1) rotated by position * freq_i),
+// then the row's new K/V copied to its cache slot.
+//   qkv [T, nqkv]; pos [T], slot [T]; cos / sin [max_len, hd/2]; kc / vc: one layer [slots, nkv * hd]
+void rope_and_store(float* qkv, const int64_t* pos, const int64_t* slot, const float* cos, const float* sin,
+                    float* kc, float* vc, int64_t T, int64_t nh, int64_t nkv, int64_t hd) {
+  const int64_t qd = nh * hd, kvd = nkv * hd, nqkv = qd + 2 * kvd, half = hd / 2;
+  parallel_rows(T, nqkv, [&](int64_t t0, int64_t t1) {
+    // per row: cc = [c0, c0, c1, c1, ...] and ss = [-s0, s0, -s1, s1, ...], so that a head's rotated
+    // values are e * cc + swap_pairs(e) * ss (x0 c - x1 s, x1 c + x0 s)
+    std::vector<float> cc(hd), ss(hd);
+    for (int64_t t = t0; t < t1; ++t) {
+      float* r = qkv + t * nqkv;
+      const float* c = cos + pos[t] * half;
+      const float* s = sin + pos[t] * half;
+      for (int64_t i = 0; i < half; ++i) cc[2 * i] = cc[2 * i + 1] = c[i], ss[2 * i] = -s[i], ss[2 * i + 1] = s[i];
+      for (int64_t head = 0; head < nh + nkv; ++head) {
+        float* e = r + head * hd;
+        int64_t i = 0;
+#ifdef AGENTRT_AVX2
+        for (; i + 8 <= hd; i += 8) {
+          const __m256 v = _mm256_loadu_ps(e + i);
+          const __m256 sw = _mm256_permute_ps(v, 0xb1);  // [x1, x0, x3, x2, ...]
+          _mm256_storeu_ps(e + i, _mm256_fmadd_ps(v, _mm256_loadu_ps(cc.data() + i),
+                                                  _mm256_mul_ps(sw, _mm256_loadu_ps(ss.data() + i))));
+        }
+#endif
+        for (; i < hd; i += 2) {
+          const float x0 = e[i], x1 = e[i + 1];
+          e[i] = x0 * cc[i] + x1 * ss[i];
+          e[i + 1] = x1 * cc[i + 1] + x0 * ss[i + 1];
+        }
+      }
+      std::copy(r + qd, r + qd + kvd, kc + slot[t] * kvd);
+      std::copy(r + qd + kvd, r + nqkv, vc + slot[t] * kvd);
+    }
+  });
+}
+
+// act [T, I] = silu(gate) * up, gu [T, 2I] = [gate | up].
+void swiglu(const float* gu, float* act, int64_t T, int64_t I) {
+  parallel_rows(T, 3 * I, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* g = gu + t * 2 * I;
+      const float* u = g + I;
+      float* a = act + t * I;
+      int64_t i = 0;
+#ifdef AGENTRT_AVX2
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < I; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+}
+
+// Y [M, N] (+)= X [M, K] @ W.T + bias: the quantized kernel, or at::mm on the dense float32 weight
+// `dense` [N, K] (when given) for steps of at least `dense_min_rows` rows, where a float GEMM beats
+// the weight-only kernel (compute-bound, see decode_fused.DENSE_MIN_ROWS).
+void run_linear(const Lin& l, const at::Tensor& dense, int64_t dense_min_rows, const at::Tensor& X, at::Tensor& Y,
+                bool accumulate) {
+  const int64_t M = X.size(0);
+  if (dense.defined() && dense.numel() && M >= dense_min_rows) {
+    if (accumulate) {
+      Y.addmm_(X, dense.t());
+    } else {
+      at::mm_out(Y, X, dense.t());
+    }
+    if (l.b.defined() && l.b.numel()) Y.add_(l.b);
+    return;
+  }
+  agentrt::linear(l, X.data_ptr<float>(), Y.data_ptr<float>(), M, X.size(1), accumulate);
+}
+
+// Seconds spent per phase of a step, accumulated into a caller's float64 [3] tensor (linears,
+// attention, the rest) when given: a steady_clock read costs ~20 ns, a phase at least microseconds.
+struct PhaseClock {
+  double* acc;
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  void lap(int phase) {
+    if (!acc) return;
+    const auto now = std::chrono::steady_clock::now();
+    acc[phase] += std::chrono::duration<double>(now - t).count();
+    t = now;
+  }
+};
+enum { kLinears = 0, kAttention = 1, kRest = 2 };
 
 }  // namespace
 
-// One decode step for B one-token sequences; writes each layer's new K/V into the cache.
-//   x [B, H] float32: the new tokens' embeddings (overwritten: the residual stream)
-//   positions [B] int64 (= earlier tokens of each sequence); new_slots [B] int64: the new tokens' slots
-//   kv_slots [B, Lp] int64: slots of each sequence's earlier tokens (only the first positions[b] are read)
+// One step for B sequences, each with n_i >= 1 new rows (a decode token or a prefill chunk, possibly
+// starting mid-sequence after a prefix-cache hit); writes each layer's new K/V into the cache.
+//   x [T, H] float32: the new tokens' embeddings, sequence after sequence (overwritten: the residual)
+//   seq_start [B + 1] int64: sequence i owns rows [seq_start[i], seq_start[i + 1])
+//   ctx_len [B] int64: sequence i's tokens after this step (earlier ones + n_i); row j of sequence i
+//     is at position ctx_len[i] - n_i + j
+//   block_tables [B, W] int64: sequence i's KV blocks (the first ceil(ctx_len[i] / block_size) read);
+//     position p's slot is block_tables[i, p / block_size] * block_size + p % block_size
+//   out_rows [R] int64 or None (= all T rows): the rows whose final hidden state is returned
 //   rope_cos / rope_sin [max_len, hd/2] float32; k_cache / v_cache [layers, slots, nkv, hd] float32
 //   layers: 15 tensors per layer: qkv (w, s, z, bias), o (w, s, z), gate_up (w, s, z), down (w, s, z),
 //           input_norm, post_attention_norm (see Lin; empty tensors where there is none)
-// Returns the final-normed hidden states [B, H].
+//   dense: empty, or 4 float32 tensors per layer (qkv, o, gate_up, down weights [N, K]) that linears
+//          over >= dense_min_rows rows run on instead (at::mm)
+//   timings: None, or float64 [3] += seconds in the linears, attention and the rest of the step
+// Returns the final-normed hidden states of out_rows [R, H].
 constexpr size_t kPerLayer = 15;
 
-torch::Tensor decode_step(torch::Tensor x, torch::Tensor positions, torch::Tensor new_slots, torch::Tensor kv_slots,
-                          torch::Tensor rope_cos, torch::Tensor rope_sin, torch::Tensor k_cache, torch::Tensor v_cache,
-                          std::vector<torch::Tensor> layers, torch::Tensor final_norm, int64_t nh, int64_t nkv,
-                          int64_t hd, double eps) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "decode_step: x must be contiguous float32 [B, H]");
+torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_len, torch::Tensor block_tables,
+                   int64_t block_size, std::optional<torch::Tensor> out_rows, torch::Tensor rope_cos,
+                   torch::Tensor rope_sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                   std::vector<torch::Tensor> layers, std::vector<torch::Tensor> dense, int64_t dense_min_rows,
+                   torch::Tensor final_norm, int64_t nh, int64_t nkv, int64_t hd, double eps,
+                   std::optional<torch::Tensor> timings) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "step: x must be contiguous float32 [T, H]");
   TORCH_CHECK(k_cache.scalar_type() == torch::kFloat && v_cache.scalar_type() == torch::kFloat && k_cache.is_contiguous() &&
-              v_cache.is_contiguous(), "decode_step: the KV cache must be contiguous float32");
+              v_cache.is_contiguous() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "step: the KV cache must be contiguous float32 [layers, slots, nkv, hd]");
   TORCH_CHECK(layers.size() % kPerLayer == 0 && int64_t(layers.size() / kPerLayer) == k_cache.size(0),
-              "decode_step: 15 tensors per layer, one layer per cache layer");
-  TORCH_CHECK(k_cache.size(2) == nkv && k_cache.size(3) == hd && nh % nkv == 0, "decode_step: cache shape does not match the heads");
-  positions = positions.contiguous();
-  new_slots = new_slots.contiguous();
-  kv_slots = kv_slots.contiguous();
-  const int64_t B = x.size(0), H = x.size(1), L = layers.size() / kPerLayer, S = k_cache.size(1);
-  const int64_t I = layers[7].size(0) / 2, qd = nh * hd, kvd = nkv * hd, nqkv = qd + 2 * kvd, half = hd / 2;
-  const int64_t Lp = kv_slots.dim() == 2 ? kv_slots.size(1) : 0;
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const int64_t* nslot = new_slots.data_ptr<int64_t>();
-  const int64_t* slots = kv_slots.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(pos[b] >= 0 && pos[b] < rope_cos.size(0) && pos[b] <= Lp && nslot[b] >= 0 && nslot[b] < S,
-                "decode_step: position or slot out of range");
-    for (int64_t j = 0; j < pos[b]; ++j) TORCH_CHECK(slots[b * Lp + j] >= 0 && slots[b * Lp + j] < S, "decode_step: kv slot out of range");
+              "step: 15 tensors per layer, one layer per cache layer");
+  TORCH_CHECK(dense.empty() || dense.size() == 4 * (layers.size() / kPerLayer), "step: dense: none or 4 weights per layer");
+  TORCH_CHECK(k_cache.size(2) == nkv && k_cache.size(3) == hd && nkv > 0 && nh % nkv == 0 && hd % 2 == 0,
+              "step: cache shape does not match the heads");
+  TORCH_CHECK(rope_cos.scalar_type() == torch::kFloat && rope_sin.scalar_type() == torch::kFloat && rope_cos.is_contiguous() &&
+              rope_sin.is_contiguous() && rope_cos.dim() == 2 && rope_cos.size(1) == hd / 2 && rope_sin.sizes() == rope_cos.sizes(),
+              "step: RoPE tables must be contiguous float32 [max_len, hd/2]");
+  seq_start = seq_start.to(torch::kLong).contiguous();
+  ctx_len = ctx_len.to(torch::kLong).contiguous();
+  block_tables = block_tables.to(torch::kLong).contiguous();
+  const int64_t T = x.size(0), H = x.size(1), L = layers.size() / kPerLayer, S = k_cache.size(1), B = ctx_len.numel();
+  const int64_t I = layers[7].size(0) / 2, qd = nh * hd, kvd = nkv * hd, nqkv = qd + 2 * kvd;
+  TORCH_CHECK(B >= 1 && seq_start.numel() == B + 1 && block_tables.dim() == 2 && block_tables.size(0) == B && block_size >= 1,
+              "step: seq_start [B + 1], ctx_len [B], block_tables [B, W], block_size >= 1");
+  const int64_t* st = seq_start.data_ptr<int64_t>();
+  const int64_t* cl = ctx_len.data_ptr<int64_t>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t W = block_tables.size(1), max_len = rope_cos.size(0);
+  TORCH_CHECK(st[0] == 0 && st[B] == T, "step: seq_start must run from 0 to T = x.size(0)");
+  // each sequence's key slots [B, Lmax] (what attention reads), and each row's position and new slot
+  int64_t Lmax = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t n = st[i + 1] - st[i];
+    TORCH_CHECK(n >= 1 && cl[i] >= n && cl[i] <= max_len && (cl[i] + block_size - 1) / block_size <= W, "step: sequence ", i,
+                " has ", n, " rows and ctx_len ", cl[i], " (need 1 <= rows <= ctx_len <= RoPE table length, and its blocks)");
+    Lmax = std::max(Lmax, cl[i]);
   }
-  // one query row per sequence; its keys: the earlier tokens' slots, then the new token's
-  std::vector<int64_t> seq_start(B + 1), ctx_len(B), all_slots(B * (Lp + 1));
-  for (int64_t b = 0; b < B; ++b) {
-    seq_start[b + 1] = b + 1, ctx_len[b] = pos[b] + 1;
-    std::copy(slots + b * Lp, slots + b * Lp + pos[b], all_slots.begin() + b * (Lp + 1));
-    all_slots[b * (Lp + 1) + pos[b]] = nslot[b];
+  std::vector<int64_t> slots(B * Lmax), pos(T), new_slot(T);
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t p = 0; p < cl[i]; ++p) {
+      const int64_t blk = bt[i * W + p / block_size];
+      TORCH_CHECK(blk >= 0 && (blk + 1) * block_size <= S, "step: block ", blk, " of sequence ", i, " is outside the cache");
+      slots[i * Lmax + p] = blk * block_size + p % block_size;
+    }
+    for (int64_t t = st[i]; t < st[i + 1]; ++t) {
+      pos[t] = cl[i] - (st[i + 1] - t);
+      new_slot[t] = slots[i * Lmax + pos[t]];
+    }
   }
   std::vector<Lin> lins;  // 4 per layer: qkv, o, gate_up, down
   for (int64_t l = 0; l < L; ++l) {
@@ -83,55 +250,75 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor positions, torch::Tenso
     agentrt::check_lin(lins[l * 4 + 2], 2 * I, H, "gate_up");
     agentrt::check_lin(lins[l * 4 + 3], H, I, "down");
     TORCH_CHECK(p[13].numel() == H && p[14].numel() == H && p[13].scalar_type() == torch::kFloat &&
-                p[14].scalar_type() == torch::kFloat, "decode_step: norm weights must be float32 [H]");
+                p[14].scalar_type() == torch::kFloat && p[13].is_contiguous() && p[14].is_contiguous(),
+                "step: norm weights must be float32 [H]");
+    if (!dense.empty()) {
+      const int64_t shape[4][2] = {{nqkv, H}, {H, qd}, {2 * I, H}, {H, I}};
+      for (int j = 0; j < 4; ++j) {
+        const torch::Tensor& d = dense[l * 4 + j];
+        TORCH_CHECK(d.numel() == 0 || (d.scalar_type() == torch::kFloat && d.dim() == 2 && d.size(0) == shape[j][0] &&
+                                       d.size(1) == shape[j][1]), "step: dense weight ", j, " of layer ", l, " must be float32 [N, K]");
+      }
+    }
   }
+  TORCH_CHECK(final_norm.numel() == H && final_norm.scalar_type() == torch::kFloat && final_norm.is_contiguous(),
+              "step: final norm must be float32 [H]");
   auto opt = x.options();
-  auto h = torch::empty({B, H}, opt);
-  auto qkv = torch::empty({B, nqkv}, opt);
-  auto att = torch::empty({B, qd}, opt);
-  auto gu = torch::empty({B, 2 * I}, opt);
-  auto act = torch::empty({B, I}, opt);
+  auto h = torch::empty({T, H}, opt);
+  auto qkv = torch::empty({T, nqkv}, opt);
+  auto att = torch::empty({T, qd}, opt);
+  auto gu = torch::empty({T, 2 * I}, opt);
+  auto act = torch::empty({T, I}, opt);
   float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>(), *qkvp = qkv.data_ptr<float>();
   float *attp = att.data_ptr<float>(), *gup = gu.data_ptr<float>(), *actp = act.data_ptr<float>();
   const float *cosp = rope_cos.data_ptr<float>(), *sinp = rope_sin.data_ptr<float>();
   float *kc0 = k_cache.data_ptr<float>(), *vc0 = v_cache.data_ptr<float>();
   const int64_t layer_stride = S * kvd;
+  const torch::Tensor none;
+  if (timings.has_value())
+    TORCH_CHECK(timings->scalar_type() == torch::kDouble && timings->is_contiguous() && timings->numel() == 3,
+                "step: timings must be a contiguous float64 [3]");
+  PhaseClock clock{timings.has_value() ? timings->data_ptr<double>() : nullptr};
 
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* p = &layers[l * kPerLayer];
     const Lin* lin = &lins[l * 4];
+    const torch::Tensor* dn = dense.empty() ? nullptr : &dense[l * 4];
     float* kc = kc0 + l * layer_stride;
     float* vc = vc0 + l * layer_stride;
-    rms_norm(xp, p[13].data_ptr<float>(), hp, B, H, eps);
-    agentrt::linear(lin[0], hp, qkvp, B, H, false);
-    for (int64_t b = 0; b < B; ++b) {  // RoPE on q and k (adjacent pairs), then the new K/V to the cache
-      float* r = qkvp + b * nqkv;
-      const float* c = cosp + pos[b] * half;
-      const float* sn = sinp + pos[b] * half;
-      for (int64_t head = 0; head < nh + nkv; ++head) {
-        float* e = r + head * hd;
-        for (int64_t i = 0; i < half; ++i) {
-          const float x0 = e[2 * i], x1 = e[2 * i + 1];
-          e[2 * i] = x0 * c[i] - x1 * sn[i];
-          e[2 * i + 1] = x0 * sn[i] + x1 * c[i];
-        }
-      }
-      std::copy(r + qd, r + qd + kvd, kc + nslot[b] * kvd);
-      std::copy(r + qd + kvd, r + nqkv, vc + nslot[b] * kvd);
-    }
-    agentrt::attention(qkvp, nqkv, kc, vc, seq_start.data(), ctx_len.data(), all_slots.data(), Lp + 1, B, nh, nkv, hd, attp);
-    agentrt::linear(lin[1], attp, xp, B, qd, true);  // x += o_proj(att)
-    rms_norm(xp, p[14].data_ptr<float>(), hp, B, H, eps);
-    agentrt::linear(lin[2], hp, gup, B, H, false);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < I; ++i) {
-        const float g = gup[b * 2 * I + i];
-        actp[b * I + i] = g / (1.f + std::exp(-g)) * gup[b * 2 * I + I + i];
-      }
-    agentrt::linear(lin[3], actp, xp, B, I, true);  // x += down(silu(gate) * up)
+    rms_norm(xp, p[13].data_ptr<float>(), hp, T, H, eps);
+    clock.lap(kRest);
+    run_linear(lin[0], dn ? dn[0] : none, dense_min_rows, h, qkv, false);
+    clock.lap(kLinears);
+    rope_and_store(qkvp, pos.data(), new_slot.data(), cosp, sinp, kc, vc, T, nh, nkv, hd);
+    clock.lap(kRest);
+    agentrt::attention(qkvp, nqkv, kc, vc, st, cl, slots.data(), Lmax, B, nh, nkv, hd, attp);
+    clock.lap(kAttention);
+    run_linear(lin[1], dn ? dn[1] : none, dense_min_rows, att, x, true);  // x += o_proj(att)
+    clock.lap(kLinears);
+    rms_norm(xp, p[14].data_ptr<float>(), hp, T, H, eps);
+    clock.lap(kRest);
+    run_linear(lin[2], dn ? dn[2] : none, dense_min_rows, h, gu, false);
+    clock.lap(kLinears);
+    swiglu(gup, actp, T, I);
+    clock.lap(kRest);
+    run_linear(lin[3], dn ? dn[3] : none, dense_min_rows, act, x, true);  // x += down(silu(gate) * up)
+    clock.lap(kLinears);
   }
-  auto out = torch::empty({B, H}, opt);
-  rms_norm(xp, final_norm.data_ptr<float>(), out.data_ptr<float>(), B, H, eps);
+  // the final norm only for the rows the caller reads (the sampled ones: one per finished prompt)
+  if (out_rows.has_value()) {
+    auto rows = out_rows->to(torch::kLong).contiguous();
+    const int64_t R = rows.numel();
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    for (int64_t r = 0; r < R; ++r) TORCH_CHECK(rp[r] >= 0 && rp[r] < T, "step: out_rows out of range");
+    auto sel = torch::empty({R, H}, opt);
+    for (int64_t r = 0; r < R; ++r) std::copy(xp + rp[r] * H, xp + (rp[r] + 1) * H, sel.data_ptr<float>() + r * H);
+    auto out = torch::empty({R, H}, opt);
+    rms_norm(sel.data_ptr<float>(), final_norm.data_ptr<float>(), out.data_ptr<float>(), R, H, eps);
+    return out;
+  }
+  auto out = torch::empty({T, H}, opt);
+  rms_norm(xp, final_norm.data_ptr<float>(), out.data_ptr<float>(), T, H, eps);
   return out;
 }
 
@@ -139,7 +326,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &agentrt::linear_op, "x [M, K] float32 through an int8 (rows or groups of 32) or int4 linear -> [M, N]");
   m.def("attention", &agentrt::attention_op,
         "causal paged attention: q [T, nh*hd], caches [slots, nkv, hd], seq_start [B+1], ctx_len [B], slots [B, L]");
-  m.def("decode_step", &decode_step, "one fused decode step (int8 or int4 weights, float32 activations and cache)");
+  m.def("step", &step,
+        "one fused engine step (decode rows and prefill chunks; int8 or int4 weights, optional dense float32 weights "
+        "for many rows; float32 activations and cache)");
   m.def("has_avx2", []() {
 #ifdef AGENTRT_AVX2
     return true;

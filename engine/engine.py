@@ -142,6 +142,9 @@ class LLMEngine:
             from .decode_fused import build_fused_decoder
 
             self._fused = build_fused_decoder(self.model, config.quantization)
+        # every step (prefill chunks too) runs the C++ step, except with prefill_int8, whose W8A8 prefill
+        # linears are torch's (the C++ step then runs the decode-only steps)
+        self._fused_prefill = self._fused is not None and not config.prefill_int8
 
     def _quantize(self, mode: str) -> None:
         """Weight-only quantize the decoder linears (``mode``) and the lm_head (int8).
@@ -290,9 +293,8 @@ class LLMEngine:
         self.last_step_decode_only = plan is not None and bool(plan.entries) and all(n == 1 for _, n in plan.entries)
         if plan is None or not plan.entries:
             return outputs
-        if self._fused is not None and all(n == 1 for _, n in plan.entries):
-            input_ids, positions, slot_mapping, kv_slots, _, to_sample = self._prepare_graph(plan.entries)
-            hidden = self._fused(input_ids, positions, slot_mapping, kv_slots, self.kv.k, self.kv.v)  # [B, H]
+        if self._fused is not None and (self._fused_prefill or all(n == 1 for _, n in plan.entries)):
+            hidden, to_sample = self._fused_step(plan.entries)  # [len(to_sample), H]
             rows = None
         elif self._decode_graph is not None and all(n == 1 for _, n in plan.entries):
             input_ids, positions, slot_mapping, kv_slots, kv_mask, to_sample = self._prepare_graph(plan.entries)
@@ -383,6 +385,37 @@ class LLMEngine:
         positions = torch.tensor(pos, device=dev)
         row_t = None if rows == list(range(t)) else torch.tensor(rows, device=dev)
         return input_ids, positions, meta, row_t, to_sample
+
+    def _fused_step(self, entries: list[tuple[Sequence, int]], all_rows: bool = False
+                    ) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run ``entries`` (decode rows and prefill chunks) as one C++ step (`decode_fused.FusedDecoder`).
+        Returns the final hidden states of the rows to sample [N, H] and their sequences (one row per
+        sequence whose prompt or output is complete after the step, finishing tails excluded); with
+        ``all_rows`` every row's [T, H] and no sequences."""
+        ids: list[int] = []
+        starts = [0]
+        ctx: list[int] = []
+        tables: list[list[int]] = []
+        rows: list[int] = []
+        to_sample: list[Sequence] = []
+        for seq, n in entries:
+            nc = seq.num_computed_tokens
+            end = nc + n
+            ids.extend(seq.token_ids[nc:end])
+            starts.append(starts[-1] + n)
+            ctx.append(end)
+            tables.append(seq.block_table)
+            if end == len(seq.token_ids) and not seq.finished:
+                rows.append(starts[-1] - 1)
+                to_sample.append(seq)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        hidden = self._fused(torch.tensor(ids, device=dev), torch.tensor(starts, device=dev),
+                             torch.tensor(ctx, device=dev),
+                             torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev),
+                             self.config.block_size, None if all_rows else torch.tensor(rows, dtype=torch.long),
+                             self.kv.k, self.kv.v)
+        return hidden, ([] if all_rows else to_sample)
 
     def _prepare_graph(self, entries: list[tuple[Sequence, int]]):
         """Inputs of the compiled decode step (`LlamaModel.decode_graph`) for one-token entries:
@@ -531,9 +564,10 @@ class LLMEngine:
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
         """Logits [T, vocab] (float32) at every position of ``token_ids`` (for tests and accuracy
-        benches), computed ``chunk_size`` tokens per forward (default max_num_batched_tokens; with
-        quantization, chunks of <= 16 rows run the quantized decode kernels, larger ones the dense
-        weights). Uses free KV blocks temporarily, no prefix cache; call only while no other
+        benches), computed ``chunk_size`` tokens per step (default max_num_batched_tokens) through the
+        path `step` takes: the C++ step for a fused engine (`EngineConfig.fused_decode`), else the torch
+        forward (with quantization, chunks of <= 16 rows run the quantized decode kernels, larger ones
+        the dense weights). Uses free KV blocks temporarily, no prefix cache; call only while no other
         thread is stepping the engine."""
         seq = self.make_sequence(list(token_ids), SamplingParams(max_tokens=1))
         if not self.block_manager.can_grow(seq, len(seq.token_ids)):
@@ -543,8 +577,11 @@ class LLMEngine:
         try:
             while seq.num_uncomputed:
                 n = min(seq.num_uncomputed, chunk_size or self.config.max_num_batched_tokens)
-                input_ids, positions, meta, _, _ = self._prepare([(seq, n)])
-                hidden = self._forward(input_ids, positions, meta, self.kv.k, self.kv.v)
+                if self._fused is not None and (self._fused_prefill or n == 1):
+                    hidden, _ = self._fused_step([(seq, n)], all_rows=True)
+                else:
+                    input_ids, positions, meta, _, _ = self._prepare([(seq, n)])
+                    hidden = self._forward(input_ids, positions, meta, self.kv.k, self.kv.v)
                 rows.append(self.model.compute_logits(hidden))
                 seq.num_computed_tokens += n
         finally:

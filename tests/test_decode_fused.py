@@ -106,7 +106,7 @@ def test_fused_logits_match_torch_path(ext, build, over):
     fused, ref = build(**over)
     assert fused._fused is not None
     ids = [int(t) for t in torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(3))]
-    a = decode_fused.fused_prompt_logits(fused, ids)
+    a = fused.prompt_logits(ids, chunk_size=1)
     b = ref.prompt_logits(ids, chunk_size=1)
     assert a.shape == b.shape == (37, fused.vocab_size)
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

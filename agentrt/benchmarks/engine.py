@@ -3,7 +3,8 @@
 Sections (same model, prompts and thread count for every implementation; medians over repeats):
 
 * speed: decode ms/token and prefill tokens/s for ours (fp32, bf16, int8, int4 weight-only; int8/int4
-  with the fused C++ decode step: ``int8-fused``, ``int4-fused``),
+  with every step, prefill chunks included, as one C++ call: ``int8-fused``, ``int4-fused``; their
+  prefill split into linears / attention / the rest),
   transformers' ``generate`` with its own cache (fp32, bf16) and llama.cpp through
   ``llama-cpp-python`` on the same GGUF (when installed), each beside its memory-bandwidth
   floor (weight bytes read per token / measured read bandwidth);
@@ -37,7 +38,8 @@ SETTINGS = {  # name -> EngineConfig fields
     "int4": dict(dtype="bfloat16", quantization="int4"),
     # int8 decode, dynamic int8 (W8A8) prefill chunks; float32 elsewhere (no native bf16 on most CPUs)
     "int8-w8a8": dict(dtype="float32", quantization="int8", prefill_int8=True),
-    # decode steps as one C++ call over the int8 weights (float32 activations); dense float32 prefill
+    # every step (decode rows and prefill chunks) as one C++ call over the int8 weights (float32
+    # activations); steps of many rows run their linears on the dense float32 weights when that is faster
     "int8-fused": dict(dtype="float32", quantization="int8", fused_decode=True),
     # the same with int4 layers in groups of 32 (the GGUF's own Q4_1 grid: half the bytes of int8)
     "int4-fused": dict(dtype="float32", quantization="int4", fused_decode=True),
@@ -91,6 +93,8 @@ class SpeedRow:
     weight_bytes: int
     floor_ms_per_token: float
     note: str = ""
+    # a fused setting's prefill: median seconds in the C++ step's linears, attention and the rest
+    prefill_split_s: dict[str, float] | None = None
 
 
 @dataclass
@@ -203,16 +207,27 @@ def _engine(loaded: Any, setting: str, threads: int, sizes: Sizes, *, caching: b
 
 
 def _ours_speed(engine: Any, loaded: Any, sizes: Sizes, setting: str, bw: float) -> SpeedRow:
+    import torch
+
     from agentrt.engine import SamplingParams
 
     vocab = engine.vocab_size
     seed = iter(range(10_000, 20_000))
 
+    fused = getattr(engine, "_fused", None) if getattr(engine, "_fused_prefill", False) else None
+    splits: list[list[float]] = []
+
     def prefill() -> float:
         ids = _token_ids(engine.tokenizer, sizes.prefill, next(seed), vocab)
+        if fused is not None:  # the C++ step adds each phase's seconds into this
+            fused.timings = torch.zeros(3, dtype=torch.float64)
         t0 = time.perf_counter()
         engine.generate([ids], SamplingParams(max_tokens=1, ignore_eos=True))
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if fused is not None:
+            splits.append(fused.timings.tolist())
+            fused.timings = None
+        return dt
 
     def decode() -> float:
         ids = _token_ids(engine.tokenizer, 32, next(seed), vocab)
@@ -220,11 +235,17 @@ def _ours_speed(engine: Any, loaded: Any, sizes: Sizes, setting: str, bw: float)
         return out.metrics.decode_s / max(1, out.metrics.completion_tokens - 1)
 
     prefill(), decode()  # warm-up (allocator, kernels, compile)
+    splits.clear()
     p = _median(prefill, sizes.repeats)
     d = _median(decode, sizes.repeats)
     # the engine knows which copies a decode step reads (quantized decode copies, not dense prefill ones)
     wb = engine.decode_weight_bytes() if hasattr(engine, "decode_weight_bytes") else _module_bytes(engine.model)
-    return SpeedRow("agentrt", setting, d * 1e3, p, sizes.prefill, sizes.prefill / p, wb, wb / bw / 1e6)
+    row = SpeedRow("agentrt", setting, d * 1e3, p, sizes.prefill, sizes.prefill / p, wb, wb / bw / 1e6)
+    if splits:
+        row.prefill_split_s = {k: statistics.median(s[i] for s in splits)
+                               for i, k in enumerate(("linears", "attention", "rest"))}
+        row.note = "prefill through the C++ step"
+    return row
 
 
 def _prefix_cache(engine: Any, sizes: Sizes) -> dict[str, Any]:
@@ -300,7 +321,6 @@ def _accuracy(engines: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
     import torch
 
     from agentrt.engine import SamplingParams
-    from agentrt.engine.decode_fused import fused_prompt_logits
 
     ref = engines["fp32"]
     ids = _token_ids(ref.tokenizer, sizes.accuracy_tokens, 1, ref.vocab_size)
@@ -314,10 +334,11 @@ def _accuracy(engines: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
     for name, eng in engines.items():
         if name == "fp32":
             continue
-        # a fused engine's decode path is its C++ step: teacher-force through that, one token a step
-        lg = fused_prompt_logits(eng, ids) if eng._fused is not None else eng.prompt_logits(ids, chunk_size=16)
+        # a fused engine's decode path is its C++ step over one row per sequence: teacher-force one token a step
+        lg = eng.prompt_logits(ids, chunk_size=1 if getattr(eng, "_fused", None) is not None else 16)
         diff = (lg - ref_logits).abs()
-        # one prefill chunk of all the tokens: the path W8A8 prefill changes (16-row chunks never reach it)
+        # one prefill chunk of all the tokens: the path W8A8 prefill changes (16-row chunks never reach it),
+        # and a fused engine's C++ step over many rows
         lp = eng.prompt_logits(ids, chunk_size=len(ids))
         outs = [o.output_token_ids for o in eng.generate(prompts, sp)]
         same = sum(a == b for x, y in zip(outs, ref_out) for a, b in zip(x, y))
@@ -567,6 +588,11 @@ def _print_report(rep: Report) -> None:
         t.add_row(r.impl, r.setting, f"{r.decode_ms_per_token:.1f}", f"{r.floor_ms_per_token:.1f}",
                   f"{r.prefill_s:.2f}", f"{r.prefill_tokens_per_s:.0f}", f"{r.weight_bytes / 1e6:.0f}")
     con.print(t)
+    for r in rep.speed:
+        if r.prefill_split_s:
+            sp = r.prefill_split_s
+            con.print(f"{r.setting} prefill in the C++ step: linears {sp['linears']:.2f} s, attention "
+                      f"{sp['attention']:.2f} s, rest {sp['rest']:.2f} s (of {r.prefill_s:.2f} s)")
     for k, v in rep.skipped.items():
         con.print(f"[yellow]skipped {k}[/]: {v}")
     pc = rep.prefix_cache

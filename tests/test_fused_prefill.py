@@ -1,0 +1,189 @@
+"""The fused C++ engine step (decode_kernel.cpp's ``ext.step``) on prefill chunks and mixed batches.
+
+The reference is the torch forward (`LlamaModel.forward`: torch RMSNorm, RoPE, SDPA, SiLU) of an engine
+with the same weights whose quantized linears are the fused engine's own C++ linears (`FusedLinear` over
+the same parts) and whose dense/quantized choice follows the same row threshold: what is compared is the
+step around the linears (norms, RoPE, cache writes, attention, SwiGLU, row bookkeeping), whatever the
+linear kernels' numerics are. Tolerance: float32 summation order and the kernels' activation rounding
+(a last-bit difference can move an activation to the next integer step), ~1e-4 relative on the logits.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _engine_util import tiny_loaded  # noqa: E402
+
+from agentrt.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from agentrt.engine import decode_fused  # noqa: E402
+from agentrt.engine.model import DecodeQuantLinear  # noqa: E402
+
+_INT4 = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+# sizes off the vector widths (8 floats) and the kernels' blocks: every tail runs (int8 rows: any K)
+_ODD = dict(hidden_size=44, intermediate_size=52, num_attention_heads=4, num_key_value_heads=2, head_dim=10)
+_NEVER = 1 << 30  # a dense_min_rows no step reaches: the quantized kernels for every step
+
+
+@pytest.fixture(scope="module")
+def ext():
+    e = decode_fused.load_extension()
+    if e is None:  # the optional part: a C++ compiler / ninja / torch headers
+        pytest.skip(f"the C++ extension cannot build here: {decode_fused.unavailable_reason()}")
+    return e
+
+
+def _engines(mode: str = "int4", dense_min_rows: int = decode_fused.DENSE_MIN_ROWS, caching: bool = False, **over):
+    """(fused engine, torch-path reference with the fused engine's linears and lm_head)."""
+    loaded = tiny_loaded(**{**(_INT4 if mode == "int4" else _ODD), **over})
+    kw = dict(dtype="float32", quantization=mode, num_threads=2, block_size=4, num_kv_blocks=96,
+              enable_prefix_caching=caching, max_num_batched_tokens=64)
+    fused = LLMEngine(EngineConfig(fused_decode=True, **kw), loaded=loaded)
+    ref = LLMEngine(EngineConfig(**kw), loaded=loaded)
+    assert fused._fused is not None and fused._fused_prefill
+    fused._fused.dense_min_rows = dense_min_rows
+    for layer in ref.model.layers:
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            mod = getattr(layer, name)
+            assert isinstance(mod, DecodeQuantLinear)
+            # the grid the fused engine's linears use (see decode_fused._lin_parts), in FusedLinear's input form
+            if mode == "int4":
+                parts = list(decode_fused.quantize_int4_groups(mod.dense.weight))
+            else:
+                q = mod.quantized
+                parts = [q.weight, q.scales.float(), torch.empty(0)]
+            bias = torch.empty(0) if mod.dense.bias is None else mod.dense.bias.detach()
+            mod.quantized = decode_fused.FusedLinear(parts, bias, mod.dense.in_features, fused._fused.ext)
+            mod.max_rows = dense_min_rows - 1  # the dense weights above, like the C++ step
+    ref.model.lm_head = fused.model.lm_head
+    return fused, ref
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return [int(t) for t in torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))]
+
+
+def _run_steps(eng: LLMEngine, token_lists: list[list[int]], plan: list[list[tuple[int, int]]], fused: bool):
+    """Run the step ``plan`` (per step: (sequence index, rows)) over sequences of ``token_lists`` on
+    ``eng``, through the C++ step or the torch forward; returns each step's logits of all rows."""
+    seqs = [eng.make_sequence(t, SamplingParams(max_tokens=1)) for t in token_lists]
+    for s in seqs:
+        eng.block_manager.grow(s, len(s.token_ids))
+    out = []
+    try:
+        for entries in plan:
+            e = [(seqs[i], n) for i, n in entries]
+            if fused:
+                hidden, _ = eng._fused_step(e, all_rows=True)
+            else:
+                ids, pos, meta, _, _ = eng._prepare(e)
+                hidden = eng._forward(ids, pos, meta, eng.kv.k, eng.kv.v)
+            out.append(eng.model.compute_logits(hidden))
+            for s, n in e:
+                s.num_computed_tokens += n
+    finally:
+        for s in seqs:
+            eng.block_manager.free(s)
+    return out
+
+
+def _assert_logits_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-3)
+    top2 = b.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-2  # rows whose top token is not a near tie
+    assert (a.argmax(-1) == b.argmax(-1))[clear].all()
+
+
+@pytest.mark.parametrize("dense_min_rows", [decode_fused.DENSE_MIN_ROWS, _NEVER])
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_prefill_chunk_matches_torch_path(ext, mode, dense_min_rows):
+    """One whole-prompt chunk, then the same prompt in chunks of 13 (the later ones start mid-sequence:
+    keys from earlier steps in the cache) and one row a step; each against the torch forward."""
+    fused, ref = _engines(mode, dense_min_rows)
+    ids = _ids(41, 1)
+    for chunk in (41, 13, 1):
+        a, b = fused.prompt_logits(ids, chunk_size=chunk), ref.prompt_logits(ids, chunk_size=chunk)
+        assert a.shape == (41, fused.vocab_size)
+        _assert_logits_close(a, b)
+    assert fused.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("dense_min_rows", [decode_fused.DENSE_MIN_ROWS, _NEVER])
+def test_mixed_batch_matches_torch_path(ext, dense_min_rows):
+    """Steps mixing one-row entries (decode rows) with chunks of other sequences, a chunk starting
+    mid-sequence and a sequence whose blocks are not consecutive in the pool."""
+    fused, ref = _engines("int4", dense_min_rows)
+    toks = [_ids(30, 2), _ids(23, 3), _ids(9, 4), _ids(17, 5)]
+    plan = [[(0, 12), (1, 7)],                  # two chunks
+            [(1, 1), (2, 9), (0, 18)],          # a one-row entry, a whole prompt, a chunk mid-sequence
+            [(1, 1), (3, 5)],
+            [(1, 1), (3, 12)],
+            [(1, 13)]]
+    a, b = _run_steps(fused, toks, plan, True), _run_steps(ref, toks, plan, False)
+    for x, y in zip(a, b):
+        _assert_logits_close(x, y)
+    assert fused.stats().kv_blocks_used == 0
+
+
+def test_row_order_does_not_matter(ext):
+    """The C++ step takes decode rows and chunks in any order (the torch forward wants one-row entries
+    first): the same entries reordered give the same logits per sequence."""
+    fused, _ = _engines("int4")
+    toks = [_ids(20, 6), _ids(11, 7), _ids(15, 8)]
+    first = [[(0, 19), (1, 10), (2, 14)]]
+    a = _run_steps(fused, toks, first + [[(0, 1), (1, 1), (2, 1)]], True)[1]
+    b = _run_steps(fused, toks, first + [[(2, 1), (0, 1), (1, 1)]], True)[1]
+    torch.testing.assert_close(a, b[[1, 2, 0]], rtol=0, atol=0)
+
+
+def test_odd_sizes_greedy_matches(ext):
+    """Tails of every loop (H 44, I 52, head_dim 10, int8 rows of any width): greedy tokens of several
+    prompts batched with chunked prefill (chunks of 64 rows, mixed with decode rows) equal the torch
+    path's."""
+    fused, ref = _engines("int8")
+    prompts = ["a", "hello world, hello " * 3, "the quick brown fox jumps over the lazy dog " * 3, "xyz" * 5]
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    out_f = [o.output_token_ids for o in fused.generate(prompts, sp)]
+    out_r = [o.output_token_ids for o in ref.generate(prompts, sp)]
+    assert out_f == out_r and all(len(o) == 12 for o in out_f)
+
+
+def test_prefix_cache_hit_matches_uncached(ext):
+    """A prompt whose first blocks are in the prefix cache starts its prefill mid-sequence; its greedy
+    tokens equal those of an engine without the cache (the quantized kernels for every step: each
+    row's numerics do not depend on which other rows share its step)."""
+    cached, _ = _engines("int4", _NEVER, caching=True)
+    plain, _ = _engines("int4", _NEVER, caching=False)
+    base = "the quick brown fox jumps over the lazy dog; " * 2
+    sp = SamplingParams(max_tokens=10, ignore_eos=True)
+    cached.generate([base + "first"], sp)
+    queried = cached.stats().prefix_cache_hit_tokens
+    out_c = cached.generate([base + "second question"], sp)[0]
+    assert out_c.metrics.cached_tokens > 0 and cached.stats().prefix_cache_hit_tokens > queried
+    out_p = plain.generate([base + "second question"], sp)[0]
+    assert out_c.output_token_ids == out_p.output_token_ids
+    # the logits of the whole prompt in one chunk and in chunks of 5 (each row's own numerics)
+    full = list(base.encode()) + list(b"second question")
+    torch.testing.assert_close(cached.prompt_logits(full, chunk_size=len(full)),
+                               plain.prompt_logits(full, chunk_size=5), rtol=1e-4, atol=1e-4)
+
+
+def test_step_checks_its_inputs(ext):
+    fused, _ = _engines("int4")
+    f, k, v = fused._fused, fused.kv.k, fused.kv.v
+    ids = torch.tensor([1, 2, 3])
+    tables = torch.tensor([[0, 1]])
+    with pytest.raises(RuntimeError, match="seq_start"):
+        f(ids, torch.tensor([0, 2]), torch.tensor([3]), tables, 4, None, k, v)  # rows do not add up to T
+    with pytest.raises(RuntimeError, match="ctx_len"):
+        f(ids, torch.tensor([0, 3]), torch.tensor([2]), tables, 4, None, k, v)  # fewer keys than rows
+    with pytest.raises(RuntimeError, match="ctx_len"):
+        f(ids, torch.tensor([0, 3]), torch.tensor([9]), tables, 4, None, k, v)  # more tokens than its blocks
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        f(ids, torch.tensor([0, 3]), torch.tensor([3]), torch.tensor([[10 ** 6]]), 4, None, k, v)
+    with pytest.raises(RuntimeError, match="out_rows"):
+        f(ids, torch.tensor([0, 3]), torch.tensor([3]), tables, 4, torch.tensor([3]), k, v)
