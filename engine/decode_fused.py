@@ -115,15 +115,15 @@ def dequantize_int4_groups(packed: torch.Tensor, d: torch.Tensor, m: torch.Tenso
 
 
 def _lin_parts(mod: nn.Module, mode: str, what: str) -> list[torch.Tensor]:
-    """[w, s, z] of one linear in the form decode_kernel.cpp's ``Lin`` reads (int8 or int4)."""
+    """[w, s, z] of one linear in the kernel order linear_kernel.cpp's ``Lin`` reads (int8 or int4)."""
     if mode == "int8":
         w, s, _ = _int8_parts(mod, what)
-        return [w, s, torch.empty(0)]
+        return FusedLinear.pack([w, s, torch.empty(0)], w.shape[1])
     dense = getattr(mod, "dense", mod)  # int4 packs from the float weight the prefill path keeps
     weight = getattr(dense, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise ValueError(f"fused int4 decode needs {what}'s float weight (prefill_int8 replaces it)")
-    return list(quantize_int4_groups(weight))
+    return FusedLinear.pack(list(quantize_int4_groups(weight)), weight.shape[1])
 
 
 def quantize_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,16 +140,58 @@ def quantize_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class FusedLinear(nn.Module):
-    """A linear run by the C++ GEMV in float32 from the parts decode_kernel.cpp's ``Lin`` reads (int8
-    rows, int8 or int4 groups). Used for the lm_head: only the sampled rows reach it (M is small)."""
+    """A linear run by linear_kernel.cpp in float32 (activations rounded to int8 per block of 32) from
+    the plain grid ``parts`` (packed into the kernel's order here, see `pack`): int8 rows, int8 or int4
+    groups. Used for the lm_head (only the sampled rows reach it)."""
 
     def __init__(self, parts: list[torch.Tensor], bias: torch.Tensor, in_features: int, ext: Any):
         super().__init__()
         self.ext, self.in_features, self.out_features = ext, in_features, parts[0].shape[0]
-        self.register_buffer("weight", parts[0])
-        self.register_buffer("scales", parts[1])
-        self.register_buffer("zeros", parts[2])
+        w, s, z = self.pack(parts, in_features)
+        self.register_buffer("weight", w)
+        self.register_buffer("scales", s)
+        self.register_buffer("zeros", z)
         self.register_buffer("bias", bias)
+
+    @staticmethod
+    def pack(parts: list[torch.Tensor], in_features: int) -> list[torch.Tensor]:
+        """Plain grid parts -> [w, s, z] in the kernel order kernels.h's ``Lin`` documents. ``parts``:
+        int8 rows [int8 [N, K], float32 scales [N], empty], int8 groups [int8 [N, K], float16 d [N, K/32],
+        empty] or int4 groups [packed uint8 [N, K/2], float16 d, float16 m] (`quantize_int4_groups`).
+        Output rows go in blocks of 8 (the last one may be shorter), each stored where its rows would be,
+        with the 32 inputs of a group as steps of 4 consecutive inputs, each step holding all the block's
+        columns: one 32-byte load then serves 8 columns (int4: two steps, low and high nibbles)."""
+        w, s, z = parts
+        n, k = w.shape[0], in_features
+        g = -(-k // 32)
+        if w.dtype == torch.uint8:  # int4 groups
+            if k % 32 or w.shape[1] * 2 != k:
+                raise ValueError(f"int4 groups need packed uint8 [N, K/2] with K % 32 == 0 (K={k})")
+            p = w.reshape(n, g, 16)
+            q = torch.cat([p & 15, p >> 4], -1)  # [N, G, 32], 0..15
+            d, m = s.float().reshape(n, g), z.float().reshape(n, g)
+        elif s.dtype == torch.float32 and s.numel() == n:  # int8 rows: the row scale in every group, K padded
+            q = torch.nn.functional.pad(w, (0, g * 32 - k)).reshape(n, g, 32)
+            d, m = s.reshape(n, 1).expand(n, g), None
+        else:  # int8 groups
+            if k % 32:
+                raise ValueError(f"int8 groups need K % 32 == 0 (K={k})")
+            q, d, m = w.reshape(n, g, 32), s.float().reshape(n, g), None
+        full = n // 8 * 8
+        ws, ds, ms = [], [], []
+        for a, b in ((0, full), (full, n)):  # whole blocks of 8 rows, then the short one
+            if a == b:
+                continue
+            nb = min(8, b - a)
+            qq = q[a:b].reshape(-1, nb, g, 8, 4)  # [blocks, column, group, step, input]
+            if m is not None:  # int4: steps 0..3 in the low nibbles, 4..7 in the high
+                qq = qq[:, :, :, :4] | (qq[:, :, :, 4:] << 4)
+            ws.append(qq.permute(0, 2, 3, 1, 4).reshape(b - a, -1))  # [blocks, group, step, column, input]
+            ds.append(d[a:b].reshape(-1, nb, g).permute(0, 2, 1).reshape(b - a, g))
+            if m is not None:
+                ms.append(m[a:b].reshape(-1, nb, g).permute(0, 2, 1).reshape(b - a, g))
+        zeros = torch.cat(ms).contiguous() if ms else torch.empty(0)
+        return [torch.cat(ws).contiguous(), torch.cat(ds).float().contiguous(), zeros]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
         shape = x.shape

@@ -15,19 +15,29 @@
 
 namespace agentrt {
 
-// A linear as the kernels see it (bias float [N] or empty in every case):
-//   int8 rows:   w int8 [N, K], s float32 [N], z empty
-//   int8 groups: w int8 [N, K], s = d float16 [N, K/32], z empty (the GGUF Q8_0 grid)
-//   int4 groups: w uint8 [N, K/2], s = d and z = m float16 [N, K/32] (the GGUF Q4_1 grid)
+// A linear as the kernels see it, in the kernel's order (decode_fused.FusedLinear.pack builds it from the
+// plain grids). Output rows n go in blocks of 8 (the last block has nb = N % 8 rows if that is not 0); a
+// block's tensors are stored contiguously where its rows would be, interleaved so one 32-byte load holds 4
+// consecutive inputs of each of the block's columns. With G = ceil(K / 32) groups of 32 inputs:
+//   int8 (Q8_0 grid, or per-row scales repeated per group): w int8 [N, 32 G], w = d_g * q, K padded with 0;
+//        in block b, byte ((g * 8 + i) * nb + c) * 4 + r holds q[8b + c][32g + 4i + r] (i < 8, r < 4)
+//   int4 (Q4_1 grid, K % 32 == 0): w uint8 [N, K/2], w = d_g * q + m_g, q in 0..15; in block b, byte
+//        ((g * 4 + i) * nb + c) * 4 + r holds q[8b + c][32g + 4i + r] in its low nibble and
+//        q[8b + c][32g + 16 + 4i + r] in its high nibble (i < 4, r < 4)
+//   s = d float32 [N, G] and (int4) z = m float32 [N, G]: in block b, element g * nb + c is column 8b + c's
+//        d (m) of group g
+//   bias float32 [N] (plain order) or empty
 struct Lin {
   at::Tensor w, s, z, b;
-  bool rows() const { return w.scalar_type() == at::kChar && s.scalar_type() == at::kFloat; }
+  bool int4() const { return w.scalar_type() == at::kByte; }
 };
 
 // Throws (TORCH_CHECK) naming `what` unless `l` is a well-formed [N, K] linear.
 void check_lin(const Lin& l, int64_t N, int64_t K, const char* what);
 
-// Y [M, N] (+)= X [M, K] @ W.T + bias for any kind of `Lin`; threads over torch's pool.
+// Y [M, N] (+)= X [M, K] @ W.T + bias for either kind of `Lin`, X rounded to int8 per block of 32 inputs
+// (scale max|x| / 127: a relative error of at most 1/254 of the block's largest value per element);
+// threads over torch's pool. M may be anything (decode batches, prefill chunks).
 void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate);
 
 // x [M, K] float32 -> [M, N] float32 through the `Lin` (w, s, z, bias): `linear` for Python.

@@ -1,226 +1,311 @@
 // int8 and int4 weight-only linears on CPU: Y [M, N] (+)= X [M, K] @ W.T + bias (see kernels.h's `Lin`).
 //
-// Activations are quantized per row to int16 and multiplied in integers (AVX2 madd); output rows are
-// split over threads with at::parallel_for (torch's own thread pool and thread count).
+// Why this shape of kernel (2-core Zen 3, AVX2 without VNNI):
+// - Activations are quantized to int8 per block of 32 (scale = max|x| / 127, like GGUF's Q8_1), so the
+//   products run on _mm256_maddubs_epi16: u8 x s8 -> int16 pair sums, 32 multiply-adds an instruction
+//   (twice madd_epi16's 16). int4 weights (0..15) against int8 activations (|x| <= 127) make pair sums of
+//   at most 2 * 15 * 127 = 3810, so a group's 8 maddubs add up in int16 (<= 30480) before one madd with
+//   ones widens them. int8 weights (|q| <= 127) take the sign trick (|w| x sign(x, w)), pair sums <= 32258.
+// - Weights are stored in the kernel's order (kernels.h): 8 output columns interleaved by 4 inputs, so
+//   one broadcast of 4 activation bytes meets 8 columns in one register, and each unpacked weight
+//   register serves up to 4 activation rows (a 4 x 8 tile): batch rows share the unpacking and loads.
+// - Per-group scales (and int4 mins) are float32 in the same column order: one load for 8 columns.
+// - One parallel region per call (output column blocks split over torch's threads), activation scratch
+//   reused per thread.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace agentrt {
 namespace {
 
-// Activations are quantized per row to int16 (x ~= xq * sx) so the GEMV is an integer dot: int8
-// weights widen to int16 and _mm256_madd_epi16 multiplies and pairs 16 of them per instruction, twice
-// the float path's rate (int8 -> int32 -> float -> FMA per 8). The row's largest value maps to
-// act_limit(K) <= 32767 (16 bits, far finer than the weights' 8), small enough that no int32 lane
-// can overflow: a lane adds ceil(K / 16) pair sums of at most 2 * 128 * limit each.
-inline int32_t act_limit(int64_t K) {
-  const int64_t per_lane = (K + 15) / 16;
-  return int32_t(std::min<int64_t>(32767, (int64_t(1) << 31) / (per_lane * 2 * 128) - 1));
-}
+constexpr int64_t kNR = 8;      // output columns of a block (one float32 register)
+constexpr int64_t kMR = 4;      // activation rows of a tile
+constexpr int64_t kMChunk = 128;  // rows whose int8 activations (<= 128 * K bytes) stay in L2 across column blocks
 
-void quantize_rows(const float* X, int16_t* Q, float* sx, int64_t M, int64_t K) {
-  const float limit = float(act_limit(K));
-  for (int64_t m = 0; m < M; ++m) {
-    const float* x = X + m * K;
-    float mx = 0.f;
-    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(x[k]));
-    const float s = mx > 0.f ? mx / limit : 1.f;
-    const float inv = 1.f / s;
-    for (int64_t k = 0; k < K; ++k) Q[m * K + k] = int16_t(std::nearbyint(x[k] * inv));
-    sx[m] = s;
-  }
-}
+inline int64_t pad32(int64_t k) { return (k + 31) / 32 * 32; }
 
-inline int32_t dot_i8_i16(const int8_t* w, const int16_t* x, int64_t k0, int64_t K) {
-  int32_t s = 0;
-  for (int64_t k = k0; k < K; ++k) s += int32_t(w[k]) * int32_t(x[k]);
-  return s;
+// Activations of one call: XQ [M, Kp] int8, xs [M, G] block scales, xsum [M, G] block sums of the
+// rounded x (for the int4 mins). Kept per thread and only grown, so a decode step allocates nothing.
+struct Acts {
+  std::vector<int8_t> q;
+  std::vector<float> s, sum;
+};
+Acts& acts() {
+  thread_local Acts a;
+  return a;
 }
 
 #ifdef AGENTRT_AVX2
 inline int32_t hsum_i32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
-}
-inline __m256i madd_i8(const int8_t* w, __m256i x) {  // 16 int8 weights x 16 int16 activations -> 8 int32
-  return _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), x);
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
 }
 #endif
 
-// Y[m, n] (+)= S[n] * sx[m] * dot(W[n, :], XQ[m, :]) + bias[n] for rows n in [n0, n1); W [N, K] int8.
-void gemv_rows(const int8_t* W, const float* S, const float* bias, const int16_t* XQ, const float* sx, float* Y,
-               int64_t M, int64_t K, int64_t ldy, bool accumulate, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  auto put = [&](int64_t m, int64_t row, int32_t dot) {
-    float v = float(dot) * sx[m] * S[row] + (bias ? bias[row] : 0.f);
-    float& y = Y[m * ldy + row];
-    y = accumulate ? y + v : v;
-  };
+// x [n <= 32] -> q [32] int8 (zero-padded), returns the block scale s; *sum = s * sum(q), the block sum
+// of the rounded x: the int4 mins then multiply the same rounded activations as the nibbles, so the
+// product is exactly w . x_rounded (its error sum w * dx beats the exact sum's sum (w - m) * dx).
+inline float quantize_block(const float* x, int64_t n, int8_t* q, float* sum) {
 #ifdef AGENTRT_AVX2
-  const int64_t K16 = K & ~int64_t(15);
-  for (; n + 4 <= n1; n += 4) {  // 4 rows at once: each activation load serves 4 weight rows
-    const int8_t* w0 = W + n * K;
-    const int8_t* w1 = w0 + K;
-    const int8_t* w2 = w1 + K;
-    const int8_t* w3 = w2 + K;
-    for (int64_t m = 0; m < M; ++m) {  // the 4 rows (4K bytes) stay in L1 across the batch rows
-      const int16_t* x = XQ + m * K;
-      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < K16; k += 16) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
-        a0 = _mm256_add_epi32(a0, madd_i8(w0 + k, xv));
-        a1 = _mm256_add_epi32(a1, madd_i8(w1 + k, xv));
-        a2 = _mm256_add_epi32(a2, madd_i8(w2 + k, xv));
-        a3 = _mm256_add_epi32(a3, madd_i8(w3 + k, xv));
-      }
-      put(m, n, hsum_i32(a0) + dot_i8_i16(w0, x, K16, K));
-      put(m, n + 1, hsum_i32(a1) + dot_i8_i16(w1, x, K16, K));
-      put(m, n + 2, hsum_i32(a2) + dot_i8_i16(w2, x, K16, K));
-      put(m, n + 3, hsum_i32(a3) + dot_i8_i16(w3, x, K16, K));
-    }
+  if (n == 32) {
+    const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
+                 v3 = _mm256_loadu_ps(x + 24);
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                              _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float amax = _mm_cvtss_f32(m4);
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    // round to nearest (even), |value| <= 127, then pack 32 int32 -> 32 int8 in order
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+    const __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    *sum = float(hsum_i32(isum)) * (amax / 127.f);
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                        _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return amax / 127.f;
   }
 #endif
-  for (; n < n1; ++n)
-    for (int64_t m = 0; m < M; ++m) put(m, n, dot_i8_i16(W + n * K, XQ + m * K, 0, K));
+  float amax = 0.f;
+  for (int64_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t isum = 0;
+  for (int64_t j = 0; j < 32; ++j) isum += q[j] = j < n ? int8_t(std::nearbyint(x[j] * inv)) : 0;
+  *sum = float(isum) * (amax / 127.f);
+  return amax / 127.f;
 }
 
-// Y [M, N] (+)= X [M, K] @ (W * S[:, None]).T + bias, output rows split over threads.
-void gemv(const at::Tensor& W, const at::Tensor& S, const at::Tensor& bias, const float* X, float* Y,
-          int64_t M, bool accumulate) {
-  const int64_t N = W.size(0), K = W.size(1);
-  const int8_t* w = W.data_ptr<int8_t>();
-  const float* s = S.data_ptr<float>();
-  const float* b = bias.defined() && bias.numel() ? bias.data_ptr<float>() : nullptr;
-  std::vector<int16_t> xq(M * K);
-  std::vector<float> sx(M);
-  quantize_rows(X, xq.data(), sx.data(), M, K);
-  const int64_t blocks = (N + 3) / 4;
-  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-    gemv_rows(w, s, b, xq.data(), sx.data(), Y, M, K, N, accumulate, b0 * 4, std::min(b1 * 4, N));
-  });
+void quantize_rows(const float* X, int64_t M, int64_t K, Acts& a) {
+  const int64_t Kp = pad32(K), G = Kp / 32;
+  if (int64_t(a.q.size()) < M * Kp) a.q.resize(M * Kp);
+  if (int64_t(a.s.size()) < M * G) a.s.resize(M * G), a.sum.resize(M * G);
+  auto rows = [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t g = 0; g < G; ++g)
+        a.s[m * G + g] = quantize_block(X + m * K + g * 32, std::min<int64_t>(32, K - g * 32), a.q.data() + m * Kp + g * 32,
+                                        &a.sum[m * G + g]);
+  };
+  if (M * K < (1 << 16)) rows(0, M);  // a decode batch: cheaper than waking the pool
+  else at::parallel_for(0, M, 16, rows);
 }
 
-// Rows in groups of 32 weights with a float16 scale d_g each, the GGUF grids:
-//   int4 (Q4_1): w = d_g * q + m_g, q in 0..15; byte j of a group holds q[j] (low nibble) and q[j + 16]
-//                (high nibble); half the bytes of int8 per weight.
-//   int8 (Q8_0): w = d_g * q, q in -127..127.
-// The dot is d_g * (q . xq)_g (+ m_g * (sum xq)_g) per group, the integer part by the same madd as above.
-inline float half_to_float(at::Half h) {
+// The column block of 8 outputs as the tile kernels read it (see kernels.h's `Lin` for the order).
+struct Block {
+  const uint8_t* w;   // int4: [G][4][8][4] bytes; int8: [G][8][8][4]
+  const float* d;     // [G][8]
+  const float* mn;    // [G][8] (int4)
+};
+
 #ifdef AGENTRT_AVX2
-  return _cvtsh_ss(h.x);
-#else
-  return float(h);
-#endif
+inline __m256i bcast4(const int8_t* p) {  // 4 activation bytes to all 8 lanes
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// acc[r] [8 columns] = sum over groups of the block's int4 dot with activation row r (of MR rows).
+template <int MR>
+inline void tile_q4(const Block& b, const int8_t* xq, const float* xs, const float* xsum, int64_t Kp, int64_t G,
+                    __m256* acc) {
+  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* w = b.w + g * 128;
+    const int8_t* x = xq + g * 32;
+    __m256i s16[MR];
+    for (int r = 0; r < MR; ++r) s16[r] = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {  // low nibbles: inputs 4i..4i+3, high: 4(i+4)..4(i+4)+3, of 8 columns
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * 32));
+      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      for (int r = 0; r < MR; ++r) {
+        const int8_t* xr = x + r * Kp;
+        s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, bcast4(xr + i * 4)));
+        s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, bcast4(xr + i * 4 + 16)));
+      }
+    }
+    const __m256 d = _mm256_loadu_ps(b.d + g * 8), mn = _mm256_loadu_ps(b.mn + g * 8);
+    for (int r = 0; r < MR; ++r) {  // w = d * q + m: d * sx * (q . xq) + m * sum(x)
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r], ones));
+      acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xs[r * G + g])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsum[r * G + g]), acc[r]);
+    }
+  }
+}
+
+template <int MR>
+inline void tile_q8(const Block& b, const int8_t* xq, const float* xs, const float*, int64_t Kp, int64_t G, __m256* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* w = b.w + g * 256;
+    const int8_t* x = xq + g * 32;
+    __m256i s32[MR];
+    for (int r = 0; r < MR; ++r) s32[r] = _mm256_setzero_si256();
+    for (int i = 0; i < 8; ++i) {  // inputs 4i..4i+3 of 8 columns
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * 32));
+      const __m256i av = _mm256_abs_epi8(v);
+      for (int r = 0; r < MR; ++r) {
+        const __m256i p = _mm256_maddubs_epi16(av, _mm256_sign_epi8(bcast4(x + r * Kp + i * 4), v));
+        s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(p, ones));
+      }
+    }
+    const __m256 d = _mm256_loadu_ps(b.d + g * 8);
+    for (int r = 0; r < MR; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_mul_ps(d, _mm256_set1_ps(xs[r * G + g])), acc[r]);
+  }
+}
+
+// Y rows m0.. (mr of them), columns n0..n0+nb: (+)= acc + bias.
+inline void store(const __m256* acc, int mr, int64_t nb, const float* bias, float* Y, int64_t ldy, bool accumulate) {
+  alignas(32) float t[kNR];
+  for (int r = 0; r < mr; ++r) {
+    float* y = Y + r * ldy;
+    if (nb == kNR) {
+      __m256 v = acc[r];
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias));
+      if (accumulate) v = _mm256_add_ps(v, _mm256_loadu_ps(y));
+      _mm256_storeu_ps(y, v);
+    } else {
+      _mm256_store_ps(t, acc[r]);
+      for (int64_t c = 0; c < nb; ++c) {
+        const float v = t[c] + (bias ? bias[c] : 0.f);
+        y[c] = accumulate ? y[c] + v : v;
+      }
+    }
+  }
 }
 
 template <bool kQ4>
-void gemv_groups_rows(const uint8_t* W, const at::Half* D, const at::Half* Mn, const float* bias, const int16_t* XQ,
-                      const float* gsum, const float* sx, float* Y, int64_t M, int64_t K, int64_t ldy, bool accumulate,
-                      int64_t n0, int64_t n1) {
-  const int64_t G = K / 32, gbytes = kQ4 ? 16 : 32;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = W + n * G * gbytes;
-    const at::Half* d = D + n * G;
-    for (int64_t m = 0; m < M; ++m) {
-      const int16_t* x = XQ + m * K;
-      float dot = 0.f;
-      int64_t g = 0;
-#ifdef AGENTRT_AVX2
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-      auto group = [&](int64_t gi) {  // 8 int32 partial sums of the group's q . xq, as float
-        const uint8_t* wg = w + gi * gbytes;
-        __m256i lo, hi;
-        if constexpr (kQ4) {
-          const __m128i low = _mm_set1_epi8(0x0f);
-          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wg));
-          lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
-          hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
-        } else {
-          lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg)));
-          hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16)));
-        }
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + gi * 32));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + gi * 32 + 16));
-        return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1)));
-      };
-      for (; g + 2 <= G; g += 2) {  // two groups a round: two independent FMA chains
-        acc0 = _mm256_fmadd_ps(group(g), _mm256_set1_ps(half_to_float(d[g])), acc0);
-        acc1 = _mm256_fmadd_ps(group(g + 1), _mm256_set1_ps(half_to_float(d[g + 1])), acc1);
-      }
-      dot = hsum(_mm256_add_ps(acc0, acc1));
-#endif
-      for (; g < G; ++g) {
-        const uint8_t* wg = w + g * gbytes;
-        int32_t t = 0;
-        for (int64_t j = 0; j < 16; ++j) {
+void tiles(const Block& b, int64_t nb, const Acts& a, int64_t m0, int64_t m1, int64_t Kp, int64_t G, const float* bias,
+           float* Y, int64_t ldy, bool accumulate) {
+  __m256 acc[kMR];
+  for (int64_t m = m0; m < m1; m += kMR) {
+    const int mr = int(std::min(kMR, m1 - m));
+    const int8_t* xq = a.q.data() + m * Kp;
+    const float *xs = a.s.data() + m * G, *xsum = a.sum.data() + m * G;
+    switch (mr) {  // the row count is a template argument so the accumulators stay in registers
+      case 4: kQ4 ? tile_q4<4>(b, xq, xs, xsum, Kp, G, acc) : tile_q8<4>(b, xq, xs, xsum, Kp, G, acc); break;
+      case 3: kQ4 ? tile_q4<3>(b, xq, xs, xsum, Kp, G, acc) : tile_q8<3>(b, xq, xs, xsum, Kp, G, acc); break;
+      case 2: kQ4 ? tile_q4<2>(b, xq, xs, xsum, Kp, G, acc) : tile_q8<2>(b, xq, xs, xsum, Kp, G, acc); break;
+      default: kQ4 ? tile_q4<1>(b, xq, xs, xsum, Kp, G, acc) : tile_q8<1>(b, xq, xs, xsum, Kp, G, acc); break;
+    }
+    store(acc, mr, nb, bias, Y + m * ldy, ldy, accumulate);
+  }
+}
+#else
+// Portable fallback on the same layouts and the same integer products (slow, but exact alike).
+template <bool kQ4>
+void tiles(const Block& b, int64_t nb, const Acts& a, int64_t m0, int64_t m1, int64_t Kp, int64_t G, const float* bias,
+           float* Y, int64_t ldy, bool accumulate) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* x = a.q.data() + m * Kp;
+    for (int64_t c = 0; c < nb; ++c) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        int32_t dot = 0;
+        for (int64_t j = 0; j < 32; ++j) {
+          const int64_t i = j / 4, r = j % 4;  // input j of the group is step i, byte r
+          int32_t q;
           if constexpr (kQ4) {
-            t += int32_t(wg[j] & 15) * x[g * 32 + j] + int32_t(wg[j] >> 4) * x[g * 32 + 16 + j];
+            const uint8_t byte = b.w[g * 128 + ((i % 4) * kNR + c) * 4 + r];
+            q = i < 4 ? (byte & 15) : (byte >> 4);
           } else {
-            t += int32_t(int8_t(wg[j])) * x[g * 32 + j] + int32_t(int8_t(wg[16 + j])) * x[g * 32 + 16 + j];
+            q = int8_t(b.w[g * 256 + (i * kNR + c) * 4 + r]);
           }
+          dot += q * int32_t(x[g * 32 + j]);
         }
-        dot += float(t) * half_to_float(d[g]);
+        acc += float(dot) * (b.d[g * kNR + c] * a.s[m * G + g]);
+        if constexpr (kQ4) acc += b.mn[g * kNR + c] * a.sum[m * G + g];
       }
-      if constexpr (kQ4) {
-        const at::Half* mn = Mn + n * G;
-        const float* gs = gsum + m * G;
-        for (int64_t gi = 0; gi < G; ++gi) dot += half_to_float(mn[gi]) * gs[gi];
-      }
-      float v = dot * sx[m] + (bias ? bias[n] : 0.f);
-      float& y = Y[m * ldy + n];
+      const float v = acc + (bias ? bias[c] : 0.f);
+      float& y = Y[m * ldy + c];
       y = accumulate ? y + v : v;
     }
   }
+}
+#endif
+
+// The last column block when N % 8 != 0, widened to 8 columns (zeros) so the tile kernels read it alike.
+struct TailBlock {
+  std::vector<uint8_t> w;
+  std::vector<float> d, mn;
+  Block widen(const uint8_t* w_src, const float* d_src, const float* m_src, int64_t nt, int64_t G, bool q4) {
+    const int64_t steps = q4 ? 4 : 8;  // 4-input steps a group stores
+    w.assign(G * steps * kNR * 4, 0);
+    d.assign(G * kNR, 0.f);
+    mn.assign(G * kNR, 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t i = 0; i < steps; ++i)
+        std::memcpy(&w[(g * steps + i) * kNR * 4], w_src + (g * steps + i) * nt * 4, nt * 4);
+      std::copy(d_src + g * nt, d_src + (g + 1) * nt, &d[g * kNR]);
+      if (q4) std::copy(m_src + g * nt, m_src + (g + 1) * nt, &mn[g * kNR]);
+    }
+    return {w.data(), d.data(), mn.data()};
+  }
+};
+
+template <bool kQ4>
+void run(const Lin& l, const Acts& a, float* Y, int64_t M, int64_t K, bool accumulate) {
+  const int64_t N = l.w.size(0), Kp = pad32(K), G = Kp / 32, row_bytes = kQ4 ? Kp / 2 : Kp;
+  const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr());
+  const float* d = l.s.data_ptr<float>();
+  const float* mn = kQ4 ? l.z.data_ptr<float>() : nullptr;
+  const float* bias = l.b.defined() && l.b.numel() ? l.b.data_ptr<float>() : nullptr;
+  const int64_t blocks = (N + kNR - 1) / kNR;
+  // a task of at least ~64K multiply-adds, so tiny linears do not wake the pool
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (M * Kp * kNR));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    TailBlock tail;
+    for (int64_t m0 = 0; m0 < M; m0 += kMChunk) {
+      const int64_t m1 = std::min(M, m0 + kMChunk);
+      for (int64_t cb = b0; cb < b1; ++cb) {
+        const int64_t n0 = cb * kNR, nb = std::min(kNR, N - n0);
+        Block blk{w + n0 * row_bytes, d + n0 * G, kQ4 ? mn + n0 * G : nullptr};
+        if (nb < kNR) blk = tail.widen(blk.w, blk.d, blk.mn, nb, G, kQ4);
+        tiles<kQ4>(blk, nb, a, m0, m1, Kp, G, bias ? bias + n0 : nullptr, Y + n0, N, accumulate);
+      }
+    }
+  });
 }
 
 }  // namespace
 
 void check_lin(const Lin& l, int64_t N, int64_t K, const char* what) {
-  TORCH_CHECK(l.w.is_contiguous() && l.w.dim() == 2 && l.w.size(0) == N && l.s.is_contiguous(), what, ": bad weight");
-  if (l.rows()) {
-    TORCH_CHECK(l.w.size(1) == K && l.s.numel() == N, what, ": int8 rows need weight [N, K] and float32 scales [N]");
-  } else {
-    const bool q4 = l.w.scalar_type() == at::kByte;
-    TORCH_CHECK((q4 || l.w.scalar_type() == at::kChar) && K % 32 == 0 && l.w.size(1) == (q4 ? K / 2 : K), what,
-                ": group weights need int8 [N, K] or packed uint8 [N, K/2], K a multiple of 32");
-    TORCH_CHECK(l.s.scalar_type() == at::kHalf && l.s.numel() == N * (K / 32), what, ": group scales: float16 [N, K/32]");
-    TORCH_CHECK(!q4 || (l.z.scalar_type() == at::kHalf && l.z.is_contiguous() && l.z.numel() == N * (K / 32)), what,
-                ": int4 groups need float16 mins [N, K/32]");
-  }
-  TORCH_CHECK(!l.b.defined() || l.b.numel() == 0 || (l.b.scalar_type() == at::kFloat && l.b.numel() == N), what,
+  const bool q4 = l.int4();
+  TORCH_CHECK(l.w.is_contiguous() && l.w.dim() == 2 && l.w.size(0) == N, what, ": weight must be contiguous [N, *]");
+  TORCH_CHECK(q4 || l.w.scalar_type() == at::kChar, what, ": weight must be int8 or packed int4 (uint8)");
+  TORCH_CHECK(!q4 || K % 32 == 0, what, ": int4 groups need K a multiple of 32");
+  TORCH_CHECK(l.w.size(1) == (q4 ? K / 2 : pad32(K)), what, ": weight must be [N, ", q4 ? "K/2" : "K rounded up to 32",
+              "] for K=", K);
+  const int64_t G = pad32(K) / 32;
+  TORCH_CHECK(l.s.scalar_type() == at::kFloat && l.s.is_contiguous() && l.s.numel() == N * G, what,
+              ": group scales must be float32 [N, ceil(K/32)] in kernel order");
+  TORCH_CHECK(!q4 || (l.z.scalar_type() == at::kFloat && l.z.is_contiguous() && l.z.numel() == N * G), what,
+              ": int4 groups need float32 mins [N, K/32] in kernel order");
+  TORCH_CHECK(!l.b.defined() || l.b.numel() == 0 ||
+              (l.b.scalar_type() == at::kFloat && l.b.is_contiguous() && l.b.numel() == N), what,
               ": bias must be float32 [N]");
 }
 
-// Y [M, N] (+)= X [M, K] @ W.T + bias for any kind of linear.
+// Y [M, N] (+)= X [M, K] @ W.T + bias for either kind of linear.
 void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate) {
-  if (l.rows()) return gemv(l.w, l.s, l.b, X, Y, M, accumulate);
-  const bool q4 = l.w.scalar_type() == at::kByte;
-  const int64_t N = l.w.size(0), G = K / 32;
-  std::vector<int16_t> xq(M * K);
-  std::vector<float> sx(M), gsum(q4 ? M * G : 0);
-  quantize_rows(X, xq.data(), sx.data(), M, K);
-  for (int64_t i = 0; i < int64_t(gsum.size()); ++i) {
-    int32_t t = 0;
-    for (int64_t j = 0; j < 32; ++j) t += xq[i * 32 + j];
-    gsum[i] = float(t);
-  }
-  const float* b = l.b.defined() && l.b.numel() ? l.b.data_ptr<float>() : nullptr;
-  const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr());
-  const at::Half* d = l.s.data_ptr<at::Half>();
-  const at::Half* mn = q4 ? l.z.data_ptr<at::Half>() : nullptr;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    if (q4) gemv_groups_rows<true>(w, d, mn, b, xq.data(), gsum.data(), sx.data(), Y, M, K, N, accumulate, n0, n1);
-    else gemv_groups_rows<false>(w, d, mn, b, xq.data(), gsum.data(), sx.data(), Y, M, K, N, accumulate, n0, n1);
-  });
+  if (M <= 0) return;
+  Acts& a = acts();
+  quantize_rows(X, M, K, a);
+  if (l.int4()) run<true>(l, a, Y, M, K, accumulate);
+  else run<false>(l, a, Y, M, K, accumulate);
 }
 
-// x [M, K] float32 -> [M, N] float32 through any kind of `Lin` (w, s, z, bias; see there).
+// x [M, K] float32 -> [M, N] float32 through either kind of `Lin` (w, s, z, bias; see there).
 at::Tensor linear_op(at::Tensor x, at::Tensor w, at::Tensor s, at::Tensor z, at::Tensor bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "linear: x must be float32 [M, K]");
   const Lin l{w, s, z, bias};

@@ -60,11 +60,15 @@ def _engines_int4(**over):
 
 
 def _assert_within_activation_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-    """y == x @ w.T + b up to the kernel's 16-bit rounding of each activation row (half a step of
-    max|x| / 32767 per element, times |w|) and float32 summation."""
-    ref = x @ w.T + (0 if b is None else b)
-    bound = (x.abs().amax(1, keepdim=True) / 32767 / 2) * w.abs().sum(1)[None, :] + 1e-5  # [M, N]
-    assert ((y - ref).abs() <= bound).all(), (y - ref).abs().max()
+    """y == x @ w.T + b up to the kernel's int8 rounding of the activations per block of 32 inputs (half
+    a step of the block's max|x| / 127 per element, times |w|) and float32 summation (1e-5)."""
+    ref = x.double() @ w.double().T + (0 if b is None else b.double())
+    g = -(-x.shape[1] // 32)
+    pad = (0, g * 32 - x.shape[1])
+    step = torch.nn.functional.pad(x.abs(), pad).reshape(len(x), g, 32).amax(-1).double() / 127 / 2  # [M, G]
+    wsum = torch.nn.functional.pad(w.abs(), pad).reshape(len(w), g, 32).sum(-1).double()  # [N, G]
+    bound = step @ wsum.T + 1e-5  # [M, N]
+    assert ((y.double() - ref).abs() <= bound).all(), (y - ref).abs().max()
 
 
 @pytest.mark.parametrize("n,k", [(8, 16), (13, 40), (960, 576), (7, 1537)])
@@ -102,14 +106,15 @@ def test_group_linears(ext, kind, n, k):
 @pytest.mark.parametrize("over", [{}, {"attention_bias": True, "model_type": "qwen2"}])
 def test_fused_logits_match_torch_path(ext, build, over):
     """Teacher-forced logits, one decode step per token, equal the torch path's on the same weights
-    (activations are rounded to 16 bits in the kernel: a relative error of ~1e-5)."""
+    up to the kernel's int8 rounding of activations per block of 32 (~0.6% of a dot's size per linear,
+    <0.9% measured on a logits row after two layers and the lm_head; bounded here by 2%)."""
     fused, ref = build(**over)
     assert fused._fused is not None
     ids = [int(t) for t in torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(3))]
     a = fused.prompt_logits(ids, chunk_size=1)
     b = ref.prompt_logits(ids, chunk_size=1)
     assert a.shape == b.shape == (37, fused.vocab_size)
-    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert ((a - b).norm(dim=-1) <= 0.02 * b.norm(dim=-1)).all(), ((a - b).norm(dim=-1) / b.norm(dim=-1)).max()
     assert (a.argmax(-1) == b.argmax(-1)).all()
     assert fused.stats().kv_blocks_used == 0
 
