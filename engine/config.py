@@ -39,8 +39,8 @@ class EngineConfig:
       disk by inductor for the next process); off by default.
     fused_decode: with ``quantization`` ("int8", or "int4": groups of 32 on the GGUF Q4_1 grid) and
       float32 on CPU, run every step (decode rows, prefill chunks, mixed) as one C++ call
-      (`decode_fused`: linears, attention, norms, RoPE and SwiGLU fused; linears of steps with many rows
-      on the dense float32 weights where that is faster; built on first use with g++, cached on disk).
+      (`decode_fused`: linears, attention, norms, RoPE and SwiGLU fused; built on first use with g++,
+      cached on disk).
       With ``prefill_int8`` only decode-only steps (prefill keeps its W8A8 linears). Where the extension
       cannot build, a warning names why and the torch path runs.
     num_threads: torch intra-op threads (None = leave torch's setting alone).

@@ -4,7 +4,7 @@ A decode step of a small model on CPU spends most of its time in per-op dispatch
 batch-1 int8 kernels; a prefill chunk in its linears and attention. `FusedDecoder` runs all layers
 of any step (decode rows, prefill chunks, mixed) in a single C++ call over int8 weights (those
 `quant.Int8WeightOnlyLinear` already holds) or int4 groups of 32, with float32 activations and KV
-cache, and the dense float32 weights for steps with many rows where a float GEMM is faster;
+cache (optionally the dense float32 weights for steps of many rows, see DENSE_MIN_ROWS);
 `FusedLinear` serves the lm_head with the same kernels.
 
 The extension is compiled with ``torch.utils.cpp_extension`` (g++ and ninja; AVX2+FMA when the CPU
@@ -213,21 +213,26 @@ def fused_lm_head(model: nn.Module, ext: Any) -> FusedLinear | None:
     return FusedLinear([w, s, torch.empty(0)], b, h, ext)
 
 
-# Steps of at least this many rows run their linears on the dense float32 weights (at::mm) when the
-# model keeps them: a compute-bound GEMM on a CPU without VNNI outruns the weight-only kernels there.
-# Measured (SmolLM2-135M shapes, 2 Zen 3 threads, /tmp/s5/linbench.py-style side by side): int4
-# ext.linear / torch.mm = 0.5-0.7 at 1-4 rows, 1.15 at 8, 1.9-2.0 at 16, 4.6 at 512.
-DENSE_MIN_ROWS = 8
+# Steps of at least this many rows may run their linears on the dense float32 weights (at::mm) the
+# model keeps, for CPUs where a compute-bound float GEMM outruns the weight-only kernels; None = never.
+# Measured side by side (FusedLinear vs torch.mm on the SmolLM2-135M layer shapes, medians, Zen 3): the
+# first int16 GEMV kernel was 1.15x slower than torch.mm at 8 rows and 4.6x at 512, so this was 8;
+# linear_kernel.cpp's int8-activation kernel is faster than torch.mm at every size: int4 / mm = 0.29
+# (8 rows), 0.46 (32), 0.53 (128), 0.58 (512), 0.60 (1024) on one thread, and a 1,024-token int4-fused
+# prefill took 1.95 s on the quantized kernels vs 3.3-4.8 s with this at 8 (one thread: two were too
+# noisy on the shared machine).
+DENSE_MIN_ROWS: int | None = None
 
 
 class FusedDecoder:
     """An engine step of a float32 `LlamaModel` (decode rows and prefill chunks, any mix) as one C++
     call (``ext.step``), over int8 weights (the model's own `Int8WeightOnlyLinear`s, possibly inside
     `DecodeQuantLinear`: shared, not copied) or int4 groups of 32 (packed here from the dense weights
-    the model keeps). Steps of >= ``dense_min_rows`` rows run their linears on those dense float32
-    weights (at::mm) where the model has them. The model's modules are unchanged."""
+    the model keeps). With ``dense_min_rows`` (see DENSE_MIN_ROWS), steps of at least that many rows
+    run their linears on those dense float32 weights (at::mm) where the model has them. The model's
+    modules are unchanged."""
 
-    def __init__(self, model: nn.Module, ext: Any, mode: str = "int8", dense_min_rows: int = DENSE_MIN_ROWS):
+    def __init__(self, model: nn.Module, ext: Any, mode: str = "int8", dense_min_rows: int | None = DENSE_MIN_ROWS):
         a = model.args
         if mode not in ("int8", "int4"):
             raise ValueError(f"fused decode mode {mode!r}: choose 'int8' or 'int4'")
@@ -249,7 +254,7 @@ class FusedDecoder:
         # 4 per layer (empty where there is no float weight, e.g. W8A8 prefill linears); none at all
         # when no layer has one
         self.dense = dense if any(d.numel() for d in dense) else []
-        self.dense_min_rows = dense_min_rows
+        self.dense_min_rows = dense_min_rows  # None: the quantized kernels for every step
         self.norm = model.norm.float().contiguous()
         # seconds in the linears, attention and the rest, summed over steps while not None (bench splits)
         self.timings: torch.Tensor | None = None
@@ -264,7 +269,8 @@ class FusedDecoder:
         a, m = self.args, self.model
         x = m.embed_tokens.weight.index_select(0, input_ids)  # [T, H], a fresh tensor the kernel updates
         return self.ext.step(x, seq_start, ctx_len, block_tables, block_size, out_rows, m.rope_cos, m.rope_sin,
-                             k_cache, v_cache, self.parts, self.dense, self.dense_min_rows, self.norm, a.num_heads,
+                             k_cache, v_cache, self.parts, self.dense if self.dense_min_rows else [],
+                             self.dense_min_rows or 0, self.norm, a.num_heads,
                              a.num_kv_heads, a.head_dim, a.rms_norm_eps, self.timings)
 
 

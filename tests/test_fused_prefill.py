@@ -25,7 +25,7 @@ from agentrt.engine.model import DecodeQuantLinear  # noqa: E402
 _INT4 = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 # sizes off the vector widths (8 floats) and the kernels' blocks: every tail runs (int8 rows: any K)
 _ODD = dict(hidden_size=44, intermediate_size=52, num_attention_heads=4, num_key_value_heads=2, head_dim=10)
-_NEVER = 1 << 30  # a dense_min_rows no step reaches: the quantized kernels for every step
+_DENSE = 8  # steps of >= 8 rows on the dense float32 weights (at::mm), fewer on the quantized kernels
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def ext():
     return e
 
 
-def _engines(mode: str = "int4", dense_min_rows: int = decode_fused.DENSE_MIN_ROWS, caching: bool = False, **over):
+def _engines(mode: str = "int4", dense_min_rows: int | None = None, caching: bool = False, **over):
     """(fused engine, torch-path reference with the fused engine's linears and lm_head)."""
     loaded = tiny_loaded(**{**(_INT4 if mode == "int4" else _ODD), **over})
     kw = dict(dtype="float32", quantization=mode, num_threads=2, block_size=4, num_kv_blocks=96,
@@ -57,7 +57,7 @@ def _engines(mode: str = "int4", dense_min_rows: int = decode_fused.DENSE_MIN_RO
                 parts = [q.weight, q.scales.float(), torch.empty(0)]
             bias = torch.empty(0) if mod.dense.bias is None else mod.dense.bias.detach()
             mod.quantized = decode_fused.FusedLinear(parts, bias, mod.dense.in_features, fused._fused.ext)
-            mod.max_rows = dense_min_rows - 1  # the dense weights above, like the C++ step
+            mod.max_rows = (dense_min_rows or 1 << 30) - 1  # the dense weights above, like the C++ step
     ref.model.lm_head = fused.model.lm_head
     return fused, ref
 
@@ -98,7 +98,7 @@ def _assert_logits_close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a.argmax(-1) == b.argmax(-1))[clear].all()
 
 
-@pytest.mark.parametrize("dense_min_rows", [decode_fused.DENSE_MIN_ROWS, _NEVER])
+@pytest.mark.parametrize("dense_min_rows", [None, _DENSE])
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_prefill_chunk_matches_torch_path(ext, mode, dense_min_rows):
     """One whole-prompt chunk, then the same prompt in chunks of 13 (the later ones start mid-sequence:
@@ -112,7 +112,7 @@ def test_prefill_chunk_matches_torch_path(ext, mode, dense_min_rows):
     assert fused.stats().kv_blocks_used == 0
 
 
-@pytest.mark.parametrize("dense_min_rows", [decode_fused.DENSE_MIN_ROWS, _NEVER])
+@pytest.mark.parametrize("dense_min_rows", [None, _DENSE])
 def test_mixed_batch_matches_torch_path(ext, dense_min_rows):
     """Steps mixing one-row entries (decode rows) with chunks of other sequences, a chunk starting
     mid-sequence and a sequence whose blocks are not consecutive in the pool."""
@@ -156,8 +156,8 @@ def test_prefix_cache_hit_matches_uncached(ext):
     """A prompt whose first blocks are in the prefix cache starts its prefill mid-sequence; its greedy
     tokens equal those of an engine without the cache (the quantized kernels for every step: each
     row's numerics do not depend on which other rows share its step)."""
-    cached, _ = _engines("int4", _NEVER, caching=True)
-    plain, _ = _engines("int4", _NEVER, caching=False)
+    cached, _ = _engines("int4", caching=True)
+    plain, _ = _engines("int4", caching=False)
     base = "the quick brown fox jumps over the lazy dog; " * 2
     sp = SamplingParams(max_tokens=10, ignore_eos=True)
     cached.generate([base + "first"], sp)

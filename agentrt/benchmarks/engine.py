@@ -39,7 +39,7 @@ SETTINGS = {  # name -> EngineConfig fields
     # int8 decode, dynamic int8 (W8A8) prefill chunks; float32 elsewhere (no native bf16 on most CPUs)
     "int8-w8a8": dict(dtype="float32", quantization="int8", prefill_int8=True),
     # every step (decode rows and prefill chunks) as one C++ call over the int8 weights (float32
-    # activations); steps of many rows run their linears on the dense float32 weights when that is faster
+    # activations rounded to int8 per block of 32 in the linears)
     "int8-fused": dict(dtype="float32", quantization="int8", fused_decode=True),
     # the same with int4 layers in groups of 32 (the GGUF's own Q4_1 grid: half the bytes of int8)
     "int4-fused": dict(dtype="float32", quantization="int4", fused_decode=True),
