@@ -4,10 +4,11 @@
 // sharing each K/V row among the `group` query heads of its kv head (GQA), so a row is read once per
 // tile instead of once per head:
 //  - tiled (sequences with >= 2 query rows, i.e. prefill chunks): flash attention. A task is a run of
-//    query vectors (query row x head of one kv head) cut into columns of 16; per key block, a column
-//    computes s^T = K q^T [keys, 16] (vectorized over the 16 query vectors, so the online-softmax max,
+//    query vectors (query row x head of one kv head) cut into columns of 24; per key block, a column
+//    computes s^T = K q^T [keys, 24] (vectorized over the 24 query vectors, so the online-softmax max,
 //    sum and rescale are plain vector ops with no horizontal reductions), masks the causal diagonal,
-//    takes exp2 (q is prescaled by log2(e) / sqrt(hd)) and accumulates o^T [hd, 16] += V^T p^T.
+//    takes exp2 (q is prescaled by log2(e) / sqrt(hd)) and accumulates o^T [hd, 24] += V^T p^T, both
+//    products in register tiles of 4 keys (dims) x 24 vectors that keep the two FMA pipes busy.
 //    Each column stops at its own last visible key, so only the causal triangle (to within a few keys)
 //    is computed.
 //  - decode (1 query row): per kv head, scores 8 keys at a time (8 dot-product accumulators reduced
@@ -29,28 +30,31 @@ namespace agentrt {
 #ifdef AGENTRT_AVX2
 namespace {
 
-constexpr int64_t kLanes = 16;     // query vectors per column (two ymm)
-constexpr int64_t kCols = 4;       // columns per tiled task
-constexpr int64_t kKeyBlock = 64;  // keys per block (tiled); their K and V rows stay in L1 across the columns
+constexpr int W = 3;                 // ymm per column
+constexpr int64_t kLanes = 8 * W;    // query vectors per column
+constexpr int kRqk = 4;              // keys per q.K tile (W * kRqk accumulators)
+constexpr int kRpv = 4;              // dims per p.V tile (W * kRpv accumulators)
+constexpr int64_t kCols = 4;         // columns per tiled task
+constexpr int64_t kKeyBlock = 64;    // keys per block (tiled); their K and V rows stay in L1 across the columns
 constexpr int64_t kDecBlock = 128; // keys per block (decode)
 constexpr float kLog2e = 1.4426950408889634f;
 
-// 2^x for x <= 0, 0 below -125 (and for -inf): x = n + f with |f| <= 0.5, 2^f by a degree-5 polynomial
-// fitted for relative error on [-0.5, 0.5] (2.3e-7 max in float32 arithmetic), 2^n put in the exponent.
+// 2^x for x <= 0: x = n + f with |f| <= 0.5, 2^f by a degree-5 polynomial fitted for relative error on
+// [-0.5, 0.5] (2.3e-7 max in float32 arithmetic), 2^n put in the exponent. x below -125 (masked keys:
+// -inf) gives about 2^-125, which next to the row max's 1 is nothing (it leaves every sum unchanged).
 inline __m256 exp2_neg(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-125.f);
-  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-  x = _mm256_max_ps(x, lo);
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-125.f));
+  const __m256 magic = _mm256_set1_ps(12582912.f);  // 1.5 * 2^23: x + magic holds round(x) in its low bits
+  const __m256 t = _mm256_add_ps(x, magic);
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
   __m256 p = _mm256_set1_ps(0.0013266970636323094f);
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.009675459936261177f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.05550742521882057f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022121727466583f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931469440460205f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000001192092896f));
-  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-  return _mm256_and_ps(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e)), keep);
+  // round(x) << 23 added to the exponent field (two's complement wraps right for negative n)
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(t), 23)));
 }
 
 inline float exp2_neg1(float x) {
@@ -59,69 +63,119 @@ inline float exp2_neg1(float x) {
 
 // ---- tiled (prefill) kernel ----
 
-// s: [R, 16] = K rows kp[0..R) (each hd floats) times qt: [hd, 16]
+// s: [R, lanes] = K rows kp[0..R) (each hd floats) times qt: [hd, lanes]
 template <int R>
-inline void qk_tile(const float* const* kp, const float* qt, int64_t hd, float* s) {
-  __m256 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+inline void qk_tile(const float* const* kp, const float* qt, int64_t hd, float* s, __m256* mx) {
+  __m256 acc[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) acc[r][w] = _mm256_setzero_ps();
   const float* k[R];
   for (int r = 0; r < R; ++r) k[r] = kp[r];
   for (int64_t d = 0; d < hd; ++d) {
-    const __m256 q0 = _mm256_loadu_ps(qt + d * kLanes), q1 = _mm256_loadu_ps(qt + d * kLanes + 8);
+    __m256 qv[W];
+    for (int w = 0; w < W; ++w) qv[w] = _mm256_loadu_ps(qt + d * kLanes + 8 * w);
     for (int r = 0; r < R; ++r) {
       const __m256 b = _mm256_broadcast_ss(k[r] + d);
-      a0[r] = _mm256_fmadd_ps(b, q0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(b, q1, a1[r]);
+      for (int w = 0; w < W; ++w) acc[r][w] = _mm256_fmadd_ps(b, qv[w], acc[r][w]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(s + r * kLanes, a0[r]);
-    _mm256_storeu_ps(s + r * kLanes + 8, a1[r]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) {
+      _mm256_storeu_ps(s + r * kLanes + 8 * w, acc[r][w]);
+      mx[w] = _mm256_max_ps(mx[w], acc[r][w]);
+    }
 }
 
-// ot: [R, 16] (dims d0 .. d0 + R of o^T) = alpha * ot + sum over n keys of V[key][d0 + r] * p[key]
-//   vp[key]: the key's V row; p: [n, 16]
+// ot: [R, lanes] (dims d0 .. d0 + R of o^T) = alpha * ot + sum over n keys of V[key][d0 + r] * p[key]
+//   vp[key]: the key's V row; p: [n, lanes]
 template <int R>
-inline void pv_tile(const float* const* vp, int64_t n, const float* p, int64_t d0, float* ot, __m256 al0, __m256 al1) {
-  __m256 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) {
-    a0[r] = _mm256_mul_ps(_mm256_loadu_ps(ot + r * kLanes), al0);
-    a1[r] = _mm256_mul_ps(_mm256_loadu_ps(ot + r * kLanes + 8), al1);
-  }
+inline void pv_tile(const float* const* vp, int64_t n, const float* p, int64_t d0, float* ot, const __m256* al) {
+  __m256 acc[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) acc[r][w] = _mm256_mul_ps(_mm256_loadu_ps(ot + r * kLanes + 8 * w), al[w]);
   for (int64_t j = 0; j < n; ++j) {
-    const __m256 p0 = _mm256_loadu_ps(p + j * kLanes), p1 = _mm256_loadu_ps(p + j * kLanes + 8);
+    __m256 pv[W];
+    for (int w = 0; w < W; ++w) pv[w] = _mm256_loadu_ps(p + j * kLanes + 8 * w);
     const float* v = vp[j] + d0;
     for (int r = 0; r < R; ++r) {
       const __m256 b = _mm256_broadcast_ss(v + r);
-      a0[r] = _mm256_fmadd_ps(b, p0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(b, p1, a1[r]);
+      for (int w = 0; w < W; ++w) acc[r][w] = _mm256_fmadd_ps(b, pv[w], acc[r][w]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(ot + r * kLanes, a0[r]);
-    _mm256_storeu_ps(ot + r * kLanes + 8, a1[r]);
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) _mm256_storeu_ps(ot + r * kLanes + 8 * w, acc[r][w]);
+}
+
+// `f.template operator()<R>()` for R = rem in 1 .. 7 (tile tails)
+template <class F>
+inline void with_tail(int64_t rem, F&& f) {
+  switch (rem) {
+    case 1: f.template operator()<1>(); break;
+    case 2: f.template operator()<2>(); break;
+    case 3: f.template operator()<3>(); break;
+    case 4: f.template operator()<4>(); break;
+    case 5: f.template operator()<5>(); break;
+    case 6: f.template operator()<6>(); break;
+    case 7: f.template operator()<7>(); break;
+    default: break;
   }
 }
 
-template <int R>
-void pv_span(const float* const* vp, int64_t n, const float* p, int64_t hd, float* ot, __m256 al0, __m256 al1) {
-  int64_t d = 0;
-  for (; d + R <= hd; d += R) pv_tile<R>(vp, n, p, d, ot + d * kLanes, al0, al1);
-  switch (hd - d) {  // the dims left over (hd % R)
-    case 1: pv_tile<1>(vp, n, p, d, ot + d * kLanes, al0, al1); break;
-    case 2: pv_tile<2>(vp, n, p, d, ot + d * kLanes, al0, al1); break;
-    case 3: pv_tile<3>(vp, n, p, d, ot + d * kLanes, al0, al1); break;
-    case 4: pv_tile<4>(vp, n, p, d, ot + d * kLanes, al0, al1); break;
-    case 5: pv_tile<5>(vp, n, p, d, ot + d * kLanes, al0, al1); break;
-    default: break;
+// In place: row r of m[0..8) becomes column r.
+inline void transpose8(__m256* m) {
+  const __m256 t0 = _mm256_unpacklo_ps(m[0], m[1]), t1 = _mm256_unpackhi_ps(m[0], m[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(m[2], m[3]), t3 = _mm256_unpackhi_ps(m[2], m[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(m[4], m[5]), t5 = _mm256_unpackhi_ps(m[4], m[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(m[6], m[7]), t7 = _mm256_unpackhi_ps(m[6], m[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  m[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  m[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  m[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  m[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  m[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  m[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  m[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  m[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// qt: [hd, lanes] = scale * src[lane][d]
+inline void transpose_in(const float* const* src, int64_t hd, float scale, float* qt) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int64_t l0 = 0; l0 < kLanes; l0 += 8) {
+    int64_t d = 0;
+    for (; d + 8 <= hd; d += 8) {
+      __m256 m[8];
+      for (int r = 0; r < 8; ++r) m[r] = _mm256_loadu_ps(src[l0 + r] + d);
+      transpose8(m);
+      for (int r = 0; r < 8; ++r) _mm256_storeu_ps(qt + (d + r) * kLanes + l0, _mm256_mul_ps(m[r], sv));
+    }
+    for (; d < hd; ++d)
+      for (int r = 0; r < 8; ++r) qt[d * kLanes + l0 + r] = src[l0 + r][d] * scale;
+  }
+}
+
+// dst[lane][d] = ot[d][lane] * inv[lane]
+inline void transpose_out(const float* ot, int64_t hd, const float* inv, float* const* dst) {
+  for (int64_t l0 = 0; l0 < kLanes; l0 += 8) {
+    int64_t d = 0;
+    for (; d + 8 <= hd; d += 8) {
+      __m256 m[8];
+      for (int r = 0; r < 8; ++r) m[r] = _mm256_loadu_ps(ot + (d + r) * kLanes + l0);
+      transpose8(m);
+      for (int r = 0; r < 8; ++r) _mm256_storeu_ps(dst[l0 + r] + d, _mm256_mul_ps(m[r], _mm256_set1_ps(inv[l0 + r])));
+    }
+    for (; d < hd; ++d)
+      for (int r = 0; r < 8; ++r) dst[l0 + r][d] = ot[d * kLanes + l0 + r] * inv[l0 + r];
   }
 }
 
 // One column of a tiled task: its query vectors' state across key blocks.
 struct Column {
-  float* qt;        // [hd, 16] prescaled queries
-  float* ot;        // [hd, 16] unnormalized output
+  float* qt;        // [hd, lanes] prescaled queries
+  float* ot;        // [hd, lanes] unnormalized output
   float m[kLanes];  // running max (log2 units)
   float l[kLanes];  // running sum
   int32_t lim[kLanes];  // last visible key of each lane
@@ -130,51 +184,50 @@ struct Column {
 
 // One key block [k0, k0 + n) for a column (n already cut at the column's last visible key).
 void column_block(Column& c, const float* const* kp, const float* const* vp, int64_t k0, int64_t n, int64_t hd,
-                  float* s /* [n, 16] scratch */) {
-  int64_t j = 0;
-  for (; j + 6 <= n; j += 6) qk_tile<6>(kp + j, c.qt, hd, s + j * kLanes);
-  switch (n - j) {
-    case 1: qk_tile<1>(kp + j, c.qt, hd, s + j * kLanes); break;
-    case 2: qk_tile<2>(kp + j, c.qt, hd, s + j * kLanes); break;
-    case 3: qk_tile<3>(kp + j, c.qt, hd, s + j * kLanes); break;
-    case 4: qk_tile<4>(kp + j, c.qt, hd, s + j * kLanes); break;
-    case 5: qk_tile<5>(kp + j, c.qt, hd, s + j * kLanes); break;
-    default: break;
-  }
+                  float* s /* [n, lanes] scratch */) {
   const __m256 ninf = _mm256_set1_ps(-INFINITY);
-  if (k0 + n - 1 > c.lo) {  // the block crosses some lane's last key: mask key > lim
-    const __m256i l0 = _mm256_loadu_si256((const __m256i*)c.lim), l1 = _mm256_loadu_si256((const __m256i*)(c.lim + 8));
+  __m256 mx[W], nm[W], al[W], sum[W];
+  for (int w = 0; w < W; ++w) mx[w] = ninf;
+  int64_t j = 0;
+  for (; j + kRqk <= n; j += kRqk) qk_tile<kRqk>(kp + j, c.qt, hd, s + j * kLanes, mx);
+  with_tail(n - j, [&]<int R>() { qk_tile<R>(kp + j, c.qt, hd, s + j * kLanes, mx); });
+  if (k0 + n - 1 > c.lo) {  // the block crosses some lane's last key: mask key > lim, max again
+    __m256i lim[W];
+    for (int w = 0; w < W; ++w) {
+      lim[w] = _mm256_loadu_si256((const __m256i*)(c.lim + 8 * w));
+      mx[w] = ninf;
+    }
     for (j = 0; j < n; ++j) {
       const __m256i key = _mm256_set1_epi32(int32_t(k0 + j));
-      float* r = s + j * kLanes;
-      _mm256_storeu_ps(r, _mm256_blendv_ps(_mm256_loadu_ps(r), ninf, _mm256_castsi256_ps(_mm256_cmpgt_epi32(key, l0))));
-      _mm256_storeu_ps(r + 8, _mm256_blendv_ps(_mm256_loadu_ps(r + 8), ninf, _mm256_castsi256_ps(_mm256_cmpgt_epi32(key, l1))));
+      for (int w = 0; w < W; ++w) {
+        float* r = s + j * kLanes + 8 * w;
+        const __m256 x = _mm256_blendv_ps(_mm256_loadu_ps(r), ninf, _mm256_castsi256_ps(_mm256_cmpgt_epi32(key, lim[w])));
+        _mm256_storeu_ps(r, x);
+        mx[w] = _mm256_max_ps(mx[w], x);
+      }
     }
   }
-  __m256 mx0 = ninf, mx1 = ninf;
-  for (j = 0; j < n; ++j) {
-    mx0 = _mm256_max_ps(mx0, _mm256_loadu_ps(s + j * kLanes));
-    mx1 = _mm256_max_ps(mx1, _mm256_loadu_ps(s + j * kLanes + 8));
+  for (int w = 0; w < W; ++w) {
+    // every lane sees key 0, so after the first block m is finite and so is the new max
+    const __m256 m = _mm256_loadu_ps(c.m + 8 * w);
+    nm[w] = _mm256_max_ps(m, mx[w]);
+    al[w] = exp2_neg(_mm256_sub_ps(m, nm[w]));
+    sum[w] = _mm256_setzero_ps();
   }
-  const __m256 m0 = _mm256_loadu_ps(c.m), m1 = _mm256_loadu_ps(c.m + 8);
-  // every lane sees key 0, so after the first block m is finite and the new max below is too
-  const __m256 nm0 = _mm256_max_ps(m0, mx0), nm1 = _mm256_max_ps(m1, mx1);
-  const __m256 al0 = exp2_neg(_mm256_sub_ps(m0, nm0)), al1 = exp2_neg(_mm256_sub_ps(m1, nm1));
-  __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
-  for (j = 0; j < n; ++j) {
-    float* r = s + j * kLanes;
-    const __m256 p0 = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(r), nm0));
-    const __m256 p1 = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(r + 8), nm1));
-    _mm256_storeu_ps(r, p0);
-    _mm256_storeu_ps(r + 8, p1);
-    sum0 = _mm256_add_ps(sum0, p0);
-    sum1 = _mm256_add_ps(sum1, p1);
+  for (j = 0; j < n; ++j)
+    for (int w = 0; w < W; ++w) {
+      float* r = s + j * kLanes + 8 * w;
+      const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(r), nm[w]));
+      _mm256_storeu_ps(r, p);
+      sum[w] = _mm256_add_ps(sum[w], p);
+    }
+  for (int w = 0; w < W; ++w) {
+    _mm256_storeu_ps(c.m + 8 * w, nm[w]);
+    _mm256_storeu_ps(c.l + 8 * w, _mm256_fmadd_ps(_mm256_loadu_ps(c.l + 8 * w), al[w], sum[w]));
   }
-  _mm256_storeu_ps(c.m, nm0);
-  _mm256_storeu_ps(c.m + 8, nm1);
-  _mm256_storeu_ps(c.l, _mm256_fmadd_ps(_mm256_loadu_ps(c.l), al0, sum0));
-  _mm256_storeu_ps(c.l + 8, _mm256_fmadd_ps(_mm256_loadu_ps(c.l + 8), al1, sum1));
-  pv_span<6>(vp, n, s, hd, c.ot, al0, al1);
+  int64_t d = 0;
+  for (; d + kRpv <= hd; d += kRpv) pv_tile<kRpv>(vp, n, s, d, c.ot + d * kLanes, al);
+  with_tail(hd - d, [&]<int R>() { pv_tile<R>(vp, n, s, d, c.ot + d * kLanes, al); });
 }
 
 struct Shape {
@@ -202,28 +255,30 @@ void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Sc
   const int64_t r0 = a.seq_start[i], prev = a.ctx_len[i] - (a.seq_start[i + 1] - r0);
   const int64_t C = (v1 - v0 + kLanes - 1) / kLanes;
   const float qscale = kLog2e / std::sqrt(float(hd));
-  sc.f.resize(2 * C * hd * kLanes + kKeyBlock * kLanes);
+  sc.f.assign(2 * C * hd * kLanes + kKeyBlock * kLanes + 2 * hd, 0.f);
   sc.p.resize(2 * kKeyBlock);
   sc.cols.resize(C);
   float* s = sc.f.data() + 2 * C * hd * kLanes;
+  const float* zeros = s + kKeyBlock * kLanes;  // [hd]
+  float* trash = s + kKeyBlock * kLanes + hd;    // [hd] where padding lanes' outputs go
   const float** kp = sc.p.data();
   const float** vp = kp + kKeyBlock;
   int64_t kend = 0;
+  const float* src[kLanes];  // each lane's query (a row of zeros for padding lanes)
   for (int64_t c = 0; c < C; ++c) {
     Column& col = sc.cols[c];
     col.qt = sc.f.data() + 2 * c * hd * kLanes;
     col.ot = col.qt + hd * kLanes;
-    std::fill(col.qt, col.qt + 2 * hd * kLanes, 0.f);
     col.lo = INT64_MAX;
     col.hi = 0;
     for (int64_t lane = 0; lane < kLanes; ++lane) {
       col.m[lane] = -INFINITY;
       col.l[lane] = 0.f;
       const int64_t v = v0 + c * kLanes + lane;
+      src[lane] = zeros;
       if (v >= v1) continue;
       const int64_t row = v / G;
-      const float* qr = a.q + (r0 + row) * a.q_stride + (g * G + v % G) * hd;
-      for (int64_t d = 0; d < hd; ++d) col.qt[d * kLanes + lane] = qr[d] * qscale;
+      src[lane] = a.q + (r0 + row) * a.q_stride + (g * G + v % G) * hd;
       col.lim[lane] = int32_t(prev + row);
       col.lo = std::min(col.lo, prev + row);
       col.hi = std::max(col.hi, prev + row);
@@ -231,6 +286,7 @@ void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Sc
     for (int64_t lane = 0; lane < kLanes; ++lane)  // padding lanes (q = 0) see what the column sees
       if (v0 + c * kLanes + lane >= v1) col.lim[lane] = int32_t(col.hi);
     kend = std::max(kend, col.hi + 1);
+    transpose_in(src, hd, qscale, col.qt);
   }
   const int64_t* sl = a.slots + i * a.ld_slots;
   for (int64_t k0 = 0; k0 < kend; k0 += kKeyBlock) {
@@ -247,13 +303,14 @@ void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Sc
   }
   for (int64_t c = 0; c < C; ++c) {
     const Column& col = sc.cols[c];
+    float* dst[kLanes];
+    float inv[kLanes];
     for (int64_t lane = 0; lane < kLanes; ++lane) {
       const int64_t v = v0 + c * kLanes + lane;
-      if (v >= v1) break;
-      float* o = a.out + (r0 + v / G) * a.nh * hd + (g * G + v % G) * hd;
-      const float inv = 1.f / col.l[lane];
-      for (int64_t d = 0; d < hd; ++d) o[d] = col.ot[d * kLanes + lane] * inv;
+      dst[lane] = v < v1 ? a.out + (r0 + v / G) * a.nh * hd + (g * G + v % G) * hd : trash;  // padding lanes
+      inv[lane] = 1.f / col.l[lane];
     }
+    transpose_out(col.ot, hd, inv, dst);
   }
 }
 
