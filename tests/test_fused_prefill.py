@@ -154,22 +154,25 @@ def test_odd_sizes_greedy_matches(ext):
 
 def test_prefix_cache_hit_matches_uncached(ext):
     """A prompt whose first blocks are in the prefix cache starts its prefill mid-sequence; its greedy
-    tokens equal those of an engine without the cache (the quantized kernels for every step: each
-    row's numerics do not depend on which other rows share its step)."""
+    tokens equal those of an engine without the cache. Each row's numerics do not depend on which
+    other rows share its step, as long as the linears round activations the same way: they may keep
+    finer activations for steps of few rows, so every chunk compared here has > 32 rows."""
     cached, _ = _engines("int4", caching=True)
     plain, _ = _engines("int4", caching=False)
     base = "the quick brown fox jumps over the lazy dog; " * 2
+    tail = "and then a second question, long enough for a chunk of many rows"
     sp = SamplingParams(max_tokens=10, ignore_eos=True)
     cached.generate([base + "first"], sp)
     queried = cached.stats().prefix_cache_hit_tokens
-    out_c = cached.generate([base + "second question"], sp)[0]
-    assert out_c.metrics.cached_tokens > 0 and cached.stats().prefix_cache_hit_tokens > queried
-    out_p = plain.generate([base + "second question"], sp)[0]
+    out_c = cached.generate([base + tail], sp)[0]
+    assert 0 < out_c.metrics.cached_tokens <= len(base) and cached.stats().prefix_cache_hit_tokens > queried
+    out_p = plain.generate([base + tail], sp)[0]
     assert out_c.output_token_ids == out_p.output_token_ids
-    # the logits of the whole prompt in one chunk and in chunks of 5 (each row's own numerics)
-    full = list(base.encode()) + list(b"second question")
+    # the logits of the whole prompt in one chunk and in four chunks (each of > 32 rows)
+    full = list((base + tail).encode())
+    assert len(full) > 4 * 33
     torch.testing.assert_close(cached.prompt_logits(full, chunk_size=len(full)),
-                               plain.prompt_logits(full, chunk_size=5), rtol=1e-4, atol=1e-4)
+                               plain.prompt_logits(full, chunk_size=-(-len(full) // 4)), rtol=1e-4, atol=1e-4)
 
 
 def test_step_checks_its_inputs(ext):
@@ -193,8 +196,8 @@ def test_step_checks_its_inputs(ext):
 def test_smollm_int4_fused_prompt_logits_vs_fp32(ext):
     """The embedded SmolLM2 (a Q4_1 GGUF: int4-fused holds its exact weights): teacher-forced logits
     through the C++ step vs the fp32 engine's. Prefill chunks (> 16 rows) round activations to int8 per
-    block of 32 in the linears (measured: 97% top-1 agreement on this text); one-row steps (decode)
-    keep finer activations (measured: 100%, max |diff| < 0.01)."""
+    block of 32 in the linears (measured: 97% top-1 agreement on this text); steps of few rows (decode)
+    may keep finer activations, never less accurate than the chunks."""
     from _engine_util import smollm_loaded
 
     from agentrt.benchmarks.engine import _token_ids
@@ -209,5 +212,5 @@ def test_smollm_int4_fused_prompt_logits_vs_fp32(ext):
     chunks = fused.prompt_logits(ids, chunk_size=128)  # two chunks: the second starts mid-sequence
     assert (chunks.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.93
     rows = fused.prompt_logits(ids[:48], chunk_size=1)
-    assert (rows.argmax(-1) == ref[:48].argmax(-1)).float().mean() >= 0.97
-    assert (rows - ref[:48]).abs().max() < 0.1
+    top1 = ref[:48].argmax(-1)
+    assert (rows.argmax(-1) == top1).sum() >= (chunks[:48].argmax(-1) == top1).sum() - 1
