@@ -36,8 +36,8 @@ struct Lin {
 void check_lin(const Lin& l, int64_t N, int64_t K, const char* what);
 
 // Y [M, N] (+)= X [M, K] @ W.T + bias for either kind of `Lin`, X rounded to int8 per block of 32 inputs
-// (scale max|x| / 127: a relative error of at most 1/254 of the block's largest value per element);
-// threads over torch's pool. M may be anything (decode batches, prefill chunks).
+// (step max|x| / 127: at most half a step of error per element); calls of M <= 16 rows (decode batches)
+// also multiply what that rounding left, rounded to step / 254 (int16-like). Threads over torch's pool.
 void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate);
 
 // x [M, K] float32 -> [M, N] float32 through the `Lin` (w, s, z, bias): `linear` for Python.

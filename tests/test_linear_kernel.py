@@ -4,7 +4,8 @@ every kind of `Lin` (int8 rows, int8 groups, int4 groups), batch sizes across th
 
 Tolerance: the kernel rounds each block of 32 activations to int8 (step = the block's max|x| / 127), so
 |y - ref| <= sum over blocks of step / 2 * sum |w| in the block, plus float32 summation (1e-5 here).
-Activations already on that grid must come out exact up to float32 summation alone."""
+Activations already on that grid must come out exact up to float32 summation alone. Calls of at most 16
+rows (decode batches) also multiply what the rounding left, rounded to step / 254: 254x tighter."""
 from __future__ import annotations
 
 import pytest
@@ -62,7 +63,8 @@ def test_linear_matches_float64(ext, kind, n, k):
             assert y.shape == (m, n) and y.dtype == torch.float32
             ref = x[:m].double() @ w.T + (b.double() if b.numel() else 0)
             err = (y.double() - ref).abs()
-            assert (err <= _bound(x[:m], w)).all(), (kind, m, err.max().item())
+            tight = 254 if m <= 16 else 1  # decode batches: int8 plus its rounding residual, see the docstring
+            assert (err <= (_bound(x[:m], w) - 1e-5) / tight + 1e-5).all(), (kind, m, err.max().item())
 
 
 @pytest.mark.parametrize("kind", KINDS)
