@@ -36,7 +36,8 @@ constexpr int kRqk = 4;              // keys per q.K tile (W * kRqk accumulators
 constexpr int kRpv = 4;              // dims per p.V tile (W * kRpv accumulators)
 constexpr int64_t kCols = 4;         // columns per tiled task
 constexpr int64_t kKeyBlock = 64;    // keys per block (tiled); their K and V rows stay in L1 across the columns
-constexpr int64_t kDecBlock = 128; // keys per block (decode)
+constexpr int64_t kDecBlock = 32;    // keys per block (decode)
+constexpr double kSerialWork = 3000;  // below this many (key, head) pairs a call runs on one thread (~20 us)
 constexpr float kLog2e = 1.4426950408889634f;
 
 // 2^x for x <= 0: x = n + f with |f| <= 0.5, 2^f by a degree-5 polynomial fitted for relative error on
@@ -360,8 +361,10 @@ inline void dec_pv(const float* const* vp, int64_t n, const float* p, int64_t ld
 template <int H>
 void dec_pv_heads(const float* const* vp, int64_t n, const float* p, int64_t ld_p, int64_t hd, float* o, int64_t ld_o,
                   const float* alpha) {
+  constexpr int NV = H == 3 ? 3 : 4;  // H * NV accumulators + NV values + 1 broadcast fit the 16 ymm
   int64_t d = 0;
-  for (; d + 32 <= hd; d += 32) dec_pv<H, 4>(vp, n, p, ld_p, d, o, ld_o, alpha);
+  for (; d + 8 * NV <= hd; d += 8 * NV) dec_pv<H, NV>(vp, n, p, ld_p, d, o, ld_o, alpha);
+  for (; d + 16 <= hd; d += 16) dec_pv<H, 2>(vp, n, p, ld_p, d, o, ld_o, alpha);
   for (; d + 8 <= hd; d += 8) dec_pv<H, 1>(vp, n, p, ld_p, d, o, ld_o, alpha);
   for (; d < hd; ++d)  // dims left over (hd % 8)
     for (int h = 0; h < H; ++h) {
@@ -371,72 +374,73 @@ void dec_pv_heads(const float* const* vp, int64_t n, const float* p, int64_t ld_
     }
 }
 
-// Keys [ka, kb) of sequence i (one query row) for kv head g: res [group, hd + 2] = the unnormalized
-// output, then the max (log2 units) and the sum of each head.
-void decode_task(const Shape& a, int64_t i, int64_t g, int64_t ka, int64_t kb, float* res, Scratch& sc) {
-  const int64_t hd = a.hd, G = a.group, kvd = a.nkv * hd, ld = hd + 2;
+// Keys [ka, kb) of sequence i (one query row), all heads: res [nh, hd + 2] = the unnormalized output,
+// then the max (log2 units) and the sum of each head. A block's K (V) rows are read for every kv head
+// in turn, so each page is read whole and in order (the kv heads of a slot are adjacent).
+void decode_task(const Shape& a, int64_t i, int64_t ka, int64_t kb, float* res, Scratch& sc) {
+  const int64_t hd = a.hd, G = a.group, nh = a.nh, kvd = a.nkv * hd, ld = hd + 2;
   const float qscale = kLog2e / std::sqrt(float(hd));
-  sc.f.resize(G * hd + G * kDecBlock + 8);
+  sc.f.resize(nh * hd + G * kDecBlock + 8);
   sc.p.resize(2 * kDecBlock);
-  float* qs = sc.f.data();        // [G, hd] prescaled queries
-  float* s = qs + G * hd;         // [G, kDecBlock] scores / probabilities
+  float* qs = sc.f.data();        // [nh, hd] prescaled queries
+  float* s = qs + nh * hd;        // [G, kDecBlock] scores / probabilities of one kv head's queries
   const float** kp = sc.p.data();
   const float** vp = kp + kDecBlock;
-  const float* qr = a.q + (a.seq_start[i + 1] - 1) * a.q_stride + g * G * hd;
-  for (int64_t x = 0; x < G * hd; ++x) qs[x] = qr[x] * qscale;
-  for (int64_t h = 0; h < G; ++h) {
+  const float* qr = a.q + (a.seq_start[i + 1] - 1) * a.q_stride;
+  for (int64_t x = 0; x < nh * hd; ++x) qs[x] = qr[x] * qscale;
+  for (int64_t h = 0; h < nh; ++h) {
     std::fill(res + h * ld, res + h * ld + hd, 0.f);
     res[h * ld + hd] = -INFINITY;
     res[h * ld + hd + 1] = 0.f;
   }
   const int64_t* sl = a.slots + i * a.ld_slots;
-  float alpha[4];
+  float alpha[3];
   for (int64_t k0 = ka; k0 < kb; k0 += kDecBlock) {
-    const int64_t n = std::min(kDecBlock, kb - k0);
-    for (int64_t j = 0; j < n; ++j) {
-      kp[j] = a.k_cache + sl[k0 + j] * kvd + g * hd;
-      vp[j] = a.v_cache + sl[k0 + j] * kvd + g * hd;
-    }
-    const int64_t n8 = (n + 7) / 8 * 8;
-    for (int64_t j = n; j < n8; ++j) kp[j] = kp[0];  // pad to 8 keys; their scores are cut below
-    for (int64_t h = 0; h < G; ++h) {
-      float* sh = s + h * kDecBlock;
-      for (int64_t j = 0; j < n; j += 8) dec_qk8(qs + h * hd, kp + j, hd, sh + j);
-    }
-    for (int64_t h0 = 0; h0 < G; h0 += 3) {
-      const int64_t H = std::min<int64_t>(3, G - h0);
-      for (int64_t h = h0; h < h0 + H; ++h) {  // online softmax of head h over this block
-        float* sh = s + h * kDecBlock;
-        __m256 mx = _mm256_set1_ps(-INFINITY);
-        int64_t j = 0;
-        for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sh + j));
-        float m = res[h * ld + hd];
-        for (int c = 0; c < 8; ++c) m = std::max(m, ((float*)&mx)[c]);
-        for (; j < n; ++j) m = std::max(m, sh[j]);
-        const __m256 mv = _mm256_set1_ps(m);
-        __m256 sum = _mm256_setzero_ps();
-        for (j = 0; j + 8 <= n; j += 8) {
-          const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(sh + j), mv));
-          _mm256_storeu_ps(sh + j, p);
-          sum = _mm256_add_ps(sum, p);
-        }
-        float tot = hsum(sum);
-        for (; j < n; ++j) tot += (sh[j] = exp2_neg1(sh[j] - m));
-        alpha[h - h0] = exp2_neg1(res[h * ld + hd] - m);
-        res[h * ld + hd] = m;
-        res[h * ld + hd + 1] = res[h * ld + hd + 1] * alpha[h - h0] + tot;
+    const int64_t n = std::min(kDecBlock, kb - k0), n8 = (n + 7) / 8 * 8;
+    for (int64_t g = 0; g < a.nkv; ++g) {
+      for (int64_t j = 0; j < n; ++j) {
+        kp[j] = a.k_cache + sl[k0 + j] * kvd + g * hd;
+        vp[j] = a.v_cache + sl[k0 + j] * kvd + g * hd;
       }
-      const float* ph = s + h0 * kDecBlock;
-      float* oh = res + h0 * ld;
-      if (H == 3) dec_pv_heads<3>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
-      else if (H == 2) dec_pv_heads<2>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
-      else dec_pv_heads<1>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
+      for (int64_t j = n; j < n8; ++j) kp[j] = kp[0];  // pad to 8 keys; their scores are cut below
+      for (int64_t h = 0; h < G; ++h)
+        for (int64_t j = 0; j < n; j += 8) dec_qk8(qs + (g * G + h) * hd, kp + j, hd, s + h * kDecBlock + j);
+      for (int64_t h0 = 0; h0 < G; h0 += 3) {
+        const int64_t H = std::min<int64_t>(3, G - h0);
+        for (int64_t h = h0; h < h0 + H; ++h) {  // online softmax of head h over this block
+          float* sh = s + h * kDecBlock;
+          float* st = res + (g * G + h) * ld + hd;  // its max and sum
+          __m256 mx = _mm256_set1_ps(-INFINITY);
+          int64_t j = 0;
+          for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sh + j));
+          float m = st[0];
+          for (int c = 0; c < 8; ++c) m = std::max(m, ((float*)&mx)[c]);
+          for (; j < n; ++j) m = std::max(m, sh[j]);
+          const __m256 mv = _mm256_set1_ps(m);
+          __m256 sum = _mm256_setzero_ps();
+          for (j = 0; j + 8 <= n; j += 8) {
+            const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(sh + j), mv));
+            _mm256_storeu_ps(sh + j, p);
+            sum = _mm256_add_ps(sum, p);
+          }
+          float tot = hsum(sum);
+          for (; j < n; ++j) tot += (sh[j] = exp2_neg1(sh[j] - m));
+          alpha[h - h0] = exp2_neg1(st[0] - m);
+          st[0] = m;
+          st[1] = st[1] * alpha[h - h0] + tot;
+        }
+        const float* ph = s + h0 * kDecBlock;
+        float* oh = res + (g * G + h0) * ld;
+        if (H == 3) dec_pv_heads<3>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
+        else if (H == 2) dec_pv_heads<2>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
+        else dec_pv_heads<1>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
+      }
     }
   }
 }
 
 struct Task {
-  int64_t i, g, v0, v1;  // tiled: query vectors [v0, v1); decode: keys [v0, v1)
+  int64_t i, g, v0, v1;  // tiled: kv head g's query vectors [v0, v1); decode: keys [v0, v1), all heads
   int64_t part;          // decode: its row in the parts buffer (-1: tiled)
   double cost;
 };
@@ -449,19 +453,18 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
   const int64_t G = nh / nkv;
   const Shape a{q, q_stride, k_cache, v_cache, seq_start, ctx_len, slots, ld_slots, nh, nkv, hd, G, out};
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t dec_pairs = 0;  // (decode sequence, kv head) pairs
-  for (int64_t i = 0; i < B; ++i) dec_pairs += (seq_start[i + 1] - seq_start[i] == 1) * nkv;
+  int64_t ndec = 0;  // decode sequences
+  for (int64_t i = 0; i < B; ++i) ndec += seq_start[i + 1] - seq_start[i] == 1;
   std::vector<Task> tasks;
   int64_t nparts = 0;
   for (int64_t i = 0; i < B; ++i) {
     const int64_t n = seq_start[i + 1] - seq_start[i], ctx = ctx_len[i];
     if (n == 1) {
-      // few pairs and long keys: split the keys so every thread has work (parts of >= 256 keys)
-      const int64_t want = dec_pairs >= 4 * nthreads ? 1 : (4 * nthreads + dec_pairs - 1) / dec_pairs;
+      // few sequences: split their keys so every thread has work (parts of >= 256 keys)
+      const int64_t want = ndec >= 4 * nthreads ? 1 : (4 * nthreads + ndec - 1) / ndec;
       const int64_t parts = std::max<int64_t>(1, std::min(want, ctx / 256));
-      for (int64_t g = 0; g < nkv; ++g)
-        for (int64_t p = 0; p < parts; ++p)
-          tasks.push_back({i, g, ctx * p / parts, ctx * (p + 1) / parts, nparts++, double(ctx / parts) * G});
+      for (int64_t p = 0; p < parts; ++p)
+        tasks.push_back({i, -1, ctx * p / parts, ctx * (p + 1) / parts, nparts++, double(ctx / parts) * nh});
       continue;
     }
     const int64_t prev = ctx - n, per = kCols * kLanes;
@@ -472,37 +475,39 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
       }
   }
   std::sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
-  std::vector<float> parts(nparts * G * (hd + 2));
+  const int64_t ld = hd + 2;
+  std::vector<float> parts(nparts * nh * ld);
+  double work = 0;
+  for (const Task& w : tasks) work += w.cost;
   std::atomic<int64_t> next{0};
   const int64_t ntasks = int64_t(tasks.size());
-  at::parallel_for(0, std::min(nthreads, ntasks), 1, [&](int64_t, int64_t) {
+  // tiny calls (a short decode batch) stay on this thread: waking the pool costs more than it saves
+  const int64_t workers = work < kSerialWork ? 1 : std::min(nthreads, ntasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch sc;
     for (int64_t t; (t = next.fetch_add(1)) < ntasks;) {
       const Task& w = tasks[t];
       if (w.part < 0) tiled_task(a, w.i, w.g, w.v0, w.v1, sc);
-      else decode_task(a, w.i, w.g, w.v0, w.v1, parts.data() + w.part * G * (hd + 2), sc);
+      else decode_task(a, w.i, w.v0, w.v1, parts.data() + w.part * nh * ld, sc);
     }
   });
-  // merge the decode parts of each (sequence, kv head): tasks of one pair hold consecutive part rows
-  std::vector<int64_t> first(B * nkv, -1), count(B * nkv, 0);
+  // merge the parts of each decode sequence (they hold consecutive part rows)
+  std::vector<int64_t> first(B, -1), count(B, 0);
   for (const Task& w : tasks)
     if (w.part >= 0) {
-      const int64_t pair = w.i * nkv + w.g;
-      first[pair] = first[pair] < 0 ? w.part : std::min(first[pair], w.part);
-      ++count[pair];
+      first[w.i] = first[w.i] < 0 ? w.part : std::min(first[w.i], w.part);
+      ++count[w.i];
     }
-  const int64_t ld = hd + 2;
-  for (int64_t pair = 0; pair < B * nkv; ++pair) {
-    if (count[pair] == 0) continue;
-    const int64_t i = pair / nkv, g = pair % nkv;
-    for (int64_t h = 0; h < G; ++h) {
+  for (int64_t i = 0; i < B; ++i) {
+    if (count[i] == 0) continue;
+    for (int64_t h = 0; h < nh; ++h) {
       float m = -INFINITY;
-      for (int64_t p = 0; p < count[pair]; ++p) m = std::max(m, parts[(first[pair] + p) * G * ld + h * ld + hd]);
-      float* o = out + (seq_start[i + 1] - 1) * nh * hd + (g * G + h) * hd;
+      for (int64_t p = 0; p < count[i]; ++p) m = std::max(m, parts[((first[i] + p) * nh + h) * ld + hd]);
+      float* o = out + (seq_start[i + 1] - 1) * nh * hd + h * hd;
       std::fill(o, o + hd, 0.f);
       float l = 0.f;
-      for (int64_t p = 0; p < count[pair]; ++p) {
-        const float* r = parts.data() + (first[pair] + p) * G * ld + h * ld;
+      for (int64_t p = 0; p < count[i]; ++p) {
+        const float* r = parts.data() + ((first[i] + p) * nh + h) * ld;
         const float w = exp2_neg1(r[hd] - m);
         l += w * r[hd + 1];
         axpy_f32(w, r, o, hd);
