@@ -17,13 +17,6 @@ from agentrt.engine.model import DecodeQuantLinear  # noqa: E402
 from agentrt.engine.quant import Int8WeightOnlyLinear  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def ext():
-    e = decode_fused.load_extension()
-    if e is None:  # the optional part: a C++ compiler / ninja / torch headers
-        pytest.skip(f"the C++ decode extension cannot build here: {decode_fused.unavailable_reason()}")
-    return e
-
 
 # sizes that are not multiples of the kernel's blocks (4 rows, 16 columns): the tails run too
 _ODD = dict(hidden_size=40, intermediate_size=52, num_attention_heads=4, num_key_value_heads=2, head_dim=10)

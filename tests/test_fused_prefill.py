@@ -17,7 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _engine_util import tiny_loaded  # noqa: E402
-from test_decode_fused import ext  # noqa: E402,F401  (the extension, or a skip where it cannot build)
 
 from agentrt.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from agentrt.engine import decode_fused  # noqa: E402

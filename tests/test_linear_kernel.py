@@ -18,13 +18,6 @@ KINDS = ["int8_rows", "int8_groups", "int4_groups"]
 MS = [1, 3, 4, 5, 8, 17, 64, 130]
 
 
-@pytest.fixture(scope="module")
-def ext():
-    e = decode_fused.load_extension()
-    if e is None:
-        pytest.skip(f"the C++ extension cannot build here: {decode_fused.unavailable_reason()}")
-    return e
-
 
 def _linear(kind: str, n: int, k: int, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(plain grid parts, the float64 weight [n, k] they stand for)."""
