@@ -4,8 +4,7 @@ A decode step of a small model on CPU spends most of its time in per-op dispatch
 batch-1 int8 kernels; a prefill chunk in its linears and attention. `FusedDecoder` runs all layers
 of any step (decode rows, prefill chunks, mixed) in a single C++ call over int8 weights (those
 `quant.Int8WeightOnlyLinear` already holds) or int4 groups of 32, with float32 activations and KV
-cache (optionally the dense float32 weights for steps of many rows, see DENSE_MIN_ROWS);
-`FusedLinear` serves the lm_head with the same kernels.
+cache; `FusedLinear` serves the lm_head with the same kernels.
 
 The extension is compiled with ``torch.utils.cpp_extension`` (g++ and ninja; AVX2+FMA when the CPU
 has them, scalar loops otherwise) into torch's extension cache, so only the first process pays the
@@ -213,26 +212,15 @@ def fused_lm_head(model: nn.Module, ext: Any) -> FusedLinear | None:
     return FusedLinear([w, s, torch.empty(0)], b, h, ext)
 
 
-# Steps of at least this many rows may run their linears on the dense float32 weights (at::mm) the
-# model keeps, for CPUs where a compute-bound float GEMM outruns the weight-only kernels; None = never.
-# Measured side by side (FusedLinear vs torch.mm on the SmolLM2-135M layer shapes, medians, Zen 3): the
-# first int16 GEMV kernel was 1.15x slower than torch.mm at 8 rows and 4.6x at 512, so this was 8;
-# linear_kernel.cpp's int8-activation kernel is faster than torch.mm at every size: int4 / mm = 0.29
-# (8 rows), 0.46 (32), 0.53 (128), 0.58 (512), 0.60 (1024) on one thread, and a 1,024-token int4-fused
-# prefill took 1.95 s on the quantized kernels vs 3.3-4.8 s with this at 8 (one thread: two were too
-# noisy on the shared machine).
-DENSE_MIN_ROWS: int | None = None
-
-
 class FusedDecoder:
     """An engine step of a float32 `LlamaModel` (decode rows and prefill chunks, any mix) as one C++
     call (``ext.step``), over int8 weights (the model's own `Int8WeightOnlyLinear`s, possibly inside
     `DecodeQuantLinear`: shared, not copied) or int4 groups of 32 (packed here from the dense weights
-    the model keeps). With ``dense_min_rows`` (see DENSE_MIN_ROWS), steps of at least that many rows
-    run their linears on those dense float32 weights (at::mm) where the model has them. The model's
+    the model keeps). The linears beat torch's float32 mm at every row count (int4 / mm time 0.29 at
+    8 rows .. 0.60 at 1,024 on SmolLM2's layer shapes), so prefill chunks use them too. The model's
     modules are unchanged."""
 
-    def __init__(self, model: nn.Module, ext: Any, mode: str = "int8", dense_min_rows: int | None = DENSE_MIN_ROWS):
+    def __init__(self, model: nn.Module, ext: Any, mode: str = "int8"):
         a = model.args
         if mode not in ("int8", "int4"):
             raise ValueError(f"fused decode mode {mode!r}: choose 'int8' or 'int4'")
@@ -240,7 +228,6 @@ class FusedDecoder:
             raise ValueError("fused decode needs a float32 model on CPU")
         self.ext, self.model, self.args, self.mode = ext, model, a, mode
         parts: list[torch.Tensor] = []
-        dense: list[torch.Tensor] = []
         for i, layer in enumerate(model.layers):
             qkv = layer.qkv_proj
             # the bias from the float linear when there is one (the quantized copies round it to bfloat16)
@@ -249,12 +236,7 @@ class FusedDecoder:
             for name in ("o_proj", "gate_up_proj", "down_proj"):
                 parts += _lin_parts(getattr(layer, name), mode, f"layers.{i}.{name}")
             parts += [layer.input_layernorm.float().contiguous(), layer.post_attention_layernorm.float().contiguous()]
-            dense += [_dense_weight(getattr(layer, name)) for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
         self.parts = parts  # 15 per layer, the order decode_kernel.cpp reads
-        # 4 per layer (empty where there is no float weight, e.g. W8A8 prefill linears); none at all
-        # when no layer has one
-        self.dense = dense if any(d.numel() for d in dense) else []
-        self.dense_min_rows = dense_min_rows  # None: the quantized kernels for every step
         self.norm = model.norm.float().contiguous()
         # seconds in the linears, attention and the rest, summed over steps while not None (bench splits)
         self.timings: torch.Tensor | None = None
@@ -269,17 +251,8 @@ class FusedDecoder:
         a, m = self.args, self.model
         x = m.embed_tokens.weight.index_select(0, input_ids)  # [T, H], a fresh tensor the kernel updates
         return self.ext.step(x, seq_start, ctx_len, block_tables, block_size, out_rows, m.rope_cos, m.rope_sin,
-                             k_cache, v_cache, self.parts, self.dense if self.dense_min_rows else [],
-                             self.dense_min_rows or 0, self.norm, a.num_heads,
-                             a.num_kv_heads, a.head_dim, a.rms_norm_eps, self.timings)
-
-
-def _dense_weight(mod: nn.Module) -> torch.Tensor:
-    """The float32 weight [N, K] a `DecodeQuantLinear` keeps for many rows, or an empty tensor."""
-    w = getattr(getattr(mod, "dense", None), "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dtype != torch.float32:
-        return torch.empty(0)
-    return w.detach() if w.is_contiguous() else w.detach().contiguous()
+                             k_cache, v_cache, self.parts, self.norm, a.num_heads, a.num_kv_heads, a.head_dim,
+                             a.rms_norm_eps, self.timings)
 
 
 def build_fused_decoder(model: nn.Module, mode: str = "int8") -> FusedDecoder | None:

@@ -6,8 +6,7 @@
 // per token) and by torch's M=1 int8 kernels, which stream well below memory bandwidth; a prefill
 // chunk spends its time in the linears and attention, and its elementwise ops (norms, RoPE, SwiGLU,
 // residual adds) cost another ~7% in torch's many passes over memory. Here every layer is plain
-// loops: RMSNorm, the linears of linear_kernel.cpp (or at::mm on the dense float weights where that is
-// faster: many rows), RoPE on interleaved pairs, the new K/V written to the paged cache,
+// loops: RMSNorm, the linears of linear_kernel.cpp, RoPE on interleaved pairs, the new K/V written to the paged cache,
 // attention_kernel.cpp's causal attention over each sequence's slots, SwiGLU. The elementwise ops are
 // AVX2 and split over threads by rows when the step has many.
 //
@@ -136,22 +135,9 @@ void swiglu(const float* gu, float* act, int64_t T, int64_t I) {
   });
 }
 
-// Y [M, N] (+)= X [M, K] @ W.T + bias: the quantized kernel, or at::mm on the dense float32 weight
-// `dense` [N, K] (when given) for steps of at least `dense_min_rows` rows, where a float GEMM beats
-// the weight-only kernel (compute-bound, see decode_fused.DENSE_MIN_ROWS).
-void run_linear(const Lin& l, const at::Tensor& dense, int64_t dense_min_rows, const at::Tensor& X, at::Tensor& Y,
-                bool accumulate) {
-  const int64_t M = X.size(0);
-  if (dense.defined() && dense.numel() && M >= dense_min_rows) {
-    if (accumulate) {
-      Y.addmm_(X, dense.t());
-    } else {
-      at::mm_out(Y, X, dense.t());
-    }
-    if (l.b.defined() && l.b.numel()) Y.add_(l.b);
-    return;
-  }
-  agentrt::linear(l, X.data_ptr<float>(), Y.data_ptr<float>(), M, X.size(1), accumulate);
+// Y [M, N] (+)= X [M, K] @ W.T + bias through linear_kernel.cpp.
+void run_linear(const Lin& l, const at::Tensor& X, at::Tensor& Y, bool accumulate) {
+  agentrt::linear(l, X.data_ptr<float>(), Y.data_ptr<float>(), X.size(0), X.size(1), accumulate);
 }
 
 // Seconds spent per phase of a step, accumulated into a caller's float64 [3] tensor (linears,
@@ -182,8 +168,6 @@ enum { kLinears = 0, kAttention = 1, kRest = 2 };
 //   rope_cos / rope_sin [max_len, hd/2] float32; k_cache / v_cache [layers, slots, nkv, hd] float32
 //   layers: 15 tensors per layer: qkv (w, s, z, bias), o (w, s, z), gate_up (w, s, z), down (w, s, z),
 //           input_norm, post_attention_norm (see Lin; empty tensors where there is none)
-//   dense: empty, or 4 float32 tensors per layer (qkv, o, gate_up, down weights [N, K]) that linears
-//          over >= dense_min_rows rows run on instead (at::mm)
 //   timings: None, or float64 [3] += seconds in the linears, attention and the rest of the step
 // Returns the final-normed hidden states of out_rows [R, H].
 constexpr size_t kPerLayer = 15;
@@ -191,7 +175,7 @@ constexpr size_t kPerLayer = 15;
 torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_len, torch::Tensor block_tables,
                    int64_t block_size, std::optional<torch::Tensor> out_rows, torch::Tensor rope_cos,
                    torch::Tensor rope_sin, torch::Tensor k_cache, torch::Tensor v_cache,
-                   std::vector<torch::Tensor> layers, std::vector<torch::Tensor> dense, int64_t dense_min_rows,
+                   std::vector<torch::Tensor> layers,
                    torch::Tensor final_norm, int64_t nh, int64_t nkv, int64_t hd, double eps,
                    std::optional<torch::Tensor> timings) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "step: x must be contiguous float32 [T, H]");
@@ -200,7 +184,6 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
               "step: the KV cache must be contiguous float32 [layers, slots, nkv, hd]");
   TORCH_CHECK(layers.size() % kPerLayer == 0 && int64_t(layers.size() / kPerLayer) == k_cache.size(0),
               "step: 15 tensors per layer, one layer per cache layer");
-  TORCH_CHECK(dense.empty() || dense.size() == 4 * (layers.size() / kPerLayer), "step: dense: none or 4 weights per layer");
   TORCH_CHECK(k_cache.size(2) == nkv && k_cache.size(3) == hd && nkv > 0 && nh % nkv == 0 && hd % 2 == 0,
               "step: cache shape does not match the heads");
   TORCH_CHECK(rope_cos.scalar_type() == torch::kFloat && rope_sin.scalar_type() == torch::kFloat && rope_cos.is_contiguous() &&
@@ -252,14 +235,6 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
     TORCH_CHECK(p[13].numel() == H && p[14].numel() == H && p[13].scalar_type() == torch::kFloat &&
                 p[14].scalar_type() == torch::kFloat && p[13].is_contiguous() && p[14].is_contiguous(),
                 "step: norm weights must be float32 [H]");
-    if (!dense.empty()) {
-      const int64_t shape[4][2] = {{nqkv, H}, {H, qd}, {2 * I, H}, {H, I}};
-      for (int j = 0; j < 4; ++j) {
-        const torch::Tensor& d = dense[l * 4 + j];
-        TORCH_CHECK(d.numel() == 0 || (d.scalar_type() == torch::kFloat && d.dim() == 2 && d.size(0) == shape[j][0] &&
-                                       d.size(1) == shape[j][1]), "step: dense weight ", j, " of layer ", l, " must be float32 [N, K]");
-      }
-    }
   }
   TORCH_CHECK(final_norm.numel() == H && final_norm.scalar_type() == torch::kFloat && final_norm.is_contiguous(),
               "step: final norm must be float32 [H]");
@@ -274,7 +249,6 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
   const float *cosp = rope_cos.data_ptr<float>(), *sinp = rope_sin.data_ptr<float>();
   float *kc0 = k_cache.data_ptr<float>(), *vc0 = v_cache.data_ptr<float>();
   const int64_t layer_stride = S * kvd;
-  const torch::Tensor none;
   if (timings.has_value())
     TORCH_CHECK(timings->scalar_type() == torch::kDouble && timings->is_contiguous() && timings->numel() == 3,
                 "step: timings must be a contiguous float64 [3]");
@@ -283,26 +257,25 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* p = &layers[l * kPerLayer];
     const Lin* lin = &lins[l * 4];
-    const torch::Tensor* dn = dense.empty() ? nullptr : &dense[l * 4];
     float* kc = kc0 + l * layer_stride;
     float* vc = vc0 + l * layer_stride;
     rms_norm(xp, p[13].data_ptr<float>(), hp, T, H, eps);
     clock.lap(kRest);
-    run_linear(lin[0], dn ? dn[0] : none, dense_min_rows, h, qkv, false);
+    run_linear(lin[0], h, qkv, false);
     clock.lap(kLinears);
     rope_and_store(qkvp, pos.data(), new_slot.data(), cosp, sinp, kc, vc, T, nh, nkv, hd);
     clock.lap(kRest);
     agentrt::attention(qkvp, nqkv, kc, vc, st, cl, slots.data(), Lmax, B, nh, nkv, hd, attp);
     clock.lap(kAttention);
-    run_linear(lin[1], dn ? dn[1] : none, dense_min_rows, att, x, true);  // x += o_proj(att)
+    run_linear(lin[1], att, x, true);  // x += o_proj(att)
     clock.lap(kLinears);
     rms_norm(xp, p[14].data_ptr<float>(), hp, T, H, eps);
     clock.lap(kRest);
-    run_linear(lin[2], dn ? dn[2] : none, dense_min_rows, h, gu, false);
+    run_linear(lin[2], h, gu, false);
     clock.lap(kLinears);
     swiglu(gup, actp, T, I);
     clock.lap(kRest);
-    run_linear(lin[3], dn ? dn[3] : none, dense_min_rows, act, x, true);  // x += down(silu(gate) * up)
+    run_linear(lin[3], act, x, true);  // x += down(silu(gate) * up)
     clock.lap(kLinears);
   }
   // the final norm only for the rows the caller reads (the sampled ones: one per finished prompt)
@@ -327,8 +300,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &agentrt::attention_op,
         "causal paged attention: q [T, nh*hd], caches [slots, nkv, hd], seq_start [B+1], ctx_len [B], slots [B, L]");
   m.def("step", &step,
-        "one fused engine step (decode rows and prefill chunks; int8 or int4 weights, optional dense float32 weights "
-        "for many rows; float32 activations and cache)");
+        "one fused engine step (decode rows and prefill chunks; int8 or int4 weights; float32 activations and cache)");
   m.def("has_avx2", []() {
 #ifdef AGENTRT_AVX2
     return true;

@@ -2,7 +2,7 @@
 
 The reference is the torch forward (`LlamaModel.forward`: torch RMSNorm, RoPE, SDPA, SiLU) of an engine
 with the same weights whose quantized linears are the fused engine's own C++ linears (`FusedLinear` over
-the same parts) and whose dense/quantized choice follows the same row threshold: what is compared is the
+the same parts) for every row count: what is compared is the
 step around the linears (norms, RoPE, cache writes, attention, SwiGLU, row bookkeeping), whatever the
 linear kernels' numerics are. Tolerance: float32 summation order and the kernels' activation rounding
 (a last-bit difference can move an activation to the next integer step), ~1e-4 relative on the logits.
@@ -25,10 +25,9 @@ from agentrt.engine.model import DecodeQuantLinear  # noqa: E402
 _INT4 = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 # sizes off the vector widths (8 floats) and the kernels' blocks: every tail runs (int8 rows: any K)
 _ODD = dict(hidden_size=44, intermediate_size=52, num_attention_heads=4, num_key_value_heads=2, head_dim=10)
-_DENSE = 8  # steps of >= 8 rows on the dense float32 weights (at::mm), fewer on the quantized kernels
 
 
-def _engines(mode: str = "int4", dense_min_rows: int | None = None, caching: bool = False, **over):
+def _engines(mode: str = "int4", caching: bool = False, **over):
     """(fused engine, torch-path reference with the fused engine's linears and lm_head)."""
     loaded = tiny_loaded(**{**(_INT4 if mode == "int4" else _ODD), **over})
     kw = dict(dtype="float32", quantization=mode, num_threads=2, block_size=4, num_kv_blocks=96,
@@ -36,7 +35,6 @@ def _engines(mode: str = "int4", dense_min_rows: int | None = None, caching: boo
     fused = LLMEngine(EngineConfig(fused_decode=True, **kw), loaded=loaded)
     ref = LLMEngine(EngineConfig(**kw), loaded=loaded)
     assert fused._fused is not None and fused._fused_prefill
-    fused._fused.dense_min_rows = dense_min_rows
     for layer in ref.model.layers:
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             mod = getattr(layer, name)
@@ -49,7 +47,7 @@ def _engines(mode: str = "int4", dense_min_rows: int | None = None, caching: boo
                 parts = [q.weight, q.scales.float(), torch.empty(0)]
             bias = torch.empty(0) if mod.dense.bias is None else mod.dense.bias.detach()
             mod.quantized = decode_fused.FusedLinear(parts, bias, mod.dense.in_features, fused._fused.ext)
-            mod.max_rows = (dense_min_rows or 1 << 30) - 1  # the dense weights above, like the C++ step
+            mod.max_rows = (1 << 30) - 1  # every row count on the quantized kernels, like the C++ step
     ref.model.lm_head = fused.model.lm_head
     return fused, ref
 
@@ -90,12 +88,11 @@ def _assert_logits_close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a.argmax(-1) == b.argmax(-1))[clear].all()
 
 
-@pytest.mark.parametrize("dense_min_rows", [None, _DENSE])
 @pytest.mark.parametrize("mode", ["int4", "int8"])
-def test_prefill_chunk_matches_torch_path(ext, mode, dense_min_rows):
+def test_prefill_chunk_matches_torch_path(ext, mode):
     """One whole-prompt chunk, then the same prompt in chunks of 13 (the later ones start mid-sequence:
     keys from earlier steps in the cache) and one row a step; each against the torch forward."""
-    fused, ref = _engines(mode, dense_min_rows)
+    fused, ref = _engines(mode)
     ids = _ids(41, 1)
     for chunk in (41, 13, 1):
         a, b = fused.prompt_logits(ids, chunk_size=chunk), ref.prompt_logits(ids, chunk_size=chunk)
@@ -104,11 +101,10 @@ def test_prefill_chunk_matches_torch_path(ext, mode, dense_min_rows):
     assert fused.stats().kv_blocks_used == 0
 
 
-@pytest.mark.parametrize("dense_min_rows", [None, _DENSE])
-def test_mixed_batch_matches_torch_path(ext, dense_min_rows):
+def test_mixed_batch_matches_torch_path(ext):
     """Steps mixing one-row entries (decode rows) with chunks of other sequences, a chunk starting
     mid-sequence and a sequence whose blocks are not consecutive in the pool."""
-    fused, ref = _engines("int4", dense_min_rows)
+    fused, ref = _engines("int4")
     toks = [_ids(30, 2), _ids(23, 3), _ids(9, 4), _ids(17, 5)]
     plan = [[(0, 12), (1, 7)],                  # two chunks
             [(1, 1), (2, 9), (0, 18)],          # a one-row entry, a whole prompt, a chunk mid-sequence
