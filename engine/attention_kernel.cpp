@@ -453,16 +453,15 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
   const int64_t G = nh / nkv;
   const Shape a{q, q_stride, k_cache, v_cache, seq_start, ctx_len, slots, ld_slots, nh, nkv, hd, G, out};
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t ndec = 0;  // decode sequences
-  for (int64_t i = 0; i < B; ++i) ndec += seq_start[i + 1] - seq_start[i] == 1;
   std::vector<Task> tasks;
   int64_t nparts = 0;
   for (int64_t i = 0; i < B; ++i) {
     const int64_t n = seq_start[i + 1] - seq_start[i], ctx = ctx_len[i];
     if (n == 1) {
-      // few sequences: split their keys so every thread has work (parts of >= 256 keys)
-      const int64_t want = ndec >= 4 * nthreads ? 1 : (4 * nthreads + ndec - 1) / ndec;
-      const int64_t parts = std::max<int64_t>(1, std::min(want, ctx / 256));
+      // long contexts: split the keys so one sequence keeps every thread busy (parts of >= 256 keys).
+      // The split depends on the context alone, never on the other sequences: a row's numbers do not
+      // change with its batch.
+      const int64_t parts = std::max<int64_t>(1, std::min(4 * nthreads, ctx / 256));
       for (int64_t p = 0; p < parts; ++p)
         tasks.push_back({i, -1, ctx * p / parts, ctx * (p + 1) / parts, nparts++, double(ctx / parts) * nh});
       continue;

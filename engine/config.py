@@ -43,6 +43,11 @@ class EngineConfig:
       cached on disk).
       With ``prefill_int8`` only decode-only steps (prefill keeps its W8A8 linears). Where the extension
       cannot build, a warning names why and the torch path runs.
+    fused_activations: how the fused step's linears (and lm_head) round their float32 inputs, the same
+      for every row, so a request's output never depends on what else shares its batch: "int8" per block
+      of 32 (GGUF's Q8_1, as llama.cpp does; the fastest) or "int16" (int8 plus its rounding residual:
+      twice the multiply work; SmolLM2 int4 decode logits within ~0.01 of float32's, 100% top-1
+      agreement vs 96.9% with "int8").
     num_threads: torch intra-op threads (None = leave torch's setting alone).
     """
 
@@ -59,6 +64,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     compile: bool = False
     fused_decode: bool = False
+    fused_activations: Literal["int8", "int16"] = "int8"
     num_threads: int | None = None
 
     def resolved_dtype(self) -> str:
@@ -80,6 +86,11 @@ class EngineConfig:
         if self.fused_decode and (self.quantization is None or self.resolved_dtype() != "float32"
                                   or not str(self.device).startswith("cpu")):
             problems.append("fused_decode=True needs quantization='int8' or 'int4', dtype='float32' and device='cpu'")
+        if self.fused_activations not in ("int8", "int16"):
+            problems.append(f"fused_activations={self.fused_activations!r} (choose 'int8' or 'int16')")
+        elif self.fused_activations != "int8" and not self.fused_decode:
+            problems.append(f"fused_activations={self.fused_activations!r} needs fused_decode=True (it sets the "
+                            "C++ step's precision)")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} (must be >= 1)")

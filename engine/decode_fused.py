@@ -139,13 +139,15 @@ def quantize_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class FusedLinear(nn.Module):
-    """A linear run by linear_kernel.cpp in float32 (activations rounded to int8 per block of 32) from
-    the plain grid ``parts`` (packed into the kernel's order here, see `pack`): int8 rows, int8 or int4
-    groups. Used for the lm_head (only the sampled rows reach it)."""
+    """A linear run by linear_kernel.cpp in float32 (activations rounded to int8 per block of 32, or with
+    ``int16`` int8 plus its rounding residual) from the plain grid ``parts`` (packed into the kernel's
+    order here, see `pack`): int8 rows, int8 or int4 groups. Used for the lm_head (only the sampled rows
+    reach it)."""
 
-    def __init__(self, parts: list[torch.Tensor], bias: torch.Tensor, in_features: int, ext: Any):
+    def __init__(self, parts: list[torch.Tensor], bias: torch.Tensor, in_features: int, ext: Any,
+                 int16: bool = False):
         super().__init__()
-        self.ext, self.in_features, self.out_features = ext, in_features, parts[0].shape[0]
+        self.ext, self.in_features, self.out_features, self.int16 = ext, in_features, parts[0].shape[0], int16
         w, s, z = self.pack(parts, in_features)
         self.register_buffer("weight", w)
         self.register_buffer("scales", s)
@@ -194,11 +196,12 @@ class FusedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
         shape = x.shape
-        y = self.ext.linear(x.reshape(-1, self.in_features).float(), self.weight, self.scales, self.zeros, self.bias)
+        y = self.ext.linear(x.reshape(-1, self.in_features).float(), self.weight, self.scales, self.zeros, self.bias,
+                            self.int16)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-def fused_lm_head(model: nn.Module, ext: Any) -> FusedLinear | None:
+def fused_lm_head(model: nn.Module, ext: Any, int16: bool = False) -> FusedLinear | None:
     """The lm_head as a `FusedLinear`: int8 groups of 32 from the float embedding when tied (exact for a
     Q8_0 GGUF embedding), else the engine's int8 rows; None when the lm_head is not int8."""
     head = model.lm_head
@@ -207,9 +210,9 @@ def fused_lm_head(model: nn.Module, ext: Any) -> FusedLinear | None:
     h = model.args.hidden_size
     if model.args.tie_word_embeddings and h % 32 == 0:
         q, d = quantize_int8_groups(model.embed_tokens.weight)
-        return FusedLinear([q, d, torch.empty(0)], torch.empty(0), h, ext)
+        return FusedLinear([q, d, torch.empty(0)], torch.empty(0), h, ext, int16)
     w, s, b = _int8_parts(head, "lm_head")
-    return FusedLinear([w, s, torch.empty(0)], b, h, ext)
+    return FusedLinear([w, s, torch.empty(0)], b, h, ext, int16)
 
 
 class FusedDecoder:
@@ -217,13 +220,17 @@ class FusedDecoder:
     call (``ext.step``), over int8 weights (the model's own `Int8WeightOnlyLinear`s, possibly inside
     `DecodeQuantLinear`: shared, not copied) or int4 groups of 32 (packed here from the dense weights
     the model keeps). The linears beat torch's float32 mm at every row count (int4 / mm time 0.29 at
-    8 rows .. 0.60 at 1,024 on SmolLM2's layer shapes), so prefill chunks use them too. The model's
-    modules are unchanged."""
+    8 rows .. 0.60 at 1,024 on SmolLM2's layer shapes), so prefill chunks use them too. ``activations``
+    ("int8" or "int16", see `EngineConfig.fused_activations`) is the linears' input precision for every
+    row. The model's modules are unchanged."""
 
-    def __init__(self, model: nn.Module, ext: Any, mode: str = "int8"):
+    def __init__(self, model: nn.Module, ext: Any, mode: str = "int8", activations: str = "int8"):
         a = model.args
         if mode not in ("int8", "int4"):
             raise ValueError(f"fused decode mode {mode!r}: choose 'int8' or 'int4'")
+        if activations not in ("int8", "int16"):
+            raise ValueError(f"fused activations {activations!r}: choose 'int8' or 'int16'")
+        self.int16 = activations == "int16"
         if model.embed_tokens.weight.dtype != torch.float32 or model.embed_tokens.weight.device.type != "cpu":
             raise ValueError("fused decode needs a float32 model on CPU")
         self.ext, self.model, self.args, self.mode = ext, model, a, mode
@@ -252,17 +259,18 @@ class FusedDecoder:
         x = m.embed_tokens.weight.index_select(0, input_ids)  # [T, H], a fresh tensor the kernel updates
         return self.ext.step(x, seq_start, ctx_len, block_tables, block_size, out_rows, m.rope_cos, m.rope_sin,
                              k_cache, v_cache, self.parts, self.norm, a.num_heads, a.num_kv_heads, a.head_dim,
-                             a.rms_norm_eps, self.timings)
+                             a.rms_norm_eps, self.int16, self.timings)
 
 
-def build_fused_decoder(model: nn.Module, mode: str = "int8") -> FusedDecoder | None:
-    """A `FusedDecoder` (``mode`` int8 or int4) for ``model`` with its int8 lm_head swapped for a
-    `FusedLinear` (see `fused_lm_head`); None (with a logged reason) when the extension is unavailable."""
+def build_fused_decoder(model: nn.Module, mode: str = "int8", activations: str = "int8") -> FusedDecoder | None:
+    """A `FusedDecoder` (``mode`` int8 or int4; ``activations`` int8 or int16) for ``model`` with its int8
+    lm_head swapped for a `FusedLinear` of the same activation precision (see `fused_lm_head`); None (with
+    a logged reason) when the extension is unavailable."""
     ext = load_extension()
     if ext is None:
         return None
-    dec = FusedDecoder(model, ext, mode)
-    head = fused_lm_head(model, ext)
+    dec = FusedDecoder(model, ext, mode, activations)
+    head = fused_lm_head(model, ext, dec.int16)
     if head is not None:
         model.lm_head = head
     return dec

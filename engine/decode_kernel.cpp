@@ -136,8 +136,8 @@ void swiglu(const float* gu, float* act, int64_t T, int64_t I) {
 }
 
 // Y [M, N] (+)= X [M, K] @ W.T + bias through linear_kernel.cpp.
-void run_linear(const Lin& l, const at::Tensor& X, at::Tensor& Y, bool accumulate) {
-  agentrt::linear(l, X.data_ptr<float>(), Y.data_ptr<float>(), X.size(0), X.size(1), accumulate);
+void run_linear(const Lin& l, const at::Tensor& X, at::Tensor& Y, bool accumulate, bool int16) {
+  agentrt::linear(l, X.data_ptr<float>(), Y.data_ptr<float>(), X.size(0), X.size(1), accumulate, int16);
 }
 
 // Seconds spent per phase of a step, accumulated into a caller's float64 [3] tensor (linears,
@@ -168,6 +168,7 @@ enum { kLinears = 0, kAttention = 1, kRest = 2 };
 //   rope_cos / rope_sin [max_len, hd/2] float32; k_cache / v_cache [layers, slots, nkv, hd] float32
 //   layers: 15 tensors per layer: qkv (w, s, z, bias), o (w, s, z), gate_up (w, s, z), down (w, s, z),
 //           input_norm, post_attention_norm (see Lin; empty tensors where there is none)
+//   int16_activations: the linears' activation precision (see kernels.h `linear`), the same for every row
 //   timings: None, or float64 [3] += seconds in the linears, attention and the rest of the step
 // Returns the final-normed hidden states of out_rows [R, H].
 constexpr size_t kPerLayer = 15;
@@ -176,7 +177,7 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
                    int64_t block_size, std::optional<torch::Tensor> out_rows, torch::Tensor rope_cos,
                    torch::Tensor rope_sin, torch::Tensor k_cache, torch::Tensor v_cache,
                    std::vector<torch::Tensor> layers,
-                   torch::Tensor final_norm, int64_t nh, int64_t nkv, int64_t hd, double eps,
+                   torch::Tensor final_norm, int64_t nh, int64_t nkv, int64_t hd, double eps, bool int16_activations,
                    std::optional<torch::Tensor> timings) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "step: x must be contiguous float32 [T, H]");
   TORCH_CHECK(k_cache.scalar_type() == torch::kFloat && v_cache.scalar_type() == torch::kFloat && k_cache.is_contiguous() &&
@@ -261,21 +262,21 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
     float* vc = vc0 + l * layer_stride;
     rms_norm(xp, p[13].data_ptr<float>(), hp, T, H, eps);
     clock.lap(kRest);
-    run_linear(lin[0], h, qkv, false);
+    run_linear(lin[0], h, qkv, false, int16_activations);
     clock.lap(kLinears);
     rope_and_store(qkvp, pos.data(), new_slot.data(), cosp, sinp, kc, vc, T, nh, nkv, hd);
     clock.lap(kRest);
     agentrt::attention(qkvp, nqkv, kc, vc, st, cl, slots.data(), Lmax, B, nh, nkv, hd, attp);
     clock.lap(kAttention);
-    run_linear(lin[1], att, x, true);  // x += o_proj(att)
+    run_linear(lin[1], att, x, true, int16_activations);  // x += o_proj(att)
     clock.lap(kLinears);
     rms_norm(xp, p[14].data_ptr<float>(), hp, T, H, eps);
     clock.lap(kRest);
-    run_linear(lin[2], h, gu, false);
+    run_linear(lin[2], h, gu, false, int16_activations);
     clock.lap(kLinears);
     swiglu(gup, actp, T, I);
     clock.lap(kRest);
-    run_linear(lin[3], act, x, true);  // x += down(silu(gate) * up)
+    run_linear(lin[3], act, x, true, int16_activations);  // x += down(silu(gate) * up)
     clock.lap(kLinears);
   }
   // the final norm only for the rows the caller reads (the sampled ones: one per finished prompt)
@@ -296,7 +297,9 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &agentrt::linear_op, "x [M, K] float32 through an int8 (rows or groups of 32) or int4 linear -> [M, N]");
+  m.def("linear", &agentrt::linear_op, "x [M, K] float32 through an int8 (rows or groups of 32) or int4 linear -> [M, N]",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("s"), pybind11::arg("z"), pybind11::arg("bias"),
+        pybind11::arg("int16") = false);
   m.def("attention", &agentrt::attention_op,
         "causal paged attention: q [T, nh*hd], caches [slots, nkv, hd], seq_start [B+1], ctx_len [B], slots [B, L]");
   m.def("step", &step,

@@ -141,7 +141,7 @@ class LLMEngine:
         if config.fused_decode:  # decode-only steps as one C++ call (None if it cannot build: torch path)
             from .decode_fused import build_fused_decoder
 
-            self._fused = build_fused_decoder(self.model, config.quantization)
+            self._fused = build_fused_decoder(self.model, config.quantization, config.fused_activations)
         # every step (prefill chunks too) runs the C++ step, except with prefill_int8, whose W8A8 prefill
         # linears are torch's (the C++ step then runs the decode-only steps)
         self._fused_prefill = self._fused is not None and not config.prefill_int8

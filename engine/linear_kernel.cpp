@@ -6,11 +6,12 @@
 //   (twice madd_epi16's 16). int4 weights (0..15) against int8 activations (|x| <= 127) make pair sums of
 //   at most 2 * 15 * 127 = 3810, so a group's 8 maddubs add up in int16 (<= 30480) before one madd with
 //   ones widens them. int8 weights (|q| <= 127) take the sign trick (|w| x sign(x, w)), pair sums <= 32258.
-// - Calls of at most 16 rows (decode batches) split each activation row in two int8 rows,
-//   x ~= s * q1 + s / 254 * q2: int16-like precision for 1.5x the linear time at 1 row, 2x at 4-16
-//   (SmolLM2 layer shapes, one thread). On SmolLM2-135M int4-fused vs fp32, 256 teacher-forced tokens:
-//   top-1 agreement 100% split vs 96.9% with int8 alone. Larger calls (prefill chunks) keep int8 alone,
-//   twice as fast: 97.3% top-1 on a 256-token chunk's logits.
+// - With `int16` (the caller's choice, the same for every row) each activation row is split in two int8
+//   rows, x ~= s * q1 + s / 254 * q2: int16-like precision for 1.5x the linear time at 1 row, 2x at 4 and
+//   more (SmolLM2 layer shapes, one thread). On SmolLM2-135M int4-fused vs fp32, 256 teacher-forced
+//   tokens one a step: top-1 agreement 100% with int16 vs 96.9% with int8 alone (greedy continuations
+//   of 8 prompts: 32 of 32 tokens identical either way). The precision never depends on the row count,
+//   so a row comes out the same alone, in a decode batch or in a prefill chunk.
 // - Weights are stored in the kernel's order (kernels.h): 8 output columns interleaved by 4 inputs, so
 //   one broadcast of 4 activation bytes meets 8 columns in one register, and each unpacked weight
 //   register serves up to 4 activation rows: batch rows share the unpacking and loads. int4 tiles are
@@ -35,7 +36,6 @@ constexpr int64_t kMR = 4;      // activation rows of a tile
 // activation rows whose int8 values (<= 128 * K bytes) stay in L2 across column blocks (even: split
 // rows stay together)
 constexpr int64_t kMChunk = 128;
-constexpr int64_t kSplitRowsMax = 16;  // calls of up to this many rows split their activations (see top)
 
 inline int64_t pad32(int64_t k) { return (k + 31) / 32 * 32; }
 
@@ -368,23 +368,22 @@ void check_lin(const Lin& l, int64_t N, int64_t K, const char* what) {
 }
 
 // Y [M, N] (+)= X [M, K] @ W.T + bias for either kind of linear.
-void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate) {
+void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate, bool int16) {
   if (M <= 0) return;
   Acts& a = acts();
-  const bool split = M <= kSplitRowsMax;
-  quantize_rows(X, M, K, split, a);
-  if (l.int4()) run<true>(l, a, split, Y, M, K, accumulate);
-  else run<false>(l, a, split, Y, M, K, accumulate);
+  quantize_rows(X, M, K, int16, a);
+  if (l.int4()) run<true>(l, a, int16, Y, M, K, accumulate);
+  else run<false>(l, a, int16, Y, M, K, accumulate);
 }
 
 // x [M, K] float32 -> [M, N] float32 through either kind of `Lin` (w, s, z, bias; see there).
-at::Tensor linear_op(at::Tensor x, at::Tensor w, at::Tensor s, at::Tensor z, at::Tensor bias) {
+at::Tensor linear_op(at::Tensor x, at::Tensor w, at::Tensor s, at::Tensor z, at::Tensor bias, bool int16) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "linear: x must be float32 [M, K]");
   const Lin l{w, s, z, bias};
   check_lin(l, w.size(0), x.size(1), "linear");
   x = x.contiguous();
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
-  linear(l, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), false);
+  linear(l, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), false, int16);
   return y;
 }
 

@@ -144,6 +144,10 @@ def test_fused_decode_config_errors():
         EngineConfig(fused_decode=True)  # no quantization
     with pytest.raises(ValueError, match="fused_decode"):
         EngineConfig(fused_decode=True, quantization="int8", dtype="bfloat16")
+    with pytest.raises(ValueError, match="fused_activations='int16' needs fused_decode"):
+        EngineConfig(quantization="int8", fused_activations="int16")  # would be silently ignored
+    with pytest.raises(ValueError, match="choose 'int8' or 'int16'"):
+        EngineConfig(quantization="int4", fused_decode=True, fused_activations="fp8")
 
 
 def test_falls_back_when_the_extension_cannot_build(monkeypatch, caplog):

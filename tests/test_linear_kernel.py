@@ -4,8 +4,9 @@ every kind of `Lin` (int8 rows, int8 groups, int4 groups), batch sizes across th
 
 Tolerance: the kernel rounds each block of 32 activations to int8 (step = the block's max|x| / 127), so
 |y - ref| <= sum over blocks of step / 2 * sum |w| in the block, plus float32 summation (1e-5 here).
-Activations already on that grid must come out exact up to float32 summation alone. Calls of at most 16
-rows (decode batches) also multiply what the rounding left, rounded to step / 254: 254x tighter."""
+Activations already on that grid must come out exact up to float32 summation alone. With ``int16`` the
+kernel also multiplies what the rounding left, rounded to step / 254: 254x tighter. A row's result never
+depends on the other rows of the call."""
 from __future__ import annotations
 
 import pytest
@@ -42,9 +43,10 @@ def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return step / 2 @ wsum.T + 1e-5
 
 
+@pytest.mark.parametrize("int16", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,k", [(13, 96), (8, 32), (203, 64), (1, 160)])
-def test_linear_matches_float64(ext, kind, n, k):
+def test_linear_matches_float64(ext, kind, n, k, int16):
     parts, w = _linear(kind, n, k)
     packed = decode_fused.FusedLinear.pack(parts, k)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(1))
@@ -52,12 +54,14 @@ def test_linear_matches_float64(ext, kind, n, k):
     x[5, 7] = 40.0  # an outlier coarsens only its own block's step
     for m in MS:
         for b in (bias, torch.empty(0)):
-            y = ext.linear(x[:m], *packed, b)
+            y = ext.linear(x[:m], *packed, b, int16=int16)
             assert y.shape == (m, n) and y.dtype == torch.float32
             ref = x[:m].double() @ w.T + (b.double() if b.numel() else 0)
             err = (y.double() - ref).abs()
-            tight = 254 if m <= 16 else 1  # decode batches: int8 plus its rounding residual, see the docstring
+            tight = 254 if int16 else 1  # int8 plus its rounding residual, see the docstring
             assert (err <= (_bound(x[:m], w) - 1e-5) / tight + 1e-5).all(), (kind, m, err.max().item())
+            # every row as computed alone: the row count never changes a row's numbers (batch invariance)
+            assert torch.equal(y[m - 1:], ext.linear(x[m - 1:m], *packed, b, int16=int16)), (kind, m)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -3,8 +3,9 @@
 Sections (same model, prompts and thread count for every implementation; medians over repeats):
 
 * speed: decode ms/token and prefill tokens/s for ours (fp32, bf16, int8, int4 weight-only; int8/int4
-  with every step, prefill chunks included, as one C++ call: ``int8-fused``, ``int4-fused``; their
-  prefill split into linears / attention / the rest),
+  with every step, prefill chunks included, as one C++ call: ``int8-fused``, ``int4-fused`` with int8
+  activations, ``int4-fused-a16`` with int16-like ones; their prefill split into linears / attention /
+  the rest),
   transformers' ``generate`` with its own cache (fp32, bf16) and llama.cpp through
   ``llama-cpp-python`` on the same GGUF (when installed), each beside its memory-bandwidth
   floor (weight bytes read per token / measured read bandwidth);
@@ -43,6 +44,8 @@ SETTINGS = {  # name -> EngineConfig fields
     "int8-fused": dict(dtype="float32", quantization="int8", fused_decode=True),
     # the same with int4 layers in groups of 32 (the GGUF's own Q4_1 grid: half the bytes of int8)
     "int4-fused": dict(dtype="float32", quantization="int4", fused_decode=True),
+    # int4-fused with int16-like activations (int8 plus its rounding residual): float32's logits
+    "int4-fused-a16": dict(dtype="float32", quantization="int4", fused_decode=True, fused_activations="int16"),
 }
 _TEXT = ("An agent answers questions by calling tools. It reads the tool specs, decides which tool "
          "to call with which arguments, reads the result and either calls another tool or answers. "
