@@ -137,30 +137,38 @@ inline __m256i bcast4(const int8_t* p) {  // 4 activation bytes to all 8 lanes
   return _mm256_set1_epi32(v);
 }
 
-// acc[r * NB + j] [8 columns of block j] = sum over groups of block j's int4 dot with activation row r
+// out[r * NB + j] [8 columns of block j] = sum over groups of block j's int4 dot with activation row r
 // (of MR rows). NB = 2 blocks (16 columns) share each activation broadcast: fewer non-maddubs ops a product.
 template <int MR, int NB>
 inline void tile_q4(const Block* b, const int8_t* xq, const float* xs, const float* xsum, int64_t Kp, int64_t G,
-                    __m256* acc) {
+                    __m256* out) {
   const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  __m256 acc[MR * NB];
   for (int r = 0; r < MR * NB; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const int8_t* x = xq + g * 32;
     __m256i s16[MR * NB];
-    for (int r = 0; r < MR * NB; ++r) s16[r] = _mm256_setzero_si256();
-    for (int i = 0; i < 4; ++i) {  // low nibbles: inputs 4i..4i+3, high: 16+4i..16+4i+3, of 8 columns
-      __m256i lo[NB], hi[NB];
-      for (int j = 0; j < NB; ++j) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[j].w + g * 128 + i * 32));
-        lo[j] = _mm256_and_si256(v, low), hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      }
+    for (int i = 0; i < 4; ++i) {  // low nibbles: inputs 4i..4i+3 of 8 columns
+      __m256i lo[NB];
+      for (int j = 0; j < NB; ++j)
+        lo[j] = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[j].w + g * 128 + i * 32)), low);
       for (int r = 0; r < MR; ++r) {
-        const int8_t* xr = x + r * Kp;
-        const __m256i xa = bcast4(xr + i * 4), xb = bcast4(xr + i * 4 + 16);
+        const __m256i xa = bcast4(x + r * Kp + i * 4);
         for (int j = 0; j < NB; ++j) {
-          s16[r * NB + j] = _mm256_add_epi16(s16[r * NB + j], _mm256_maddubs_epi16(lo[j], xa));
-          s16[r * NB + j] = _mm256_add_epi16(s16[r * NB + j], _mm256_maddubs_epi16(hi[j], xb));
+          const __m256i p = _mm256_maddubs_epi16(lo[j], xa);
+          s16[r * NB + j] = i == 0 ? p : _mm256_add_epi16(s16[r * NB + j], p);
         }
+      }
+    }
+    for (int i = 0; i < 4; ++i) {  // high nibbles: inputs 16+4i..16+4i+3
+      __m256i hi[NB];
+      for (int j = 0; j < NB; ++j)
+        hi[j] = _mm256_and_si256(
+            _mm256_srli_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[j].w + g * 128 + i * 32)), 4), low);
+      for (int r = 0; r < MR; ++r) {
+        const __m256i xb = bcast4(x + r * Kp + 16 + i * 4);
+        for (int j = 0; j < NB; ++j)
+          s16[r * NB + j] = _mm256_add_epi16(s16[r * NB + j], _mm256_maddubs_epi16(hi[j], xb));
       }
     }
     for (int j = 0; j < NB; ++j) {  // w = d * q + m: d * sx * (q . xq) + m * sx * sum(xq)
@@ -173,6 +181,7 @@ inline void tile_q4(const Block* b, const int8_t* xq, const float* xs, const flo
       }
     }
   }
+  for (int r = 0; r < MR * NB; ++r) out[r] = acc[r];
 }
 
 template <int MR>
