@@ -137,21 +137,30 @@ inline __m256i bcast4(const int8_t* p) {  // 4 activation bytes to all 8 lanes
   return _mm256_set1_epi32(v);
 }
 
+// Step i of block w's group g as bytes 0..15 (inputs 4i..4i+3 of 8 columns; steps 0..3 are the low
+// nibbles, 4..7 the high ones): from the stored nibbles ([G][4][32] bytes) or from `unpack`'s copy
+// ([G][8][32], kUnpacked), which saves the and / shift of every step for every row tile after the first.
+template <bool kUnpacked>
+inline __m256i step_q4(const uint8_t* w, int64_t g, int i, __m256i low) {
+  if (kUnpacked) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 256 + i * 32));
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 128 + (i & 3) * 32));
+  return _mm256_and_si256(i < 4 ? v : _mm256_srli_epi16(v, 4), low);
+}
+
 // out[r * NB + j] [8 columns of block j] = sum over groups of block j's int4 dot with activation row r
 // (of MR rows). NB = 2 blocks (16 columns) share each activation broadcast: fewer non-maddubs ops a product.
-template <int MR, int NB>
+template <int MR, int NB, bool kUnpacked>
 inline void tile_q4(const Block* b, const int8_t* xq, const float* xs, const float* xsum, int64_t Kp, int64_t G,
                     __m256* out) {
   const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  __m256 acc[MR * NB];
+  __m256 acc[MR * NB];  // locals, not `out`: a __m256 pointer may alias anything, so each update would be stored
   for (int r = 0; r < MR * NB; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const int8_t* x = xq + g * 32;
     __m256i s16[MR * NB];
-    for (int i = 0; i < 4; ++i) {  // low nibbles: inputs 4i..4i+3 of 8 columns
+    for (int i = 0; i < 4; ++i) {  // the low nibbles' steps for all rows, then the high ones'
       __m256i lo[NB];
-      for (int j = 0; j < NB; ++j)
-        lo[j] = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[j].w + g * 128 + i * 32)), low);
+      for (int j = 0; j < NB; ++j) lo[j] = step_q4<kUnpacked>(b[j].w, g, i, low);
       for (int r = 0; r < MR; ++r) {
         const __m256i xa = bcast4(x + r * Kp + i * 4);
         for (int j = 0; j < NB; ++j) {
@@ -160,15 +169,12 @@ inline void tile_q4(const Block* b, const int8_t* xq, const float* xs, const flo
         }
       }
     }
-    for (int i = 0; i < 4; ++i) {  // high nibbles: inputs 16+4i..16+4i+3
+    for (int i = 4; i < 8; ++i) {
       __m256i hi[NB];
-      for (int j = 0; j < NB; ++j)
-        hi[j] = _mm256_and_si256(
-            _mm256_srli_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[j].w + g * 128 + i * 32)), 4), low);
+      for (int j = 0; j < NB; ++j) hi[j] = step_q4<kUnpacked>(b[j].w, g, i, low);
       for (int r = 0; r < MR; ++r) {
-        const __m256i xb = bcast4(x + r * Kp + 16 + i * 4);
-        for (int j = 0; j < NB; ++j)
-          s16[r * NB + j] = _mm256_add_epi16(s16[r * NB + j], _mm256_maddubs_epi16(hi[j], xb));
+        const __m256i xb = bcast4(x + r * Kp + i * 4);
+        for (int j = 0; j < NB; ++j) s16[r * NB + j] = _mm256_add_epi16(s16[r * NB + j], _mm256_maddubs_epi16(hi[j], xb));
       }
     }
     for (int j = 0; j < NB; ++j) {  // w = d * q + m: d * sx * (q . xq) + m * sx * sum(xq)
@@ -182,6 +188,19 @@ inline void tile_q4(const Block* b, const int8_t* xq, const float* xs, const flo
     }
   }
   for (int r = 0; r < MR * NB; ++r) out[r] = acc[r];
+}
+
+// The nblk int4 blocks of b as `step_q4` reads them unpacked, in u ([nblk][G][8][32] bytes).
+inline void unpack(Block* b, int nblk, int64_t G, std::vector<uint8_t>& u) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  u.resize(nblk * G * 256);
+  for (int j = 0; j < nblk; ++j) {
+    uint8_t* o = u.data() + j * G * 256;
+    for (int64_t g = 0; g < G; ++g)
+      for (int i = 0; i < 8; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * 256 + i * 32), step_q4<false>(b[j].w, g, i, low));
+    b[j].w = o;
+  }
 }
 
 template <int MR>
@@ -227,6 +246,15 @@ inline void store(const __m256* acc, int mr, int64_t nb, const float* bias, floa
   }
 }
 
+// One tile: the row count and the kind are template arguments so the accumulators stay in registers.
+template <bool kQ4, int MR>
+inline void tile(const Block* b, int NB, bool unpacked, const int8_t* xq, const float* xs, const float* xsum,
+                 int64_t Kp, int64_t G, __m256* acc) {
+  if (!kQ4) tile_q8<MR>(*b, xq, xs, xsum, Kp, G, acc);
+  else if (NB == 2) unpacked ? tile_q4<MR, 2, true>(b, xq, xs, xsum, Kp, G, acc) : tile_q4<MR, 2, false>(b, xq, xs, xsum, Kp, G, acc);
+  else unpacked ? tile_q4<MR, 1, true>(b, xq, xs, xsum, Kp, G, acc) : tile_q4<MR, 1, false>(b, xq, xs, xsum, Kp, G, acc);
+}
+
 // Activation rows v0..v1 (of a) times columns n0.. (nblk blocks of 8, the last one nb wide) through the
 // tile kernels; with `split` activation rows 2m, 2m + 1 add up into output row m. Y: output row v0 / V.
 template <bool kQ4>
@@ -234,27 +262,24 @@ void tiles(const Block* b, int nblk, int64_t nb, const Acts& a, bool split, int6
            int64_t G, const float* bias, float* Y, int64_t ldy, bool accumulate) {
   __m256 acc[2 * kMR], part[kMR];
   const int V = split ? 2 : 1;
+  Block bu[2] = {b[0], nblk > 1 ? b[1] : b[0]};
+  const bool unpacked = kQ4 && v1 - v0 > kMR;  // more than one row tile reads the blocks
+  if (unpacked) {
+    thread_local std::vector<uint8_t> u;
+    unpack(bu, nblk, G, u);
+    b = bu;
+  }
   for (int64_t v = v0; v < v1; v += kMR) {
     const int mr = int(std::min(kMR, v1 - v));
     const int8_t* xq = a.q.data() + v * Kp;
     const float *xs = a.s.data() + v * G, *xsum = a.sum.data() + v * G;
     const int NB = kQ4 && nblk == 2 ? 2 : 1;
     for (int j0 = 0; j0 < nblk; j0 += NB) {
-      if (NB == 2) {
-        switch (mr) {  // the row count is a template argument so the accumulators stay in registers
-          case 4: tile_q4<4, 2>(b, xq, xs, xsum, Kp, G, acc); break;
-          case 3: tile_q4<3, 2>(b, xq, xs, xsum, Kp, G, acc); break;
-          case 2: tile_q4<2, 2>(b, xq, xs, xsum, Kp, G, acc); break;
-          default: tile_q4<1, 2>(b, xq, xs, xsum, Kp, G, acc); break;
-        }
-      } else {
-        const Block* bj = b + j0;
-        switch (mr) {
-          case 4: kQ4 ? tile_q4<4, 1>(bj, xq, xs, xsum, Kp, G, acc) : tile_q8<4>(*bj, xq, xs, xsum, Kp, G, acc); break;
-          case 3: kQ4 ? tile_q4<3, 1>(bj, xq, xs, xsum, Kp, G, acc) : tile_q8<3>(*bj, xq, xs, xsum, Kp, G, acc); break;
-          case 2: kQ4 ? tile_q4<2, 1>(bj, xq, xs, xsum, Kp, G, acc) : tile_q8<2>(*bj, xq, xs, xsum, Kp, G, acc); break;
-          default: kQ4 ? tile_q4<1, 1>(bj, xq, xs, xsum, Kp, G, acc) : tile_q8<1>(*bj, xq, xs, xsum, Kp, G, acc); break;
-        }
+      switch (mr) {
+        case 4: tile<kQ4, 4>(b + j0, NB, unpacked, xq, xs, xsum, Kp, G, acc); break;
+        case 3: tile<kQ4, 3>(b + j0, NB, unpacked, xq, xs, xsum, Kp, G, acc); break;
+        case 2: tile<kQ4, 2>(b + j0, NB, unpacked, xq, xs, xsum, Kp, G, acc); break;
+        default: tile<kQ4, 1>(b + j0, NB, unpacked, xq, xs, xsum, Kp, G, acc); break;
       }
       for (int j = 0; j < NB; ++j) {
         const int64_t jb = j0 + j, width = jb + 1 < nblk ? kNR : nb;
