@@ -263,7 +263,7 @@ void tiles(const Block* b, int nblk, int64_t nb, const Acts& a, bool split, int6
   __m256 acc[2 * kMR], part[kMR];
   const int V = split ? 2 : 1;
   Block bu[2] = {b[0], nblk > 1 ? b[1] : b[0]};
-  const bool unpacked = kQ4 && v1 - v0 > kMR;  // more than one row tile reads the blocks
+  const bool unpacked = kQ4 && v1 - v0 > 2 * kMR;  // three row tiles or more read the blocks: worth a copy
   if (unpacked) {
     thread_local std::vector<uint8_t> u;
     unpack(bu, nblk, G, u);
