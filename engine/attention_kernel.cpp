@@ -13,7 +13,8 @@
 //    is computed.
 //  - decode (1 query row): per kv head, scores 8 keys at a time (8 dot-product accumulators reduced
 //    with one hadd tree), online softmax per block of keys, p.V for up to 3 heads at once. Long
-//    contexts with few (sequence, kv head) pairs split the keys over the threads and merge the parts.
+//    contexts split their keys in parts (by the context length alone, so a sequence's result never
+//    depends on its batch) that run on any thread and are merged after.
 // Tasks are ordered longest first and handed out dynamically, so the causal triangle balances.
 // Without AVX2 a plain loop (one (row, head) at a time) is compiled instead.
 #include "kernels.h"
