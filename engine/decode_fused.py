@@ -217,9 +217,9 @@ def fused_lm_head(model: nn.Module, ext: Any, int16: bool = False) -> FusedLinea
 
 class FusedDecoder:
     """An engine step of a float32 `LlamaModel` (decode rows and prefill chunks, any mix) as one C++
-    call (``ext.step``), over int8 weights (the model's own `Int8WeightOnlyLinear`s, possibly inside
-    `DecodeQuantLinear`: shared, not copied) or int4 groups of 32 (packed here from the dense weights
-    the model keeps). The linears beat torch's float32 mm at every row count (int4 / mm time 0.29 at
+    call (``ext.step``), over int8 weights (copies of the model's own `Int8WeightOnlyLinear`s, possibly
+    inside `DecodeQuantLinear`, repacked into the kernel's order) or int4 groups of 32 (packed here from
+    the dense weights the model keeps). The linears beat torch's float32 mm at every row count (int4 / mm time 0.29 at
     8 rows .. 0.60 at 1,024 on SmolLM2's layer shapes), so prefill chunks use them too. ``activations``
     ("int8" or "int16", see `EngineConfig.fused_activations`) is the linears' input precision for every
     row. The model's modules are unchanged."""
