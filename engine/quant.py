@@ -49,10 +49,19 @@ class Int8WeightOnlyLinear(nn.Module):
         """The float32 weight this layer effectively multiplies by ([out, in])."""
         return self.weight.float() * self.scales.float()[:, None]
 
+    def _kernel_handles(self, dtype: torch.dtype) -> bool:
+        # torch's AVX-512 int8pack kernel reads bf16 activations in blocks of 16 inputs: with any other
+        # in_features it returns garbage for one row and crashes (SIGSEGV) for several. AVX2 builds and
+        # the float32 / float16 paths are fine, but the CPU a wheel dispatches to is not ours to know.
+        return dtype != torch.bfloat16 or self.in_features % 16 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape                                                # [..., K]
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)    # [M, K]
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # [M, N]
+        if self._kernel_handles(x2.dtype):
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # [M, N]
+        else:
+            y = (x2.float() @ self.weight.T.float() * self.scales.float()).to(self.compute_dtype)  # [M, N]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
