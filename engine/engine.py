@@ -3,11 +3,13 @@ with one async token stream per request)."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import math
 import queue
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence as Seq
 
@@ -562,13 +564,14 @@ class LLMEngine:
                              error=seq.error)
 
     @torch.inference_mode()
-    def prompt_logits(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
+    def prompt_logits(self, token_ids: list[int], chunk_size: int | list[int] | None = None) -> torch.Tensor:
         """Logits [T, vocab] (float32) at every position of ``token_ids`` (for tests and accuracy
-        benches), computed ``chunk_size`` tokens per step (default max_num_batched_tokens) through the
-        path `step` takes: the C++ step for a fused engine (`EngineConfig.fused_decode`), else the torch
-        forward (with quantization, chunks of <= 16 rows run the quantized decode kernels, larger ones
-        the dense weights). Uses free KV blocks temporarily, no prefix cache; call only while no other
-        thread is stepping the engine."""
+        benches), computed ``chunk_size`` tokens per step (default max_num_batched_tokens; a list gives
+        the first chunks' sizes, its last one repeating) through the path `step` takes: the C++ step for
+        a fused engine (`EngineConfig.fused_decode`), else the torch forward (with quantization, chunks
+        of <= 16 rows run the quantized decode kernels, larger ones the dense weights). Uses free KV
+        blocks temporarily, no prefix cache; call only while no other thread is stepping the engine."""
+        sizes = list(chunk_size) if isinstance(chunk_size, (list, tuple)) else [chunk_size]
         seq = self.make_sequence(list(token_ids), SamplingParams(max_tokens=1))
         if not self.block_manager.can_grow(seq, len(seq.token_ids)):
             raise RuntimeError("not enough free KV blocks for prompt_logits; let running requests finish")
@@ -576,7 +579,8 @@ class LLMEngine:
         rows = []
         try:
             while seq.num_uncomputed:
-                n = min(seq.num_uncomputed, chunk_size or self.config.max_num_batched_tokens)
+                size = sizes[min(len(rows), len(sizes) - 1)] or self.config.max_num_batched_tokens
+                n = min(seq.num_uncomputed, size)
                 if self._fused is not None and (self._fused_prefill or n == 1):
                     hidden, _ = self._fused_step([(seq, n)], all_rows=True)
                 else:
@@ -657,6 +661,18 @@ class _Sink:
             pass
 
 
+# A loop thread still alive when the interpreter finalizes is torn down mid-wait, and the process
+# then aborts in torch's thread-pool destructors ("terminate called without an active exception",
+# exit code 134), so every engine still running at exit is shut down first.
+_live_engines: weakref.WeakSet[AsyncLLMEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_engines() -> None:
+    for engine in list(_live_engines):
+        engine.shutdown()
+
+
 class AsyncLLMEngine:
     """Runs an `LLMEngine`'s step loop in a background thread; async streams per request.
 
@@ -678,6 +694,7 @@ class AsyncLLMEngine:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="agentrt-engine", daemon=True)
         self._thread.start()
+        _live_engines.add(self)
 
     @property
     def tokenizer(self) -> Any:
