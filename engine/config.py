@@ -32,8 +32,8 @@ class EngineConfig:
     quantization: weight-only int8/int4 for the decoder layers' linears (the lm_head gets int8).
     prefill_int8: with ``quantization``, prefill chunks (> 16 rows) run dynamic int8 W8A8 linears
       (FBGEMM, SmoothQuant-calibrated at load) instead of the dense weights: faster prefill on x86,
-      at an accuracy cost (SmolLM2-135M, tool prompts: 0.96 teacher-forced top-1 agreement with fp32,
-      0.49 of 32 greedy tokens after the prefill identical); off by default.
+      at an accuracy cost (SmolLM2-135M, tool prompts: 0.96 top-1 agreement with fp32, in the prefill and
+      on the decode steps that read the KV it wrote); off by default.
     compile: run decode-only steps through ``torch.compile`` (inductor) of `LlamaModel.decode_graph`;
       prefill chunks stay eager. The first steps pay the compile (minutes on a small CPU; cached on
       disk by inductor for the next process); off by default.

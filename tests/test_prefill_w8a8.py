@@ -96,12 +96,11 @@ def _bfcl_prompts(tok, n: int) -> list[str]:
 
 @pytest.mark.e2e
 def test_w8a8_prefill_accuracy_on_tool_prompts(engines):
-    """Teacher-forced over BFCL prompts (rendered with their tools, one 512-token prefill chunk each)
-    and greedy continuations (the decode reads the KV the W8A8 prefill wrote). Measured here:
-    top-1 0.958 over 1,046 tokens (a pure bfloat16 forward gets ~0.98 on such text: near-ties),
-    max |logit diff| 6.3, first token 6/6, but only 0.49 of the 32 greedy tokens identical (once one
-    differs the rest follow another path): not yet good enough to make W8A8 the default. The floors
-    leave room for other CPUs' rounding."""
+    """Teacher-forced over BFCL prompts (rendered with their tools, one 512-token prefill chunk each),
+    then along float32's own greedy continuation one decode step a token, so the decode reads the KV
+    the W8A8 prefill wrote. Both are top-1 agreement with float32 on the same context: comparing free
+    greedy runs instead would count every token after the first near-tie flip (a pure bfloat16 forward
+    gets ~0.98 top-1 on such text) as a miss, which says more about the CPU's rounding than about W8A8."""
     from agentrt.engine import SamplingParams
 
     ref, w8 = engines
@@ -114,11 +113,15 @@ def test_w8a8_prefill_accuracy_on_tool_prompts(engines):
         total += len(ids)
         worst = max(worst, (a - b).abs().max().item())
     sp = SamplingParams(max_tokens=32, ignore_eos=True)
-    outs = zip(ref.generate(prompts, sp), w8.generate(prompts, sp))
-    pairs = [(x.output_token_ids, y.output_token_ids) for x, y in outs]
-    greedy = sum(i == j for x, y in pairs for i, j in zip(x, y)) / sum(len(x) for x, _ in pairs)
-    first = sum(x[0] == y[0] for x, y in pairs)
+    decode_agree, decode_total, first = 0, 0, 0
+    for p, out in zip(prompts, ref.generate(prompts, sp)):
+        ids, cont = ref.tokenizer(p).input_ids, list(out.output_token_ids)
+        b = w8.prompt_logits(ids + cont[:-1], chunk_size=[len(ids), 1])[len(ids) - 1:]  # [32, V]
+        picks = b.argmax(-1).tolist()
+        first += picks[0] == cont[0]
+        decode_agree += sum(i == j for i, j in zip(picks, cont))
+        decode_total += len(cont)
     print(f"w8a8 prefill: top-1 {agree / total:.3f} over {total} tokens, max |logit diff| {worst:.2f}, "
-          f"first token {first}/{len(pairs)}, greedy {greedy:.3f}")
+          f"first token {first}/{len(prompts)}, decode after it {decode_agree / decode_total:.3f} top-1")
     assert agree / total >= 0.93 and worst < 8.0, (agree / total, worst)
-    assert first >= len(pairs) - 1 and greedy >= 0.35, (first, greedy)
+    assert first >= len(prompts) - 1 and decode_agree / decode_total >= 0.93, (first, decode_agree / decode_total)
