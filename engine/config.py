@@ -1,6 +1,7 @@
 """Configuration of the engine and of one request's sampling."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -126,12 +127,14 @@ class SamplingParams:
         problems = []
         if self.max_tokens < 1:
             problems.append(f"max_tokens={self.max_tokens!r} (must be >= 1)")
-        if self.temperature < 0:
-            problems.append(f"temperature={self.temperature!r} (must be >= 0)")
+        if not 0 <= self.temperature < math.inf:
+            problems.append(f"temperature={self.temperature!r} (must be a finite number >= 0)")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p={self.top_p!r} (must be in (0, 1])")
         if self.top_k < 0:
             problems.append(f"top_k={self.top_k!r} (must be >= 0; 0 = off)")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            problems.append(f"seed={self.seed!r} (must fit in 64 bits: -2**63 to 2**64 - 1)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):

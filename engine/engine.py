@@ -460,12 +460,7 @@ class LLMEngine:
                     seq.error, seq.finish_reason = exc, "abort"
                     continue
             live.append(i)
-        if live:
-            rows = logits if len(live) == len(seqs) else logits[live]  # no [N, V] copy in the common case
-            tokens = sample(rows, [seqs[i].params for i in live], [seqs[i].generator for i in live])
-        else:
-            tokens = []
-        picked = dict(zip(live, tokens))
+        picked = self._sample_rows(seqs, live, logits)
         for i, seq in enumerate(seqs):
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -479,6 +474,24 @@ class LLMEngine:
                 self._finish(seq)
             outputs.append(self._output(seq))
         return outputs
+
+    @staticmethod
+    def _sample_rows(seqs: list[Sequence], live: list[int], logits: torch.Tensor) -> dict[int, int]:
+        """{row: token} for the ``live`` rows of ``logits``. Should the batch's sampling raise, each row is
+        sampled alone, so a failure ends its own request (error set) and never the others'."""
+        if not live:
+            return {}
+        rows = logits if len(live) == len(seqs) else logits[live]  # no [N, V] copy in the common case
+        try:
+            return dict(zip(live, sample(rows, [seqs[i].params for i in live], [seqs[i].generator for i in live])))
+        except Exception:
+            picked = {}
+            for i in live:
+                try:
+                    picked[i] = sample(logits[i:i + 1], [seqs[i].params], [seqs[i].generator])[0]
+                except Exception as exc:
+                    seqs[i].error, seqs[i].finish_reason = exc, "abort"
+            return picked
 
     def _append(self, seq: Sequence, token: int, forced: bool) -> str | None:
         """Add one output token; returns (and sets) the finish reason if it ends the request."""

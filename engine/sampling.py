@@ -18,7 +18,11 @@ def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> None:
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from logits [V] (float32) under temperature / top-k / top-p (temperature > 0)."""
-    logits = logits / params.temperature
+    # Shifted so the best logit is 0 before dividing, and the temperature floored at the dtype's
+    # smallest normal number (a smaller one rounds to 0 in float32): any temperature > 0 then gives 0
+    # for the best token and finite or -inf values for the rest. Dividing first overflows to inf, and
+    # softmax turns inf - inf into nan, on which torch.multinomial raises.
+    logits = (logits - logits.max()) / max(params.temperature, torch.finfo(logits.dtype).tiny)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -30,6 +30,17 @@ def make_engine(loaded=None, **cfg) -> LLMEngine:
     return LLMEngine(EngineConfig(**cfg), loaded=loaded or tiny_loaded())
 
 
+async def wait_until_idle(eng: LLMEngine) -> None:
+    """Wait (up to 2 s) for the loop thread to run the finished tails, then require every block free."""
+    import anyio
+
+    for _ in range(200):
+        if eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests():
+            break
+        await anyio.sleep(0.01)
+    assert eng.stats().kv_blocks_used == 0
+
+
 def hf_reference(loaded):
     """transformers' own Llama/Qwen2 on the same weights: the reference for logits."""
     import transformers
@@ -331,20 +342,12 @@ async def test_async_stream_deltas_and_cancellation_free_blocks():
             if len(out.output_token_ids) >= 2:
                 break
         await stream.aclose()
-        for _ in range(200):
-            if eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests():
-                break
-            await anyio.sleep(0.01)
-        assert eng.stats().kv_blocks_used == 0
+        await wait_until_idle(eng)
 
         # cancellation from outside (timeout) does the same
         with anyio.move_on_after(0.2):
             await aeng.generate(PROMPTS[0], SamplingParams(max_tokens=300, ignore_eos=True))
-        for _ in range(200):
-            if eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests():
-                break
-            await anyio.sleep(0.01)
-        assert eng.stats().kv_blocks_used == 0
+        await wait_until_idle(eng)
     finally:
         aeng.shutdown()
 
@@ -411,11 +414,7 @@ async def test_failing_constraint_fails_only_its_request():
         assert len(res[0].output_token_ids) == 10
         assert isinstance(res[1], ValueError) and "refuses" in str(res[1])
         # the good request's finished tail is computed by the loop's next step, then all is free
-        for _ in range(200):
-            if eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests():
-                break
-            await asyncio.sleep(0.01)
-        assert eng.stats().kv_blocks_used == 0
+        await wait_until_idle(eng)
     finally:
         aeng.shutdown()
 
@@ -540,3 +539,60 @@ def test_decode_graph_step_equals_forward_step():
     outs = eng.generate(PROMPTS[:3], params)
     assert [o.output_token_ids for o in outs] == [o.output_token_ids for o in ref]
     assert 3 in calls  # the three sequences decoded together through the graph
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_tiny_temperatures_sample_the_best_token(temperature):
+    """Any temperature > 0 samples: tiny ones used to overflow logits / T to inf and make softmax nan,
+    and torch.multinomial raised (a 500 that also cut every stream in the same batch)."""
+    from agentrt.engine.sampling import sample_one
+
+    logits = torch.tensor([1.0, 3.0, 2.0, float("-inf")])
+    g = torch.Generator().manual_seed(0)
+    assert {sample_one(logits, SamplingParams(temperature=temperature, top_p=0.9, top_k=2), g)
+            for _ in range(20)} == {1}
+    eng = make_engine()
+    greedy = eng.generate(PROMPTS[1], SamplingParams(max_tokens=8, ignore_eos=True))[0].output_token_ids
+    tiny = eng.generate(PROMPTS[1], SamplingParams(max_tokens=8, ignore_eos=True, temperature=temperature,
+                                                   seed=2**64 - 1))[0].output_token_ids
+    assert tiny == greedy
+
+
+def test_sampling_params_refuse_what_the_sampler_cannot_use():
+    for bad, what in [(dict(temperature=float("nan")), "temperature=nan"),
+                      (dict(temperature=float("inf")), "temperature=inf"),
+                      (dict(seed=2**64), "seed=18446744073709551616"),
+                      (dict(seed=-(2**63) - 1), "must fit in 64 bits"),
+                      (dict(stop=[""]), "non-empty")]:
+        with pytest.raises(ValueError, match=what):
+            SamplingParams(**bad)
+
+
+async def test_a_sampler_failure_fails_only_its_request(monkeypatch):
+    """One request whose sampling raises ends alone with that error; the request beside it in the same
+    batch runs on and produces exactly its solo output."""
+    import asyncio
+
+    from agentrt.engine import engine as engine_module
+
+    real_sample = engine_module.sample
+
+    def poisoned(logits, params, generators):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("poisoned sampler")
+        return real_sample(logits, params, generators)
+
+    eng = make_engine()
+    good_params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.8, seed=1)
+    solo = eng.generate(PROMPTS[0], good_params)[0].output_token_ids
+    monkeypatch.setattr(engine_module, "sample", poisoned)
+    aeng = AsyncLLMEngine(eng)
+    try:
+        bad = aeng.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.8, seed=666))
+        good = aeng.generate(PROMPTS[0], good_params)
+        res = await asyncio.gather(good, bad, return_exceptions=True)
+        assert isinstance(res[1], RuntimeError) and "poisoned" in str(res[1])
+        assert res[0].output_token_ids == solo and res[0].finish_reason == "length"
+        await wait_until_idle(eng)
+    finally:
+        aeng.shutdown()
