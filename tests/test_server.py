@@ -332,6 +332,15 @@ def test_agent_runs_fill_the_step_token_and_run_metrics():
     assert 0 < samples["agentrt_prefix_cache_hit_rate"] < 1
 
 
+def test_agent_run_required_with_no_tools_is_400_like_the_chat_route():
+    with client(agent_llm()) as c:
+        err = assert_error(c.post("/agent/run", json={"task": "x", "tools": [], "tool_choice": "required"}), 400)
+        assert err["param"] == "tool_choice" and "at least one tool" in err["message"]
+        err = assert_error(c.post("/agent/run", content='{"task": "x", "temperature": NaN}',
+                                  headers={"content-type": "application/json"}), 400)
+        assert err["param"] == "temperature"
+
+
 def test_default_server_runs_no_file_tool():
     with TestClient(create_app(llm=ScriptedLLM([]))) as c:  # registry None: the default one
         names = {t["name"] for t in c.get("/tools").json()["tools"]}

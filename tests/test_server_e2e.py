@@ -240,3 +240,56 @@ async def test_remote_llm_agent_against_the_real_server(server):
     assert result.steps[0].ttft_s > 0
     if len(result.steps) > 1:  # cached tokens travel back in usage.prompt_tokens_details
         assert result.steps[1].cached_tokens >= result.steps[0].prompt_tokens
+
+
+@pytest.mark.parametrize("body, param, says", [
+    ({"stop": [""]}, "stop", "non-empty"),
+    ({"seed": 2**64, "temperature": 0.7}, "seed", "less than or equal to 18446744073709551615"),
+    ({"seed": -(2**63) - 1, "temperature": 0.7}, "seed", "greater than or equal to -9223372036854775808"),
+    ({"temperature": float("nan")}, "temperature", "finite number"),
+    ({"top_p": float("inf")}, "top_p", "finite number"),
+])
+def test_sampling_params_the_engine_cannot_use_are_400(server, body, param, says):
+    _, url = server
+    # written by hand: clients that send NaN / Infinity exist, though httpx's json= refuses them
+    r = httpx.post(url + "/v1/chat/completions", content=json.dumps({"messages": ASK, "max_tokens": 4, **body}),
+                   headers={"content-type": "application/json"}, timeout=120)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert param in (err.get("param") or err["message"]) and says in err["message"], err
+
+
+def _stream_text(c: httpx.Client, body: dict) -> tuple[str, list[str]]:
+    """(the streamed content, the finish reasons seen) of one chat stream; asserts it ended with [DONE]."""
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        events = sse_events(r.iter_lines())
+    assert events and events[-1][1] == "[DONE]", events[-3:]
+    chunks = [e for _, e in events[:-1]]
+    assert not any("error" in ch for ch in chunks), chunks
+    text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    return text, [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"] and ch["choices"][0]["finish_reason"]]
+
+
+def test_a_tiny_temperature_beside_a_stream_harms_neither(server):
+    """temperature 1e-40 once made torch.multinomial raise: a 500 for it, and the stream batched with
+    it was cut without a finish reason. Now both complete, and the stream equals its solo run."""
+    _, url = server
+    count = {"messages": [{"role": "user", "content": "Count from one to fifty in words."}], "max_tokens": 48}
+    with httpx.Client(base_url=url, timeout=300) as c:
+        solo = _stream_text(c, count)
+        results: dict[str, object] = {}
+
+        def hostile() -> None:
+            time.sleep(0.3)  # land while the stream decodes
+            for t in (1e-40, 1e-300):
+                results[t] = c.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 16,
+                                                                  "temperature": t, "seed": 5}).status_code
+
+        import threading
+
+        th = threading.Thread(target=hostile)
+        th.start()
+        beside = _stream_text(c, count)
+        th.join()
+    assert results == {1e-40: 200, 1e-300: 200}
+    assert beside == solo and solo[1] in (["length"], ["stop"])

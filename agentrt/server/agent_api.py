@@ -118,6 +118,9 @@ async def build_agent(state: ServerState, req: AgentRunRequest) -> tuple[Any, st
             raise APIError(400, f"unknown tool(s) {', '.join(map(repr, unknown))}; this server's tools: {known}",
                            param="tools", code="unknown_tool")
         registry = registry.subset(req.tools)
+    if req.tool_choice == "required" and not registry.names:
+        raise APIError(400, "tool_choice 'required' needs at least one tool in tools", param="tool_choice",
+                       code="invalid_value")
     output_type = None
     if req.output_schema is not None:
         schema = check_schema(req.output_schema, "output_schema")

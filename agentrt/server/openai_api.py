@@ -127,9 +127,9 @@ class ChunkWriter:
         return sse({**self.head, "choices": [], "usage": usage_json(usage)})
 
     @staticmethod
-    def error(message: str) -> str:
+    def error(message: str, code: str = "model_output_invalid") -> str:
         """The stream's last words when the model's output cannot be streamed on."""
-        err = APIError(502, message, type="server_error", code="model_output_invalid")
+        err = APIError(502 if code == "model_output_invalid" else 500, message, type="server_error", code=code)
         return sse(err.body()) + sse("[DONE]")
 
 
@@ -143,16 +143,20 @@ async def stream_chat(state: ServerState, plan: PromptPlan, stream: AsyncIterato
     completion: Completion | None = None
     try:
         yield chunks.delta({"role": "assistant", "content": ""})
-        async for chunk in resumed(stream, first):
-            try:
-                events = parser.feed(chunk.delta) if chunk.delta else []
-            except ValueError as e:  # output the grammar should not have let through
-                yield chunks.error(f"the model's output did not parse: {e}")
-                return
-            for ev in events:
-                made_calls = made_calls or isinstance(ev, ToolCallStart)
-                yield chunks.event(ev)
-            completion = chunk.completion or completion
+        try:
+            async for chunk in resumed(stream, first):
+                try:
+                    events = parser.feed(chunk.delta) if chunk.delta else []
+                except ValueError as e:  # output the grammar should not have let through
+                    yield chunks.error(f"the model's output did not parse: {e}")
+                    return
+                for ev in events:
+                    made_calls = made_calls or isinstance(ev, ToolCallStart)
+                    yield chunks.event(ev)
+                completion = chunk.completion or completion
+        except Exception as e:  # this request failed in the engine: end its own stream with the reason
+            yield chunks.error(f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
+            return
         if completion is None:
             yield chunks.error("the model stream ended without a completion")
             return

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the range a torch.Generator seed takes
 
 
 class _Loose(BaseModel):
@@ -86,13 +87,13 @@ class ChatCompletionRequest(_Loose):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=0, le=100000)  # vLLM / SGLang extension
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # what a 64-bit generator seed holds
     n: int = Field(default=1, ge=1, le=1)
     # Accepted so clients that send ``logprobs: false`` work; asking for them is a 400, not a silent None.
     logprobs: bool | None = None
@@ -112,6 +113,8 @@ class ChatCompletionRequest(_Loose):
     def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
+        if v == "" or (isinstance(v, list) and "" in v):
+            raise ValueError("stop sequences must be non-empty strings (an empty one would match everywhere)")
         return v
 
 
@@ -127,6 +130,6 @@ class AgentRunRequest(_Loose):
     max_steps: int = Field(default=8, ge=1, le=64)
     output_schema: dict[str, Any] | None = None
     system_prompt: str | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     max_tokens: int | None = Field(default=None, ge=1)
     stream: bool = False
