@@ -113,3 +113,28 @@ async def test_as_tools(tree: Path) -> None:
     assert res.is_error and res.content == "FileAccessError: '..' is not allowed in paths: '../outside.txt'"
     res = await reg.call(ToolCall(id="4", name="read_file", arguments={"path": "escape.txt"}))
     assert res.is_error and "top secret" not in res.content
+
+
+def test_hard_links_and_non_text_content_are_refused(tree: Path, tmp_path: Path) -> None:
+    """A hard link inside the root can name a file outside it, which no path check sees; and a file is
+    text by all of its content, not by its first 4 KiB."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret\n")
+    os.link(secret, tree / "linked.txt")
+    (tree / "late_nul.txt").write_bytes(b"a" * 5000 + b"\x00tail")
+    (tree / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    box = FileSandbox(tree)
+    with pytest.raises(FileAccessError, match="2 hard links"):
+        box.read("linked.txt")
+    with pytest.raises(FileAccessError, match="NUL"):
+        box.read("late_nul.txt")
+    with pytest.raises(FileAccessError, match="not UTF-8 text"):
+        box.read("latin1.txt")
+    (tree / "rows.csv").write_bytes(b"a,b\n1,\x002\n")
+    with pytest.raises(FileAccessError, match="NUL"):  # query_data reads through the same check
+        from agentrt.tools.data import load_records
+
+        load_records("rows.csv", box)
+    allowed = FileSandbox(tree, allow_hard_links=True, text_only=False)
+    assert allowed.read("linked.txt") == "top secret"
+    assert allowed.read("latin1.txt") == "caf\ufffd"

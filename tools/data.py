@@ -86,13 +86,7 @@ def load_records(source: str, sandbox: FileSandbox | None = None) -> list[dict[s
         return _parse_csv(text)
     if sandbox is None:
         raise ValueError("no folder is configured for data files; pass the data inline")
-    real = sandbox.resolve(text)
-    if not real.is_file():
-        raise FileNotFoundError(f"no file {text!r} (use list_files to see what exists)")
-    size = real.stat().st_size
-    if size > sandbox.max_file_bytes:
-        raise PermissionError(f"{text!r} is {size} bytes; the limit is {sandbox.max_file_bytes}")
-    content = real.read_text(encoding="utf-8-sig", errors="replace")  # -sig: Excel's BOM
+    real, content = sandbox.read_text(text)
     suffix = os.path.splitext(real.name)[1].lower()
     if suffix == ".json":
         return _parse_json(content)

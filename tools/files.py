@@ -33,10 +33,15 @@ class FileSandbox:
         max_entries: the most entries one listing returns.
         allow_hidden: whether names starting with "." (``.env``, ``.git``, ``.ssh``) may be
             listed and read; off by default because secrets live there.
+        allow_hard_links: whether a file with more than one hard link may be read; off by default,
+            because a hard link inside the root can name a file outside it, and no path check sees that.
+        text_only: refuse files that are not UTF-8 text by their content (a NUL byte anywhere, or bytes
+            that do not decode); off, such bytes are read with U+FFFD in their place.
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, max_file_bytes: int = 2_000_000,
-                 max_chars: int = 8_000, max_entries: int = 200, allow_hidden: bool = False):
+                 max_chars: int = 8_000, max_entries: int = 200, allow_hidden: bool = False,
+                 allow_hard_links: bool = False, text_only: bool = True):
         self._root = None if root is None else Path(root)
         if self._root is not None and not self._root.is_dir():
             raise NotADirectoryError(f"file tools root {str(root)!r} is not a folder")
@@ -44,6 +49,8 @@ class FileSandbox:
         self.max_chars = max_chars
         self.max_entries = max_entries
         self.allow_hidden = allow_hidden
+        self.allow_hard_links = allow_hard_links
+        self.text_only = text_only
 
     @property
     def root(self) -> Path:
@@ -72,10 +79,10 @@ class FileSandbox:
     def _hidden(rel: PurePath) -> bool:
         return any(part.startswith(".") for part in rel.parts)
 
-    def read(self, path: str, start_line: int = 1, max_lines: int = 200) -> str:
-        """Lines ``start_line``.. of a text file (at most ``max_lines`` and ``max_chars``)."""
-        if start_line < 1 or max_lines < 1:
-            raise ValueError("start_line and max_lines must be >= 1")
+    def read_text(self, path: str) -> tuple[Path, str]:
+        """(real path, whole text) of a file the sandbox lets the model read: a regular file inside the
+        root, within ``max_file_bytes``, with one hard link and text content (unless allowed otherwise).
+        A UTF-8 byte-order mark is dropped."""
         real = self.resolve(path)
         if not real.exists():
             raise FileNotFoundError(f"no file {path!r} (use list_files to see what exists)")
@@ -83,13 +90,27 @@ class FileSandbox:
             raise IsADirectoryError(f"{path!r} is a folder; use list_files")
         if not real.is_file():  # a FIFO or device would block or never end
             raise FileAccessError(f"{path!r} is not a regular file")
-        size = real.stat().st_size
-        if size > self.max_file_bytes:
-            raise FileAccessError(f"{path!r} is {size} bytes; the limit is {self.max_file_bytes}")
+        st = real.stat()
+        if st.st_nlink > 1 and not self.allow_hard_links:
+            raise FileAccessError(f"{path!r} has {st.st_nlink} hard links; one of them may lie outside the allowed "
+                                  "folder, so it is not read (FileSandbox(allow_hard_links=True) allows it)")
+        if st.st_size > self.max_file_bytes:
+            raise FileAccessError(f"{path!r} is {st.st_size} bytes; the limit is {self.max_file_bytes}")
         data = real.read_bytes()
-        if b"\x00" in data[:4096]:
-            raise FileAccessError(f"{path!r} is a binary file")
-        lines = data.decode("utf-8", errors="replace").splitlines()
+        if self.text_only:
+            if b"\x00" in data:
+                raise FileAccessError(f"{path!r} is a binary file (it contains NUL bytes)")
+            try:
+                return real, data.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise FileAccessError(f"{path!r} is not UTF-8 text (byte {e.start} does not decode)") from None
+        return real, data.decode("utf-8-sig", errors="replace")
+
+    def read(self, path: str, start_line: int = 1, max_lines: int = 200) -> str:
+        """Lines ``start_line``.. of a text file (at most ``max_lines`` and ``max_chars``)."""
+        if start_line < 1 or max_lines < 1:
+            raise ValueError("start_line and max_lines must be >= 1")
+        lines = self.read_text(path)[1].splitlines()
         if start_line > max(len(lines), 1):
             raise ValueError(f"{path!r} has only {len(lines)} lines; start_line must be <= {max(len(lines), 1)}")
         chosen = lines[start_line - 1:start_line - 1 + max_lines]
