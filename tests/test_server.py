@@ -238,6 +238,22 @@ def test_api_keys():
         assert c.get("/health").status_code == 200  # liveness stays open
 
 
+def test_openapi_docs_need_the_key_unless_public():
+    key = {"Authorization": "Bearer sekret"}
+    with client(ScriptedLLM([]), api_keys=["sekret"]) as c:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert_error(c.get(path), 401, "invalid_api_key")
+            assert c.get(path, headers=key).status_code == 200, path
+        schema = c.get("/openapi.json", headers=key).json()
+        assert "/v1/chat/completions" in schema["paths"] and "/docs" not in schema["paths"]
+        assert "/openapi.json" in c.get("/docs", headers=key).text
+    with client(ScriptedLLM([]), api_keys=["sekret"], public_docs=True) as c:
+        assert all(c.get(path).status_code == 200 for path in ("/openapi.json", "/docs", "/redoc"))
+        assert_error(c.get("/v1/models"), 401)
+    with client(ScriptedLLM([])) as c:  # no keys: nothing to protect
+        assert c.get("/openapi.json").status_code == 200
+
+
 async def test_full_queue_answers_429_with_retry_after():
     llm = SlowLLM(delay_s=0.02)
     app = create_app(llm=llm, registry=make_registry(), max_concurrent=1, max_queue=1)

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also offer the built-in file and data tools, confined to DIR")
     parser.add_argument("--api-key", action="append", metavar="KEY",
                         help="require 'Authorization: Bearer KEY' (repeatable; also $AGENTRT_API_KEYS, comma-separated)")
+    parser.add_argument("--public-docs", action="store_true",
+                        help="with --api-key, still serve /docs, /redoc and /openapi.json without a key")
     parser.add_argument("--max-concurrent", type=int, default=32, help="requests served at once (default 32)")
     parser.add_argument("--max-queue", type=int, default=128,
                         help="requests waiting beyond those; more get 429 + Retry-After (default 128)")
@@ -71,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(
         llm=llm, registry=registry, api_keys=keys, model=args.model, model_name=args.model_name,
         max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+        public_docs=args.public_docs,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

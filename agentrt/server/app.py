@@ -7,14 +7,15 @@ from typing import Any, AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from agentrt.llm import LLM
 from agentrt.server import agent_api, openai_api
 from agentrt.server.errors import install_error_handlers
 from agentrt.server.limits import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUE, AdmissionQueue,
-                                   BodySizeLimit)
+                                   BodySizeLimit, check_api_key)
 from agentrt.server.metrics import RequestMetrics
 from agentrt.server.state import ServerState, server_state
 
@@ -46,13 +47,15 @@ def create_app(
     model_name: str | None = None,
     model: str | None = None,
     retry_after_s: int = 1,
+    public_docs: bool = False,
 ) -> FastAPI:
     """Build the server app.
 
     ``llm``: the model behind every route; None builds ``LocalLLM(model)`` in ``lifespan``
     (``model`` None = the embedded SmolLM2). ``registry``: the tools ``/agent/run`` may run
     (None = the built-in tools that read no files, see `default_server_registry`). ``api_keys``: if given, every route but
-    ``/health`` and ``/metrics`` needs ``Authorization: Bearer <key>``. At most
+    ``/health`` and ``/metrics`` needs ``Authorization: Bearer <key>``, the OpenAPI docs (``/docs``,
+    ``/redoc``, ``/openapi.json``) too unless ``public_docs``. At most
     ``max_concurrent`` requests run at once and ``max_queue`` wait; more get 429.
     """
     if isinstance(api_keys, str):
@@ -77,8 +80,12 @@ def create_app(
             if engine is not None and hasattr(engine, "shutdown"):
                 engine.shutdown()
 
+    docs_open = public_docs or not state.api_keys
     app = FastAPI(title="agentrt", version="0.1.0", lifespan=lifespan,
-                  description="Agent runs with grammar-constrained tool calls, and an OpenAI-compatible chat API.")
+                  description="Agent runs with grammar-constrained tool calls, and an OpenAI-compatible chat API.",
+                  **({} if docs_open else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
+    if not docs_open:
+        app.include_router(_docs_behind_the_key(app))
     app.state.agentrt = state
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)  # added last: outermost, counts the 413s too
@@ -87,6 +94,26 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(agent_api.router)
     return app
+
+
+def _docs_behind_the_key(app: FastAPI) -> APIRouter:
+    """``/openapi.json``, ``/docs`` and ``/redoc`` answered only with a valid API key: the schema lists every
+    route and tool, which a server that asks for keys does not show to anyone."""
+    docs = APIRouter(dependencies=[Depends(check_api_key)], include_in_schema=False)
+
+    @docs.get("/openapi.json")
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @docs.get("/docs")
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="agentrt - docs")
+
+    @docs.get("/redoc")
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="agentrt - ReDoc")
+
+    return docs
 
 
 def default_server_registry(files_root: str | None = None) -> Any:
