@@ -49,9 +49,12 @@ def known_llm_error(exc: BaseException) -> APIError | None:
     """The `APIError` of an engine, grammar or upstream failure that the request caused
     (or that the upstream model server answered), None for anything else (a bug: 500)."""
     try:  # imported lazily: the engine pulls in torch, and a RemoteLLM server has none
-        from agentrt.engine.grammar.errors import GrammarCompileError, UnsupportedSchemaError
+        from agentrt.engine.grammar.errors import GrammarBusyError, GrammarCompileError, UnsupportedSchemaError
     except ImportError:  # grammar not built: nothing of it can be raised either
-        GrammarCompileError = UnsupportedSchemaError = None  # type: ignore[assignment,misc]
+        GrammarBusyError = GrammarCompileError = UnsupportedSchemaError = None  # type: ignore[assignment,misc]
+    if GrammarBusyError is not None and isinstance(exc, GrammarBusyError):  # the server's state, not the schema
+        return APIError(503, str(exc), type="server_error", code="grammar_compiler_busy",
+                        headers={"Retry-After": str(exc.retry_after_s)})
     try:
         from agentrt.engine.grammar.budget import BudgetError
     except ImportError:

@@ -5,16 +5,17 @@ token automaton (outlines-core ``Index``) -> per-request matcher (the engine's T
     grammar = compiler.compile_json_schema(schema)        # cached in memory and on disk
     engine.add_request(prompt, params, constraint=grammar.matcher(max_tokens=params.max_tokens))
 """
-from .automaton import ByteAutomaton
+from .automaton import ByteAutomaton, configure_compiles
 from .budget import BudgetError, TokenDistances
 from .compiler import CompiledGrammar, GrammarCompiler, default_cache_dir
-from .errors import GrammarCompileError, UnsupportedSchemaError
+from .errors import GrammarBusyError, GrammarCompileError, UnsupportedSchemaError
 from .matcher import GrammarMatcher
 from .schema_regex import schema_to_regex
 from .vocab import TokenVocab, vocab_from_tokenizer
 
 __all__ = [
-    "BudgetError", "ByteAutomaton", "CompiledGrammar", "GrammarCompileError", "GrammarCompiler", "GrammarMatcher",
+    "BudgetError", "ByteAutomaton", "CompiledGrammar", "GrammarBusyError", "GrammarCompileError", "GrammarCompiler",
+    "GrammarMatcher", "configure_compiles",
     "TokenDistances", "TokenVocab", "UnsupportedSchemaError", "default_cache_dir", "schema_to_regex",
     "vocab_from_tokenizer",
 ]

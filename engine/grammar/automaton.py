@@ -9,17 +9,28 @@ every language prefix-free; "may end here" = "the sentinel token leads to an acc
 ``Index`` construction runs in Rust and cannot be interrupted from Python, so when a time
 limit is given it runs in a forked child process that is killed at the deadline (a run-away
 compile then costs nothing after the error). The index comes back pickled.
+
+Compiles are bounded together, not only one by one (`CompileGate`): at most ``max_concurrent``
+run at once (``$AGENTRT_GRAMMAR_COMPILES``, default 2), each child may allocate at most its share
+of ``$AGENTRT_GRAMMAR_COMPILE_MEMORY_MB`` (default 2048, so 1 GiB each), at most ``max_waiting``
+more wait for a slot, and anything beyond is refused with `GrammarBusyError` at once.
 """
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import pickle
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 from outlines_core import Index, Vocabulary
 
-from .errors import GrammarCompileError
+from .errors import GrammarBusyError, GrammarCompileError
 
 
 SENTINEL = "\U0010FFFF"
@@ -63,7 +74,71 @@ class TokenIndex:
         return nxt is not None and self.index.is_final_state(nxt)
 
 
-_CHILD_MEMORY_BYTES = 2 << 30  # what a compile may allocate beyond the forked parent's address space
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"${name}={raw!r}: give a whole number") from None
+    if value < 1:
+        raise ValueError(f"${name}={raw!r}: must be >= 1")
+    return value
+
+
+class CompileGate:
+    """Admission for the automaton compiles of this process: ``max_concurrent`` at once, each child
+    capped at ``memory_bytes // max_concurrent`` of new memory, ``max_waiting`` queued behind them."""
+
+    def __init__(self, max_concurrent: int | None = None, memory_bytes: int | None = None,
+                 max_waiting: int | None = None):
+        self.max_concurrent = max_concurrent or _env_int("AGENTRT_GRAMMAR_COMPILES", 2)
+        self.memory_bytes = memory_bytes or _env_int("AGENTRT_GRAMMAR_COMPILE_MEMORY_MB", 2048) << 20
+        self.max_waiting = max_waiting if max_waiting is not None else 4 * self.max_concurrent
+        self.running = 0
+        self.waiting = 0
+        self._cond = threading.Condition()
+
+    @property
+    def child_memory_bytes(self) -> int:
+        """New memory one compile's child may allocate (its share of the total)."""
+        return self.memory_bytes // self.max_concurrent
+
+    @contextmanager
+    def slot(self, timeout_s: float | None) -> Iterator[float | None]:
+        """Hold a compile slot; yields the time left of ``timeout_s`` after the wait for it."""
+        t0 = time.perf_counter()
+        with self._cond:
+            if self.running >= self.max_concurrent:
+                if self.waiting >= self.max_waiting:
+                    raise GrammarBusyError(f"all {self.max_concurrent} grammar compile slots are busy and "
+                                           f"{self.waiting} compiles are already waiting; try again shortly")
+                self.waiting += 1
+                try:
+                    free = self._cond.wait_for(lambda: self.running < self.max_concurrent, timeout=timeout_s)
+                finally:
+                    self.waiting -= 1
+                if not free:
+                    raise GrammarBusyError(f"no grammar compile slot came free within the {timeout_s:g}s time "
+                                           "limit (other compiles hold them); try again shortly")
+            self.running += 1
+        try:
+            yield None if timeout_s is None else timeout_s - (time.perf_counter() - t0)
+        finally:
+            with self._cond:
+                self.running -= 1
+                self._cond.notify()
+
+
+gate = CompileGate()
+
+
+def configure_compiles(max_concurrent: int | None = None, memory_mb: int | None = None,
+                       max_waiting: int | None = None) -> CompileGate:
+    """Replace this process's compile limits (unset values from the environment / defaults); the
+    compiles already running keep their slots in the old gate."""
+    global gate
+    gate = CompileGate(max_concurrent, None if memory_mb is None else memory_mb << 20, max_waiting)
+    return gate
 
 
 def _cap_memory(extra_bytes: int) -> None:
@@ -79,8 +154,14 @@ def _cap_memory(extra_bytes: int) -> None:
         pass
 
 
-def _child(regex: str, vocabulary: Vocabulary, conn) -> None:  # noqa: ANN001
-    _cap_memory(_CHILD_MEMORY_BYTES)
+def _child(regex: str, vocabulary: Vocabulary, conn, memory_bytes: int) -> None:  # noqa: ANN001
+    # the allocator's own "memory allocation of N bytes failed" (and faulthandler's dump of the abort
+    # that follows) would land on the server's stderr; the parent reports the failure instead, with
+    # the limit that caused it
+    faulthandler.disable()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    _cap_memory(memory_bytes)
     try:
         payload = pickle.dumps(("ok", Index(regex, vocabulary)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -94,39 +175,55 @@ def _child(regex: str, vocabulary: Vocabulary, conn) -> None:  # noqa: ANN001
 
 def build_index(regex: str, vocabulary: Vocabulary, width: int, timeout_s: float | None) -> TokenIndex:
     """Compile ``regex`` over ``vocabulary`` (made by outlines_vocabulary(..., width));
-    GrammarCompileError on failure or timeout."""
+    GrammarCompileError on failure or timeout, GrammarBusyError when no compile slot is free."""
     return TokenIndex(_build(f"(?:{regex}){_SENTINEL_RE}", vocabulary, timeout_s), width)
 
 
 def _build(regex: str, vocabulary: Vocabulary, timeout_s: float | None) -> Index:
-    if timeout_s is None:
-        try:
-            return Index(regex, vocabulary)
-        except Exception as e:  # noqa: BLE001
-            raise GrammarCompileError(f"the schema's regex could not be compiled: {e}") from None
+    g = gate
+    with g.slot(timeout_s) as left:
+        if left is None:
+            try:
+                return Index(regex, vocabulary)
+            except Exception as e:  # noqa: BLE001
+                raise GrammarCompileError(f"the schema's regex could not be compiled: {e}") from None
+        return _build_in_child(regex, vocabulary, timeout_s, left, g.child_memory_bytes)
+
+
+def _build_in_child(regex: str, vocabulary: Vocabulary, timeout_s: float, left: float, memory_bytes: int) -> Index:
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(regex, vocabulary, send), daemon=True)
+    proc = ctx.Process(target=_child, args=(regex, vocabulary, send, memory_bytes), daemon=True)
     proc.start()
     send.close()
     try:
-        if not recv.poll(timeout_s):
+        if not recv.poll(max(left, 0.0)):
             raise GrammarCompileError(
-                f"compiling the schema took longer than {timeout_s:g}s and was stopped "
+                f"compiling the schema took longer than its {timeout_s:g}s limit and was stopped "
                 "(simplify it: fewer alternatives, smaller enums/maxLength/maxItems, or raise timeout_s)"
             )
         try:
             status, value = pickle.loads(recv.recv_bytes())
         except EOFError:
-            raise GrammarCompileError("the grammar compiler process died (out of memory?)") from None
+            proc.join(5)
+            raise GrammarCompileError(_died(proc.exitcode, memory_bytes)) from None
     finally:
         if proc.is_alive():
             proc.kill()
         proc.join()
         recv.close()
     if status != "ok":
+        if "memory" in value.lower() or "alloc" in value.lower():
+            raise GrammarCompileError(_died(None, memory_bytes) + f" ({value})")
         raise GrammarCompileError(f"the schema's regex could not be compiled: {value}")
     return value
+
+
+def _died(exitcode: int | None, memory_bytes: int) -> str:
+    how = "" if exitcode is None or exitcode >= 0 else f" (killed by {signal.Signals(-exitcode).name})"
+    return (f"the grammar compile stopped{how}, most likely over the {memory_bytes / (1 << 30):.3g} GiB of memory "
+            "a compile may use: simplify the schema (fewer alternatives, bounded repeats such as [ab]{22} after a *), or raise "
+            "$AGENTRT_GRAMMAR_COMPILE_MEMORY_MB")
 
 
 class ByteAutomaton:

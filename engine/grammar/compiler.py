@@ -1,25 +1,25 @@
 """GrammarCompiler (one per model/tokenizer) -> CompiledGrammar (one per schema, shared by
 requests) -> GrammarMatcher (one per request; see matcher.py).
 
-Compiled grammars are cached in memory (LRU) and on disk, keyed by the tokenizer's content
-hash and the schema's hash, so a second compile of a schema costs a dict look-up.
+Compiled grammars are cached in memory (LRU) and on disk (LRU under a size cap, see disk_cache.py),
+keyed by the tokenizer's content hash and the schema's hash, so a second compile of a schema costs a
+dict look-up.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import pickle
 import threading
 import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .automaton import build_index, outlines_vocabulary
+from .disk_cache import DiskCache
 from .errors import GrammarCompileError
 from .schema_regex import schema_to_regex
 from .vocab import TokenVocab, vocab_from_tokenizer
@@ -225,11 +225,13 @@ class GrammarCompiler:
     """Compiles JSON Schemas to token automata for one tokenizer (build once per model)."""
 
     def __init__(self, vocab: TokenVocab, encode, cache_dir: str | None = None,  # noqa: ANN001
-                 memory_cache_size: int = 256):
+                 memory_cache_size: int = 256, cache_max_bytes: int | None = None):
         self.vocab = vocab
         self._encode = encode
         self._vocabulary = outlines_vocabulary(vocab.token_bytes, vocab.vocab_size)
-        self.cache_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()) / vocab.hash
+        # one space per tokenizer; the size cap (None: $AGENTRT_GRAMMAR_CACHE_MB, default 256 MB) spans them all
+        self.disk_cache = DiskCache(cache_dir if cache_dir is not None else default_cache_dir(), vocab.hash,
+                                    cache_max_bytes)
         self._memory: OrderedDict[str, CompiledGrammar] = OrderedDict()
         self._memory_size = memory_cache_size
         self._lock = threading.Lock()
@@ -267,14 +269,7 @@ class GrammarCompiler:
                 self._memory.move_to_end(key)
                 hit.from_cache = "memory"
                 return hit
-        regex, unenforced, index = None, [], None
-        path = self.cache_dir / f"{key}.pkl"
-        if path.exists():
-            try:
-                with open(path, "rb") as f:
-                    regex, unenforced, index = pickle.load(f)
-            except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
-                index = None
+        regex, unenforced, index = self.disk_cache.load(key) or (None, [], None)
         source = "disk" if index is not None else ""
         if index is None:
             regex, unenforced = schema_to_regex(schema, lenient=lenient, timeout_s=timeout_s)
@@ -282,7 +277,7 @@ class GrammarCompiler:
             if left is not None and left <= 0:
                 raise GrammarCompileError(f"compiling the schema took longer than {timeout_s:g}s and was stopped")
             index = build_index(regex, self._vocabulary, self.vocab.vocab_size, left)
-            self._save(path, (regex, unenforced, index))
+            self.disk_cache.save(key, (regex, unenforced, index))
         grammar = CompiledGrammar(schema, regex, index, self.vocab, self._encode, unenforced, lenient)
         grammar.compile_s = time.perf_counter() - t0
         grammar.from_cache = source
@@ -291,13 +286,3 @@ class GrammarCompiler:
             while len(self._memory) > self._memory_size:
                 self._memory.popitem(last=False)
         return grammar
-
-    def _save(self, path: Path, payload: tuple) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache dir only costs recompiles

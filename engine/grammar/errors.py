@@ -26,3 +26,12 @@ class GrammarCompileError(ValueError):
 class UnsatisfiableSchemaError(GrammarCompileError):
     """No JSON value satisfies the schema (e.g. ``required`` lists every property while a
     ``oneOf`` demands exactly one of them): there is nothing a grammar could let the model write."""
+
+
+class GrammarBusyError(GrammarCompileError):
+    """Every compile slot is taken and the wait queue is full (or the wait ran past the time limit):
+    nothing is wrong with the schema; try again in ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int = 2):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -1,0 +1,102 @@
+"""The compiled grammars' disk cache: pickles under one root folder, bounded in bytes, least recently
+used evicted first.
+
+Any client of a server can send new schemas, and one compiled grammar can take tens of MB, so the
+folder has a size cap (``$AGENTRT_GRAMMAR_CACHE_MB``, default 256). A read marks its entry as used
+(mtime); a write that takes the folder over the cap deletes the least recently used entries until it
+fits again. Several processes may share the folder: writes go to a unique temporary name and are
+renamed into place (atomic), and an entry another process deleted or is replacing is just a miss.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MAX_BYTES = 256 << 20
+MAX_BYTES_ENV = "AGENTRT_GRAMMAR_CACHE_MB"
+
+
+def max_bytes_from_env() -> int:
+    """``$AGENTRT_GRAMMAR_CACHE_MB`` in bytes, else the default (256 MB); 0 turns the disk cache off."""
+    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"${MAX_BYTES_ENV}={raw!r}: give the cache's size cap in MB (0 = no disk cache)") from None
+    if mb < 0:
+        raise ValueError(f"${MAX_BYTES_ENV}={raw!r}: the size cap cannot be negative")
+    return int(mb * (1 << 20))
+
+
+class DiskCache:
+    """Pickled entries ``<root>/<space>/<key>.pkl``; the cap counts every space under ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str], space: str, max_bytes: int | None = None):
+        self.root = Path(root)
+        self.folder = self.root / space
+        self.max_bytes = max_bytes_from_env() if max_bytes is None else max_bytes
+        self._lock = threading.Lock()
+
+    def load(self, key: str) -> Any | None:
+        """The entry under ``key``, or None (absent, unreadable, or the cache is off)."""
+        path = self.folder / f"{key}.pkl"
+        if self.max_bytes <= 0:
+            return None
+        try:
+            with open(path, "rb") as f:
+                value = pickle.load(f)
+            os.utime(path)  # recently used: evicted last
+            return value
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - a corrupt or half-deleted entry is a miss; it is rebuilt
+            return None
+
+    def save(self, key: str, value: Any) -> None:
+        """Store ``value`` (best effort: a read-only or full disk only costs recompiles), then evict."""
+        if self.max_bytes <= 0:
+            return
+        path = self.folder / f"{key}.pkl"
+        tmp = self.folder / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            if len(data) > self.max_bytes:
+                return  # it would evict everything else and still not fit
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return
+        self.evict()
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(last used, bytes, path) of every entry under the root."""
+        out = []
+        for path in self.root.glob("*/*.pkl"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, path))
+        return out
+
+    def size_bytes(self) -> int:
+        return sum(size for _, size, _ in self.entries())
+
+    def evict(self) -> None:
+        """Delete the least recently used entries until the root is within ``max_bytes``."""
+        with self._lock:
+            entries = sorted(self.entries())
+            total = sum(size for _, size, _ in entries)
+            for _, size, path in entries:
+                if total <= self.max_bytes:
+                    break
+                path.unlink(missing_ok=True)
+                total -= size

