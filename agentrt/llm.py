@@ -7,9 +7,11 @@ engine in-process; `RemoteLLM` talks to any OpenAI-compatible server.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any, AsyncIterator, Literal, Protocol, runtime_checkable
 
+import anyio
 from pydantic import BaseModel, Field
 
 from agentrt.types import Usage
@@ -124,6 +126,7 @@ class LocalLLM:
         # tool on 2 cores); compiled grammars are then cached on disk, so only the first run pays.
         self.grammar_timeout_s = grammar_timeout_s
         self._transcripts: OrderedDict[str, list[int]] = OrderedDict()  # rendered text -> its tokens
+        self._transcripts_lock = threading.Lock()
         self.max_remembered_transcripts = 256
 
     @property
@@ -148,11 +151,12 @@ class LocalLLM:
         return self._encode_prompt(self._render(messages))
 
     def _encode_prompt(self, text: str) -> list[int]:
-        key = max((k for k in self._transcripts if text.startswith(k)), key=len, default="")
-        if not key:
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        self._transcripts.move_to_end(key)
-        return self._transcripts[key] + self.tokenizer.encode(text[len(key):], add_special_tokens=False)
+        with self._transcripts_lock:  # prompts are encoded in worker threads
+            key = max((k for k in self._transcripts if text.startswith(k)), key=len, default="")
+            known = self._transcripts[key] if key else []
+            if key:
+                self._transcripts.move_to_end(key)
+        return known + self.tokenizer.encode(text[len(key):], add_special_tokens=False)
 
     def _render(self, messages: list[ChatMessage]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -164,9 +168,10 @@ class LocalLLM:
             generated.pop()
         # Only when the tokens spell exactly the returned text (not cut by a stop string).
         if self.tokenizer.decode(generated, skip_special_tokens=False) == out.text:
-            self._transcripts[prompt_text + out.text] = prompt_ids + generated
-            while len(self._transcripts) > self.max_remembered_transcripts:
-                self._transcripts.popitem(last=False)
+            with self._transcripts_lock:
+                self._transcripts[prompt_text + out.text] = prompt_ids + generated
+                while len(self._transcripts) > self.max_remembered_transcripts:
+                    self._transcripts.popitem(last=False)
 
     def compile(self, json_schema: dict[str, Any]) -> Any:
         """Compile (or fetch from cache) the grammar of ``json_schema``; raises
@@ -175,6 +180,23 @@ class LocalLLM:
 
     def stats(self) -> Any:
         return self.sync_engine.stats()
+
+    def close(self) -> None:
+        """Stop the engine's loop thread (open streams end with finish_reason "abort"). Programs that
+        never call it still exit cleanly: every engine left running is stopped at interpreter exit."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LocalLLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> LocalLLM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await anyio.to_thread.run_sync(self.close)
 
     async def complete(
         self,
@@ -192,13 +214,12 @@ class LocalLLM:
         json_schema: dict[str, Any] | None = None,
         params: GenerationParams | None = None,
     ) -> AsyncIterator[CompletionChunk]:
-        import anyio
-
         from agentrt.engine import SamplingParams
 
         params = params or GenerationParams()
-        prompt_text = self._render(messages)
-        prompt = self._encode_prompt(prompt_text)
+        # rendering and tokenizing grow with the transcript: off the event loop
+        prompt_text = await anyio.to_thread.run_sync(self._render, messages)
+        prompt = await anyio.to_thread.run_sync(self._encode_prompt, prompt_text)
         constraint = None
         if json_schema is not None:
             # Compiling can take a while on a cold cache: keep the event loop free.

@@ -80,3 +80,16 @@ def test_a_full_queue_is_refused_at_once_and_a_long_wait_by_the_time_limit(limit
     index = automaton.build_index("a", vocab, 1, 5.0)  # free again
     assert index.is_final(index.next_state(index.initial_state(), 0))
     assert gate.running == 0 and gate.waiting == 0
+
+
+def test_a_schema_nested_past_the_limit_is_refused_by_number():
+    from agentrt.engine.grammar import schema_to_regex
+
+    deep: dict = {"type": "integer"}
+    for _ in range(40):
+        deep = {"anyOf": [deep, {"type": "string", "maxLength": 1}]}  # 81 levels: fine
+    assert schema_to_regex(deep)[0]
+    for _ in range(30):
+        deep = {"anyOf": [deep]}
+    with pytest.raises(GrammarCompileError, match="nests 141 levels of objects and arrays deep; the limit is 128"):
+        schema_to_regex(deep)

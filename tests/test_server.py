@@ -451,3 +451,48 @@ def test_disconnect_cancels_a_streamed_agent_run():
                 anyio.run(anyio.sleep, 0.05)
     assert llm.started == 1 and llm.closed_early == 1 and llm.finished == 0
     assert app.state.agentrt.queue.running == 0
+
+
+def test_prompts_are_tokenized_off_the_event_loop():
+    """Tokenizing a long prompt takes a while (a 1 MB one stalled /health for ~0.8 s when it ran on the
+    event loop): the chat route and /agent/run count tokens in a worker thread."""
+    import asyncio
+
+    class Counting(ScriptedLLM):
+        sync_engine = type("Engine", (), {"max_model_len": 4096})()
+
+        def prompt_token_ids(self, messages):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(True)
+            except RuntimeError:  # no loop runs in this thread
+                on_loop.append(False)
+            return [0] * 10
+
+    on_loop: list[bool] = []
+    with client(Counting(["ok", {"answer": "done"}])) as c:
+        assert c.post("/v1/chat/completions", json={"messages": USER}).status_code == 200
+        assert c.post("/agent/run", json={"task": "x", "tools": ["add"]}).status_code == 200
+    assert on_loop == [False, False]
+
+
+def test_unparsable_bodies_say_what_is_wrong():
+    with client(ScriptedLLM([])) as c:
+        post = lambda body: c.post("/v1/chat/completions", content=body,  # noqa: E731
+                                   headers={"content-type": "application/json"})
+        err = assert_error(post("[" * 100_000 + "]" * 100_000), 400, "nests JSON deeper", "levels")
+        assert err["code"] == "too_deep"
+        err = assert_error(post(b'{"messages": "\xff\xfe"}'), 400, "not UTF-8")
+        assert err["code"] == "invalid_encoding"
+        err = assert_error(post(b'{"messages": '), 400)
+        assert err["code"] == "invalid_json"
+
+
+def test_a_schema_nested_past_the_limit_is_refused_by_number():
+    deep: dict = {"type": "string"}
+    for _ in range(70):  # 141 levels of objects and arrays
+        deep = {"anyOf": [deep]}
+    with client(ScriptedLLM([])) as c:
+        err = assert_error(c.post("/v1/chat/completions", json={"messages": USER, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": deep}}}), 400, "more than 128 levels")
+        assert err["param"] == "response_format.json_schema.schema"

@@ -123,13 +123,14 @@ async def build_agent(state: ServerState, req: AgentRunRequest) -> tuple[Any, st
                        code="invalid_value")
     output_type = None
     if req.output_schema is not None:
-        schema = check_schema(req.output_schema, "output_schema")
+        schema = await anyio.to_thread.run_sync(check_schema, req.output_schema, "output_schema")
         await _compiles(state.llm, schema)
         output_type = schema_output_type(schema)
     check_max_tokens(state.llm, req.max_tokens)
     params = GenerationParams(max_tokens=req.max_tokens or 256,
                               temperature=0.0 if req.temperature is None else req.temperature)
-    _check_first_prompt_fits(state.llm, task, registry, req, output_type, params)
+    # tokenizing a long task is CPU work: off the event loop
+    await anyio.to_thread.run_sync(_check_first_prompt_fits, state.llm, task, registry, req, output_type, params)
     try:
         agent = Agent(state.llm, registry, system_prompt=req.system_prompt, tool_choice=req.tool_choice,
                       parallel_tool_calls=req.parallel_tool_calls, max_steps=req.max_steps,

@@ -76,9 +76,8 @@ def create_app(
         try:
             yield
         finally:
-            engine = getattr(owned, "engine", None)
-            if engine is not None and hasattr(engine, "shutdown"):
-                engine.shutdown()
+            if owned is not None:
+                owned.close()
 
     docs_open = public_docs or not state.api_keys
     app = FastAPI(title="agentrt", version="0.1.0", lifespan=lifespan,

@@ -18,6 +18,7 @@ from agentrt.server.request_models import ChatCompletionRequest, ChatMessageIn, 
 from agentrt.types import Message, ToolCall, ToolSpec
 
 MAX_TOKENS_CAP = 32768  # when the LLM does not say its context length
+MAX_SCHEMA_DEPTH = 128  # levels of objects and arrays in a request's schema (the grammar compiler's limit too)
 
 
 def _text_of(content: str | list[ContentPart] | None, where: str) -> str | None:
@@ -63,6 +64,13 @@ def check_schema(schema: Any, param: str) -> dict[str, Any]:
 
     if not isinstance(schema, dict):
         raise APIError(400, f"{param} must be a JSON Schema object", param=param, code="invalid_schema")
+    depth, level = 0, [schema]
+    while level and depth <= MAX_SCHEMA_DEPTH:  # checked before the recursive meta-schema validation
+        level = [c for v in level if isinstance(v, (dict, list)) for c in (v.values() if isinstance(v, dict) else v)]
+        depth += 1
+    if depth > MAX_SCHEMA_DEPTH:
+        raise APIError(400, f"{param} nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep; that is "
+                       "the limit", param=param, code="invalid_schema")
     try:
         jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
     except jsonschema.SchemaError as e:
@@ -175,3 +183,10 @@ def generation_params(llm: Any, plan: PromptPlan, req: ChatCompletionRequest) ->
                            param="messages", code="context_length_exceeded")
         params.max_tokens = limit - n  # the default budget shrinks to what fits
     return params
+
+
+def checked_request(llm: Any, req: ChatCompletionRequest) -> tuple[PromptPlan, GenerationParams]:
+    """`chat_plan` and `generation_params` together: the request's whole check, schema validation and
+    prompt tokenization included. CPU work that grows with the request: routes run it in a worker thread."""
+    plan = chat_plan(req)
+    return plan, generation_params(llm, plan, req)

@@ -7,6 +7,7 @@ prompt over the context window), answer in that shape with a status saying whose
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -114,6 +115,18 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, "invalid request: " + "; ".join(parts) + more, param=param, code="invalid_value")
 
 
+def body_parse_error(cause: BaseException | None) -> APIError | None:
+    """What was wrong with a body FastAPI could not parse (it says only "There was an error parsing the
+    body" and keeps the reason as the exception's cause)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return APIError(400, f"the request body is not UTF-8 text ({cause.encoding} cannot decode byte "
+                        f"{cause.start}); send JSON encoded as UTF-8", code="invalid_encoding")
+    if isinstance(cause, RecursionError):
+        return APIError(400, "the request body nests JSON deeper than the parser's limit (about "
+                        f"{sys.getrecursionlimit()} levels of arrays and objects); flatten it", code="too_deep")
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every exception a route can raise -> an OpenAI-style error response."""
 
@@ -127,6 +140,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        unparsable = body_parse_error(exc.__cause__)
+        if exc.status_code == 400 and unparsable is not None:
+            return unparsable.response()
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), type=kind, code=kind,
                         headers=dict(exc.headers or {})).response()

@@ -13,12 +13,13 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from starlette.background import BackgroundTask
 
 from agentrt.llm import Completion, CompletionChunk
 from agentrt.prompting import PromptPlan, compact_json, parse_turn
-from agentrt.server.chat_request import chat_plan, generation_params
+from agentrt.server.chat_request import checked_request
 from agentrt.server.errors import APIError
 from agentrt.server.limits import QueueTicket, check_api_key
 from agentrt.server.request_models import ChatCompletionRequest
@@ -41,8 +42,8 @@ async def models(state: ServerState = Depends(get_state)) -> dict[str, Any]:
 async def chat_completions(req: ChatCompletionRequest, request: Request,
                            state: ServerState = Depends(get_state)) -> Any:
     """OpenAI-compatible chat completions with grammar-constrained tool calls."""
-    plan = chat_plan(req)
-    params = generation_params(state.llm, plan, req)
+    # off the event loop: a long prompt takes a while to tokenize, and /health must not wait for it
+    plan, params = await anyio.to_thread.run_sync(checked_request, state.llm, req)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     ticket = await state.queue.acquire()

@@ -26,6 +26,7 @@ must be checkable; its regex -> token index (``Index``) is used for the token au
 from __future__ import annotations
 
 import json
+import sys
 import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -99,6 +100,10 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
 
     if not isinstance(schema, (dict, bool)):
         raise GrammarCompileError(f"a JSON Schema must be an object or a boolean, got {type(schema).__name__}")
+    depth = nesting_depth(schema)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise GrammarCompileError(f"the schema nests {depth} levels of objects and arrays deep; the limit is "
+                                  f"{MAX_SCHEMA_DEPTH}")
     deadline = None if timeout_s is None else time.perf_counter() + timeout_s
     if isinstance(schema, dict) and any(d in str(schema.get("$schema", "")) for d in ("2019-09", "2020-12")):
         # draft 2019-09 replaced "dependencies" by dependentRequired/dependentSchemas: now an unknown keyword
@@ -107,12 +112,26 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
     try:
         regex = _node(schema, ctx, "")
     except RecursionError:
-        raise GrammarCompileError("the schema nests too deeply (or allOf/$ref refer to themselves)") from None
+        raise GrammarCompileError(f"the schema's references unroll deeper than Python's recursion limit "
+                                  f"({sys.getrecursionlimit()} frames): allOf/$ref refer to themselves, or "
+                                  f"nest too many levels after unrolling") from None
     if ctx.problems and not lenient:
         raise UnsupportedSchemaError(ctx.problems)
     if regex is None:
         raise UnsatisfiableSchemaError("no JSON value satisfies this schema (as far as the grammar can tell)")
     return regex, ctx.problems
+
+
+MAX_SCHEMA_DEPTH = 128  # JSON containers; the compile recurses a few frames per level of them
+
+
+def nesting_depth(value: Any) -> int:
+    """Levels of nested JSON objects and arrays in ``value`` (0 for a scalar), without recursion."""
+    depth, level = 0, [value]
+    while level:
+        level = [c for v in level if isinstance(v, (dict, list)) for c in (v.values() if isinstance(v, dict) else v)]
+        depth += 1
+    return depth - 1
 
 
 def _without_key(x: Any, key: str) -> Any:
