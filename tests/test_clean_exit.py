@@ -43,3 +43,42 @@ def test_the_langchain_examples_exit_0(example):
     proc = _run([str(ROOT / "examples" / example), "What is 6 times 7?"])
     _assert_clean(proc)
     assert "answer:" in proc.stdout or "no answer within" in proc.stdout
+
+
+@pytest.mark.e2e
+def test_serve_stops_on_sigterm_after_finishing_the_stream_in_flight():
+    import signal
+    import time
+
+    import httpx
+
+    from tests._server_util import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "agentrt.cli", "serve", "--port", str(port), "--log-level",
+                             "warning"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).json()["status"] == "ok":
+                    break
+            except (httpx.HTTPError, ValueError):
+                time.sleep(0.3)
+        lines: list[str] = []
+        body = {"messages": [{"role": "user", "content": "Count from one to fifty in words."}], "max_tokens": 64,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if sum(bool(x) for x in lines) == 3:  # mid-stream
+                    proc.send_signal(signal.SIGTERM)
+        events = [x for x in lines if x]
+        assert events[-1] == "data: [DONE]" and '"finish_reason": "' in events[-2], events[-3:]
+        assert proc.wait(timeout=60) == 0
+        assert not proc.stderr.read().strip()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -54,13 +54,13 @@ def test_output_schema_compiles_under_a_slot_and_a_refusal_gives_it_back():
     assert seen == [1, 1] and app.state.agentrt.queue.running == 0
 
 
-def test_a_busy_grammar_compiler_is_503_with_retry_after():
+def test_a_busy_grammar_compiler_is_429_with_retry_after():
     from agentrt.engine.grammar import GrammarBusyError
 
     with client(RaisingLLM(GrammarBusyError("all 2 grammar compile slots are busy", retry_after_s=3))) as c:
         for stream in (False, True):
             r = c.post("/v1/chat/completions", json={"messages": USER, "stream": stream,
                                                      "response_format": {"type": "json_object"}})
-            err = assert_error(r, 503, "compile slots are busy")
+            err = assert_error(r, 429, "compile slots are busy")
             assert err["code"] == "grammar_compiler_busy" and r.headers["retry-after"] == "3"
         assert c.app.state.agentrt.queue.running == 0

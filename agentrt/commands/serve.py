@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -75,5 +76,10 @@ def main(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
         public_docs=args.public_docs,
     )
+    # uvicorn shuts down gracefully on SIGTERM / SIGINT (no new connections, in-flight requests run to
+    # their end, then the lifespan closes the engine) and then raises the signal again: by then
+    # stopping is the expected end, so the process exits 0 (130 for Ctrl-C), not "killed by SIGTERM"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -53,8 +53,9 @@ def known_llm_error(exc: BaseException) -> APIError | None:
         from agentrt.engine.grammar.errors import GrammarBusyError, GrammarCompileError, UnsupportedSchemaError
     except ImportError:  # grammar not built: nothing of it can be raised either
         GrammarBusyError = GrammarCompileError = UnsupportedSchemaError = None  # type: ignore[assignment,misc]
-    if GrammarBusyError is not None and isinstance(exc, GrammarBusyError):  # the server's state, not the schema
-        return APIError(503, str(exc), type="server_error", code="grammar_compiler_busy",
+    # too many compiles at once: like a full admission queue, a 429 to retry, nothing wrong with the schema
+    if GrammarBusyError is not None and isinstance(exc, GrammarBusyError):
+        return APIError(429, str(exc), type="rate_limit_error", code="grammar_compiler_busy",
                         headers={"Retry-After": str(exc.retry_after_s)})
     try:
         from agentrt.engine.grammar.budget import BudgetError
