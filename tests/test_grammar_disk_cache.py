@@ -11,7 +11,7 @@ from agentrt.engine.grammar import GrammarCompiler
 from agentrt.engine.grammar.disk_cache import DiskCache, max_bytes_from_env
 from tests._grammar_util import sentencepiece_tokenizer
 
-BLOB = b"x" * 10_000  # ~10 KB pickled
+BLOB = b"x" * 10_000
 
 
 def test_writes_past_the_cap_evict_the_least_recently_used(tmp_path):
@@ -64,10 +64,15 @@ def test_concurrent_writers_leave_whole_entries_within_the_cap(tmp_path):
 
 
 def test_a_corrupt_entry_is_a_miss(tmp_path):
-    cache = DiskCache(tmp_path, "v", max_bytes=1 << 20)
-    cache.save("k", {"a": 1})
-    (tmp_path / "v" / "k.pkl").write_bytes(b"not a pickle")
-    assert cache.load("k") is None
+    tok = sentencepiece_tokenizer()
+    comp = GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok) + 3, cache_dir=str(tmp_path))
+    schema = {"type": "integer"}
+    comp.compile_json_schema(schema)
+    (path,) = [p for _, _, p in comp.disk_cache.entries()]
+    path.write_bytes(b"not a pickle")
+    fresh = GrammarCompiler(comp.vocab, comp._encode, cache_dir=str(tmp_path))
+    assert fresh.compile_json_schema(schema).from_cache == ""  # rebuilt
+    assert fresh.compile_json_schema(schema).from_cache == "memory"
 
 
 def test_size_cap_from_the_environment(monkeypatch):
@@ -91,3 +96,13 @@ def test_compiler_keeps_its_disk_cache_under_the_cap(tmp_path):
         comp.compile_json_schema({"type": "object", "properties": {f"p{i}": {"type": "integer"}}})
     assert 0 < comp.disk_cache.size_bytes() <= 2.5 * one
     assert len(comp.disk_cache.entries()) == 2
+
+
+def test_the_memory_cache_is_bounded_in_bytes(tmp_path):
+    tok = sentencepiece_tokenizer()
+    probe = GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok) + 3, cache_dir=str(tmp_path))
+    one = probe.compile_json_schema({"type": "object", "properties": {"p0": {"type": "integer"}}}).nbytes
+    comp = GrammarCompiler(probe.vocab, probe._encode, cache_dir=str(tmp_path), memory_cache_bytes=int(3.5 * one))
+    for i in range(8):
+        comp.compile_json_schema({"type": "object", "properties": {f"p{i}": {"type": "integer"}}})
+    assert comp.memory_cache_bytes() <= 3.5 * one and len(comp._memory) == 3

@@ -59,15 +59,23 @@ def test_two_compile_bombs_at_once_stay_under_the_cap_and_fail_cleanly(limits, t
 def test_a_full_queue_is_refused_at_once_and_a_long_wait_by_the_time_limit(limits):
     gate = limits(max_concurrent=1, max_waiting=1)
     vocab = automaton.outlines_vocabulary({0: b"a"}, 1)
+    holding, release = threading.Event(), threading.Event()
     waited: list[str] = []
+
+    def hold_the_slot() -> None:
+        with gate.slot(None):
+            holding.set()
+            release.wait(30)
 
     def wait_for_a_slot() -> None:
         with pytest.raises(GrammarBusyError) as e:
             automaton.build_index("a", vocab, 1, 0.5)
         waited.append(str(e.value))
 
-    with gate.slot(None):  # every slot taken
-        waiter = threading.Thread(target=wait_for_a_slot)
+    holder, waiter = threading.Thread(target=hold_the_slot), threading.Thread(target=wait_for_a_slot)
+    holder.start()
+    holding.wait(30)
+    try:
         waiter.start()
         while gate.waiting < 1:  # the waiter holds the one queue place
             time.sleep(0.005)
@@ -76,10 +84,22 @@ def test_a_full_queue_is_refused_at_once_and_a_long_wait_by_the_time_limit(limit
             automaton.build_index("a", vocab, 1, 5.0)
         assert time.perf_counter() - t0 < 0.2  # refused, not queued
         waiter.join()
+    finally:
+        release.set()
+        holder.join()
     assert "within the 0.5s time limit" in waited[0]
     index = automaton.build_index("a", vocab, 1, 5.0)  # free again
     assert index.is_final(index.next_state(index.initial_state(), 0))
     assert gate.running == 0 and gate.waiting == 0
+
+
+def test_a_compile_step_nested_in_a_compile_uses_its_slot(limits):
+    """A oneOf disjointness proof runs inside its schema's compile: with one slot it must not wait for
+    the slot its own compile holds."""
+    gate = limits(max_concurrent=1, max_waiting=0)
+    vocab = automaton.outlines_vocabulary({0: b"a"}, 1)
+    inner = automaton.run_bounded(lambda: automaton.build_index("a", vocab, 1, None).initial_state(), None)
+    assert isinstance(inner, int) and gate.running == 0
 
 
 def test_a_schema_nested_past_the_limit_is_refused_by_number():
@@ -93,3 +113,17 @@ def test_a_schema_nested_past_the_limit_is_refused_by_number():
         deep = {"anyOf": [deep]}
     with pytest.raises(GrammarCompileError, match="nests 141 levels of objects and arrays deep; the limit is 128"):
         schema_to_regex(deep)
+
+
+def test_a_compile_child_passes_its_verdict_back_as_it_is(tmp_path):
+    from agentrt.engine.grammar import UnsupportedSchemaError
+    from agentrt.engine.grammar.errors import UnsatisfiableSchemaError
+    from tests._grammar_util import sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer()
+    comp = GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok) + 3, cache_dir=str(tmp_path))
+    with pytest.raises(UnsupportedSchemaError) as e:
+        comp.compile_json_schema({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, timeout_s=30)
+    assert len(e.value.keywords) == 1 and "uniqueItems" in e.value.keywords[0]
+    with pytest.raises(UnsatisfiableSchemaError):
+        comp.compile_json_schema({"allOf": [{"type": "string"}, {"type": "integer"}]}, timeout_s=30)

@@ -10,10 +10,12 @@ every language prefix-free; "may end here" = "the sentinel token leads to an acc
 limit is given it runs in a forked child process that is killed at the deadline (a run-away
 compile then costs nothing after the error). The index comes back pickled.
 
-Compiles are bounded together, not only one by one (`CompileGate`): at most ``max_concurrent``
-run at once (``$AGENTRT_GRAMMAR_COMPILES``, default 2), each child may allocate at most its share
-of ``$AGENTRT_GRAMMAR_COMPILE_MEMORY_MB`` (default 2048, so 1 GiB each), at most ``max_waiting``
-more wait for a slot, and anything beyond is refused with `GrammarBusyError` at once.
+Compiles are bounded together, not only one by one (`CompileGate`): at most ``max_concurrent`` run
+at once (``$AGENTRT_GRAMMAR_COMPILES``, default half the cores), at a lower CPU priority than the
+engine; each child may allocate at most its share of ``$AGENTRT_GRAMMAR_COMPILE_MEMORY_MB`` (default
+2048); at most ``max_waiting`` more wait for a slot, and anything beyond is refused with
+`GrammarBusyError` at once. `run_bounded` runs any compile step this way (the compiler runs the
+whole schema -> regex -> index chain in one child, so nothing of it holds the server's GIL).
 """
 from __future__ import annotations
 
@@ -25,12 +27,12 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from outlines_core import Index, Vocabulary
 
-from .errors import GrammarBusyError, GrammarCompileError
+from .errors import GrammarBusyError, GrammarCompileError, UnsupportedSchemaError
 
 
 SENTINEL = "\U0010FFFF"
@@ -91,12 +93,13 @@ class CompileGate:
 
     def __init__(self, max_concurrent: int | None = None, memory_bytes: int | None = None,
                  max_waiting: int | None = None):
-        self.max_concurrent = max_concurrent or _env_int("AGENTRT_GRAMMAR_COMPILES", 2)
+        self.max_concurrent = max_concurrent or _env_int("AGENTRT_GRAMMAR_COMPILES", max(1, (os.cpu_count() or 2) // 2))
         self.memory_bytes = memory_bytes or _env_int("AGENTRT_GRAMMAR_COMPILE_MEMORY_MB", 2048) << 20
         self.max_waiting = max_waiting if max_waiting is not None else 4 * self.max_concurrent
         self.running = 0
         self.waiting = 0
         self._cond = threading.Condition()
+        self._held = threading.local()  # a thread that holds a slot may nest compile steps inside it
 
     @property
     def child_memory_bytes(self) -> int:
@@ -105,7 +108,15 @@ class CompileGate:
 
     @contextmanager
     def slot(self, timeout_s: float | None) -> Iterator[float | None]:
-        """Hold a compile slot; yields the time left of ``timeout_s`` after the wait for it."""
+        """Hold a compile slot; yields the time left of ``timeout_s`` after the wait for it. Re-entrant: a
+        step nested in a compile (a oneOf proof inside the schema's compile) uses the slot it runs in."""
+        if getattr(self._held, "depth", 0):
+            self._held.depth += 1
+            try:
+                yield timeout_s
+            finally:
+                self._held.depth -= 1
+            return
         t0 = time.perf_counter()
         with self._cond:
             if self.running >= self.max_concurrent:
@@ -121,9 +132,11 @@ class CompileGate:
                     raise GrammarBusyError(f"no grammar compile slot came free within the {timeout_s:g}s time "
                                            "limit (other compiles hold them); try again shortly")
             self.running += 1
+        self._held.depth = 1
         try:
             yield None if timeout_s is None else timeout_s - (time.perf_counter() - t0)
         finally:
+            self._held.depth = 0
             with self._cond:
                 self.running -= 1
                 self._cond.notify()
@@ -149,12 +162,17 @@ def _cap_memory(extra_bytes: int) -> None:
 
         with open("/proc/self/statm") as f:
             vm_bytes = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        resource.setrlimit(resource.RLIMIT_AS, (vm_bytes + extra_bytes, resource.RLIM_INFINITY))
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = vm_bytes + extra_bytes
+        if soft != resource.RLIM_INFINITY:
+            limit = min(limit, soft)  # a compile's own child (a oneOf proof) stays within its parent's cap
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     except (OSError, ValueError, ImportError):  # not Linux: no cap, the time limit still applies
         pass
 
 
-def _child(regex: str, vocabulary: Vocabulary, conn, memory_bytes: int) -> None:  # noqa: ANN001
+def _child(work: Callable[[], Any], conn, memory_bytes: int) -> None:  # noqa: ANN001
+    global gate
     # the allocator's own "memory allocation of N bytes failed" (and faulthandler's dump of the abort
     # that follows) would land on the server's stderr; the parent reports the failure instead, with
     # the limit that caused it
@@ -162,8 +180,12 @@ def _child(regex: str, vocabulary: Vocabulary, conn, memory_bytes: int) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     _cap_memory(memory_bytes)
+    os.nice(10)  # a compile waits for the engine's decode steps, never the other way round
+    gate = CompileGate(1, memory_bytes, 0)  # the parent's slot counts were copied by the fork: start afresh
     try:
-        payload = pickle.dumps(("ok", Index(regex, vocabulary)))
+        payload = pickle.dumps(("ok", work()))
+    except (GrammarCompileError, UnsupportedSchemaError) as e:  # the compile's own verdict, passed on as it is
+        payload = pickle.dumps(("raise", e))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         payload = pickle.dumps(("error", f"{type(e).__name__}: {e}"))
     try:
@@ -180,20 +202,30 @@ def build_index(regex: str, vocabulary: Vocabulary, width: int, timeout_s: float
 
 
 def _build(regex: str, vocabulary: Vocabulary, timeout_s: float | None) -> Index:
+    def index() -> Index:
+        try:
+            return Index(regex, vocabulary)
+        except Exception as e:  # noqa: BLE001
+            raise GrammarCompileError(f"the schema's regex could not be compiled: {e}") from None
+
+    return run_bounded(index, timeout_s)
+
+
+def run_bounded(work: Callable[[], Any], timeout_s: float | None) -> Any:
+    """``work()`` under a compile slot: in this process when ``timeout_s`` is None, else in a forked child
+    under the time limit and its share of the compile memory. Its GrammarCompileError or
+    UnsupportedSchemaError is raised here as it is; any other failure becomes a GrammarCompileError."""
     g = gate
     with g.slot(timeout_s) as left:
         if left is None:
-            try:
-                return Index(regex, vocabulary)
-            except Exception as e:  # noqa: BLE001
-                raise GrammarCompileError(f"the schema's regex could not be compiled: {e}") from None
-        return _build_in_child(regex, vocabulary, timeout_s, left, g.child_memory_bytes)
+            return work()
+        return _run_in_child(work, timeout_s, left, g.child_memory_bytes)
 
 
-def _build_in_child(regex: str, vocabulary: Vocabulary, timeout_s: float, left: float, memory_bytes: int) -> Index:
+def _run_in_child(work: Callable[[], Any], timeout_s: float, left: float, memory_bytes: int) -> Any:
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(regex, vocabulary, send, memory_bytes), daemon=True)
+    proc = ctx.Process(target=_child, args=(work, send, memory_bytes), daemon=True)
     proc.start()
     send.close()
     try:
@@ -212,18 +244,20 @@ def _build_in_child(regex: str, vocabulary: Vocabulary, timeout_s: float, left: 
             proc.kill()
         proc.join()
         recv.close()
+    if status == "raise":
+        raise value
     if status != "ok":
         if "memory" in value.lower() or "alloc" in value.lower():
             raise GrammarCompileError(_died(None, memory_bytes) + f" ({value})")
-        raise GrammarCompileError(f"the schema's regex could not be compiled: {value}")
+        raise GrammarCompileError(f"the schema could not be compiled: {value}")
     return value
 
 
 def _died(exitcode: int | None, memory_bytes: int) -> str:
     how = "" if exitcode is None or exitcode >= 0 else f" (killed by {signal.Signals(-exitcode).name})"
     return (f"the grammar compile stopped{how}, most likely over the {memory_bytes / (1 << 30):.3g} GiB of memory "
-            "a compile may use: simplify the schema (fewer alternatives, bounded repeats such as [ab]{22} after a *), or raise "
-            "$AGENTRT_GRAMMAR_COMPILE_MEMORY_MB")
+            "a compile may use: simplify the schema (fewer alternatives, bounded repeats such as [ab]{22} after "
+            "a *), or raise $AGENTRT_GRAMMAR_COMPILE_MEMORY_MB")
 
 
 class ByteAutomaton:

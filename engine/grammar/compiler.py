@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import threading
 import time
 from collections import OrderedDict
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .automaton import build_index, outlines_vocabulary
+from .automaton import build_index, outlines_vocabulary, run_bounded
 from .disk_cache import DiskCache
 from .errors import GrammarCompileError
 from .schema_regex import schema_to_regex
@@ -49,6 +50,7 @@ class CompiledGrammar:
         self.lenient = lenient
         self.compile_s = 0.0
         self.from_cache = ""  # "", "memory" or "disk"
+        self.nbytes = 0  # the automaton's pickled size: what the compiler's memory cache counts
         self._encode = encode
         self._eos = torch.tensor(vocab.eos_token_ids, dtype=torch.long)
         self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -225,15 +227,19 @@ class GrammarCompiler:
     """Compiles JSON Schemas to token automata for one tokenizer (build once per model)."""
 
     def __init__(self, vocab: TokenVocab, encode, cache_dir: str | None = None,  # noqa: ANN001
-                 memory_cache_size: int = 256, cache_max_bytes: int | None = None):
+                 memory_cache_size: int = 256, cache_max_bytes: int | None = None,
+                 memory_cache_bytes: int = 128 << 20):
         self.vocab = vocab
         self._encode = encode
         self._vocabulary = outlines_vocabulary(vocab.token_bytes, vocab.vocab_size)
         # one space per tokenizer; the size cap (None: $AGENTRT_GRAMMAR_CACHE_MB, default 256 MB) spans them all
         self.disk_cache = DiskCache(cache_dir if cache_dir is not None else default_cache_dir(), vocab.hash,
                                     cache_max_bytes)
+        # in memory: the most recently used grammars, at most this many and this many bytes of automata (a
+        # server's clients can send endless new schemas)
         self._memory: OrderedDict[str, CompiledGrammar] = OrderedDict()
         self._memory_size = memory_cache_size
+        self._memory_bytes = memory_cache_bytes
         self._lock = threading.Lock()
 
     @classmethod
@@ -269,20 +275,38 @@ class GrammarCompiler:
                 self._memory.move_to_end(key)
                 hit.from_cache = "memory"
                 return hit
-        regex, unenforced, index = self.disk_cache.load(key) or (None, [], None)
+        blob = self.disk_cache.load(key)
+        try:
+            regex, unenforced, index = pickle.loads(blob) if blob is not None else (None, [], None)
+        except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
+            index = None
         source = "disk" if index is not None else ""
         if index is None:
-            regex, unenforced = schema_to_regex(schema, lenient=lenient, timeout_s=timeout_s)
-            left = None if timeout_s is None else t0 + timeout_s - time.perf_counter()
-            if left is not None and left <= 0:
-                raise GrammarCompileError(f"compiling the schema took longer than {timeout_s:g}s and was stopped")
-            index = build_index(regex, self._vocabulary, self.vocab.vocab_size, left)
-            self.disk_cache.save(key, (regex, unenforced, index))
+            blob = run_bounded(lambda: self._compile(schema, lenient, timeout_s), timeout_s)
+            regex, unenforced, index = pickle.loads(blob)
+            self.disk_cache.save(key, blob)
         grammar = CompiledGrammar(schema, regex, index, self.vocab, self._encode, unenforced, lenient)
         grammar.compile_s = time.perf_counter() - t0
         grammar.from_cache = source
+        grammar.nbytes = len(blob)
+        self._remember(key, grammar)
+        return grammar
+
+    def _compile(self, schema: dict, lenient: bool, timeout_s: float | None) -> bytes:
+        """The pickled (regex, unenforced keywords, token index) of ``schema``: runs in a compile child
+        when there is a time limit (see `run_bounded`), so its index is built in place there."""
+        regex, unenforced = schema_to_regex(schema, lenient=lenient, timeout_s=timeout_s)
+        index = build_index(regex, self._vocabulary, self.vocab.vocab_size, None)
+        return pickle.dumps((regex, unenforced, index), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _remember(self, key: str, grammar: CompiledGrammar) -> None:
         with self._lock:
             self._memory[key] = grammar
-            while len(self._memory) > self._memory_size:
-                self._memory.popitem(last=False)
-        return grammar
+            total = sum(g.nbytes for g in self._memory.values())
+            while len(self._memory) > 1 and (len(self._memory) > self._memory_size or total > self._memory_bytes):
+                total -= self._memory.popitem(last=False)[1].nbytes
+
+    def memory_cache_bytes(self) -> int:
+        """Bytes of the automata the in-memory cache holds (their pickled size)."""
+        with self._lock:
+            return sum(g.nbytes for g in self._memory.values())

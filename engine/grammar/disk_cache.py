@@ -1,4 +1,4 @@
-"""The compiled grammars' disk cache: pickles under one root folder, bounded in bytes, least recently
+"""The compiled grammars' disk cache: files under one root folder, bounded in bytes, least recently
 used evicted first.
 
 Any client of a server can send new schemas, and one compiled grammar can take tens of MB, so the
@@ -10,11 +10,9 @@ renamed into place (atomic), and an entry another process deleted or is replacin
 from __future__ import annotations
 
 import os
-import pickle
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
 
 DEFAULT_MAX_BYTES = 256 << 20
 MAX_BYTES_ENV = "AGENTRT_GRAMMAR_CACHE_MB"
@@ -35,7 +33,7 @@ def max_bytes_from_env() -> int:
 
 
 class DiskCache:
-    """Pickled entries ``<root>/<space>/<key>.pkl``; the cap counts every space under ``root``."""
+    """Entries ``<root>/<space>/<key>.pkl`` (the compiler's pickles); the cap counts every space under ``root``."""
 
     def __init__(self, root: str | os.PathLike[str], space: str, max_bytes: int | None = None):
         self.root = Path(root)
@@ -43,32 +41,26 @@ class DiskCache:
         self.max_bytes = max_bytes_from_env() if max_bytes is None else max_bytes
         self._lock = threading.Lock()
 
-    def load(self, key: str) -> Any | None:
-        """The entry under ``key``, or None (absent, unreadable, or the cache is off)."""
+    def load(self, key: str) -> bytes | None:
+        """The bytes stored under ``key``, or None (absent, unreadable, or the cache is off)."""
         path = self.folder / f"{key}.pkl"
         if self.max_bytes <= 0:
             return None
         try:
-            with open(path, "rb") as f:
-                value = pickle.load(f)
+            data = path.read_bytes()
             os.utime(path)  # recently used: evicted last
-            return value
-        except FileNotFoundError:
-            return None
-        except Exception:  # noqa: BLE001 - a corrupt or half-deleted entry is a miss; it is rebuilt
+            return data
+        except OSError:  # absent, or deleted meanwhile by another process's eviction
             return None
 
-    def save(self, key: str, value: Any) -> None:
-        """Store ``value`` (best effort: a read-only or full disk only costs recompiles), then evict."""
-        if self.max_bytes <= 0:
+    def save(self, key: str, data: bytes) -> None:
+        """Store ``data`` (best effort: a read-only or full disk only costs recompiles), then evict."""
+        if self.max_bytes <= 0 or len(data) > self.max_bytes:  # too big: it would evict all else and not fit
             return
         path = self.folder / f"{key}.pkl"
         tmp = self.folder / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-            if len(data) > self.max_bytes:
-                return  # it would evict everything else and still not fit
             tmp.write_bytes(data)
             os.replace(tmp, path)
         except OSError:

@@ -10,6 +10,9 @@ class UnsupportedSchemaError(ValueError):
     final output validated afterwards.
     """
 
+    def __reduce__(self):  # noqa: ANN204 - pickled back from a compile's child process with its keywords
+        return (type(self), (self.keywords,))
+
     def __init__(self, keywords: list[str]):
         self.keywords = list(keywords)
         super().__init__(
@@ -33,5 +36,8 @@ class GrammarBusyError(GrammarCompileError):
     nothing is wrong with the schema; try again in ``retry_after_s`` seconds."""
 
     def __init__(self, message: str, retry_after_s: int = 2):
-        super().__init__(message)
+        super().__init__(message, retry_after_s)
         self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return str(self.args[0])
