@@ -8,15 +8,16 @@ import anyio
 import httpx
 import pytest
 
+from agentrt.benchmarks import loopback
 from agentrt.benchmarks import server as bench
 from agentrt.cli import build_parser
 from agentrt.commands import serve
 
 
 def test_percentiles_and_summary():
-    assert bench._pct([], 50) is None
-    assert bench._pct([3.0, 1.0, 2.0], 50) == 2.0
-    assert bench._pct([float(i) for i in range(1, 101)], 95) == 95.0
+    assert loopback.pct([], 50) is None
+    assert loopback.pct([3.0, 1.0, 2.0], 50) == 2.0
+    assert loopback.pct([float(i) for i in range(1, 101)], 95) == 95.0
     samples = [bench.Sample("agent", "", 2.0, [0.5, 0.1], steps=3, outcome="completed"),
                bench.Sample("agent", "http", 9.0, error="HTTP 500: boom"),
                bench.Sample("agent", "run", 4.0, [0.3], error="run status error: cut", steps=1, outcome="error"),
@@ -109,13 +110,28 @@ def test_bench_and_serve_arguments():
 def test_serve_refuses_bad_arguments(capsys):
     base = dict(host="127.0.0.1", port=8000, model=None, model_name=None, tools=None, api_key=None,
                 remote_url=None, remote_api_key=None, files_root=None, max_concurrent=4, max_queue=4, max_body_bytes=1000,
-                log_level="warning")
+                log_level="warning", public_docs=False, quantization=None, threads=None, max_model_len=None)
     assert serve.main(argparse.Namespace(**{**base, "port": 0})) == 2
     assert serve.main(argparse.Namespace(**{**base, "model": "/nonexistent/model.gguf"})) == 2
     assert serve.main(argparse.Namespace(**{**base, "model": __file__, "remote_url": "http://x"})) == 2
     assert serve.main(argparse.Namespace(**{**base, "files_root": "/nonexistent/dir"})) == 2
+    assert serve.main(argparse.Namespace(**{**base, "remote_url": "http://x", "quantization": "int4"})) == 2
     err = capsys.readouterr().err
     assert "--port" in err and "does not exist" in err and "not both" in err and "not a folder" in err
+    assert "--remote-url has none" in err
+
+
+def test_engine_flags_become_engine_config_overrides():
+    from agentrt.commands.engine_options import engine_overrides
+    from agentrt.engine import EngineConfig
+
+    argv = ["serve", "--quantization", "int4", "--threads", "2", "--max-model-len", "4096"]
+    overrides = engine_overrides(build_parser(argv).parse_args(argv))
+    assert overrides == {"quantization": "int4", "dtype": "float32", "fused_decode": True, "num_threads": 2,
+                         "max_model_len": 4096}
+    EngineConfig(**overrides)  # a valid config
+    argv = ["run", "q"]
+    assert engine_overrides(build_parser(argv).parse_args(argv)) == {}
 
 
 def test_default_server_tools_read_no_files(tmp_path):
@@ -126,3 +142,24 @@ def test_default_server_tools_read_no_files(tmp_path):
     assert "query_data" not in safe
     with_files = default_server_registry(str(tmp_path))
     assert "read_file" in with_files and set(safe.names) < set(with_files.names)
+
+
+@pytest.mark.e2e
+def test_soak_smoke_on_the_embedded_model():
+    """A short soak: hostile requests beside normal ones on a real server get no 5xx, and the server is
+    idle afterwards (the timing targets need the full length: `agentrt bench server --soak`)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "agentrt.cli", "bench", "server", "--soak", "--minutes", "0.25",
+                           "--clients", "2", "--hostile-clients", "2", "--json"],
+                          capture_output=True, text=True, timeout=900)
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["hostile_requests"] >= 10 and report["normal_requests"] >= 2, report
+    assert report["server_5xx"] == 0, report["first_5xx"]
+    assert report["normal_failed"] == 0 and not report["reference_failures"], report["first_harmed"]
+    assert not any(report["after"].values()), report["after"]
+    assert report["grammar_cache_peak_mb"] <= report["grammar_cache_cap_mb"]
+    assert report["compile_memory_peak_mb"] <= report["compile_memory_cap_mb"]
+    assert set(report["hostile_by_status"]) <= {"0", "200", "400", "413", "429"}, report["hostile_by_status"]

@@ -12,7 +12,8 @@ and a front ``agentrt serve --remote-url`` (planner + tools, no model: its LLM i
 `RemoteLLM`) takes the same agent runs. Pointing ``--remote-url`` at vLLM or SGLang
 instead is the whole of scaling out.
 
-Everything binds 127.0.0.1 and every child process is stopped at the end.
+``--soak`` runs normal traffic beside hostile traffic instead and reports what the hostile part cost
+(see `agentrt.benchmarks.soak`). Everything binds 127.0.0.1 and every child process is stopped at the end.
 """
 from __future__ import annotations
 
@@ -20,26 +21,17 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather of a city",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"], "additionalProperties": False}}}
-CITY_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"},
-                                                "country": {"type": "string"}},
-               "required": ["city", "country"], "additionalProperties": False}
-CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Hanoi", "Perth"]
+from agentrt.benchmarks import soak
+from agentrt.benchmarks.loopback import (CITIES, CITY_SCHEMA, WEATHER, metric_samples, pct, peak_rss_mb, rounded,
+                                         serve_process)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,63 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: 4 clients, 4 agent runs, 8 chats")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a server")
-
-
-# ---------------------------------------------------------------------- child servers
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    """The peak resident set (VmHWM) of a live process, in MiB (Linux)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-@contextmanager
-def serve_process(extra: list[str], timeout_s: float) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start ``agentrt serve`` on a free loopback port; yield (base URL, process); stop it."""
-    import httpx
-
-    port = _free_port()
-    cmd = [sys.executable, "-m", "agentrt.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read() if proc.stderr else ""
-                raise RuntimeError(f"agentrt serve exited with {proc.returncode}:\n{err[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).json().get("status") == "ok":
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"agentrt serve did not become ready within {timeout_s:.0f} s")
-            time.sleep(0.5)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    soak.add_arguments(parser)
 
 
 # ---------------------------------------------------------------------- the load
@@ -255,13 +191,6 @@ async def run_load(url: str, clients: int, agent_runs: int, chats: int, max_step
     return samples, wall
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
-
-
 FAILURES = {"http": "http_errors", "run": "agent_run_errors", "output": "invalid_outputs"}
 FAILED_RUN = ("error", "budget_exceeded", "cancelled")  # max_steps is an outcome: the model did not answer in time
 
@@ -285,11 +214,11 @@ def summarise(samples: list[Sample], wall_s: float, kinds: tuple[str, ...] = ("a
         out[kind] = {
             "n": len(group), "errors": sum(not s.ok for s in group), **_failures(group),
             "outcomes": dict(sorted(Counter(s.outcome for s in group if s.outcome).items())),
-            "latency_p50_s": _round(_pct(lat, 50)), "latency_p95_s": _round(_pct(lat, 95)),
-            "ttft_p50_s": _round(_pct(ttft, 50)), "ttft_p95_s": _round(_pct(ttft, 95)),
+            "latency_p50_s": rounded(pct(lat, 50)), "latency_p95_s": rounded(pct(lat, 95)),
+            "ttft_p50_s": rounded(pct(ttft, 50)), "ttft_p95_s": rounded(pct(ttft, 95)),
         }
         if kind == "agent":
-            out[kind]["mean_steps"] = _round(statistics.fmean([s.steps for s in group if s.ok] or [0]))
+            out[kind]["mean_steps"] = rounded(statistics.fmean([s.steps for s in group if s.ok] or [0]))
             out[kind]["slowest_runs"] = slowest_runs(group)
     errors = [f"{s.kind}: {s.error}" for s in samples if not s.ok][:5]
     if errors:
@@ -303,26 +232,10 @@ def slowest_runs(group: list[Sample], n: int = 3) -> list[dict[str, Any]]:
     out = []
     for s in sorted(group, key=lambda s: s.run_s, reverse=True)[:n]:
         busy = sum(t[3] + t[4] + t[5] for t in s.trace)
-        out.append({"run_s": _round(s.run_s), "status": s.outcome, "other_s": _round(s.run_s - busy),
-                    "steps": [{"prompt": p, "cached": c, "completion": k, "ttft_s": _round(ttft),
-                               "decode_s": _round(dec), "tool_s": _round(tool)}
+        out.append({"run_s": rounded(s.run_s), "status": s.outcome, "other_s": rounded(s.run_s - busy),
+                    "steps": [{"prompt": p, "cached": c, "completion": k, "ttft_s": rounded(ttft),
+                               "decode_s": rounded(dec), "tool_s": rounded(tool)}
                               for p, c, k, ttft, dec, tool in s.trace]})
-    return out
-
-
-def _round(v: float | None) -> float | None:
-    return None if v is None else round(v, 3)
-
-
-def _metrics(url: str, name: str) -> dict[str, float]:
-    """The samples of one Prometheus metric on the server: {its label values (or ""): value}."""
-    import httpx
-
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            key, _, value = line.rpartition(" ")
-            out[",".join(re.findall(r'"([^"]*)"', key[len(name):]))] = float(value)  # label values
     return out
 
 
@@ -353,6 +266,8 @@ def _print_phase(title: str, res: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.soak:
+        return soak.main(args)
     if args.quick:
         args.clients, args.agent_runs, args.chats = min(args.clients, 4), min(args.agent_runs, 4), min(args.chats, 8)
     if args.clients < 1 or args.agent_runs < 0 or args.chats < 0:
@@ -373,10 +288,10 @@ def main(args: argparse.Namespace) -> int:
         samples, wall = asyncio.run(run_load(url, args.clients, args.agent_runs, args.chats, args.max_steps))
         res = summarise(samples, wall)
         res["warmup_errors"] = sum(not s.ok for s in warm)  # not in the figures above, but not hidden
-        res["server_peak_rss_mb"] = _round(peak_rss_mb(proc.pid))
-        res["prefix_cache_hit_rate"] = _round(_metrics(url, "agentrt_prefix_cache_hit_rate").get(""))
+        res["server_peak_rss_mb"] = rounded(peak_rss_mb(proc.pid))
+        res["prefix_cache_hit_rate"] = rounded(metric_samples(url, "agentrt_prefix_cache_hit_rate").get(""))
         # the server's own count (warm-up included): a cross-check of the clients' figures
-        res["server_agent_runs"] = _metrics(url, "agentrt_agent_runs_total")
+        res["server_agent_runs"] = metric_samples(url, "agentrt_agent_runs_total")
         results["local"] = res
         show(f"local: agentrt serve, {args.clients} clients", res)
 
@@ -388,9 +303,9 @@ def main(args: argparse.Namespace) -> int:
                 samples, wall = asyncio.run(run_load(front_url, args.clients, args.agent_runs, 0, args.max_steps))
                 res = summarise(samples, wall, ("agent",))
                 res["warmup_errors"] = sum(not s.ok for s in warm)
-                res["server_agent_runs"] = _metrics(front_url, "agentrt_agent_runs_total")
-                res["model_server_peak_rss_mb"] = _round(peak_rss_mb(model_proc.pid))
-                res["front_peak_rss_mb"] = _round(peak_rss_mb(front_proc.pid))
+                res["server_agent_runs"] = metric_samples(front_url, "agentrt_agent_runs_total")
+                res["model_server_peak_rss_mb"] = rounded(peak_rss_mb(model_proc.pid))
+                res["front_peak_rss_mb"] = rounded(peak_rss_mb(front_proc.pid))
                 results["remote"] = res
                 show("scale-out: agentrt serve --remote-url -> a second agentrt serve (RemoteLLM)", res)
 

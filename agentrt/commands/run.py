@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from agentrt.commands.engine_options import add_engine_arguments, engine_overrides
 from agentrt.types import AgentEvent, RunResult
 
 
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print each event as one JSON line (the last is run_finished with the result)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="turn the engine's prefix cache off")
+    add_engine_arguments(parser)
 
 
 def load_tools(specs: list[str] | None) -> Any:
@@ -126,7 +128,11 @@ def main(args: argparse.Namespace) -> int:
             return 2
         registry = registry.subset(names)
     with console.status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}..."):
-        llm = LocalLLM(args.model, enable_prefix_caching=not args.no_prefix_cache)
+        try:
+            llm = LocalLLM(args.model, enable_prefix_caching=not args.no_prefix_cache, **engine_overrides(args))
+        except ValueError as exc:  # an engine setting that cannot work (EngineConfig names it)
+            console.print(f"[red]agentrt run: {exc}[/]")
+            return 2
     try:
         agent = Agent(
             llm,

@@ -10,6 +10,8 @@ import os
 import signal
 import sys
 
+from agentrt.commands.engine_options import add_engine_arguments, engine_overrides
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=128,
                         help="requests waiting beyond those; more get 429 + Retry-After (default 128)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    add_engine_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -56,6 +59,10 @@ def main(args: argparse.Namespace) -> int:
     if args.model and args.remote_url:
         print("agentrt serve: give --model or --remote-url, not both", file=sys.stderr)
         return 2
+    if args.remote_url and engine_overrides(args):
+        print("agentrt serve: --quantization / --threads / --max-model-len set the local engine; "
+              "--remote-url has none", file=sys.stderr)
+        return 2
     if args.model and not os.path.exists(args.model):
         print(f"agentrt serve: --model {args.model!r} does not exist", file=sys.stderr)
         return 2
@@ -74,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(
         llm=llm, registry=registry, api_keys=keys, model=args.model, model_name=args.model_name,
         max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-        public_docs=args.public_docs,
+        public_docs=args.public_docs, engine_options=engine_overrides(args),
     )
     # uvicorn shuts down gracefully on SIGTERM / SIGINT (no new connections, in-flight requests run to
     # their end, then the lifespan closes the engine) and then raises the signal again: by then

@@ -48,15 +48,17 @@ def create_app(
     model: str | None = None,
     retry_after_s: int = 1,
     public_docs: bool = False,
+    engine_options: dict[str, Any] | None = None,
 ) -> FastAPI:
     """Build the server app.
 
-    ``llm``: the model behind every route; None builds ``LocalLLM(model)`` in ``lifespan``
-    (``model`` None = the embedded SmolLM2). ``registry``: the tools ``/agent/run`` may run
-    (None = the built-in tools that read no files, see `default_server_registry`). ``api_keys``: if given, every route but
-    ``/health`` and ``/metrics`` needs ``Authorization: Bearer <key>``, the OpenAPI docs (``/docs``,
-    ``/redoc``, ``/openapi.json``) too unless ``public_docs``. At most
-    ``max_concurrent`` requests run at once and ``max_queue`` wait; more get 429.
+    ``llm``: the model behind every route; None builds ``LocalLLM(model, **engine_options)`` in
+    ``lifespan`` (``model`` None = the embedded SmolLM2; ``engine_options``: `EngineConfig` overrides).
+    ``registry``: the tools ``/agent/run`` may run (None = the built-in tools that read no files, see
+    `default_server_registry`). ``api_keys``: if given, every route but ``/health`` and ``/metrics``
+    needs ``Authorization: Bearer <key>``, the OpenAPI docs (``/docs``, ``/redoc``, ``/openapi.json``)
+    too unless ``public_docs``. At most ``max_concurrent`` requests run at once and ``max_queue`` wait;
+    more get 429.
     """
     if isinstance(api_keys, str):
         api_keys = [api_keys]
@@ -71,7 +73,7 @@ def create_app(
         if state.llm is None:
             from agentrt.llm import LocalLLM
 
-            owned = await anyio.to_thread.run_sync(lambda: LocalLLM(model))
+            owned = await anyio.to_thread.run_sync(lambda: LocalLLM(model, **(engine_options or {})))
             state.llm = owned
         try:
             yield

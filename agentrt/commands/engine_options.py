@@ -1,0 +1,28 @@
+"""The engine flags `agentrt run` and `agentrt serve` share, and the `EngineConfig` overrides they make."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                        help="run the decoder's linears on int8 or int4 weights in the fused C++ step "
+                        "(float32 activations, CPU; a request's output then never depends on its batch); "
+                        "default: the model's own dtype on the torch path")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads for the engine (default: chosen by measuring step times)")
+    parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                        help="context window (default: the model's, at most 8192)")
+
+
+def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """`EngineConfig` keyword overrides from the flags (only those given)."""
+    out: dict[str, Any] = {}
+    if args.quantization:
+        out |= {"quantization": args.quantization, "dtype": "float32", "fused_decode": True}
+    if args.threads is not None:
+        out["num_threads"] = args.threads
+    if args.max_model_len is not None:
+        out["max_model_len"] = args.max_model_len
+    return out
