@@ -203,7 +203,7 @@ class _Run:
         async def work() -> None:
             try:
                 box.append(await fn())
-            except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group (no ExceptionGroup)
                 errors.append(exc)
 
         async def watch_cancel(scope: anyio.CancelScope) -> None:

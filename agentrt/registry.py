@@ -438,7 +438,7 @@ class ToolRegistry:
             return result(serialize_result(value), False)
         except ToolArgumentsError as exc:
             return result(f"ValidationError: {exc}", True)
-        except Exception as exc:  # the tool's own failure: the model reads it and may retry
+        except Exception as exc:  # noqa: BLE001 - the tool's own failure: the model reads it and may retry
             return result(_error_text(exc), True)
 
     async def call_many(self, calls: list[ToolCall], *, context: RunContext | None = None,

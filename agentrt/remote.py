@@ -26,7 +26,7 @@ import time
 from typing import Any, AsyncIterator
 from urllib.parse import urlparse
 
-from agentrt.llm import ChatMessage, Completion, CompletionChunk, GenerationParams, final_completion
+from agentrt.protocol import ChatMessage, Completion, CompletionChunk, GenerationParams, final_completion
 from agentrt.types import Usage
 
 

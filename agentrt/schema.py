@@ -199,7 +199,7 @@ def function_schema(
         try:
             adapter = TypeAdapter(annotation)
             adapter.json_schema()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pydantic's reasons vary by type; each becomes a named problem
             problems.append(
                 f"parameter {pname!r}: unsupported type {_type_name(annotation)} ({_first_sentence(exc)}); "
                 "use JSON-describable types: str, int, float, bool, list, dict, Literal, Enum, "
@@ -243,7 +243,7 @@ def function_schema(
             )
             raw = args_model.model_json_schema(mode="validation")
             schema = clean_json_schema(raw)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - collected with the other problems, raised once
             problems.append(f"cannot build its schema: {type(exc).__name__}: {_first_line(exc)}")
     if problems:
         raise ToolDefinitionError(tool_name, problems)
@@ -283,7 +283,7 @@ def _resolve_hints(
         try:
             hints[pname] = typing.get_type_hints(_Holder, globalns=globalns, localns=namespace,
                                                  include_extras=True)[pname]
-        except Exception as exc:  # typos and names defined nowhere we can see
+        except Exception as exc:  # noqa: BLE001 - typos and names defined nowhere we can see
             shown = param.annotation.strip("'\"") if isinstance(param.annotation, str) else _type_name(param.annotation)
             problems.append(f"parameter {pname!r}: cannot resolve its type hint '{shown}': "
                             f"{type(exc).__name__}: {exc}")
@@ -299,7 +299,7 @@ def _default_fits(adapter: TypeAdapter[Any], default: Any) -> bool:
     try:
         adapter.validate_python(default)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means the default does not validate
         return False
 
 

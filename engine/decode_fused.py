@@ -58,7 +58,7 @@ def _load() -> tuple[Any, str | None]:
         ext = cpp_extension.load(name=f"agentrt_decode_{tag}", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                                  extra_ldflags=["-fopenmp"], verbose=False)
         return ext, None
-    except Exception as e:  # no compiler, no ninja, no headers: the torch decode path still works
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers: the torch decode path still works
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
 
 

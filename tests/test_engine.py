@@ -8,9 +8,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _engine_util import tiny_config, tiny_loaded, tiny_weights  # noqa: E402
+from _engine_util import tiny_loaded
 
-from agentrt.engine import (AsyncLLMEngine, ContextOverflowError, EngineConfig, LLMEngine,  # noqa: E402
+from agentrt.engine import (AsyncLLMEngine, ContextOverflowError, EngineConfig, LLMEngine,
                             SamplingParams)
 
 torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared machine

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _engine_util import smollm_hf, smollm_loaded  # noqa: E402
+from _engine_util import smollm_hf, smollm_loaded
 
-from agentrt.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.e2e
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _engine_util import tiny_loaded  # noqa: E402
+from _engine_util import tiny_loaded
 
-from agentrt.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from agentrt.engine import decode_fused  # noqa: E402
-from agentrt.engine.model import DecodeQuantLinear  # noqa: E402
+from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
+from agentrt.engine import decode_fused
+from agentrt.engine.model import DecodeQuantLinear
 
 _INT4 = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 # sizes off the vector widths (8 floats) and the kernels' blocks: every tail runs (int8 rows: any K)

@@ -2,7 +2,6 @@
 SentencePiece), the matcher (masks, EOS, jump-forward), caching and time limits."""
 from __future__ import annotations
 
-import json
 import random
 import time
 from decimal import Decimal
@@ -12,7 +11,7 @@ import torch
 
 from agentrt.engine.constraint import TokenConstraint
 from agentrt.engine.grammar import (
-    ByteAutomaton, GrammarCompileError, GrammarCompiler, UnsupportedSchemaError, schema_to_regex,
+    ByteAutomaton, GrammarCompileError, GrammarCompiler, GrammarMatcher, UnsupportedSchemaError, schema_to_regex,
     vocab_from_tokenizer,
 )
 from agentrt.engine.grammar.regex_util import int_range, number_range
@@ -259,7 +258,7 @@ def test_sentencepiece_vocab_and_matcher():
     comp = GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok) + 3, cache_dir=None)
     g = comp.compile_json_schema({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
                                   "required": ["name", "age"]}, timeout_s=None)
-    m = g.matcher()
+    m = GrammarMatcher(g)
     forced = m.forced_tokens()  # '{"name":"' minus the boundary token, re-tokenized without '▁'
     assert forced and b"".join(v.token_bytes[t] for t in forced) == b'{"name'
     for t in forced:
@@ -281,7 +280,7 @@ TOOL = {"type": "object", "properties": {"calls": {"type": "array", "minItems": 
 
 def test_matcher_implements_constraint_and_masks(compiler, smol):
     g = compiler.compile_json_schema(TOOL)
-    m = g.matcher()
+    m = GrammarMatcher(g)
     assert isinstance(m, TokenConstraint)
     mask = m.next_token_mask()
     assert mask.dtype == torch.bool and mask.shape == (49152 + 64,)
@@ -293,12 +292,12 @@ def test_matcher_implements_constraint_and_masks(compiler, smol):
         m.accept_token(t)
     assert m.is_terminated()  # nothing but EOS may follow a complete object
     with pytest.raises(ValueError):
-        g.matcher().accept_token(smol.encode(" ", add_special_tokens=False)[0])
+        GrammarMatcher(g).accept_token(smol.encode(" ", add_special_tokens=False)[0])
 
 
 def test_jump_forward_tokens_are_accepted_and_canonical(compiler, smol):
     g = compiler.compile_json_schema(TOOL)
-    m = g.matcher()
+    m = GrammarMatcher(g)
     forced = m.forced_tokens()
     text = smol.decode(forced)
     assert text.startswith('{"calls":[{"tool":"get_weather') and len(forced) >= 6
@@ -309,7 +308,7 @@ def test_jump_forward_tokens_are_accepted_and_canonical(compiler, smol):
     # random walks: every forced run is accepted by the index, and the mask agrees
     rng = random.Random(1)
     for _ in range(3):
-        m = g.matcher()
+        m = GrammarMatcher(g)
         for _step in range(40):
             if m.is_terminated():
                 break

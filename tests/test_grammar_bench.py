@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _grammar_util import DATA, smollm2_tokenizer  # noqa: E402
+from _grammar_util import DATA, smollm2_tokenizer
 
-from agentrt.benchmarks import grammar as bench  # noqa: E402
-from agentrt.benchmarks import grammar_peers  # noqa: E402
+from agentrt.benchmarks import grammar as bench
+from agentrt.benchmarks import grammar_peers
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
           "required": ["city"], "additionalProperties": False}

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import torch
 
-from agentrt.engine.grammar import BudgetError, GrammarCompiler
+from agentrt.engine.grammar import BudgetError, GrammarCompiler, GrammarMatcher, distances, min_tokens
 
 from _grammar_util import sentencepiece_tokenizer, smollm2_tokenizer
 
@@ -63,7 +63,7 @@ def run(matcher, logits_fn, max_tokens: int, vocab_size: int) -> tuple[list[int]
 _KINDS: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def token_kinds(vocab) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+def token_kinds(vocab) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per vocab, [V] bool each: tokens holding a quote/brace/bracket (or EOS); tokens made
     only of closing characters `"`, `}`, `]` (or EOS); digit-only tokens."""
     if vocab.hash not in _KINDS:
@@ -90,7 +90,7 @@ def in_string(text: bytes) -> bool:
     return inside
 
 
-def scripted(vocab, *, stops: bool, seed: int = 0):  # noqa: ANN001, ANN202
+def scripted(vocab, *, stops: bool, seed: int = 0):
     """A fixed random "model". ``stops=False``: it never closes a string or container, never
     ends, and writes digits forever; ``stops=True``: it closes strings after a few tokens and
     containers as soon as it may."""
@@ -124,7 +124,7 @@ def setup(request, tmp_path_factory):
     return tok, comp
 
 
-def decode(comp, toks: list[int]) -> str:  # noqa: ANN001
+def decode(comp, toks: list[int]) -> str:
     tb = comp.vocab.token_bytes
     return b"".join(tb[t] for t in toks if t in tb).decode("utf-8")
 
@@ -133,13 +133,13 @@ def decode(comp, toks: list[int]) -> str:  # noqa: ANN001
 def test_small_budget_always_ends_valid(setup, schema):
     _, comp = setup
     g = comp.compile_json_schema(schema, timeout_s=None)
-    need = g.min_tokens()
+    need = min_tokens(g)
     never_stops = scripted(comp.vocab, stops=False)
     # unbudgeted, such a model is cut by max_tokens with an invalid output: the bug this fixes
-    toks, reason = run(g.matcher(), never_stops, need + 12, comp.vocab.vocab_size)
+    toks, reason = run(GrammarMatcher(g), never_stops, need + 12, comp.vocab.vocab_size)
     assert reason == "length"
     for max_tokens in (need, need + 1, need + 7, need + 40):
-        m = g.matcher(max_tokens=max_tokens)
+        m = GrammarMatcher(g, max_tokens=max_tokens)
         toks, reason = run(m, never_stops, max_tokens, comp.vocab.vocab_size)
         assert reason == "stop" and len(toks) <= max_tokens, (max_tokens, decode(comp, toks))
         value = json.loads(decode(comp, toks))
@@ -153,33 +153,33 @@ def test_ample_budget_changes_nothing(setup, schema):
     g = comp.compile_json_schema(schema, timeout_s=None)
     for seed in range(3):
         stops = scripted(comp.vocab, stops=True, seed=seed)
-        free, reason = run(g.matcher(), stops, 400, comp.vocab.vocab_size)
+        free, reason = run(GrammarMatcher(g), stops, 400, comp.vocab.vocab_size)
         assert reason == "stop"
-        m = g.matcher(max_tokens=400)
+        m = GrammarMatcher(g, max_tokens=400)
         assert run(m, stops, 400, comp.vocab.vocab_size) == (free, "stop")
         assert not m.closed_by_budget
         # a budget exactly as long as the free output also leaves it unchanged
-        m = g.matcher(max_tokens=len(free))
+        m = GrammarMatcher(g, max_tokens=len(free))
         assert run(m, stops, len(free), comp.vocab.vocab_size) == (free, "stop")
 
 
 def test_budget_below_minimum_is_a_clear_error(setup):
     _, comp = setup
     g = comp.compile_json_schema(SCHEMAS[-1], timeout_s=None)
-    need = g.min_tokens()
+    need = min_tokens(g)
     assert need >= 5
     with pytest.raises(BudgetError, match=rf"max_tokens={need - 1} is below the {need} tokens"):
-        g.matcher(max_tokens=need - 1)
+        GrammarMatcher(g, max_tokens=need - 1)
     with pytest.raises(BudgetError, match="at least 1"):
-        g.matcher(max_tokens=0)
+        GrammarMatcher(g, max_tokens=0)
 
 
 def test_distances_are_consistent(setup):
     """From every state some allowed token leads one step closer to a complete value."""
     _, comp = setup
     g = comp.compile_json_schema(SCHEMAS[-1], timeout_s=None)
-    d = g.distances()
-    assert d.complete and g.distances() is d  # computed once per grammar
+    d = distances(g)
+    assert d.complete and distances(g) is d  # computed once per grammar
     for state in d.dense:
         k = d.of(state)
         if 0 < k < 10**6:
@@ -193,7 +193,7 @@ def test_distance_counts_tokens_not_bytes(setup):
     shortest = b'{"name":"get_weather","arguments":{"city":"","tags":[]}}'
     greedy = g._greedy(shortest)  # longest-match tokens: accepted by the grammar, fewer than the bytes
     assert g.accepts_tokens(greedy) and len(greedy) < len(shortest)
-    assert g.min_tokens() <= len(greedy)
+    assert min_tokens(g) <= len(greedy)
 
 
 def test_engine_with_budget_never_cuts_a_value(tmp_path):
@@ -209,11 +209,11 @@ def test_engine_with_budget_never_cuts_a_value(tmp_path):
     comp = GrammarCompiler(vocab, ByteTokenizer().encode, cache_dir=str(tmp_path))
     schema = SCHEMAS[-1]
     g = comp.compile_json_schema(schema, timeout_s=None)
-    max_tokens = g.min_tokens() + 6
+    max_tokens = min_tokens(g) + 6
     params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=s) for s in range(8)]
-    free = engine.generate(["{"] * 8, params, [g.matcher() for _ in params])
+    free = engine.generate(["{"] * 8, params, [GrammarMatcher(g) for _ in params])
     assert sum(o.finish_reason == "length" for o in free) >= 4  # the random model rambles
-    matchers = [g.matcher(max_tokens=max_tokens) for _ in params]
+    matchers = [GrammarMatcher(g, max_tokens=max_tokens) for _ in params]
     outs = engine.generate(["{"] * 8, params, matchers)
     for out, m in zip(outs, matchers):
         assert out.finish_reason == "stop" and len(out.output_token_ids) <= max_tokens

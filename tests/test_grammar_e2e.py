@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _grammar_util import DATA  # noqa: E402
+from _grammar_util import DATA
+
+from agentrt.engine.grammar import GrammarMatcher
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +45,7 @@ def test_every_constrained_output_parses_and_validates(setup):
     from agentrt.engine import SamplingParams
 
     engine, prompts, grammars, schemas = setup
-    outs = engine.generate(prompts, SamplingParams(max_tokens=160), [g.matcher() for g in grammars])
+    outs = engine.generate(prompts, SamplingParams(max_tokens=160), [GrammarMatcher(g) for g in grammars])
     finished = [o for o in outs if o.finish_reason == "stop"]
     assert len(finished) >= N_PROMPTS - 1, [o.text for o in outs]
     forced = 0
@@ -58,7 +60,7 @@ def test_cut_by_max_tokens_reports_length_and_is_not_complete(setup):
     from agentrt.engine import SamplingParams
 
     engine, prompts, grammars, _ = setup
-    m = grammars[0].matcher()
+    m = GrammarMatcher(grammars[0])
     out = engine.generate([prompts[0]], SamplingParams(max_tokens=3), [m])[0]
     assert out.finish_reason == "length"
     assert not m.can_end()
@@ -73,8 +75,8 @@ def test_jump_forward_and_token_by_token_both_valid(setup):
     from agentrt.engine import SamplingParams
 
     engine, prompts, grammars, schemas = setup
-    with_jf = engine.generate([prompts[1]], SamplingParams(max_tokens=160), [grammars[1].matcher()])[0]
-    without = engine.generate([prompts[1]], SamplingParams(max_tokens=160), [NoJumpForward(grammars[1].matcher())])[0]
+    with_jf = engine.generate([prompts[1]], SamplingParams(max_tokens=160), [GrammarMatcher(grammars[1])])[0]
+    without = engine.generate([prompts[1]], SamplingParams(max_tokens=160), [NoJumpForward(GrammarMatcher(grammars[1]))])[0]
     assert without.metrics.forced_tokens == 0 and with_jf.metrics.forced_tokens > 0
     for o in (with_jf, without):
         assert o.finish_reason == "stop"

@@ -11,10 +11,10 @@ import jsonschema
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _grammar_util import compact  # noqa: E402
+from _grammar_util import compact
 
-from agentrt.engine.grammar import ByteAutomaton, schema_to_regex  # noqa: E402
-from agentrt.engine.grammar.object_keys import other_key  # noqa: E402
+from agentrt.engine.grammar import ByteAutomaton, schema_to_regex
+from agentrt.engine.grammar.object_keys import other_key
 
 
 def assert_exact(schema: dict, good: list, bad: list) -> None:

@@ -11,17 +11,17 @@ import pytest
 
 pytest.importorskip("langchain_core", reason="langchain-core (the 'langchain' extra) is not installed")
 
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
-from langchain_core.tools import tool  # noqa: E402
-from pydantic import BaseModel, Field  # noqa: E402
-from typing_extensions import TypedDict  # noqa: E402
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
 
-from agentrt.langchain import ChatAgentRT, to_agentrt_messages  # noqa: E402
-from agentrt.testing import ScriptedLLM  # noqa: E402
-from agentrt.llm import Completion, CompletionChunk  # noqa: E402
-from agentrt.types import Usage  # noqa: E402
+from agentrt.langchain import ChatAgentRT, to_agentrt_messages
+from agentrt.testing import ScriptedLLM
+from agentrt.llm import Completion, CompletionChunk
+from agentrt.types import Usage
 
-from tests._langchain_util import ProgrammableLLM  # noqa: E402
+from tests._langchain_util import ProgrammableLLM
 
 
 @tool

@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("langchain_core", reason="langchain-core (the 'langchain' extra) is not installed")
 
-from langchain_core.messages import AIMessage, ToolMessage  # noqa: E402
+from langchain_core.messages import AIMessage, ToolMessage
 
-from agentrt.testing import ScriptedLLM  # noqa: E402
+from agentrt.testing import ScriptedLLM
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

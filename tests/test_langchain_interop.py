@@ -5,16 +5,16 @@ import pytest
 
 pytest.importorskip("langchain_core", reason="langchain-core (the 'langchain' extra) is not installed")
 
-from langchain_core.messages import ToolMessage  # noqa: E402
-from langchain_core.tools import BaseTool, StructuredTool  # noqa: E402
-from langchain_core.tools import tool as lc_tool  # noqa: E402
-from langchain_core.utils.function_calling import convert_to_openai_tool  # noqa: E402
-from pydantic import BaseModel, Field  # noqa: E402
+from langchain_core.messages import ToolMessage
+from langchain_core.tools import BaseTool, StructuredTool
+from langchain_core.tools import tool as lc_tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel, Field
 
-from agentrt.langchain import ChatAgentRT, LangChainTool, from_langchain_tool, to_langchain_tool  # noqa: E402
-from agentrt.registry import RunContext, ToolRegistry  # noqa: E402
-from agentrt.testing import ScriptedLLM  # noqa: E402
-from agentrt.types import ToolCall  # noqa: E402
+from agentrt.langchain import ChatAgentRT, LangChainTool, from_langchain_tool, to_langchain_tool
+from agentrt.registry import RunContext, ToolRegistry
+from agentrt.testing import ScriptedLLM
+from agentrt.types import ToolCall
 
 
 def _registry_tools() -> ToolRegistry:

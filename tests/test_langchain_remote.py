@@ -8,13 +8,13 @@ import pytest
 
 pytest.importorskip("langchain_core", reason="langchain-core (the 'langchain' extra) is not installed")
 
-from langchain_core.tools import tool  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+from langchain_core.tools import tool
+from pydantic import BaseModel
 
-from agentrt.langchain import ChatAgentRT  # noqa: E402
-from agentrt.server import create_app  # noqa: E402
-from agentrt.testing import ScriptedLLM  # noqa: E402
-from tests._server_util import live_server  # noqa: E402
+from agentrt.langchain import ChatAgentRT
+from agentrt.server import create_app
+from agentrt.testing import ScriptedLLM
+from tests._server_util import live_server
 
 
 @tool

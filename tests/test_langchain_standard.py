@@ -23,14 +23,13 @@ import pytest
 
 pytest.importorskip("langchain_tests", reason="langchain-tests (dev extra) is not installed")
 
-from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
-from langchain_core.language_models import BaseChatModel  # noqa: E402
-from langchain_core.messages import AIMessage, BaseMessage  # noqa: E402
-from langchain_core.tools import BaseTool  # noqa: E402
-from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa: E402
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from agentrt.langchain import ChatAgentRT  # noqa: E402
-from tests._langchain_util import ChatAgentRTFeatures  # noqa: E402
+from agentrt.langchain import ChatAgentRT
+from tests._langchain_util import ChatAgentRTFeatures
 
 pytestmark = pytest.mark.e2e
 

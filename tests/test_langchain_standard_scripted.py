@@ -12,13 +12,13 @@ import pytest
 
 pytest.importorskip("langchain_tests", reason="langchain-tests (dev extra) is not installed")
 
-from langchain_core.messages import AIMessage  # noqa: E402
-from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa: E402
+from langchain_core.messages import AIMessage
+from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from agentrt.langchain import ChatAgentRT  # noqa: E402
-from tests._langchain_util import ChatAgentRTFeatures  # noqa: E402
-from agentrt.testing import ScriptedLLM  # noqa: E402
-from tests._langchain_util import oracle_reply  # noqa: E402
+from agentrt.langchain import ChatAgentRT
+from tests._langchain_util import ChatAgentRTFeatures
+from agentrt.testing import ScriptedLLM
+from tests._langchain_util import oracle_reply
 
 
 def scripted_oracle() -> ScriptedLLM:

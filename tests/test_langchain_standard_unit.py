@@ -9,10 +9,10 @@ import pytest
 
 pytest.importorskip("langchain_tests", reason="langchain-tests (dev extra) is not installed")
 
-from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
+from langchain_tests.unit_tests import ChatModelUnitTests
 
-from agentrt.langchain import ChatAgentRT  # noqa: E402
-from tests._langchain_util import ChatAgentRTFeatures  # noqa: E402
+from agentrt.langchain import ChatAgentRT
+from tests._langchain_util import ChatAgentRTFeatures
 
 
 class TestChatAgentRTUnit(ChatAgentRTFeatures, ChatModelUnitTests):

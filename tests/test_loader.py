@@ -11,10 +11,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _loader_util import llamacpp_permute, tiny_tokenizer, write_tiny_gguf, write_tiny_hf_folder  # noqa: E402
+from _loader_util import llamacpp_permute, tiny_tokenizer, write_tiny_gguf, write_tiny_hf_folder
 
-from agentrt import cli  # noqa: E402
-from agentrt.engine.loader import (  # noqa: E402
+from agentrt import cli
+from agentrt.engine.loader import (
     LoadedModel,
     ModelNotFoundError,
     UnsupportedModelError,

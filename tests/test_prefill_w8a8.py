@@ -12,7 +12,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from agentrt.engine.dynamic_int8 import DynamicInt8Linear, dynamic_int8_available  # noqa: E402
+from agentrt.engine.dynamic_int8 import DynamicInt8Linear, dynamic_int8_available
 
 pytestmark = pytest.mark.skipif(not dynamic_int8_available(), reason="torch has no FBGEMM quantized engine (non-x86)")
 

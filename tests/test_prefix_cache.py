@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _engine_util import tiny_loaded  # noqa: E402
+from _engine_util import tiny_loaded
 
-from agentrt.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from agentrt.engine.kv_cache import BlockManager, KVCache  # noqa: E402
-from agentrt.engine.scheduler import Sequence  # noqa: E402
+from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
+from agentrt.engine.kv_cache import BlockManager, KVCache
+from agentrt.engine.scheduler import Sequence
 
 torch.set_num_threads(1)
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _loader_util import tiny_llama  # noqa: E402
+from _loader_util import tiny_llama
 
-from agentrt.engine.dynamic_int8 import (  # noqa: E402
+from agentrt.engine.dynamic_int8 import (
     DynamicInt8Linear, collect_input_absmax, dynamic_int8_available, quantize_dynamic_int8_)
-from agentrt.engine.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_, quantized_bytes  # noqa: E402
+from agentrt.engine.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_, quantized_bytes
 
 
 # (13, 40) and (8, 24): in_features that torch's AVX-512 int8 kernel mishandles with bf16 activations

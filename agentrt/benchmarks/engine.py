@@ -321,7 +321,6 @@ def _leak_check(engine: Any, sizes: Sizes) -> dict[str, Any]:
 
 def _accuracy(engines: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
     """Each setting vs fp32: teacher-forced logits on a text, and greedy continuations of prompts."""
-    import torch
 
     from agentrt.engine import SamplingParams
 
@@ -397,7 +396,7 @@ def _transformers_speed(loaded: Any, dtype_name: str, sizes: Sizes, bw: float, t
     p = _median(prefill, sizes.repeats)
     d = _median(decode, sizes.repeats)
     wb = _module_bytes(model)
-    del model
+    model = None  # frees the weights before the next setting loads its own
     gc.collect()
     return SpeedRow("transformers", dtype_name, d * 1e3, p, sizes.prefill, sizes.prefill / p, wb, wb / bw / 1e6,
                     "model.generate, its own DynamicCache")
@@ -433,7 +432,7 @@ def _llamacpp_speed(gguf_path: str, threads: int, sizes: Sizes, bw: float, token
     p = _median(prefill, sizes.repeats)
     d = _median(decode, sizes.repeats)
     wb = os.path.getsize(gguf_path)
-    del llm
+    llm = None  # frees llama.cpp's context before the next setting
     gc.collect()
     return SpeedRow("llama.cpp", "gguf", d * 1e3, p, sizes.prefill, sizes.prefill / p, wb, wb / bw / 1e6,
                     f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}, same GGUF file")

@@ -112,7 +112,7 @@ def instance_forms(case: dict, test: dict) -> set[str] | None:
         return None
 
 
-def score_instances(case: dict, res: SchemaResult, accepts) -> SchemaResult:  # noqa: ANN001
+def score_instances(case: dict, res: SchemaResult, accepts) -> SchemaResult:
     """Fill ``res`` by asking ``accepts(text)`` about every instance of ``case``: a valid instance
     must be accepted in some form, an invalid one rejected in every form."""
     for t in case["tests"]:
@@ -153,7 +153,7 @@ def check_schema(case: dict, timeout_s: float = 10.0) -> SchemaResult:
 UNSATISFIABLE = re.compile(r"unsatisfiable|cannot accept any value", re.IGNORECASE)
 
 
-def check_peer(peer, case: dict) -> SchemaResult:  # noqa: ANN001
+def check_peer(peer, case: dict) -> SchemaResult:
     """The same test as ``check_schema`` with a peer library's own compiler and matcher
     (compile time here is the peer's full compile against the tokenizer)."""
     from .grammar_peers import PeerRefused
@@ -203,8 +203,8 @@ def _subset_row(results: list[SchemaResult]) -> dict:
             "compile_p50_ms": _quantile(times, 0.5), "compile_p95_ms": _quantile(times, 0.95)}
 
 
-def run_exactness(subsets: list[str], limit: int | None, timeout_s: float, peers: list | None = None,  # noqa: ANN001
-                  out=sys.stdout) -> dict:  # noqa: ANN001
+def run_exactness(subsets: list[str], limit: int | None, timeout_s: float, peers: list | None = None,
+                  out=sys.stdout) -> dict:
     """Exactness per subset for ours and each peer on the same schemas and instances.
 
     Returns {subset: {engine: row}} with row keys schemas, compiled, exact, wrongly_accepted,
@@ -235,7 +235,7 @@ def run_exactness(subsets: list[str], limit: int | None, timeout_s: float, peers
     return summary
 
 
-def print_summary(summary: dict, out=sys.stdout) -> dict:  # noqa: ANN001
+def print_summary(summary: dict, out=sys.stdout) -> dict:
     """Exact count per subset, ours vs each peer, overall, and the issue's targets: overall exact
     count at least the best peer's; 100% compiled and exact on Glaiveai2K and BFCL_*.
     Returns {"overall": {engine: exact}, "beats_best_peer": bool|None, "targets_100": {subset: bool}}."""
@@ -276,7 +276,7 @@ def print_summary(summary: dict, out=sys.stdout) -> dict:  # noqa: ANN001
 
 
 # ----------------------------------------------------------------------------- token-level speed
-def embedded_tokenizer():  # noqa: ANN201
+def embedded_tokenizer():
     import importlib.util
 
     from transformers import AutoTokenizer
@@ -288,9 +288,11 @@ def embedded_tokenizer():  # noqa: ANN201
                                          gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def _mask_times_us(grammar, token_ids: list[int]) -> list[float] | None:  # noqa: ANN001
+def _mask_times_us(grammar, token_ids: list[int]) -> list[float] | None:
     """Our mask time before every token (no jump-forward), like the peers' figures."""
-    m = grammar.matcher()
+    from agentrt.engine.grammar import GrammarMatcher
+
+    m = GrammarMatcher(grammar)
     out = []
     for t in token_ids:
         t0 = time.perf_counter()
@@ -302,13 +304,13 @@ def _mask_times_us(grammar, token_ids: list[int]) -> list[float] | None:  # noqa
     return out
 
 
-def _valid_token_ids(tok, case: dict) -> list[list[int]]:  # noqa: ANN001
+def _valid_token_ids(tok, case: dict) -> list[list[int]]:
     forms = [compact(reorder(t["data"], case["schema"], case["schema"])) for t in case["tests"] if t["valid"]]
     return [tok.encode(f, add_special_tokens=False) for f in forms]
 
 
-def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, peers: list | None = None,  # noqa: ANN001
-                    tok=None, out=sys.stdout) -> dict:  # noqa: ANN001
+def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, peers: list | None = None,
+                    tok=None, out=sys.stdout) -> dict:
     """Token-level figures on the embedded tokenizer for the first ``per_subset`` schemas we
     compile per subset: our compile cold / cached / from disk, mask time along valid instances
     with jump-forward (first visit and warm), forced share; then, side by side with each peer on
@@ -331,8 +333,8 @@ def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, peers
         torch.set_num_threads(threads)
 
 
-def _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out):  # noqa: ANN001, ANN202
-    from agentrt.engine.grammar import GrammarCompileError, GrammarCompiler, UnsupportedSchemaError
+def _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out):
+    from agentrt.engine.grammar import GrammarCompileError, GrammarCompiler, GrammarMatcher, UnsupportedSchemaError
 
     from .grammar_peers import PeerRefused
 
@@ -388,7 +390,7 @@ def _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out):  # noqa
                     ids = tok.encode(compact(reorder(t["data"], case["schema"], case["schema"])), add_special_tokens=False)
                     if not g.accepts_tokens(ids):
                         continue
-                    m = g.matcher()
+                    m = GrammarMatcher(g)
                     i = 0
                     while i < len(ids) and not m.is_terminated():
                         f = m.forced_tokens()
@@ -415,7 +417,7 @@ def _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out):  # noqa
     return side
 
 
-def print_speed_side_by_side(side: dict, out=sys.stdout) -> None:  # noqa: ANN001
+def print_speed_side_by_side(side: dict, out=sys.stdout) -> None:
     """The token-level table, one row per engine: same schemas, same token sequences."""
     print("\nside by side, same schemas and tokens (mask before every token, no jump-forward; 'tokens' = "
           "those of the valid instances each engine accepts; 'again' = the same schema compiled a second "
@@ -435,10 +437,10 @@ def print_speed_side_by_side(side: dict, out=sys.stdout) -> None:  # noqa: ANN00
 class NoJumpForward:
     """A matcher with jump-forward turned off (for the with/without comparison)."""
 
-    def __init__(self, inner):  # noqa: ANN001
+    def __init__(self, inner):
         self.inner = inner
 
-    def next_token_mask(self):  # noqa: ANN201
+    def next_token_mask(self):
         return self.inner.next_token_mask()
 
     def accept_token(self, token_id: int) -> None:
@@ -474,7 +476,7 @@ def bfcl_cases_with_ids(n: int) -> list[tuple[str, list[dict], dict]]:
 
 
 def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_threads: int | None = 1,
-            out=sys.stdout) -> dict:  # noqa: ANN001
+            out=sys.stdout) -> dict:
     """BFCL simple prompts with their tool's parameter schema on the embedded model: all ``n``
     batched through the engine (continuous batching), every output parsed and validated; then
     ``timing_n`` prompts one request at a time: unconstrained, constrained without and with
@@ -483,7 +485,7 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_
     import torch
 
     from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
-    from agentrt.engine.grammar import GrammarCompiler
+    from agentrt.engine.grammar import GrammarCompiler, GrammarMatcher
 
     engine = LLMEngine(EngineConfig(max_num_seqs=max_num_seqs, num_threads=num_threads))
     tok = engine.tokenizer
@@ -498,7 +500,7 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_
 
     t0 = time.perf_counter()
     # the request's max_tokens goes to the matcher, as LocalLLM does: it closes the value in time
-    matchers = [g.matcher(max_tokens) for g in grammars]
+    matchers = [GrammarMatcher(g, max_tokens) for g in grammars]
     outs = engine.generate(prompts, params, matchers)
     wall = time.perf_counter() - t0
     valid = 0
@@ -532,8 +534,8 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_
     rows = {"unconstrained": [], "constrained, no jump-forward": [], "constrained + jump-forward": []}
     for p, g in list(zip(prompts, grammars))[:timing_n]:
         engine.generate([p], SamplingParams(max_tokens=1, temperature=0.0))  # prefill once: all three hit the cache
-        for label, c in (("unconstrained", None), ("constrained, no jump-forward", NoJumpForward(g.matcher())),
-                         ("constrained + jump-forward", g.matcher())):
+        for label, c in (("unconstrained", None), ("constrained, no jump-forward", NoJumpForward(GrammarMatcher(g))),
+                         ("constrained + jump-forward", GrammarMatcher(g))):
             t0 = time.perf_counter()
             o = engine.generate([p], params, [c])[0]
             w = time.perf_counter() - t0

@@ -98,7 +98,7 @@ async def agent_job(http: Any, i: int, max_steps: int) -> Sample:
             return Sample("agent", "run", latency, ttft, f"run status {status}: {body.get('error')} ({why})",
                           len(steps), status, run_s, trace)
         return Sample("agent", "", latency, ttft, steps=len(steps), outcome=status, run_s=run_s, trace=trace)
-    except Exception as e:  # a benchmark records failures rather than stopping
+    except Exception as e:  # noqa: BLE001 - a benchmark records failures rather than stopping
         return Sample("agent", "http", time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
 
 
@@ -155,7 +155,7 @@ async def chat_job(client: Any, i: int) -> Sample:
             return Sample("chat", "http", latency, ttft, f"stream ended with finish_reason {finish}", outcome=str(finish))
         invalid = check_chat_output(kwargs, finish, content, calls)
         return Sample("chat", "output" if invalid else "", latency, ttft, invalid, outcome=finish)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a benchmark records failures rather than stopping
         return Sample("chat", "http", time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
 
 

@@ -153,7 +153,7 @@ def _check_first_prompt_fits(llm: Any, task: str | list[Message], registry: Any,
         plan = plan_turn(messages, registry.specs(), req.tool_choice, req.parallel_tool_calls, schema)
     except ValueError as e:
         raise APIError(400, str(e), param="tool_choice", code="invalid_value") from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the chat template raises what it likes
         raise unrenderable(e) from None
     n = prompt_length(llm, plan.chat_messages)
     limit = check_max_tokens(llm, None)

@@ -76,7 +76,7 @@ def check_schema(schema: Any, param: str) -> dict[str, Any]:
     except jsonschema.SchemaError as e:
         raise APIError(400, f"{param} is not a valid JSON Schema: {e.message}", param=param,
                        code="invalid_schema") from None
-    except Exception as e:  # e.g. an unresolvable $schema or $ref
+    except Exception as e:  # noqa: BLE001 - e.g. an unresolvable $schema or $ref
         raise APIError(400, f"{param} is not a usable JSON Schema: {e}", param=param, code="invalid_schema") from None
     return schema
 
@@ -110,7 +110,7 @@ def prompt_length(llm: Any, chat_messages: list[dict[str, str]]) -> int | None:
         return None
     try:
         return len(count(chat_messages))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the chat template raises what it likes (jinja's TemplateError, ValueError...)
         raise unrenderable(e) from None
 
 

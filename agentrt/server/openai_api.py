@@ -155,7 +155,7 @@ async def stream_chat(state: ServerState, plan: PromptPlan, stream: AsyncIterato
                     made_calls = made_calls or isinstance(ev, ToolCallStart)
                     yield chunks.event(ev)
                 completion = chunk.completion or completion
-        except Exception as e:  # this request failed in the engine: end its own stream with the reason
+        except Exception as e:  # noqa: BLE001 - this request failed in the engine: end its own stream with the reason
             yield chunks.error(f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
             return
         if completion is None:

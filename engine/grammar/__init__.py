@@ -3,10 +3,10 @@ token automaton (outlines-core ``Index``) -> per-request matcher (the engine's T
 
     compiler = GrammarCompiler.from_tokenizer(tokenizer, vocab_size=engine.vocab_size)
     grammar = compiler.compile_json_schema(schema)        # cached in memory and on disk
-    engine.add_request(prompt, params, constraint=grammar.matcher(max_tokens=params.max_tokens))
+    engine.add_request(prompt, params, constraint=GrammarMatcher(grammar, max_tokens=params.max_tokens))
 """
 from .automaton import ByteAutomaton, configure_compiles
-from .budget import BudgetError, TokenDistances
+from .budget import BudgetError, TokenDistances, distances, min_tokens
 from .compiler import CompiledGrammar, GrammarCompiler, default_cache_dir
 from .errors import GrammarBusyError, GrammarCompileError, UnsupportedSchemaError
 from .matcher import GrammarMatcher
@@ -15,7 +15,7 @@ from .vocab import TokenVocab, vocab_from_tokenizer
 
 __all__ = [
     "BudgetError", "ByteAutomaton", "CompiledGrammar", "GrammarBusyError", "GrammarCompileError", "GrammarCompiler",
-    "GrammarMatcher", "configure_compiles",
+    "GrammarMatcher", "configure_compiles", "distances", "min_tokens",
     "TokenDistances", "TokenVocab", "UnsupportedSchemaError", "default_cache_dir", "schema_to_regex",
     "vocab_from_tokenizer",
 ]

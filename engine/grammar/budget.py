@@ -54,6 +54,21 @@ def _shortcut_tokens(vocab: TokenVocab) -> np.ndarray:
     return hit
 
 
+def distances(grammar: CompiledGrammar) -> TokenDistances:
+    """The grammar's TokenDistances (fewest tokens from each state to a complete value), computed on
+    first use and kept on the grammar, shared by every budgeted matcher of it."""
+    if grammar.token_distances is None:
+        with grammar.distances_lock:
+            if grammar.token_distances is None:
+                grammar.token_distances = TokenDistances(grammar)
+    return grammar.token_distances
+
+
+def min_tokens(grammar: CompiledGrammar) -> int:
+    """Tokens the grammar's shortest complete value takes (an upper bound)."""
+    return distances(grammar).of(grammar.initial_state())
+
+
 class BudgetError(GrammarCompileError):
     """max_tokens is too small for the shortest complete value of the schema (a request
     error: callers that map GrammarCompileError to "bad request" cover it too)."""

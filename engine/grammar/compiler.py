@@ -1,5 +1,6 @@
 """GrammarCompiler (one per model/tokenizer) -> CompiledGrammar (one per schema, shared by
-requests) -> GrammarMatcher (one per request; see matcher.py).
+requests) -> GrammarMatcher (one per request; see matcher.py). The chain has no way back: this
+module knows neither the budget planning (budget.py) nor the matcher.
 
 Compiled grammars are cached in memory (LRU) and on disk (LRU under a size cap, see disk_cache.py),
 keyed by the tokenizer's content hash and the schema's hash, so a second compile of a schema costs a
@@ -40,7 +41,7 @@ class CompiledGrammar:
     """A schema compiled against one vocabulary. Immutable as far as callers are concerned;
     it lazily caches per-state masks and forced-token runs, shared by all its matchers."""
 
-    def __init__(self, schema: Any, regex: str, index: Any, vocab: TokenVocab, encode,  # noqa: ANN001
+    def __init__(self, schema: Any, regex: str, index: Any, vocab: TokenVocab, encode,
                  unenforced: list[str], lenient: bool, mask_cache_size: int = 512):
         self.schema = schema
         self.regex = regex
@@ -60,23 +61,8 @@ class CompiledGrammar:
         self._final: dict[int, bool] = {}
         self._lock = threading.Lock()
         self._validator = None
-        self._distances = None
-        self._dist_lock = threading.Lock()  # not _lock: the engine's mask() calls must not wait on a build
-
-    def distances(self):  # noqa: ANN201
-        """The grammar's TokenDistances (fewest tokens from each state to a complete value),
-        computed on first use and shared by every budgeted matcher of this grammar."""
-        if self._distances is None:
-            from .budget import TokenDistances
-
-            with self._dist_lock:
-                if self._distances is None:
-                    self._distances = TokenDistances(self)
-        return self._distances
-
-    def min_tokens(self) -> int:
-        """Tokens the shortest complete value takes (an upper bound; see budget.py)."""
-        return self.distances().of(self.initial_state())
+        self.token_distances = None  # budget.distances(grammar) computes and keeps its TokenDistances here
+        self.distances_lock = threading.Lock()  # not _lock: the engine's mask() calls must not wait on a build
 
     # -- per-state queries (cached) ---------------------------------------------------
     def initial_state(self) -> int:
@@ -190,16 +176,6 @@ class CompiledGrammar:
         return out
 
     # -- helpers for callers ------------------------------------------------------------
-    def matcher(self, max_tokens: int | None = None):  # noqa: ANN201
-        """A fresh per-request matcher (implements engine.constraint.TokenConstraint).
-
-        With ``max_tokens`` (the request's, counting sampled and forced tokens) the matcher
-        closes the value in time so the output is always complete; raises BudgetError when
-        even the shortest complete value does not fit."""
-        from .matcher import GrammarMatcher
-
-        return GrammarMatcher(self, max_tokens=max_tokens)
-
     def accepts_tokens(self, token_ids: list[int], *, complete: bool = True) -> bool:
         """Whether the token sequence is admitted (and, if ``complete``, may end there)."""
         s: int | None = self.initial_state()
@@ -226,7 +202,7 @@ class CompiledGrammar:
 class GrammarCompiler:
     """Compiles JSON Schemas to token automata for one tokenizer (build once per model)."""
 
-    def __init__(self, vocab: TokenVocab, encode, cache_dir: str | None = None,  # noqa: ANN001
+    def __init__(self, vocab: TokenVocab, encode, cache_dir: str | None = None,
                  memory_cache_size: int = 256, cache_max_bytes: int | None = None,
                  memory_cache_bytes: int = 128 << 20):
         self.vocab = vocab
@@ -243,7 +219,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, vocab_size: int, cache_dir: str | None = None,  # noqa: ANN001
+    def from_tokenizer(cls, tokenizer, vocab_size: int, cache_dir: str | None = None,
                        *, eos_token_ids: list[int] | None = None) -> GrammarCompiler:
         """Build from a transformers tokenizer; ``vocab_size`` is the model's logits width.
         ``eos_token_ids`` (default: the tokenizer's eos) are allowed wherever output may end."""

@@ -10,7 +10,7 @@ class UnsupportedSchemaError(ValueError):
     final output validated afterwards.
     """
 
-    def __reduce__(self):  # noqa: ANN204 - pickled back from a compile's child process with its keywords
+    def __reduce__(self):
         return (type(self), (self.keywords,))
 
     def __init__(self, keywords: list[str]):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .budget import INF, BudgetError
+from .budget import INF, BudgetError, distances
 from .compiler import CompiledGrammar
 
 
@@ -15,7 +15,7 @@ class GrammarMatcher:
     ``forced_tokens`` its precomputed jump-forward run.
 
     With ``max_tokens`` (the request's limit; sampled, forced and EOS tokens all count) the
-    matcher keeps "fewest tokens to a complete value" (``CompiledGrammar.distances()``) within
+    matcher keeps "fewest tokens to a complete value" (``budget.distances(grammar)``) within
     the tokens left: while the budget is ample nothing changes; near the end the mask admits
     only tokens after which the value can still be completed in time, so the output always
     ends as a complete, valid value, at the latest on its last token (``is_terminated()``
@@ -37,7 +37,7 @@ class GrammarMatcher:
         if max_tokens is not None:
             if max_tokens < 1:
                 raise BudgetError(f"max_tokens={max_tokens} must be at least 1")
-            dist = grammar.distances()
+            dist = distances(grammar)
             if dist.complete:  # else the grammar is too large to plan for: behave as unbudgeted
                 need = dist.of(self.state)
                 if need >= INF:

@@ -44,7 +44,7 @@ def _validator(root: Any) -> Any:
     try:
         cls = jsonschema.validators.validator_for(root, default=jsonschema.Draft202012Validator)
         return cls(root, format_checker=jsonschema.FormatChecker())
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a schema jsonschema cannot load gets no validator
         return None
 
 

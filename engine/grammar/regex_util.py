@@ -264,7 +264,7 @@ _CATS = {
 _DOT = complement([(0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)])
 
 
-def _cat_set(code, lower: bool) -> Ranges:  # noqa: ANN001
+def _cat_set(code, lower: bool) -> Ranges:
     name, negated = _CATS[code]
     lo, hi = _category(name)
     # a negated category's lower bound is the complement of the positive upper bound
@@ -273,7 +273,7 @@ def _cat_set(code, lower: bool) -> Ranges:  # noqa: ANN001
     return lo if lower else hi
 
 
-def _class_set(items, lower: bool = True) -> Ranges:  # noqa: ANN001
+def _class_set(items, lower: bool = True) -> Ranges:
     """The code points a parsed `[...]` class surely matches (lower) in every dialect."""
     negate = bool(items) and items[0][0] is C.NEGATE
     body = items[1:] if negate else items
@@ -318,10 +318,10 @@ class _Translator:
             out.append(seq("" if start else any_, body, "" if end else any_))
         return alt(out)
 
-    def seq(self, items) -> str | None:  # noqa: ANN001
+    def seq(self, items) -> str | None:
         return seq(*[self.node(op, av) for op, av in items])
 
-    def node(self, op, av) -> str | None:  # noqa: ANN001
+    def node(self, op, av) -> str | None:
         if op is C.LITERAL:
             return json_chars([(av, av)])
         if op is C.NOT_LITERAL:
@@ -336,7 +336,7 @@ class _Translator:
             _group, add_flags, del_flags, sub = av
             if add_flags or del_flags:
                 raise PatternError("inline flags in a group")
-            return f"(?:{self.seq(sub)})" if (s := self.seq(sub)) is not None else None
+            return f"(?:{s})" if (s := self.seq(sub)) is not None else None
         if op in (C.MAX_REPEAT, C.MIN_REPEAT, C.POSSESSIVE_REPEAT):
             if op is C.POSSESSIVE_REPEAT:
                 raise PatternError("possessive repeat")
@@ -523,7 +523,7 @@ def _frac_le(d: str, incl: bool) -> str | None:
     return opt(seq(r"\.", f"(?:{_digits_le(d, incl)})"))
 
 
-def _split(m) -> tuple[int, str]:  # noqa: ANN001 - a non-negative Decimal
+def _split(m) -> tuple[int, str]:
     """Integer part and fraction digits (no trailing zeros) of a non-negative Decimal."""
     from decimal import Decimal
 
@@ -533,7 +533,7 @@ def _split(m) -> tuple[int, str]:  # noqa: ANN001 - a non-negative Decimal
     return ip, digits
 
 
-def nonneg_decimal_range(lo, lo_incl: bool, hi, hi_incl: bool) -> str | None:  # noqa: ANN001
+def nonneg_decimal_range(lo, lo_incl: bool, hi, hi_incl: bool) -> str | None:
     """Regex for plain decimals (no sign, no exponent) m with lo <=/< m <=/< hi (hi None = inf).
 
     Raises PatternError for the one case it does not build: both bounds with fractions
@@ -555,7 +555,7 @@ def nonneg_decimal_range(lo, lo_incl: bool, hi, hi_incl: bool) -> str | None:  #
     ])
 
 
-def number_range(lo, lo_incl: bool, hi, hi_incl: bool) -> str | None:  # noqa: ANN001
+def number_range(lo, lo_incl: bool, hi, hi_incl: bool) -> str | None:
     """Regex for JSON numbers x (written without exponent) with lo <=/< x <=/< hi; bounds are
     Decimals or None (unbounded). Exact on the numbers it admits."""
     from decimal import Decimal
@@ -641,7 +641,7 @@ def strings_except(values: list[str]) -> str:
     return seq('"', other(trie), '"')  # type: ignore[return-value]
 
 
-def numbers_except(values: list) -> str | None:  # noqa: ANN001 - Decimals
+def numbers_except(values: list) -> str | None:
     """Regex for JSON numbers (no exponent) equal to none of ``values`` (Decimals): the open
     intervals between them. Raises PatternError when a gap lies inside one integer."""
     vs = sorted(set(values))

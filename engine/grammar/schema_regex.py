@@ -349,7 +349,7 @@ def _trivial(kw: str, value: Any) -> bool:
     return False
 
 
-def _with_ref_depth(ref: str, ctx: _Ctx, fn):  # noqa: ANN001, ANN202
+def _with_ref_depth(ref: str, ctx: _Ctx, fn):
     depth = ctx.ref_depth.get(ref, 0)
     if depth > ctx.max_ref_depth:
         return None  # recursion cut: deeper values are not generated (narrower, never wider)
@@ -767,7 +767,7 @@ def _dec(v: Any, path: str, kw: str) -> Decimal:
         raise GrammarCompileError(f"{kw} at {path or '/'}: {e}") from None
 
 
-def _bounds(schema: dict, path: str):  # noqa: ANN202
+def _bounds(schema: dict, path: str):
     lo, lo_incl, hi, hi_incl = None, True, None, True
     if "minimum" in schema:
         lo, lo_incl = _dec(schema["minimum"], path, "minimum"), True

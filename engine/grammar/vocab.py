@@ -69,7 +69,7 @@ class TokenVocab:
         return self._by_bytes
 
 
-def vocab_from_tokenizer(tokenizer, vocab_size: int | None = None,  # noqa: ANN001
+def vocab_from_tokenizer(tokenizer, vocab_size: int | None = None,
                          eos_token_ids: list[int] | None = None) -> TokenVocab:
     """Build the byte vocabulary of a transformers (fast) tokenizer or a `tokenizers.Tokenizer`.
 
