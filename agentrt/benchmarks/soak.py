@@ -132,7 +132,7 @@ async def run_normal(http: Any, kind: str, body: dict[str, Any]) -> tuple[str, A
         msg = choice["message"]
         calls = [[c["function"]["name"], c["function"]["arguments"]] for c in msg.get("tool_calls") or []]
         return "", [choice["finish_reason"], msg.get("content") or "", calls], time.perf_counter() - start
-    except Exception as e:  # a soak records failures rather than stopping
+    except Exception as e:  # noqa: BLE001 - a soak records failures rather than stopping
         return f"{type(e).__name__}: {e}", None, time.perf_counter() - start
 
 
@@ -339,7 +339,7 @@ def dir_mb(path: Path) -> float:
 
 
 class ResourceWatch:
-    """Polls the server's compile children (their private memory, summed) and the grammar cache
+    """Polls the server's compile processes (their private memory, summed) and the grammar cache
     folder from a thread; takes RSS samples when asked."""
 
     def __init__(self, pid: int, cache_dir: Path):
@@ -361,7 +361,9 @@ class ResourceWatch:
     def _poll(self) -> None:
         last_dir = 0.0
         while not self._stop.wait(0.2):
-            self.compile_peak_mb = max(self.compile_peak_mb, sum(private_mb(c) for c in children(self.pid)))
+            # each compile is a process forked by one of the server's compile workers
+            compiles = [job for worker in children(self.pid) for job in children(worker)]
+            self.compile_peak_mb = max(self.compile_peak_mb, sum(private_mb(g) for g in compiles))
             if time.monotonic() - last_dir > 2:
                 last_dir = time.monotonic()
                 self.cache_peak_mb = max(self.cache_peak_mb, dir_mb(self.cache_dir))

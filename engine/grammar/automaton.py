@@ -7,8 +7,9 @@ never generated: tokens holding its lead byte 0xF4 are excluded) appended, which
 every language prefix-free; "may end here" = "the sentinel token leads to an accepting state".
 
 ``Index`` construction runs in Rust and cannot be interrupted from Python, so when a time
-limit is given it runs in a forked child process that is killed at the deadline (a run-away
-compile then costs nothing after the error). The index comes back pickled.
+limit is given it runs in a child process that is killed at the deadline (a run-away compile then
+costs nothing after the error). The index comes back pickled. The children are forked by small
+worker processes (`CompileWorkers`), not by the caller: see there why.
 
 Compiles are bounded together, not only one by one (`CompileGate`): at most ``max_concurrent`` run
 at once (``$AGENTRT_GRAMMAR_COMPILES``, default half the cores), at a lower CPU priority than the
@@ -20,10 +21,13 @@ whole schema -> regex -> index chain in one child, so nothing of it holds the se
 from __future__ import annotations
 
 import faulthandler
-import multiprocessing
+import functools
 import os
 import pickle
+import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -171,8 +175,27 @@ def _cap_memory(extra_bytes: int) -> None:
         pass
 
 
-def _child(work: Callable[[], Any], conn, memory_bytes: int) -> None:  # noqa: ANN001
-    global gate
+_in_compile_child = False
+
+
+def fork_job(work: Callable[[], Any], memory_bytes: int) -> tuple[int, int]:
+    """Fork a process that runs ``work()`` under ``memory_bytes`` of new memory at a low CPU priority and
+    writes its pickled outcome to a pipe; returns (its pid, the pipe's read end)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        return pid, read_fd
+    os.close(read_fd)
+    try:
+        _child(work, write_fd, memory_bytes)
+    finally:
+        os._exit(0)
+
+
+def _child(work: Callable[[], Any], write_fd: int, memory_bytes: int) -> None:
+    global gate, _in_compile_child
+    _in_compile_child = True
     # the allocator's own "memory allocation of N bytes failed" (and faulthandler's dump of the abort
     # that follows) would land on the server's stderr; the parent reports the failure instead, with
     # the limit that caused it
@@ -181,18 +204,37 @@ def _child(work: Callable[[], Any], conn, memory_bytes: int) -> None:  # noqa: A
     os.dup2(devnull, 2)
     _cap_memory(memory_bytes)
     os.nice(10)  # a compile waits for the engine's decode steps, never the other way round
-    gate = CompileGate(1, memory_bytes, 0)  # the parent's slot counts were copied by the fork: start afresh
+    gate = CompileGate(1, memory_bytes, 0)  # its own steps (oneOf proofs) run one at a time in its share
     try:
         payload = pickle.dumps(("ok", work()))
     except (GrammarCompileError, UnsupportedSchemaError) as e:  # the compile's own verdict, passed on as it is
         payload = pickle.dumps(("raise", e))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         payload = pickle.dumps(("error", f"{type(e).__name__}: {e}"))
+    with os.fdopen(write_fd, "wb") as out:
+        out.write(payload)
+
+
+def collect_job(pid: int, read_fd: int, deadline: float | None) -> bytes | None:
+    """The pickled outcome of a `fork_job` (("died", exit code) if it ended without one), or None when
+    ``deadline`` (a `time.monotonic` time) passed first: the job is then killed."""
+    chunks = []
     try:
-        conn.send_bytes(payload)
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([read_fd], [], [], wait)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return None
+            chunk = os.read(read_fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
     finally:
-        conn.close()
-        os._exit(0)
+        os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    return b"".join(chunks) or pickle.dumps(("died", os.waitstatus_to_exitcode(status)))
 
 
 def build_index(regex: str, vocabulary: Vocabulary, width: int, timeout_s: float | None) -> TokenIndex:
@@ -201,20 +243,22 @@ def build_index(regex: str, vocabulary: Vocabulary, width: int, timeout_s: float
     return TokenIndex(_build(f"(?:{regex}){_SENTINEL_RE}", vocabulary, timeout_s), width)
 
 
-def _build(regex: str, vocabulary: Vocabulary, timeout_s: float | None) -> Index:
-    def index() -> Index:
-        try:
-            return Index(regex, vocabulary)
-        except Exception as e:  # noqa: BLE001
-            raise GrammarCompileError(f"the schema's regex could not be compiled: {e}") from None
+def _index(regex: str, vocabulary: Vocabulary) -> Index:
+    try:
+        return Index(regex, vocabulary)
+    except Exception as e:  # noqa: BLE001 - outlines-core raises its own (Rust) error types
+        raise GrammarCompileError(f"the schema's regex could not be compiled: {e}") from None
 
-    return run_bounded(index, timeout_s)
+
+def _build(regex: str, vocabulary: Vocabulary, timeout_s: float | None) -> Index:
+    return run_bounded(functools.partial(_index, regex, vocabulary), timeout_s)
 
 
 def run_bounded(work: Callable[[], Any], timeout_s: float | None) -> Any:
-    """``work()`` under a compile slot: in this process when ``timeout_s`` is None, else in a forked child
-    under the time limit and its share of the compile memory. Its GrammarCompileError or
-    UnsupportedSchemaError is raised here as it is; any other failure becomes a GrammarCompileError."""
+    """``work()`` under a compile slot: in this process when ``timeout_s`` is None, else in a child process
+    under the time limit and its share of the compile memory (``work`` is then pickled: a module function
+    or a partial of one). Its GrammarCompileError or UnsupportedSchemaError is raised here as it is; any
+    other failure becomes a GrammarCompileError."""
     g = gate
     with g.slot(timeout_s) as left:
         if left is None:
@@ -223,34 +267,87 @@ def run_bounded(work: Callable[[], Any], timeout_s: float | None) -> Any:
 
 
 def _run_in_child(work: Callable[[], Any], timeout_s: float, left: float, memory_bytes: int) -> Any:
-    ctx = multiprocessing.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(work, send, memory_bytes), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        if not recv.poll(max(left, 0.0)):
-            raise GrammarCompileError(
-                f"compiling the schema took longer than its {timeout_s:g}s limit and was stopped "
-                "(simplify it: fewer alternatives, smaller enums/maxLength/maxItems, or raise timeout_s)"
-            )
-        try:
-            status, value = pickle.loads(recv.recv_bytes())
-        except EOFError:
-            proc.join(5)
-            raise GrammarCompileError(_died(proc.exitcode, memory_bytes)) from None
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-        recv.close()
+    deadline = time.monotonic() + max(left, 0.0)
+    if _in_compile_child:  # a compile's own step: forked from the (small) compile process itself
+        payload = collect_job(*fork_job(work, memory_bytes), deadline)
+    else:
+        payload = workers.run(work, memory_bytes, deadline)
+    if payload is None:
+        raise GrammarCompileError(
+            f"compiling the schema took longer than its {timeout_s:g}s limit and was stopped "
+            "(simplify it: fewer alternatives, smaller enums/maxLength/maxItems, or raise timeout_s)")
+    status, value = pickle.loads(payload)
     if status == "raise":
         raise value
+    if status == "died":
+        raise GrammarCompileError(_died(value, memory_bytes))
     if status != "ok":
         if "memory" in value.lower() or "alloc" in value.lower():
             raise GrammarCompileError(_died(None, memory_bytes) + f" ({value})")
         raise GrammarCompileError(f"the schema could not be compiled: {value}")
     return value
+
+
+class CompileWorkers:
+    """Small processes (``python -m agentrt.engine.grammar.compile_worker``, started on first use, one per
+    compile running at once) that fork each compile. Not forking from the caller: a server holds
+    gigabytes that it keeps writing, and each page it wrote while a child forked from it lived would
+    exist twice (and the child would be charged for it)."""
+
+    def __init__(self) -> None:
+        self._idle: list[subprocess.Popen] = []
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[], Any], memory_bytes: int, deadline: float) -> bytes | None:
+        """A job's pickled outcome (see `collect_job`), or None past ``deadline`` (the worker is then
+        killed with its job, and a new one starts next time)."""
+        job = pickle.dumps((work, memory_bytes))
+        worker = self._take()
+        try:
+            worker.stdin.write(len(job).to_bytes(8, "little") + job)
+            worker.stdin.flush()
+            reply = self._read(worker, 8, deadline)
+            reply = reply and self._read(worker, int.from_bytes(reply, "little"), deadline)
+        except OSError:
+            reply = pickle.dumps(("died", worker.poll()))
+        if reply is None or worker.poll() is not None:
+            self._stop(worker)
+        else:
+            with self._lock:
+                self._idle.append(worker)
+        return reply
+
+    def _take(self) -> subprocess.Popen:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return subprocess.Popen([sys.executable, "-m", "agentrt.engine.grammar.compile_worker"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # Ctrl-C in a terminal is the server's, not theirs
+
+    @staticmethod
+    def _read(worker: subprocess.Popen, n: int, deadline: float) -> bytes | None:
+        fd, data = worker.stdout.fileno(), b""
+        while len(data) < n:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            chunk = os.read(fd, n - len(data))
+            if not chunk:
+                raise OSError("the compile worker exited")
+            data += chunk
+        return data
+
+    @staticmethod
+    def _stop(worker: subprocess.Popen) -> None:
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)  # the worker and the job it forked
+        except OSError:
+            pass
+        worker.wait()
+
+
+workers = CompileWorkers()
 
 
 def _died(exitcode: int | None, memory_bytes: int) -> str:

@@ -8,6 +8,7 @@ dict look-up.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -258,7 +259,8 @@ class GrammarCompiler:
             index = None
         source = "disk" if index is not None else ""
         if index is None:
-            blob = run_bounded(lambda: self._compile(schema, lenient, timeout_s), timeout_s)
+            work = functools.partial(compile_schema, schema, lenient, timeout_s, self._vocabulary, self.vocab.vocab_size)
+            blob = run_bounded(work, timeout_s)
             regex, unenforced, index = pickle.loads(blob)
             self.disk_cache.save(key, blob)
         grammar = CompiledGrammar(schema, regex, index, self.vocab, self._encode, unenforced, lenient)
@@ -267,13 +269,6 @@ class GrammarCompiler:
         grammar.nbytes = len(blob)
         self._remember(key, grammar)
         return grammar
-
-    def _compile(self, schema: dict, lenient: bool, timeout_s: float | None) -> bytes:
-        """The pickled (regex, unenforced keywords, token index) of ``schema``: runs in a compile child
-        when there is a time limit (see `run_bounded`), so its index is built in place there."""
-        regex, unenforced = schema_to_regex(schema, lenient=lenient, timeout_s=timeout_s)
-        index = build_index(regex, self._vocabulary, self.vocab.vocab_size, None)
-        return pickle.dumps((regex, unenforced, index), protocol=pickle.HIGHEST_PROTOCOL)
 
     def _remember(self, key: str, grammar: CompiledGrammar) -> None:
         with self._lock:
@@ -286,3 +281,11 @@ class GrammarCompiler:
         """Bytes of the automata the in-memory cache holds (their pickled size)."""
         with self._lock:
             return sum(g.nbytes for g in self._memory.values())
+
+
+def compile_schema(schema: dict, lenient: bool, timeout_s: float | None, vocabulary: Any, width: int) -> bytes:
+    """The pickled (regex, unenforced keywords, token index) of ``schema`` over ``vocabulary``: a module
+    function of plain arguments, so a compile process can be handed it (see `run_bounded`)."""
+    regex, unenforced = schema_to_regex(schema, lenient=lenient, timeout_s=timeout_s)
+    index = build_index(regex, vocabulary, width, None)
+    return pickle.dumps((regex, unenforced, index), protocol=pickle.HIGHEST_PROTOCOL)
