@@ -271,7 +271,7 @@ class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: str | torch.device = "cpu"):
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self.block_size = block_size
+        self.num_blocks, self.block_size = num_blocks, block_size
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -149,15 +151,38 @@ class AttnMetadata:
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm block: RMSNorm, fused qkv, RoPE, attention (given by the caller: paged for the
+    step, gathered for the pure decode graph), o_proj, RMSNorm, fused gate/up SwiGLU, down_proj."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         hd, nh, nkv, h = args.head_dim, args.num_heads, args.num_kv_heads, args.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim, self.eps = nh, nkv, hd, args.rms_norm_eps
         self.qkv_proj = nn.Linear(h, (nh + 2 * nkv) * hd, bias=args.attention_bias, device="meta")
         self.o_proj = nn.Linear(nh * hd, h, bias=False, device="meta")
         self.gate_up_proj = nn.Linear(h, 2 * args.intermediate_size, bias=False, device="meta")
         self.down_proj = nn.Linear(args.intermediate_size, h, bias=False, device="meta")
         self.input_layernorm = nn.Parameter(torch.empty(h, device="meta"), requires_grad=False)
         self.post_attention_layernorm = nn.Parameter(torch.empty(h, device="meta"), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, rope: Callable[[torch.Tensor], torch.Tensor],
+                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """x: [T, H], updated in place (the model's own tensor) and returned.
+        rope: rotates pairs [T, nh + nkv, hd/2, 2] (float32, interleaved pair order) by position;
+        attend: (q [T, nh, hd], k [T, nkv, hd], v [T, nkv, hd]) -> [T, nh * hd]."""
+        T = x.shape[0]
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qk_dim = (nh + nkv) * hd
+        hsz = x.shape[-1:]
+        h = F.rms_norm(x, hsz, self.input_layernorm, self.eps)
+        qkv = self.qkv_proj(h)  # [T, (nh + 2 nkv) hd]
+        # RoPE on q and k at once, in float32 (a no-op cast for float32 models)
+        qk = rope(qkv[:, :qk_dim].float().view(T, nh + nkv, hd // 2, 2)).flatten(2).to(x.dtype)  # [T, nh+nkv, hd]
+        v = qkv[:, qk_dim:].view(T, nkv, hd)
+        x.add_(self.o_proj(attend(qk[:, :nh], qk[:, nh:], v)))
+        h = F.rms_norm(x, hsz, self.post_attention_layernorm, self.eps)
+        g, u = self.gate_up_proj(h).chunk(2, dim=-1)  # [T, I] each
+        return x.add_(self.down_proj(F.silu(g).mul_(u)))  # silu allocates a contiguous [T, I]; mul in place
 
 
 class LlamaModel(nn.Module):
@@ -170,7 +195,6 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.empty(args.hidden_size, device="meta"), requires_grad=False)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device="meta")
-        self._qk_dim = (args.num_heads + args.num_kv_heads) * args.head_dim
         self._eps = args.rms_norm_eps
         # RoPE as real arithmetic instead of one complex multiply: torch.compile cannot generate
         # code for complex ops (eager prefers the single complex op)
@@ -229,43 +253,13 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]; k_cache/v_cache: [layers, slots, n_kv, head_dim].
-        Returns the final hidden states [T, hidden]."""
-        a = self.args
-        T = input_ids.shape[0]
-        nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
+        Writes the tokens' K/V to their slots; returns the final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)  # [T, H]
-        if self.rope_real:
-            cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, hd/2]
-            sin = self.rope_sin[positions].unsqueeze(1)
-        else:
-            cis = self.rope_cis[positions].unsqueeze(1)  # [T, 1, hd/2] complex
-        fp32 = x.dtype == torch.float32
-        hsz = (a.hidden_size,)
+        rope = self._rope(positions)
         for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, hsz, layer.input_layernorm, self._eps)
-            qkv = layer.qkv_proj(h)  # [T, (nh + 2 nkv) hd]
-            qk = qkv[:, : self._qk_dim]
-            if not fp32:
-                qk = qk.float()
-            # RoPE on q and k at once, as one complex multiply (rows are in interleaved pair order)
-            pairs = qk.view(T, nh + nkv, hd // 2, 2)
-            if self.rope_real:
-                qk = _rope_real(pairs, cos, sin)
-            else:
-                qk = torch.view_as_real(torch.view_as_complex(pairs) * cis)
-            qk = qk.flatten(2) if fp32 else qk.flatten(2).to(x.dtype)  # [T, nh + nkv, hd]
-            q, k = qk[:, :nh], qk[:, nh:]  # [T, nh, hd], [T, nkv, hd]
-            v = qkv[:, self._qk_dim:].view(T, nkv, hd)
-            kc, vc = k_cache[i], v_cache[i]
-            kc.index_copy_(0, meta.slot_mapping, k)
-            vc.index_copy_(0, meta.slot_mapping, v)
-            o = self._attention(q, kc, vc, meta)  # [T, nh * hd]
-            x.add_(layer.o_proj(o))  # in place: x is this forward's own tensor (from the embedding)
-            h = F.rms_norm(x, hsz, layer.post_attention_layernorm, self._eps)
-            gu = layer.gate_up_proj(h)  # [T, 2I]
-            g, u = gu.chunk(2, dim=-1)
-            x.add_(layer.down_proj(F.silu(g).mul_(u)))  # silu allocates a contiguous [T, I]; mul in place
-        return F.rms_norm(x, hsz, self.norm, self._eps)
+            # .forward directly: nn.Module.__call__ costs each of the layers of every step
+            x = layer.forward(x, rope, partial(self._paged_attention, k_cache[i], v_cache[i], meta))
+        return F.rms_norm(x, x.shape[-1:], self.norm, self._eps)
 
     def decode_graph(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
                      kv_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -279,33 +273,44 @@ class LlamaModel(nn.Module):
         Lp bucketed so shapes repeat); kv_mask: [B, 1, 1, Lp + 1] bool, True = attend (the last column
         is the new token); k_cache/v_cache: [layers, slots, n_kv, head_dim], read only.
         Returns hidden [B, H] and the new k, v [layers, B, n_kv, head_dim]."""
-        a = self.args
-        B = input_ids.shape[0]
-        nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
-        hsz = (a.hidden_size,)
-        x = self.embed_tokens(input_ids)  # [B, H]
         cos = self.rope_cos[positions].unsqueeze(1)  # [B, 1, hd/2]
         sin = self.rope_sin[positions].unsqueeze(1)
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, hsz, layer.input_layernorm, self._eps)
-            qkv = layer.qkv_proj(h)  # [B, (nh + 2 nkv) hd]
-            pairs = qkv[:, : self._qk_dim].float().view(B, nh + nkv, hd // 2, 2)
-            qk = _rope_real(pairs, cos, sin).flatten(2).to(x.dtype)  # [B, nh + nkv, hd]
-            q, k = qk[:, :nh], qk[:, nh:]  # [B, nh, hd], [B, nkv, hd]
-            v = qkv[:, self._qk_dim:].view(B, nkv, hd)
+        ks: list[torch.Tensor] = []
+        vs: list[torch.Tensor] = []
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            B, nh, hd = q.shape
             ks.append(k)
             vs.append(v)
             kd = torch.cat([k_cache[i][kv_slots], k.unsqueeze(1)], dim=1).transpose(1, 2)  # [B, nkv, Lp+1, hd]
             vd = torch.cat([v_cache[i][kv_slots], v.unsqueeze(1)], dim=1).transpose(1, 2)
             o = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=kv_mask, enable_gqa=True)
-            x = x + layer.o_proj(o.reshape(B, nh * hd))
-            h = F.rms_norm(x, hsz, layer.post_attention_layernorm, self._eps)
-            g, u = layer.gate_up_proj(h).chunk(2, dim=-1)  # [B, I] each
-            x = x + layer.down_proj(F.silu(g) * u)
-        return F.rms_norm(x, hsz, self.norm, self._eps), torch.stack(ks), torch.stack(vs)
+            return o.reshape(B, nh * hd)
 
-    def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [B, H]
+        for i, layer in enumerate(self.layers):
+            x = layer.forward(x, partial(_rope_real, cos=cos, sin=sin), partial(attend, i))
+        return F.rms_norm(x, x.shape[-1:], self.norm, self._eps), torch.stack(ks), torch.stack(vs)
+
+    def _rope(self, positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """RoPE for tokens at ``positions`` [T] on pairs [T, heads, hd/2, 2]: one complex multiply,
+        or the real form under torch.compile (``rope_real``), which cannot generate complex ops."""
+        if self.rope_real:
+            return partial(_rope_real, cos=self.rope_cos[positions].unsqueeze(1),  # [T, 1, hd/2]
+                           sin=self.rope_sin[positions].unsqueeze(1))
+        cis = self.rope_cis[positions].unsqueeze(1)  # [T, 1, hd/2] complex
+        return lambda pairs: torch.view_as_real(torch.view_as_complex(pairs) * cis)
+
+    @staticmethod
+    def _paged_attention(kc: torch.Tensor, vc: torch.Tensor, meta: AttnMetadata, q: torch.Tensor,
+                         k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write one layer's new k/v [T, nkv, hd] to their slots, then attend (see `_attention`)."""
+        kc.index_copy_(0, meta.slot_mapping, k)
+        vc.index_copy_(0, meta.slot_mapping, v)
+        return LlamaModel._attention(q, kc, vc, meta)
+
+    @staticmethod
+    def _attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         T, nh, hd = q.shape
         B = meta.num_decode
         out = None

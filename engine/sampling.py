@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .config import SamplingParams
+from .sequence import Sequence
 
 
 def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> None:
@@ -52,3 +53,37 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if not p.greedy:
             out[i] = sample_one(logits[i], p, generators[i])
     return out
+
+
+def sample_constrained(seqs: list[Sequence], logits: torch.Tensor) -> dict[int, int]:
+    """{row: token} for the rows of logits [N, V] (float32; masked in place here) of ``seqs``.
+
+    A row whose constraint is terminated ends its sequence with "stop" (no token); a constraint or
+    sampling failure ends its own sequence ("abort", error set) and never the others': should the
+    batch's sampling raise, each row is sampled alone."""
+    live: list[int] = []
+    for i, seq in enumerate(seqs):
+        c = seq.constraint
+        if c is not None:
+            try:
+                if c.is_terminated():
+                    seq.finish_reason = "stop"
+                    continue
+                apply_mask(logits[i], c.next_token_mask())
+            except Exception as exc:  # noqa: BLE001 - a broken constraint fails its own request only
+                seq.error, seq.finish_reason = exc, "abort"
+                continue
+        live.append(i)
+    if not live:
+        return {}
+    rows = logits if len(live) == len(seqs) else logits[live]  # no [N, V] copy in the common case
+    try:
+        return dict(zip(live, sample(rows, [seqs[i].params for i in live], [seqs[i].generator for i in live])))
+    except Exception:  # noqa: BLE001 - resampled row by row below, where each failure is its row's
+        picked = {}
+        for i in live:
+            try:
+                picked[i] = sample(logits[i:i + 1], [seqs[i].params], [seqs[i].generator])[0]
+            except Exception as exc:  # noqa: BLE001 - this row's sampling failed: its request alone ends
+                seqs[i].error, seqs[i].finish_reason = exc, "abort"
+        return picked

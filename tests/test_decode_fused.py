@@ -102,7 +102,7 @@ def test_fused_logits_match_torch_path(ext, build, over):
     up to the kernel's int8 rounding of activations per block of 32 (~0.6% of a dot's size per linear,
     <0.9% measured on a logits row after two layers and the lm_head; bounded here by 2%)."""
     fused, ref = build(**over)
-    assert fused._fused is not None
+    assert fused.runner.fused is not None
     ids = [int(t) for t in torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(3))]
     a = fused.prompt_logits(ids, chunk_size=1)
     b = ref.prompt_logits(ids, chunk_size=1)
@@ -159,7 +159,7 @@ def test_falls_back_when_the_extension_cannot_build(monkeypatch, caplog):
         with caplog.at_level(logging.WARNING, logger="agentrt.engine.decode_fused"):
             eng = LLMEngine(EngineConfig(dtype="float32", quantization="int8", fused_decode=True, num_threads=2),
                             loaded=tiny_loaded(**_ODD))
-        assert eng._fused is None
+        assert eng.runner.fused is None
         assert "AGENTRT_NO_CPP_DECODE" in caplog.text
         assert len(eng.generate(["abc"], SamplingParams(max_tokens=4, ignore_eos=True))[0].output_token_ids) == 4
     finally:

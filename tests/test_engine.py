@@ -278,7 +278,7 @@ def test_constraint_mask_width_checked():
 
 def test_block_manager_refcounts_and_lru():
     from agentrt.engine.kv_cache import BlockManager
-    from agentrt.engine.scheduler import Sequence
+    from agentrt.engine.sequence import Sequence
 
     bm = BlockManager(num_blocks=4, block_size=2)
 
@@ -426,16 +426,16 @@ def test_consecutive_blocks_attend_through_views_with_the_gather_logits():
     eng.block_manager.grow(seq, len(ids))
     try:
         seq.num_computed_tokens = len(ids) - 1
-        _, _, meta, _, _ = eng._prepare([(seq, 1)])
+        _, _, meta = eng.runner.eager.metadata(eng.runner.prepare([(seq, 1)]))
         assert isinstance(meta.decode_slots, slice)  # a fresh pool hands out consecutive blocks
         seq.num_computed_tokens = 0
-        _, _, meta, _, _ = eng._prepare([(seq, len(ids))])
+        _, _, meta = eng.runner.eager.metadata(eng.runner.prepare([(seq, len(ids))]))
         assert isinstance(meta.prefills[0][2], slice)
     finally:
         eng.block_manager.free(seq)
     views = eng.prompt_logits(ids, chunk_size=1)  # every chunk a one-token decode
     views_prefill = eng.prompt_logits(ids, chunk_size=8)
-    eng._kv_views = False  # the gather path
+    eng.runner.eager.kv_views = False  # the gather path
     gather = eng.prompt_logits(ids, chunk_size=1)
     gather_prefill = eng.prompt_logits(ids, chunk_size=8)
     assert (views - gather).abs().max().item() < 1e-5
@@ -453,7 +453,7 @@ def test_scattered_blocks_gather_and_stay_exact():
     seq = eng.make_sequence(PROMPTS[0], params)
     eng.block_manager.grow(seq, len(seq.token_ids) + 1)
     seq.num_computed_tokens = len(seq.token_ids) - 1
-    _, _, meta, _, _ = eng._prepare([(seq, 1)])
+    _, _, meta = eng.runner.eager.metadata(eng.runner.prepare([(seq, 1)]))
     assert isinstance(meta.decode_slots, torch.Tensor)
     eng.block_manager.free(seq)
     free.clear()
@@ -525,16 +525,20 @@ def test_engine_text_with_multibyte_tokens_and_stop_string():
 def test_decode_graph_step_equals_forward_step():
     """The pure decode step torch.compile traces (run eager here: same math, no compile cost) gives the
     forward path's tokens for a batch of different context lengths, and writes the same K/V."""
+    from agentrt.engine.step_backends import CompiledDecodeBackend
+
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     ref_eng = make_engine()
     ref = ref_eng.generate(PROMPTS[:3], params)
     eng = make_engine()
     calls = []
-    eng._decode_graph = lambda *a: calls.append(a[0].shape[0]) or eng.model.decode_graph(*a)
+    graph = CompiledDecodeBackend(eng.model, eng.kv, eng.config.block_size,
+                                  graph=lambda *a: calls.append(a[0].shape[0]) or eng.model.decode_graph(*a))
+    eng.runner.backends.insert(0, graph)
     seq = eng.make_sequence(PROMPTS[1], params)
     eng.add_sequence(seq)
     eng.step()  # prefill
-    got = eng._prepare_graph([(seq, 1)])
+    got = graph.prepare(eng.runner.prepare([(seq, 1)]))
     assert got[3].shape == (1, 128) and got[4].shape == (1, 1, 1, 129)  # context bucketed to 128
     outs = eng.generate(PROMPTS[:3], params)
     assert [o.output_token_ids for o in outs] == [o.output_token_ids for o in ref]
@@ -573,9 +577,9 @@ async def test_a_sampler_failure_fails_only_its_request(monkeypatch):
     batch runs on and produces exactly its solo output."""
     import asyncio
 
-    from agentrt.engine import engine as engine_module
+    from agentrt.engine import sampling
 
-    real_sample = engine_module.sample
+    real_sample = sampling.sample
 
     def poisoned(logits, params, generators):
         if any(p.seed == 666 for p in params):
@@ -585,7 +589,7 @@ async def test_a_sampler_failure_fails_only_its_request(monkeypatch):
     eng = make_engine()
     good_params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.8, seed=1)
     solo = eng.generate(PROMPTS[0], good_params)[0].output_token_ids
-    monkeypatch.setattr(engine_module, "sample", poisoned)
+    monkeypatch.setattr(sampling, "sample", poisoned)
     aeng = AsyncLLMEngine(eng)
     try:
         bad = aeng.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.8, seed=666))

@@ -34,7 +34,7 @@ def _engines(mode: str = "int4", caching: bool = False, **over):
               enable_prefix_caching=caching, max_num_batched_tokens=64)
     fused = LLMEngine(EngineConfig(fused_decode=True, **kw), loaded=loaded)
     ref = LLMEngine(EngineConfig(**kw), loaded=loaded)
-    assert fused._fused is not None and fused._fused_prefill
+    assert fused.runner.fused is not None and fused.runner.fused.prefill
     for layer in ref.model.layers:
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             mod = getattr(layer, name)
@@ -46,7 +46,7 @@ def _engines(mode: str = "int4", caching: bool = False, **over):
                 q = mod.quantized
                 parts = [q.weight, q.scales.float(), torch.empty(0)]
             bias = torch.empty(0) if mod.dense.bias is None else mod.dense.bias.detach()
-            mod.quantized = decode_fused.FusedLinear(parts, bias, mod.dense.in_features, fused._fused.ext)
+            mod.quantized = decode_fused.FusedLinear(parts, bias, mod.dense.in_features, fused.runner.fused.decoder.ext)
             mod.max_rows = (1 << 30) - 1  # every row count on the quantized kernels, like the C++ step
     ref.model.lm_head = fused.model.lm_head
     return fused, ref
@@ -66,11 +66,8 @@ def _run_steps(eng: LLMEngine, token_lists: list[list[int]], plan: list[list[tup
     try:
         for entries in plan:
             e = [(seqs[i], n) for i, n in entries]
-            if fused:
-                hidden, _ = eng._fused_step(e, all_rows=True)
-            else:
-                ids, pos, meta, _, _ = eng._prepare(e)
-                hidden = eng._forward(ids, pos, meta, eng.kv.k, eng.kv.v)
+            backend = eng.runner.fused if fused else eng.runner.eager
+            hidden = backend.run(eng.runner.prepare(e), all_rows=True)
             out.append(eng.model.compute_logits(hidden))
             for s, n in e:
                 s.num_computed_tokens += n
@@ -165,7 +162,7 @@ def test_prefix_cache_hit_matches_uncached(ext):
 
 def test_step_checks_its_inputs(ext):
     fused, _ = _engines("int4")
-    f, k, v = fused._fused, fused.kv.k, fused.kv.v
+    f, k, v = fused.runner.fused.decoder, fused.kv.k, fused.kv.v
     ids = torch.tensor([1, 2, 3])
     tables = torch.tensor([[0, 1]])
     with pytest.raises(RuntimeError, match="seq_start"):
@@ -224,7 +221,7 @@ def test_smollm_int4_fused_prompt_logits_vs_fp32(ext):
     for acts in ("int8", "int16"):
         fused = LLMEngine(EngineConfig(quantization="int4", fused_decode=True, fused_activations=acts, **kw),
                           loaded=loaded)
-        assert fused._fused is not None and fused._fused_prefill
+        assert fused.runner.fused is not None and fused.runner.fused.prefill
         chunks = fused.prompt_logits(ids, chunk_size=128)  # two chunks: the second starts mid-sequence
         rows = fused.prompt_logits(ids[:48], chunk_size=1)
         agree = (rows.argmax(-1) == ref[:48].argmax(-1)).float().mean()

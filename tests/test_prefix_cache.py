@@ -16,7 +16,7 @@ from _engine_util import tiny_loaded
 
 from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
 from agentrt.engine.kv_cache import BlockManager, KVCache
-from agentrt.engine.scheduler import Sequence
+from agentrt.engine.sequence import Sequence
 
 torch.set_num_threads(1)
 
@@ -180,9 +180,9 @@ def test_agent_chain_cached_equals_uncached_and_serves_every_computed_token():
 
 def prefill_kv(eng: LLMEngine, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V [layers, len(prompt), n_kv, head_dim] the engine holds for ``prompt`` once prefilled."""
-    rid = eng.add_request(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    s = eng.make_sequence(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    eng.add_sequence(s)
     eng.step()  # the whole prompt fits one step's token budget
-    s = eng._seqs[rid]
     bs = eng.block_manager.block_size
     slots = torch.tensor([s.block_table[i // bs] * bs + i % bs for i in range(len(prompt))])
     kv = eng.kv.k[:, slots].clone(), eng.kv.v[:, slots].clone()

@@ -6,7 +6,8 @@ import itertools
 
 from agentrt.engine import SamplingParams
 from agentrt.engine.kv_cache import BlockManager
-from agentrt.engine.scheduler import Scheduler, Sequence
+from agentrt.engine.scheduler import Scheduler
+from agentrt.engine.sequence import Sequence
 
 _ids = itertools.count()
 
