@@ -7,7 +7,7 @@ A world fixes, for each property the combinators mention, either "absent" or one
 known truth value (a literal from an enum/const; the whole base schema when no test needs
 splitting it; base AND one test). Every world is evaluated against the combinator formula
 exactly (JSON Schema semantics: oneOf = exactly one branch), and the object regex is the
-union of the worlds that hold (see ``schema_regex._object``). Cells that cannot be expressed
+union of the worlds that hold (see ``schema_objects.object_regex``). Cells that cannot be expressed
 (e.g. "a string other than these enum values") are simply not offered: the grammar gets
 narrower, never wider.
 """

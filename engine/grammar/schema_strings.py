@@ -1,0 +1,72 @@
+"""Strings (length, ``pattern``, ``format``) and enum / const values of any type."""
+from __future__ import annotations
+
+import json
+
+from .errors import GrammarCompileError
+from .regex_util import FORMATS, STRING_CHAR, PatternError, alt, json_value_regex, length_bounds, pattern_regex, rep, seq
+from .schema_context import ASSERTED_FORMATS, ASSERTIONS, Ctx, has_ref, json_eq, nonneg_int
+
+def string_regex(schema: dict, ctx: Ctx, path: str) -> str | None:
+    mn = nonneg_int(schema, "minLength", path, 0) or 0
+    mx = nonneg_int(schema, "maxLength", path, None)
+    has_len = mn > 0 or mx is not None
+    fmt, pattern = schema.get("format"), schema.get("pattern")
+    inner: str | None
+    if fmt is not None and fmt not in FORMATS and fmt not in ASSERTED_FORMATS:
+        fmt = None  # not a format JSON Schema defines (OpenAPI's "binary", "int32"...): validators ignore it
+    if fmt is not None and fmt not in FORMATS:
+        ctx.refuse(path, "format", f"format {fmt!r} is not enforced (supported: {', '.join(sorted(FORMATS))})")
+        fmt = None
+    if pattern is not None and not isinstance(pattern, str):
+        raise GrammarCompileError(f"pattern at {path or '/'} must be a string")
+    if fmt and has_len:
+        lo, hi = length_bounds(FORMATS[fmt])
+        if (mx is not None and lo > mx) or (hi is not None and hi < mn):
+            return None
+        if lo >= mn and (mx is None or (hi is not None and hi <= mx)):
+            has_len = False  # the format implies the limits (date, uuid...)
+    constraints = [c for c in ("format" if fmt else None, "pattern" if pattern is not None else None,
+                               "minLength/maxLength" if has_len and pattern is None else None) if c]
+    if len(constraints) > 1:
+        ctx.refuse(path, "+".join(constraints), "these cannot be intersected in one regex")
+        return None
+    if fmt:
+        inner = FORMATS[fmt]
+    elif pattern is not None:
+        try:
+            inner = pattern_regex(pattern, mn, mx)
+        except PatternError as e:
+            ctx.refuse(path, "pattern+minLength/maxLength" if has_len else "pattern", str(e))
+            return None
+    else:
+        inner = rep(STRING_CHAR, mn, mx)
+    return seq('"', inner, '"')
+
+
+def enum_regex(schema: dict, ctx: Ctx, path: str) -> str | None:
+    import jsonschema
+
+    values = [schema["const"]] if "const" in schema else schema["enum"]
+    if "const" in schema and "enum" in schema:
+        values = [v for v in schema["enum"] if json_eq(v, schema["const"])]
+    if not isinstance(values, list):
+        raise GrammarCompileError(f"enum at {path or '/'} must be an array")
+    rest = {k: v for k, v in schema.items() if k not in ("enum", "const")}
+    validator = None
+    if any(k in ASSERTIONS for k in rest):
+        if has_ref(rest):
+            ctx.refuse(path, "enum", "beside a $ref")
+            return None
+        validator = jsonschema.Draft202012Validator(rest, format_checker=jsonschema.FormatChecker())
+    # 1.0 equals 1, but drafts 3/4 do not call it an integer: no zero fractions there beside a type check
+    zero_fraction = ctx.float_ints or "integer" not in json.dumps(rest)
+    out = []
+    for v in values:
+        if validator is not None and not validator.is_valid(v):
+            continue
+        try:
+            out.append(json_value_regex(v, zero_fraction))
+        except ValueError:
+            continue
+    return alt(out)
