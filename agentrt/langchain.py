@@ -54,6 +54,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, create_model
 
 from agentrt.llm import LLM, Completion, GenerationParams
+from agentrt.openai_format import (normalize_tool_choice, plan_request, response_format_schema, salvage_cut_turn,
+                                   tool_specs)
 from agentrt.registry import Tool, ToolRegistry
 from agentrt.stream_parser import ContentDelta, ToolCallArgsDelta, ToolCallStart, ToolCallStreamParser
 from agentrt.types import Message, ToolCall, ToolSpec, Usage
@@ -249,61 +251,12 @@ def to_agentrt_messages(messages: Sequence[BaseMessage]) -> list[Message]:
 # --------------------------------------------------------------------------------------
 
 
-def _normalize_tool_choice(tool_choice: Any, names: list[str]) -> str | None:
-    """LangChain/OpenAI tool_choice spellings -> agentrt's "auto"|"required"|"none"|<name>."""
-    if tool_choice is None or tool_choice == "auto" or tool_choice is False:
-        return None if tool_choice is None else "auto"
-    if tool_choice in ("any", "required") or tool_choice is True:
-        return "required"
-    if tool_choice == "none":
-        return "none"
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-        if not name:
-            raise ValueError(f"tool_choice dict {tool_choice!r} names no function")
-        tool_choice = name
-    if isinstance(tool_choice, str):
-        if tool_choice not in names:
-            raise ValueError(
-                f"tool_choice {tool_choice!r} is not one of the bound tools {names}; "
-                "use 'auto', 'any', 'required', 'none' or a bound tool's name"
-            )
-        return tool_choice
-    raise ValueError(f"tool_choice must be a string, bool, dict or None, not {type(tool_choice).__name__}")
-
-
-def _tool_specs(tools: Sequence[dict[str, Any]]) -> list[ToolSpec]:
-    specs = []
-    for t in tools:
-        fn = t.get("function", t)
-        specs.append(
-            ToolSpec(
-                name=fn["name"],
-                description=fn.get("description") or "",
-                parameters=fn.get("parameters") or {"type": "object", "properties": {}},
-            )
-        )
-    return specs
-
-
 def _response_format_schema(response_format: Any) -> dict[str, Any] | None:
-    """The output JSON Schema asked for by an OpenAI-style ``response_format``."""
-    if response_format is None:
-        return None
-    if isinstance(response_format, type) or not isinstance(response_format, dict):
+    """The output JSON Schema asked for by ``response_format``: an OpenAI-style dict, or a pydantic
+    model / TypedDict / JSON Schema given directly."""
+    if isinstance(response_format, type) or (response_format is not None and not isinstance(response_format, dict)):
         return convert_to_json_schema(response_format)
-    kind = response_format.get("type")
-    if kind == "json_object":
-        return {"type": "object"}
-    if kind == "json_schema":
-        inner = response_format.get("json_schema") or {}
-        schema = inner.get("schema")
-        if not isinstance(schema, dict):
-            raise ValueError("response_format json_schema needs a 'schema' dict")
-        return schema
-    if kind == "text":
-        return None
-    raise ValueError(f"response_format type {kind!r} is not supported; use 'json_schema', 'json_object' or 'text'")
+    return response_format_schema(response_format)
 
 
 def _usage_metadata(usage: Usage) -> UsageMetadata:
@@ -457,26 +410,18 @@ class ChatAgentRT(BaseChatModel):
     # -- building a turn -----------------------------------------------------------------
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> _Turn:
-        from agentrt.prompting import plan_turn
-
         known = {"tools", "tool_choice", "parallel_tool_calls", "response_format", "model",
                  "temperature", "max_tokens", "top_p", "seed", "stream"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"ChatAgentRT got unexpected call options {unknown}; supported: {sorted(known)}")
         tools = kwargs.get("tools") or []
-        specs = _tool_specs(tools)
-        choice = _normalize_tool_choice(kwargs.get("tool_choice"), [s.name for s in specs]) or "auto"
+        specs = tool_specs(tools)
+        choice = normalize_tool_choice(kwargs.get("tool_choice"), [s.name for s in specs], "bound tools") or "auto"
         parallel = kwargs.get("parallel_tool_calls")
         parallel = self.parallel_tool_calls if parallel is None else bool(parallel)
         output_schema = _response_format_schema(kwargs.get("response_format"))
-        plan = plan_turn(
-            to_agentrt_messages(messages),
-            specs,
-            tool_choice=choice,
-            parallel_tool_calls=parallel,
-            output_schema=output_schema,
-        )
+        plan = plan_request(to_agentrt_messages(messages), specs, choice, parallel, output_schema)
         stops = list(stop if stop is not None else (self.stop or []))
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         params = GenerationParams(
@@ -561,17 +506,12 @@ class ChatAgentRT(BaseChatModel):
         """A tools-mode output cut by max_tokens: keep what is complete, as streaming does
         (the calls whose arguments closed, the answer text so far), and report the cut as
         an invalid tool call naming the fix."""
-        parser = ToolCallStreamParser("tools")
-        try:
-            parser.feed(completion.text)
-            parser.finish()
-        except ValueError as exc:
-            reason = self._cut_reason(exc, turn, completion)
-        else:  # the JSON closed exactly at the limit
-            reason = None
-        calls = [tool_call(name=c.name, args=c.arguments, id=c.id) for c in parser.tool_calls]
-        invalid = [] if reason is None else [invalid_tool_call(name=None, args=completion.text, id=None, error=reason)]
-        return parser.content or "", calls, invalid
+        cut = salvage_cut_turn(completion.text)
+        calls = [tool_call(name=c.name, args=c.arguments, id=c.id) for c in cut.tool_calls]
+        if cut.error is None:  # the JSON closed exactly at the limit
+            return cut.content or "", calls, []
+        reason = self._cut_reason(cut.error, turn, completion)
+        return cut.content or "", calls, [invalid_tool_call(name=None, args=completion.text, id=None, error=reason)]
 
     # -- BaseChatModel hooks -------------------------------------------------------------
 
@@ -666,7 +606,7 @@ class ChatAgentRT(BaseChatModel):
         )
 
     @staticmethod
-    def _cut_reason(exc: Exception, turn: _Turn, completion: Completion) -> str:
+    def _cut_reason(exc: Exception | str, turn: _Turn, completion: Completion) -> str:
         reason = f"the model's output did not parse ({exc}); finish_reason={completion.finish_reason!r}"
         if completion.finish_reason == "length":
             reason += f": raise max_tokens (was {turn.params.max_tokens})"
@@ -715,7 +655,7 @@ class ChatAgentRT(BaseChatModel):
         """
         formatted = [convert_to_openai_tool(t, strict=strict) for t in tools]
         names = [f["function"]["name"] for f in formatted]
-        choice = _normalize_tool_choice(tool_choice, names)
+        choice = normalize_tool_choice(tool_choice, names, "bound tools")
         if choice not in (None, "auto", "required", "none") and not formatted:
             raise ValueError("tool_choice names a tool but no tools were bound")
         bind_kwargs: dict[str, Any] = {"tools": formatted, **kwargs}

@@ -8,16 +8,16 @@ from typing import Any, AsyncIterator
 
 import anyio
 
-from agentrt.protocol import (LLM, ChatMessage, Completion, CompletionChunk, FinishReason, GenerationParams,
-                              final_completion)
+from agentrt.protocol import (LLM, BaseLLM, ChatMessage, Completion, CompletionChunk, FinishReason,
+                              GenerationParams, Prompt, final_completion, prompt_messages)
 from agentrt.types import Usage
 
 # RemoteLLM comes from agentrt.remote on first use (module __getattr__ below): it needs the openai client
-__all__ = ["LLM", "ChatMessage", "Completion", "CompletionChunk", "FinishReason", "GenerationParams", "LocalLLM",
-           "final_completion"]
+__all__ = ["LLM", "BaseLLM", "ChatMessage", "Completion", "CompletionChunk", "FinishReason", "GenerationParams",
+           "LocalLLM", "Prompt", "final_completion"]
 
 
-class LocalLLM:
+class LocalLLM(BaseLLM):
     """The engine in-process behind the `LLM` protocol.
 
     Loads a model once (None = the embedded SmolLM2-135M-Instruct; keyword overrides go to
@@ -65,15 +65,24 @@ class LocalLLM:
             )
         return self._grammar_compiler
 
-    def prompt_token_ids(self, messages: list[ChatMessage]) -> list[int]:
-        """The chat-templated prompt, ending with the assistant's generation header.
+    @property
+    def context_window(self) -> int:
+        """The engine's context length in tokens (prompt + output)."""
+        return self.sync_engine.max_model_len
+
+    def prepare_prompt(self, messages: list[ChatMessage]) -> Prompt:
+        """The chat-templated prompt, ending with the assistant's generation header, and its tokens.
 
         When the rendered text extends an earlier prompt plus the text generated for it (the
         next agent step), that earlier part keeps the exact tokens the engine saw and sampled:
         re-tokenizing generated text can split it differently (forced runs such as `"}` vs
         `"` `}}`), which would end the prefix-cache hit a few tokens early.
         """
-        return self._encode_prompt(self._render(messages))
+        text = self._render(messages)
+        return Prompt(messages=list(messages), text=text, token_ids=self._encode_prompt(text))
+
+    def prepare_schema(self, json_schema: dict[str, Any]) -> None:
+        self.compile(json_schema)
 
     def _encode_prompt(self, text: str) -> list[int]:
         with self._transcripts_lock:  # prompts are encoded in worker threads
@@ -87,7 +96,7 @@ class LocalLLM:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _remember(self, prompt_text: str, prompt_ids: list[int], out: Any) -> None:
-        """Keep prompt + generated tokens under their text, for `prompt_token_ids`."""
+        """Keep prompt + generated tokens under their text, for `prepare_prompt`."""
         generated = list(out.output_token_ids)
         if generated and generated[-1] in self.sync_engine.eos_token_ids:
             generated.pop()
@@ -125,7 +134,7 @@ class LocalLLM:
 
     async def complete(
         self,
-        messages: list[ChatMessage],
+        messages: list[ChatMessage] | Prompt,
         *,
         json_schema: dict[str, Any] | None = None,
         params: GenerationParams | None = None,
@@ -134,7 +143,7 @@ class LocalLLM:
 
     async def stream(
         self,
-        messages: list[ChatMessage],
+        messages: list[ChatMessage] | Prompt,
         *,
         json_schema: dict[str, Any] | None = None,
         params: GenerationParams | None = None,
@@ -143,9 +152,10 @@ class LocalLLM:
         from agentrt.engine.grammar import GrammarMatcher
 
         params = params or GenerationParams()
-        # rendering and tokenizing grow with the transcript: off the event loop
-        prompt_text = await anyio.to_thread.run_sync(self._render, messages)
-        prompt = await anyio.to_thread.run_sync(self._encode_prompt, prompt_text)
+        prompt = messages
+        if not isinstance(prompt, Prompt) or prompt.token_ids is None or prompt.text is None:
+            # rendering and tokenizing grow with the transcript: off the event loop
+            prompt = await anyio.to_thread.run_sync(self.prepare_prompt, prompt_messages(messages))
         constraint = None
         if json_schema is not None:
             # Compiling can take a while on a cold cache: keep the event loop free.
@@ -160,11 +170,12 @@ class LocalLLM:
             seed=params.seed,
             stop=list(params.stop),
         )
-        async for out in self.engine.generate_stream(prompt, sampling, constraint=constraint, priority=params.priority):
+        async for out in self.engine.generate_stream(prompt.token_ids, sampling, constraint=constraint,
+                                                     priority=params.priority):
             if out.delta_text:
                 yield CompletionChunk(delta=out.delta_text)
             if out.finished:
-                self._remember(prompt_text, prompt, out)
+                self._remember(prompt.text, prompt.token_ids, out)
                 m = out.metrics
                 yield CompletionChunk(
                     completion=Completion(

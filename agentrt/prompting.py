@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import copy
 import json
-import secrets
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from agentrt.types import Message, ToolCall, ToolChoice, ToolSpec
+from agentrt.types import Message, ToolCall, ToolChoice, ToolSpec, new_call_id
 
 Mode = Literal["tools", "schema", "text"]
 
@@ -42,11 +41,6 @@ SCHEMA_INSTRUCTIONS = "Reply with JSON only, matching this schema: {schema}"
 def compact_json(value: Any) -> str:
     """JSON the way the grammar writes it: no whitespace, non-ASCII kept as is."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def new_call_id() -> str:
-    """A fresh tool-call id, ``call_<24 hex digits>``."""
-    return "call_" + secrets.token_hex(12)
 
 
 class PromptPlan(BaseModel):

@@ -1,13 +1,14 @@
 """The LLM protocol the planner, server and LangChain adapter talk to, and the values it carries.
 
 An LLM here takes plain chat messages ({"role": "system"|"user"|"assistant",
-"content": str}: tools are already rendered into them by `agentrt.prompting`) and an
-optional JSON Schema that the output must satisfy, and returns text. `agentrt.llm.LocalLLM`
-runs the engine in-process; `agentrt.remote.RemoteLLM` talks to any OpenAI-compatible server.
-Both import this module; it imports neither.
+"content": str}: tools are already rendered into them by `agentrt.prompting`), or a `Prompt`
+it prepared from them, and an optional JSON Schema that the output must satisfy, and returns
+text. `agentrt.llm.LocalLLM` runs the engine in-process; `agentrt.remote.RemoteLLM` talks to any
+OpenAI-compatible server. Both import this module; it imports neither.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
@@ -16,6 +17,23 @@ from agentrt.types import Usage
 
 ChatMessage = dict[str, str]
 FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A transcript prepared once by `LLM.prepare_prompt`: the messages and, for an in-process model,
+    the text its chat template rendered and the token ids the engine will run (None for an LLM that
+    tokenizes elsewhere, such as a remote server). Handed to `LLM.complete`/`LLM.stream` in place of
+    the messages, nothing is rendered or tokenized twice."""
+
+    messages: list[ChatMessage]
+    text: str | None = None
+    token_ids: list[int] | None = None
+
+
+def prompt_messages(prompt: list[ChatMessage] | Prompt) -> list[ChatMessage]:
+    """The chat messages of a prompt given either way."""
+    return prompt.messages if isinstance(prompt, Prompt) else prompt
 
 
 class GenerationParams(BaseModel):
@@ -69,13 +87,37 @@ async def final_completion(chunks: AsyncIterator[CompletionChunk]) -> Completion
 
 @runtime_checkable
 class LLM(Protocol):
-    """Anything that turns chat messages (+ an optional JSON Schema) into text."""
+    """Anything that turns chat messages (+ an optional JSON Schema) into text.
+
+    Besides generating, it says what a server must check before a request takes a slot:
+    ``context_window`` (tokens; None = unknown here), `prepare_prompt` (renders and tokenizes once:
+    the `Prompt` carries the token count), `prepare_schema` (compiles a schema, raising for what it
+    cannot enforce). `BaseLLM` gives the defaults of an LLM that can do none of that locally."""
 
     model_name: str
 
+    @property
+    def context_window(self) -> int | None: ...
+
+    def prepare_prompt(self, messages: list[ChatMessage]) -> Prompt:
+        """The prompt for ``messages`` (CPU work that grows with the transcript: call it from a
+        worker thread). Raises what the chat template raises for messages it cannot render."""
+        ...
+
+    def prepare_schema(self, json_schema: dict[str, Any]) -> None:
+        """Get ``json_schema`` ready for constrained decoding (compiled and cached, where the LLM
+        compiles); raises `agentrt.engine.grammar.UnsupportedSchemaError` naming what it cannot enforce."""
+        ...
+
+    def stats(self) -> Any:
+        """Engine statistics (a dataclass of numbers) for metrics, or None."""
+        ...
+
+    def close(self) -> None: ...
+
     async def complete(
         self,
-        messages: list[ChatMessage],
+        messages: list[ChatMessage] | Prompt,
         *,
         json_schema: dict[str, Any] | None = None,
         params: GenerationParams | None = None,
@@ -83,8 +125,31 @@ class LLM(Protocol):
 
     def stream(
         self,
-        messages: list[ChatMessage],
+        messages: list[ChatMessage] | Prompt,
         *,
         json_schema: dict[str, Any] | None = None,
         params: GenerationParams | None = None,
     ) -> AsyncIterator[CompletionChunk]: ...
+
+
+class BaseLLM:
+    """The `LLM` protocol's defaults for an LLM that neither counts tokens nor compiles schemas
+    locally (a remote server, a scripted test double): subclass it and write complete/stream."""
+
+    model_name: str = ""
+
+    @property
+    def context_window(self) -> int | None:
+        return None
+
+    def prepare_prompt(self, messages: list[ChatMessage]) -> Prompt:
+        return Prompt(messages=list(messages))
+
+    def prepare_schema(self, json_schema: dict[str, Any]) -> None:
+        return None
+
+    def stats(self) -> Any:
+        return None
+
+    def close(self) -> None:
+        return None

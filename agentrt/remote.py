@@ -26,7 +26,8 @@ import time
 from typing import Any, AsyncIterator
 from urllib.parse import urlparse
 
-from agentrt.protocol import ChatMessage, Completion, CompletionChunk, GenerationParams, final_completion
+from agentrt.protocol import (BaseLLM, ChatMessage, Completion, CompletionChunk, GenerationParams, Prompt,
+                              final_completion, prompt_messages)
 from agentrt.types import Usage
 
 
@@ -46,7 +47,7 @@ def _cached_tokens(usage: Any) -> int:
     return int(cached or 0)
 
 
-class RemoteLLM:
+class RemoteLLM(BaseLLM):
     """An `LLM` served by an OpenAI-compatible endpoint.
 
     Args:
@@ -123,7 +124,7 @@ class RemoteLLM:
 
     async def complete(
         self,
-        messages: list[ChatMessage],
+        messages: list[ChatMessage] | Prompt,
         *,
         json_schema: dict[str, Any] | None = None,
         params: GenerationParams | None = None,
@@ -133,7 +134,7 @@ class RemoteLLM:
 
     async def stream(
         self,
-        messages: list[ChatMessage],
+        messages: list[ChatMessage] | Prompt,
         *,
         json_schema: dict[str, Any] | None = None,
         params: GenerationParams | None = None,
@@ -147,7 +148,8 @@ class RemoteLLM:
         parts: list[str] = []
         finish: str | None = None
         usage = Usage()
-        response = await self.client.chat.completions.create(**self._request(model, messages, json_schema, params))
+        response = await self.client.chat.completions.create(
+            **self._request(model, prompt_messages(messages), json_schema, params))
         try:
             async for chunk in response:
                 if chunk.usage is not None:

@@ -17,11 +17,10 @@ object of an output schema), so every delta becomes a `ContentDelta` unchanged.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from agentrt.types import ToolCall
+from agentrt.types import ToolCall, new_call_id
 
 Mode = Literal["tools", "schema", "text"]
 
@@ -312,7 +311,7 @@ class ToolCallStreamParser:
         elif len(path) == 2 and path[0] == "calls":
             if ch != "{":
                 raise ValueError(f"each entry of 'calls' must be an object, got {ch!r}")
-            self._calls.append(_Call(index=path[1], id=f"call_{uuid.uuid4().hex[:24]}"))
+            self._calls.append(_Call(index=path[1], id=new_call_id()))
         elif len(path) == 3 and path[0] == "calls" and path[2] == "arguments":
             call = self._calls[path[1]]
             call.saw_args = True

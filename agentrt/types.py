@@ -1,9 +1,15 @@
 """Wire types shared by the planner, the server and the LangChain adapter."""
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field
+
+
+def new_call_id() -> str:
+    """A fresh tool-call id, ``call_<24 hex digits>``."""
+    return "call_" + secrets.token_hex(12)
 
 
 class ToolCall(BaseModel):

@@ -56,7 +56,7 @@ def test_prompt_tokens_of_each_step_extend_the_previous_step(llm, tools):
     ])
     # any tool_choice per step: the rendering (and so the tokens) must not depend on it
     choices = ["required", "auto", "answer"]
-    ids = [llm.prompt_token_ids(plan_turn(t, specs, c).chat_messages) for t, c in zip(transcripts, choices)]
+    ids = [llm.prepare_prompt(plan_turn(t, specs, c).chat_messages).token_ids for t, c in zip(transcripts, choices)]
     for prev, cur in zip(ids, ids[1:]):
         assert len(cur) > len(prev) and cur[: len(prev)] == prev
     # the assistant's JSON is in the next prompt verbatim (the number kept as "23.50")

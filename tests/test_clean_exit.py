@@ -52,7 +52,7 @@ def test_serve_stops_on_sigterm_after_finishing_the_stream_in_flight():
 
     import httpx
 
-    from tests._server_util import free_port
+    from tests.helpers.server import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "agentrt.cli", "serve", "--port", str(port), "--log-level",

@@ -2,21 +2,14 @@
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _engine_util import tiny_loaded
-
-from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
-from agentrt.engine import decode_fused
+from agentrt.engine import EngineConfig, LLMEngine, SamplingParams, decode_fused
 from agentrt.engine.model import DecodeQuantLinear
 from agentrt.engine.quant import Int8WeightOnlyLinear
-
-
+from tests.helpers.engine import tiny_loaded
 
 # sizes that are not multiples of the kernel's blocks (4 rows, 16 columns): the tails run too
 _ODD = dict(hidden_size=40, intermediate_size=52, num_attention_heads=4, num_key_value_heads=2, head_dim=10)

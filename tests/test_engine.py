@@ -1,17 +1,11 @@
 """Engine unit tests on a tiny random-weights Llama (fast; no real model needed)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _engine_util import tiny_loaded
-
-from agentrt.engine import (AsyncLLMEngine, ContextOverflowError, EngineConfig, LLMEngine,
-                            SamplingParams)
+from agentrt.engine import AsyncLLMEngine, ContextOverflowError, EngineConfig, LLMEngine, SamplingParams
+from tests.helpers.engine import tiny_loaded
 
 torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared machine
 
@@ -472,7 +466,7 @@ class _SentencePieceLike:
 
 def test_incremental_detokenizer_equals_full_decode():
     from agentrt.engine.detokenize import IncrementalDetokenizer
-    from _engine_util import ByteTokenizer
+    from tests.helpers.engine import ByteTokenizer
 
     tok = ByteTokenizer()
     ids = list("naïve café — 日本語 🙂 ok".encode("utf-8"))  # 2-, 3- and 4-byte characters, one byte per token

@@ -1,16 +1,11 @@
 """The engine on the embedded SmolLM2-135M-Instruct: logits and greedy text vs transformers."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _engine_util import smollm_hf, smollm_loaded
-
 from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
+from tests.helpers.engine import smollm_hf, smollm_loaded
 
 pytestmark = pytest.mark.e2e
 

@@ -9,18 +9,12 @@ linear kernels' numerics are. Tolerance: float32 summation order and the kernels
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _engine_util import tiny_loaded
-
-from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
-from agentrt.engine import decode_fused
+from agentrt.engine import EngineConfig, LLMEngine, SamplingParams, decode_fused
 from agentrt.engine.model import DecodeQuantLinear
+from tests.helpers.engine import tiny_loaded
 
 _INT4 = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 # sizes off the vector widths (8 floats) and the kernels' blocks: every tail runs (int8 rows: any K)
@@ -209,9 +203,8 @@ def test_smollm_int4_fused_prompt_logits_vs_fp32(ext):
     measured 97% top-1 agreement on this text in chunks and 96.9% one row a step (on the first 48
     tokens, the hardest: short context, 85-100% depending on the rounding); with int16 activations one
     row a step agrees 100%, logits within 0.01."""
-    from _engine_util import smollm_loaded
-
     from agentrt.benchmarks.engine import _token_ids
+    from tests.helpers.engine import smollm_loaded
 
     loaded = smollm_loaded()
     kw = dict(dtype="float32", num_threads=2, enable_prefix_caching=False, max_model_len=512, num_kv_blocks=64)

@@ -11,12 +11,16 @@ import torch
 
 from agentrt.engine.constraint import TokenConstraint
 from agentrt.engine.grammar import (
-    ByteAutomaton, GrammarCompileError, GrammarCompiler, GrammarMatcher, UnsupportedSchemaError, schema_to_regex,
+    ByteAutomaton,
+    GrammarCompileError,
+    GrammarCompiler,
+    GrammarMatcher,
+    UnsupportedSchemaError,
+    schema_to_regex,
     vocab_from_tokenizer,
 )
 from agentrt.engine.grammar.regex_util import int_range, number_range
-
-from _grammar_util import compact, sentencepiece_tokenizer, smollm2_tokenizer
+from tests.helpers.grammar import compact, sentencepiece_tokenizer, smollm2_tokenizer
 
 
 def automaton(schema: dict) -> ByteAutomaton:

@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _grammar_util import DATA, smollm2_tokenizer
-
 from agentrt.benchmarks import grammar as bench
 from agentrt.benchmarks import grammar_peers
+from tests.helpers.grammar import DATA, smollm2_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
           "required": ["city"], "additionalProperties": False}

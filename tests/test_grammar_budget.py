@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from agentrt.engine.grammar import BudgetError, GrammarCompiler, GrammarMatcher, distances, min_tokens
-
-from _grammar_util import sentencepiece_tokenizer, smollm2_tokenizer
+from tests.helpers.grammar import sentencepiece_tokenizer, smollm2_tokenizer
 
 SCHEMAS = [
     {"type": "string"},
@@ -201,8 +200,7 @@ def test_engine_with_budget_never_cuts_a_value(tmp_path):
     model: unbudgeted, many outputs are cut ("length"); budgeted, every one is complete."""
     from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
     from agentrt.engine.grammar import TokenVocab
-
-    from _engine_util import ByteTokenizer, tiny_loaded
+    from tests.helpers.engine import ByteTokenizer, tiny_loaded
 
     engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=128, block_size=4), loaded=tiny_loaded())
     vocab = TokenVocab({b: bytes([b]) for b in range(256)}, [256], 260, "byte_level")

@@ -6,13 +6,9 @@ core JSON-Schema-Test-Suite files); `agentrt bench grammar` runs them all.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _grammar_util import DATA, smollm2_tokenizer
+from tests.helpers.grammar import DATA, smollm2_tokenizer
 
 if not DATA.exists():
     pytest.skip(f"no shared data at {DATA}: grammar data tests skipped", allow_module_level=True)

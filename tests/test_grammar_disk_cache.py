@@ -9,7 +9,7 @@ import pytest
 
 from agentrt.engine.grammar import GrammarCompiler
 from agentrt.engine.grammar.disk_cache import DiskCache, max_bytes_from_env
-from tests._grammar_util import sentencepiece_tokenizer
+from tests.helpers.grammar import sentencepiece_tokenizer
 
 BLOB = b"x" * 10_000
 

@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _grammar_util import DATA
-
 from agentrt.engine.grammar import GrammarMatcher
+from tests.helpers.grammar import DATA
 
 pytestmark = pytest.mark.e2e
 

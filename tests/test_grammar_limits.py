@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-from agentrt.engine.grammar import GrammarBusyError, GrammarCompileError, GrammarCompiler, configure_compiles
-from agentrt.engine.grammar import automaton
-from tests._grammar_util import smollm2_tokenizer
+from agentrt.engine.grammar import GrammarBusyError, GrammarCompileError, GrammarCompiler, automaton, configure_compiles
+from tests.helpers.grammar import smollm2_tokenizer
 
 BOMB = {"type": "string", "pattern": "^[ab]*a[ab]{22}$"}  # a DFA of 2**23 states
 
@@ -126,7 +125,7 @@ def test_a_schema_nested_past_the_limit_is_refused_by_number():
 def test_a_compile_child_passes_its_verdict_back_as_it_is(tmp_path):
     from agentrt.engine.grammar import UnsupportedSchemaError
     from agentrt.engine.grammar.errors import UnsatisfiableSchemaError
-    from tests._grammar_util import sentencepiece_tokenizer
+    from tests.helpers.grammar import sentencepiece_tokenizer
 
     tok = sentencepiece_tokenizer()
     comp = GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok) + 3, cache_dir=str(tmp_path))

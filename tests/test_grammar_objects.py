@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import jsonschema
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _grammar_util import compact
-
 from agentrt.engine.grammar import ByteAutomaton, schema_to_regex
 from agentrt.engine.grammar.object_keys import other_key
+from tests.helpers.grammar import compact
 
 
 def assert_exact(schema: dict, good: list, bad: list) -> None:

@@ -14,8 +14,7 @@ import pytest
 
 from agentrt.engine.grammar import ByteAutomaton, UnsupportedSchemaError, schema_to_regex
 from agentrt.engine.grammar.regex_util import json_value_regex, numbers_except, strings_except
-
-from _grammar_util import compact
+from tests.helpers.grammar import compact
 
 SCALARS = [-20, -10, -5, -1, 0, 1, 2, 3, 4, 5, 6, 1.5, -0.5, "", "a", "ab", "abc", "then", "else", None, True, False]
 

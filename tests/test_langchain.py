@@ -17,11 +17,10 @@ from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 from agentrt.langchain import ChatAgentRT, to_agentrt_messages
+from agentrt.llm import Completion
 from agentrt.testing import ScriptedLLM
-from agentrt.llm import Completion, CompletionChunk
 from agentrt.types import Usage
-
-from tests._langchain_util import ProgrammableLLM
+from tests.helpers.langchain import programmed
 
 
 @tool
@@ -62,7 +61,7 @@ def _schema_of(llm: ScriptedLLM, i: int = -1) -> dict:
 
 
 def test_invoke_text_usage_and_metadata():
-    llm = ProgrammableLLM([("Hi there!", "stop")], usage=Usage(prompt_tokens=20, completion_tokens=4, cached_tokens=12))
+    llm = programmed([("Hi there!", "stop")], usage=Usage(prompt_tokens=20, completion_tokens=4, cached_tokens=12))
     msg = ChatAgentRT(llm=llm, max_tokens=33, temperature=0.5, seed=7).invoke("Hello")
     assert isinstance(msg, AIMessage) and msg.content == "Hi there!"
     assert msg.usage_metadata == {
@@ -76,15 +75,15 @@ def test_invoke_text_usage_and_metadata():
 
 
 def test_call_options_override_constructor_and_unknown_option_is_named():
-    llm = ProgrammableLLM([("ok", "stop")])
+    llm = programmed([("ok", "stop")])
     ChatAgentRT(llm=llm, max_tokens=10).invoke("x", max_tokens=5, temperature=0.9)
     assert (llm.calls[0][2].max_tokens, llm.calls[0][2].temperature) == (5, 0.9)
     with pytest.raises(TypeError, match="bogus"):
-        ChatAgentRT(llm=ProgrammableLLM([])).invoke("x", bogus=1)
+        ChatAgentRT(llm=programmed([])).invoke("x", bogus=1)
 
 
 def test_stop_applies_to_text_but_never_inside_constrained_json():
-    llm = ProgrammableLLM([("a", "stop"), ("b", "stop"), (json.dumps(CALL), "stop")])
+    llm = programmed([("a", "stop"), ("b", "stop"), (json.dumps(CALL), "stop")])
     model = ChatAgentRT(llm=llm, stop=["END"])
     model.invoke("hi")
     model.invoke("hi", stop=["you"])
@@ -93,7 +92,7 @@ def test_stop_applies_to_text_but_never_inside_constrained_json():
 
 
 def test_stream_text_chunks_last_position_and_single_usage():
-    llm = ProgrammableLLM([("Hello, how are you today?", "length")])
+    llm = programmed([("Hello, how are you today?", "length")])
     chunks = list(ChatAgentRT(llm=llm).stream("Hello"))
     assert all(isinstance(c, AIMessageChunk) for c in chunks)
     assert "".join(c.content for c in chunks) == "Hello, how are you today?"
@@ -107,7 +106,7 @@ def test_stream_text_chunks_last_position_and_single_usage():
 
 
 async def test_astream_break_closes_the_llm_stream():
-    llm = ProgrammableLLM([("a long answer that goes on", "stop")])
+    llm = programmed([("a long answer that goes on", "stop")])
     async with contextlib.aclosing(ChatAgentRT(llm=llm).astream("Hello")) as stream:
         async for _ in stream:
             break
@@ -119,7 +118,7 @@ async def test_astream_break_closes_the_llm_stream():
 
 
 def test_sync_stream_break_closes_the_llm_stream():
-    llm = ProgrammableLLM([("a long answer that goes on", "stop")])
+    llm = programmed([("a long answer that goes on", "stop")])
     gen = ChatAgentRT(llm=llm).stream("Hello")
     next(gen)
     gen.close()
@@ -274,14 +273,8 @@ def test_stream_whole_calls_in_one_delta_still_aggregate(chars_per_delta):
     two = json.dumps({"calls": [{"tool": "get_weather", "arguments": {"city": "Oslo"}},
                                 {"tool": "magic_function", "arguments": {}}]}, separators=(",", ":"))
 
-    class Bulk(ProgrammableLLM):
-        async def stream(self, messages, *, json_schema=None, params=None):
-            text, finish = await self._next(messages, json_schema, params)
-            for i in range(0, len(text), chars_per_delta):
-                yield CompletionChunk(delta=text[i : i + chars_per_delta])
-            yield CompletionChunk(completion=Completion(text=text, finish_reason=finish, usage=self.usage))
-
-    model = ChatAgentRT(llm=Bulk([(two, "stop")])).bind_tools([get_weather, magic_function])
+    bulk = ScriptedLLM([Completion(text=two, finish_reason="stop")], chunk_chars=chars_per_delta)
+    model = ChatAgentRT(llm=bulk).bind_tools([get_weather, magic_function])
     full = None
     for c in model.stream("x"):
         full = c if full is None else full + c
@@ -300,7 +293,7 @@ def test_cut_output_keeps_the_complete_calls_like_streaming():
     """A model repeating calls until max_tokens: invoke and stream agree on the calls that
     closed, and both say the output was cut."""
     text = '{"calls":[{"tool":"magic_function","arguments":{"input":3}},{"tool":"magic_function","arguments":{"input":3}},{"tool":"magic_fun'
-    model = ChatAgentRT(llm=ProgrammableLLM([(text, "length")] * 2), max_tokens=40).bind_tools([magic_function])
+    model = ChatAgentRT(llm=programmed([(text, "length")] * 2), max_tokens=40).bind_tools([magic_function])
     msg = model.invoke("x")
     assert [c["args"] for c in msg.tool_calls] == [{"input": 3}, {"input": 3}]
     assert "raise max_tokens (was 40)" in msg.invalid_tool_calls[0]["error"]
@@ -312,7 +305,7 @@ def test_cut_output_keeps_the_complete_calls_like_streaming():
 
 
 def test_output_cut_by_max_tokens_becomes_an_invalid_tool_call():
-    llm = ProgrammableLLM([('{"calls":[{"tool":"magic_function","argu', "length")] * 2)
+    llm = programmed([('{"calls":[{"tool":"magic_function","argu', "length")] * 2)
     model = ChatAgentRT(llm=llm, max_tokens=12).bind_tools([magic_function], tool_choice="any")
     msg = model.invoke("x")
     assert msg.tool_calls == [] and len(msg.invalid_tool_calls) == 1
@@ -366,13 +359,13 @@ def test_structured_output_bad_method_is_named():
 
 
 def test_transient_failures_are_retried():
-    llm = ProgrammableLLM([ConnectionError("reset"), ("fine", "stop")])
+    llm = programmed([ConnectionError("reset"), ("fine", "stop")])
     assert ChatAgentRT(llm=llm, max_retries=1).invoke("x").content == "fine"
     assert len(llm.calls) == 2
 
 
 def test_bad_input_is_not_retried():
-    llm = ProgrammableLLM([ValueError("prompt too long"), ("never", "stop")])
+    llm = programmed([ValueError("prompt too long"), ("never", "stop")])
     with pytest.raises(ValueError, match="prompt too long"):
         ChatAgentRT(llm=llm, max_retries=3).invoke("x")
     assert len(llm.calls) == 1
@@ -384,29 +377,29 @@ def test_client_errors_are_not_retried_but_rate_limits_are():
             super().__init__(f"HTTP {status_code}")
             self.status_code = status_code
 
-    llm = ProgrammableLLM([HTTPError(401), ("never", "stop")])
+    llm = programmed([HTTPError(401), ("never", "stop")])
     with pytest.raises(HTTPError, match="401"):
         ChatAgentRT(llm=llm, max_retries=3).invoke("x")
     assert len(llm.calls) == 1
-    llm = ProgrammableLLM([HTTPError(429), HTTPError(503), ("third time", "stop")])
+    llm = programmed([HTTPError(429), HTTPError(503), ("third time", "stop")])
     assert ChatAgentRT(llm=llm, max_retries=2).invoke("x").content == "third time"
 
 
 def test_timeout_cancels_then_gives_up_after_retries():
-    llm = ProgrammableLLM([("sleep", 5), ("sleep", 5)])
+    llm = programmed([("sleep", 5), ("sleep", 5)])
     with pytest.raises(TimeoutError):
         ChatAgentRT(llm=llm, timeout=0.05, max_retries=1).invoke("x")
     assert len(llm.calls) == 2
 
 
 async def test_stream_timeout_then_success():
-    llm = ProgrammableLLM([("sleep", 5), ("after retry", "stop")])
+    llm = programmed([("sleep", 5), ("after retry", "stop")])
     chunks = [c async for c in ChatAgentRT(llm=llm, timeout=0.05, max_retries=1).astream("x")]
     assert "".join(c.content for c in chunks) == "after retry"
 
 
 def test_streaming_flag_makes_invoke_stream():
-    llm = ProgrammableLLM([("streamed", "stop")])
+    llm = programmed([("streamed", "stop")])
     tokens: list[str] = []
     from langchain_core.callbacks import BaseCallbackHandler
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from agentrt.langchain import ChatAgentRT
 from agentrt.server import create_app
 from agentrt.testing import ScriptedLLM
-from tests._server_util import live_server
+from tests.helpers.server import live_server
 
 
 @tool

@@ -29,7 +29,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from agentrt.langchain import ChatAgentRT
-from tests._langchain_util import ChatAgentRTFeatures
+from tests.helpers.langchain import ChatAgentRTFeatures
 
 pytestmark = pytest.mark.e2e
 

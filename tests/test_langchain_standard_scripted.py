@@ -16,9 +16,8 @@ from langchain_core.messages import AIMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from agentrt.langchain import ChatAgentRT
-from tests._langchain_util import ChatAgentRTFeatures
 from agentrt.testing import ScriptedLLM
-from tests._langchain_util import oracle_reply
+from tests.helpers.langchain import ChatAgentRTFeatures, oracle_reply
 
 
 def scripted_oracle() -> ScriptedLLM:

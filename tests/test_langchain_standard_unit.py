@@ -12,7 +12,7 @@ pytest.importorskip("langchain_tests", reason="langchain-tests (dev extra) is no
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from agentrt.langchain import ChatAgentRT
-from tests._langchain_util import ChatAgentRTFeatures
+from tests.helpers.langchain import ChatAgentRTFeatures
 
 
 class TestChatAgentRTUnit(ChatAgentRTFeatures, ChatModelUnitTests):

@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _loader_util import llamacpp_permute, tiny_tokenizer, write_tiny_gguf, write_tiny_hf_folder
 
 from agentrt import cli
 from agentrt.engine.loader import (
@@ -24,6 +20,7 @@ from agentrt.engine.loader import (
     load_model,
     unpermute_qk,
 )
+from tests.helpers.loader import llamacpp_permute, tiny_tokenizer, write_tiny_gguf, write_tiny_hf_folder
 
 CONFIG_KEYS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",

@@ -339,22 +339,17 @@ async def test_repeated_calls_are_not_rerun_and_the_answer_is_asked_for():
 async def test_every_step_of_a_run_queues_with_the_runs_start_as_priority():
     from agentrt.llm import GenerationParams
 
-    seen: list[GenerationParams] = []
-
-    class Recording(ScriptedLLM):
-        async def complete(self, messages, *, json_schema=None, params=None):
-            seen.append(params)
-            return await super().complete(messages, json_schema=json_schema, params=params)
-
     before = time.perf_counter()
-    llm = Recording([calls(("add", {"a": 1, "b": 1})), calls(("add", {"a": 2, "b": 2})), answer("4")])
+    llm = ScriptedLLM([calls(("add", {"a": 1, "b": 1})), calls(("add", {"a": 2, "b": 2})), answer("4")])
     await Agent(llm, make_registry()).run("go")
-    first = Recording([answer("x")])
+    first = ScriptedLLM([answer("x")])
     await anyio.sleep(0.01)
     await Agent(first, make_registry()).run("go")
+    seen: list[GenerationParams] = [c.params for c in llm.calls + first.calls]
     priorities = [p.priority for p in seen]
     assert len(priorities) == 4 and len(set(priorities[:3])) == 1  # one value for the whole run
     assert before <= priorities[0] < priorities[3]  # a later run queues after an earlier one
-    fixed = Recording([answer("y")])
+    fixed = ScriptedLLM([answer("y")])
     await Agent(fixed, make_registry(), params=GenerationParams(priority=-1.0)).run("go")
+    seen = [c.params for c in fixed.calls]
     assert seen[-1].priority == -1.0  # a caller's own priority is kept

@@ -28,7 +28,7 @@ def scripted(monkeypatch):
 
 def test_run_prints_each_step(scripted, capsys):
     made = scripted([{"calls": [{"tool": "add", "arguments": {"a": 2, "b": 40}}]}, {"answer": "42"}])
-    code = cli_main(["run", "What is 2+40?", "--tools", "_planner_util:registry", "--no-prefix-cache"])
+    code = cli_main(["run", "What is 2+40?", "--tools", "tests.helpers.planner:registry", "--no-prefix-cache"])
     out = capsys.readouterr().out
     assert code == 0
     assert made == [(None, {"enable_prefix_caching": False})]
@@ -39,7 +39,7 @@ def test_run_prints_each_step(scripted, capsys):
 
 def test_run_json_emits_one_event_per_line(scripted, capsys):
     scripted([{"calls": [{"tool": "shout", "arguments": {"text": "hi"}}]}, {"answer": "HI"}])
-    code = cli_main(["run", "shout hi", "--tools", "_planner_util:shout", "--json"])
+    code = cli_main(["run", "shout hi", "--tools", "tests.helpers.planner:shout", "--json"])
     lines = capsys.readouterr().out.strip().splitlines()
     events = [json.loads(line) for line in lines]
     assert code == 0
@@ -50,20 +50,20 @@ def test_run_json_emits_one_event_per_line(scripted, capsys):
 
 def test_run_exit_code_when_not_completed(scripted, capsys):
     scripted([{"calls": [{"tool": "add", "arguments": {"a": 1, "b": 1}}]}] * 2)
-    code = cli_main(["run", "loop", "--tools", "_planner_util:registry", "--max-steps", "2"])
+    code = cli_main(["run", "loop", "--tools", "tests.helpers.planner:registry", "--max-steps", "2"])
     assert code == 1
     assert "max_steps" in capsys.readouterr().out
 
 
 def test_bad_tool_choice_is_reported(scripted, capsys):
     scripted([])
-    assert cli_main(["run", "q", "--tools", "_planner_util:registry", "--tool-choice", "nope"]) == 2
+    assert cli_main(["run", "q", "--tools", "tests.helpers.planner:registry", "--tool-choice", "nope"]) == 2
     assert "known tools: add, shout" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     "spec, match",
-    [("no_colon", "MODULE:ATTR"), ("_planner_util:missing", "cannot load"), ("_planner_util:not_a_tool", "not a registry")],
+    [("no_colon", "MODULE:ATTR"), ("tests.helpers.planner:missing", "cannot load"), ("tests.helpers.planner:not_a_tool", "not a registry")],
 )
 def test_load_tools_errors(spec, match):
     with pytest.raises(SystemExit, match=match):
@@ -71,5 +71,5 @@ def test_load_tools_errors(spec, match):
 
 
 def test_load_tools_merges_specs():
-    reg = load_tools(["_planner_util:add", "_planner_util:shout"])
+    reg = load_tools(["tests.helpers.planner:add", "tests.helpers.planner:shout"])
     assert reg.names == ["add", "shout"]

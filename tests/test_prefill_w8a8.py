@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 from agentrt.engine.dynamic_int8 import DynamicInt8Linear, dynamic_int8_available
 
@@ -75,9 +72,8 @@ def test_outlier_arguments_are_checked():
 
 @pytest.fixture(scope="module")
 def engines():
-    from _engine_util import smollm_loaded
-
     from agentrt.engine import EngineConfig, LLMEngine
+    from tests.helpers.engine import smollm_loaded
 
     if not _BFCL.exists():
         pytest.skip(f"shared BFCL data absent at {_BFCL}")

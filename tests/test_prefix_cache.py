@@ -6,17 +6,13 @@ random-weights Llama and compare cached against uncached greedy outputs token fo
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _engine_util import tiny_loaded
 
 from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
 from agentrt.engine.kv_cache import BlockManager, KVCache
 from agentrt.engine.sequence import Sequence
+from tests.helpers.engine import tiny_loaded
 
 torch.set_num_threads(1)
 

@@ -3,19 +3,19 @@ from __future__ import annotations
 
 import copy
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _loader_util import tiny_llama
-
 from agentrt.engine.dynamic_int8 import (
-    DynamicInt8Linear, collect_input_absmax, dynamic_int8_available, quantize_dynamic_int8_)
+    DynamicInt8Linear,
+    collect_input_absmax,
+    dynamic_int8_available,
+    quantize_dynamic_int8_,
+)
 from agentrt.engine.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_, quantized_bytes
+from tests.helpers.loader import tiny_llama
 
 
 # (13, 40) and (8, 24): in_features that torch's AVX-512 int8 kernel mishandles with bf16 activations
@@ -234,10 +234,9 @@ def test_quantize_dynamic_int8_with_calibration():
 @needs_fbgemm
 def test_engine_prefill_int8_switch():
     """EngineConfig(prefill_int8=True): prefill chunks go through W8A8, decode rows through the weight-only kernels."""
-    from _engine_util import FakeLoaded, ByteTokenizer, tiny_config, tiny_weights
-
     from agentrt.engine import EngineConfig, LLMEngine
     from agentrt.engine.model import DecodeQuantLinear
+    from tests.helpers.engine import ByteTokenizer, FakeLoaded, tiny_config, tiny_weights
 
     with pytest.raises(ValueError, match="prefill_int8=True needs quantization"):
         EngineConfig(prefill_int8=True)

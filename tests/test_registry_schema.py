@@ -21,11 +21,11 @@ import pytest
 from pydantic import BaseModel, Field
 from typing_extensions import NotRequired, TypedDict
 
+from agentrt.prompting import compact_json
 from agentrt.registry import RunContext, Tool, ToolDefinitionError, ToolRegistry
 from agentrt.schema import clean_json_schema
 from agentrt.types import ToolCall
-from _registry_util import assert_matches_snapshot, compact, grammar_regex
-
+from tests.helpers.registry import assert_matches_snapshot, grammar_regex
 
 # -- the signatures -------------------------------------------------------------------------
 
@@ -258,7 +258,7 @@ def test_schema_is_grammar_friendly(name: str, tools: dict[str, Tool]) -> None:
     # outlines-core (the grammar backend) compiles it, and the compact valid arguments match
     _, valid, _ = CASES[name]
     regex = grammar_regex(schema)
-    assert re.fullmatch(regex, compact(valid)), (regex, compact(valid))
+    assert re.fullmatch(regex, compact_json(valid)), (regex, compact_json(valid))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -304,7 +304,7 @@ def test_invalid_arguments_rejected_by_regex_and_validation(tools: dict[str, Too
     regex = grammar_regex(t.json_schema)
     for bad in ({"n": 5, "code": "eur", "name": "bob"}, {"n": 5, "code": "EUR", "name": "bob", "x": 1},
                 {"code": "EUR", "name": "bob"}):
-        assert not re.fullmatch(regex, compact(bad)), bad
+        assert not re.fullmatch(regex, compact_json(bad)), bad
     with pytest.raises(ValueError, match="code"):
         t.parse_arguments({"n": 5, "code": "eur", "name": "bob"})
     with pytest.raises(ValueError, match="n: 500 is greater than the maximum of 100"):

@@ -10,7 +10,7 @@ from agentrt.planner import Agent
 from agentrt.remote import RemoteLLM, _normalise_base_url
 from agentrt.server import create_app
 from agentrt.testing import ScriptedLLM
-from tests._server_util import live_server
+from tests.helpers.server import live_server
 from tests.test_server import make_registry
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
@@ -32,7 +32,7 @@ async def test_complete_sends_the_schema_and_messages_unchanged(served):
     out = await llm.complete(messages, json_schema=SCHEMA, params=GenerationParams(max_tokens=20))
     assert json.loads(out.text) == {"n": 7} and out.finish_reason == "stop"
     assert llm.model_name == "served-model"  # asked the server
-    seen_messages, seen_schema = backend.calls[-1]
+    seen_messages, seen_schema, _ = backend.calls[-1]
     assert seen_schema == SCHEMA and seen_messages == messages
     assert out.usage.prompt_tokens > 0 and out.usage.completion_tokens > 0
     assert out.ttft_s > 0

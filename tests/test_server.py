@@ -8,11 +8,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from agentrt.llm import CompletionChunk
+from agentrt.llm import Completion, Prompt
 from agentrt.registry import ToolRegistry
 from agentrt.server import create_app
 from agentrt.testing import ScriptedLLM
-from tests._server_util import SlowLLM, live_server, prometheus_samples, sse_events
+from tests.helpers.server import live_server, prometheus_samples, slow_llm, sse_events
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -71,7 +71,7 @@ def test_tool_call_round_trip_is_openai_shaped():
         assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
         assert "cached_tokens" in body["usage"]["prompt_tokens_details"]
         # the grammar offered both tools and the answer; the prompt lists the tools
-        _, schema = llm.calls[0]
+        schema = llm.calls[0].json_schema
         assert "anyOf" in schema and "get_weather" in json.dumps(schema) and "add" in json.dumps(schema)
         # second turn: the tool result goes back, the answer comes out as content
         messages = USER + [choice["message"], {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 21C"}]
@@ -159,17 +159,8 @@ def test_streamed_answer_content():
 
 
 def test_length_cut_tool_call_is_not_passed_off_as_complete():
-    class Cut(ScriptedLLM):
-        async def complete(self, messages, *, json_schema=None, params=None):
-            done = await super().complete(messages, json_schema=json_schema, params=params)
-            return done.model_copy(update={"finish_reason": "length"})
-
-        async def stream(self, messages, *, json_schema=None, params=None):
-            done = await self.complete(messages, json_schema=json_schema, params=params)
-            yield CompletionChunk(delta=done.text)
-            yield CompletionChunk(completion=done)
-
-    with client(Cut(['{"calls":[{"tool":"add","arguments":{"a":1,'])) as c:
+    cut = Completion(text='{"calls":[{"tool":"add","arguments":{"a":1,', finish_reason="length")
+    with client(ScriptedLLM([cut])) as c:
         r = c.post("/v1/chat/completions", json={"messages": USER, "tools": [ADD_TOOL], "max_tokens": 12})
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"]
@@ -255,7 +246,7 @@ def test_openapi_docs_need_the_key_unless_public():
 
 
 async def test_full_queue_answers_429_with_retry_after():
-    llm = SlowLLM(delay_s=0.02)
+    llm = slow_llm(delay_s=0.02)
     app = create_app(llm=llm, registry=make_registry(), max_concurrent=1, max_queue=1)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
@@ -275,7 +266,7 @@ async def test_full_queue_answers_429_with_retry_after():
 
 
 def test_disconnect_cancels_the_generation():
-    llm = SlowLLM(delay_s=0.05)
+    llm = slow_llm(delay_s=0.05)
     app = create_app(llm=llm, registry=make_registry())
     with live_server(app) as url:
         with httpx.Client(base_url=url, timeout=10) as c:
@@ -399,7 +390,7 @@ def test_agent_run_bad_requests():
 
 
 def test_disconnect_cancels_a_non_streamed_request():
-    llm = SlowLLM(delay_s=0.05)
+    llm = slow_llm(delay_s=0.05)
     app = create_app(llm=llm, registry=make_registry())
     with live_server(app) as url:
         with pytest.raises(httpx.ReadTimeout):
@@ -411,25 +402,13 @@ def test_disconnect_cancels_a_non_streamed_request():
     assert llm.started == 1 and llm.closed_early == 1 and llm.finished == 0
 
 
-class RecordingLLM(ScriptedLLM):
-    """A ScriptedLLM that also keeps the GenerationParams of each call."""
-
-    def __init__(self, replies):
-        super().__init__(replies)
-        self.params = []
-
-    async def complete(self, messages, *, json_schema=None, params=None):
-        self.params.append(params)
-        return await super().complete(messages, json_schema=json_schema, params=params)
-
-
 def test_sampling_settings_reach_the_model():
-    llm = RecordingLLM(["text", {"calls": [{"tool": "add", "arguments": {"a": 1, "b": 2}}]}])
+    llm = ScriptedLLM(["text", {"calls": [{"tool": "add", "arguments": {"a": 1, "b": 2}}]}])
     with client(llm) as c:
         c.post("/v1/chat/completions", json={"messages": USER, "temperature": 0.7, "top_p": 0.9, "top_k": 20,
                                              "seed": 3, "stop": ["END"], "max_completion_tokens": 33})
         c.post("/v1/chat/completions", json={"messages": USER, "tools": [ADD_TOOL], "stop": "}"})
-    text, tools = llm.params
+    text, tools = [c.params for c in llm.calls]
     assert (text.temperature, text.top_p, text.top_k, text.seed, text.stop, text.max_tokens) == (
         0.7, 0.9, 20, 3, ["END"], 33)
     assert tools.temperature == 0.0  # greedy unless asked
@@ -437,7 +416,7 @@ def test_sampling_settings_reach_the_model():
 
 
 def test_disconnect_cancels_a_streamed_agent_run():
-    llm = SlowLLM(delay_s=0.05)
+    llm = slow_llm(delay_s=0.05)
     app = create_app(llm=llm, registry=make_registry())
     with live_server(app) as url:
         with httpx.Client(base_url=url, timeout=10) as c:
@@ -459,15 +438,15 @@ def test_prompts_are_tokenized_off_the_event_loop():
     import asyncio
 
     class Counting(ScriptedLLM):
-        sync_engine = type("Engine", (), {"max_model_len": 4096})()
+        context_window = 4096
 
-        def prompt_token_ids(self, messages):
+        def prepare_prompt(self, messages):
             try:
                 asyncio.get_running_loop()
                 on_loop.append(True)
             except RuntimeError:  # no loop runs in this thread
                 on_loop.append(False)
-            return [0] * 10
+            return Prompt(messages=messages, token_ids=[0] * 10)
 
     on_loop: list[bool] = []
     with client(Counting(["ok", {"answer": "done"}])) as c:

@@ -13,7 +13,7 @@ import pytest
 
 from agentrt.llm import GenerationParams
 from agentrt.server import create_app
-from tests._server_util import live_server, prometheus_samples, sse_events
+from tests.helpers.server import live_server, prometheus_samples, sse_events
 
 pytestmark = pytest.mark.e2e
 

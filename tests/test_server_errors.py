@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from agentrt.server import create_app
-from tests._server_util import RaisingLLM
+from tests.helpers.server import raising_llm
 from tests.test_server import USER, assert_error, make_registry
 
 
@@ -18,16 +18,16 @@ def test_engine_input_errors_become_400():
     from agentrt.engine.grammar.errors import UnsupportedSchemaError
 
     exc = UnsupportedSchemaError(["patternProperties at /properties/x"])
-    with client(RaisingLLM(exc)) as c:
+    with client(raising_llm(exc)) as c:
         for stream in (False, True):
             err = assert_error(c.post("/v1/chat/completions", json={"messages": USER, "stream": stream,
                                                                     "response_format": {"type": "json_object"}}), 400)
             assert err["code"] == "unsupported_schema" and "patternProperties" in err["message"]
-    with client(RaisingLLM(BudgetError("max_tokens=2 is below the 7 tokens the schema needs"))) as c:
+    with client(raising_llm(BudgetError("max_tokens=2 is below the 7 tokens the schema needs"))) as c:
         err = assert_error(c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2,
                                                                 "response_format": {"type": "json_object"}}), 400)
         assert err["param"] == "max_tokens" and "below the 7 tokens" in err["message"]
-    with client(RaisingLLM(ContextOverflowError("prompt of 9000 tokens over 8192"))) as c:
+    with client(raising_llm(ContextOverflowError("prompt of 9000 tokens over 8192"))) as c:
         err = assert_error(c.post("/v1/chat/completions", json={"messages": USER}), 400)
         assert err["code"] == "context_length_exceeded"
         assert c.app.state.agentrt.queue.running == 0  # the slot was given back
@@ -38,7 +38,7 @@ def test_output_schema_compiles_under_a_slot_and_a_refusal_gives_it_back():
     from agentrt.testing import ScriptedLLM
 
     class Compiling(ScriptedLLM):
-        def compile(self, schema):
+        def prepare_schema(self, schema):
             seen.append(app.state.agentrt.queue.running)  # a compile can take seconds: it holds a slot
             if "patternProperties" in schema:
                 raise UnsupportedSchemaError(["patternProperties at /"])
@@ -57,7 +57,7 @@ def test_output_schema_compiles_under_a_slot_and_a_refusal_gives_it_back():
 def test_a_busy_grammar_compiler_is_429_with_retry_after():
     from agentrt.engine.grammar import GrammarBusyError
 
-    with client(RaisingLLM(GrammarBusyError("all 2 grammar compile slots are busy", retry_after_s=3))) as c:
+    with client(raising_llm(GrammarBusyError("all 2 grammar compile slots are busy", retry_after_s=3))) as c:
         for stream in (False, True):
             r = c.post("/v1/chat/completions", json={"messages": USER, "stream": stream,
                                                      "response_format": {"type": "json_object"}})

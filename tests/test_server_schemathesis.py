@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from agentrt.server import create_app
-from agentrt.llm import Completion, CompletionChunk
+from agentrt.testing import ScriptedLLM
 from agentrt.types import Usage
 from tests.test_server import make_registry
 
@@ -38,22 +38,10 @@ def grammar_shaped_reply(messages: list[dict[str, str]], schema: dict[str, Any] 
     return "{}"
 
 
-class GrammarShapedLLM:
-    """Never runs out: each reply is `grammar_shaped_reply` of the turn's schema."""
-
-    model_name = "fuzz"
-
-    async def complete(self, messages, *, json_schema=None, params=None) -> Completion:
-        text = grammar_shaped_reply(messages, json_schema)
-        return Completion(text=text, finish_reason="stop", usage=Usage(prompt_tokens=5, completion_tokens=3))
-
-    async def stream(self, messages, *, json_schema=None, params=None):
-        done = await self.complete(messages, json_schema=json_schema, params=params)
-        yield CompletionChunk(delta=done.text)
-        yield CompletionChunk(completion=done)
-
-
-app = create_app(llm=GrammarShapedLLM(), registry=make_registry(), max_body_bytes=64 * 1024)
+# never runs out: each reply is what a grammar-constrained model could say under the turn's schema
+fuzz_llm = ScriptedLLM([], fallback=grammar_shaped_reply, chunk_chars=1 << 20,
+                       usage=Usage(prompt_tokens=5, completion_tokens=3), model_name="fuzz")
+app = create_app(llm=fuzz_llm, registry=make_registry(), max_body_bytes=64 * 1024)
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

@@ -63,15 +63,10 @@ def test_one_thread_never_switches_and_bad_arguments_are_refused():
 
 
 async def test_the_async_engine_loop_drives_the_tuner():
-    import sys
-    from pathlib import Path
-
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _engine_util import tiny_loaded
-
     from agentrt.engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
+    from tests.helpers.engine import tiny_loaded
 
     def make() -> LLMEngine:
         return LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=64, block_size=4), loaded=tiny_loaded())

@@ -6,11 +6,12 @@ import re
 from pathlib import Path
 
 import pytest
-from _registry_util import assert_matches_snapshot, compact, grammar_regex
 
+from agentrt.prompting import compact_json
 from agentrt.registry import ToolRegistry, default_registry
 from agentrt.tools import builtin_registry, default_tools
 from agentrt.types import ToolCall
+from tests.helpers.registry import assert_matches_snapshot, grammar_regex
 
 NAMES = ["calculate", "current_time", "add_to_date", "date_difference", "weekday", "convert_time",
          "convert_units", "read_file", "list_files", "query_data"]
@@ -42,7 +43,7 @@ def test_builtin_registry_contents(tmp_path: Path) -> None:
 def test_builtin_schema_snapshot_and_grammar(name: str, tmp_path: Path) -> None:
     t = builtin_registry(tmp_path).get(name)
     assert_matches_snapshot(f"builtin_{name}.json", t.spec.model_dump())
-    assert re.fullmatch(grammar_regex(t.json_schema), compact(EXAMPLES[name]))
+    assert re.fullmatch(grammar_regex(t.json_schema), compact_json(EXAMPLES[name]))
     t.parse_arguments(EXAMPLES[name])  # the example is valid for pydantic too
     from agentrt.engine.grammar import schema_to_regex
 
@@ -78,9 +79,8 @@ async def test_several_builtins_in_one_step(tmp_path: Path) -> None:
 def test_builtin_calls_pass_the_token_grammar_of_the_embedded_model(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Each built-in tool's schema, compiled for SmolLM2's real vocabulary, admits a valid call
     (as the tokenizer spells it) and refuses an invalid one."""
-    from _grammar_util import smollm2_tokenizer
-
     from agentrt.engine.grammar import GrammarCompiler
+    from tests.helpers.grammar import smollm2_tokenizer
 
     tokenizer = smollm2_tokenizer()
     if tokenizer is None:
@@ -89,7 +89,7 @@ def test_builtin_calls_pass_the_token_grammar_of_the_embedded_model(tmp_path_fac
                                               cache_dir=str(tmp_path_factory.mktemp("grammar")))
     for t in builtin_registry(tmp_path_factory.mktemp("files")):
         grammar = compiler.compile_json_schema(t.json_schema)
-        ids = tokenizer.encode(compact(EXAMPLES[t.name]), add_special_tokens=False)
+        ids = tokenizer.encode(compact_json(EXAMPLES[t.name]), add_special_tokens=False)
         assert grammar.accepts_tokens(ids), t.name
-        bad = tokenizer.encode(compact({**EXAMPLES[t.name], "unexpected": 1}), add_special_tokens=False)
+        bad = tokenizer.encode(compact_json({**EXAMPLES[t.name], "unexpected": 1}), add_special_tokens=False)
         assert not grammar.accepts_tokens(bad), t.name

@@ -17,8 +17,7 @@ from starlette.background import BackgroundTask
 
 from agentrt.llm import GenerationParams
 from agentrt.prompting import plan_turn
-from agentrt.server.chat_request import (check_max_tokens, check_schema, context_window, prompt_length, to_messages,
-                                         unrenderable)
+from agentrt.server.chat_request import check_max_tokens, check_schema, prepared_prompt, to_messages, unrenderable
 from agentrt.server.errors import APIError, known_llm_error
 from agentrt.server.limits import QueueTicket, check_api_key
 from agentrt.server.request_models import AgentRunRequest
@@ -89,11 +88,8 @@ def schema_output_type(schema: dict[str, Any]) -> type[BaseModel]:
 
 async def _compiles(llm: Any, schema: dict[str, Any]) -> None:
     """Compile ``output_schema`` now (unsupported keywords: a 400 now, not a failed run later)."""
-    compile_fn = getattr(llm, "compile", None)
-    if not callable(compile_fn):
-        return
     try:
-        await anyio.to_thread.run_sync(compile_fn, schema)
+        await anyio.to_thread.run_sync(llm.prepare_schema, schema)
     except Exception as e:
         err = known_llm_error(e)
         if err is None:
@@ -143,7 +139,7 @@ async def build_agent(state: ServerState, req: AgentRunRequest) -> tuple[Any, st
 def _check_first_prompt_fits(llm: Any, task: str | list[Message], registry: Any, req: AgentRunRequest,
                              output_type: Any, params: GenerationParams) -> None:
     """A task too long for the context window is a 400 now, not a failed run later."""
-    if not callable(getattr(llm, "prompt_token_ids", None)) or not context_window(llm):
+    if not llm.context_window:
         return  # a remote or scripted LLM: the prompt cannot be measured here
     messages = [Message(role="user", content=task)] if isinstance(task, str) else list(task)
     if req.system_prompt:
@@ -155,7 +151,8 @@ def _check_first_prompt_fits(llm: Any, task: str | list[Message], registry: Any,
         raise APIError(400, str(e), param="tool_choice", code="invalid_value") from None
     except Exception as e:  # noqa: BLE001 - the chat template raises what it likes
         raise unrenderable(e) from None
-    n = prompt_length(llm, plan.chat_messages)
+    ids = prepared_prompt(llm, plan.chat_messages).token_ids
+    n = None if ids is None else len(ids)
     limit = check_max_tokens(llm, None)
     if n is not None and n + params.max_tokens > limit:
         raise APIError(400, f"the first prompt has {n} tokens and each step may add {params.max_tokens}: over the "

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from agentrt.llm import GenerationParams
-from agentrt.prompting import PromptPlan, plan_turn, render_messages
+from agentrt.protocol import LLM, GenerationParams, Prompt
+from agentrt.openai_format import plan_request
+from agentrt.prompting import PromptPlan
 from agentrt.server.errors import APIError
 from agentrt.server.request_models import ChatCompletionRequest, ChatMessageIn, ContentPart, NamedToolChoice
 from agentrt.types import Message, ToolCall, ToolSpec
@@ -81,16 +82,9 @@ def check_schema(schema: Any, param: str) -> dict[str, Any]:
     return schema
 
 
-def context_window(llm: Any) -> int | None:
-    """The model's context length in tokens, when the LLM is in-process (None: unknown)."""
-    engine = getattr(llm, "sync_engine", None)
-    value = getattr(engine, "max_model_len", None)
-    return value if isinstance(value, int) else None
-
-
-def check_max_tokens(llm: Any, max_tokens: int | None) -> int:
+def check_max_tokens(llm: LLM, max_tokens: int | None) -> int:
     """Refuse a max_tokens over the context window; returns that window (or the cap)."""
-    limit = context_window(llm) or MAX_TOKENS_CAP
+    limit = llm.context_window or MAX_TOKENS_CAP
     if max_tokens is not None and max_tokens > limit:
         raise APIError(400, f"max_tokens={max_tokens} exceeds the model's context window ({limit} tokens)",
                        param="max_tokens", code="invalid_value")
@@ -103,13 +97,11 @@ def unrenderable(exc: Exception) -> APIError:
                     param="messages", code="invalid_messages")
 
 
-def prompt_length(llm: Any, chat_messages: list[dict[str, str]]) -> int | None:
-    """Tokens of the rendered prompt, when the LLM can count them and knows its window."""
-    count = getattr(llm, "prompt_token_ids", None)
-    if not callable(count) or not context_window(llm):
-        return None
+def prepared_prompt(llm: LLM, chat_messages: list[dict[str, str]]) -> Prompt:
+    """The LLM's `Prompt` of ``chat_messages`` (rendered and tokenized once, for the length check and
+    the generation); a 400 if the chat template refuses them."""
     try:
-        return len(count(chat_messages))
+        return llm.prepare_prompt(chat_messages)
     except Exception as e:  # noqa: BLE001 - the chat template raises what it likes (jinja's TemplateError, ValueError...)
         raise unrenderable(e) from None
 
@@ -145,21 +137,16 @@ def chat_plan(req: ChatCompletionRequest) -> PromptPlan:
             raise APIError(400, "response_format.json_schema.schema is required for type json_schema",
                            param="response_format.json_schema.schema")
         output_schema = check_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
-    if output_schema is not None and (not tools or tool_choice == "none"):
-        # As OpenAI, vLLM and SGLang do: the messages are the prompt, unchanged, and the
-        # grammar enforces the schema. A remote planner (RemoteLLM) has already rendered
-        # its instructions into them, so its prompt is the same as in-process.
-        return PromptPlan(chat_messages=render_messages(messages, None, json_turns=False),
-                          json_schema=output_schema, tools=tools, tool_choice=tool_choice, mode="schema",
-                          parallel_tool_calls=req.parallel_tool_calls, output_schema=output_schema)
     try:
-        return plan_turn(messages, tools, tool_choice=tool_choice,
-                         parallel_tool_calls=req.parallel_tool_calls, output_schema=output_schema)
+        # the messages stay the prompt as they are and the grammar enforces response_format, as OpenAI's API,
+        # vLLM and SGLang do: a remote planner (RemoteLLM) has already rendered its instructions into them
+        return plan_request(messages, tools, tool_choice, req.parallel_tool_calls, output_schema,
+                            instruct_schema=False)
     except ValueError as e:
         raise APIError(400, str(e), param="tools") from None
 
 
-def generation_params(llm: Any, plan: PromptPlan, req: ChatCompletionRequest) -> GenerationParams:
+def generation_params(llm: LLM, prompt: Prompt, plan: PromptPlan, req: ChatCompletionRequest) -> GenerationParams:
     """The request's sampling settings, checked against the model's context window."""
     max_tokens = req.max_completion_tokens or req.max_tokens
     limit = check_max_tokens(llm, max_tokens)
@@ -175,7 +162,7 @@ def generation_params(llm: Any, plan: PromptPlan, req: ChatCompletionRequest) ->
         seed=req.seed,
         stop=stops,
     )
-    n = prompt_length(llm, plan.chat_messages)
+    n = None if prompt.token_ids is None else len(prompt.token_ids)
     if n is not None and n + params.max_tokens > limit:
         if max_tokens is not None or n >= limit:
             raise APIError(400, f"the prompt has {n} tokens and max_tokens is {params.max_tokens}: together "
@@ -185,8 +172,10 @@ def generation_params(llm: Any, plan: PromptPlan, req: ChatCompletionRequest) ->
     return params
 
 
-def checked_request(llm: Any, req: ChatCompletionRequest) -> tuple[PromptPlan, GenerationParams]:
-    """`chat_plan` and `generation_params` together: the request's whole check, schema validation and
-    prompt tokenization included. CPU work that grows with the request: routes run it in a worker thread."""
+def checked_request(llm: LLM, req: ChatCompletionRequest) -> tuple[PromptPlan, Prompt, GenerationParams]:
+    """`chat_plan`, the prompt and `generation_params` together: the request's whole check, schema
+    validation and prompt tokenization included. CPU work that grows with the request: routes run it
+    in a worker thread."""
     plan = chat_plan(req)
-    return plan, generation_params(llm, plan, req)
+    prompt = prepared_prompt(llm, plan.chat_messages)
+    return plan, prompt, generation_params(llm, prompt, plan, req)

@@ -64,11 +64,10 @@ class ServerMetrics:
         """The exposition text, with the queue gauges and engine statistics read now."""
         self.queue_depth.set(queue.waiting)
         self.running.set(queue.running)
-        stats_fn = getattr(llm, "stats", None)
-        if callable(stats_fn):
+        if llm is not None:
             try:
-                stats = stats_fn()
-                items = asdict(stats) if is_dataclass(stats) else dict(getattr(stats, "__dict__", {}))
+                stats = llm.stats()
+                items = asdict(stats) if is_dataclass(stats) else {}
                 for name, value in items.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         self.engine.labels(name).set(value)

@@ -8,7 +8,6 @@ server never runs a tool here: tool calls go back to the client, as OpenAI does.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -18,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.background import BackgroundTask
 
 from agentrt.llm import Completion, CompletionChunk
+from agentrt.openai_format import salvage_cut_turn, tool_call_json, usage_json
 from agentrt.prompting import PromptPlan, compact_json, parse_turn
 from agentrt.server.chat_request import checked_request
 from agentrt.server.errors import APIError
@@ -43,11 +43,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request,
                            state: ServerState = Depends(get_state)) -> Any:
     """OpenAI-compatible chat completions with grammar-constrained tool calls."""
     # off the event loop: a long prompt takes a while to tokenize, and /health must not wait for it
-    plan, params = await anyio.to_thread.run_sync(checked_request, state.llm, req)
+    plan, prompt, params = await anyio.to_thread.run_sync(checked_request, state.llm, req)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     ticket = await state.queue.acquire()
-    stream = state.llm.stream(plan.chat_messages, json_schema=plan.json_schema, params=params)
+    stream = state.llm.stream(prompt, json_schema=plan.json_schema, params=params)
     try:
         first = await first_chunk(stream)
     except BaseException:
@@ -71,24 +71,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request,
             "usage": usage_json(completion.usage)}
 
 
-def usage_json(usage: Usage) -> dict[str, Any]:
-    """OpenAI's ``usage`` object, with ``prompt_tokens_details.cached_tokens``."""
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-    }
-
-
 def completion_message(completion: Completion, plan: PromptPlan) -> tuple[dict[str, Any], str]:
     """(the OpenAI assistant message, finish_reason) of a finished completion."""
     if completion.finish_reason == "length" and plan.mode == "tools":
         # Cut before the JSON closed: no tool call is passed off as complete.
-        parser = ToolCallStreamParser("tools")
-        with contextlib.suppress(ValueError):
-            parser.feed(completion.text)
-        return {"role": "assistant", "content": parser.content}, "length"
+        return {"role": "assistant", "content": salvage_cut_turn(completion.text).content}, "length"
     finish = "length" if completion.finish_reason == "length" else "stop"
     if plan.mode != "tools":
         return {"role": "assistant", "content": completion.text}, finish
@@ -98,8 +85,7 @@ def completion_message(completion: Completion, plan: PromptPlan) -> tuple[dict[s
         raise APIError(502, f"the model's output did not parse as a turn: {e}", type="server_error",
                        code="model_output_invalid") from None
     if turn.tool_calls:
-        calls = [{"id": c.id, "type": "function",
-                  "function": {"name": c.name, "arguments": compact_json(c.arguments)}} for c in turn.tool_calls]
+        calls = [tool_call_json(c) for c in turn.tool_calls]
         return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
     content = turn.content if turn.content is not None else compact_json(turn.answer)
     return {"role": "assistant", "content": content}, finish

@@ -28,7 +28,7 @@ class ServerState:
 
     @property
     def model_name(self) -> str:
-        return self._model_name or getattr(self.llm, "model_name", None) or "agentrt"
+        return self._model_name or (self.llm.model_name if self.llm is not None else "") or "agentrt"
 
 
 def server_state(request: Request) -> ServerState:

@@ -6,13 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-SNAPSHOT_DIR = Path(__file__).parent / "snapshots" / "registry"
+SNAPSHOT_DIR = Path(__file__).parents[1] / "snapshots" / "registry"
 UPDATE = os.environ.get("AGENTRT_UPDATE_SNAPSHOTS") == "1"
-
-
-def compact(value: Any) -> str:
-    """The compact JSON the grammar lets the model write."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def assert_matches_snapshot(filename: str, value: Any) -> None:

@@ -7,7 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # beside the repository
 
 
 def compact(value: object) -> str:

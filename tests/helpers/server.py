@@ -6,12 +6,12 @@ import json
 import socket
 import threading
 import time
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Iterator
 
-import anyio
 import uvicorn
 
-from agentrt.llm import ChatMessage, Completion, CompletionChunk, GenerationParams
+from agentrt.llm import Completion
+from agentrt.testing import ScriptedLLM
 from agentrt.types import Usage
 
 
@@ -68,53 +68,13 @@ def prometheus_samples(text: str) -> dict[str, float]:
             if line and not line.startswith("#")}
 
 
-class SlowLLM:
-    """Streams ``text`` a few characters every ``delay_s``; records how streams ended."""
-
-    model_name = "slow"
-
-    def __init__(self, text: str = '{"answer":"' + "x" * 200 + '"}', delay_s: float = 0.05):
-        self.text, self.delay_s = text, delay_s
-        self.started = 0
-        self.closed_early = 0
-        self.finished = 0
-
-    async def complete(self, messages: list[ChatMessage], *, json_schema: dict | None = None,
-                       params: GenerationParams | None = None) -> Completion:
-        last = None
-        async for c in self.stream(messages, json_schema=json_schema, params=params):
-            last = c.completion or last
-        assert last is not None
-        return last
-
-    async def stream(self, messages: list[ChatMessage], *, json_schema: dict | None = None,
-                     params: GenerationParams | None = None) -> AsyncIterator[CompletionChunk]:
-        self.started += 1
-        done = False
-        try:
-            for i in range(0, len(self.text), 4):
-                await anyio.sleep(self.delay_s)
-                yield CompletionChunk(delta=self.text[i : i + 4])
-            done = True
-            self.finished += 1
-            yield CompletionChunk(completion=Completion(text=self.text, finish_reason="stop",
-                                                        usage=Usage(prompt_tokens=10, completion_tokens=50)))
-        finally:
-            if not done:
-                self.closed_early += 1
+def slow_llm(text: str = '{"answer":"' + "x" * 200 + '"}', delay_s: float = 0.05) -> ScriptedLLM:
+    """Streams ``text`` 4 characters every ``delay_s``, for every call (``started``, ``finished``
+    and ``closed_early`` count how streams ended)."""
+    done = Completion(text=text, finish_reason="stop", usage=Usage(prompt_tokens=10, completion_tokens=50))
+    return ScriptedLLM([], fallback=done, chunk_delay_s=delay_s, model_name="slow")
 
 
-class RaisingLLM:
+def raising_llm(exc: BaseException) -> ScriptedLLM:
     """Raises ``exc`` when a generation starts (as the engine/grammar do on bad input)."""
-
-    model_name = "raising"
-
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-    async def complete(self, messages: list[ChatMessage], **kw: Any) -> Completion:
-        raise self.exc
-
-    async def stream(self, messages: list[ChatMessage], **kw: Any) -> AsyncIterator[CompletionChunk]:
-        raise self.exc
-        yield  # pragma: no cover  (makes this an async generator)
+    return ScriptedLLM([], fallback=exc, model_name="raising")

@@ -1,4 +1,4 @@
-"""Tools and helpers for the planner's tests (importable as `_planner_util` from tests/)."""
+"""Tools and helpers for the planner's tests (importable as `tests.helpers.planner`)."""
 from __future__ import annotations
 
 from agentrt.registry import ToolRegistry

@@ -1,0 +1,1 @@
+"""Helpers shared by the test modules: tiny models, tokenizers, scripted LLMs, live servers."""
