@@ -189,7 +189,7 @@ class LocalLLM(BaseLLM):
                         ttft_s=m.ttft_s or 0.0,  # None when no token was produced
                         decode_s=m.decode_s,
                         forced_tokens=m.forced_tokens,
-                        closed_by_budget=bool(getattr(constraint, "closed_by_budget", False)),
+                        closed_by_budget=out.closed_by_budget,
                     )
                 )
 

@@ -242,108 +242,133 @@ class _Run:
         return params.model_copy(update=update) if update else params
 
     async def events(self) -> AsyncIterator[AgentEvent]:
-        agent = self.agent
-        specs = agent.registry.specs()
+        """The run, step by step: plan the turn, call the model, read the turn, then feed back an
+        unusable turn, refuse a repeated call, run the tools, or finish with the answer."""
         try:
-            for index in range(1, agent.max_steps + 1):
-                if self.cancel is not None and self.cancel.is_set():
-                    raise _Stop("cancelled", "cancelled before step %d" % index)
-                params = self._params()
-                choice = self.tool_choice(index) if callable(self.tool_choice) else self.tool_choice
-                if self.next_choice is not None:
-                    choice, self.next_choice = self.next_choice, None
-                plan = plan_turn(self.messages, specs, choice, agent.parallel_tool_calls, agent.output_schema)
+            for index in range(1, self.agent.max_steps + 1):
+                plan, params = self._plan_step(index)
                 yield StepStarted(run_id=self.run_id, step=index)
                 t0 = time.perf_counter()
-                try:
-                    completion: Completion = await self._guarded(
-                        lambda: agent.llm.complete(plan.chat_messages, json_schema=plan.json_schema, params=params),
-                        f"step {index}",
-                    )
-                except _Stop:
-                    raise
-                except Exception as exc:  # the model failed (bad schema, engine error): end the run, say why
-                    raise _Stop("error", f"the model call of step {index} failed: {type(exc).__name__}: {exc}") from exc
-                self.usage = self.usage + completion.usage
-                step = Step(
-                    index=index,
-                    text=completion.text,
-                    finish_reason=completion.finish_reason,
-                    prompt_tokens=completion.usage.prompt_tokens,
-                    cached_tokens=completion.usage.cached_tokens,
-                    completion_tokens=completion.usage.completion_tokens,
-                    forced_tokens=completion.forced_tokens,
-                    closed_by_budget=completion.closed_by_budget,
-                    ttft_s=completion.ttft_s,
-                    decode_s=completion.decode_s,
-                )
-                self.steps.append(step)
+                completion = await self._call_model(plan, params, index)
+                step = self._record_step(index, completion)
                 turn, error = self._read_turn(completion, plan)
                 if error is not None:
-                    step.error = error
-                    self._feed_back(completion.text, error)
-                    step.duration_s = time.perf_counter() - t0
-                    yield StepFinished(run_id=self.run_id, step=step)
-                    self.failures += 1
-                    if self.failures > agent.max_retries:
+                    yield self._retry(step, completion.text, error, t0)
+                    if self.failures > self.agent.max_retries:
                         raise _Stop("error", f"{self.failures} unusable replies in a row; last: {error}")
-                    continue
-                self.failures = 0
-                assert turn is not None
-                keys = [(c.name, compact_json(c.arguments)) for c in turn.tool_calls]
-                if turn.tool_calls and agent.repeat_guard and all(k in self.seen_calls for k in keys):
-                    names = ", ".join(dict.fromkeys(c.name for c in turn.tool_calls))
-                    step.error = f"repeated call(s) of {names} with the same arguments: not run again"
-                    self.messages.append(Message(role="assistant", content=completion.text))
-                    self.messages.append(Message(
-                        role="user",
-                        content=f"You already called {names} with these arguments; the results are above. "
-                        "Give the final answer now.",
-                    ))
-                    self.next_choice = "answer"
-                    step.duration_s = time.perf_counter() - t0
-                    yield StepFinished(run_id=self.run_id, step=step)
-                    continue
-                if turn.tool_calls:
-                    self.seen_calls.update(keys)
-                    self.messages.append(Message(role="assistant", content=completion.text, tool_calls=turn.tool_calls))
-                    step.calls = turn.tool_calls
-                    for call in turn.tool_calls:
-                        yield ToolCallEvent(run_id=self.run_id, step=index, call=call)
-                    t_tools = time.perf_counter()
-                    results = await self._guarded(lambda: self._call_tools(turn.tool_calls, index), "tool calls")
-                    step.tool_time_s = time.perf_counter() - t_tools
-                    step.results = results
-                    for result in results:
-                        self.messages.append(
-                            Message(
-                                role="tool",
-                                content=result.content,
-                                tool_call_id=result.call_id,
-                                name=result.name,
-                                is_error=result.is_error,
-                            )
-                        )
-                        yield ToolResultEvent(run_id=self.run_id, step=index, result=result)
-                    if agent.reset_tool_choice and isinstance(self.tool_choice, str) and self.tool_choice not in (
-                        "auto", "none", "answer"
-                    ):
-                        self.tool_choice = "auto"
-                    step.duration_s = time.perf_counter() - t0
-                    yield StepFinished(run_id=self.run_id, step=step)
-                    continue
-                # the final answer
-                step.answer = turn.answer
-                self.messages.append(Message(role="assistant", content=completion.text if plan.mode != "tools"
-                                             else (turn.content or compact_json(turn.answer))))
-                step.duration_s = time.perf_counter() - t0
-                yield StepFinished(run_id=self.run_id, step=step)
-                yield FinalAnswer(run_id=self.run_id, answer=turn.answer)
-                yield self._finish("completed", turn.answer)
-                return
-            yield self._finish("max_steps", error=f"no final answer within max_steps={agent.max_steps}")
+                elif turn.tool_calls and self._is_repeat(turn):
+                    yield self._refuse_repeat(step, turn, completion.text, t0)
+                elif turn.tool_calls:
+                    async for event in self._run_tools(step, turn, completion.text, t0):
+                        yield event
+                else:
+                    for event in self._answer(step, turn, completion.text, plan, t0):
+                        yield event
+                    return
+            yield self._finish("max_steps", error=f"no final answer within max_steps={self.agent.max_steps}")
         except _Stop as stop:
             yield self._finish(stop.status, error=stop.error)
+
+    def _plan_step(self, index: int) -> tuple[PromptPlan, GenerationParams]:
+        """The turn's plan (the tool choice of this step) and sampling settings."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise _Stop("cancelled", "cancelled before step %d" % index)
+        params = self._params()
+        choice = self.tool_choice(index) if callable(self.tool_choice) else self.tool_choice
+        if self.next_choice is not None:
+            choice, self.next_choice = self.next_choice, None
+        agent = self.agent
+        return plan_turn(self.messages, agent.registry.specs(), choice, agent.parallel_tool_calls,
+                         agent.output_schema), params
+
+    async def _call_model(self, plan: PromptPlan, params: GenerationParams, index: int) -> Completion:
+        try:
+            return await self._guarded(
+                lambda: self.agent.llm.complete(plan.chat_messages, json_schema=plan.json_schema, params=params),
+                f"step {index}",
+            )
+        except _Stop:
+            raise
+        except Exception as exc:  # the model failed (bad schema, engine error): end the run, say why
+            raise _Stop("error", f"the model call of step {index} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _record_step(self, index: int, completion: Completion) -> Step:
+        self.usage = self.usage + completion.usage
+        step = Step(
+            index=index,
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.usage.prompt_tokens,
+            cached_tokens=completion.usage.cached_tokens,
+            completion_tokens=completion.usage.completion_tokens,
+            forced_tokens=completion.forced_tokens,
+            closed_by_budget=completion.closed_by_budget,
+            ttft_s=completion.ttft_s,
+            decode_s=completion.decode_s,
+        )
+        self.steps.append(step)
+        return step
+
+    def _retry(self, step: Step, text: str, error: str, t0: float) -> StepFinished:
+        """An unusable turn: the model reads why and tries again (the caller stops the run after
+        max_retries in a row)."""
+        step.error = error
+        self._feed_back(text, error)
+        step.duration_s = time.perf_counter() - t0
+        self.failures += 1
+        return StepFinished(run_id=self.run_id, step=step)
+
+    def _is_repeat(self, turn: TurnOutput) -> bool:
+        """Every call of the turn was made before with the same arguments (and the guard is on)."""
+        return self.agent.repeat_guard and all(key in self.seen_calls for key in _call_keys(turn.tool_calls))
+
+    def _refuse_repeat(self, step: Step, turn: TurnOutput, text: str, t0: float) -> StepFinished:
+        """Repeated calls are not run again: the model is told so and must answer next."""
+        self.failures = 0
+        names = ", ".join(dict.fromkeys(c.name for c in turn.tool_calls))
+        step.error = f"repeated call(s) of {names} with the same arguments: not run again"
+        self.messages.append(Message(role="assistant", content=text))
+        self.messages.append(Message(
+            role="user",
+            content=f"You already called {names} with these arguments; the results are above. "
+            "Give the final answer now.",
+        ))
+        self.next_choice = "answer"
+        step.duration_s = time.perf_counter() - t0
+        return StepFinished(run_id=self.run_id, step=step)
+
+    async def _run_tools(self, step: Step, turn: TurnOutput, text: str, t0: float) -> AsyncIterator[AgentEvent]:
+        """Run the turn's calls concurrently; their results join the transcript."""
+        self.failures = 0
+        calls = turn.tool_calls
+        self.seen_calls.update(_call_keys(calls))
+        self.messages.append(Message(role="assistant", content=text, tool_calls=calls))
+        step.calls = calls
+        for call in calls:
+            yield ToolCallEvent(run_id=self.run_id, step=step.index, call=call)
+        t_tools = time.perf_counter()
+        results = await self._guarded(lambda: self._call_tools(calls, step.index), "tool calls")
+        step.tool_time_s = time.perf_counter() - t_tools
+        step.results = results
+        for result in results:
+            self.messages.append(Message(role="tool", content=result.content, tool_call_id=result.call_id,
+                                         name=result.name, is_error=result.is_error))
+            yield ToolResultEvent(run_id=self.run_id, step=step.index, result=result)
+        choice = self.tool_choice
+        if self.agent.reset_tool_choice and isinstance(choice, str) and choice not in ("auto", "none", "answer"):
+            self.tool_choice = "auto"
+        step.duration_s = time.perf_counter() - t0
+        yield StepFinished(run_id=self.run_id, step=step)
+
+    def _answer(self, step: Step, turn: TurnOutput, text: str, plan: PromptPlan, t0: float) -> list[AgentEvent]:
+        """The final answer ends the run."""
+        self.failures = 0
+        step.answer = turn.answer
+        self.messages.append(Message(role="assistant", content=text if plan.mode != "tools"
+                                     else (turn.content or compact_json(turn.answer))))
+        step.duration_s = time.perf_counter() - t0
+        return [StepFinished(run_id=self.run_id, step=step), FinalAnswer(run_id=self.run_id, answer=turn.answer),
+                self._finish("completed", turn.answer)]
 
     def _read_turn(self, completion: Completion, plan: PromptPlan) -> tuple[TurnOutput | None, str | None]:
         """Parse the turn and validate a final answer; (turn, None) or (None, error message)."""
@@ -392,3 +417,8 @@ class _Run:
             limits.append(tool.timeout_s if tool.timeout_s is not None else self.agent.registry.default_timeout_s)
         limits = [x for x in limits if x is not None]
         return min(limits) if limits else None
+
+
+def _call_keys(calls: list[ToolCall]) -> list[tuple[str, str]]:
+    """What makes two calls the same: the tool and its arguments."""
+    return [(c.name, compact_json(c.arguments)) for c in calls]

@@ -167,87 +167,31 @@ def function_schema(
         raise ToolDefinitionError(tool_name, [f"cannot read its signature: {exc}"]) from exc
     hints, hint_problems = _resolve_hints(fn, signature, localns or {})
     problems.extend(hint_problems)
-
     doc = docstring_parser.parse(_docstring(inner))
-    doc_params: dict[str, str] = {}
-    for entry in doc.params:  # NumPy style may document several at once: "x, y : int"
-        for arg in entry.arg_name.split(","):
-            doc_params[arg.strip().lstrip("*")] = (entry.description or "").strip()
+    doc_params = _documented_params(doc)
 
     fields: dict[str, Any] = {}
     params: list[ParamInfo] = []
     context_param: str | None = None
     for pname, param in signature.parameters.items():
         annotation = hints.get(pname, inspect.Parameter.empty)
-        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            star = "*" if param.kind is inspect.Parameter.VAR_POSITIONAL else "**"
-            problems.append(f"parameter {star}{pname}: variadic parameters cannot be described by a schema")
-            continue
-        if annotation is not inspect.Parameter.empty and _is_context(annotation, context_types):
+        variadic = param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        if not variadic and annotation is not inspect.Parameter.empty and _is_context(annotation, context_types):
             if context_param is not None:
                 problems.append(f"parameter {pname!r}: only one run-context parameter is allowed")
             context_param = pname
             continue
-        if annotation is _UNRESOLVED:
-            continue
-        if annotation is inspect.Parameter.empty:
-            problems.append(f"parameter {pname!r} has no type hint")
-            continue
-        if pname.startswith("_"):
-            problems.append(f"parameter {pname!r}: names starting with '_' cannot be schema properties")
-            continue
-        try:
-            adapter = TypeAdapter(annotation)
-            adapter.json_schema()
-        except Exception as exc:  # noqa: BLE001 - pydantic's reasons vary by type; each becomes a named problem
-            problems.append(
-                f"parameter {pname!r}: unsupported type {_type_name(annotation)} ({_first_sentence(exc)}); "
-                "use JSON-describable types: str, int, float, bool, list, dict, Literal, Enum, "
-                "Optional, pydantic models, dataclasses, TypedDict"
-            )
-            continue
-        # Parameters that shadow BaseModel attributes (json, copy, schema...) get an internal
-        # field name and keep their real name as the alias the model and the schema use.
-        field_name = pname if not hasattr(BaseModel, pname) else f"{pname}_param_"
-        info_kwargs: dict[str, Any] = {}
-        if field_name != pname:
-            info_kwargs["alias"] = pname
-        if not _annotated_description(annotation) and doc_params.get(pname):
-            info_kwargs["description"] = doc_params[pname]
-        default = ... if param.default is inspect.Parameter.empty else param.default
-        if default is not ... and not _default_fits(adapter, default):
-            fix = f"; annotate it Optional[{_type_name(annotation)}]" if default is None else ""
-            problems.append(f"parameter {pname!r}: its default {default!r} is not a valid "
-                            f"{_type_name(annotation)}{fix}")
-            continue
-        fields[field_name] = (annotation, Field(default, **info_kwargs))
-        params.append(ParamInfo(pname, field_name, param.kind is inspect.Parameter.POSITIONAL_ONLY))
-
-    try:  # a partial's docstring documents the wrapped function's parameters
-        documentable = set(inspect.signature(inner).parameters) | set(signature.parameters)
-    except (TypeError, ValueError):
-        documentable = set(signature.parameters)
-    for documented in doc_params:
-        if documented not in documentable:
-            problems.append(f"the docstring documents {documented!r}, which is not a parameter")
-
-    args_model: type[BaseModel] | None = None
-    schema: dict[str, Any] = {}
+        field = _param_field(pname, param, annotation, doc_params.get(pname))
+        if isinstance(field, str):
+            problems.append(field)
+        elif field is not None:
+            fields[field[0]] = field[1]
+            params.append(ParamInfo(pname, field[0], param.kind is inspect.Parameter.POSITIONAL_ONLY))
+    problems += _stray_doc_params(doc_params, inner, signature)
     if not problems:
-        model_name = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", tool_name) if part) + "Args"
-        try:
-            args_model = create_model(  # type: ignore[call-overload]
-                model_name or "ToolArgs",
-                __config__=ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=False),
-                **fields,
-            )
-            raw = args_model.model_json_schema(mode="validation")
-            schema = clean_json_schema(raw)
-        except Exception as exc:  # noqa: BLE001 - collected with the other problems, raised once
-            problems.append(f"cannot build its schema: {type(exc).__name__}: {_first_line(exc)}")
+        args_model, schema = _args_model(tool_name, fields, problems)
     if problems:
         raise ToolDefinitionError(tool_name, problems)
-    assert args_model is not None
     return FunctionSchema(
         name=tool_name,
         description=description if description is not None else _describe(doc),
@@ -257,6 +201,76 @@ def function_schema(
         context_param=context_param,
         is_async=_is_async(fn),
     )
+
+
+def _documented_params(doc: docstring_parser.Docstring) -> dict[str, str]:
+    """{parameter: its docstring description}."""
+    out: dict[str, str] = {}
+    for entry in doc.params:  # NumPy style may document several at once: "x, y : int"
+        for arg in entry.arg_name.split(","):
+            out[arg.strip().lstrip("*")] = (entry.description or "").strip()
+    return out
+
+
+def _param_field(pname: str, param: inspect.Parameter, annotation: Any, doc: str | None
+                 ) -> tuple[str, tuple[Any, Any]] | str | None:
+    """(field name, (annotation, FieldInfo)) of one parameter the model fills, the problem with it
+    (a str), or None (its hint did not resolve: reported already)."""
+    if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        star = "*" if param.kind is inspect.Parameter.VAR_POSITIONAL else "**"
+        return f"parameter {star}{pname}: variadic parameters cannot be described by a schema"
+    if annotation is _UNRESOLVED:
+        return None
+    if annotation is inspect.Parameter.empty:
+        return f"parameter {pname!r} has no type hint"
+    if pname.startswith("_"):
+        return f"parameter {pname!r}: names starting with '_' cannot be schema properties"
+    try:
+        adapter = TypeAdapter(annotation)
+        adapter.json_schema()
+    except Exception as exc:  # noqa: BLE001 - pydantic's reasons vary by type; each becomes a named problem
+        return (f"parameter {pname!r}: unsupported type {_type_name(annotation)} ({_first_sentence(exc)}); "
+                "use JSON-describable types: str, int, float, bool, list, dict, Literal, Enum, "
+                "Optional, pydantic models, dataclasses, TypedDict")
+    # Parameters that shadow BaseModel attributes (json, copy, schema...) get an internal
+    # field name and keep their real name as the alias the model and the schema use.
+    field_name = pname if not hasattr(BaseModel, pname) else f"{pname}_param_"
+    info_kwargs: dict[str, Any] = {}
+    if field_name != pname:
+        info_kwargs["alias"] = pname
+    if not _annotated_description(annotation) and doc:
+        info_kwargs["description"] = doc
+    default = ... if param.default is inspect.Parameter.empty else param.default
+    if default is not ... and not _default_fits(adapter, default):
+        fix = f"; annotate it Optional[{_type_name(annotation)}]" if default is None else ""
+        return f"parameter {pname!r}: its default {default!r} is not a valid {_type_name(annotation)}{fix}"
+    return field_name, (annotation, Field(default, **info_kwargs))
+
+
+def _stray_doc_params(doc_params: dict[str, str], inner: Callable[..., Any], signature: inspect.Signature
+                      ) -> list[str]:
+    """Docstring entries for parameters the function does not have."""
+    try:  # a partial's docstring documents the wrapped function's parameters
+        documentable = set(inspect.signature(inner).parameters) | set(signature.parameters)
+    except (TypeError, ValueError):
+        documentable = set(signature.parameters)
+    return [f"the docstring documents {d!r}, which is not a parameter" for d in doc_params if d not in documentable]
+
+
+def _args_model(tool_name: str, fields: dict[str, Any], problems: list[str]
+                ) -> tuple[type[BaseModel] | None, dict[str, Any]]:
+    """The arguments model and its cleaned JSON Schema (a failure is appended to ``problems``)."""
+    model_name = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", tool_name) if part) + "Args"
+    try:
+        args_model = create_model(  # type: ignore[call-overload]
+            model_name or "ToolArgs",
+            __config__=ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=False),
+            **fields,
+        )
+        return args_model, clean_json_schema(args_model.model_json_schema(mode="validation"))
+    except Exception as exc:  # noqa: BLE001 - collected with the other problems, raised once
+        problems.append(f"cannot build its schema: {type(exc).__name__}: {_first_line(exc)}")
+        return None, {}
 
 
 def _resolve_hints(

@@ -23,6 +23,9 @@ class TokenConstraint(Protocol):
     3. Otherwise it samples from the logits masked with ``next_token_mask()`` and calls
        ``accept_token`` with the sampled token (EOS included: the mask allows EOS only
        where the constraint may end, and accepting it terminates the constraint).
+
+    Optionally a ``closed_by_budget`` attribute: True when the constraint narrowed the
+    choices to finish within the token budget; the engine's output reports it.
     """
 
     def next_token_mask(self) -> torch.Tensor:

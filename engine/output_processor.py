@@ -35,6 +35,8 @@ class RequestOutput:
     finish_reason: str | None
     metrics: RequestMetrics
     error: BaseException | None = None  # set (finish_reason "abort") when the request's constraint failed
+    # the constraint narrowed the model's choices to finish within max_tokens (see engine.grammar.GrammarMatcher)
+    closed_by_budget: bool = False
 
 
 @dataclass
@@ -81,7 +83,9 @@ class OutputProcessor:
         return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
                              output_token_ids=list(seq.output_token_ids), text=text[:safe],
                              delta_text=text[sent:safe], finished=seq.finished, finish_reason=seq.finish_reason,
-                             metrics=_metrics(seq), error=seq.error)
+                             metrics=_metrics(seq), error=seq.error,
+                             # optional in the TokenConstraint protocol: constraints without a budget lack it
+                             closed_by_budget=bool(getattr(seq.constraint, "closed_by_budget", False)))
 
     def discard(self, request_id: str) -> None:
         self._states.pop(request_id, None)

@@ -14,7 +14,7 @@ def client(llm) -> TestClient:
 
 def test_engine_input_errors_become_400():
     from agentrt.engine import ContextOverflowError
-    from agentrt.engine.grammar.budget import BudgetError
+    from agentrt.engine.grammar.errors import BudgetError
     from agentrt.engine.grammar.errors import UnsupportedSchemaError
 
     exc = UnsupportedSchemaError(["patternProperties at /properties/x"])

@@ -49,30 +49,24 @@ class ClientDisconnected(Exception):
 def known_llm_error(exc: BaseException) -> APIError | None:
     """The `APIError` of an engine, grammar or upstream failure that the request caused
     (or that the upstream model server answered), None for anything else (a bug: 500)."""
-    try:  # imported lazily: the engine pulls in torch, and a RemoteLLM server has none
-        from agentrt.engine.grammar.errors import GrammarBusyError, GrammarCompileError, UnsupportedSchemaError
-    except ImportError:  # grammar not built: nothing of it can be raised either
-        GrammarBusyError = GrammarCompileError = UnsupportedSchemaError = None  # type: ignore[assignment,misc]
+    try:  # imported lazily: the engine pulls in torch, and a RemoteLLM server may have none (then none of these is raised)
+        from agentrt.engine import ContextOverflowError
+        from agentrt.engine.grammar.errors import (BudgetError, GrammarBusyError, GrammarCompileError,
+                                                   UnsupportedSchemaError)
+    except ImportError:
+        return upstream_error(exc)
     # too many compiles at once: like a full admission queue, a 429 to retry, nothing wrong with the schema
-    if GrammarBusyError is not None and isinstance(exc, GrammarBusyError):
+    if isinstance(exc, GrammarBusyError):
         return APIError(429, str(exc), type="rate_limit_error", code="grammar_compiler_busy",
                         headers={"Retry-After": str(exc.retry_after_s)})
-    try:
-        from agentrt.engine.grammar.budget import BudgetError
-    except ImportError:
-        BudgetError = None  # type: ignore[assignment,misc]
-    if BudgetError is not None and isinstance(exc, BudgetError):  # before its base, GrammarCompileError
+    if isinstance(exc, BudgetError):  # before its base, GrammarCompileError
         return APIError(400, f"{exc}. Raise max_tokens.", param="max_tokens", code="invalid_value")
-    try:
-        from agentrt.engine import ContextOverflowError
-    except ImportError:
-        ContextOverflowError = None  # type: ignore[assignment,misc]
-    if UnsupportedSchemaError is not None and isinstance(exc, UnsupportedSchemaError):
+    if isinstance(exc, UnsupportedSchemaError):
         return APIError(400, str(exc), param="schema", code="unsupported_schema")
-    if GrammarCompileError is not None and isinstance(exc, GrammarCompileError):
+    if isinstance(exc, GrammarCompileError):
         return APIError(400, f"the JSON Schema could not be compiled into a grammar: {exc}",
                         param="schema", code="invalid_schema")
-    if ContextOverflowError is not None and isinstance(exc, ContextOverflowError):
+    if isinstance(exc, ContextOverflowError):
         return APIError(400, f"{exc}. Shorten the messages or lower max_tokens.",
                         param="messages", code="context_length_exceeded")
     return upstream_error(exc)

@@ -6,9 +6,9 @@ token automaton (outlines-core ``Index``) -> per-request matcher (the engine's T
     engine.add_request(prompt, params, constraint=GrammarMatcher(grammar, max_tokens=params.max_tokens))
 """
 from .automaton import ByteAutomaton, configure_compiles
-from .budget import BudgetError, TokenDistances, distances, min_tokens
+from .budget import TokenDistances, distances, min_tokens
 from .compiler import CompiledGrammar, GrammarCompiler, default_cache_dir
-from .errors import GrammarBusyError, GrammarCompileError, UnsupportedSchemaError
+from .errors import BudgetError, GrammarBusyError, GrammarCompileError, UnsupportedSchemaError
 from .matcher import GrammarMatcher
 from .schema_regex import schema_to_regex
 from .vocab import TokenVocab, vocab_from_tokenizer

@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import GrammarCompileError
-
 if TYPE_CHECKING:
     from .compiler import CompiledGrammar
     from .vocab import TokenVocab
@@ -67,11 +65,6 @@ def distances(grammar: CompiledGrammar) -> TokenDistances:
 def min_tokens(grammar: CompiledGrammar) -> int:
     """Tokens the grammar's shortest complete value takes (an upper bound)."""
     return distances(grammar).of(grammar.initial_state())
-
-
-class BudgetError(GrammarCompileError):
-    """max_tokens is too small for the shortest complete value of the schema (a request
-    error: callers that map GrammarCompileError to "bad request" cover it too)."""
 
 
 class TokenDistances:

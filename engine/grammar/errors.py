@@ -31,6 +31,11 @@ class UnsatisfiableSchemaError(GrammarCompileError):
     ``oneOf`` demands exactly one of them): there is nothing a grammar could let the model write."""
 
 
+class BudgetError(GrammarCompileError):
+    """max_tokens is too small for the shortest complete value of the schema (a request
+    error: callers that map GrammarCompileError to "bad request" cover it too)."""
+
+
 class GrammarBusyError(GrammarCompileError):
     """Every compile slot is taken and the wait queue is full (or the wait ran past the time limit):
     nothing is wrong with the schema; try again in ``retry_after_s`` seconds."""

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .budget import INF, BudgetError, distances
+from .budget import INF, distances
 from .compiler import CompiledGrammar
+from .errors import BudgetError
 
 
 class GrammarMatcher:

@@ -103,21 +103,7 @@ def object_regex(schema: dict, ctx: Ctx, path: str, plan: Plan | None = None) ->
     if plan is not None and not plan.worlds:
         return None  # the combinators hold on no object
     if not props and not required and (plan is None or not plan.props):
-        # a map: any keys, values by additionalProperties
-        if mn > 1:
-            ctx.refuse(path, "minProperties", "above 1 on an object without declared properties")
-        if pprops:
-            pair = _pattern_pairs(pprops, ctx, path)
-        else:
-            value = ctx.node(addl, f"{path}/additionalProperties") if addl is not True else any_value(free_depth)
-            pair = seq(STRING, ":", value)
-        if pair is None:
-            return seq(r"\{", r"\}") if mn == 0 else None
-        hi = None if mx is None else mx
-        if hi == 0:
-            return r"\{\}"
-        body = seq(pair, rep(seq(",", pair), 0, None if hi is None else hi - 1))
-        return seq(r"\{", body if mn >= 1 else opt(body), r"\}")
+        return _map_regex(pprops, addl, mn, mx, free_depth, ctx, path)
 
     relevant = set(plan.props) if plan else set()
     # (key regex, value regexes (cells of a planned property), required, planned)
@@ -165,6 +151,24 @@ def object_regex(schema: dict, ctx: Ctx, path: str, plan: Plan | None = None) ->
         names = [*props, *(r for r in required if isinstance(r, str)), *(plan.props if plan else [])]
         extra = other_pair(names, addl, ctx, f"{path}/additionalProperties", 0)
     return seq(r"\{", _object_body(entries, worlds, extra), r"\}")
+
+
+def _map_regex(pprops: dict, addl: Any, mn: int, mx: int | None, free_depth: int, ctx: Ctx, path: str) -> str | None:
+    """An object without declared properties: any keys (or those patternProperties match), values by
+    additionalProperties (or the pattern's schema), between minProperties and maxProperties pairs."""
+    if mn > 1:
+        ctx.refuse(path, "minProperties", "above 1 on an object without declared properties")
+    if pprops:
+        pair = _pattern_pairs(pprops, ctx, path)
+    else:
+        value = ctx.node(addl, f"{path}/additionalProperties") if addl is not True else any_value(free_depth)
+        pair = seq(STRING, ":", value)
+    if pair is None:
+        return seq(r"\{", r"\}") if mn == 0 else None
+    if mx == 0:
+        return r"\{\}"
+    body = seq(pair, rep(seq(",", pair), 0, None if mx is None else mx - 1))
+    return seq(r"\{", body if mn >= 1 else opt(body), r"\}")
 
 
 def other_pair(names: list[str], addl: Any, ctx: Ctx, path: str, free_depth: int) -> str | None:

@@ -137,41 +137,12 @@ def _node_regex(schema: Any, ctx: Ctx, path: str) -> str | None:
         if kw in schema and not trivial(kw, schema[kw]):
             ctx.refuse(path, kw)
 
-    parts: list[str | None] = []
     if "$ref" in schema:
-        target = resolve(schema["$ref"], ctx, path)
-        if target is UNRESOLVED:
-            return None
-        rest = {k: v for k, v in schema.items() if k != "$ref"}
-        if any(k in ASSERTIONS for k in rest):
-            # a $ref beside other assertions is an intersection: merge when it is simple
-            merged = merge(dict(target) if isinstance(target, dict) else target, rest, ctx, path)
-            return with_ref_depth(schema["$ref"], ctx, lambda: ctx.node(merged, path))
-        return with_ref_depth(schema["$ref"], ctx, lambda: ctx.node(target, path + "/$ref"))
-
+        return _reference(schema, ctx, path)
     if "anyOf" in schema or "oneOf" in schema:
-        key = "anyOf" if "anyOf" in schema else "oneOf"
-        if "anyOf" in schema and "oneOf" in schema:
-            ctx.refuse(path, "oneOf", "beside anyOf")
-        branches = schema[key]
-        if not isinstance(branches, list) or not branches:
-            raise GrammarCompileError(f"{key} at {path or '/'} must be a non-empty array")
-        rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
-        merged = [merge(deref(br, ctx), rest, ctx, f"{path}/{key}/{i}") if any(k in ASSERTIONS for k in rest)
-                  else deref(br, ctx) for i, br in enumerate(branches)]
-        known: list[Any] = []  # each branch's regex, UNCOMPILED where it came with refusals
-        for i, br in enumerate(merged):
-            before = len(ctx.problems)
-            parts.append(ctx.node(br, f"{path}/{key}/{i}"))
-            known.append(parts[-1] if len(ctx.problems) == before else UNCOMPILED)
-        # the exclusivity proofs run on the branches' regexes as generated
-        if key == "oneOf" and not branches_disjoint(merged, ctx, known):
-            ctx.refuse(path, "oneOf", "branches may overlap; only provably exclusive branches are enforced")
-        return alt(parts)
-
+        return _alternatives(schema, ctx, path)
     if "const" in schema or "enum" in schema:
         return enum_regex(schema, ctx, path)
-
     types = schema.get("type", list(TYPES))
     if isinstance(types, str):
         types = [types]
@@ -179,8 +150,43 @@ def _node_regex(schema: Any, ctx: Ctx, path: str) -> str | None:
         raise GrammarCompileError(f"type at {path or '/'} must be one of {TYPES} or a list of them, got {types!r}")
     if "number" in types and "integer" in types:
         types = [t for t in types if t != "integer"]
-    for t in types:
-        parts.append(ctx.build(t, schema, path))
+    return alt([ctx.build(t, schema, path) for t in types])
+
+
+def _reference(schema: dict, ctx: Ctx, path: str) -> str | None:
+    """A ``$ref`` (recursion unrolled ``max_ref_depth`` levels), merged with assertions beside it."""
+    target = resolve(schema["$ref"], ctx, path)
+    if target is UNRESOLVED:
+        return None
+    rest = {k: v for k, v in schema.items() if k != "$ref"}
+    if any(k in ASSERTIONS for k in rest):
+        # a $ref beside other assertions is an intersection: merge when it is simple
+        merged = merge(dict(target) if isinstance(target, dict) else target, rest, ctx, path)
+        return with_ref_depth(schema["$ref"], ctx, lambda: ctx.node(merged, path))
+    return with_ref_depth(schema["$ref"], ctx, lambda: ctx.node(target, path + "/$ref"))
+
+
+def _alternatives(schema: dict, ctx: Ctx, path: str) -> str | None:
+    """anyOf / oneOf: the branches (each merged with the keywords beside them), alternated; a oneOf
+    only where its branches are proved exclusive."""
+    key = "anyOf" if "anyOf" in schema else "oneOf"
+    if "anyOf" in schema and "oneOf" in schema:
+        ctx.refuse(path, "oneOf", "beside anyOf")
+    branches = schema[key]
+    if not isinstance(branches, list) or not branches:
+        raise GrammarCompileError(f"{key} at {path or '/'} must be a non-empty array")
+    rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
+    merged = [merge(deref(br, ctx), rest, ctx, f"{path}/{key}/{i}") if any(k in ASSERTIONS for k in rest)
+              else deref(br, ctx) for i, br in enumerate(branches)]
+    parts: list[str | None] = []
+    known: list[Any] = []  # each branch's regex, UNCOMPILED where it came with refusals
+    for i, br in enumerate(merged):
+        before = len(ctx.problems)
+        parts.append(ctx.node(br, f"{path}/{key}/{i}"))
+        known.append(parts[-1] if len(ctx.problems) == before else UNCOMPILED)
+    # the exclusivity proofs run on the branches' regexes as generated
+    if key == "oneOf" and not branches_disjoint(merged, ctx, known):
+        ctx.refuse(path, "oneOf", "branches may overlap; only provably exclusive branches are enforced")
     return alt(parts)
 
 
