@@ -66,6 +66,11 @@ class LocalLLM(BaseLLM):
         return self._grammar_compiler
 
     @property
+    def engine_summary(self) -> str:
+        """Which path runs the model, e.g. "fused C++ step, int4 weights, avx2 kernels, float32, 2 threads"."""
+        return self.sync_engine.runner.describe()
+
+    @property
     def context_window(self) -> int:
         """The engine's context length in tokens (prompt + output)."""
         return self.sync_engine.max_model_len

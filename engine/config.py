@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_QUANT = (None, "int8", "int4")
+_QUANT = (None, "auto", "int8", "int4")
+# a GGUF's linears run on the fused step's int4 grid (groups of 32, Q4_1-like) when they are 4-bit, on its int8
+# grid (groups of 32, Q8_0) when they have more bits: requantizing 5/6/8-bit weights to 4 bits would lose accuracy
+_GGUF_FUSED_MODE = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "IQ4_NL": "int4", "IQ4_XS": "int4",
+                    "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8", "Q8_0": "int8", "Q8_K": "int8"}
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -30,7 +34,10 @@ class EngineConfig:
     max_model_len: context window; None = the model's ``max_position_embeddings`` (capped at 8192).
     dtype: "auto" = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else float32
       (without native bf16 the CPU matmuls run several times slower in bf16 than in fp32).
-    quantization: weight-only int8/int4 for the decoder layers' linears (the lm_head gets int8).
+    quantization: weight-only int8/int4 for the decoder layers' linears (the lm_head gets int8). "auto"
+      (the default): a quantized GGUF runs on its own bit width in the fused C++ step (``fused_decode``,
+      float32 activations) when ``dtype`` is "auto" and the device is the CPU; float checkpoints, a
+      pinned dtype or another device run unquantized (see `resolved`).
     prefill_int8: with ``quantization``, prefill chunks (> 16 rows) run dynamic int8 W8A8 linears
       (FBGEMM, SmoothQuant-calibrated at load) instead of the dense weights: faster prefill on x86,
       at an accuracy cost (SmolLM2-135M, tool prompts: 0.96 top-1 agreement with fp32, in the prefill and
@@ -55,7 +62,7 @@ class EngineConfig:
     model: str | None = None
     device: str = "cpu"
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
-    quantization: Literal["int8", "int4"] | None = None
+    quantization: Literal["auto", "int8", "int4"] | None = "auto"
     prefill_int8: bool = False
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -76,15 +83,35 @@ class EngineConfig:
             return "bfloat16"
         return "bfloat16" if _cpu_has_native_bf16() else "float32"
 
+    def resolved(self, quant_type: str | None) -> tuple[EngineConfig, str | None]:
+        """This config with ``quantization="auto"`` decided for a model whose weights are
+        ``quant_type`` (`engine.loader.LoadedModel.quant_type`), and why the fast path was not
+        taken when it could have been (None otherwise): the fused C++ step on the GGUF's own bit
+        width, or unquantized."""
+        if self.quantization != "auto":
+            return self, None
+        mode = _GGUF_FUSED_MODE.get(quant_type or "")
+        plain = replace(self, quantization=None)
+        if mode is None:
+            why = f"{quant_type} weights have no fused grid" if quant_type else None
+            return plain, why
+        if self.dtype != "auto" or not str(self.device).startswith("cpu") or self.prefill_int8 or self.compile:
+            return plain, None  # the caller pinned a dense path
+        from .decode_fused import load_extension, unavailable_reason
+
+        if load_extension() is None:
+            return plain, f"the fused C++ step cannot build here ({unavailable_reason()})"
+        return replace(self, quantization=mode, dtype="float32", fused_decode=True), None
+
     def __post_init__(self) -> None:
         problems = []
         if self.dtype not in _DTYPES:
             problems.append(f"dtype={self.dtype!r} (choose one of {', '.join(_DTYPES)})")
         if self.quantization not in _QUANT:
-            problems.append(f"quantization={self.quantization!r} (choose None, 'int8' or 'int4')")
-        if self.prefill_int8 and self.quantization is None:
+            problems.append(f"quantization={self.quantization!r} (choose 'auto', None, 'int8' or 'int4')")
+        if self.prefill_int8 and self.quantization in (None, "auto"):
             problems.append("prefill_int8=True needs quantization='int8' or 'int4' (it replaces their dense prefill weights)")
-        if self.fused_decode and (self.quantization is None or self.resolved_dtype() != "float32"
+        if self.fused_decode and (self.quantization in (None, "auto") or self.resolved_dtype() != "float32"
                                   or not str(self.device).startswith("cpu")):
             problems.append("fused_decode=True needs quantization='int8' or 'int4', dtype='float32' and device='cpu'")
         if self.fused_activations not in ("int8", "int16"):

@@ -49,17 +49,23 @@ def _load() -> tuple[Any, str | None]:
         from torch.utils import cpp_extension
 
         flags = ["-O3", "-fopenmp"]
-        cpu = _cpu_flags()
-        if {"avx2", "fma"} <= cpu:
+        isa = kernel_isa()
+        if isa == "avx2":
             flags += ["-mavx2", "-mfma", "-mf16c"]
-        # the name carries a hash of the code, so an edited kernel (or header) never loads a stale build
+        # the name carries the instruction set and a hash of the code, so another machine's build or an
+        # edited kernel (or header) never loads
         code = hashlib.sha256(b"".join(p.read_bytes() for p in (*_SOURCES, _HEADER))).hexdigest()[:10]
-        tag = ("avx2" if "-mavx2" in flags else "scalar") + "_" + code
+        tag = isa + "_" + code
         ext = cpp_extension.load(name=f"agentrt_decode_{tag}", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                                  extra_ldflags=["-fopenmp"], verbose=False)
         return ext, None
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers: the torch decode path still works
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+
+
+def kernel_isa() -> str:
+    """The instruction set the extension is built for on this machine ("avx2" or "scalar")."""
+    return "avx2" if {"avx2", "fma"} <= _cpu_flags() else "scalar"
 
 
 def load_extension() -> Any:
@@ -79,6 +85,8 @@ def unavailable_reason() -> str | None:
 def _int8_parts(mod: nn.Module, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(int8 weight [N, K], float32 scales [N], float32 bias or empty) of a (wrapped) int8 linear."""
     q = getattr(mod, "quantized", mod)  # model.DecodeQuantLinear keeps the int8 copy in .quantized
+    if type(q) is nn.Linear:  # not quantized yet: the engine leaves that to the C++ step
+        q = Int8WeightOnlyLinear(q.weight, q.bias)
     if not isinstance(q, Int8WeightOnlyLinear):
         raise ValueError(f"fused int8 decode needs int8 weight-only linears; {what} is {type(q).__name__}")
     return q.weight.contiguous(), q.scales.float().contiguous(), _bias(q.bias)

@@ -4,6 +4,7 @@ jump-forward) and has the `OutputProcessor` turn tokens into text. `AsyncLLMEngi
 (engine.async_engine) runs its step loop in a thread."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -15,7 +16,7 @@ import torch
 from .config import EngineConfig, SamplingParams
 from .constraint import TokenConstraint
 from .kv_cache import BlockManager
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, release_free_heap
 from .output_processor import OutputProcessor, RequestMetrics, RequestOutput
 from .sampling import sample_constrained
 from .scheduler import Scheduler
@@ -24,6 +25,7 @@ from .sequence import Sequence
 __all__ = ["ContextOverflowError", "EngineStats", "LLMEngine", "RequestMetrics", "RequestOutput"]
 
 _DEFAULT_MAX_LEN_CAP = 8192
+log = logging.getLogger(__name__)
 
 
 class ContextOverflowError(ValueError):
@@ -54,13 +56,16 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig, loaded: Any = None):
-        self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         if loaded is None:
             from .loader import load_model
 
             loaded = load_model(config.model)
+        self.config, why_not_fused = config.resolved(loaded.quant_type)
+        if why_not_fused:
+            log.warning("%s: running the torch path, unquantized: %s", loaded.name, why_not_fused)
+        config = self.config
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids: list[int] = list(loaded.eos_token_ids)
         self.model_name: str = loaded.name
@@ -76,6 +81,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside a step (aborts, instant finishes)
         self.last_step_decode_only = False  # whether the last step computed one token per sequence (for timing)
+        del loaded  # the checkpoint's tensors (unless the caller keeps them), then the heap they leave behind
+        release_free_heap()
 
     # ---- requests -------------------------------------------------------------------------------
     def make_sequence(self, prompt: str | list[int], params: SamplingParams,
@@ -91,7 +98,7 @@ class LLMEngine:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if priority is not None and not math.isfinite(priority):
             raise ValueError(f"priority must be a finite number, got {priority!r}")
-        ids = self._prompt_ids(prompt)
+        ids = _prompt_ids(self.tokenizer, prompt, self.vocab_size)
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise ContextOverflowError(
@@ -104,18 +111,6 @@ class LLMEngine:
         gen = None if params.seed is None else torch.Generator(device=self.device).manual_seed(params.seed)
         return Sequence(request_id=request_id or uuid.uuid4().hex, token_ids=ids, num_prompt_tokens=len(ids),
                         params=params, constraint=constraint, generator=gen, priority=priority)
-
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt).input_ids)
-        else:
-            ids = [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        if not ids:
-            raise ValueError("empty prompt: give at least one token")
-        return ids
 
     def add_sequence(self, seq: Sequence) -> str:
         """Queue a sequence made by `make_sequence`."""
@@ -258,30 +253,21 @@ class LLMEngine:
         self._seqs.pop(seq.request_id, None)
         return self.outputs.output(seq)
 
-    @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], chunk_size: int | list[int] | None = None) -> torch.Tensor:
         """Logits [T, vocab] (float32) at every position of ``token_ids`` (for tests and accuracy
         benches), computed ``chunk_size`` tokens per step (default max_num_batched_tokens; a list gives
         the first chunks' sizes, its last one repeating) through the backend `step` would take (see
-        `ModelRunner`; with quantization, torch-path chunks of <= 16 rows run the quantized decode
-        kernels, larger ones the dense weights). Uses free KV blocks temporarily, no prefix cache;
-        call only while no other thread is stepping the engine."""
+        `ModelRunner.prompt_logits`). Uses free KV blocks temporarily, no prefix cache; call only
+        while no other thread is stepping the engine."""
         sizes = list(chunk_size) if isinstance(chunk_size, (list, tuple)) else [chunk_size]
         seq = self.make_sequence(list(token_ids), SamplingParams(max_tokens=1))
         if not self.block_manager.can_grow(seq, len(seq.token_ids)):
             raise RuntimeError("not enough free KV blocks for prompt_logits; let running requests finish")
         self.block_manager.grow(seq, len(seq.token_ids))
-        rows = []
         try:
-            while seq.num_uncomputed:
-                size = sizes[min(len(rows), len(sizes) - 1)] or self.config.max_num_batched_tokens
-                n = min(seq.num_uncomputed, size)
-                hidden = self.runner.execute(self.runner.prepare([(seq, n)]), all_rows=True)  # [n, H]
-                rows.append(self.runner.compute_logits(hidden))
-                seq.num_computed_tokens += n
+            return self.runner.prompt_logits(seq, [n or self.config.max_num_batched_tokens for n in sizes])
         finally:
             self.block_manager.free(seq)
-        return torch.cat(rows)
 
     # ---- blocking convenience ---------------------------------------------------------------------
     def generate(self, prompts: Seq[str | list[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -315,3 +301,17 @@ class LLMEngine:
         while any(s.request_id in mine for s in self.scheduler.finishing):
             self._pending.extend(self.step())  # other requests' outputs are kept for the next step()
         return [final[i] for i in ids]
+
+
+def _prompt_ids(tokenizer: Any, prompt: str | list[int], vocab_size: int) -> list[int]:
+    """A prompt's token ids, checked: a text is tokenized; ids must be in the vocabulary."""
+    if isinstance(prompt, str):
+        ids = list(tokenizer(prompt).input_ids)
+    else:
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    if not ids:
+        raise ValueError("empty prompt: give at least one token")
+    return ids

@@ -16,16 +16,13 @@
 //   one broadcast of 4 activation bytes meets 8 columns in one register, and each weight register serves
 //   up to 4 activation rows: batch rows share the unpacking and loads. int4 tiles are 4 rows x 16 columns
 //   (two blocks share each broadcast), int8 ones 4 x 8 (their sign trick needs more registers).
-// - The tiles are bound by vector op issue (~3.4 ops a cycle measured on this Zen 3, maddubs at most 2), not by
-//   the maddubs alone: a 4 x 16 int4 group is 64 maddubs + 56 int16 adds + 32 broadcasts + a float epilogue per
-//   accumulator (madd, cvt, mul, 2 fma: the bit-exact order) + the nibble unpacking. So the tile keeps its float
-//   sums in locals (a __m256 pointer may alias anything: GCC stored each sum twice a group), runs the low-nibble
-//   steps of a group for all rows before the high ones (fewer registers live), and, when three row tiles or more
-//   read a pair of blocks, reads a copy unpacked to bytes (one load a step instead of a load, an and and, for the
-//   high nibbles, a shift). Measured per core at 512 rows, SmolLM2 layer shapes: int4 93-97 GMAC/s (84-87 before
-//   these three) vs MKL float32 sgemm 45-48. Row tiles outside the column blocks, with activations pre-broadcast
-//   as maddubs' memory operand (no broadcasts), measured 3-15% slower: the weights then stream from L2 / L3 once
-//   per row tile.
+// - The tiles are bound by vector op issue, not by the maddubs alone: a 4 x 16 int4 group is 64 maddubs + 56
+//   int16 adds + 32 broadcasts + a float epilogue per accumulator (madd, cvt, mul, 2 fma: the bit-exact order) +
+//   the nibble unpacking. So the tile keeps its float sums in locals (a __m256 pointer may alias anything, and GCC
+//   then stores each sum twice a group), runs the low-nibble steps of a group for all rows before the high ones
+//   (fewer registers live), and, when three row tiles or more read a pair of blocks, reads a copy unpacked to
+//   bytes (one load a step instead of a load, an and and, for the high nibbles, a shift). Row tiles stay inside
+//   the column blocks, so each weight block streams from cache once for all the rows it serves.
 // - Per-group scales (and int4 mins) are float32 in the same column order: one load for 8 columns.
 // - One parallel region per call (output column blocks split over torch's threads), activation scratch
 //   reused per thread.

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class LoadedModel:
     name: str
     source: str
     cache_dir: str | None = field(default=None, repr=False)  # the converted folder, for GGUF sources
+    quant_type: str | None = None  # a GGUF's decoder-linear quantization ("Q4_1", "Q4_K"...); None: float weights
 
 
 # --------------------------------------------------------------------------------------
@@ -136,6 +138,7 @@ def load_model(
         meta = json.loads((folder / _DONE_MARKER).read_text())
         loaded = _load_hf(folder, None, progress=progress)
         loaded.name, loaded.source, loaded.cache_dir = meta["name"], str(path), str(folder)
+        loaded.quant_type = gguf_quant_type(path)
         return loaded
     if path.is_file() and path.suffix == ".safetensors":
         return _load_hf(path.parent, [path], progress=progress)
@@ -174,6 +177,20 @@ def convert_gguf(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def gguf_quant_type(path: str | os.PathLike) -> str | None:
+    """The quantization of a GGUF's decoder linears: the most common type among its 2-D ``blk.*``
+    tensors ("Q4_1", "Q8_0", "Q4_K" for a Q4_K_M file...), None when they are float (F32/F16/BF16).
+    Reads only the header (the file is memory-mapped)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    counts = Counter(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+    if not counts:
+        return None
+    kind = counts.most_common(1)[0][0]
+    return None if kind in ("F32", "F16", "BF16") else kind
 
 
 # --------------------------------------------------------------------------------------

@@ -215,7 +215,12 @@ class LlamaModel(nn.Module):
             return weights[name]
 
         def param(t: torch.Tensor) -> nn.Parameter:
-            return nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+            out = t.to(device=device, dtype=dtype).contiguous()
+            if out.data_ptr() == t.data_ptr():
+                # a copy, never a view of the checkpoint: a memory-mapped file stays mapped (and its
+                # pages resident) while any tensor of it lives
+                out = out.clone()
+            return nn.Parameter(out, requires_grad=False)
 
         model.embed_tokens.weight = param(w("model.embed_tokens.weight"))
         for i, layer in enumerate(model.layers):

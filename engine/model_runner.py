@@ -3,6 +3,8 @@ entries; it prepares one `StepInputs`, runs the first backend that supports them
 hidden states and logits. Knows nothing of requests' text, sampling or scheduling."""
 from __future__ import annotations
 
+import ctypes
+import gc
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from .config import EngineConfig
 from .kv_cache import KVCache
 from .model import DecodeQuantLinear, LlamaModel
+from .quant import Int8WeightOnlyLinear
 from .sequence import Sequence
 from .step_backends import CompiledDecodeBackend, EagerBackend, FusedBackend, StepBackend, StepInputs
 
@@ -30,7 +33,11 @@ class ModelRunner:
         self.dtype = DTYPES[config.resolved_dtype()]
         self.model = LlamaModel.from_weights(loaded.config, loaded.weights, self.dtype, self.device,
                                              max_len=max_model_len)
-        if config.quantization is not None:
+        fused_everything = config.fused_decode and not config.prefill_int8 and _extension_builds()
+        if fused_everything:
+            # the C++ step packs the layers itself: only the lm_head it serves is quantized here
+            self.model.lm_head = Int8WeightOnlyLinear(self.model.lm_head.weight, None)
+        elif config.quantization is not None:
             calibration = None
             if config.prefill_int8:
                 from .dynamic_int8 import CALIBRATION_TEXT
@@ -57,6 +64,22 @@ class ModelRunner:
                 # with prefill_int8 the W8A8 prefill linears are torch's: the C++ step runs decode-only steps
                 self.fused = FusedBackend(decoder, self.kv, config.block_size, prefill=not config.prefill_int8)
         self.backends: list[StepBackend] = [b for b in (self.fused, self.compiled, self.eager) if b is not None]
+        if self.fused is not None and self.fused.prefill:
+            # the C++ step runs every step from its own packed weights: the layers' dense and torch-quantized
+            # copies would only hold memory (several times the packed size)
+            release_layer_linears(self.model)
+            self.backends = [self.fused]
+
+    def describe(self) -> str:
+        """Which path runs the steps, e.g. "fused C++ step, int4 weights, avx2 kernels, float32, 2 threads"."""
+        c = self.config
+        if self.fused is not None:
+            from .decode_fused import kernel_isa
+
+            head = f"fused C++ step, {c.quantization} weights, {kernel_isa()} kernels"
+        else:
+            head = "torch" + (f", {c.quantization} weights" if c.quantization else "") + (", compiled" if c.compile else "")
+        return f"{head}, {str(self.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads"
 
     @staticmethod
     def prepare(entries: list[tuple[Sequence, int]]) -> StepInputs:
@@ -67,17 +90,34 @@ class ModelRunner:
         backend = next(b for b in self.backends if b.supports(inputs))
         return backend.run(inputs, all_rows)
 
+    @torch.inference_mode()
+    def prompt_logits(self, seq: Sequence, chunk_sizes: list[int]) -> torch.Tensor:
+        """Logits [T, vocab] at every position of ``seq`` (its blocks allocated by the caller), run
+        in chunks of ``chunk_sizes`` (the last size repeating) through the backend a step of that
+        shape takes (with quantization, torch-path chunks of <= 16 rows run the quantized decode
+        kernels, larger ones the dense weights)."""
+        rows = []
+        while seq.num_uncomputed:
+            n = min(seq.num_uncomputed, chunk_sizes[min(len(rows), len(chunk_sizes) - 1)])
+            hidden = self.execute(self.prepare([(seq, n)]), all_rows=True)  # [n, H]
+            rows.append(self.compute_logits(hidden))
+            seq.num_computed_tokens += n
+        return torch.cat(rows)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, vocab]."""
         return self.model.compute_logits(hidden)
 
     def decode_weight_bytes(self) -> int:
         """Bytes of weights one decode step reads: the quantized copies when quantized (not the dense
-        prefill copies), the lm_head, not the embedding table (one row per token) nor RoPE tables.
-        Divided by the memory bandwidth, this is the floor of decode time per step."""
+        prefill copies; the C++ step's packed ones when it runs), the lm_head, not the embedding table
+        (one row per token) nor RoPE tables. Divided by the memory bandwidth, this is the floor of
+        decode time per step."""
         model = self.model
         seen: set[int] = set()
         total = 0
+        if self.fused is not None:
+            total += sum(t.numel() * t.element_size() for t in self.fused.decoder.parts)
 
         def walk(mod: nn.Module) -> None:
             nonlocal total
@@ -92,10 +132,46 @@ class ModelRunner:
                 if child is not model.embed_tokens:
                     walk(child)
 
-        for layer in model.layers:
-            walk(layer)
+        if self.fused is None:
+            for layer in model.layers:
+                walk(layer)
         walk(model.lm_head)
         return total + model.norm.numel() * model.norm.element_size()
+
+
+class ReleasedLinear(nn.Module):
+    """Stands where a linear was whose weights only the fused C++ step holds now."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"{self.name}: this engine runs every step in the fused C++ step, which holds the "
+                           "layer weights; the torch forward has none")
+
+
+def release_free_heap() -> None:
+    """Hand the memory freed while building a model back to the OS: glibc keeps freed blocks in its
+    arenas, so the checkpoint's and the dropped copies' pages would stay in the process's RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
+
+
+def _extension_builds() -> bool:
+    from .decode_fused import load_extension
+
+    return load_extension() is not None
+
+
+def release_layer_linears(model: LlamaModel) -> None:
+    """Drop the decoder layers' linear weights (their norms stay: the C++ step shares them)."""
+    for i, layer in enumerate(model.layers):
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            setattr(layer, name, ReleasedLinear(f"layers.{i}.{name}"))
 
 
 def quantize_model(model: LlamaModel, mode: str, device: torch.device, calibration_ids: list[int] | None) -> None:
@@ -105,7 +181,7 @@ def quantize_model(model: LlamaModel, mode: str, device: torch.device, calibrati
     the small quantized weights, prefill keeps the dense matmul's speed; with ``calibration_ids``
     (prefill_int8) the prefill copies are dynamic int8 (W8A8) linears, SmoothQuant-calibrated on
     them. On CUDA the torch kernels used do not apply: refuse clearly."""
-    from .quant import Int8WeightOnlyLinear, quantize_
+    from .quant import quantize_
 
     if device.type != "cpu":
         raise ValueError(f"quantization={mode!r} uses torch's CPU kernels; use quantization=None on {device}")

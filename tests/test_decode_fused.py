@@ -157,3 +157,68 @@ def test_falls_back_when_the_extension_cannot_build(monkeypatch, caplog):
         assert len(eng.generate(["abc"], SamplingParams(max_tokens=4, ignore_eos=True))[0].output_token_ids) == 4
     finally:
         decode_fused._load.cache_clear()  # later tests load the real extension again
+
+
+_INT4_SHAPES = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("quant_type,mode", [("Q4_1", "int4"), ("Q4_K", "int4"), ("Q4_0", "int4"),
+                                             ("Q8_0", "int8"), ("Q6_K", "int8"), ("Q5_K", "int8")])
+def test_the_default_runs_a_quantized_gguf_in_the_fused_step_on_its_bit_width(ext, quant_type, mode):
+    """EngineConfig() (quantization="auto"): a GGUF's 4-bit types on the int4 grid, wider ones on int8, every
+    step in the C++ step, whose packed weights are then the only copy of the layers."""
+    loaded = tiny_loaded(**_INT4_SHAPES)
+    loaded.quant_type = quant_type
+    eng = LLMEngine(EngineConfig(num_threads=2, block_size=4, num_kv_blocks=64), loaded=loaded)
+    assert (eng.config.quantization, eng.config.dtype, eng.config.fused_decode) == (mode, "float32", True)
+    assert eng.runner.backends == [eng.runner.fused] and eng.runner.fused.prefill
+    assert f"fused C++ step, {mode} weights" in eng.runner.describe()
+    layer = eng.model.layers[0]
+    assert all(not list(getattr(layer, n).parameters()) for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    with pytest.raises(RuntimeError, match="fused C\\+\\+ step"):
+        layer.qkv_proj(torch.zeros(1, 64))
+    packed = sum(t.numel() * t.element_size() for t in eng.runner.fused.decoder.parts)
+    assert packed < eng.decode_weight_bytes() < packed + 2 * eng.model.lm_head.weight.numel() + 4096
+    # the same tokens as an explicitly fused engine on the same grid
+    explicit = LLMEngine(EngineConfig(dtype="float32", quantization=mode, fused_decode=True, num_threads=2,
+                                      block_size=4, num_kv_blocks=64), loaded=tiny_loaded(**_INT4_SHAPES))
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    assert eng.generate("abcdef", params)[0].output_token_ids == explicit.generate("abcdef", params)[0].output_token_ids
+
+
+@pytest.mark.parametrize("over,why", [
+    ({"dtype": "float32"}, None),  # a pinned dtype asks for the dense torch path
+    ({"quantization": None}, None),
+    ({"device": "cpu", "compile": True}, None),
+])
+def test_the_default_keeps_a_pinned_dense_path(over, why):
+    loaded = tiny_loaded(**_INT4_SHAPES)
+    loaded.quant_type = "Q4_1"
+    cfg, reason = EngineConfig(num_kv_blocks=64, **over).resolved(loaded.quant_type)
+    assert cfg.quantization is None and not cfg.fused_decode and reason == why
+
+
+def test_the_default_says_why_it_cannot_take_the_fused_step(monkeypatch, caplog):
+    """A type without a fused grid, or no extension: the torch path, unquantized, with one warning naming why."""
+    cfg, why = EngineConfig().resolved("IQ2_XXS")
+    assert cfg.quantization is None and "IQ2_XXS" in why
+    assert EngineConfig().resolved(None) == (EngineConfig(quantization=None), None)  # float weights: nothing to say
+    monkeypatch.setenv("AGENTRT_NO_CPP_DECODE", "1")
+    monkeypatch.delattr(decode_fused.load_extension, "_warned", raising=False)
+    decode_fused._load.cache_clear()
+    try:
+        loaded = tiny_loaded(**_INT4_SHAPES)
+        loaded.quant_type = "Q4_1"
+        with caplog.at_level(logging.WARNING, logger="agentrt.engine.engine"):
+            eng = LLMEngine(EngineConfig(num_kv_blocks=64), loaded=loaded)
+        assert eng.runner.fused is None and eng.config.quantization is None
+        assert "running the torch path" in caplog.text and "AGENTRT_NO_CPP_DECODE" in caplog.text
+        assert len(eng.generate(["abc"], SamplingParams(max_tokens=4, ignore_eos=True))[0].output_token_ids) == 4
+    finally:
+        decode_fused._load.cache_clear()
+
+
+def test_the_embedded_gguf_reports_its_quant_type():
+    from agentrt.engine.loader import embedded_model_path, gguf_quant_type
+
+    assert gguf_quant_type(embedded_model_path()) == "Q4_1"

@@ -33,8 +33,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 SETTINGS = {  # name -> EngineConfig fields
-    "fp32": dict(dtype="float32"),
-    "bf16": dict(dtype="bfloat16"),
+    # exactly what LocalLLM() builds (quantization "auto": a quantized GGUF in the fused C++ step)
+    "default": dict(),
+    "fp32": dict(dtype="float32", quantization=None),
+    "bf16": dict(dtype="bfloat16", quantization=None),
     "int8": dict(dtype="bfloat16", quantization="int8"),
     "int4": dict(dtype="bfloat16", quantization="int4"),
     # int8 decode, dynamic int8 (W8A8) prefill chunks; float32 elsewhere (no native bf16 on most CPUs)
@@ -96,6 +98,7 @@ class SpeedRow:
     weight_bytes: int
     floor_ms_per_token: float
     note: str = ""
+    path: str = ""  # what ran the steps (ModelRunner.describe), e.g. for the default setting
     # a fused setting's prefill: median seconds in the C++ step's linears, attention and the rest
     prefill_split_s: dict[str, float] | None = None
 
@@ -243,7 +246,8 @@ def _ours_speed(engine: Any, loaded: Any, sizes: Sizes, setting: str, bw: float)
     d = _median(decode, sizes.repeats)
     # the engine knows which copies a decode step reads (quantized decode copies, not dense prefill ones)
     wb = engine.decode_weight_bytes() if hasattr(engine, "decode_weight_bytes") else _module_bytes(engine.model)
-    row = SpeedRow("agentrt", setting, d * 1e3, p, sizes.prefill, sizes.prefill / p, wb, wb / bw / 1e6)
+    row = SpeedRow("agentrt", setting, d * 1e3, p, sizes.prefill, sizes.prefill / p, wb, wb / bw / 1e6,
+                   path=engine.runner.describe())
     if splits:
         row.prefill_split_s = {k: statistics.median(s[i] for s in splits)
                                for i, k in enumerate(("linears", "attention", "rest"))}
@@ -590,6 +594,9 @@ def _print_report(rep: Report) -> None:
         t.add_row(r.impl, r.setting, f"{r.decode_ms_per_token:.1f}", f"{r.floor_ms_per_token:.1f}",
                   f"{r.prefill_s:.2f}", f"{r.prefill_tokens_per_s:.0f}", f"{r.weight_bytes / 1e6:.0f}")
     con.print(t)
+    for r in rep.speed:
+        if r.setting == "default":
+            con.print(f"default (what LocalLLM() builds): {r.path}")
     for r in rep.speed:
         if r.prefill_split_s:
             sp = r.prefill_split_s

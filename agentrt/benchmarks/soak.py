@@ -14,9 +14,9 @@ folder and cap. Then, all bounded in count and time, loopback only:
 
 Reported, with the targets: 5xx answers (0); normal requests harmed while hostile traffic ran (0: a
 failure, or an answer the same request never got without hostile traffic, on the idle server or
-under the clean load). How many answers differ from the idle server's is shown too: on the default
-torch path batching alone can flip a greedy near-tie; with ``--quantization`` (the fused step) an
-answer does not depend on its batch, so both counts must be 0. Then p95 latency of the normal requests,
+under the clean load). How many answers differ from the idle server's is shown too: on the torch path
+(``--quantization none``, or a float model) batching alone can flip a greedy near-tie; in the fused
+step (the default for a quantized GGUF) an answer does not depend on its batch, so both counts must be 0. Then p95 latency of the normal requests,
 hostile vs clean (at most 1.5x); server RSS at 20%, 50% and 100% of the hostile phase (growth from
 the first sample at most 5%); peak memory of the grammar compile processes (at most the compile
 cap); grammar disk cache size (at most its cap); running requests and KV blocks after the load (0).
@@ -54,9 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grammar-cache-mb", type=float, default=64.0,
                         help="soak: the server's grammar disk cache cap (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="soak: seed of the hostile mix (default 0)")
-    parser.add_argument("--quantization", choices=["int8", "int4"], default=None,
-                        help="soak: serve with --quantization (the fused step: answers that do not depend on the "
-                        "batch, so each can be held to its idle-server answer exactly)")
+    parser.add_argument("--quantization", choices=["int8", "int4", "none"], default=None,
+                        help="soak: serve with --quantization (default: the server's own choice, the fused step for "
+                        "a quantized GGUF)")
 
 
 # ---------------------------------------------------------------------- normal traffic

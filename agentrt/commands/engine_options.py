@@ -6,10 +6,11 @@ from typing import Any
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quantization", choices=["int8", "int4"], default=None,
-                        help="run the decoder's linears on int8 or int4 weights in the fused C++ step "
-                        "(float32 activations, CPU; a request's output then never depends on its batch); "
-                        "default: the model's own dtype on the torch path")
+    parser.add_argument("--quantization", choices=["auto", "int8", "int4", "none"], default="auto",
+                        help="int8 / int4: the decoder's linears on that grid in the fused C++ step (float32 "
+                        "activations, CPU; a request's output then never depends on its batch); none: the "
+                        "model's own dtype on the torch path; auto (default): a quantized GGUF in the fused step "
+                        "on its own bit width, anything else as none")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads for the engine (default: chosen by measuring step times)")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
@@ -19,7 +20,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """`EngineConfig` keyword overrides from the flags (only those given)."""
     out: dict[str, Any] = {}
-    if args.quantization:
+    if args.quantization == "none":
+        out["quantization"] = None
+    elif args.quantization in ("int8", "int4"):
         out |= {"quantization": args.quantization, "dtype": "float32", "fused_decode": True}
     if args.threads is not None:
         out["num_threads"] = args.threads

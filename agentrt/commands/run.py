@@ -147,7 +147,8 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"[red]agentrt run: {exc}[/]")
         return 2
     if not args.json:
-        console.print(f"[dim]model {llm.model_name}; tools: {', '.join(registry.names)}[/]", highlight=False)
+        console.print(f"[dim]model {llm.model_name} ({llm.engine_summary}); tools: {', '.join(registry.names)}[/]",
+                      highlight=False)
 
     async def go() -> RunResult:
         result: RunResult | None = None

@@ -2,6 +2,7 @@
 middleware, error handlers and routers; ``/health`` and ``/metrics`` live here."""
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -74,6 +75,7 @@ def create_app(
             from agentrt.llm import LocalLLM
 
             owned = await anyio.to_thread.run_sync(lambda: LocalLLM(model, **(engine_options or {})))
+            logging.getLogger("uvicorn.error").info("agentrt: %s on %s", owned.model_name, owned.engine_summary)
             state.llm = owned
         try:
             yield

@@ -35,6 +35,7 @@ class FakeLoaded:
     eos_token_ids: list[int] = field(default_factory=lambda: [256])
     name: str = "tiny-random-llama"
     source: str = "random"
+    quant_type: str | None = None
 
 
 def tiny_config(**over) -> dict:
