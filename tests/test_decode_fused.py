@@ -222,3 +222,6 @@ def test_the_embedded_gguf_reports_its_quant_type():
     from agentrt.engine.loader import embedded_model_path, gguf_quant_type
 
     assert gguf_quant_type(embedded_model_path()) == "Q4_1"
+    from tests.helpers.engine import smollm_loaded
+
+    assert smollm_loaded().quant_type == "Q4_1"  # recorded when the GGUF was converted
