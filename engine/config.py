@@ -27,8 +27,9 @@ class EngineConfig:
     """How to build and run an `LLMEngine`.
 
     model: None = the embedded SmolLM2-135M-Instruct, else an HF folder, a .safetensors or a .gguf path.
-    num_kv_blocks: KV pool size in blocks of ``block_size`` tokens; None = sized from a memory budget
-      (at least one full ``max_model_len`` sequence).
+    num_kv_blocks: KV pool size in blocks of ``block_size`` tokens; None = sized from ``kv_cache_gb``.
+    kv_cache_gb: the KV pool's memory when ``num_kv_blocks`` is None; None = 1 GiB, at least one full
+      ``max_model_len`` sequence and at most ``max_num_seqs`` of them. Pages are touched only as used.
     max_num_batched_tokens: the most tokens one step computes (so a long prompt is prefilled in chunks
       of at most this many tokens while other requests keep decoding).
     max_model_len: context window; None = the model's ``max_position_embeddings`` (capped at 8192).
@@ -66,6 +67,7 @@ class EngineConfig:
     prefill_int8: bool = False
     block_size: int = 16
     num_kv_blocks: int | None = None
+    kv_cache_gb: float | None = None
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
@@ -122,6 +124,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} (must be >= 1)")
+        if self.kv_cache_gb is not None and not (self.kv_cache_gb > 0 and math.isfinite(self.kv_cache_gb)):
+            problems.append(f"kv_cache_gb={self.kv_cache_gb!r} (must be a number above 0 or None)")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             problems.append(f"num_kv_blocks={self.num_kv_blocks!r} (must be >= 1 or None)")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -48,8 +48,11 @@ class ModelRunner:
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
             per_token = KVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, self.dtype)
-            budget_tokens = max(max_model_len, min(_KV_BUDGET_BYTES // per_token,
-                                                   config.max_num_seqs * max_model_len))
+            if config.kv_cache_gb is not None:  # the user's budget, even below one max_model_len sequence
+                budget_tokens = max(config.block_size, int(config.kv_cache_gb * 1e9) // per_token)
+            else:
+                budget_tokens = max(max_model_len, min(_KV_BUDGET_BYTES // per_token,
+                                                       config.max_num_seqs * max_model_len))
             num_blocks = -(-budget_tokens // config.block_size)
         self.kv = KVCache(a.num_layers, num_blocks, config.block_size, a.num_kv_heads, a.head_dim, self.dtype,
                           self.device)

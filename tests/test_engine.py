@@ -594,3 +594,20 @@ async def test_a_sampler_failure_fails_only_its_request(monkeypatch):
         await wait_until_idle(eng)
     finally:
         aeng.shutdown()
+
+
+def test_kv_cache_gb_sizes_the_pool():
+    """kv_cache_gb is the pool's memory; below one full context it is still honored (a longer request is
+    then refused by name); nonsense is refused when the config is built."""
+    small = make_engine(num_kv_blocks=None, kv_cache_gb=0.0002)
+    bs = small.block_manager.block_size
+    assert small.kv.k.nbytes + small.kv.v.nbytes <= 0.0002e9 + 2 * small.kv.k[:, :bs].nbytes  # one block over, at most
+    capacity = small.block_manager.num_blocks * bs
+    assert capacity < small.max_model_len
+    with pytest.raises(ContextOverflowError, match="KV pool"):
+        small.make_sequence(list(range(3, 40)), SamplingParams(max_tokens=capacity))
+    big = make_engine(num_kv_blocks=None, kv_cache_gb=0.002)
+    assert big.block_manager.num_blocks > 3 * small.block_manager.num_blocks
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="kv_cache_gb"):
+            EngineConfig(kv_cache_gb=bad)

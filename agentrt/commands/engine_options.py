@@ -13,6 +13,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "on its own bit width, anything else as none")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads for the engine (default: chosen by measuring step times)")
+    parser.add_argument("--kv-cache-gb", type=float, default=None, metavar="GB",
+                        help="memory for the KV cache (default 1 GiB, at least one full context)")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
                         help="context window (default: the model's, at most 8192)")
 
@@ -26,6 +28,8 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out |= {"quantization": args.quantization, "dtype": "float32", "fused_decode": True}
     if args.threads is not None:
         out["num_threads"] = args.threads
+    if args.kv_cache_gb is not None:
+        out["kv_cache_gb"] = args.kv_cache_gb
     if args.max_model_len is not None:
         out["max_model_len"] = args.max_model_len
     return out
