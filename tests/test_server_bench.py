@@ -164,3 +164,25 @@ def test_soak_smoke_on_the_embedded_model():
     assert report["grammar_cache_peak_mb"] <= report["grammar_cache_cap_mb"]
     assert report["compile_memory_peak_mb"] <= report["compile_memory_cap_mb"]
     assert set(report["hostile_by_status"]) <= {"0", "200", "400", "413", "429"}, report["hostile_by_status"]
+
+
+@pytest.mark.parametrize("mix,quant_type", [("q4_1", "Q4_1"), ("q4_k_m", "Q4_K")])
+def test_synthetic_models_load_and_run_in_the_default_engine(ext, tmp_path, mix, quant_type):
+    """A random-weight Llama GGUF (a small shape here; the bench writes 1B/3B/8B ones) loads, reports its
+    quant type, runs in the default (fused) engine and decodes finite logits."""
+    import torch
+
+    from agentrt.benchmarks.synthetic import _write, synthetic_model
+    from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
+    from agentrt.engine.loader import load_model
+
+    path = tmp_path / f"tiny-{mix}.gguf"
+    _write(path, dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, tied=mix == "q4_1"), mix, "tiny")
+    loaded = load_model(str(path), cache_dir=tmp_path / "cache", progress=False)
+    assert loaded.quant_type == quant_type and loaded.config["hidden_size"] == 256
+    eng = LLMEngine(EngineConfig(num_kv_blocks=32, max_model_len=256), loaded=loaded)
+    assert eng.runner.fused is not None and eng.config.quantization == "int4"
+    assert torch.isfinite(eng.prompt_logits(list(range(5, 40)))).all()
+    assert len(eng.generate("hello", SamplingParams(max_tokens=4, ignore_eos=True))[0].output_token_ids) == 4
+    with pytest.raises(ValueError, match="synthetic:<1b"):
+        synthetic_model("synthetic:70b")

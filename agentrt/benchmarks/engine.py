@@ -60,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (median; default 3, quick 1)")
     p.add_argument("--quick", action="store_true", help="small sizes and fewer settings: a smoke test")
-    p.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2-135M GGUF)")
+    p.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2-135M GGUF), or "
+                   "synthetic:1b|3b|8b[:q4_1|q4_k_m]: a random-weight Llama of that shape, written once (speed and "
+                   "memory only)")
     p.add_argument("--settings", default=None,
                    help=f"comma list of our settings among {','.join(SETTINGS)} (default all; quick bf16,int8)")
     p.add_argument("--prefill-tokens", type=int, default=None, help="prefill length (default 1024; quick 128)")
@@ -471,6 +473,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
         raise SystemExit(f"unknown --settings {unknown}: choose among {', '.join(SETTINGS)}")
     torch.set_num_threads(args.threads)
 
+    if args.model and args.model.startswith("synthetic:"):
+        from agentrt.benchmarks.synthetic import synthetic_model
+
+        log(f"writing {args.model} (first use only) ...")
+        args.model = str(synthetic_model(args.model))
     log("loading the model ...")
     src = resolve_source(args.model)
     loaded = load_model(args.model, progress=not args.json)
