@@ -99,6 +99,11 @@ class LLM(Protocol):
     @property
     def context_window(self) -> int | None: ...
 
+    @property
+    def engine_summary(self) -> str:
+        """What runs the model, for start-up lines (e.g. the local engine's path and kernels)."""
+        ...
+
     def prepare_prompt(self, messages: list[ChatMessage]) -> Prompt:
         """The prompt for ``messages`` (CPU work that grows with the transcript: call it from a
         worker thread). Raises what the chat template raises for messages it cannot render."""
@@ -141,6 +146,10 @@ class BaseLLM:
     @property
     def context_window(self) -> int | None:
         return None
+
+    @property
+    def engine_summary(self) -> str:
+        return type(self).__name__
 
     def prepare_prompt(self, messages: list[ChatMessage]) -> Prompt:
         return Prompt(messages=list(messages))

@@ -87,6 +87,10 @@ class RemoteLLM(BaseLLM):
             max_retries=max_retries,
         )
 
+    @property
+    def engine_summary(self) -> str:
+        return f"served by {self.base_url}"
+
     async def _model(self) -> str:
         if not self.model_name:
             models = await self.client.models.list()
