@@ -74,7 +74,8 @@ class ModelRunner:
             self.backends = [self.fused]
 
     def describe(self) -> str:
-        """Which path runs the steps, e.g. "fused C++ step, int4 weights, avx2 kernels, float32, 2 threads"."""
+        """Which path runs the steps and the memory it holds, e.g. "fused C++ step, int4 weights, avx2
+        kernels, float32, 2 threads, weights 198 MB, KV pool 1074 MB (touched as used)"."""
         c = self.config
         if self.fused is not None:
             from .decode_fused import kernel_isa
@@ -82,7 +83,16 @@ class ModelRunner:
             head = f"fused C++ step, {c.quantization} weights, {kernel_isa()} kernels"
         else:
             head = "torch" + (f", {c.quantization} weights" if c.quantization else "") + (", compiled" if c.compile else "")
-        return f"{head}, {str(self.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads"
+        return (f"{head}, {str(self.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
+                f"weights {self.weight_bytes() / 1e6:.0f} MB, KV pool {2 * self.kv.k.nbytes / 1e6:.0f} MB "
+                "(touched as used)")
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the engine holds (the C++ step's packed copies included)."""
+        tensors = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        if self.fused is not None:
+            tensors.update({id(t): t for t in self.fused.decoder.parts})
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     @staticmethod
     def prepare(entries: list[tuple[Sequence, int]]) -> StepInputs:
