@@ -72,10 +72,11 @@ class StepBackend(Protocol):
         ...
 
 
-def block_slots(block_table: list[int], end: int, block_size: int, device: torch.device) -> torch.Tensor:
-    """[end] cache slots of a sequence's tokens 0..end-1."""
-    table = torch.tensor(block_table, device=device)
-    return (table[:, None] * block_size + torch.arange(block_size, device=device)).view(-1)[:end]
+def block_slots(block_table: list[int], end: int, offsets: torch.Tensor) -> torch.Tensor:
+    """[end] cache slots of a sequence's tokens 0..end-1; ``offsets`` is arange(block_size) (made once
+    per backend: this runs per sequence per step)."""
+    table = torch.tensor(block_table, device=offsets.device)
+    return (table[:, None] * len(offsets) + offsets).view(-1)[:end]
 
 
 def consecutive(block_table: list[int], num_tokens: int, block_size: int) -> bool:
@@ -100,6 +101,7 @@ class EagerBackend:
     def __init__(self, model: LlamaModel, kv: KVCache, block_size: int):
         self.model, self.kv, self.block_size = model, kv, block_size
         self.device = kv.k.device
+        self.offsets = torch.arange(block_size, device=self.device)
         self.kv_views = True
 
     def supports(self, inputs: StepInputs) -> bool:
@@ -133,7 +135,7 @@ class EagerBackend:
                 slots: torch.Tensor | slice = slice(first * bs, first * bs + end)
                 prefill_slot_parts.append(torch.arange(first * bs + nc, first * bs + end, device=dev))
             else:
-                slots = block_slots(table, end, bs, dev)  # [end]
+                slots = block_slots(table, end, self.offsets)  # [end]
                 prefill_slot_parts.append(slots[nc:end])
             mask = None
             if nc:  # query i (position nc+i) sees keys 0..nc+i
@@ -156,7 +158,7 @@ class EagerBackend:
             table, end = decodes[0]
             return slice(table[0] * bs, table[0] * bs + end), None
         lens = [end for _, end in decodes]
-        slots = torch.nn.utils.rnn.pad_sequence([block_slots(t, end, bs, dev) for t, end in decodes],
+        slots = torch.nn.utils.rnn.pad_sequence([block_slots(t, end, self.offsets) for t, end in decodes],
                                                 batch_first=True)  # [B, Lmax]
         if min(lens) == max(lens):
             return slots, None
@@ -171,6 +173,7 @@ class CompiledDecodeBackend:
 
     def __init__(self, model: LlamaModel, kv: KVCache, block_size: int, graph: Callable[..., Any] | None = None):
         self.kv, self.block_size = kv, block_size
+        self.offsets = torch.arange(block_size, device=kv.k.device)
         self.graph = graph or torch.compile(model.decode_graph, dynamic=True)
 
     def supports(self, inputs: StepInputs) -> bool:
@@ -194,7 +197,7 @@ class CompiledDecodeBackend:
         kv_slots = torch.zeros(len(pos), lp, dtype=torch.long, device=dev)
         for b, (table, p) in enumerate(zip(inputs.block_tables, pos)):
             if p:
-                kv_slots[b, :p] = block_slots(table, p, bs, dev)
+                kv_slots[b, :p] = block_slots(table, p, self.offsets)
         p_t = torch.tensor(pos, device=dev)
         kv_mask = torch.arange(lp + 1, device=dev)[None, :] < p_t[:, None]  # [B, Lp + 1]
         kv_mask[:, lp] = True  # the new token itself

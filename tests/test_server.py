@@ -12,6 +12,7 @@ from agentrt.llm import Completion, Prompt
 from agentrt.registry import ToolRegistry
 from agentrt.server import create_app
 from agentrt.testing import ScriptedLLM
+from tests.helpers.planner import add, shout
 from tests.helpers.server import live_server, prometheus_samples, slow_llm, sse_events
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -24,19 +25,7 @@ USER = [{"role": "user", "content": "Weather in Paris?"}]
 
 
 def make_registry() -> ToolRegistry:
-    reg = ToolRegistry()
-
-    @reg.tool
-    def add(a: int, b: int) -> int:
-        """Add two integers."""
-        return a + b
-
-    @reg.tool
-    def shout(text: str) -> str:
-        """Upper-case a text."""
-        return text.upper()
-
-    return reg
+    return ToolRegistry([add, shout])  # the planner helpers' tools, in a registry of this test's own
 
 
 def client(llm, **kw) -> TestClient:

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Any
 
 from agentrt.llm import ChatMessage, Completion
+from agentrt.prompting import compact_json
 from agentrt.testing import ScriptedLLM
 from agentrt.types import Usage
 
@@ -97,15 +97,15 @@ def oracle_reply(messages: list[ChatMessage], json_schema: dict[str, Any] | None
     calls = next((s for s in shapes if "calls" in (s.get("properties") or {})), None)
     answer = next((s for s in shapes if "answer" in (s.get("properties") or {})), None)
     if calls is None and answer is None:  # schema mode: the object itself
-        return json.dumps(_instance(json_schema, defs, hints), ensure_ascii=False, separators=(",", ":"))
+        return compact_json(_instance(json_schema, defs, hints))
     has_results = last.startswith(("Result of", "Error from"))
     if answer is not None and (calls is None or has_results):
-        return json.dumps({"answer": "Done: " + last[:60]}, ensure_ascii=False, separators=(",", ":"))
+        return compact_json({"answer": "Done: " + last[:60]})
     items = calls["properties"]["calls"]["items"]
     first = items["anyOf"][0] if "anyOf" in items else items
     call = {"tool": first["properties"]["tool"]["const"],
             "arguments": _instance(first["properties"]["arguments"], defs, hints)}
-    return json.dumps({"calls": [call]}, ensure_ascii=False, separators=(",", ":"))
+    return compact_json({"calls": [call]})
 
 
 class ChatAgentRTFeatures:
