@@ -13,6 +13,11 @@ _GGUF_FUSED_MODE = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "IQ4_NL": "i
                     "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8", "Q8_0": "int8", "Q8_K": "int8"}
 
 
+def gguf_fused_mode(quant_type: str | None) -> str | None:
+    """The fused step's bit width ("int4" / "int8") for a GGUF whose linears are ``quant_type``."""
+    return _GGUF_FUSED_MODE.get(quant_type or "")
+
+
 def _cpu_has_native_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -92,8 +97,8 @@ class EngineConfig:
         width, or unquantized."""
         if self.quantization != "auto":
             return self, None
-        mode = _GGUF_FUSED_MODE.get(quant_type or "")
-        plain = replace(self, quantization=None)
+        mode = gguf_fused_mode(quant_type)
+        plain = replace(self, quantization=None, fused_activations="int8")  # no C++ step: its precision is moot
         if mode is None:
             why = f"{quant_type} weights have no fused grid" if quant_type else None
             return plain, why
@@ -118,9 +123,9 @@ class EngineConfig:
             problems.append("fused_decode=True needs quantization='int8' or 'int4', dtype='float32' and device='cpu'")
         if self.fused_activations not in ("int8", "int16"):
             problems.append(f"fused_activations={self.fused_activations!r} (choose 'int8' or 'int16')")
-        elif self.fused_activations != "int8" and not self.fused_decode:
-            problems.append(f"fused_activations={self.fused_activations!r} needs fused_decode=True (it sets the "
-                            "C++ step's precision)")
+        elif self.fused_activations != "int8" and not self.fused_decode and self.quantization != "auto":
+            problems.append(f"fused_activations={self.fused_activations!r} needs fused_decode=True or "
+                            "quantization='auto' (it sets the C++ step's precision)")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} (must be >= 1)")

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # decode_kernel.cpp holds the step and the bindings; the others the kernels it calls (kernels.h)
 _SOURCES = [Path(__file__).with_name(f) for f in ("decode_kernel.cpp", "linear_kernel.cpp", "attention_kernel.cpp")]
 _HEADER = Path(__file__).with_name("kernels.h")
+_PACK_ROWS = 8192  # rows `FusedLinear.pack` reorders at a time
 
 
 def _cpu_flags() -> set[str]:
@@ -149,14 +150,14 @@ def quantize_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 class FusedLinear(nn.Module):
     """A linear run by linear_kernel.cpp in float32 (activations rounded to int8 per block of 32, or with
     ``int16`` int8 plus its rounding residual) from the plain grid ``parts`` (packed into the kernel's
-    order here, see `pack`): int8 rows, int8 or int4 groups. Used for the lm_head (only the sampled rows
-    reach it)."""
+    order here, see `pack`, unless ``packed``: they are in it already): int8 rows, int8 or int4 groups.
+    Used for the lm_head (only the sampled rows reach it)."""
 
     def __init__(self, parts: list[torch.Tensor], bias: torch.Tensor, in_features: int, ext: Any,
-                 int16: bool = False):
+                 int16: bool = False, packed: bool = False):
         super().__init__()
         self.ext, self.in_features, self.out_features, self.int16 = ext, in_features, parts[0].shape[0], int16
-        w, s, z = self.pack(parts, in_features)
+        w, s, z = parts if packed else self.pack(parts, in_features)
         self.register_buffer("weight", w)
         self.register_buffer("scales", s)
         self.register_buffer("zeros", z)
@@ -173,34 +174,61 @@ class FusedLinear(nn.Module):
         w, s, z = parts
         n, k = w.shape[0], in_features
         g = -(-k // 32)
-        if w.dtype == torch.uint8:  # int4 groups
-            if k % 32 or w.shape[1] * 2 != k:
-                raise ValueError(f"int4 groups need packed uint8 [N, K/2] with K % 32 == 0 (K={k})")
-            p = w.reshape(n, g, 16)
-            q = torch.cat([p & 15, p >> 4], -1)  # [N, G, 32], 0..15
-            d, m = s.float().reshape(n, g), z.float().reshape(n, g)
-        elif s.dtype == torch.float32 and s.numel() == n:  # int8 rows: the row scale in every group, K padded
-            q = torch.nn.functional.pad(w, (0, g * 32 - k)).reshape(n, g, 32)
-            d, m = s.reshape(n, 1).expand(n, g), None
-        else:  # int8 groups
-            if k % 32:
-                raise ValueError(f"int8 groups need K % 32 == 0 (K={k})")
-            q, d, m = w.reshape(n, g, 32), s.float().reshape(n, g), None
+        int4 = w.dtype == torch.uint8
+        if int4 and (k % 32 or w.shape[1] * 2 != k):
+            raise ValueError(f"int4 groups need packed uint8 [N, K/2] with K % 32 == 0 (K={k})")
+        int8_rows = not int4 and s.dtype == torch.float32 and s.numel() == n
+        if not int4 and not int8_rows and k % 32:
+            raise ValueError(f"int8 groups need K % 32 == 0 (K={k})")
+        out_w = torch.empty(n, g * 16 if int4 else g * 32, dtype=w.dtype)
+        out_d = torch.empty(n, g)
+        out_m = torch.empty(n, g) if int4 else torch.empty(0)
+        # row chunks (multiples of 8, so every block but the last is whole) bound the scratch of a large
+        # embedding; whole blocks of 8 rows first, then the short one
         full = n // 8 * 8
-        ws, ds, ms = [], [], []
-        for a, b in ((0, full), (full, n)):  # whole blocks of 8 rows, then the short one
-            if a == b:
-                continue
+        spans = [(a, min(full, a + _PACK_ROWS)) for a in range(0, full, _PACK_ROWS)] + ([(full, n)] if full < n else [])
+        for a, b in spans:
             nb = min(8, b - a)
-            qq = q[a:b].reshape(-1, nb, g, 8, 4)  # [blocks, column, group, step, input]
+            if int4:
+                p = w[a:b].reshape(b - a, g, 16)
+                q = torch.cat([p & 15, p >> 4], -1)  # [rows, G, 32], 0..15
+                d, m = s[a:b].float().reshape(b - a, g), z[a:b].float().reshape(b - a, g)
+            elif int8_rows:  # the row scale in every group, K padded
+                q = torch.nn.functional.pad(w[a:b], (0, g * 32 - k)).reshape(b - a, g, 32)
+                d, m = s[a:b].reshape(b - a, 1).expand(b - a, g), None
+            else:
+                q, d, m = w[a:b].reshape(b - a, g, 32), s[a:b].float().reshape(b - a, g), None
+            qq = q.reshape(-1, nb, g, 8, 4)  # [blocks, column, group, step, input]
             if m is not None:  # int4: steps 0..3 in the low nibbles, 4..7 in the high
                 qq = qq[:, :, :, :4] | (qq[:, :, :, 4:] << 4)
-            ws.append(qq.permute(0, 2, 3, 1, 4).reshape(b - a, -1))  # [blocks, group, step, column, input]
-            ds.append(d[a:b].reshape(-1, nb, g).permute(0, 2, 1).reshape(b - a, g))
+            out_w[a:b] = qq.permute(0, 2, 3, 1, 4).reshape(b - a, -1)  # [blocks, group, step, column, input]
+            out_d[a:b] = d.reshape(-1, nb, g).permute(0, 2, 1).reshape(b - a, g)
             if m is not None:
-                ms.append(m[a:b].reshape(-1, nb, g).permute(0, 2, 1).reshape(b - a, g))
-        zeros = torch.cat(ms).contiguous() if ms else torch.empty(0)
-        return [torch.cat(ws).contiguous(), torch.cat(ds).float().contiguous(), zeros]
+                out_m[a:b] = m.reshape(-1, nb, g).permute(0, 2, 1).reshape(b - a, g)
+        return [out_w, out_d, out_m]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Weight rows ``ids`` [T] as float32 [T, K], read back from the packed order (an embedding
+        lookup from the same copy the lm_head multiplies by)."""
+        n, g = self.scales.shape
+        full = n // 8 * 8
+        out = torch.empty(ids.shape[0], g * 32)
+        in_full = ids < full
+        for sel, lo, hi in ((in_full, 0, full), (~in_full, full, n)):
+            if not bool(sel.any()):
+                continue
+            nb = min(8, hi - lo)
+            r = ids[sel] - lo
+            blk, col = r // nb, r % nb
+            w = self.weight[lo:hi].reshape(-1, g, self.weight.shape[1] // g // 4, nb, 4)[blk, :, :, col]
+            d = self.scales[lo:hi].reshape(-1, g, nb)[blk, :, col]  # [t, G]
+            if self.zeros.numel():  # int4: [t, G, 4 steps, 4] bytes, low nibbles inputs 0..15, high 16..31
+                q = torch.cat([(w & 15).reshape(-1, g, 16), (w >> 4).reshape(-1, g, 16)], -1).float()
+                vals = q * d[..., None] + self.zeros[lo:hi].reshape(-1, g, nb)[blk, :, col][..., None]
+            else:  # int8: [t, G, 8 steps, 4]
+                vals = w.reshape(-1, g, 32).float() * d[..., None]
+            out[sel] = vals.reshape(-1, g * 32)
+        return out[:, :self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
         shape = x.shape
@@ -223,34 +251,51 @@ def fused_lm_head(model: nn.Module, ext: Any, int16: bool = False) -> FusedLinea
     return FusedLinear([w, s, torch.empty(0)], b, h, ext, int16)
 
 
+class PackedEmbedding(nn.Module):
+    """The token embedding read from a `FusedLinear`'s packed rows (the tied lm_head's own copy, or the
+    GGUF's token_embd on its grid): no float32 table is kept."""
+
+    def __init__(self, table: FusedLinear):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [T] -> [T, H] float32
+        return self.table.rows(ids.reshape(-1)).reshape(*ids.shape, self.table.in_features)
+
+
+def layer_parts(model: nn.Module, mode: str) -> list[torch.Tensor]:
+    """The C++ step's 15 tensors per layer (qkv w/s/z and bias, o, gate_up and down w/s/z, the two norms),
+    packed from ``model``'s own linears: int8 copies of its `Int8WeightOnlyLinear`s (possibly inside
+    `DecodeQuantLinear`) or int4 groups of 32 quantized from the dense weights it keeps."""
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"fused decode mode {mode!r}: choose 'int8' or 'int4'")
+    parts: list[torch.Tensor] = []
+    for i, layer in enumerate(model.layers):
+        qkv = layer.qkv_proj
+        # the bias from the float linear when there is one (the quantized copies round it to bfloat16)
+        bias = getattr(getattr(qkv, "dense", None), "bias", getattr(qkv, "quantized", qkv).bias)
+        parts += _lin_parts(qkv, mode, f"layers.{i}.qkv_proj") + [_bias(bias)]
+        for name in ("o_proj", "gate_up_proj", "down_proj"):
+            parts += _lin_parts(getattr(layer, name), mode, f"layers.{i}.{name}")
+        parts += [layer.input_layernorm.float().contiguous(), layer.post_attention_layernorm.float().contiguous()]
+    return parts
+
+
 class FusedDecoder:
     """An engine step of a float32 `LlamaModel` (decode rows and prefill chunks, any mix) as one C++
-    call (``ext.step``), over int8 weights (copies of the model's own `Int8WeightOnlyLinear`s, possibly
-    inside `DecodeQuantLinear`, repacked into the kernel's order) or int4 groups of 32 (packed here from
-    the dense weights the model keeps). The linears beat torch's float32 mm at every row count (int4 / mm time 0.29 at
-    8 rows .. 0.60 at 1,024 on SmolLM2's layer shapes), so prefill chunks use them too. ``activations``
-    ("int8" or "int16", see `EngineConfig.fused_activations`) is the linears' input precision for every
-    row. The model's modules are unchanged."""
+    call (``ext.step``) over ``parts``, 15 packed tensors per layer (`layer_parts`, or a GGUF's own grids:
+    `gguf_model`); the model gives the embedding, final norm and RoPE tables. The linears beat torch's
+    float32 mm at every row count (int4 / mm time 0.29 at 8 rows .. 0.60 at 1,024 on SmolLM2's layer
+    shapes), so prefill chunks use them too. ``activations`` ("int8" or "int16", see
+    `EngineConfig.fused_activations`) is the linears' input precision for every row."""
 
-    def __init__(self, model: nn.Module, ext: Any, mode: str = "int8", activations: str = "int8"):
-        a = model.args
-        if mode not in ("int8", "int4"):
-            raise ValueError(f"fused decode mode {mode!r}: choose 'int8' or 'int4'")
+    def __init__(self, model: nn.Module, ext: Any, parts: list[torch.Tensor], activations: str = "int8"):
         if activations not in ("int8", "int16"):
             raise ValueError(f"fused activations {activations!r}: choose 'int8' or 'int16'")
-        self.int16 = activations == "int16"
-        if model.embed_tokens.weight.dtype != torch.float32 or model.embed_tokens.weight.device.type != "cpu":
+        if model.norm.dtype != torch.float32 or model.norm.device.type != "cpu":
             raise ValueError("fused decode needs a float32 model on CPU")
-        self.ext, self.model, self.args, self.mode = ext, model, a, mode
-        parts: list[torch.Tensor] = []
-        for i, layer in enumerate(model.layers):
-            qkv = layer.qkv_proj
-            # the bias from the float linear when there is one (the quantized copies round it to bfloat16)
-            bias = getattr(getattr(qkv, "dense", None), "bias", getattr(qkv, "quantized", qkv).bias)
-            parts += _lin_parts(qkv, mode, f"layers.{i}.qkv_proj") + [_bias(bias)]
-            for name in ("o_proj", "gate_up_proj", "down_proj"):
-                parts += _lin_parts(getattr(layer, name), mode, f"layers.{i}.{name}")
-            parts += [layer.input_layernorm.float().contiguous(), layer.post_attention_layernorm.float().contiguous()]
+        self.int16 = activations == "int16"
+        self.ext, self.model, self.args = ext, model, model.args
         self.parts = parts  # 15 per layer, the order decode_kernel.cpp reads
         self.norm = model.norm.float().contiguous()
         # seconds in the linears, attention and the rest, summed over steps while not None (bench splits)
@@ -264,7 +309,7 @@ class FusedDecoder:
         (its KV blocks of ``block_size`` slots), out_rows [R] (rows to return; None = all);
         k_cache/v_cache [layers, slots, nkv, hd] float32 (the new K/V are written). Returns hidden [R, H]."""
         a, m = self.args, self.model
-        x = m.embed_tokens.weight.index_select(0, input_ids)  # [T, H], a fresh tensor the kernel updates
+        x = m.embed_tokens(input_ids)  # [T, H], a fresh tensor the kernel updates
         return self.ext.step(x, seq_start, ctx_len, block_tables, block_size, out_rows, m.rope_cos, m.rope_sin,
                              k_cache, v_cache, self.parts, self.norm, a.num_heads, a.num_kv_heads, a.head_dim,
                              a.rms_norm_eps, self.int16, self.timings)
@@ -277,7 +322,7 @@ def build_fused_decoder(model: nn.Module, mode: str = "int8", activations: str =
     ext = load_extension()
     if ext is None:
         return None
-    dec = FusedDecoder(model, ext, mode, activations)
+    dec = FusedDecoder(model, ext, layer_parts(model, mode), activations)
     head = fused_lm_head(model, ext, dec.int16)
     if head is not None:
         model.lm_head = head

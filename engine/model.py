@@ -129,6 +129,18 @@ class DecodeQuantLinear(nn.Module):
         return self.quantized.forward(x) if x.shape[0] <= self.max_rows else self.dense.forward(x)
 
 
+class ReleasedLinear(nn.Module):
+    """Stands where a linear was whose weights only the fused C++ step holds."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"{self.name}: this engine runs every step in the fused C++ step, which holds the "
+                           "layer weights; the torch forward has none")
+
+
 @dataclass
 class AttnMetadata:
     """Where a step's tokens write their K/V and what each query attends to.
@@ -245,14 +257,35 @@ class LlamaModel(nn.Module):
         else:
             model.lm_head.weight = param(w("lm_head.weight"))
 
-        n = max_len or args.max_position_embeddings
-        inv = rope_inv_freq(args)
-        freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # [n, hd/2]
-        model.register_buffer("rope_cis", torch.polar(torch.ones_like(freqs), freqs).to(device),
-                              persistent=False)  # [n, hd/2] complex64
-        model.register_buffer("rope_cos", freqs.cos().to(device), persistent=False)  # [n, hd/2] for rope_real
-        model.register_buffer("rope_sin", freqs.sin().to(device), persistent=False)
+        model._add_rope_tables(max_len or args.max_position_embeddings, device)
         return model.eval()
+
+    @classmethod
+    def for_fused_step(cls, config: dict, embed_tokens: nn.Module, lm_head: nn.Module, norm: torch.Tensor,
+                       layer_norms: list[tuple[torch.Tensor, torch.Tensor]], max_len: int | None = None) -> "LlamaModel":
+        """A float32 CPU model whose layers hold only their norms: the fused C++ step holds the linears
+        (`decode_fused.FusedDecoder`), ``embed_tokens`` and ``lm_head`` are given (read from packed
+        grids), so no float copy of a weight matrix exists. ``layer_norms``: (input, post-attention) per
+        layer."""
+        args = ModelArgs.from_config(config)
+        model = cls(args)
+        model.embed_tokens, model.lm_head = embed_tokens, lm_head
+        model.norm = nn.Parameter(norm, requires_grad=False)
+        for i, (layer, (pre, post)) in enumerate(zip(model.layers, layer_norms, strict=True)):
+            layer.input_layernorm = nn.Parameter(pre, requires_grad=False)
+            layer.post_attention_layernorm = nn.Parameter(post, requires_grad=False)
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                setattr(layer, name, ReleasedLinear(f"layers.{i}.{name}"))
+        model._add_rope_tables(max_len or args.max_position_embeddings, "cpu")
+        return model.eval()
+
+    def _add_rope_tables(self, n: int, device: str | torch.device) -> None:
+        inv = rope_inv_freq(self.args)
+        freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # [n, hd/2]
+        self.register_buffer("rope_cis", torch.polar(torch.ones_like(freqs), freqs).to(device),
+                             persistent=False)  # [n, hd/2] complex64
+        self.register_buffer("rope_cos", freqs.cos().to(device), persistent=False)  # [n, hd/2] for rope_real
+        self.register_buffer("rope_sin", freqs.sin().to(device), persistent=False)
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,

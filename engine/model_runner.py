@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import EngineConfig
 from .kv_cache import KVCache
-from .model import DecodeQuantLinear, LlamaModel
+from .model import DecodeQuantLinear, LlamaModel, ReleasedLinear
 from .quant import Int8WeightOnlyLinear
 from .sequence import Sequence
 from .step_backends import CompiledDecodeBackend, EagerBackend, FusedBackend, StepBackend, StepInputs
@@ -31,19 +31,12 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.resolved_dtype()]
-        self.model = LlamaModel.from_weights(loaded.config, loaded.weights, self.dtype, self.device,
-                                             max_len=max_model_len)
-        fused_everything = config.fused_decode and not config.prefill_int8 and _extension_builds()
-        if fused_everything:
-            # the C++ step packs the layers itself: only the lm_head it serves is quantized here
-            self.model.lm_head = Int8WeightOnlyLinear(self.model.lm_head.weight, None)
-        elif config.quantization is not None:
-            calibration = None
-            if config.prefill_int8:
-                from .dynamic_int8 import CALIBRATION_TEXT
-
-                calibration = list(loaded.tokenizer(CALIBRATION_TEXT).input_ids)[:max_model_len]
-            quantize_model(self.model, config.quantization, self.device, calibration)
+        self.fused: FusedBackend | None = None
+        self.weights_read = f"{config.quantization} weights" if config.quantization else ""
+        if _reads_gguf_grids(config, loaded):
+            self.model = self._build_from_gguf(loaded, max_model_len)
+        else:
+            self.model = self._build_from_weights(loaded, max_model_len)
         a = self.model.args
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
@@ -58,20 +51,50 @@ class ModelRunner:
                           self.device)
         self.eager = EagerBackend(self.model, self.kv, config.block_size)
         self.compiled = CompiledDecodeBackend(self.model, self.kv, config.block_size) if config.compile else None
-        self.fused = None
-        if config.fused_decode:  # None when the extension cannot build: the torch path runs
-            from .decode_fused import build_fused_decoder
-
-            decoder = build_fused_decoder(self.model, config.quantization, config.fused_activations)
-            if decoder is not None:
-                # with prefill_int8 the W8A8 prefill linears are torch's: the C++ step runs decode-only steps
-                self.fused = FusedBackend(decoder, self.kv, config.block_size, prefill=not config.prefill_int8)
+        if self._decoder is not None:
+            # with prefill_int8 the W8A8 prefill linears are torch's: the C++ step runs decode-only steps
+            self.fused = FusedBackend(self._decoder, self.kv, config.block_size, prefill=not config.prefill_int8)
         self.backends: list[StepBackend] = [b for b in (self.fused, self.compiled, self.eager) if b is not None]
         if self.fused is not None and self.fused.prefill:
             # the C++ step runs every step from its own packed weights: the layers' dense and torch-quantized
             # copies would only hold memory (several times the packed size)
             release_layer_linears(self.model)
             self.backends = [self.fused]
+
+    def _build_from_gguf(self, loaded: Any, max_model_len: int) -> LlamaModel:
+        """The C++ step on the GGUF's own grids, read from the file tensor by tensor."""
+        from .decode_fused import load_extension
+        from .gguf_model import build_from_gguf
+        from .loader import gguf_rows_interleaved
+
+        model, self._decoder = build_from_gguf(loaded.gguf_path, loaded.config, gguf_rows_interleaved(loaded.config),
+                                               load_extension(), self.config.fused_activations, max_model_len,
+                                               loaded.cache_dir)
+        self.weights_read = f"{loaded.quant_type} weights read onto int4/int8 grids"
+        return model
+
+    def _build_from_weights(self, loaded: Any, max_model_len: int) -> LlamaModel:
+        """The model from float weights, quantized as the config says, with the C++ step packed from it
+        when ``fused_decode`` (None when the extension cannot build: the torch path runs)."""
+        config = self.config
+        model = LlamaModel.from_weights(loaded.config, loaded.weights, self.dtype, self.device, max_len=max_model_len)
+        fused_everything = config.fused_decode and not config.prefill_int8 and _extension_builds()
+        if fused_everything:
+            # the C++ step packs the layers itself: only the lm_head it serves is quantized here
+            model.lm_head = Int8WeightOnlyLinear(model.lm_head.weight, None)
+        elif config.quantization is not None:
+            calibration = None
+            if config.prefill_int8:
+                from .dynamic_int8 import CALIBRATION_TEXT
+
+                calibration = list(loaded.tokenizer(CALIBRATION_TEXT).input_ids)[:max_model_len]
+            quantize_model(model, config.quantization, self.device, calibration)
+        self._decoder = None
+        if config.fused_decode:
+            from .decode_fused import build_fused_decoder
+
+            self._decoder = build_fused_decoder(model, config.quantization, config.fused_activations)
+        return model
 
     def describe(self) -> str:
         """Which path runs the steps and the memory it holds, e.g. "fused C++ step, int4 weights, avx2
@@ -80,7 +103,7 @@ class ModelRunner:
         if self.fused is not None:
             from .decode_fused import kernel_isa
 
-            head = f"fused C++ step, {c.quantization} weights, {kernel_isa()} kernels"
+            head = f"fused C++ step, {self.weights_read}, {kernel_isa()} kernels"
         else:
             head = "torch" + (f", {c.quantization} weights" if c.quantization else "") + (", compiled" if c.compile else "")
         return (f"{head}, {str(self.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
@@ -152,18 +175,6 @@ class ModelRunner:
         return total + model.norm.numel() * model.norm.element_size()
 
 
-class ReleasedLinear(nn.Module):
-    """Stands where a linear was whose weights only the fused C++ step holds now."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(f"{self.name}: this engine runs every step in the fused C++ step, which holds the "
-                           "layer weights; the torch forward has none")
-
-
 def release_free_heap() -> None:
     """Hand the memory freed while building a model back to the OS: glibc keeps freed blocks in its
     arenas, so the checkpoint's and the dropped copies' pages would stay in the process's RSS."""
@@ -172,6 +183,16 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim this way
         pass
+
+
+def _reads_gguf_grids(config: EngineConfig, loaded: Any) -> bool:
+    """Whether the C++ step runs a GGUF on the file's own grids: fused everything, on the bit width
+    `EngineConfig.resolved` picks for the file's quant type (another one asked for is quantized from
+    the float weights)."""
+    from .config import gguf_fused_mode
+
+    return (getattr(loaded, "gguf_path", None) is not None and config.fused_decode and not config.prefill_int8
+            and config.quantization == gguf_fused_mode(loaded.quant_type) and _extension_builds())
 
 
 def _extension_builds() -> bool:

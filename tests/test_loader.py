@@ -241,7 +241,8 @@ def test_pull_converts_and_reports(tmp_path, capsys):
     assert cli.main(["pull", str(gguf_path), "--cache-dir", str(tmp_path / "c"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert Path(info["converted_to"]).parent == tmp_path / "c"
-    assert (Path(info["converted_to"]) / "model.safetensors").is_file()
+    assert (Path(info["converted_to"]) / "config.json").is_file()
+    assert not (Path(info["converted_to"]) / "model.safetensors").exists()  # no float copy: the engine reads the GGUF
     assert info["parameters"] == sum(p.numel() for p in model.parameters())  # tied: counted once
     assert cli.main(["pull", str(tmp_path / "missing.gguf")]) == 1
     assert "missing.gguf" in capsys.readouterr().err

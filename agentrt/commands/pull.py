@@ -1,8 +1,9 @@
-"""`agentrt pull [SOURCE]`: convert and cache a model ahead of use, and say where it went.
+"""`agentrt pull [SOURCE]`: check a model and cache what loading it needs, and say where it went.
 
-A GGUF file (default: the embedded SmolLM2-135M-Instruct) is dequantized once into an HF folder
-(config.json + model.safetensors + tokenizer) in the cache, so later loads skip the conversion.
-An HF folder or .safetensors file needs no conversion; it is only checked.
+A GGUF file (default: the embedded SmolLM2-135M-Instruct) has its header checked (architecture,
+tensor shapes, quant types) and its config and tokenizer cached as a small HF folder, so later loads
+skip that; the weights stay in the file, which the engine reads directly. An HF folder or
+.safetensors file needs nothing cached; it is only checked.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
         "converted_to": loaded.cache_dir,  # None: the source is already an HF folder / safetensors file
         "cache_root": str(args.cache_dir or cache_root()),
         "model_type": cfg["model_type"],
-        "parameters": sum(t.numel() for t in loaded.weights.values()),
+        "parameters": loaded.num_parameters,
         "layers": cfg["num_hidden_layers"],
         "vocab_size": cfg["vocab_size"],
         "max_position_embeddings": cfg["max_position_embeddings"],

@@ -74,16 +74,19 @@ def llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def write_tiny_gguf(path: Path, model, tokenizer, *, q8_names: tuple[str, ...] = (), name: str = "tiny-llama") -> Path:
-    """Write ``model`` (a transformers Llama) as a llama-architecture GGUF the way llama.cpp does.
+def write_tiny_gguf(path: Path, model, tokenizer, *, q8_names: tuple[str, ...] = (), name: str = "tiny-llama",
+                    arch: str = "llama", quant: str | None = None) -> Path:
+    """Write ``model`` (a transformers Llama) as a GGUF the way llama.cpp does (``arch`` "llama": q/k rows
+    permuted; "qwen2": HF's row order).
 
-    Tensors are F32 except those whose GGUF name is in ``q8_names`` (stored as Q8_0).
+    Tensors are F32 except those whose GGUF name is in ``q8_names`` (stored as Q8_0) and, with ``quant``
+    (a type gguf-py can quantize: Q8_0, Q4_0, Q4_1...), every 2-D weight.
     """
     import gguf
     from gguf.quants import quantize
 
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -128,12 +131,12 @@ def write_tiny_gguf(path: Path, model, tokenizer, *, q8_names: tuple[str, ...] =
         else:
             parts = hf.split(".")  # model.layers.{i}.<sub>.<weight|bias>
             g = f"blk.{parts[2]}.{layer['.'.join(parts[3:-1])]}.{parts[-1]}"
-        if ".q_proj." in hf:
+        if ".q_proj." in hf and arch == "llama":
             arr = llamacpp_permute(arr, nq)
-        elif ".k_proj." in hf:
+        elif ".k_proj." in hf and arch == "llama":
             arr = llamacpp_permute(arr, nkv)
-        if g in q8_names:
-            qt = gguf.GGMLQuantizationType.Q8_0
+        if g in q8_names or (quant and arr.ndim == 2):
+            qt = getattr(gguf.GGMLQuantizationType, quant if arr.ndim == 2 and quant else "Q8_0")
             w.add_tensor(g, quantize(arr, qt), raw_dtype=qt)
         else:
             w.add_tensor(g, arr)

@@ -1,0 +1,240 @@
+"""GGUF tensors straight onto the fused step's weight grids, without a float32 copy of the model.
+
+Each 2-D weight of a GGUF is read from the file (``os.pread`` of its bytes, so no mapping keeps the
+file's pages resident) and turned into the plain grid `decode_fused.FusedLinear.pack` takes:
+
+* int4 groups of 32, w = d * q + m (q 0..15, float32 d and m): Q4_0, Q4_1 and Q4_K land here exactly
+  (each block's values come back bit for bit as ``gguf.quants.dequantize`` gives them);
+* int8 groups of 32, w = d * q (q -127..127, float16 d): Q8_0 exactly; Q5_0, Q5_1, Q5_K, Q6_K, IQ4 and float
+  tensors are dequantized one row chunk at a time and rounded onto it (at most half a step of the
+  group's max / 127 off: Q6_K's own sub-blocks of 16 have scales of their own that one group of 32
+  cannot hold).
+
+A linear the step fuses (qkv, gate/up) whose parts came on different grids (a Q4_K_M file keeps some
+layers' attn_v in Q6_K) runs on int8: its int4 parts are rounded onto int8 groups the same way.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+# quant type -> the grid it reads onto
+GRID_OF = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8", "Q5_0": "int8", "Q5_1": "int8",
+           "Q5_K": "int8", "Q6_K": "int8", "IQ4_NL": "int8", "IQ4_XS": "int8", "F32": "int8", "F16": "int8",
+           "BF16": "int8"}
+SUPPORTED = tuple(GRID_OF)
+_ROW_CHUNK = 4096  # rows dequantized at once where a tensor is rounded onto int8 (bounds the float32 scratch)
+
+
+class UnsupportedQuantError(ValueError):
+    """A GGUF tensor's quantization has no grid here (the message names it and the supported ones)."""
+
+
+@dataclass
+class Grid:
+    """A weight [N, K] on one of the fused step's grids, in plain row order (`FusedLinear.pack`'s input):
+    int4: [packed uint8 [N, K/2] (a group's q[j] low nibble, q[j + 16] high), d float32 [N, G], m float32 [N, G]];
+    int8: [q int8 [N, K], d float16 [N, G], empty]. G = K / 32."""
+
+    parts: list[torch.Tensor]
+
+    @property
+    def kind(self) -> str:
+        return "int4" if self.parts[0].dtype == torch.uint8 else "int8"
+
+    @property
+    def rows(self) -> int:
+        return self.parts[0].shape[0]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [N, K] this grid stands for."""
+        w, d, m = self.parts
+        n, g = d.shape
+        if self.kind == "int4":
+            p = w.reshape(n, g, 16)
+            q = torch.cat([p & 15, p >> 4], dim=-1).float()  # [N, G, 32]
+            return (q * d.float()[..., None] + m.float()[..., None]).reshape(n, g * 32)
+        return (w.float().reshape(n, g, 32) * d.float()[..., None]).reshape(n, g * 32)
+
+    def to_int8(self) -> Grid:
+        """This weight on the int8 grid (itself when it is there already)."""
+        if self.kind == "int8":
+            return self
+        from .decode_fused import quantize_int8_groups
+
+        return Grid([*quantize_int8_groups(self.dequantize()), torch.empty(0)])
+
+    @staticmethod
+    def cat(grids: list[Grid]) -> Grid:
+        """Stack weights with the same K along their rows (int8 when any of them is)."""
+        if len({g.kind for g in grids}) > 1:
+            grids = [g.to_int8() for g in grids]
+        if grids[0].kind == "int4":
+            return Grid([torch.cat([g.parts[i] for g in grids]) for i in range(3)])
+        return Grid([torch.cat([g.parts[0] for g in grids]), torch.cat([g.parts[1] for g in grids]), torch.empty(0)])
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor of a GGUF file is (the attributes of ``gguf.ReaderTensor`` this module reads)."""
+
+    name: str
+    shape: tuple[int, ...]  # innermost first, as GGUF stores it: a weight [N, K] is (K, N)
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    data_offset: int  # from the start of the file
+
+
+# GGUF metadata value types -> byte size (fixed-size ones); 8 = string, 9 = array
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def tensor_infos(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """The tensors of the GGUF at ``path``, read from its header without decoding the metadata
+    (``gguf.GGUFReader`` builds every vocabulary string as an array: seconds for a large tokenizer).
+    Raises ValueError for a file that is not GGUF v2/v3 or ends inside its header."""
+    import gguf
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        pos = 0
+
+        def take(fmt: str) -> Any:
+            nonlocal pos
+            vals = struct.unpack_from("<" + fmt, m, pos)
+            pos += struct.calcsize("<" + fmt)
+            return vals[0] if len(vals) == 1 else vals
+
+        def skip_value(kind: int) -> None:
+            nonlocal pos
+            if kind == 8:
+                pos += 8 + take("Q")
+            elif kind == 9:
+                elem, count = take("IQ")
+                if elem in _SCALAR_SIZE:
+                    pos += count * _SCALAR_SIZE[elem]
+                else:
+                    for _ in range(count):
+                        skip_value(elem)
+            elif kind in _SCALAR_SIZE:
+                pos += _SCALAR_SIZE[kind]
+            else:
+                raise ValueError(f"unknown GGUF metadata type {kind}")
+
+        try:
+            magic, version = take("4sI")
+            if magic != b"GGUF" or version not in (2, 3):
+                raise ValueError(f"not a GGUF v2/v3 file (magic {magic!r}, version {version})")
+            n_tensors, n_kv = take("QQ")
+            alignment = 32
+            for _ in range(n_kv):
+                key = bytes(m[pos + 8:pos + 8 + take("Q")]).decode()
+                pos += len(key.encode())
+                kind = take("I")
+                if key == "general.alignment" and kind == 4:
+                    alignment = take("I")
+                else:
+                    skip_value(kind)
+            raw = []
+            for _ in range(n_tensors):
+                name = bytes(m[pos + 8:pos + 8 + take("Q")]).decode()
+                pos += len(name.encode())
+                dims = take("I")
+                shape = tuple(int(x) for x in struct.unpack_from(f"<{dims}Q", m, pos))
+                pos += 8 * dims
+                kind, offset = take("IQ")
+                raw.append((name, shape, kind, offset))
+        except struct.error as e:
+            raise ValueError(f"the GGUF header ends early ({e}): truncated file?") from e
+        start = -(-pos // alignment) * alignment
+    infos = {}
+    for name, shape, kind, offset in raw:
+        try:
+            qtype = gguf.GGMLQuantizationType(kind)
+        except ValueError:
+            raise UnsupportedQuantError(f"GGUF tensor {name!r} has unknown type id {kind}") from None
+        infos[name] = TensorInfo(name, shape, qtype, start + offset)
+    return infos
+
+
+def tensor_type(t: Any) -> str:
+    """The quant type name of a ``gguf.ReaderTensor``, refused by name unless a grid reads it."""
+    name = t.tensor_type.name
+    if name not in GRID_OF:
+        raise UnsupportedQuantError(f"GGUF tensor {t.name!r} is {name}, which agentrt cannot run "
+                                    f"(supported: {', '.join(SUPPORTED)})")
+    return name
+
+
+def read_rows(fd: int, t: Any, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop of tensor ``t`` as raw bytes [rows, bytes per row] (float types: their own dtype)."""
+    import gguf
+
+    n_cols = int(t.shape[0])  # GGUF shapes are innermost first
+    block, nbytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    row_bytes = n_cols // block * nbytes
+    buf = os.pread(fd, (stop - start) * row_bytes, t.data_offset + start * row_bytes)
+    if len(buf) != (stop - start) * row_bytes:
+        raise ValueError(f"GGUF tensor {t.name!r} runs past the end of the file (truncated download?)")
+    return np.frombuffer(buf, dtype=np.uint8).reshape(stop - start, row_bytes)
+
+
+def read_grid(fd: int, t: Any) -> Grid:
+    """Tensor ``t`` (a 2-D ``gguf.ReaderTensor`` [N, K], K % 32 == 0) of the open file ``fd`` on its grid."""
+    kind = tensor_type(t)
+    n, k = int(t.shape[1]), int(t.shape[0])
+    if k % 32:
+        raise UnsupportedQuantError(f"GGUF tensor {t.name!r} has {k} inputs, not a multiple of 32")
+    if kind in ("Q4_0", "Q4_1", "Q4_K", "Q8_0"):
+        return _exact_grid(kind, read_rows(fd, t, 0, n), n, k)
+    from gguf.quants import dequantize
+
+    from .decode_fused import quantize_int8_groups
+
+    q = torch.empty(n, k, dtype=torch.int8)
+    d = torch.empty(n, k // 32, dtype=torch.float16)
+    for a in range(0, n, _ROW_CHUNK):
+        b = min(n, a + _ROW_CHUNK)
+        raw = read_rows(fd, t, a, b)
+        w = np.array(dequantize(raw, t.tensor_type), dtype=np.float32).reshape(b - a, k)  # a copy: F32 reads are views
+        q[a:b], d[a:b] = quantize_int8_groups(torch.from_numpy(w))
+    return Grid([q, d, torch.empty(0)])
+
+
+def _exact_grid(kind: str, raw: np.ndarray, n: int, k: int) -> Grid:
+    """Q4_0 / Q4_1 / Q4_K / Q8_0 blocks (raw [N, bytes per row]) as their grid, value for value."""
+    g = k // 32
+    if kind == "Q8_0":  # block: d f16, q int8[32]
+        b = raw.reshape(n, g, 34)
+        q = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k))
+        d = torch.from_numpy(np.ascontiguousarray(b[..., :2]).view(np.float16).reshape(n, g))
+        return Grid([q, d, torch.empty(0)])
+    if kind in ("Q4_0", "Q4_1"):  # block: d f16, (Q4_1: m f16), qs[16] (q[j] low nibble, q[j + 16] high)
+        head = 2 if kind == "Q4_0" else 4
+        b = raw.reshape(n, g, head + 16)
+        packed = torch.from_numpy(np.ascontiguousarray(b[..., head:]).reshape(n, k // 2))
+        d = torch.from_numpy(np.ascontiguousarray(b[..., :2]).view(np.float16).reshape(n, g)).float()
+        if kind == "Q4_0":  # w = d * (q - 8): m = -8 d, exact in float32
+            m = d * -8
+        else:
+            m = torch.from_numpy(np.ascontiguousarray(b[..., 2:4]).view(np.float16).reshape(n, g)).float()
+        return Grid([packed, d, m])
+    # Q4_K super-block of 256: d f16, dmin f16, 12 bytes of 6-bit scales and mins for its 8 groups, then
+    # 128 bytes where 32-byte chunk c holds group 2c in its low nibbles and group 2c + 1 in its high ones
+    sb = raw.reshape(n, k // 256, 144)
+    d = sb[..., 0:2].copy().view(np.float16).astype(np.float32)  # [N, S, 1]
+    dmin = sb[..., 2:4].copy().view(np.float16).astype(np.float32)
+    s = sb[..., 4:16].reshape(n, k // 256, 3, 4)
+    lo, hi, mix = s[..., 0, :], s[..., 1, :], s[..., 2, :]  # the layout gguf.quants.Q4_K.get_scale_min unpacks
+    sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=-1).astype(np.float32)  # [N, S, 8]
+    mn = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=-1).astype(np.float32)
+    dg = torch.from_numpy((d * sc).reshape(n, g))
+    mg = torch.from_numpy(-(dmin * mn).reshape(n, g))
+    qs = torch.from_numpy(np.ascontiguousarray(sb[..., 16:]).reshape(n, k // 64, 32))
+    groups = torch.stack([qs & 15, qs >> 4], dim=2).reshape(n, g, 32)  # [N, G, 32] values 0..15
+    packed = groups[..., :16] | (groups[..., 16:] << 4)
+    return Grid([packed.reshape(n, k // 2).contiguous(), dg.contiguous(), mg.contiguous()])

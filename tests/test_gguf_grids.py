@@ -1,0 +1,119 @@
+"""GGUF tensors read straight onto the fused step's grids: exact where the grid holds the type, within
+half an int8 step where it is rounded; unsupported and truncated files are refused by name."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="the gguf package reads GGUF files")
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+from agentrt.engine.gguf_grids import Grid, UnsupportedQuantError, read_grid  # noqa: E402
+
+N, K = 40, 512  # 40 rows: whole blocks of 8 plus none short; K spans two K-quant super-blocks
+# (values per block, bytes per block, [(offset, fp16 scale)]): random bytes with small scales are valid blocks
+_RANDOM_BLOCKS = {"Q4_K": (256, 144, [(0, 1e-3), (2, 1e-3)]), "Q5_K": (256, 176, [(0, 1e-3), (2, 1e-3)]),
+                  "Q6_K": (256, 210, [(208, 1e-4)])}
+
+
+def _blocks(qtype: str, rng: np.random.Generator) -> np.ndarray:
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    if qtype in _RANDOM_BLOCKS:
+        per, nbytes, scales = _RANDOM_BLOCKS[qtype]
+        raw = rng.integers(0, 256, size=(N, K // per, nbytes), dtype=np.uint8)
+        for off, v in scales:
+            raw[..., off:off + 2] = np.frombuffer(np.float16(v).tobytes(), dtype=np.uint8)
+        return raw.reshape(N, -1)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    if qtype == "F32":
+        return w
+    if qtype == "F16":
+        return w.astype(np.float16)
+    return quantize(w, t)
+
+
+def _file(tmp_path, qtypes: list[str]) -> gguf.GGUFReader:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for q in qtypes:
+        data = _blocks(q, rng)
+        raw = None if q in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, q)
+        w.add_tensor(q, data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return gguf.GGUFReader(str(path))
+
+
+def _read(tmp_path, qtypes: list[str]) -> list[tuple[Grid, torch.Tensor]]:
+    """(grid, what gguf.quants.dequantize gives) for a tensor of each type, read back from a file."""
+    reader = _file(tmp_path, qtypes)
+    fd = os.open(reader.data.filename, os.O_RDONLY)
+    try:
+        return [(read_grid(fd, t), torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+                                                    .reshape(N, K))) for t in reader.tensors]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+def test_exact_types_round_trip_bit_for_bit(tmp_path, qtype):
+    ((grid, want),) = _read(tmp_path, [qtype])
+    assert grid.kind == ("int8" if qtype == "Q8_0" else "int4")
+    assert torch.equal(grid.dequantize(), want)
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "Q5_K", "Q6_K", "F16", "F32"])
+def test_other_types_are_rounded_onto_int8_within_half_a_step(tmp_path, qtype):
+    ((grid, want),) = _read(tmp_path, [qtype])
+    step = want.reshape(N, K // 32, 32).abs().amax(-1) / 127  # [N, G]
+    err = (grid.dequantize() - want).abs().reshape(N, K // 32, 32).amax(-1)
+    assert grid.kind == "int8"
+    # half a step, plus the float16 rounding of the step itself across 127 levels
+    assert (err <= step * (0.5 + 127 / 2048) + 1e-12).all()
+
+
+def test_mixed_grids_stack_on_int8(tmp_path):
+    (q4, _), (q6, _) = _read(tmp_path, ["Q4_K", "Q6_K"])
+    both = Grid.cat([q4, q6])
+    assert both.kind == "int8" and both.rows == 2 * N
+    step = q4.dequantize().reshape(N, K // 32, 32).abs().amax(-1) / 127
+    err = (both.dequantize()[:N] - q4.dequantize()).abs().reshape(N, K // 32, 32).amax(-1)
+    assert (err <= step * (0.5 + 127 / 2048) + 1e-12).all()
+    assert torch.equal(Grid.cat([q4, q4]).parts[0], torch.cat([q4.parts[0]] * 2))
+
+
+def test_unsupported_type_is_refused_by_name(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "iq.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("blk.0.attn_q.weight", rng.integers(0, 256, (8, 66), dtype=np.uint8),
+                 raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    t = gguf.GGUFReader(str(path)).tensors[0]
+    with pytest.raises(UnsupportedQuantError, match=r"IQ2_XXS.*supported: .*Q4_K.*Q6_K"):
+        read_grid(-1, t)
+
+
+def test_truncated_tensor_is_a_clear_error(tmp_path):
+    reader = _file(tmp_path, ["Q4_1"])
+    t = reader.tensors[0]
+    path = reader.data.filename
+    size = os.path.getsize(path)
+    del reader
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="past the end of the file"):
+            read_grid(fd, t)
+    finally:
+        os.close(fd)
