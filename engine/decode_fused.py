@@ -6,9 +6,11 @@ of any step (decode rows, prefill chunks, mixed) in a single C++ call over int8 
 `quant.Int8WeightOnlyLinear` already holds) or int4 groups of 32, with float32 activations and KV
 cache; `FusedLinear` serves the lm_head with the same kernels.
 
-The extension is compiled with ``torch.utils.cpp_extension`` (g++ and ninja; AVX2+FMA when the CPU
-has them, scalar loops otherwise) into torch's extension cache, so only the first process pays the
-build (~1 min). Where it cannot build, `load_extension` returns None and says why once.
+The extension is compiled with ``torch.utils.cpp_extension`` (g++ and ninja) for the best instruction
+set the CPU runs (`kernel_isa`: AVX-512 VNNI, AVX2+FMA, or scalar loops), chosen at run time, into
+torch's extension cache under a name that carries that instruction set, so only the first process
+on a machine pays the build (~1 min) and another machine's build never loads. Where it cannot build,
+`load_extension` returns None and says why once.
 """
 from __future__ import annotations
 
@@ -42,31 +44,49 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+# instruction sets the kernels are built for, best first: the compiler flags of each and the CPU flags it needs
+_ISA_BUILDS = {
+    "avx512-vnni": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+                    {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+    "scalar": ([], set()),
+}
+
+
+def available_isas() -> list[str]:
+    """The kernel builds this CPU can run, best first (``scalar`` always)."""
+    flags = _cpu_flags()
+    return [isa for isa, (_, needs) in _ISA_BUILDS.items() if needs <= flags]
+
+
+def kernel_isa() -> str:
+    """The instruction set of the kernels this process uses: the best this CPU runs ("avx512-vnni", "avx2"
+    or "scalar"), or ``$AGENTRT_KERNEL_ISA`` when set to one of those it runs (to compare builds)."""
+    forced = os.environ.get("AGENTRT_KERNEL_ISA")
+    return forced if forced in available_isas() else available_isas()[0]
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Any, str | None]:
     if os.environ.get("AGENTRT_NO_CPP_DECODE"):
         return None, "AGENTRT_NO_CPP_DECODE is set"
+    forced = os.environ.get("AGENTRT_KERNEL_ISA")
+    if forced and forced not in available_isas():
+        return None, f"AGENTRT_KERNEL_ISA={forced!r}: this CPU runs {', '.join(available_isas())}"
     try:
         from torch.utils import cpp_extension
 
-        flags = ["-O3", "-fopenmp"]
         isa = kernel_isa()
-        if isa == "avx2":
-            flags += ["-mavx2", "-mfma", "-mf16c"]
         # the name carries the instruction set and a hash of the code, so another machine's build or an
         # edited kernel (or header) never loads
         code = hashlib.sha256(b"".join(p.read_bytes() for p in (*_SOURCES, _HEADER))).hexdigest()[:10]
-        tag = isa + "_" + code
-        ext = cpp_extension.load(name=f"agentrt_decode_{tag}", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
-                                 extra_ldflags=["-fopenmp"], verbose=False)
+        tag = isa.replace("-", "_") + "_" + code
+        ext = cpp_extension.load(name=f"agentrt_decode_{tag}", sources=[str(p) for p in _SOURCES],
+                                 extra_cflags=["-O3", "-fopenmp", *_ISA_BUILDS[isa][0]], extra_ldflags=["-fopenmp"],
+                                 verbose=False)
         return ext, None
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers: the torch decode path still works
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-
-
-def kernel_isa() -> str:
-    """The instruction set the extension is built for on this machine ("avx2" or "scalar")."""
-    return "avx2" if {"avx2", "fma"} <= _cpu_flags() else "scalar"
 
 
 def load_extension() -> Any:

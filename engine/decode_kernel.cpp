@@ -304,11 +304,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "causal paged attention: q [T, nh*hd], caches [slots, nkv, hd], seq_start [B+1], ctx_len [B], slots [B, L]");
   m.def("step", &step,
         "one fused engine step (decode rows and prefill chunks; int8 or int4 weights; float32 activations and cache)");
-  m.def("has_avx2", []() {
-#ifdef AGENTRT_AVX2
-    return true;
+  m.def("isa", []() {  // the instruction set this build's kernels use
+#if defined(AGENTRT_VNNI)
+    return "avx512-vnni";
+#elif defined(AGENTRT_AVX2)
+    return "avx2";
 #else
-    return false;
+    return "scalar";
 #endif
   });
 }

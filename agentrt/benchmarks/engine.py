@@ -71,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp even when installed")
     p.add_argument("--compile", action="store_true", help="also run our best setting with torch.compile")
+    p.add_argument("--scale", action="store_true",
+                   help="per model in --model (comma-separated; default synthetic:1b): first and second load, decode, "
+                        "512/2048-token prefill, peak RSS and the bandwidth floor of what LocalLLM(path) builds, each "
+                        "in a fresh process (beside llama.cpp when installed)")
     p.add_argument("--bandwidth-gbs", type=float, default=40.0,
                    help="memory read bandwidth for the decode floor (default 40, measured on the reference "
                         "machine when quiet; the bench also reports its own noisy measurement)")
@@ -642,6 +646,18 @@ def _print_report(rep: Report) -> None:
 
 def main(args: argparse.Namespace) -> int:
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.scale:
+        from agentrt.benchmarks import scale
+
+        bw = measure_bandwidth_gbs(args.threads)
+        models = [m.strip() for m in (args.model or "synthetic:1b").split(",") if m.strip()]
+        rows = scale.run_scale(models, args.threads, args.repeats or 3, args.decode_tokens or 64, bw, log)
+        report = scale.to_json(rows, bw)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(report, f, indent=2)
+        print(json.dumps(report, indent=2)) if args.json else scale.print_rows(rows, bw)
+        return 0
     rep = run(args, log)
     if args.json_out:
         with open(args.json_out, "w") as f:

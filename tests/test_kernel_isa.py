@@ -1,0 +1,91 @@
+"""Each kernel build this CPU can run (AVX-512 VNNI, AVX2, scalar), forced with AGENTRT_KERNEL_ISA in a
+fresh process: the SIMD builds give bit-identical outputs (the same integer sums, the same float order),
+the scalar build the same up to float summation order; every build is within the activation rounding of
+the float result."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from agentrt.engine.decode_fused import available_isas
+
+_CHILD = textwrap.dedent("""
+    import sys, torch
+    from agentrt.engine import EngineConfig, LLMEngine
+    from agentrt.engine.decode_fused import (FusedLinear, kernel_isa, load_extension, quantize_int4_groups,
+                                             quantize_int8_groups)
+    from tests.helpers.engine import tiny_loaded
+    ext = load_extension()
+    assert ext is not None and ext.isa() == kernel_isa() == sys.argv[2], (ext and ext.isa(), kernel_isa())
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for kind in ("int4", "int8"):
+        w = torch.randn(200, 320, generator=g)
+        parts = list(quantize_int4_groups(w)) if kind == "int4" else [*quantize_int8_groups(w), torch.empty(0)]
+        bias = torch.randn(200, generator=g)
+        for m in (1, 3, 37):
+            x = torch.randn(m, 320, generator=g)
+            for int16 in (False, True):
+                out[f"{kind} rows={m} int16={int16}"] = (FusedLinear(parts, bias, 320, ext, int16)(x), x, w, bias)
+    eng = LLMEngine(EngineConfig(dtype="float32", quantization="int4", fused_decode=True, num_threads=2,
+                                 block_size=4, num_kv_blocks=64),
+                    loaded=tiny_loaded(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=16))
+    out["step"] = eng.prompt_logits(list(range(3, 40)), chunk_size=[16, 1])
+    torch.save(out, sys.argv[1])
+""")
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, ext):
+    """{isa: that build's outputs}, each from a fresh process (the first use builds it: ~1 min)."""
+    d = tmp_path_factory.mktemp("isa")
+    res = {}
+    for isa in available_isas():
+        env = {**os.environ, "AGENTRT_KERNEL_ISA": isa, "PYTHONPATH": os.getcwd()}
+        p = subprocess.run([sys.executable, "-c", _CHILD, str(d / f"{isa}.pt"), isa], env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert p.returncode == 0, f"{isa}: {p.stderr[-3000:]}"
+        res[isa] = torch.load(d / f"{isa}.pt", weights_only=False)
+    return res
+
+
+def test_every_build_is_within_activation_rounding_of_the_float_result(outputs):
+    for isa, out in outputs.items():
+        for name, (y, x, w, b) in ((k, v) for k, v in out.items() if k != "step"):
+            ref = x.double() @ w.double().T + b.double()
+            # int8 activations per block of 32: half a step (max|x| / 127) per element times |w|, on the
+            # weights' own grid (int4 or int8 rounding of w adds its own error: compare to the grid result)
+            g = x.shape[1] // 32
+            step = x.abs().reshape(len(x), g, 32).amax(-1).double() / 127 / 2
+            bound = step @ w.abs().reshape(len(w), g, 32).sum(-1).double().T
+            grid_err = (x.double().abs() @ (w.double() - _grid(w, name)).abs().T)
+            assert ((y.double() - ref).abs() <= bound + grid_err + 1e-4).all(), (isa, name)
+
+
+def _grid(w: torch.Tensor, name: str) -> torch.Tensor:
+    from agentrt.engine.decode_fused import dequantize_int4_groups, quantize_int4_groups, quantize_int8_groups
+
+    if name.startswith("int4"):
+        return dequantize_int4_groups(*quantize_int4_groups(w)).double()
+    q, d = quantize_int8_groups(w)
+    return (q.double().reshape(len(w), -1, 32) * d.double()[..., None]).reshape(w.shape)
+
+
+def test_simd_builds_agree_bit_for_bit_and_scalar_to_summation_order(outputs):
+    simd = [isa for isa in outputs if isa != "scalar"]
+    if len(outputs) < 2:
+        pytest.skip(f"this CPU runs one kernel build only ({', '.join(outputs)})")
+    base = outputs[simd[0]] if simd else outputs["scalar"]
+    for isa, out in outputs.items():
+        for name, value in out.items():
+            y, y0 = (value, base[name]) if name == "step" else (value[0], base[name][0])
+            if isa in simd:
+                assert torch.equal(y, y0), (isa, name, (y - y0).abs().max())
+            else:
+                assert (y - y0).abs().max() <= 1e-5 * y0.abs().max() + 1e-4, (isa, name, (y - y0).abs().max())
