@@ -129,7 +129,7 @@ def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     lo, hi = w.amin(-1), w.amax(-1)
     d, m = ((hi - lo) / 15).half(), lo.half()  # rounded first; q is picked against the rounded values
     df = torch.where(d == 0, torch.ones_like(d), d).float()
-    q = torch.round((w - m.float()[..., None]) / df[..., None]).clamp(0, 15).to(torch.uint8)  # [N, G, 32]
+    q = (w - m.float()[..., None]).div_(df[..., None]).round_().clamp_(0, 15).to(torch.uint8)  # [N, G, 32]
     packed = q[..., :16] | (q[..., 16:] << 4)  # [N, G, 16]
     return packed.reshape(n, k // 2).contiguous(), d.contiguous(), m.contiguous()
 
@@ -142,6 +142,18 @@ def dequantize_int4_groups(packed: torch.Tensor, d: torch.Tensor, m: torch.Tenso
     return (q * d.float()[..., None] + m.float()[..., None]).reshape(n, g * 32)
 
 
+def weight_parts(weights: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
+    """[w, s, z] in the kernel order of float weights [N_i, K] stacked along N, each quantized as the engine
+    does: int8 rows (`quant.Int8WeightOnlyLinear`'s grid) or int4 groups of 32 (`quantize_int4_groups`)."""
+    if mode == "int8":
+        qs = [Int8WeightOnlyLinear(w, None) for w in weights]
+        grids = [[q.weight, q.scales.float(), torch.empty(0)] for q in qs]
+    else:
+        grids = [list(quantize_int4_groups(w)) for w in weights]
+    parts = [torch.cat([g[i] for g in grids]) if grids[0][i].numel() else grids[0][i] for i in range(3)]
+    return FusedLinear.pack(parts, weights[0].shape[1])
+
+
 def _lin_parts(mod: nn.Module, mode: str, what: str) -> list[torch.Tensor]:
     """[w, s, z] of one linear in the kernel order linear_kernel.cpp's ``Lin`` reads (int8 or int4)."""
     if mode == "int8":
@@ -151,7 +163,7 @@ def _lin_parts(mod: nn.Module, mode: str, what: str) -> list[torch.Tensor]:
     weight = getattr(dense, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise ValueError(f"fused int4 decode needs {what}'s float weight (prefill_int8 replaces it)")
-    return FusedLinear.pack(list(quantize_int4_groups(weight)), weight.shape[1])
+    return weight_parts([weight], "int4")
 
 
 def quantize_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +316,7 @@ def layer_parts(model: nn.Module, mode: str) -> list[torch.Tensor]:
 class FusedDecoder:
     """An engine step of a float32 `LlamaModel` (decode rows and prefill chunks, any mix) as one C++
     call (``ext.step``) over ``parts``, 15 packed tensors per layer (`layer_parts`, or a GGUF's own grids:
-    `gguf_model`); the model gives the embedding, final norm and RoPE tables. The linears beat torch's
+    `fused_model`); the model gives the embedding, final norm and RoPE tables. The linears beat torch's
     float32 mm at every row count (int4 / mm time 0.29 at 8 rows .. 0.60 at 1,024 on SmolLM2's layer
     shapes), so prefill chunks use them too. ``activations`` ("int8" or "int16", see
     `EngineConfig.fused_activations`) is the linears' input precision for every row."""

@@ -7,7 +7,7 @@ permuted one), the fast tokenizer with its chat template, and the EOS ids.
 
 A GGUF file's header (config and tokenizer) is read once and cached as a small HF folder under
 ``$AGENTRT_CACHE`` or ``~/.cache/agentrt/models/<key>``. Its weights stay in the file: the fused
-engine reads them straight onto its grids (`gguf_model`); only a path that needs float weights (the
+engine reads them straight onto its grids (`fused_model`); only a path that needs float weights (the
 torch engine) has ``weights`` dequantized with the ``gguf`` package, once, into model.safetensors there.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -87,14 +88,14 @@ class DequantizedGGUFWeights(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: Path, folder: Path, progress: bool):
         self._path, self._folder, self._progress = path, folder, progress
-        self._weights: dict[str, torch.Tensor] | None = None
+        self._weights: SafetensorsWeights | None = None
 
-    def _load(self) -> dict[str, torch.Tensor]:
+    def _load(self) -> SafetensorsWeights:
         if self._weights is None:
             file = self._folder / "model.safetensors"
             if not file.is_file():
                 _write_dequantized(self._path, file, progress=self._progress)
-            self._weights = _read_safetensors([file], self._progress)
+            self._weights = SafetensorsWeights([file])
         return self._weights
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -175,9 +176,9 @@ def load_model(
                            cache_dir=str(folder), quant_type=meta["quant_type"], gguf_path=str(path),
                            num_parameters=meta["parameters"])
     if path.is_file() and path.suffix == ".safetensors":
-        return _load_hf(path.parent, [path], progress=progress)
+        return _load_hf(path.parent, [path])
     if path.is_dir():
-        return _load_hf(path, None, progress=progress)
+        return _load_hf(path, None)
     raise UnsupportedModelError(
         f"unsupported model file {str(path)!r}: expected a .gguf or .safetensors file, or an HF model folder"
     )
@@ -500,27 +501,40 @@ def _check_weights(weights: dict[str, torch.Tensor], cfg: dict[str, Any], where:
         raise UnsupportedModelError(f"{where}: weights do not match config: {'; '.join(problems[:8])}{more}")
 
 
-def _read_safetensors(files: list[Path], progress: bool) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
+class SafetensorsWeights(Mapping[str, torch.Tensor]):
+    """An HF checkpoint's tensors as float32, each read from its file when asked for: nothing is held and
+    no file stays mapped, so a model is built (or quantized) one tensor at a time, never from a float32
+    copy of the whole checkpoint."""
 
-    weights: dict[str, torch.Tensor] = {}
-    total = 0
-    handles = []
-    for f in files:
-        h = safe_open(str(f), framework="pt")
-        handles.append(h)
-        total += len(list(h.keys()))
-    # Only show the bar for checkpoints big enough to take a while.
-    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress or total < 2000) as bar:
-        for h in handles:
-            for k in h.keys():
-                weights[k] = h.get_tensor(k).to(torch.float32)
-                bar.update(1)
-    return weights
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._file: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    if not k.endswith("rotary_emb.inv_freq"):
+                        self._file[k], self.shapes[k] = f, tuple(h.get_slice(k).get_shape())
+
+    def drop(self, key: str) -> None:
+        self._file.pop(key, None)
+        self.shapes.pop(key, None)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file[key]), framework="pt") as h:
+            return h.get_tensor(key).to(torch.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file)
+
+    def __len__(self) -> int:
+        return len(self._file)
 
 
-def _load_hf(folder: Path, files: list[Path] | None, *, progress: bool) -> LoadedModel:
+def _load_hf(folder: Path, files: list[Path] | None) -> LoadedModel:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ModelNotFoundError(f"{folder}: no config.json (an HF model folder needs config.json, *.safetensors "
@@ -538,18 +552,17 @@ def _load_hf(folder: Path, files: list[Path] | None, *, progress: bool) -> Loade
             raise ModelNotFoundError(f"{folder}: no *.safetensors weight files (only safetensors are loaded; "
                                      "convert .bin checkpoints first)")
     raw = json.loads(cfg_path.read_text())
-    weights = _read_safetensors(files, progress)
-    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    weights = SafetensorsWeights(files)
     cfg = _normalize_config(raw, weights, str(folder))
     if cfg["tie_word_embeddings"]:
-        weights.pop("lm_head.weight", None)
-    _check_weights(weights, cfg, str(folder))
+        weights.drop("lm_head.weight")
+    _check_weights({k: SimpleNamespace(shape=v) for k, v in weights.shapes.items()}, cfg, str(folder))
     tok = _load_tokenizer(folder)
     eos = _eos_ids(folder, cfg, tok)
     name = raw.get("_name_or_path") or folder.name
     return LoadedModel(config=cfg, weights=weights, tokenizer=tok, eos_token_ids=eos,
                        name=Path(str(name)).name or folder.name, source=str(folder),
-                       num_parameters=sum(t.numel() for t in weights.values()))
+                       num_parameters=sum(math.prod(v) for v in weights.shapes.values()))
 
 
 def _load_tokenizer(folder: Path) -> Any:

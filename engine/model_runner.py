@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import EngineConfig
 from .kv_cache import KVCache
-from .model import DecodeQuantLinear, LlamaModel, ReleasedLinear
+from .model import DecodeQuantLinear, LlamaModel
 from .quant import Int8WeightOnlyLinear
 from .sequence import Sequence
 from .step_backends import CompiledDecodeBackend, EagerBackend, FusedBackend, StepBackend, StepInputs
@@ -56,15 +56,12 @@ class ModelRunner:
             self.fused = FusedBackend(self._decoder, self.kv, config.block_size, prefill=not config.prefill_int8)
         self.backends: list[StepBackend] = [b for b in (self.fused, self.compiled, self.eager) if b is not None]
         if self.fused is not None and self.fused.prefill:
-            # the C++ step runs every step from its own packed weights: the layers' dense and torch-quantized
-            # copies would only hold memory (several times the packed size)
-            release_layer_linears(self.model)
-            self.backends = [self.fused]
+            self.backends = [self.fused]  # it runs every step: the layers hold no weights of their own
 
     def _build_from_gguf(self, loaded: Any, max_model_len: int) -> LlamaModel:
         """The C++ step on the GGUF's own grids, read from the file tensor by tensor."""
         from .decode_fused import load_extension
-        from .gguf_model import build_from_gguf
+        from .fused_model import build_from_gguf
         from .loader import gguf_rows_interleaved
 
         model, self._decoder = build_from_gguf(loaded.gguf_path, loaded.config, gguf_rows_interleaved(loaded.config),
@@ -74,22 +71,27 @@ class ModelRunner:
         return model
 
     def _build_from_weights(self, loaded: Any, max_model_len: int) -> LlamaModel:
-        """The model from float weights, quantized as the config says, with the C++ step packed from it
-        when ``fused_decode`` (None when the extension cannot build: the torch path runs)."""
+        """The model from float weights, quantized as the config says. With the C++ step running every
+        step, each weight is quantized and packed as it is read (no float copy of the layers exists);
+        with it running decode only, it is packed from the built model (None when the extension cannot
+        build: the torch path runs)."""
         config = self.config
+        self._decoder = None
+        if config.fused_decode and not config.prefill_int8 and _extension_builds():
+            from .decode_fused import load_extension
+            from .fused_model import build_from_float
+
+            model, self._decoder = build_from_float(loaded.weights, loaded.config, config.quantization,
+                                                    load_extension(), config.fused_activations, max_model_len)
+            return model
         model = LlamaModel.from_weights(loaded.config, loaded.weights, self.dtype, self.device, max_len=max_model_len)
-        fused_everything = config.fused_decode and not config.prefill_int8 and _extension_builds()
-        if fused_everything:
-            # the C++ step packs the layers itself: only the lm_head it serves is quantized here
-            model.lm_head = Int8WeightOnlyLinear(model.lm_head.weight, None)
-        elif config.quantization is not None:
+        if config.quantization is not None:
             calibration = None
             if config.prefill_int8:
                 from .dynamic_int8 import CALIBRATION_TEXT
 
                 calibration = list(loaded.tokenizer(CALIBRATION_TEXT).input_ids)[:max_model_len]
             quantize_model(model, config.quantization, self.device, calibration)
-        self._decoder = None
         if config.fused_decode:
             from .decode_fused import build_fused_decoder
 
@@ -199,13 +201,6 @@ def _extension_builds() -> bool:
     from .decode_fused import load_extension
 
     return load_extension() is not None
-
-
-def release_layer_linears(model: LlamaModel) -> None:
-    """Drop the decoder layers' linear weights (their norms stay: the C++ step shares them)."""
-    for i, layer in enumerate(model.layers):
-        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-            setattr(layer, name, ReleasedLinear(f"layers.{i}.{name}"))
 
 
 def quantize_model(model: LlamaModel, mode: str, device: torch.device, calibration_ids: list[int] | None) -> None:

@@ -38,7 +38,7 @@ class Int8WeightOnlyLinear(nn.Module):
         w = weight.detach().float()                                    # [N, K]
         # Round the scale to the kernel's dtype first, then pick q against that rounded scale.
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(compute_dtype).float()  # [N]
-        q = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
+        q = (w / scale[:, None]).round_().clamp_(-128, 127).to(torch.int8)  # in place: one float temporary
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         self.compute_dtype = compute_dtype
         self.register_buffer("weight", q.contiguous())                # [N, K] int8

@@ -39,8 +39,6 @@ class ScaleRow:
 
 def _child(path: str, impl: str, threads: int, repeats: int, decode_tokens: int, measure: bool) -> dict[str, Any]:
     """Runs in the fresh process: load (timed after the imports), then the speed measures."""
-    import resource
-
     from agentrt.benchmarks.engine import _token_ids
 
     out: dict[str, Any] = {}
@@ -95,8 +93,15 @@ def _child(path: str, impl: str, threads: int, repeats: int, decode_tokens: int,
         out["decode_s"] = statistics.median(decode(_token_ids(tok, 32, next(seeds), vocab)) for _ in range(repeats))
         out["prefill_tps"] = {str(n): n / statistics.median(prefill(_token_ids(tok, n, next(seeds), vocab))
                                                             for _ in range(repeats)) for n in PREFILLS}
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss_bytes"] = peak_rss_bytes()
     return out
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS: VmHWM, its own memory map's high-water mark (ru_maxrss of a process started
+    by fork + exec begins at the parent's RSS)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
 def _spawn(path: str, impl: str, cache: str, threads: int, repeats: int, decode_tokens: int,

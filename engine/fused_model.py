@@ -1,18 +1,24 @@
-"""The fused engine built straight from a GGUF file: each weight is read from the file onto its grid
-(`gguf_grids`) and packed into the C++ step's order, one tensor at a time, so loading never holds a
-float32 copy of a weight matrix nor the whole file: peak memory is the packed model plus one tensor.
+"""The fused engine built straight from a checkpoint, one tensor at a time, so loading never holds a
+float32 copy of the model: peak memory is the packed model plus one tensor's scratch.
 
-The packed tensors are cached beside the GGUF's header (``packed-<code hash>.pt``) and memory-mapped
-by the next load, which then reads no weight twice: its pages are the file's, as llama.cpp's are.
+* A GGUF (`pack_gguf`): each weight is read from the file onto its grid (`gguf_grids`) and packed into
+  the C++ step's order. The packed tensors are cached beside the GGUF's header
+  (``packed-<code hash>.pt``) and memory-mapped by the next load: its pages are the file's, as
+  llama.cpp's are.
+* Float weights (`pack_float`, an HF folder with ``quantization`` int8 / int4 and ``fused_decode``):
+  each weight is read from the checkpoint and quantized (int8 rows, or int4 groups of 32 on the Q4_1
+  grid) as the torch-built engine would, so the numbers are the same; the token embedding stays float32.
 
-q/k rows need no reordering for llama and mistral files: llama.cpp's permuted order is the engine's
-interleaved RoPE order (`model._interleave_heads`); qwen2 files keep HF's order and are interleaved here.
+q/k rows need no reordering for llama and mistral GGUFs: llama.cpp's permuted order is the engine's
+interleaved RoPE order (`model._interleave_heads`); qwen2 GGUFs and HF checkpoints keep HF's order and
+are interleaved here.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .decode_fused import FusedDecoder, FusedLinear, PackedEmbedding
+from .decode_fused import FusedDecoder, FusedLinear, PackedEmbedding, quantize_int8_groups, weight_parts
 from .gguf_grids import Grid, read_grid, read_rows, tensor_infos
 from .model import LlamaModel, ModelArgs, _interleave_heads
+from .quant import Int8WeightOnlyLinear
 
 log = logging.getLogger(__name__)
 # the code that decides the packed bytes: a change to any of it makes a new cache entry
-_PACKING_CODE = [Path(__file__).with_name(f) for f in ("gguf_model.py", "gguf_grids.py", "decode_fused.py",
+_PACKING_CODE = [Path(__file__).with_name(f) for f in ("fused_model.py", "gguf_grids.py", "decode_fused.py",
                                                       "kernels.h")]
 
 
@@ -39,6 +46,48 @@ class PackedGGUF:
     embedding: list[torch.Tensor]
     output: list[torch.Tensor] | None
     output_norm: torch.Tensor
+
+
+def build_from_float(weights: Mapping[str, torch.Tensor], config: dict[str, Any], mode: str, ext: Any,
+                     activations: str = "int8", max_len: int | None = None) -> tuple[LlamaModel, FusedDecoder]:
+    """(model, decoder) for HF-named float ``weights`` (read one tensor at a time) on the ``mode`` grid
+    ("int8" rows or "int4" groups): the float32 embedding, the lm_head as `decode_fused.fused_lm_head`
+    makes it (int8 groups of the tied embedding, else int8 rows)."""
+    args = ModelArgs.from_config(config)
+    embed = torch.nn.Embedding(args.vocab_size, args.hidden_size, _weight=weights["model.embed_tokens.weight"],
+                               _freeze=True)
+    if args.tie_word_embeddings and args.hidden_size % 32 == 0:
+        head_parts = [*quantize_int8_groups(embed.weight), torch.empty(0)]
+    else:
+        q = Int8WeightOnlyLinear(embed.weight if args.tie_word_embeddings else weights["lm_head.weight"], None)
+        head_parts = [q.weight, q.scales.float(), torch.empty(0)]
+    head = FusedLinear(head_parts, torch.empty(0), args.hidden_size, ext, activations == "int16")
+    layers = pack_float(weights, args, mode)
+    norms = [(layers[15 * i + 13], layers[15 * i + 14]) for i in range(args.num_layers)]
+    model = LlamaModel.for_fused_step(config, embed, head, weights["model.norm.weight"], norms, max_len)
+    return model, FusedDecoder(model, ext, layers, activations)
+
+
+def pack_float(weights: Mapping[str, torch.Tensor], args: ModelArgs, mode: str) -> list[torch.Tensor]:
+    """The C++ step's 15 tensors per layer from HF-named float weights, each quantized as it is read."""
+
+    def lin(*names: str, rope: int = 0) -> list[torch.Tensor]:  # the first ``rope`` weights are q/k
+        return weight_parts([_interleave_heads(weights[n], args.head_dim) if j < rope else weights[n]
+                             for j, n in enumerate(names)], mode)
+
+    layers: list[torch.Tensor] = []
+    for i in range(args.num_layers):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        layers += lin(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight", rope=2)
+        layers.append(torch.cat([_interleave_heads(weights[a + "q_proj.bias"], args.head_dim),
+                                 _interleave_heads(weights[a + "k_proj.bias"], args.head_dim),
+                                 weights[a + "v_proj.bias"]]) if args.attention_bias else torch.empty(0))
+        layers += lin(a + "o_proj.weight")
+        layers += lin(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+        layers += lin(p + "mlp.down_proj.weight")
+        layers += [weights[p + "input_layernorm.weight"].contiguous(),
+                   weights[p + "post_attention_layernorm.weight"].contiguous()]
+    return layers
 
 
 def build_from_gguf(path: str, config: dict[str, Any], interleaved: bool, ext: Any, activations: str = "int8",
