@@ -5,8 +5,8 @@ file's pages resident) and turned into the plain grid `decode_fused.FusedLinear.
 
 * int4 groups of 32, w = d * q + m (q 0..15, float32 d and m): Q4_0, Q4_1 and Q4_K land here exactly
   (each block's values come back bit for bit as ``gguf.quants.dequantize`` gives them);
-* int8 groups of 32, w = d * q (q -127..127, float16 d): Q8_0 exactly; Q5_0, Q5_1, Q5_K, Q6_K, IQ4 and float
-  tensors are dequantized one row chunk at a time and rounded onto it (at most half a step of the
+* int8 groups of 32, w = d * q (q -127..127, float16 d): Q8_0 and Q5_0 (q - 16) exactly; Q5_1, Q5_K, Q6_K,
+  IQ4 and float tensors are dequantized one row chunk at a time and rounded onto it (at most half a step of the
   group's max / 127 off: Q6_K's own sub-blocks of 16 have scales of their own that one group of 32
   cannot hold).
 
@@ -29,6 +29,7 @@ GRID_OF = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8", "Q5_0
            "Q5_K": "int8", "Q6_K": "int8", "IQ4_NL": "int8", "IQ4_XS": "int8", "F32": "int8", "F16": "int8",
            "BF16": "int8"}
 SUPPORTED = tuple(GRID_OF)
+_EXACT = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0")  # read bit for bit; the others are rounded onto int8
 _ROW_CHUNK = 4096  # rows dequantized at once where a tensor is rounded onto int8 (bounds the float32 scratch)
 
 
@@ -189,7 +190,7 @@ def read_grid(fd: int, t: Any) -> Grid:
     n, k = int(t.shape[1]), int(t.shape[0])
     if k % 32:
         raise UnsupportedQuantError(f"GGUF tensor {t.name!r} has {k} inputs, not a multiple of 32")
-    if kind in ("Q4_0", "Q4_1", "Q4_K", "Q8_0"):
+    if kind in _EXACT:
         return _exact_grid(kind, read_rows(fd, t, 0, n), n, k)
     from gguf.quants import dequantize
 
@@ -206,11 +207,19 @@ def read_grid(fd: int, t: Any) -> Grid:
 
 
 def _exact_grid(kind: str, raw: np.ndarray, n: int, k: int) -> Grid:
-    """Q4_0 / Q4_1 / Q4_K / Q8_0 blocks (raw [N, bytes per row]) as their grid, value for value."""
+    """Q4_0 / Q4_1 / Q4_K / Q8_0 / Q5_0 blocks (raw [N, bytes per row]) as their grid, value for value."""
     g = k // 32
     if kind == "Q8_0":  # block: d f16, q int8[32]
         b = raw.reshape(n, g, 34)
         q = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k))
+        d = torch.from_numpy(np.ascontiguousarray(b[..., :2]).view(np.float16).reshape(n, g))
+        return Grid([q, d, torch.empty(0)])
+    if kind == "Q5_0":  # block: d f16, the 32 high bits (u32), qs[16] as Q4_0's; w = d * (q - 16), q 0..31
+        b = raw.reshape(n, g, 22)
+        high = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)  # [N, G, 1]
+        bits = ((high >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [N, G, 32]
+        low = np.concatenate([b[..., 6:] & 15, b[..., 6:] >> 4], axis=-1)  # [N, G, 32]
+        q = torch.from_numpy(((low | (bits << 4)).astype(np.int8) - 16).reshape(n, k))
         d = torch.from_numpy(np.ascontiguousarray(b[..., :2]).view(np.float16).reshape(n, g))
         return Grid([q, d, torch.empty(0)])
     if kind in ("Q4_0", "Q4_1"):  # block: d f16, (Q4_1: m f16), qs[16] (q[j] low nibble, q[j + 16] high)

@@ -61,14 +61,14 @@ def _read(tmp_path, qtypes: list[str]) -> list[tuple[Grid, torch.Tensor]]:
         os.close(fd)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0"])
 def test_exact_types_round_trip_bit_for_bit(tmp_path, qtype):
     ((grid, want),) = _read(tmp_path, [qtype])
-    assert grid.kind == ("int8" if qtype == "Q8_0" else "int4")
+    assert grid.kind == ("int8" if qtype in ("Q8_0", "Q5_0") else "int4")
     assert torch.equal(grid.dequantize(), want)
 
 
-@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "Q5_K", "Q6_K", "F16", "F32"])
+@pytest.mark.parametrize("qtype", ["Q5_1", "Q5_K", "Q6_K", "F16", "F32"])
 def test_other_types_are_rounded_onto_int8_within_half_a_step(tmp_path, qtype):
     ((grid, want),) = _read(tmp_path, [qtype])
     step = want.reshape(N, K // 32, 32).abs().amax(-1) / 127  # [N, G]

@@ -42,13 +42,15 @@ def tiny_tokenizer(vocab_size: int = 320):
     return fast
 
 
-def tiny_llama(*, tie: bool = True, num_layers: int = 2, seed: int = 0, bias: bool = False, vocab_size: int = 320):
-    """A random-weights transformers LlamaForCausalLM (hidden 64, 4 heads, 2 KV heads, head_dim 16)."""
+def tiny_llama(*, tie: bool = True, num_layers: int = 2, seed: int = 0, bias: bool = False, vocab_size: int = 320,
+               hidden_size: int = 64, intermediate_size: int = 128, head_dim: int = 16):
+    """A random-weights transformers LlamaForCausalLM (hidden 64, 4 heads, 2 KV heads, head_dim 16 unless told)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                      rms_norm_eps=1e-5,
                       rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=tie,
                       attention_bias=bias, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).eval()
