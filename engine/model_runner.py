@@ -33,10 +33,8 @@ class ModelRunner:
         self.dtype = DTYPES[config.resolved_dtype()]
         self.fused: FusedBackend | None = None
         self.weights_read = f"{config.quantization} weights" if config.quantization else ""
-        if _reads_gguf_grids(config, loaded):
-            self.model = self._build_from_gguf(loaded, max_model_len)
-        else:
-            self.model = self._build_from_weights(loaded, max_model_len)
+        build = self._build_from_gguf if _reads_gguf_grids(config, loaded) else self._build_from_weights
+        self.model, decoder = build(loaded, max_model_len)
         a = self.model.args
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
@@ -51,39 +49,35 @@ class ModelRunner:
                           self.device)
         self.eager = EagerBackend(self.model, self.kv, config.block_size)
         self.compiled = CompiledDecodeBackend(self.model, self.kv, config.block_size) if config.compile else None
-        if self._decoder is not None:
+        if decoder is not None:
             # with prefill_int8 the W8A8 prefill linears are torch's: the C++ step runs decode-only steps
-            self.fused = FusedBackend(self._decoder, self.kv, config.block_size, prefill=not config.prefill_int8)
+            self.fused = FusedBackend(decoder, self.kv, config.block_size, prefill=not config.prefill_int8)
         self.backends: list[StepBackend] = [b for b in (self.fused, self.compiled, self.eager) if b is not None]
         if self.fused is not None and self.fused.prefill:
             self.backends = [self.fused]  # it runs every step: the layers hold no weights of their own
 
-    def _build_from_gguf(self, loaded: Any, max_model_len: int) -> LlamaModel:
-        """The C++ step on the GGUF's own grids, read from the file tensor by tensor."""
+    def _build_from_gguf(self, loaded: Any, max_model_len: int) -> tuple[LlamaModel, Any]:
+        """(model, C++ step) on the GGUF's own grids, read from the file tensor by tensor."""
         from .decode_fused import load_extension
         from .fused_model import build_from_gguf
         from .loader import gguf_rows_interleaved
 
-        model, self._decoder = build_from_gguf(loaded.gguf_path, loaded.config, gguf_rows_interleaved(loaded.config),
-                                               load_extension(), self.config.fused_activations, max_model_len,
-                                               loaded.cache_dir)
         self.weights_read = f"{loaded.quant_type} weights read onto int4/int8 grids"
-        return model
+        return build_from_gguf(loaded.gguf_path, loaded.config, gguf_rows_interleaved(loaded.config), load_extension(),
+                               self.config.fused_activations, max_model_len, loaded.cache_dir)
 
-    def _build_from_weights(self, loaded: Any, max_model_len: int) -> LlamaModel:
-        """The model from float weights, quantized as the config says. With the C++ step running every
-        step, each weight is quantized and packed as it is read (no float copy of the layers exists);
-        with it running decode only, it is packed from the built model (None when the extension cannot
-        build: the torch path runs)."""
+    def _build_from_weights(self, loaded: Any, max_model_len: int) -> tuple[LlamaModel, Any]:
+        """(model, C++ step or None) from float weights, quantized as the config says. With the C++ step
+        running every step, each weight is quantized and packed as it is read (no float copy of the
+        layers exists); with it running decode only, it is packed from the built model (None when the
+        extension cannot build: the torch path runs)."""
         config = self.config
-        self._decoder = None
         if config.fused_decode and not config.prefill_int8 and _extension_builds():
             from .decode_fused import load_extension
             from .fused_model import build_from_float
 
-            model, self._decoder = build_from_float(loaded.weights, loaded.config, config.quantization,
-                                                    load_extension(), config.fused_activations, max_model_len)
-            return model
+            return build_from_float(loaded.weights, loaded.config, config.quantization, load_extension(),
+                                    config.fused_activations, max_model_len)
         model = LlamaModel.from_weights(loaded.config, loaded.weights, self.dtype, self.device, max_len=max_model_len)
         if config.quantization is not None:
             calibration = None
@@ -92,11 +86,12 @@ class ModelRunner:
 
                 calibration = list(loaded.tokenizer(CALIBRATION_TEXT).input_ids)[:max_model_len]
             quantize_model(model, config.quantization, self.device, calibration)
+        decoder = None
         if config.fused_decode:
             from .decode_fused import build_fused_decoder
 
-            self._decoder = build_fused_decoder(model, config.quantization, config.fused_activations)
-        return model
+            decoder = build_fused_decoder(model, config.quantization, config.fused_activations)
+        return model, decoder
 
     def describe(self) -> str:
         """Which path runs the steps and the memory it holds, e.g. "fused C++ step, int4 weights, avx2

@@ -235,7 +235,7 @@ def test_a_q4_k_m_file_of_the_embedded_model_matches_its_float32_weights(ext, tm
     the file's own dequantized weights, teacher-forced over 256 tokens of text. Measured: 97.7% top-1
     with int8 activations, 99.6% with int16 (max logit diff 1.57, 0.61); the Q6_K rounding is most of
     what int16 leaves (the file without Q6_K matches float32 to 0.008 with int16 activations)."""
-    from agentrt.benchmarks.engine import _token_ids
+    from agentrt.benchmarks.prompts import text_token_ids
     from agentrt.benchmarks.kquants import write_q4_k_m
     from agentrt.engine.loader import embedded_model_path
 
@@ -243,7 +243,7 @@ def test_a_q4_k_m_file_of_the_embedded_model_matches_its_float32_weights(ext, tm
     path = write_q4_k_m(embedded_model_path(), tmp_path / "smol-q4_k_m.gguf")
     kw = dict(model=str(path), num_threads=2, max_model_len=512, num_kv_blocks=64, enable_prefix_caching=False)
     ref = LLMEngine(EngineConfig(dtype="float32", quantization=None, **kw))
-    ids = _token_ids(ref.tokenizer, 256, 1, ref.vocab_size)
+    ids = text_token_ids(ref.tokenizer, 256, 1, ref.vocab_size)
     want = ref.prompt_logits(ids, chunk_size=128)
     for acts, bound in (("int8", 0.93), ("int16", 0.95)):
         ours = LLMEngine(EngineConfig(fused_activations=acts, **kw))

@@ -203,13 +203,13 @@ def test_smollm_int4_fused_prompt_logits_vs_fp32(ext):
     measured 97% top-1 agreement on this text in chunks and 96.9% one row a step (on the first 48
     tokens, the hardest: short context, 85-100% depending on the rounding); with int16 activations one
     row a step agrees 100%, logits within 0.01."""
-    from agentrt.benchmarks.engine import _token_ids
+    from agentrt.benchmarks.prompts import text_token_ids
     from tests.helpers.engine import smollm_loaded
 
     loaded = smollm_loaded()
     kw = dict(dtype="float32", num_threads=2, enable_prefix_caching=False, max_model_len=512, num_kv_blocks=64)
     fp32 = LLMEngine(EngineConfig(**kw), loaded=loaded)
-    ids = _token_ids(fp32.tokenizer, 256, 1, fp32.vocab_size)
+    ids = text_token_ids(fp32.tokenizer, 256, 1, fp32.vocab_size)
     ref = fp32.prompt_logits(ids, chunk_size=256)
     for acts in ("int8", "int16"):
         fused = LLMEngine(EngineConfig(quantization="int4", fused_decode=True, fused_activations=acts, **kw),

@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from agentrt.benchmarks.prompts import text_token_ids
+
 SETTINGS = {  # name -> EngineConfig fields
     # exactly what LocalLLM() builds (quantization "auto": a quantized GGUF in the fused C++ step)
     "default": dict(),
@@ -49,10 +51,6 @@ SETTINGS = {  # name -> EngineConfig fields
     # int4-fused with int16-like activations (int8 plus its rounding residual): float32's logits
     "int4-fused-a16": dict(dtype="float32", quantization="int4", fused_decode=True, fused_activations="int16"),
 }
-_TEXT = ("An agent answers questions by calling tools. It reads the tool specs, decides which tool "
-         "to call with which arguments, reads the result and either calls another tool or answers. "
-         "Step {i}: the weather in city {i} is {t} degrees and the forecast says rain at {h} o'clock. ")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -135,25 +133,6 @@ def _median(fn: Callable[[], float], repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
-def _token_ids(tokenizer: Any, n: int, seed: int, vocab: int) -> list[int]:
-    """``n`` token ids of English-like text, different for each seed (falls back to pseudo-random ids
-    for tiny tokenizers that need too much text)."""
-    parts, ids = [], []
-    i = 0
-    while len(ids) < n and i < 4 * n:
-        parts.append(_TEXT.format(i=seed * 1000 + i, t=(seed * 7 + i) % 40, h=(i % 12) + 1))
-        i += 1
-        if i % 8 == 0 or len(parts) * 20 >= n:
-            ids = tokenizer("".join(parts)).input_ids
-    ids = [t for t in ids if t < vocab]
-    if len(ids) < n:
-        import random
-
-        rnd = random.Random(seed)
-        ids += [rnd.randrange(3, vocab) for _ in range(n - len(ids))]
-    return ids[:n]
-
-
 def measure_bandwidth_gbs(threads: int) -> float:
     """Memory read bandwidth: the best of a few sums over a 512 MB buffer."""
     import torch
@@ -230,7 +209,7 @@ def _ours_speed(engine: Any, loaded: Any, sizes: Sizes, setting: str, bw: float)
     splits: list[list[float]] = []
 
     def prefill() -> float:
-        ids = _token_ids(engine.tokenizer, sizes.prefill, next(seed), vocab)
+        ids = text_token_ids(engine.tokenizer, sizes.prefill, next(seed), vocab)
         if fused is not None:  # the C++ step adds each phase's seconds into this
             fused.timings = torch.zeros(3, dtype=torch.float64)
         t0 = time.perf_counter()
@@ -242,7 +221,7 @@ def _ours_speed(engine: Any, loaded: Any, sizes: Sizes, setting: str, bw: float)
         return dt
 
     def decode() -> float:
-        ids = _token_ids(engine.tokenizer, 32, next(seed), vocab)
+        ids = text_token_ids(engine.tokenizer, 32, next(seed), vocab)
         out = engine.generate([ids], SamplingParams(max_tokens=sizes.decode, ignore_eos=True))[0]
         return out.metrics.decode_s / max(1, out.metrics.completion_tokens - 1)
 
@@ -269,10 +248,10 @@ def _prefix_cache(engine: Any, sizes: Sizes) -> dict[str, Any]:
     vocab = engine.vocab_size
     cached, uncached, reported = [], [], []
     for r in range(sizes.repeats + 1):  # the first round warms up
-        full = _token_ids(engine.tokenizer, sizes.ttft_prompt, 50_000 + r, vocab)
+        full = text_token_ids(engine.tokenizer, sizes.ttft_prompt, 50_000 + r, vocab)
         engine.generate([full[:sizes.ttft_cached]], sp)  # puts the shared prefix in the cache
         out = engine.generate([full], sp)[0]
-        fresh = engine.generate([_token_ids(engine.tokenizer, sizes.ttft_prompt, 60_000 + r, vocab)], sp)[0]
+        fresh = engine.generate([text_token_ids(engine.tokenizer, sizes.ttft_prompt, 60_000 + r, vocab)], sp)[0]
         if r:
             cached.append(out.metrics.ttft_s)
             uncached.append(fresh.metrics.ttft_s)
@@ -291,7 +270,7 @@ def _batching(engine: Any, sizes: Sizes) -> dict[str, Any]:
     n_tok = max(sizes.decode, 16)
 
     def run(k: int, seed: int) -> float:
-        ids = [engine.add_request(_token_ids(engine.tokenizer, 32, seed + i, vocab),
+        ids = [engine.add_request(text_token_ids(engine.tokenizer, 32, seed + i, vocab),
                                   SamplingParams(max_tokens=n_tok, ignore_eos=True)) for i in range(k)]
         counts = {i: 0 for i in ids}
         done: set[str] = set()
@@ -319,7 +298,7 @@ def _leak_check(engine: Any, sizes: Sizes) -> dict[str, Any]:
     from agentrt.engine import SamplingParams
 
     vocab = engine.vocab_size
-    prompts = [_token_ids(engine.tokenizer, 8 + i % 24, 80_000 + i, vocab) for i in range(sizes.requests)]
+    prompts = [text_token_ids(engine.tokenizer, 8 + i % 24, 80_000 + i, vocab) for i in range(sizes.requests)]
     t0 = time.perf_counter()
     for i in range(0, len(prompts), 64):
         engine.generate(prompts[i:i + 64], SamplingParams(max_tokens=2, ignore_eos=True))
@@ -335,8 +314,8 @@ def _accuracy(engines: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
     from agentrt.engine import SamplingParams
 
     ref = engines["fp32"]
-    ids = _token_ids(ref.tokenizer, sizes.accuracy_tokens, 1, ref.vocab_size)
-    prompts = [_token_ids(ref.tokenizer, 24, 90_000 + i, ref.vocab_size) for i in range(4)]
+    ids = text_token_ids(ref.tokenizer, sizes.accuracy_tokens, 1, ref.vocab_size)
+    prompts = [text_token_ids(ref.tokenizer, 24, 90_000 + i, ref.vocab_size) for i in range(4)]
     sp = SamplingParams(max_tokens=sizes.greedy_tokens, ignore_eos=True)
     # 16-token chunks: quantized engines run their decode kernels (the path whose accuracy matters)
     ref_logits = ref.prompt_logits(ids, chunk_size=16)
@@ -396,10 +375,10 @@ def _transformers_speed(loaded: Any, dtype_name: str, sizes: Sizes, bw: float, t
         return time.perf_counter() - t0
 
     def prefill() -> float:
-        return gen(_token_ids(tokenizer, sizes.prefill, next(seed), vocab), 1)
+        return gen(text_token_ids(tokenizer, sizes.prefill, next(seed), vocab), 1)
 
     def decode() -> float:
-        ids = _token_ids(tokenizer, 32, next(seed), vocab)
+        ids = text_token_ids(tokenizer, 32, next(seed), vocab)
         return (gen(ids, sizes.decode) - gen(ids, 1)) / (sizes.decode - 1)
 
     prefill(), decode()
@@ -423,14 +402,14 @@ def _llamacpp_speed(gguf_path: str, threads: int, sizes: Sizes, bw: float, token
     seed = iter(range(40_000, 50_000))
 
     def prefill() -> float:
-        ids = _token_ids(tokenizer, sizes.prefill, next(seed), vocab)
+        ids = text_token_ids(tokenizer, sizes.prefill, next(seed), vocab)
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
         return time.perf_counter() - t0
 
     def decode() -> float:
-        ids = _token_ids(tokenizer, 32, next(seed), vocab)
+        ids = text_token_ids(tokenizer, 32, next(seed), vocab)
         llm.reset()
         llm.eval(ids)
         t0 = time.perf_counter()

@@ -39,7 +39,7 @@ class ScaleRow:
 
 def _child(path: str, impl: str, threads: int, repeats: int, decode_tokens: int, measure: bool) -> dict[str, Any]:
     """Runs in the fresh process: load (timed after the imports), then the speed measures."""
-    from agentrt.benchmarks.engine import _token_ids
+    from agentrt.benchmarks.prompts import text_token_ids
 
     out: dict[str, Any] = {}
     if impl == "agentrt":
@@ -89,9 +89,9 @@ def _child(path: str, impl: str, threads: int, repeats: int, decode_tokens: int,
             return (time.perf_counter() - t) / (decode_tokens - 1)
     if measure:
         seeds = iter(range(1000))
-        decode(_token_ids(tok, 32, next(seeds), vocab))  # warm-up: pages of a mapped cache, allocator
-        out["decode_s"] = statistics.median(decode(_token_ids(tok, 32, next(seeds), vocab)) for _ in range(repeats))
-        out["prefill_tps"] = {str(n): n / statistics.median(prefill(_token_ids(tok, n, next(seeds), vocab))
+        decode(text_token_ids(tok, 32, next(seeds), vocab))  # warm-up: pages of a mapped cache, allocator
+        out["decode_s"] = statistics.median(decode(text_token_ids(tok, 32, next(seeds), vocab)) for _ in range(repeats))
+        out["prefill_tps"] = {str(n): n / statistics.median(prefill(text_token_ids(tok, n, next(seeds), vocab))
                                                             for _ in range(repeats)) for n in PREFILLS}
     out["peak_rss_bytes"] = peak_rss_bytes()
     return out
