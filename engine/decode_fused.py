@@ -269,18 +269,23 @@ class FusedLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-def fused_lm_head(model: nn.Module, ext: Any, int16: bool = False) -> FusedLinear | None:
+def lm_head_linear(args: Any, embedding: torch.Tensor, int8_head: Int8WeightOnlyLinear | None, ext: Any,
+                   int16: bool = False) -> FusedLinear:
     """The lm_head as a `FusedLinear`: int8 groups of 32 from the float embedding when tied (exact for a
-    Q8_0 GGUF embedding), else the engine's int8 rows; None when the lm_head is not int8."""
-    head = model.lm_head
-    if not isinstance(head, Int8WeightOnlyLinear):
-        return None
-    h = model.args.hidden_size
-    if model.args.tie_word_embeddings and h % 32 == 0:
-        q, d = quantize_int8_groups(model.embed_tokens.weight)
+    Q8_0 GGUF embedding), else the int8 rows of ``int8_head`` (made from the embedding when None)."""
+    h = args.hidden_size
+    if args.tie_word_embeddings and h % 32 == 0:
+        q, d = quantize_int8_groups(embedding)
         return FusedLinear([q, d, torch.empty(0)], torch.empty(0), h, ext, int16)
-    w, s, b = _int8_parts(head, "lm_head")
+    w, s, b = _int8_parts(int8_head or Int8WeightOnlyLinear(embedding, None), "lm_head")
     return FusedLinear([w, s, torch.empty(0)], b, h, ext, int16)
+
+
+def fused_lm_head(model: nn.Module, ext: Any, int16: bool = False) -> FusedLinear | None:
+    """`lm_head_linear` for a built model whose lm_head the engine made int8; None when it is not int8."""
+    if not isinstance(model.lm_head, Int8WeightOnlyLinear):
+        return None
+    return lm_head_linear(model.args, model.embed_tokens.weight, model.lm_head, ext, int16)
 
 
 class PackedEmbedding(nn.Module):

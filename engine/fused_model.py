@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .decode_fused import FusedDecoder, FusedLinear, PackedEmbedding, quantize_int8_groups, weight_parts
+from .decode_fused import FusedDecoder, FusedLinear, PackedEmbedding, lm_head_linear, weight_parts
 from .gguf_grids import Grid, read_grid, read_rows, tensor_infos
 from .model import LlamaModel, ModelArgs, _interleave_heads
 from .quant import Int8WeightOnlyLinear
@@ -56,15 +56,17 @@ def build_from_float(weights: Mapping[str, torch.Tensor], config: dict[str, Any]
     args = ModelArgs.from_config(config)
     embed = torch.nn.Embedding(args.vocab_size, args.hidden_size, _weight=weights["model.embed_tokens.weight"],
                                _freeze=True)
-    if args.tie_word_embeddings and args.hidden_size % 32 == 0:
-        head_parts = [*quantize_int8_groups(embed.weight), torch.empty(0)]
-    else:
-        q = Int8WeightOnlyLinear(embed.weight if args.tie_word_embeddings else weights["lm_head.weight"], None)
-        head_parts = [q.weight, q.scales.float(), torch.empty(0)]
-    head = FusedLinear(head_parts, torch.empty(0), args.hidden_size, ext, activations == "int16")
-    layers = pack_float(weights, args, mode)
-    norms = [(layers[15 * i + 13], layers[15 * i + 14]) for i in range(args.num_layers)]
-    model = LlamaModel.for_fused_step(config, embed, head, weights["model.norm.weight"], norms, max_len)
+    untied = None if args.tie_word_embeddings else Int8WeightOnlyLinear(weights["lm_head.weight"], None)
+    head = lm_head_linear(args, embed.weight, untied, ext, activations == "int16")
+    return _assemble(config, pack_float(weights, args, mode), embed, head, weights["model.norm.weight"], ext,
+                     activations, max_len)
+
+
+def _assemble(config: dict[str, Any], layers: list[torch.Tensor], embed: torch.nn.Module, head: torch.nn.Module,
+              norm: torch.Tensor, ext: Any, activations: str, max_len: int | None) -> tuple[LlamaModel, FusedDecoder]:
+    """The norms-only model around packed ``layers`` (15 per layer) and the C++ step that runs them."""
+    norms = [(layers[15 * i + 13], layers[15 * i + 14]) for i in range(len(layers) // 15)]
+    model = LlamaModel.for_fused_step(config, embed, head, norm, norms, max_len)
     return model, FusedDecoder(model, ext, layers, activations)
 
 
@@ -106,9 +108,8 @@ def build_from_gguf(path: str, config: dict[str, Any], interleaved: bool, ext: A
     # a tied lm_head multiplies by the embedding's own packed copy
     head = embedding if packed.output is None else FusedLinear(packed.output, torch.empty(0), args.hidden_size, ext,
                                                                int16, packed=True)
-    norms = [(packed.layers[15 * i + 13], packed.layers[15 * i + 14]) for i in range(args.num_layers)]
-    model = LlamaModel.for_fused_step(config, PackedEmbedding(embedding), head, packed.output_norm, norms, max_len)
-    return model, FusedDecoder(model, ext, packed.layers, activations)
+    return _assemble(config, packed.layers, PackedEmbedding(embedding), head, packed.output_norm, ext, activations,
+                     max_len)
 
 
 def pack_gguf(path: str, config: dict[str, Any], interleaved: bool) -> PackedGGUF:

@@ -55,12 +55,12 @@ class Grid:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [N, K] this grid stands for."""
+        from .decode_fused import dequantize_int4_groups
+
         w, d, m = self.parts
-        n, g = d.shape
         if self.kind == "int4":
-            p = w.reshape(n, g, 16)
-            q = torch.cat([p & 15, p >> 4], dim=-1).float()  # [N, G, 32]
-            return (q * d.float()[..., None] + m.float()[..., None]).reshape(n, g * 32)
+            return dequantize_int4_groups(w, d, m)
+        n, g = d.shape
         return (w.float().reshape(n, g, 32) * d.float()[..., None]).reshape(n, g * 32)
 
     def to_int8(self) -> Grid:

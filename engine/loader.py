@@ -521,6 +521,9 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
         self._file.pop(key, None)
         self.shapes.pop(key, None)
 
+    def __contains__(self, key: object) -> bool:  # Mapping's would read the tensor to find out
+        return key in self._file
+
     def __getitem__(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
