@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable, Iterable
 
 import anyio
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from agentrt.llm import LLM, Completion, GenerationParams
 from agentrt.prompting import PromptPlan, TurnOutput, compact_json, parse_turn, plan_turn
 from agentrt.registry import RunContext, Tool, ToolRegistry
+from agentrt.tracing import RunTrace
 from agentrt.types import (
     AgentEvent,
     FinalAnswer,
@@ -49,6 +51,7 @@ class _Stop(Exception):
         super().__init__(error or status)
         self.status = status
         self.error = error
+        self.error_type = status  # what a trace records as error.type
 
 
 class Agent:
@@ -77,6 +80,7 @@ class Agent:
         repeat_guard: when every call of a turn repeats an earlier call (same tool, same
             arguments), don't run it again: tell the model so and ask for the final answer
             in the next step (small models otherwise loop on the same call).
+        name: the agent's name in traces (``invoke_agent {name}``, see `agentrt.tracing`).
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class Agent:
         max_retries: int = 2,
         reset_tool_choice: bool = True,
         repeat_guard: bool = True,
+        name: str = "agent",
     ):
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -118,6 +123,7 @@ class Agent:
         self.max_retries = max_retries
         self.reset_tool_choice = reset_tool_choice
         self.repeat_guard = repeat_guard
+        self.name = name
         if not callable(tool_choice):  # validate now rather than at the first step
             plan_turn([], self.registry.specs(), tool_choice, parallel_tool_calls, self.output_schema)
 
@@ -145,8 +151,9 @@ class Agent:
         tool calls are abandoned). Closing the iterator early abandons the run.
         """
         run = _Run(self, task, cancel)
-        async for event in run.events():
-            yield event
+        async with aclosing(run.events()) as events:  # closing this iterator closes the run's now, not at GC
+            async for event in events:
+                yield event
 
 
 class _Run:
@@ -165,6 +172,7 @@ class _Run:
         self.failures = 0  # consecutive unusable turns
         self.seen_calls: set[tuple[str, str]] = set()
         self.next_choice: ToolChoice | None = None  # a one-step override (repeat guard)
+        self.trace = RunTrace(agent.name, self.run_id, getattr(agent.llm, "model_name", ""), agent.max_steps)
 
     def _initial_messages(self, task: str | list[Message]) -> list[Message]:
         if isinstance(task, str):
@@ -190,6 +198,7 @@ class _Run:
             usage=self.usage,
             duration_s=time.perf_counter() - self.started,
         )
+        self.trace.finish(result)
         return RunFinished(run_id=self.run_id, result=result)
 
     async def _guarded(self, fn: Callable[[], Any], what: str) -> Any:
@@ -248,6 +257,7 @@ class _Run:
             for index in range(1, self.agent.max_steps + 1):
                 plan, params = self._plan_step(index)
                 yield StepStarted(run_id=self.run_id, step=index)
+                self.trace.start_step(index)
                 t0 = time.perf_counter()
                 completion = await self._call_model(plan, params, index)
                 step = self._record_step(index, completion)
@@ -268,6 +278,8 @@ class _Run:
             yield self._finish("max_steps", error=f"no final answer within max_steps={self.agent.max_steps}")
         except _Stop as stop:
             yield self._finish(stop.status, error=stop.error)
+        finally:
+            self.trace.close()  # a run abandoned mid-way (the consumer left) still ends its spans
 
     def _plan_step(self, index: int) -> tuple[PromptPlan, GenerationParams]:
         """The turn's plan (the tool choice of this step) and sampling settings."""
@@ -282,15 +294,18 @@ class _Run:
                          agent.output_schema), params
 
     async def _call_model(self, plan: PromptPlan, params: GenerationParams, index: int) -> Completion:
-        try:
-            return await self._guarded(
-                lambda: self.agent.llm.complete(plan.chat_messages, json_schema=plan.json_schema, params=params),
-                f"step {index}",
-            )
-        except _Stop:
-            raise
-        except Exception as exc:  # the model failed (bad schema, engine error): end the run, say why
-            raise _Stop("error", f"the model call of step {index} failed: {type(exc).__name__}: {exc}") from exc
+        with self.trace.model_call(params, plan.json_schema) as traced:
+            try:
+                completion = await self._guarded(
+                    lambda: self.agent.llm.complete(plan.chat_messages, json_schema=plan.json_schema, params=params),
+                    f"step {index}",
+                )
+            except _Stop:
+                raise
+            except Exception as exc:  # the model failed (bad schema, engine error): end the run, say why
+                raise _Stop("error", f"the model call of step {index} failed: {type(exc).__name__}: {exc}") from exc
+            traced.completion(completion)
+        return completion
 
     def _record_step(self, index: int, completion: Completion) -> Step:
         self.usage = self.usage + completion.usage
@@ -314,9 +329,8 @@ class _Run:
         max_retries in a row)."""
         step.error = error
         self._feed_back(text, error)
-        step.duration_s = time.perf_counter() - t0
         self.failures += 1
-        return StepFinished(run_id=self.run_id, step=step)
+        return self._step_finished(step, t0)
 
     def _is_repeat(self, turn: TurnOutput) -> bool:
         """Every call of the turn was made before with the same arguments (and the guard is on)."""
@@ -334,8 +348,7 @@ class _Run:
             "Give the final answer now.",
         ))
         self.next_choice = "answer"
-        step.duration_s = time.perf_counter() - t0
-        return StepFinished(run_id=self.run_id, step=step)
+        return self._step_finished(step, t0)
 
     async def _run_tools(self, step: Step, turn: TurnOutput, text: str, t0: float) -> AsyncIterator[AgentEvent]:
         """Run the turn's calls concurrently; their results join the transcript."""
@@ -357,8 +370,7 @@ class _Run:
         choice = self.tool_choice
         if self.agent.reset_tool_choice and isinstance(choice, str) and choice not in ("auto", "none", "answer"):
             self.tool_choice = "auto"
-        step.duration_s = time.perf_counter() - t0
-        yield StepFinished(run_id=self.run_id, step=step)
+        yield self._step_finished(step, t0)
 
     def _answer(self, step: Step, turn: TurnOutput, text: str, plan: PromptPlan, t0: float) -> list[AgentEvent]:
         """The final answer ends the run."""
@@ -366,9 +378,14 @@ class _Run:
         step.answer = turn.answer
         self.messages.append(Message(role="assistant", content=text if plan.mode != "tools"
                                      else (turn.content or compact_json(turn.answer))))
-        step.duration_s = time.perf_counter() - t0
-        return [StepFinished(run_id=self.run_id, step=step), FinalAnswer(run_id=self.run_id, answer=turn.answer),
+        return [self._step_finished(step, t0), FinalAnswer(run_id=self.run_id, answer=turn.answer),
                 self._finish("completed", turn.answer)]
+
+    def _step_finished(self, step: Step, t0: float) -> StepFinished:
+        """The step's record is complete (``t0``: when it started)."""
+        step.duration_s = time.perf_counter() - t0
+        self.trace.end_step(step)
+        return StepFinished(run_id=self.run_id, step=step)
 
     def _read_turn(self, completion: Completion, plan: PromptPlan) -> tuple[TurnOutput | None, str | None]:
         """Parse the turn and validate a final answer; (turn, None) or (None, error message)."""
@@ -402,7 +419,10 @@ class _Run:
         results: list[ToolResult | None] = [None] * len(calls)
 
         async def one(i: int, call: ToolCall) -> None:
-            results[i] = await agent.registry.call(call, context=context, timeout_s=self._tool_timeout(call))
+            with self.trace.tool_call(call) as traced:  # in this task: the tool's own spans nest under it
+                results[i] = result = await agent.registry.call(call, context=context,
+                                                                timeout_s=self._tool_timeout(call))
+                traced.result(result)
 
         async with anyio.create_task_group() as tg:
             for i, call in enumerate(calls):

@@ -1,4 +1,4 @@
-"""The HTTP server: ``/agent/run``, an OpenAI-compatible ``/v1/chat/completions``, metrics.
+"""The HTTP server: ``/agent/run``, OpenAI-compatible ``/v1/chat/completions`` and ``/v1/responses``, metrics.
 
 `create_app` builds a FastAPI app around one `LLM` (built once, in ``lifespan``, when none
 is given: `LocalLLM` on the embedded model) and one `ToolRegistry`, both shared by every
@@ -11,10 +11,12 @@ fact. Every error is an OpenAI-style ``{"error": {...}}`` body with a 4xx status
 what to fix; a bounded admission queue answers 429 with ``Retry-After`` when full.
 
 The server never runs anything but the registry's tools, and only in ``/agent/run``:
-``/v1/chat/completions`` returns tool calls to the client, as OpenAI does.
+``/v1/chat/completions`` and ``/v1/responses`` return tool calls to the client, as OpenAI does.
 
 Modules, one job each: `app` (create_app, lifespan, /health, /metrics), `openai_api`
-(/v1/chat/completions, /v1/models), `agent_api` (/agent/run, /tools), `request_models`
+(/v1/chat/completions, /v1/models), `responses_api` (/v1/responses, stateless) and
+`responses_request` (a Responses request -> the chat request it amounts to), `agent_api`
+(/agent/run, /tools), `request_models`
 (the request bodies), `chat_request` (a request -> prompt plan and sampling settings,
 checked), `streams` (generations held for a client, SSE), `errors` (OpenAI-style error
 bodies and handlers), `limits` (API keys, body size, the admission queue), `metrics`

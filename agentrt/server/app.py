@@ -13,11 +13,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from agentrt.llm import LLM
-from agentrt.server import agent_api, openai_api
+from agentrt.server import agent_api, openai_api, responses_api
 from agentrt.server.errors import install_error_handlers
 from agentrt.server.limits import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUE, AdmissionQueue,
                                    BodySizeLimit, check_api_key)
 from agentrt.server.metrics import RequestMetrics
+from agentrt.server.otel import TracingMiddleware
 from agentrt.server.state import ServerState, server_state
 
 
@@ -91,10 +92,12 @@ def create_app(
         app.include_router(_docs_behind_the_key(app))
     app.state.agentrt = state
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(TracingMiddleware)  # a request span when tracing is on (agentrt.tracing)
     app.add_middleware(RequestMetrics, metrics=state.metrics)  # added last: outermost, counts the 413s too
     install_error_handlers(app)
     app.include_router(_open_routes)
     app.include_router(openai_api.router)
+    app.include_router(responses_api.router)
     app.include_router(agent_api.router)
     return app
 

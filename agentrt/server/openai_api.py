@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Depends, Request
 from starlette.background import BackgroundTask
 
-from agentrt.llm import Completion, CompletionChunk
+from agentrt.llm import Completion, CompletionChunk, GenerationParams, Prompt
 from agentrt.openai_format import salvage_cut_turn, tool_call_json, usage_json
 from agentrt.prompting import PromptPlan, compact_json, parse_turn
 from agentrt.server.chat_request import checked_request
@@ -24,8 +25,10 @@ from agentrt.server.errors import APIError
 from agentrt.server.limits import QueueTicket, check_api_key
 from agentrt.server.request_models import ChatCompletionRequest
 from agentrt.server.state import ServerState, get_state
-from agentrt.server.streams import close, drain, first_chunk, resumed, sse, sse_response, unless_disconnected
-from agentrt.stream_parser import ContentDelta, ToolCallArgsDelta, ToolCallStart, ToolCallStreamParser
+from agentrt.server.streams import (TurnEnd, TurnFailed, close, drain, first_chunk, sse, sse_response, turn_events,
+                                    unless_disconnected)
+from agentrt.stream_parser import ContentDelta, ToolCallArgsDelta, ToolCallStart
+from agentrt.tracing import traced_stream
 from agentrt.types import Usage
 
 router = APIRouter(dependencies=[Depends(check_api_key)])
@@ -46,29 +49,46 @@ async def chat_completions(req: ChatCompletionRequest, request: Request,
     plan, prompt, params = await anyio.to_thread.run_sync(checked_request, state.llm, req)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    stream, first, ticket = await start_generation(state, plan, prompt, params)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        chunks = ChunkWriter(cid, created, state.model_name)
+        body = stream_chat(state, plan, stream, first, ticket, chunks, include_usage)
+        return sse_response(body, BackgroundTask(finish_stream, stream, ticket))
+    completion = await finish_generation(state, request, stream, first, ticket)
+    message, finish = completion_message(completion, plan)
+    return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": usage_json(completion.usage)}
+
+
+async def start_generation(state: ServerState, plan: PromptPlan, prompt: Prompt, params: GenerationParams
+                           ) -> tuple[AsyncIterator[CompletionChunk], CompletionChunk | None, QueueTicket]:
+    """Take an admission slot, start the generation and read its first chunk, so that input errors
+    (schema, context window) are still a 4xx; on any failure the slot and the generation are let go."""
     ticket = await state.queue.acquire()
-    stream = state.llm.stream(prompt, json_schema=plan.json_schema, params=params)
+    stream = traced_stream(state.llm.stream(prompt, json_schema=plan.json_schema, params=params),
+                           state.model_name, params, plan.json_schema)
     try:
         first = await first_chunk(stream)
     except BaseException:
         await close(stream)
         ticket.release()
         raise
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        chunks = ChunkWriter(cid, created, state.model_name)
-        body = stream_chat(state, plan, stream, first, ticket, chunks, include_usage)
-        return sse_response(body, BackgroundTask(finish_stream, stream, ticket))
+    return stream, first, ticket
+
+
+async def finish_generation(state: ServerState, request: Request, stream: AsyncIterator[CompletionChunk],
+                            first: CompletionChunk | None, ticket: QueueTicket) -> Completion:
+    """A started generation's whole `Completion` for a non-streamed answer (cancelled if the client
+    leaves first); the slot is given back and the usage counted."""
     try:
         completion = await unless_disconnected(request, lambda: drain(stream, first))
     finally:
         await close(stream)
         ticket.release()
     state.metrics.observe_usage(completion.usage, completion.ttft_s)
-    message, finish = completion_message(completion, plan)
-    return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": usage_json(completion.usage)}
+    return completion
 
 
 def completion_message(completion: Completion, plan: PromptPlan) -> tuple[dict[str, Any], str]:
@@ -125,44 +145,21 @@ async def stream_chat(state: ServerState, plan: PromptPlan, stream: AsyncIterato
                       include_usage: bool) -> AsyncIterator[str]:
     """OpenAI-style SSE: role, then content / tool-call deltas as the parser finds them,
     then the finish reason (and usage when asked), then ``[DONE]``."""
-    parser = ToolCallStreamParser(plan.mode)
-    made_calls = False
-    completion: Completion | None = None
     try:
         yield chunks.delta({"role": "assistant", "content": ""})
-        try:
-            async for chunk in resumed(stream, first):
-                try:
-                    events = parser.feed(chunk.delta) if chunk.delta else []
-                except ValueError as e:  # output the grammar should not have let through
-                    yield chunks.error(f"the model's output did not parse: {e}")
+        async with aclosing(turn_events(plan, stream, first)) as turn:
+            async for item in turn:
+                if isinstance(item, TurnFailed):
+                    yield chunks.error(item.message, item.code)
                     return
-                for ev in events:
-                    made_calls = made_calls or isinstance(ev, ToolCallStart)
-                    yield chunks.event(ev)
-                completion = chunk.completion or completion
-        except Exception as e:  # noqa: BLE001 - this request failed in the engine: end its own stream with the reason
-            yield chunks.error(f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
-            return
-        if completion is None:
-            yield chunks.error("the model stream ended without a completion")
-            return
-        finish = "length" if completion.finish_reason == "length" else "stop"
-        if finish == "stop" and plan.mode == "tools":
-            try:
-                events = parser.finish()
-            except ValueError as e:
-                yield chunks.error(f"the model's output did not parse: {e}")
-                return
-            for ev in events:
-                yield chunks.event(ev)
-            if made_calls:
-                finish = "tool_calls"
-        yield chunks.delta({}, finish)
-        state.metrics.observe_usage(completion.usage, completion.ttft_s)
-        if include_usage:
-            yield chunks.usage(completion.usage)
-        yield sse("[DONE]")
+                if not isinstance(item, TurnEnd):
+                    yield chunks.event(item)
+                    continue
+                yield chunks.delta({}, item.finish)
+                state.metrics.observe_usage(item.completion.usage, item.completion.ttft_s)
+                if include_usage:
+                    yield chunks.usage(item.completion.usage)
+                yield sse("[DONE]")
     finally:
         # A disconnect cancels this generator: abort the generation, free the slot (the
         # response's background task does the same when the server runs it; both are idempotent).

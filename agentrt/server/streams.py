@@ -1,9 +1,12 @@
 """Holding a generation while a client waits: its first chunk (so input errors are still a
-4xx), its end, cancelling it when the client leaves, and Server-Sent Events framing."""
+4xx), its end, cancelling it when the client leaves, reading it as the turn's events (what
+both streamed APIs, chat chunks and Responses events, are written from), and Server-Sent
+Events framing."""
 from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio
@@ -12,7 +15,9 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from agentrt.llm import Completion, CompletionChunk, final_completion
+from agentrt.prompting import PromptPlan
 from agentrt.server.errors import APIError, ClientDisconnected, known_llm_error
+from agentrt.stream_parser import StreamEvent, ToolCallStart, ToolCallStreamParser
 
 
 async def first_chunk(stream: AsyncIterator[CompletionChunk]) -> CompletionChunk | None:
@@ -44,6 +49,61 @@ async def drain(stream: AsyncIterator[CompletionChunk], first: CompletionChunk |
         return await final_completion(resumed(stream, first))
     except RuntimeError:  # final_completion: the stream ended without one
         raise APIError(502, "the model stream ended without a completion", type="server_error") from None
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    """A streamed turn ended: its completion and finish reason ("stop", "length" or "tool_calls")."""
+
+    completion: Completion
+    finish: str
+
+
+@dataclass(frozen=True)
+class TurnFailed:
+    """A streamed turn cannot go on: why, and the error code to send (the stream's last words)."""
+
+    message: str
+    code: str = "model_output_invalid"
+
+
+async def turn_events(plan: PromptPlan, stream: AsyncIterator[CompletionChunk], first: CompletionChunk | None
+                      ) -> AsyncIterator[StreamEvent | TurnEnd | TurnFailed]:
+    """The parser's events of a generation whose first chunk was already read, as they come, then one
+    `TurnEnd`, or a `TurnFailed` as the last item when the output does not parse or the engine fails."""
+    parser = ToolCallStreamParser(plan.mode)
+    made_calls = False
+    completion: Completion | None = None
+    try:
+        async for chunk in resumed(stream, first):
+            try:
+                events = parser.feed(chunk.delta) if chunk.delta else []
+            except ValueError as e:  # output the grammar should not have let through
+                yield TurnFailed(f"the model's output did not parse: {e}")
+                return
+            for ev in events:
+                made_calls = made_calls or isinstance(ev, ToolCallStart)
+                yield ev
+            completion = chunk.completion or completion
+    except Exception as e:  # noqa: BLE001 - this request failed in the engine: end its own stream with the reason
+        yield TurnFailed(f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
+        return
+    if completion is None:
+        yield TurnFailed("the model stream ended without a completion")
+        return
+    finish = "length" if completion.finish_reason == "length" else "stop"
+    if finish == "stop" and plan.mode == "tools":
+        try:
+            events = parser.finish()
+        except ValueError as e:
+            yield TurnFailed(f"the model's output did not parse: {e}")
+            return
+        for ev in events:
+            made_calls = made_calls or isinstance(ev, ToolCallStart)
+            yield ev
+        if made_calls:
+            finish = "tool_calls"
+    yield TurnEnd(completion, finish)
 
 
 async def close(stream: Any) -> None:
