@@ -1,4 +1,4 @@
-"""`agentrt` command line: run | serve | bench {engine,grammar,agent,server} | eval bfcl.
+"""`agentrt` command line: run | serve | mcp | pull | bench {engine,grammar,agent,server} | eval bfcl.
 
 Each subcommand lives in its own module and is imported only when used, so
 `agentrt --help` stays instant.
@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("agentrt.commands.run", "answer a question with an agent that calls tools"),
     "serve": ("agentrt.commands.serve", "serve /agent/run and the OpenAI-compatible API"),
     "pull": ("agentrt.commands.pull", "convert a model (GGUF -> safetensors cache) ahead of use"),
+    "mcp": ("agentrt.commands.mcp", "serve the tools and an agent_run tool over MCP (stdio or streamable HTTP)"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "engine": ("agentrt.benchmarks.engine", "engine decode/prefill/prefix-cache/batching vs transformers and llama.cpp"),

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from agentrt.commands.engine_options import add_engine_arguments, engine_overrides
+from agentrt.commands.integrations import add_integration_arguments, open_mcp_servers, start_tracing
 from agentrt.types import AgentEvent, RunResult
 
 
@@ -16,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tools", action="append", metavar="MODULE:ATTR",
         help="tools to offer: a ToolRegistry, a @tool function or a list of them (repeatable); "
-        "default: the built-in tools",
+        "default: the built-in tools (none with --mcp)",
     )
     parser.add_argument("--only", default=None, metavar="NAME[,NAME...]",
                         help="offer only these of the loaded tools (a small model chooses better among few)")
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print each event as one JSON line (the last is run_finished with the result)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="turn the engine's prefix cache off")
     add_engine_arguments(parser)
+    add_integration_arguments(parser)
 
 
 def load_tools(specs: list[str] | None) -> Any:
@@ -112,14 +114,30 @@ def print_result(console: Any, result: RunResult) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import anyio
     from rich.console import Console
+
+    from agentrt.registry import ToolRegistry
+
+    console = Console(stderr=args.json)
+    if not start_tracing(args, "run"):
+        return 2
+    registry = load_tools(args.tools) if args.tools or not args.mcp else ToolRegistry()
+    mcp_clients = open_mcp_servers(args, registry, "run")
+    if mcp_clients is None:
+        return 2
+    try:
+        return _run(args, console, registry)
+    finally:
+        for client in mcp_clients:
+            client.close()
+
+
+def _run(args: argparse.Namespace, console: Any, registry: Any) -> int:
+    import anyio
 
     from agentrt.llm import GenerationParams, LocalLLM
     from agentrt.planner import Agent
 
-    console = Console(stderr=args.json)
-    registry = load_tools(args.tools)
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in names if n not in registry]

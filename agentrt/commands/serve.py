@@ -9,8 +9,10 @@ import argparse
 import os
 import signal
 import sys
+from typing import Any
 
 from agentrt.commands.engine_options import add_engine_arguments, engine_overrides
+from agentrt.commands.integrations import add_integration_arguments, open_mcp_servers, start_tracing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the model's)")
     parser.add_argument("--tools", action="append", metavar="MODULE:ATTR",
                         help="tools /agent/run may run: a ToolRegistry, a @tool function or a list of them "
-                        "(repeatable); default: the built-in tools that read no files")
+                        "(repeatable); default: the built-in tools that read no files (none with --mcp)")
     parser.add_argument("--files-root", default=None, metavar="DIR",
                         help="also offer the built-in file and data tools, confined to DIR")
     parser.add_argument("--api-key", action="append", metavar="KEY",
@@ -37,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting beyond those; more get 429 + Retry-After (default 128)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     add_engine_arguments(parser)
+    add_integration_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -48,10 +51,9 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from agentrt.commands.run import load_tools
-    from agentrt.server import create_app, default_server_registry
+    from agentrt.registry import ToolRegistry
+    from agentrt.server import default_server_registry
 
     if not 0 < args.port < 65536:
         print(f"agentrt serve: --port must be 1..65535, got {args.port}", file=sys.stderr)
@@ -77,7 +79,30 @@ def main(args: argparse.Namespace) -> int:
     if args.files_root is not None and not os.path.isdir(args.files_root):
         print(f"agentrt serve: --files-root {args.files_root!r} is not a folder", file=sys.stderr)
         return 2
-    registry = load_tools(args.tools) if args.tools else default_server_registry(args.files_root)
+    if args.tools:
+        registry = load_tools(args.tools)
+    elif args.mcp and args.files_root is None:
+        registry = ToolRegistry()
+    else:
+        registry = default_server_registry(args.files_root)
+    if not start_tracing(args, "serve"):
+        return 2
+    mcp_clients = open_mcp_servers(args, registry, "serve")
+    if mcp_clients is None:
+        return 2
+    try:
+        _serve(args, llm, registry, keys)
+    finally:  # after uvicorn's graceful shutdown: no request can call an MCP tool any more
+        for client in mcp_clients:
+            client.close()
+    return 0
+
+
+def _serve(args: argparse.Namespace, llm: Any, registry: Any, keys: list[str]) -> None:
+    import uvicorn
+
+    from agentrt.server import create_app
+
     app = create_app(
         llm=llm, registry=registry, api_keys=keys, model=args.model, model_name=args.model_name,
         max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
@@ -89,4 +114,3 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
