@@ -9,6 +9,7 @@ on cancellation, or after too many unusable turns in a row. Every step is record
 """
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import time
@@ -21,6 +22,8 @@ from pydantic import BaseModel, ValidationError
 from agentrt.llm import LLM, Completion, GenerationParams
 from agentrt.prompting import PromptPlan, TurnOutput, compact_json, parse_turn, plan_turn
 from agentrt.registry import RunContext, Tool, ToolRegistry
+from agentrt.step_tools import StepTools
+from agentrt.stream_parser import ToolCallStreamParser
 from agentrt.tracing import RunTrace
 from agentrt.types import (
     AgentEvent,
@@ -81,6 +84,12 @@ class Agent:
             arguments), don't run it again: tell the model so and ask for the final answer
             in the next step (small models otherwise loop on the same call).
         name: the agent's name in traces (``invoke_agent {name}``, see `agentrt.tracing`).
+        eager_tools: hand each tool call to its tool the moment the model has written it (its
+            JSON object closed under the grammar), while the model writes the turn's next call;
+            its `ToolCallEvent` comes at that moment. Tools made with ``eager=False`` (side
+            effects) and calls that repeat an earlier one wait for the complete turn; early calls
+            of a turn that ends unusable are cancelled and reported. ``Step.tool_time_hidden_s``
+            says how much tool time ran behind decoding.
     """
 
     def __init__(
@@ -102,6 +111,7 @@ class Agent:
         reset_tool_choice: bool = True,
         repeat_guard: bool = True,
         name: str = "agent",
+        eager_tools: bool = True,
     ):
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -124,6 +134,7 @@ class Agent:
         self.reset_tool_choice = reset_tool_choice
         self.repeat_guard = repeat_guard
         self.name = name
+        self.eager_tools = eager_tools
         if not callable(tool_choice):  # validate now rather than at the first step
             plan_turn([], self.registry.specs(), tool_choice, parallel_tool_calls, self.output_schema)
 
@@ -173,6 +184,7 @@ class _Run:
         self.seen_calls: set[tuple[str, str]] = set()
         self.next_choice: ToolChoice | None = None  # a one-step override (repeat guard)
         self.trace = RunTrace(agent.name, self.run_id, getattr(agent.llm, "model_name", ""), agent.max_steps)
+        self.step_tools: StepTools | None = None  # the current step's (cancelled if the run stops mid-step)
 
     def _initial_messages(self, task: str | list[Message]) -> list[Message]:
         if isinstance(task, str):
@@ -259,17 +271,27 @@ class _Run:
                 yield StepStarted(run_id=self.run_id, step=index)
                 self.trace.start_step(index)
                 t0 = time.perf_counter()
-                completion = await self._call_model(plan, params, index)
+                tools = self.step_tools = StepTools(functools.partial(self._call_tool, index),
+                                                    eager=self.agent.eager_tools and plan.mode == "tools")
+                completion: Completion | None = None
+                async for item in self._call_model(plan, params, index, tools):
+                    if isinstance(item, Completion):
+                        completion = item
+                    else:
+                        yield item
+                assert completion is not None
                 step = self._record_step(index, completion)
                 turn, error = self._read_turn(completion, plan)
                 if error is not None:
+                    for event in self._cancel_early_calls(step, tools, error):
+                        yield event
                     yield self._retry(step, completion.text, error, t0)
                     if self.failures > self.agent.max_retries:
                         raise _Stop("error", f"{self.failures} unusable replies in a row; last: {error}")
                 elif turn.tool_calls and self._is_repeat(turn):
                     yield self._refuse_repeat(step, turn, completion.text, t0)
                 elif turn.tool_calls:
-                    async for event in self._run_tools(step, turn, completion.text, t0):
+                    async for event in self._run_tools(step, turn, completion.text, t0, tools):
                         yield event
                 else:
                     for event in self._answer(step, turn, completion.text, plan, t0):
@@ -277,8 +299,14 @@ class _Run:
                     return
             yield self._finish("max_steps", error=f"no final answer within max_steps={self.agent.max_steps}")
         except _Stop as stop:
-            yield self._finish(stop.status, error=stop.error)
+            error = stop.error
+            cancelled = self.step_tools.cancel() if self.step_tools is not None else []
+            if cancelled:
+                error = f"{error} (cancelled tool calls already started: {', '.join(c.name for c in cancelled)})"
+            yield self._finish(stop.status, error=error)
         finally:
+            if self.step_tools is not None:  # a run abandoned mid-step: its early calls stop with it
+                self.step_tools.cancel()
             self.trace.close()  # a run abandoned mid-way (the consumer left) still ends its spans
 
     def _plan_step(self, index: int) -> tuple[PromptPlan, GenerationParams]:
@@ -293,19 +321,52 @@ class _Run:
         return plan_turn(self.messages, agent.registry.specs(), choice, agent.parallel_tool_calls,
                          agent.output_schema), params
 
-    async def _call_model(self, plan: PromptPlan, params: GenerationParams, index: int) -> Completion:
-        with self.trace.model_call(params, plan.json_schema) as traced:
-            try:
-                completion = await self._guarded(
-                    lambda: self.agent.llm.complete(plan.chat_messages, json_schema=plan.json_schema, params=params),
-                    f"step {index}",
-                )
-            except _Stop:
-                raise
-            except Exception as exc:  # the model failed (bad schema, engine error): end the run, say why
-                raise _Stop("error", f"the model call of step {index} failed: {type(exc).__name__}: {exc}") from exc
+    async def _call_model(self, plan: PromptPlan, params: GenerationParams, index: int,
+                          tools: StepTools) -> AsyncIterator[ToolCallEvent | Completion]:
+        """Stream the model's turn; the last item is its `Completion`. In a tools turn with eager tools,
+        each call that may start early goes to ``tools`` as soon as its JSON closes, and its event
+        comes out then."""
+        parser = ToolCallStreamParser("tools") if tools.eager else None
+        stream = self.agent.llm.stream(plan.chat_messages, json_schema=plan.json_schema, params=params)
+        completion: Completion | None = None
+        # the chat span outlives this generator's yields: it is not made current (see agentrt.tracing)
+        with self.trace.model_call(params, plan.json_schema, current=False) as traced:
+            async with aclosing(stream):  # leaving early (a stop, an abandoned run) aborts the generation
+                while completion is None:
+                    with traced.active():  # what the model call does below (an HTTP request) joins the span
+                        chunk = await self._next_chunk(stream, index)
+                    if parser is not None and chunk.delta:
+                        try:
+                            parser.feed(chunk.delta)
+                        except ValueError:  # not the format (an unconstrained model): the turn's end says why
+                            parser = None
+                            continue
+                        for i, call in parser.take_finished_calls():
+                            if self._may_start_early(call):
+                                tools.start_early(i, call)
+                                yield ToolCallEvent(run_id=self.run_id, step=index, call=call)
+                    completion = chunk.completion
             traced.completion(completion)
-        return completion
+        yield completion
+
+    async def _next_chunk(self, stream: AsyncIterator[Any], index: int) -> Any:
+        """The model stream's next chunk, within the run's deadline and cancel event."""
+        try:
+            return await self._guarded(lambda: anext(stream), f"step {index}")
+        except _Stop:
+            raise
+        except StopAsyncIteration:
+            raise _Stop("error", f"the model stream of step {index} ended without a completion") from None
+        except Exception as exc:  # the model failed (bad schema, engine error): end the run, say why
+            raise _Stop("error", f"the model call of step {index} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _may_start_early(self, call: ToolCall) -> bool:
+        """A call may run before its turn is complete unless its tool opted out or it repeats an earlier
+        call (the repeat guard may refuse the turn)."""
+        registry = self.agent.registry
+        if call.name in registry and not registry.get(call.name).eager:
+            return False
+        return not (self.agent.repeat_guard and _call_keys([call])[0] in self.seen_calls)
 
     def _record_step(self, index: int, completion: Completion) -> Step:
         self.usage = self.usage + completion.usage
@@ -350,18 +411,21 @@ class _Run:
         self.next_choice = "answer"
         return self._step_finished(step, t0)
 
-    async def _run_tools(self, step: Step, turn: TurnOutput, text: str, t0: float) -> AsyncIterator[AgentEvent]:
-        """Run the turn's calls concurrently; their results join the transcript."""
+    async def _run_tools(self, step: Step, turn: TurnOutput, text: str, t0: float,
+                         tools: StepTools) -> AsyncIterator[AgentEvent]:
+        """Run the turn's calls concurrently (some may have started early); their results join the transcript."""
         self.failures = 0
-        calls = turn.tool_calls
+        calls = tools.adopt(turn.tool_calls)
         self.seen_calls.update(_call_keys(calls))
         self.messages.append(Message(role="assistant", content=text, tool_calls=calls))
         step.calls = calls
         for call in calls:
-            yield ToolCallEvent(run_id=self.run_id, step=step.index, call=call)
+            if not tools.started_early(call):
+                yield ToolCallEvent(run_id=self.run_id, step=step.index, call=call)
         t_tools = time.perf_counter()
-        results = await self._guarded(lambda: self._call_tools(calls, step.index), "tool calls")
+        results = await self._guarded(lambda: tools.results(calls), "tool calls")
         step.tool_time_s = time.perf_counter() - t_tools
+        step.tool_time_hidden_s = tools.hidden_s
         step.results = results
         for result in results:
             self.messages.append(Message(role="tool", content=result.content, tool_call_id=result.call_id,
@@ -412,22 +476,23 @@ class _Run:
         self.messages.append(Message(role="assistant", content=text))
         self.messages.append(Message(role="user", content=f"Error: {error}. {RETRY_HINT}"))
 
-    async def _call_tools(self, calls: list[ToolCall], step: int) -> list[ToolResult]:
-        """Run the step's calls concurrently; results in call order."""
+    def _cancel_early_calls(self, step: Step, tools: StepTools, error: str) -> list[ToolResultEvent]:
+        """An unusable turn: the calls that started early are cancelled, and reported as error results."""
+        cancelled = tools.cancel()
+        step.calls = cancelled
+        step.results = [ToolResult(call_id=c.id, name=c.name, is_error=True,
+                                   content=f"Cancelled: the turn turned out unusable ({error}) after this call "
+                                   f"had started") for c in cancelled]
+        return [ToolResultEvent(run_id=self.run_id, step=step.index, result=r) for r in step.results]
+
+    async def _call_tool(self, step: int, call: ToolCall) -> ToolResult:
+        """One call through the registry, with the run's context and limits, in its own span."""
         agent = self.agent
         context = RunContext(deps=agent.deps, run_id=self.run_id, step=step, messages=list(self.messages))
-        results: list[ToolResult | None] = [None] * len(calls)
-
-        async def one(i: int, call: ToolCall) -> None:
-            with self.trace.tool_call(call) as traced:  # in this task: the tool's own spans nest under it
-                results[i] = result = await agent.registry.call(call, context=context,
-                                                                timeout_s=self._tool_timeout(call))
-                traced.result(result)
-
-        async with anyio.create_task_group() as tg:
-            for i, call in enumerate(calls):
-                tg.start_soon(one, i, call)
-        return [r for r in results if r is not None]
+        with self.trace.tool_call(call) as traced:  # in the call's own task: the tool's own spans nest under it
+            result = await agent.registry.call(call, context=context, timeout_s=self._tool_timeout(call))
+            traced.result(result)
+        return result
 
     def _tool_timeout(self, call: ToolCall) -> float | None:
         """The tightest of: the tool's own limit, the agent's per-tool limit, the run's time left."""

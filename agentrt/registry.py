@@ -96,7 +96,8 @@ class Tool:
     """A function the model may call, with its spec and arguments model.
 
     Calling a ``Tool`` object directly calls the wrapped function unchanged, so a
-    decorated function stays usable from ordinary code.
+    decorated function stays usable from ordinary code. ``eager=False`` keeps a tool with side
+    effects from starting before the model's whole turn is known to be valid.
     """
 
     name: str
@@ -105,6 +106,7 @@ class Tool:
     args_model: type[BaseModel]
     fn: Callable[..., Any]
     timeout_s: float | None = None
+    eager: bool = True  # may start while the model still writes the turn's later calls (see Agent)
     takes_context: bool = False
     is_async: bool = False
     context_param: str | None = None
@@ -123,6 +125,7 @@ class Tool:
         name: str | None = None,
         description: str | None = None,
         timeout_s: float | None = None,
+        eager: bool = True,
     ) -> "Tool":
         """Build a tool from a sync or async function (raises :class:`ToolDefinitionError`)."""
         if isinstance(fn, Tool):
@@ -142,6 +145,7 @@ class Tool:
             args_model=fs.args_model,
             fn=fn,
             timeout_s=timeout_s,
+            eager=eager,
             takes_context=fs.context_param is not None,
             is_async=fs.is_async,
             context_param=fs.context_param,
@@ -161,6 +165,7 @@ class Tool:
         *,
         description: str = "",
         timeout_s: float | None = None,
+        eager: bool = True,
     ) -> "Tool":
         """A tool described by a ready-made JSON Schema (an OpenAI function, a BFCL entry...).
 
@@ -185,7 +190,7 @@ class Tool:
         params = tuple(ParamInfo(p, p, False) for p in parameters.get("properties", {}))
         spec = ToolSpec(name=name, description=description, parameters=parameters)
         return cls(name=name, description=description, spec=spec, args_model=model, fn=fn, timeout_s=timeout_s,
-                   is_async=inspect.iscoroutinefunction(fn), params=params)
+                   eager=eager, is_async=inspect.iscoroutinefunction(fn), params=params)
 
     @property
     def json_schema(self) -> dict[str, Any]:
@@ -315,41 +320,44 @@ class ToolRegistry:
     # -- registration ---------------------------------------------------------------
     @overload
     def tool(self, fn: F, *, name: str | None = None, description: str | None = None,
-             timeout_s: float | None = None) -> Tool: ...
+             timeout_s: float | None = None, eager: bool | None = None) -> Tool: ...
 
     @overload
     def tool(self, fn: None = None, *, name: str | None = None, description: str | None = None,
-             timeout_s: float | None = None) -> Callable[[F], Tool]: ...
+             timeout_s: float | None = None, eager: bool | None = None) -> Callable[[F], Tool]: ...
 
     def tool(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
-             description: str | None = None, timeout_s: float | None = None) -> Any:
-        """Decorator: ``@registry.tool`` or ``@registry.tool(name=..., timeout_s=...)``; returns the Tool."""
+             description: str | None = None, timeout_s: float | None = None, eager: bool | None = None) -> Any:
+        """Decorator: ``@registry.tool`` or ``@registry.tool(name=..., timeout_s=..., eager=False)``; returns the Tool."""
 
         def decorate(f: Callable[..., Any]) -> Tool:
-            return self.register(f, name=name, description=description, timeout_s=timeout_s)
+            return self.register(f, name=name, description=description, timeout_s=timeout_s, eager=eager)
 
         return decorate(fn) if fn is not None else decorate
 
     def register(self, fn_or_tool: Tool | Callable[..., Any], *, name: str | None = None,
-                 description: str | None = None, timeout_s: float | None = None,
+                 description: str | None = None, timeout_s: float | None = None, eager: bool | None = None,
                  replace: bool = False) -> Tool:
-        """Add a function or a :class:`Tool`; returns the Tool.
+        """Add a function or a :class:`Tool`; returns the Tool (``eager``: see `Tool`; None keeps the
+        Tool's own setting, True for a function).
 
         Raises:
             ToolDefinitionError: the function cannot be described (every problem listed).
             ValueError: another tool already has this name (pass ``replace=True``).
         """
         if isinstance(fn_or_tool, Tool) and name is None and description is None and timeout_s is None:
-            t = fn_or_tool
+            t = fn_or_tool if eager is None else dataclasses.replace(fn_or_tool, eager=eager)
         elif isinstance(fn_or_tool, Tool):
             t = Tool.from_function(
                 fn_or_tool.fn,
                 name=name or fn_or_tool.name,
                 description=description if description is not None else fn_or_tool.description,
                 timeout_s=timeout_s if timeout_s is not None else fn_or_tool.timeout_s,
+                eager=eager if eager is not None else fn_or_tool.eager,
             )
         elif callable(fn_or_tool):
-            t = Tool.from_function(fn_or_tool, name=name, description=description, timeout_s=timeout_s)
+            t = Tool.from_function(fn_or_tool, name=name, description=description, timeout_s=timeout_s,
+                                   eager=True if eager is None else eager)
         else:
             raise TypeError(f"register() needs a function or a Tool, got {type(fn_or_tool).__name__}")
         existing = self._tools.get(t.name)
@@ -479,24 +487,26 @@ default_registry = ToolRegistry()
 
 @overload
 def tool(fn: F, *, name: str | None = None, description: str | None = None,
-         timeout_s: float | None = None) -> Tool: ...
+         timeout_s: float | None = None, eager: bool = True) -> Tool: ...
 
 
 @overload
 def tool(fn: None = None, *, name: str | None = None, description: str | None = None,
-         timeout_s: float | None = None) -> Callable[[F], Tool]: ...
+         timeout_s: float | None = None, eager: bool = True) -> Callable[[F], Tool]: ...
 
 
 def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
-         description: str | None = None, timeout_s: float | None = None) -> Any:
+         description: str | None = None, timeout_s: float | None = None, eager: bool = True) -> Any:
     """Register a sync or async function into :data:`default_registry`; returns its :class:`Tool`.
 
-    Use bare (``@tool``) or with options (``@tool(name="add", timeout_s=5)``). A later
-    definition with the same name replaces the earlier one in the default registry
-    (re-imports and notebooks redefine functions).
+    Use bare (``@tool``) or with options (``@tool(name="add", timeout_s=5)``). ``eager=False``:
+    a tool with side effects runs only once the model's whole turn is known to be valid, never
+    while the model is still writing it. A later definition with the same name replaces the
+    earlier one in the default registry (re-imports and notebooks redefine functions).
     """
 
     def decorate(f: Callable[..., Any]) -> Tool:
-        return default_registry.register(f, name=name, description=description, timeout_s=timeout_s, replace=True)
+        return default_registry.register(f, name=name, description=description, timeout_s=timeout_s, eager=eager,
+                                         replace=True)
 
     return decorate(fn) if fn is not None else decorate

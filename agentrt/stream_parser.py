@@ -104,6 +104,7 @@ class ToolCallStreamParser:
         self._capture: tuple[tuple[Any, ...], int, int] | None = None
         self._capture_target: tuple[str, int] | None = None  # ("args", call index) | ("answer", -1)
         self._calls: list[_Call] = []
+        self._closed: list[int] = []  # calls whose object closed, not yet taken (take_finished_calls)
         self._content: list[str] = []
         self._answer_is_string = False
         self._events: list[StreamEvent] = []
@@ -158,6 +159,21 @@ class ToolCallStreamParser:
             except json.JSONDecodeError:
                 continue  # still streaming
             out.append(ToolCall(id=c.id, name=c.name, arguments=args if isinstance(args, dict) else {}))
+        return out
+
+    def take_finished_calls(self) -> list[tuple[int, ToolCall]]:
+        """The calls whose JSON object closed since the last take, as (index in the turn, call): complete
+        while the model may still be writing the next one."""
+        out = []
+        for index in self._closed:
+            c = self._calls[index]
+            try:
+                args = json.loads("".join(c.args))
+            except json.JSONDecodeError:
+                continue  # not JSON after all: parse_turn will say why at the end
+            if isinstance(args, dict) and c.name is not None:
+                out.append((index, ToolCall(id=c.id, name=c.name, arguments=args)))
+        self._closed.clear()
         return out
 
     # -- the scanner -------------------------------------------------------------------
@@ -333,6 +349,7 @@ class ToolCallStreamParser:
                 raise ValueError(f"tool call {path[1]} has no \"tool\" name")
             if not call.saw_args:  # no arguments given: an empty object
                 self._args_fragment(call, "{}")
+            self._closed.append(call.index)
 
     def _start_call(self, call: _Call) -> None:
         call.started = True

@@ -20,8 +20,9 @@ the trace.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 from urllib.parse import urlparse
 
 from opentelemetry import context as otel_context
@@ -238,22 +239,34 @@ def _tool_error_type(content: str) -> str:
 
 
 class _Current:
-    """A span made current for a ``with`` block inside one coroutine and ended with it; an
-    exception leaving the block marks the span failed."""
+    """A span ended with a ``with`` block (an exception leaving the block marks it failed) and made
+    current for it inside one coroutine; with ``attach=False`` (a block that spans a generator's
+    ``yield``) it is current only within `active` blocks, which must not span one."""
 
-    def __init__(self, span: Span, model: str = ""):
-        self.span, self.model = span, model
+    def __init__(self, span: Span, model: str = "", attach: bool = True):
+        self.span, self.model, self.attach = span, model, attach
         self._token: Any = None
 
     def __enter__(self) -> _Current:
-        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+        if self.attach:
+            self._token = otel_context.attach(trace.set_span_in_context(self.span))
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is not None:
             _fail(self.span, _error_type(exc), str(exc) or None)
-        otel_context.detach(self._token)
+        if self._token is not None:
+            otel_context.detach(self._token)
         self.span.end()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """The span is current inside this block (e.g. while awaiting the model's next chunk)."""
+        token = otel_context.attach(trace.set_span_in_context(self.span))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
 
     def completion(self, completion: Completion) -> None:
         """A model call's outcome: usage, timings, finish reason."""
@@ -271,6 +284,9 @@ class _Off:
 
     def __enter__(self) -> _Off:
         return self
+
+    def active(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
 
     def __exit__(self, *exc: object) -> None:
         return None
@@ -341,13 +357,15 @@ class RunTrace:
             span.set_attribute("agentrt.step.error", step.error)
         span.end()
 
-    def model_call(self, params: GenerationParams | None, json_schema: Any = None) -> _Current | _Off:
-        """``with trace.model_call(params) as call: ...; call.completion(c)``: the ``chat`` span."""
+    def model_call(self, params: GenerationParams | None, json_schema: Any = None, *,
+                   current: bool = True) -> _Current | _Off:
+        """``with trace.model_call(params) as call: ...; call.completion(c)``: the ``chat`` span
+        (``current=False``: current only inside ``call.active()`` blocks)."""
         if self.step_span is None:
             return _OFF
         span = self._child(self.step_span, _chat_name(self.model), SpanKind.CLIENT,
                            _chat_attributes(self.model, params, json_schema))
-        return _Current(span, self.model)
+        return _Current(span, self.model, attach=current)
 
     def tool_call(self, call: ToolCall) -> _Current | _Off:
         """``with trace.tool_call(call) as t: ...; t.result(r)``: the ``execute_tool`` span (made

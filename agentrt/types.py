@@ -82,7 +82,9 @@ class Step(BaseModel):
     answer failed validation (the message was fed back to the model). Timings in seconds;
     ``cached_tokens`` of ``prompt_tokens`` were served from the prefix cache; ``closed_by_budget``:
     the grammar made the model finish its JSON early to fit max_tokens (complete and valid, but a
-    string or number may be shorter than the model meant).
+    string or number may be shorter than the model meant). ``tool_time_s``: how long the step waited
+    for its tools after the model's turn was complete; ``tool_time_hidden_s``: tool time that ran
+    while the model was still decoding (calls started early, see ``Agent(eager_tools=...)``).
     """
 
     index: int
@@ -100,6 +102,7 @@ class Step(BaseModel):
     ttft_s: float = 0.0
     decode_s: float = 0.0
     tool_time_s: float = 0.0
+    tool_time_hidden_s: float = 0.0
     duration_s: float = 0.0
 
 
