@@ -1,10 +1,13 @@
 """`RemoteLLM`: the `LLM` protocol over any OpenAI-compatible server, for scale-out.
 
 The planner, the tools and the prompting stay on this machine; only generation moves to
-a server: vLLM, SGLang, or another ``agentrt serve``. The step's JSON Schema is sent as
-``response_format={"type": "json_schema", "json_schema": {..., "strict": true}}``, which
-vLLM and SGLang enforce with their own grammar backends (xgrammar / outlines) and agentrt
-enforces with its grammar, so tool calls stay valid whichever server runs the model::
+a server: vLLM, SGLang, llama.cpp, or another ``agentrt serve``. The step's JSON Schema
+goes to the server in the form it enforces (``constrain=``, see `agentrt.remote_formats`):
+``response_format`` of type ``json_schema`` (OpenAI, vLLM, SGLang, ``llama-server``, agentrt),
+``json_object`` + ``schema`` (llama-cpp-python), or one forced function tool; the default,
+``auto``, finds out at the first constrained request which one the server takes. The server
+enforces it with its own grammar backend (xgrammar / outlines / GBNF), so tool calls stay
+valid whichever server runs the model::
 
     # on the GPU box
     vllm serve HuggingFaceTB/SmolLM2-1.7B-Instruct --port 8000
@@ -17,10 +20,12 @@ enforces with its grammar, so tool calls stay valid whichever server runs the mo
 
 Usage reports the server's ``prompt_tokens_details.cached_tokens`` when it sends them
 (vLLM needs ``--enable-prompt-tokens-details``); TTFT is measured here, from the request
-to the first content token, so it includes the network.
+to the first token of the answer (content, or the tool call's arguments), so it includes the network.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import time
 from typing import Any, AsyncIterator
@@ -28,7 +33,19 @@ from urllib.parse import urlparse
 
 from agentrt.protocol import (BaseLLM, ChatMessage, Completion, CompletionChunk, GenerationParams, Prompt,
                               final_completion, prompt_messages)
+from agentrt.remote_formats import (CONSTRAIN_CHOICES, MODES, about_format, constraint_fields, rejects_format,
+                                    short_reason, tool_arguments)
 from agentrt.types import Usage
+
+log = logging.getLogger("agentrt.remote")
+
+# errors after which a probe is sent again through the retrying client (probes themselves do not
+# retry, so that a server refusing a format with a 500 is not asked three times)
+_TRANSIENT_STATUSES = {408, 409, 429, 502, 503, 504}
+
+
+class ConstraintUnsupportedError(RuntimeError):
+    """The server accepts none of the ways `RemoteLLM` knows to constrain output to a JSON Schema."""
 
 
 def _normalise_base_url(base_url: str) -> str:
@@ -61,6 +78,13 @@ class RemoteLLM(BaseLLM):
         schema_name: the ``json_schema.name`` sent with each schema.
         extra_body: more request fields for a particular server (e.g. vLLM's
             ``{"guided_decoding_backend": "xgrammar"}``).
+        constrain: how a step's JSON Schema is sent. ``"json_schema"`` (OpenAI, vLLM, SGLang,
+            ``llama-server``, agentrt), ``"json_object_schema"`` (llama-cpp-python's server),
+            ``"tools"`` (one function tool forced by ``tool_choice``; the answer is read from its
+            arguments), ``"none"`` (no constraint: the JSON is only prompted, so replies may be
+            invalid), or ``"auto"`` (default): try them in that order at the first constrained
+            request, keep the first the server accepts, and raise `ConstraintUnsupportedError`
+            if it accepts none. Requests without a schema never carry a constraint.
     """
 
     def __init__(
@@ -73,23 +97,37 @@ class RemoteLLM(BaseLLM):
         max_retries: int = 2,
         schema_name: str = "agentrt_turn",
         extra_body: dict[str, Any] | None = None,
+        constrain: str = "auto",
     ):
         import openai
 
+        if constrain not in CONSTRAIN_CHOICES:
+            raise ValueError(f"constrain must be one of {', '.join(CONSTRAIN_CHOICES)}, got {constrain!r}")
         self.base_url = _normalise_base_url(base_url)
         self.model_name: str = model or ""
         self.schema_name = schema_name
         self.extra_body = dict(extra_body or {})
+        self.constrain = constrain
+        # the mode in use: known from the start unless "auto", which sets it at its first constrained request
+        self.constrain_mode: str | None = None if constrain == "auto" else constrain
+        self._detect_lock = asyncio.Lock()
         self.client = openai.AsyncOpenAI(
             base_url=self.base_url,
             api_key=api_key or os.environ.get("OPENAI_API_KEY") or "not-needed",
             timeout=timeout,
             max_retries=max_retries,
         )
+        if constrain == "none":
+            log.warning("RemoteLLM(%s, constrain='none'): output is not constrained to the step's JSON Schema; "
+                        "replies are only prompted to be valid JSON and tool calls may be invalid", self.base_url)
 
     @property
     def engine_summary(self) -> str:
-        return f"served by {self.base_url}"
+        if self.constrain_mode == "none":
+            return f"served by {self.base_url}, unconstrained (JSON only prompted)"
+        if self.constrain_mode is None:
+            return f"served by {self.base_url}, constraint detected at the first request"
+        return f"served by {self.base_url}, constrained by {self.constrain_mode}"
 
     async def _model(self) -> str:
         if not self.model_name:
@@ -100,7 +138,8 @@ class RemoteLLM(BaseLLM):
         return self.model_name
 
     def _request(self, model: str, messages: list[ChatMessage], json_schema: dict[str, Any] | None,
-                 params: GenerationParams) -> dict[str, Any]:
+                 params: GenerationParams, mode: str | None = None) -> dict[str, Any]:
+        """The request's keyword arguments; ``mode`` says how ``json_schema`` is sent (None: not at all)."""
         kwargs: dict[str, Any] = {
             "model": model,
             "messages": messages,
@@ -114,11 +153,8 @@ class RemoteLLM(BaseLLM):
             kwargs["seed"] = params.seed
         if params.stop:
             kwargs["stop"] = list(params.stop)
-        if json_schema is not None:
-            kwargs["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": self.schema_name, "schema": json_schema, "strict": True},
-            }
+        if json_schema is not None and mode not in (None, "none"):
+            kwargs.update(constraint_fields(mode, json_schema, self.schema_name))
         extra = dict(self.extra_body)
         if params.top_k:
             extra["top_k"] = params.top_k  # vLLM / SGLang / agentrt extension
@@ -144,16 +180,17 @@ class RemoteLLM(BaseLLM):
         params: GenerationParams | None = None,
     ) -> AsyncIterator[CompletionChunk]:
         """Text deltas as the server sends them, then the `Completion`. Closing this
-        iterator early closes the HTTP stream, so the server aborts the generation."""
+        iterator early closes the HTTP stream, so the server aborts the generation.
+        In ``tools`` mode the text is the forced tool call's arguments."""
         params = params or GenerationParams()
         model = await self._model()
         start = time.perf_counter()
         first_at: float | None = None
         parts: list[str] = []
+        stray: list[str] = []  # content in tools mode: the answer only if no tool call comes
         finish: str | None = None
         usage = Usage()
-        response = await self.client.chat.completions.create(
-            **self._request(model, prompt_messages(messages), json_schema, params))
+        response, mode = await self._open(model, prompt_messages(messages), json_schema, params)
         try:
             async for chunk in response:
                 if chunk.usage is not None:
@@ -163,7 +200,13 @@ class RemoteLLM(BaseLLM):
                         cached_tokens=_cached_tokens(chunk.usage),
                     )
                 for choice in chunk.choices:
-                    text = choice.delta.content if choice.delta is not None else None
+                    delta = choice.delta
+                    content = delta.content if delta is not None else None
+                    if mode == "tools":
+                        stray.append(content or "")
+                        text = tool_arguments(delta) if delta is not None else ""
+                    else:
+                        text = content
                     if text:
                         if first_at is None:
                             first_at = time.perf_counter()
@@ -173,6 +216,11 @@ class RemoteLLM(BaseLLM):
                         finish = choice.finish_reason
         finally:
             await response.close()
+        if not parts and "".join(stray):
+            # a server that took the tool but answered in content: that content is the answer
+            first_at = first_at or time.perf_counter()
+            parts.append("".join(stray))
+            yield CompletionChunk(delta=parts[0])
         end = time.perf_counter()
         ttft = (first_at or end) - start
         yield CompletionChunk(
@@ -184,3 +232,59 @@ class RemoteLLM(BaseLLM):
                 decode_s=end - (first_at or end),
             )
         )
+
+    # -- sending the constraint the server takes -------------------------------------------
+
+    async def _open(self, model: str, messages: list[ChatMessage], json_schema: dict[str, Any] | None,
+                    params: GenerationParams) -> tuple[Any, str | None]:
+        """Start the streamed request; returns (the stream, the constraint mode it was sent with)."""
+        mode = None if json_schema is None else self.constrain_mode
+        if json_schema is None or mode is not None:
+            return await self.client.chat.completions.create(
+                **self._request(model, messages, json_schema, params, mode)), mode
+        # "auto" before detection: one request probes while concurrent first requests wait
+        # for its answer's headers, then use what it found
+        async with self._detect_lock:
+            if self.constrain_mode is None:
+                return await self._detect(model, messages, json_schema, params)
+        return await self._open(model, messages, json_schema, params)
+
+    async def _detect(self, model: str, messages: list[ChatMessage], json_schema: dict[str, Any],
+                      params: GenerationParams) -> tuple[Any, str]:
+        """Send this request with each mode in turn until the server accepts one; remember it."""
+        import openai
+
+        refusals: list[tuple[str, openai.APIStatusError]] = []
+        for mode in MODES:
+            try:
+                response = await self._probe(self._request(model, messages, json_schema, params, mode))
+            except openai.APIStatusError as exc:
+                if not rejects_format(exc):
+                    raise
+                log.debug("%s refused constrain=%s: %s", self.base_url, mode, short_reason(exc))
+                refusals.append((mode, exc))
+                continue
+            self.constrain_mode = mode
+            log.info("RemoteLLM(%s): the server takes constrain=%s", self.base_url, mode)
+            return response, mode
+        errors = [exc for _, exc in refusals]
+        if len({(e.status_code, str(e)) for e in errors}) == 1 and not about_format(errors[0]):
+            raise errors[0]  # the same error whatever the format (an over-long prompt...): not about formats
+        reasons = "; ".join(f"{mode}: {short_reason(exc)}" for mode, exc in refusals)
+        raise ConstraintUnsupportedError(
+            f"the server at {self.base_url} cannot constrain output to a JSON Schema (tried json_schema, "
+            f"json_object+schema, tools: {reasons}); pass constrain='none' to run unconstrained "
+            "(tool calls may then be invalid)") from errors[-1]
+
+    async def _probe(self, kwargs: dict[str, Any]) -> Any:
+        """One request without the client's retries (a refusal needs no second ask); a transient
+        failure is sent again through the retrying client, which backs off as it always does."""
+        import openai
+
+        try:
+            return await self.client.with_options(max_retries=0).chat.completions.create(**kwargs)
+        except (openai.APIConnectionError, openai.APIStatusError) as exc:
+            transient = isinstance(exc, openai.APIConnectionError) or exc.status_code in _TRANSIENT_STATUSES
+            if not transient or self.client.max_retries == 0:
+                raise
+            return await self.client.chat.completions.create(**kwargs)

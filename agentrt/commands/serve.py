@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generate on this OpenAI-compatible server (vLLM, SGLang, another agentrt) "
                         "instead of a local model; tools and the planner stay here")
     parser.add_argument("--remote-api-key", default=None, help="API key of --remote-url (default $OPENAI_API_KEY)")
+    parser.add_argument("--remote-constrain", default="auto",
+                        choices=["auto", "json_schema", "json_object_schema", "tools", "none"],
+                        help="how --remote-url is asked to follow the step's JSON Schema: auto (default: found out "
+                        "at the first request), json_schema (vLLM, SGLang, llama-server), json_object_schema "
+                        "(llama-cpp-python), tools (a forced function tool), none (unconstrained)")
     parser.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the model's)")
     parser.add_argument("--tools", action="append", metavar="MODULE:ATTR",
                         help="tools /agent/run may run: a ToolRegistry, a @tool function or a list of them "
@@ -75,7 +80,8 @@ def main(args: argparse.Namespace) -> int:
     if args.remote_url:
         from agentrt.remote import RemoteLLM
 
-        llm = RemoteLLM(args.remote_url, model=args.model_name, api_key=args.remote_api_key)
+        llm = RemoteLLM(args.remote_url, model=args.model_name, api_key=args.remote_api_key,
+                        constrain=args.remote_constrain)
     if args.files_root is not None and not os.path.isdir(args.files_root):
         print(f"agentrt serve: --files-root {args.files_root!r} is not a folder", file=sys.stderr)
         return 2
