@@ -186,6 +186,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=96, help="new tokens per step (default 96)")
     parser.add_argument("--json", action="store_true", help="print the summaries as JSON")
     parser.add_argument("--verbose", action="store_true", help="print every run's calls and answer")
+    parser.add_argument("--eager", action="store_true",
+                        help="instead: tool calls started while the model decodes vs after its turn "
+                        "(agentrt.benchmarks.eager)")
+    parser.add_argument("--repeats", type=int, default=3, help="with --eager: pairs per question (default 3)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -197,6 +201,10 @@ def main(args: argparse.Namespace) -> int:
     from agentrt.tools import builtin_registry
 
     console = Console(stderr=args.json)
+    if args.eager:
+        from agentrt.benchmarks import eager
+
+        return eager.run(args, console)
     tasks = list(TASKS[: 3 if args.quick else (args.tasks or len(TASKS))])
     root = make_workspace()
     tools = builtin_registry(root)
