@@ -120,6 +120,10 @@ class LocalLLM(BaseLLM):
     def stats(self) -> Any:
         return self.sync_engine.stats()
 
+    def release_prompt_cache(self, key: str) -> None:
+        """Unpin the KV that generations with ``prompt_cache_key=key`` left pinned (e.g. the run ended)."""
+        self.engine.release_cache_key(key)
+
     def close(self) -> None:
         """Stop the engine's loop thread (open streams end with finish_reason "abort"). Programs that
         never call it still exit cleanly: every engine left running is stopped at interpreter exit."""
@@ -176,7 +180,7 @@ class LocalLLM(BaseLLM):
             stop=list(params.stop),
         )
         async for out in self.engine.generate_stream(prompt.token_ids, sampling, constraint=constraint,
-                                                     priority=params.priority):
+                                                     priority=params.priority, cache_key=params.prompt_cache_key):
             if out.delta_text:
                 yield CompletionChunk(delta=out.delta_text)
             if out.finished:

@@ -253,6 +253,9 @@ class _Run:
             # every step of the run queues as if it arrived when the run started: a run that is
             # under way is not postponed by work that came after it (see engine.scheduler)
             update["priority"] = self.started
+        if params.prompt_cache_key is None:
+            # the local engine keeps each step's KV pinned for the next step while the tools run
+            update["prompt_cache_key"] = self.run_id
         budget = self.agent.max_total_tokens
         if budget is not None:
             used = self.usage.prompt_tokens + self.usage.completion_tokens
@@ -307,6 +310,9 @@ class _Run:
         finally:
             if self.step_tools is not None:  # a run abandoned mid-step: its early calls stop with it
                 self.step_tools.cancel()
+            release = getattr(self.agent.llm, "release_prompt_cache", None)
+            if release is not None:  # no next step will reuse the run's pinned KV
+                release(self.run_id)
             self.trace.close()  # a run abandoned mid-way (the consumer left) still ends its spans
 
     def _plan_step(self, index: int) -> tuple[PromptPlan, GenerationParams]:

@@ -43,6 +43,11 @@ class GenerationParams(BaseModel):
     `time.perf_counter` clock; None = arrival order). The planner sets it to the run's start
     time so a run's later steps go ahead of work that arrived after the run started.
     `RemoteLLM` does not send it (servers differ in whether and how they accept one).
+
+    ``prompt_cache_key`` (OpenAI's name): the local engine keeps this generation's KV pinned in its
+    prefix cache for the key's next generation (until it arrives, `release_prompt_cache`, or
+    ``EngineConfig.kv_pin_ttl_s``); the planner sets the run's id, so a crowded pool keeps the
+    prefix that the run's next step reuses while its tools run.
     """
 
     max_tokens: int = 512
@@ -52,6 +57,7 @@ class GenerationParams(BaseModel):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     priority: float | None = None
+    prompt_cache_key: str | None = None
 
 
 class Completion(BaseModel):

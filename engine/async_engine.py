@@ -99,14 +99,16 @@ class AsyncLLMEngine:
 
     def generate_stream(self, prompt: str | list[int], params: SamplingParams | None = None,
                         constraint: TokenConstraint | None = None, request_id: str | None = None,
-                        priority: float | None = None) -> AsyncIterator[RequestOutput]:
+                        priority: float | None = None, cache_key: str | None = None) -> AsyncIterator[RequestOutput]:
         """Validate now (ContextOverflowError raises here), then stream the request's outputs
-        (``priority``: see `LLMEngine.make_sequence`)."""
+        (``priority``: see `LLMEngine.make_sequence`; ``cache_key``: keep its KV pinned for the key's
+        next request, see `engine.kv_cache`)."""
         if self._stop:
             raise RuntimeError("the engine is shut down")
         if request_id is not None and request_id in self._sinks:
             raise ValueError(f"request id {request_id!r} is already streaming")
         seq = self.engine.make_sequence(prompt, params or SamplingParams(), constraint, request_id, priority)
+        seq.cache_key = cache_key
         return self._stream(seq)
 
     async def _stream(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
@@ -149,6 +151,10 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
+    def release_cache_key(self, key: str) -> None:
+        """Unpin what ``key``'s requests left pinned (the run is over); it stays evictable cache."""
+        self._submit(("unpin", key))
+
     def shutdown(self) -> None:
         """Stop the loop thread; unfinished streams end with finish_reason "abort"."""
         self._stop = True
@@ -178,6 +184,8 @@ class AsyncLLMEngine:
                     self._deliver_error(arg.request_id, exc)
             elif op == "abort":
                 eng.abort_request(arg)
+            elif op == "unpin":
+                eng.block_manager.unpin(arg)
 
     def _deliver_error(self, rid: str, exc: BaseException) -> None:
         sink = self._sinks.get(rid)

@@ -38,6 +38,9 @@ class EngineConfig:
     max_num_batched_tokens: the most tokens one step computes (so a long prompt is prefilled in chunks
       of at most this many tokens while other requests keep decoding).
     max_model_len: context window; None = the model's ``max_position_embeddings`` (capped at 8192).
+    kv_pin_ttl_s: how long a finished request with a cache key (an agent run's id) keeps its KV pinned
+      for the key's next request (a run's next step, after its tools); 0 = never pinned. Pins are
+      released first when the pool runs short, so they never refuse or stall a request.
     dtype: "auto" = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else float32
       (without native bf16 the CPU matmuls run several times slower in bf16 than in fp32).
     quantization: weight-only int8/int4 for the decoder layers' linears (the lm_head gets int8). "auto"
@@ -77,6 +80,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    kv_pin_ttl_s: float = 30.0
     compile: bool = False
     fused_decode: bool = False
     fused_activations: Literal["int8", "int16"] = "int8"
@@ -133,6 +137,8 @@ class EngineConfig:
             problems.append(f"kv_cache_gb={self.kv_cache_gb!r} (must be a number above 0 or None)")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             problems.append(f"num_kv_blocks={self.num_kv_blocks!r} (must be >= 1 or None)")
+        if not (self.kv_pin_ttl_s >= 0 and math.isfinite(self.kv_pin_ttl_s)):
+            problems.append(f"kv_pin_ttl_s={self.kv_pin_ttl_s!r} (must be a number >= 0)")
         if self.max_model_len is not None and self.max_model_len < 2:
             problems.append(f"max_model_len={self.max_model_len!r} (must be >= 2 or None)")
         if self.num_threads is not None and self.num_threads < 1:

@@ -42,6 +42,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int
     prefix_cache_queried_tokens: int
     finishing: int = 0  # finished requests whose last tokens' K/V the next step computes for the cache
+    kv_blocks_pinned: int = 0  # held for the next request of a cache key (an agent run's next step)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -75,7 +76,7 @@ class LLMEngine:
         self.model, self.kv, self.device = self.runner.model, self.runner.kv, self.runner.device
         self.vocab_size: int = self.model.args.vocab_size
         self.block_manager = BlockManager(self.kv.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          copy_kv=self.kv.copy_block_prefix)
+                                          copy_kv=self.kv.copy_block_prefix, pin_ttl_s=config.kv_pin_ttl_s)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer)
         self._seqs: dict[str, Sequence] = {}
@@ -169,7 +170,8 @@ class LLMEngine:
         return EngineStats(waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
                            kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used,
                            kv_blocks_cached=bm.num_cached, prefix_cache_hit_tokens=bm.hit_tokens,
-                           prefix_cache_queried_tokens=bm.queried_tokens, finishing=len(self.scheduler.finishing))
+                           prefix_cache_queried_tokens=bm.queried_tokens, finishing=len(self.scheduler.finishing),
+                           kv_blocks_pinned=bm.num_pinned)
 
     def decode_weight_bytes(self) -> int:
         """See `ModelRunner.decode_weight_bytes`."""

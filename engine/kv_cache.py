@@ -15,9 +15,15 @@ where they diverge) gets those tokens' K/V copied into a fresh block it owns (co
 the indexed block stays shared-read-only and may be evicted later), so only the tokens after
 the common prefix are recomputed. An agent's next step, which extends the previous step's
 tokens, is thus served all of the previous step's computed tokens, not just its full blocks.
+
+A finished sequence with a cache key (an agent run's id) keeps its blocks *pinned* under that key
+until the key's next sequence is admitted, the key is released, or ``pin_ttl_s`` passes, so a
+crowded pool evicts other cached blocks before the prefix a run is about to reuse (while its tools
+run). Pins never cost admission: when the pool runs short, the oldest pins are released first.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
@@ -54,7 +60,7 @@ class BlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 copy_kv: CopyKV | None = None):
+                 copy_kv: CopyKV | None = None, pin_ttl_s: float = 0.0):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -69,6 +75,10 @@ class BlockManager:
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # free but indexed; oldest first = LRU
         self.hit_tokens = 0
         self.queried_tokens = 0
+        self.pin_ttl_s = pin_ttl_s if enable_prefix_caching else 0.0
+        # cache key -> (its blocks, when the pin expires on the monotonic clock); oldest pin first
+        self._pins: OrderedDict[str, tuple[list[int], float]] = OrderedDict()
+        self.pins_released_early = 0  # pins given up to make room (pressure), not by their key or TTL
 
     # ---- accounting ---------------------------------------------------------------------------
     @property
@@ -90,6 +100,11 @@ class BlockManager:
     def num_partial_cached(self) -> int:
         """Partly filled blocks kept indexed after their sequence was released."""
         return sum(1 for b in self.blocks if b.parent is not None and b.hash == -1)
+
+    @property
+    def num_pinned(self) -> int:
+        """Blocks held by pins (counted once however many pins hold them)."""
+        return len({b for blocks, _ in self._pins.values() for b in blocks})
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -157,8 +172,13 @@ class BlockManager:
 
     # ---- growth and release ---------------------------------------------------------------------
     def can_grow(self, seq, num_tokens: int) -> bool:
-        """True if ``seq`` can hold ``num_tokens`` tokens after allocating new blocks."""
-        return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free
+        """True if ``seq`` can hold ``num_tokens`` tokens after allocating new blocks; releases the
+        oldest pins first when the free blocks alone are too few."""
+        need = self.blocks_needed(num_tokens) - len(seq.block_table)
+        while need > self.num_free and self._pins:
+            self.unpin(next(iter(self._pins)))
+            self.pins_released_early += 1
+        return need <= self.num_free
 
     def grow(self, seq, num_tokens: int) -> None:
         """Allocate blocks so ``seq`` can hold ``num_tokens`` tokens (check `can_grow` first)."""
@@ -186,11 +206,14 @@ class BlockManager:
                 self.hash_to_block[h] = blk.block_id
                 self._index_child(blk, seq.block_hashes[i - 1] if i else -1)
 
-    def free(self, seq) -> None:
+    def free(self, seq, pin_key: str | None = None) -> None:
         """Release every block of ``seq`` (tail first, so the tail is evicted before the head).
 
-        The computed tokens of its last, partly filled block stay indexed (see `match_prefix`)."""
+        The computed tokens of its last, partly filled block stay indexed (see `match_prefix`). With
+        ``pin_key`` (and a pin TTL), the blocks stay pinned under it (see `pin`)."""
         self._index_partial(seq)
+        if pin_key is not None and self.pin_ttl_s > 0 and seq.block_table:
+            self.pin(pin_key, seq.block_table)
         for bid in reversed(seq.block_table):
             self._unref(bid)
         seq.block_table = []
@@ -212,6 +235,32 @@ class BlockManager:
             return  # an indexed block already holds these tokens (e.g. the one this was copied from)
         blk.tokens = toks
         self._index_child(blk, parent)
+
+    # ---- pins -------------------------------------------------------------------------------------
+    def pin(self, key: str, blocks: list[int]) -> None:
+        """Hold ``blocks`` under ``key`` for ``pin_ttl_s`` (replacing the key's earlier pin)."""
+        for bid in blocks:
+            self._ref(bid)
+        earlier = self._pins.pop(key, None)
+        self._pins[key] = (list(blocks), time.monotonic() + self.pin_ttl_s)
+        if earlier is not None:
+            self._unref_all(earlier[0])
+
+    def unpin(self, key: str) -> None:
+        """Release ``key``'s pin (nothing if there is none): its blocks become evictable cache again."""
+        pinned = self._pins.pop(key, None)
+        if pinned is not None:
+            self._unref_all(pinned[0])
+
+    def expire_pins(self, now: float | None = None) -> None:
+        """Release the pins whose TTL has passed (``now`` on the monotonic clock)."""
+        now = time.monotonic() if now is None else now
+        for key in [k for k, (_, expires) in self._pins.items() if expires <= now]:
+            self.unpin(key)
+
+    def _unref_all(self, blocks: list[int]) -> None:
+        for bid in reversed(blocks):  # tail first: evicted before the head
+            self._unref(bid)
 
     # ---- internals -------------------------------------------------------------------------------
     def _index_child(self, blk: Block, parent: int) -> None:

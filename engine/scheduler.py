@@ -17,7 +17,9 @@ A sequence that finishes (stop or length) while its last tokens (the last sample
 forced closing tokens) were never run through the model is kept as *finishing*: the next step
 computes those tokens' K/V (no sampling) and then releases its blocks into the prefix cache, so
 a later prompt that extends the whole sequence (an agent's next step) is served every token of
-it. The finished output is delivered first; the tail costs the next step a few tokens.
+it. The finished output is delivered first; the tail costs the next step a few tokens. A
+sequence with a cache key (an agent run's id) then leaves its blocks pinned for the key's next
+sequence (`BlockManager.pin`), which unpins them when admitted.
 """
 from __future__ import annotations
 
@@ -59,13 +61,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.finishing)
 
-    def remove(self, seq: Sequence) -> None:
-        """Drop a sequence (aborted, or finished without a tail to keep) and release its blocks now."""
+    def remove(self, seq: Sequence, pin: bool = False) -> None:
+        """Drop a sequence (aborted, or finished without a tail to keep) and release its blocks now
+        (``pin``: under its cache key, see `BlockManager.pin`)."""
         for queue in (self.running, self.waiting, self.finishing):
             if seq in queue:
                 queue.remove(seq)
                 break
-        self.bm.free(seq)
+        self.bm.free(seq, pin_key=seq.cache_key if pin else None)
 
     def finish(self, seq: Sequence) -> None:
         """A sequence ended with ``seq.finish_reason``. With prefix caching, a stop/length finish
@@ -74,7 +77,7 @@ class Scheduler:
         keep = (self.bm.enable_prefix_caching and seq.finish_reason in ("stop", "length")
                 and seq in self.running and seq.num_uncomputed > 0)
         if not keep:
-            self.remove(seq)
+            self.remove(seq, pin=seq.finish_reason in ("stop", "length"))
             return
         self.running.remove(seq)
         self.finishing.append(seq)
@@ -85,12 +88,13 @@ class Scheduler:
         keep = []
         for seq in self.finishing:
             if all_ or seq.num_uncomputed == 0:
-                self.bm.free(seq)
+                self.bm.free(seq, pin_key=seq.cache_key)
             else:
                 keep.append(seq)
         self.finishing = keep
 
     def schedule(self) -> ScheduledStep | None:
+        self.bm.expire_pins()
         budget = self.max_num_batched_tokens
         singles: list[tuple[Sequence, int]] = []
         chunks: list[tuple[Sequence, int]] = []
@@ -141,6 +145,8 @@ class Scheduler:
                 self.bm.free(seq)
                 break
             self.waiting.pop(0)
+            if seq.cache_key is not None:  # the key's next step holds what it reuses now
+                self.bm.unpin(seq.cache_key)
             if not seq.admitted:
                 seq.admitted = True
                 # Tokens forced at admission may extend past the prompt and hit the cache

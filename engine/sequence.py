@@ -23,6 +23,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     # scheduling order, lower first (None = arrival_time): e.g. the start time of the agent run it belongs to
     priority: float | None = None
+    # pin the KV under this key when finished, until the key's next sequence arrives (e.g. an agent run's id)
+    cache_key: str | None = None
     # KV state
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)

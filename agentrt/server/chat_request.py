@@ -161,6 +161,7 @@ def generation_params(llm: LLM, prompt: Prompt, plan: PromptPlan, req: ChatCompl
         top_k=req.top_k or 0,
         seed=req.seed,
         stop=stops,
+        prompt_cache_key=req.prompt_cache_key,
     )
     n = None if prompt.token_ids is None else len(prompt.token_ids)
     if n is not None and n + params.max_tokens > limit:

@@ -100,6 +100,8 @@ class ChatCompletionRequest(_Loose):
     top_logprobs: int | None = Field(default=None, ge=0, le=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # a client's agent loop sends the same key each turn: the engine keeps the turn's KV pinned for the next
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
 
     @field_validator("logprobs")
     @classmethod

@@ -103,7 +103,7 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = None  # echoed in the response
     user: str | None = None
     safety_identifier: str | None = None
-    prompt_cache_key: str | None = None  # the prefix cache needs no key
+    prompt_cache_key: str | None = None  # keeps this turn's KV pinned for the key's next request
     prompt_cache_retention: str | None = None
     service_tier: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
@@ -307,7 +307,7 @@ def to_chat_request(req: ResponsesRequest) -> ChatTranslation:
         "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
         "response_format": chat_response_format(req.text),
         "temperature": req.temperature, "top_p": req.top_p, "max_completion_tokens": req.max_output_tokens,
-        "stream": req.stream,
+        "stream": req.stream, "prompt_cache_key": req.prompt_cache_key,
     }
     names = ParamNames(sources)
     try:
