@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentrt.benchmarks.agent import TASKS, make_workspace, run_side_by_side, summarize
+from agentrt.benchmarks.agent_suite import TASKS, make_workspace, run_side_by_side, summarize
 from agentrt.llm import GenerationParams
 from agentrt.testing import ScriptedLLM
 from agentrt.tools import builtin_registry
