@@ -100,9 +100,29 @@ def salvage_cut_turn(text: str) -> CutTurn:
     return CutTurn(content=parser.content, tool_calls=parser.tool_calls, error=error)
 
 
-def tool_call_json(call: ToolCall) -> dict[str, Any]:
-    """A tool call as OpenAI's ``tool_calls`` entry (arguments as compact JSON text)."""
-    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": compact_json(call.arguments)}}
+def tool_call_json(call: ToolCall, arguments: str | None = None) -> dict[str, Any]:
+    """A tool call as OpenAI's ``tool_calls`` entry: ``arguments`` is the JSON text to send (the model's
+    own, see `streamed_turn_texts`), else ``call.arguments`` as compact JSON."""
+    text = compact_json(call.arguments) if arguments is None else arguments
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": text}}
+
+
+def streamed_turn_texts(text: str) -> tuple[str | None, list[str]] | None:
+    """(content, each call's arguments JSON text) of a complete tools-mode output as the streaming
+    parser reads it, i.e. exactly what a streamed response's deltas concatenate to; None when the
+    parser cannot read it (a shape only `parse_turn` accepts).
+
+    A non-streamed response must send these texts, not the parsed values re-serialized: the model's
+    number ``2.1237107879569874`` re-serializes as ``2.123710787956987`` (the shortest repr of the
+    same float), ``1e5`` as ``100000.0``, ``\\u00e9`` as ``é``, so the same generation would read
+    differently streamed and not."""
+    parser = ToolCallStreamParser("tools")
+    try:
+        parser.feed(text)
+        parser.finish()
+    except ValueError:
+        return None
+    return parser.content, parser.arguments_texts
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:

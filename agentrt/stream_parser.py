@@ -161,6 +161,13 @@ class ToolCallStreamParser:
             out.append(ToolCall(id=c.id, name=c.name, arguments=args if isinstance(args, dict) else {}))
         return out
 
+    @property
+    def arguments_texts(self) -> list[str]:
+        """Each named call's arguments JSON exactly as the model wrote it, in order: the concatenation
+        of its `ToolCallArgsDelta` fragments (not re-serialized: ``2.1237107879569874`` stays as written,
+        where ``json.loads`` + ``json.dumps`` would give ``2.123710787956987``)."""
+        return ["".join(c.args) for c in self._calls if c.name is not None]
+
     def take_finished_calls(self) -> list[tuple[int, ToolCall]]:
         """The calls whose JSON object closed since the last take, as (index in the turn, call): complete
         while the model may still be writing the next one."""

@@ -155,6 +155,39 @@ def test_length_cut_tool_call_is_not_passed_off_as_complete():
     assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"]
 
 
+def _streamed_message(c: TestClient, body: dict) -> dict:
+    """The streamed answer of ``body`` reassembled as an OpenAI client does."""
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks = [d for _, d in sse_events(r.iter_lines())[:-1]]
+    content, calls = "", {}
+    for ch in chunks:
+        for choice in ch["choices"]:
+            content += choice["delta"].get("content") or ""
+            for tc in choice["delta"].get("tool_calls", []):
+                slot = calls.setdefault(tc["index"], {"name": tc["function"].get("name"), "arguments": ""})
+                slot["arguments"] += tc["function"].get("arguments", "")
+    return {"content": content or None, "calls": [calls[i] for i in sorted(calls)]}
+
+
+def test_non_streamed_texts_are_the_models_own_as_streamed():
+    """The same generation reads the same streamed and not: a call's arguments and a structured answer
+    are the model's JSON text, not their values re-serialized (which would turn 2.1237107879569874 into
+    2.123710787956987, 1e5 into 100000.0 and \\u00e9 into é; found by tests/test_stream_equivalence.py)."""
+    args = '{"x":2.1237107879569874,"big":1e5,"name":"caf\\u00e9 \\"A\\""}'
+    call = Completion(text='{"calls":[{"tool":"f","arguments":' + args + '}]}', finish_reason="stop")
+    answer = Completion(text='{"answer":{"v":[1.50,-0.0]}}', finish_reason="stop")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "number"}, "big": {"type": "number"}, "name": {"type": "string"}}}}}
+    body = {"messages": USER, "tools": [tool]}
+    with client(ScriptedLLM([call, call, answer, answer])) as c:
+        plain = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        streamed = _streamed_message(c, body)
+        assert [tc["function"]["arguments"] for tc in plain["tool_calls"]] == [args]
+        assert streamed["calls"] == [{"name": "f", "arguments": args}]
+        plain = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert plain["content"] == '{"v":[1.50,-0.0]}' == _streamed_message(c, body)["content"]
+
+
 # ------------------------------------------------------------------ bad input
 
 

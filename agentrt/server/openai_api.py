@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.background import BackgroundTask
 
 from agentrt.llm import Completion, CompletionChunk, GenerationParams, Prompt
-from agentrt.openai_format import salvage_cut_turn, tool_call_json, usage_json
+from agentrt.openai_format import salvage_cut_turn, streamed_turn_texts, tool_call_json, usage_json
 from agentrt.prompting import PromptPlan, compact_json, parse_turn
 from agentrt.server.chat_request import checked_request
 from agentrt.server.errors import APIError
@@ -104,10 +104,20 @@ def completion_message(completion: Completion, plan: PromptPlan) -> tuple[dict[s
     except ValueError as e:
         raise APIError(502, f"the model's output did not parse as a turn: {e}", type="server_error",
                        code="model_output_invalid") from None
+    # The texts as the model wrote them, which the streamed deltas of the same generation concatenate
+    # to: parse_turn's values re-serialized could differ (a float's digits, escapes), so that the same
+    # seed would answer differently streamed and not. parse_turn above still decides validity.
+    raw = streamed_turn_texts(completion.text)
     if turn.tool_calls:
-        calls = [tool_call_json(c) for c in turn.tool_calls]
+        texts = raw[1] if raw is not None and len(raw[1]) == len(turn.tool_calls) else [None] * len(turn.tool_calls)
+        calls = [tool_call_json(c, t) for c, t in zip(turn.tool_calls, texts)]
         return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
-    content = turn.content if turn.content is not None else compact_json(turn.answer)
+    if turn.content is not None and isinstance(turn.answer, str):
+        content = turn.content  # a string answer: its characters, unescaped (as the stream sends them)
+    elif raw is not None and raw[0] is not None:
+        content = raw[0]  # a structured answer: its JSON text as written (the stream's content)
+    else:
+        content = turn.content if turn.content is not None else compact_json(turn.answer)
     return {"role": "assistant", "content": content}, finish
 
 
