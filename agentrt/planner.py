@@ -9,6 +9,7 @@ on cancellation, or after too many unusable turns in a row. Every step is record
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import secrets
@@ -337,7 +338,8 @@ class _Run:
         completion: Completion | None = None
         # the chat span outlives this generator's yields: it is not made current (see agentrt.tracing)
         with self.trace.model_call(params, plan.json_schema, current=False) as traced:
-            async with aclosing(stream):  # leaving early (a stop, an abandoned run) aborts the generation
+            # leaving early (a stop, an abandoned run) closes the stream, which aborts the generation
+            async with aclosing(stream) if hasattr(stream, "aclose") else contextlib.nullcontext():
                 while completion is None:
                     with traced.active():  # what the model call does below (an HTTP request) joins the span
                         chunk = await self._next_chunk(stream, index)
