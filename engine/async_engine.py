@@ -185,7 +185,7 @@ class AsyncLLMEngine:
             elif op == "abort":
                 eng.abort_request(arg)
             elif op == "unpin":
-                eng.block_manager.unpin(arg)
+                eng.release_cache_key(arg)
 
     def _deliver_error(self, rid: str, exc: BaseException) -> None:
         sink = self._sinks.get(rid)

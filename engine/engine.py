@@ -173,6 +173,15 @@ class LLMEngine:
                            prefix_cache_queried_tokens=bm.queried_tokens, finishing=len(self.scheduler.finishing),
                            kv_blocks_pinned=bm.num_pinned)
 
+    def release_cache_key(self, key: str) -> None:
+        """Unpin ``key``'s blocks, and let none of its sequences still in flight pin again (the run that
+        used the key is over; its last step may still be computing its tail for the cache)."""
+        sched = self.scheduler
+        for seq in (*sched.waiting, *sched.running, *sched.finishing):
+            if seq.cache_key == key:
+                seq.cache_key = None
+        self.block_manager.unpin(key)
+
     def decode_weight_bytes(self) -> int:
         """See `ModelRunner.decode_weight_bytes`."""
         return self.runner.decode_weight_bytes()

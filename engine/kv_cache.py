@@ -24,7 +24,7 @@ run). Pins never cost admission: when the pool runs short, the oldest pins are r
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -78,6 +78,7 @@ class BlockManager:
         self.pin_ttl_s = pin_ttl_s if enable_prefix_caching else 0.0
         # cache key -> (its blocks, when the pin expires on the monotonic clock); oldest pin first
         self._pins: OrderedDict[str, tuple[list[int], float]] = OrderedDict()
+        self._pin_refs: Counter[int] = Counter()  # block -> how many pins hold it
         self.pins_released_early = 0  # pins given up to make room (pressure), not by their key or TTL
 
     # ---- accounting ---------------------------------------------------------------------------
@@ -88,8 +89,9 @@ class BlockManager:
 
     @property
     def num_used(self) -> int:
-        """Blocks referenced by at least one live sequence."""
-        return self.num_blocks - self.num_free
+        """Blocks referenced by at least one live sequence (pins alone do not count: they give way)."""
+        pinned_only = sum(1 for bid, n in self._pin_refs.items() if self.blocks[bid].ref_count == n)
+        return self.num_blocks - self.num_free - pinned_only
 
     @property
     def num_cached(self) -> int:
@@ -104,7 +106,7 @@ class BlockManager:
     @property
     def num_pinned(self) -> int:
         """Blocks held by pins (counted once however many pins hold them)."""
-        return len({b for blocks, _ in self._pins.values() for b in blocks})
+        return len(self._pin_refs)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -241,6 +243,7 @@ class BlockManager:
         """Hold ``blocks`` under ``key`` for ``pin_ttl_s`` (replacing the key's earlier pin)."""
         for bid in blocks:
             self._ref(bid)
+        self._pin_refs.update(blocks)
         earlier = self._pins.pop(key, None)
         self._pins[key] = (list(blocks), time.monotonic() + self.pin_ttl_s)
         if earlier is not None:
@@ -259,7 +262,10 @@ class BlockManager:
             self.unpin(key)
 
     def _unref_all(self, blocks: list[int]) -> None:
+        self._pin_refs.subtract(blocks)
         for bid in reversed(blocks):  # tail first: evicted before the head
+            if self._pin_refs[bid] <= 0:
+                del self._pin_refs[bid]
             self._unref(bid)
 
     # ---- internals -------------------------------------------------------------------------------

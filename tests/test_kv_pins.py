@@ -101,3 +101,24 @@ def test_block_manager_pins_are_reference_counted_with_shared_blocks():
     bm.pin("b", [])  # a key's new pin replaces its old one
     assert bm.num_pinned == 0 and bm.num_free == 4
     assert not BlockManager(4, 4, enable_prefix_caching=False, pin_ttl_s=10).pin_ttl_s  # no cache, no pins
+
+
+def test_a_release_while_the_last_step_finishes_leaves_nothing_pinned():
+    eng = engine()
+    seq = eng.make_sequence(tokens(30, 0), PARAMS)
+    seq.cache_key = "run-1"
+    eng.add_sequence(seq)
+    while not seq.finished:
+        eng.step()
+    assert eng.scheduler.finishing == [seq]  # its last tokens' K/V are still to compute
+    eng.release_cache_key("run-1")  # the run ended: it will not come back
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.stats().kv_blocks_pinned == 0 and eng.stats().kv_blocks_used == 0
+
+
+def test_pinned_blocks_are_not_counted_as_used():
+    eng = engine()
+    generate(eng, tokens(30, 0), key="run-1")  # e.g. a client's prompt_cache_key, never sent again
+    stats = eng.stats()
+    assert stats.kv_blocks_pinned == 5 and stats.kv_blocks_used == 0  # held for reuse, given up on demand
