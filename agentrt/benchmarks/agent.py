@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-runs", type=int, default=8, help="with --pins: runs the KV pool holds (default 8)")
     parser.add_argument("--tool-delay-ms", type=float, default=200.0,
                         help="with --pins: added to every tool call (default 200)")
+    parser.add_argument("--churn-clients", type=int, default=2,
+                        help="with --pins: clients sending one-off requests beside the runs (default 2)")
 
 
 def main(args: argparse.Namespace) -> int:
