@@ -193,7 +193,8 @@ void column_block(Column& c, const float* const* kp, const float* const* vp, int
   int64_t j = 0;
   for (; j + kRqk <= n; j += kRqk) qk_tile<kRqk>(kp + j, c.qt, hd, s + j * kLanes, mx);
   with_tail(n - j, [&]<int R>() { qk_tile<R>(kp + j, c.qt, hd, s + j * kLanes, mx); });
-  if (k0 + n - 1 > c.lo) {  // the block crosses some lane's last key: mask key > lim, max again
+  const bool masked = k0 + n - 1 > c.lo;
+  if (masked) {  // the block crosses some lane's last key: mask key > lim, max again
     __m256i lim[W];
     for (int w = 0; w < W; ++w) {
       lim[w] = _mm256_loadu_si256((const __m256i*)(c.lim + 8 * w));
@@ -209,17 +210,24 @@ void column_block(Column& c, const float* const* kp, const float* const* vp, int
       }
     }
   }
+  // A lane's numbers must not depend on which rows share its column (that changes with how a prompt is
+  // cut into steps, e.g. at a prefix-cache hit): its masked keys add exactly 0, and a block it sees no key
+  // of (the column goes on for other lanes) leaves its state exactly as it was (al = 1, not exp2(0)).
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
   for (int w = 0; w < W; ++w) {
     // every lane sees key 0, so after the first block m is finite and so is the new max
     const __m256 m = _mm256_loadu_ps(c.m + 8 * w);
     nm[w] = _mm256_max_ps(m, mx[w]);
     al[w] = exp2_neg(_mm256_sub_ps(m, nm[w]));
+    if (masked) al[w] = _mm256_blendv_ps(al[w], one, _mm256_cmp_ps(mx[w], ninf, _CMP_EQ_OQ));
     sum[w] = _mm256_setzero_ps();
   }
   for (j = 0; j < n; ++j)
     for (int w = 0; w < W; ++w) {
       float* r = s + j * kLanes + 8 * w;
-      const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(r), nm[w]));
+      const __m256 x = _mm256_loadu_ps(r);
+      __m256 p = exp2_neg(_mm256_sub_ps(x, nm[w]));
+      if (masked) p = _mm256_blendv_ps(p, zero, _mm256_cmp_ps(x, ninf, _CMP_EQ_OQ));
       _mm256_storeu_ps(r, p);
       sum[w] = _mm256_add_ps(sum[w], p);
     }

@@ -224,3 +224,19 @@ def test_smollm_int4_fused_prompt_logits_vs_fp32(ext):
         else:
             assert (chunks.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.97
             assert agree == 1.0 and (rows - ref[:48]).abs().max() < 0.05
+
+
+def test_a_row_does_not_depend_on_how_its_prompt_is_cut(ext):
+    """Prompt logits are bit-identical however the prompt is cut into prefill chunks of >= 2 rows (a
+    prefix-cache hit cuts it where the cache ends): a query row's attention must not depend on which
+    rows share its column of the tiled kernel, nor on a 64-key block it sees no key of. (A chunk of one
+    row takes the decode kernel, whose summation order differs.)"""
+    loaded = tiny_loaded(**_INT4, max_position_embeddings=512)
+    eng = LLMEngine(EngineConfig(dtype="float32", quantization="int4", fused_decode=True, num_threads=2,
+                                 block_size=4, num_kv_blocks=96, enable_prefix_caching=False,
+                                 max_num_batched_tokens=256), loaded=loaded)
+    ids = _ids(150, 3)  # 150 keys: three 64-key blocks
+    whole = eng.prompt_logits(ids, chunk_size=len(ids))
+    for k in (2, 3, 5, 10, 37, 59, 61, 63, 65, 70, 100, 127, 129, 148):
+        assert torch.equal(eng.prompt_logits(ids, chunk_size=[k, len(ids) - k]), whole), k
+    assert torch.equal(eng.prompt_logits(ids, chunk_size=[7, 33, 2, 61]), whole)
