@@ -256,9 +256,13 @@ class BlockManager:
             self._unref_all(pinned[0])
 
     def expire_pins(self, now: float | None = None) -> None:
-        """Release the pins whose TTL has passed (``now`` on the monotonic clock)."""
+        """Release the pins whose TTL has passed (``now`` on the monotonic clock). Called every step: pins
+        are kept in the order they were made, all with the same TTL, so it stops at the first one alive."""
         now = time.monotonic() if now is None else now
-        for key in [k for k, (_, expires) in self._pins.items() if expires <= now]:
+        while self._pins:
+            key, (_, expires) = next(iter(self._pins.items()))
+            if expires > now:
+                return
             self.unpin(key)
 
     def _unref_all(self, blocks: list[int]) -> None:

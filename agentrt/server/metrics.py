@@ -76,6 +76,18 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
+class ResponseStatus:
+    """An ASGI ``send`` that remembers the response's status (500 if no response starts at all)."""
+
+    def __init__(self, send: Any):
+        self.send, self.code = send, 500
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.code = message["status"]
+        await self.send(message)
+
+
 class RequestMetrics:
     """Pure-ASGI middleware counting every HTTP request by route and status, with its
     latency (outermost, so refusals by the other middleware count too)."""
@@ -88,18 +100,11 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500  # if no response starts at all
-
-        async def send_(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        status = ResponseStatus(send)
         try:
-            await self.app(scope, receive, send_)
+            await self.app(scope, receive, status)
         finally:
             route = scope.get("route")  # set by the router on this same scope dict
             label = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.requests.labels(label, str(status.code)).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - start)

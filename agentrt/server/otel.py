@@ -12,6 +12,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
+from agentrt.server.metrics import ResponseStatus
 from agentrt.tracing import get_tracer, tracing_enabled
 
 
@@ -38,24 +39,17 @@ class TracingMiddleware:
             method, context=propagate.extract(_carrier(scope)), kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "url.path": scope.get("path", ""),
                         "url.scheme": scope.get("scheme", "http")})
-        status = 500  # if no response starts at all
-
-        async def send_(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        status = ResponseStatus(send)
         error: BaseException | None = None
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
-            await self.app(scope, receive, send_)
+            await self.app(scope, receive, status)
         except BaseException as exc:
             error = exc
             raise
         finally:
             otel_context.detach(token)
-            self._finish(span, scope, method, status, error)
+            self._finish(span, scope, method, status.code, error)
 
     @staticmethod
     def _finish(span: Any, scope: dict, method: str, status: int, error: BaseException | None) -> None:
