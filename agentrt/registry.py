@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import weakref
+from fractions import Fraction
 from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar, overload
 
 import anyio
@@ -51,6 +52,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 _THREAD_LIMITER: contextvars.ContextVar[anyio.CapacityLimiter | None] = contextvars.ContextVar(
     "agentrt_tool_thread_limiter", default=None)
 
+
+
+def _exact_multiple_of(validator: Any, step: Any, instance: Any, schema: dict) -> Iterator[jsonschema.ValidationError]:
+    """``multipleOf`` on the numbers as written (19.99 is a multiple of 0.01), the way JSON Schema states it
+    and the grammar enforces it; jsonschema's float division says 19.99 / 0.01 is no integer."""
+    if not validator.is_type(instance, "number") or isinstance(step, bool) or not isinstance(step, (int, float)):
+        return
+    try:
+        exact = Fraction(repr(instance)) % Fraction(repr(step)) == 0
+    except (ValueError, ZeroDivisionError):  # Infinity / NaN (json.loads reads them): a multiple of nothing
+        exact = False
+    if not exact:
+        yield jsonschema.ValidationError(f"{instance!r} is not a multiple of {step!r}")
+
+
+# Tool arguments are checked with this: Draft 2020-12, with multipleOf on exact decimals.
+ArgumentValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"multipleOf": _exact_multiple_of})
 
 @dataclasses.dataclass
 class RunContext(Generic[DepsT]):
@@ -115,7 +133,7 @@ class Tool:
 
     def __post_init__(self) -> None:
         if self._validator is None:  # built directly (subclasses, adapters): validate the spec as given
-            self._validator = jsonschema.Draft202012Validator(self.spec.parameters)
+            self._validator = ArgumentValidator(self.spec.parameters)
 
     @classmethod
     def from_function(
@@ -150,7 +168,7 @@ class Tool:
             is_async=fs.is_async,
             context_param=fs.context_param,
             params=fs.params,
-            _validator=jsonschema.Draft202012Validator(fs.json_schema),
+            _validator=ArgumentValidator(fs.json_schema),
         )
         if hasattr(fn, "__name__"):  # plain functions: the Tool looks like the function it wraps
             functools.update_wrapper(result, fn, updated=())  # type: ignore[arg-type]

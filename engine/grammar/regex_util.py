@@ -555,11 +555,14 @@ def nonneg_decimal_range(lo, lo_incl: bool, hi, hi_incl: bool) -> str | None:
     ])
 
 
-def number_range(lo, lo_incl: bool, hi, hi_incl: bool) -> str | None:
+def number_range(lo, lo_incl: bool, hi, hi_incl: bool, magnitude=None) -> str | None:
     """Regex for JSON numbers x (written without exponent) with lo <=/< x <=/< hi; bounds are
-    Decimals or None (unbounded). Exact on the numbers it admits."""
+    Decimals or None (unbounded). Exact on the numbers it admits. ``magnitude(lo, lo_incl, hi, hi_incl)``
+    (default `nonneg_decimal_range`) writes the admitted magnitudes; it must be symmetric under sign
+    (as "a multiple of m" is)."""
     from decimal import Decimal
 
+    magnitude = magnitude or nonneg_decimal_range
     zero = Decimal(0)
     parts = []
     if hi is None or hi > 0 or (hi == 0 and hi_incl):  # x >= 0 side
@@ -567,16 +570,28 @@ def number_range(lo, lo_incl: bool, hi, hi_incl: bool) -> str | None:
             m_lo, m_lo_incl = zero, True
         else:
             m_lo, m_lo_incl = lo, lo_incl
-        parts.append(nonneg_decimal_range(m_lo, m_lo_incl, hi, hi_incl))
+        parts.append(magnitude(m_lo, m_lo_incl, hi, hi_incl))
     if lo is None or lo < 0:  # x < 0 side: x = -m, m > 0
         if hi is None or hi >= 0:
             m_lo, m_lo_incl = zero, False
         else:
             m_lo, m_lo_incl = -hi, hi_incl
         m_hi, m_hi_incl = (None, True) if lo is None else (-lo, lo_incl)
-        mag = nonneg_decimal_range(m_lo, m_lo_incl, m_hi, m_hi_incl)
+        mag = magnitude(m_lo, m_lo_incl, m_hi, m_hi_incl)
         parts.append(None if mag is None else f"-(?:{mag})")
     return alt(parts)
+
+
+def suffix_digits(k: int) -> int | None:
+    """The d for which k divides 10^d (k = 2^i 5^j, d = max(i, j)): whether a number is a multiple of k
+    then depends on its last d digits only. None for other k."""
+    d, rest = 0, k
+    for p in (2, 5):
+        n = 0
+        while rest % p == 0:
+            rest, n = rest // p, n + 1
+        d = max(d, n)
+    return d if rest == 1 else None
 
 
 def multiples_of(k: int, lo: int | None, hi: int | None, max_alternatives: int = 256) -> str | None:
@@ -590,13 +605,8 @@ def multiples_of(k: int, lo: int | None, hi: int | None, max_alternatives: int =
             return None
         if (hi - first) // k + 1 <= max_alternatives:
             return alt([str(v) for v in range(first, hi + 1, k)])
-    d, rest = 0, k
-    for p in (2, 5):
-        n = 0
-        while rest % p == 0:
-            rest, n = rest // p, n + 1
-        d = max(d, n)
-    if rest != 1 or 10 ** d // k > max_alternatives:
+    d = suffix_digits(k)
+    if d is None or 10 ** d // k > max_alternatives:
         raise PatternError(f"multiples of {k} over an unbounded or large range")
     if lo is not None or hi is not None:
         if not ((lo is None or lo <= 0) and (hi is None or hi >= 0) and (lo in (None, 0) or hi in (None, 0))):

@@ -1,9 +1,11 @@
-"""null, boolean, integer and number: bounds and integer ``multipleOf`` as exact digit regexes."""
+"""null, boolean, integer and number: bounds and ``multipleOf`` (integers and decimal steps) as exact
+digit regexes."""
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from .decimal_multiples import integer_step, multiples_regex
 from .errors import GrammarCompileError
 from .regex_util import BOOLEAN, INTEGER, NULL, NUMBER, PatternError, int_range, multiples_of, number_range
 from .schema_context import Ctx
@@ -67,9 +69,8 @@ def _integer_digits(schema: dict, ctx: Ctx, path: str) -> str | None:
     lo, lo_incl, hi, hi_incl = _bounds(schema, path)
     ilo = None if lo is None else (math.ceil(lo) if lo_incl else math.floor(lo) + 1)
     ihi = None if hi is None else (math.floor(hi) if hi_incl else math.ceil(hi) - 1)
-    if k is None:  # a fractional multipleOf: validators' float division decides (0.07 is no multiple of 0.01)
-        ctx.refuse(path, "multipleOf", "not an integer")
-        return None
+    if k is None:  # a decimal step: the integers among its multiples are those of an integer step
+        k = integer_step(_dec(schema["multipleOf"], path, "multipleOf"))
     if k > 1:
         try:
             return multiples_of(k, ilo, ihi)
@@ -83,10 +84,16 @@ def _integer_digits(schema: dict, ctx: Ctx, path: str) -> str | None:
 
 def number_regex(schema: dict, ctx: Ctx, path: str) -> str | None:
     k = _int_multiple(schema, path)
-    if k is None or k > 1 or ("multipleOf" in schema and k == 1):
+    lo, lo_incl, hi, hi_incl = _bounds(schema, path)
+    if k is None:
+        try:
+            return multiples_regex(_dec(schema["multipleOf"], path, "multipleOf"), lo, lo_incl, hi, hi_incl)
+        except PatternError as e:
+            ctx.refuse(path, "multipleOf", str(e))
+            return None
+    if k > 1 or "multipleOf" in schema:
         # an integer multipleOf admits integers only (written as integers: narrower than 4.0)
         return integer_regex(schema, ctx, path)
-    lo, lo_incl, hi, hi_incl = _bounds(schema, path)
     if lo is None and hi is None:
         return NUMBER
     try:
