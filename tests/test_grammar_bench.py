@@ -153,3 +153,25 @@ def test_side_by_side_tables_on_a_small_subset(tokenizer):
         row = side["BFCL_simple"][p.name]
         assert len(row["mask_us"]) == len(ours["mask_us"])  # same schema, same token sequences
     assert "side by side, same schemas and tokens" in out.getvalue()
+
+
+def test_data_folder_and_json_report(tmp_path, capsys):
+    """``--data DIR`` measures another schema set laid out like ../shared/data; ``--json`` prints the whole
+    report as one JSON object on stdout (the tables go to stderr)."""
+    import json
+
+    from agentrt.cli import main
+
+    (tmp_path / "maskbench").mkdir()
+    (tmp_path / "maskbench" / "Mine.jsonl").write_text(json.dumps(CASE) + "\n")
+    assert bench.available_subsets(tmp_path) == ["Mine"]
+    assert main(["bench", "grammar", "--data", str(tmp_path), "--skip-speed", "--e2e", "0", "--peers", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["subsets"] == ["Mine"] and report["peers"] == []
+    row = report["exactness"]["Mine"]["ours"]
+    assert (row["schemas"], row["exact"], row["wrongly_accepted"]) == (1, 1, 0)
+    assert "Mine" in captured.err  # the human table
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["bench", "grammar", "--data", str(empty), "--json"]) == 2

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -38,6 +39,14 @@ def compact(value: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- data
+def available_subsets(data_dir: Path = DATA) -> list[str]:
+    """"jsts" when ``data_dir/jsts/draft2020-12`` exists, then the MaskBench subsets in ``data_dir/maskbench``
+    (the usual ones in their usual order, then any others by name)."""
+    found = {p.stem for p in (data_dir / "maskbench").glob("*.jsonl")}
+    return ((["jsts"] if (data_dir / "jsts" / "draft2020-12").is_dir() else [])
+            + [s for s in MASKBENCH if s in found] + sorted(found - set(MASKBENCH)))
+
+
 def load_subset(name: str, data_dir: Path = DATA, limit: int | None = None) -> list[dict]:
     """[{id, schema, tests: [{data, valid}]}] for a MaskBench subset or "jsts" (draft 2020-12)."""
     out: list[dict] = []
@@ -204,7 +213,7 @@ def _subset_row(results: list[SchemaResult]) -> dict:
 
 
 def run_exactness(subsets: list[str], limit: int | None, timeout_s: float, peers: list | None = None,
-                  out=sys.stdout) -> dict:
+                  out=sys.stdout, data_dir: Path = DATA) -> dict:
     """Exactness per subset for ours and each peer on the same schemas and instances.
 
     Returns {subset: {engine: row}} with row keys schemas, compiled, exact, wrongly_accepted,
@@ -217,7 +226,7 @@ def run_exactness(subsets: list[str], limit: int | None, timeout_s: float, peers
           f"{'compile p50':>13}{'p95 ms':>8}  top refusals", file=out)
     summary: dict[str, dict] = {}
     for name in subsets:
-        cases = load_subset(name, limit=limit)
+        cases = load_subset(name, data_dir, limit)
         runs = [("ours", [check_schema(c, timeout_s) for c in cases])]
         for peer in peers:
             runs.append((peer.name, [check_peer(peer, c) for c in cases]))
@@ -310,7 +319,7 @@ def _valid_token_ids(tok, case: dict) -> list[list[int]]:
 
 
 def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, peers: list | None = None,
-                    tok=None, out=sys.stdout) -> dict:
+                    tok=None, out=sys.stdout, data_dir: Path = DATA) -> dict:
     """Token-level figures on the embedded tokenizer for the first ``per_subset`` schemas we
     compile per subset: our compile cold / cached / from disk, mask time along valid instances
     with jump-forward (first visit and warm), forced share; then, side by side with each peer on
@@ -328,12 +337,12 @@ def run_token_speed(subsets: list[str], per_subset: int, timeout_s: float, peers
     torch.set_num_threads(1)
     print(f"\n(token-level timings with torch.set_num_threads(1), was {threads})", file=out)
     try:
-        return _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out)
+        return _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out, data_dir)
     finally:
         torch.set_num_threads(threads)
 
 
-def _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out):
+def _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out, data_dir):
     from agentrt.engine.grammar import GrammarCompileError, GrammarCompiler, GrammarMatcher, UnsupportedSchemaError
 
     from .grammar_peers import PeerRefused
@@ -347,7 +356,7 @@ def _token_speed(subsets, per_subset, timeout_s, peers, tok, side, out):
             forced = total = 0
             side[name] = {e: {"compile_cold_ms": [], "compile_again_ms": [], "mask_us": []}
                           for e in ["ours"] + [p.name for p in peers]}
-            for case in load_subset(name)[: per_subset * 3]:
+            for case in load_subset(name, data_dir)[: per_subset * 3]:
                 if len(cold) >= per_subset:
                     break
                 try:
@@ -561,8 +570,12 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_
 
 # ----------------------------------------------------------------------------- cli
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--subsets", nargs="*", default=["jsts"] + MASKBENCH,
-                        help="jsts and/or MaskBench subsets (default: all)")
+    parser.add_argument("--data", type=Path, default=DATA,
+                        help="a folder laid out like ../shared/data (jsts/draft2020-12/*.json, maskbench/*.jsonl)")
+    parser.add_argument("--subsets", nargs="*", default=None,
+                        help="jsts and/or MaskBench subsets (default: every one the --data folder has)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the whole report as one JSON object on stdout (the tables go to stderr)")
     parser.add_argument("--limit", type=int, default=None, help="first N schemas per subset (default: all)")
     parser.add_argument("--timeout", type=float, default=10.0, help="compile time limit per schema, seconds")
     parser.add_argument("--speed-schemas", type=int, default=20, help="schemas per subset for the token-level timings")
@@ -583,9 +596,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if not DATA.exists():
-        print(f"no shared data at {DATA}: nothing to measure", file=sys.stderr)
+    if args.json:
+        with contextlib.redirect_stdout(sys.stderr):  # the tables, as the reader would see them
+            report = _main(args)
+    else:
+        report = _main(args)
+    if isinstance(report, int):
+        return report
+    if args.json:
+        print(json.dumps(report, default=str))
+    return 0
+
+
+def _main(args: argparse.Namespace) -> dict | int:
+    """Run the selected parts; returns {"exactness", "summary", "speed", "e2e"} (those run), or an exit code."""
+    data = args.data
+    subsets = args.subsets if args.subsets is not None else available_subsets(data)
+    if not subsets:
+        print(f"no jsts or maskbench data under {data}: nothing to measure", file=sys.stderr)
         return 2
+    report: dict[str, Any] = {"data": str(data), "subsets": subsets}
     peers, tok = [], None
     if args.peers and not (args.skip_exactness and args.skip_speed):
         from .grammar_peers import load_peers
@@ -598,19 +628,22 @@ def main(args: argparse.Namespace) -> int:
             print(f"peer {peer.config}")
         if peers:
             print("ours: compact JSON only; keywords we cannot enforce are refused by name (strict, not lenient)")
+    report["peers"] = [p.name for p in peers]
     if not args.skip_exactness:
         if args.limit:
             print(f"(first {args.limit} schemas per subset only: --limit)")
-        summary = run_exactness(args.subsets, args.limit, args.timeout, peers)
-        print_summary(summary)
+        summary = run_exactness(subsets, args.limit, args.timeout, peers, out=sys.stdout, data_dir=data)
+        report["exactness"] = summary
+        report["summary"] = print_summary(summary, out=sys.stdout)
         if not peers:
             print("(published MaskBench totals on 11,306 schemas: llguidance 8,909 passing, XGrammar 8,122, "
                   "Outlines 7,050)")
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(summary, indent=1))
     if not args.skip_speed:
-        run_token_speed([s for s in args.subsets if s != "jsts"] or args.subsets, args.speed_schemas, args.timeout,
-                        peers, tok)
+        report["speed"] = run_token_speed([s for s in subsets if s != "jsts"] or subsets, args.speed_schemas,
+                                          args.timeout, peers, tok, out=sys.stdout, data_dir=data)
     if args.e2e:
-        run_e2e(args.e2e, args.timing_prompts, args.max_tokens, args.max_num_seqs, args.threads or None)
-    return 0
+        report["e2e"] = run_e2e(args.e2e, args.timing_prompts, args.max_tokens, args.max_num_seqs, args.threads or None,
+                                out=sys.stdout)
+    return report
