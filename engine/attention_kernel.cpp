@@ -11,11 +11,9 @@
 //    products in register tiles of 4 keys (dims) x 24 vectors that keep the two FMA pipes busy.
 //    Each column stops at its own last visible key, so only the causal triangle (to within a few keys)
 //    is computed.
-//  - decode (1 query row): per kv head, scores 8 keys at a time (8 dot-product accumulators reduced
-//    with one hadd tree), online softmax per block of keys, p.V for up to 3 heads at once. Long
-//    contexts split their keys in parts (by the context length alone, so a sequence's result never
-//    depends on its batch) that run on any thread and are merged after.
-// Tasks are ordered longest first and handed out dynamically, so the causal triangle balances.
+//  - decode (1 query row): scores 8 keys at a time (K rows transposed, shared by the kv head's query
+//    heads), then the softmax and p.V per 32-dim slice of the output, with the tiled kernel's arithmetic
+//    per query vector exactly, so a row's numbers do not depend on the kernel that computes it.
 // Without AVX2 a plain loop (one (row, head) at a time) is compiled instead.
 #include "kernels.h"
 
@@ -37,7 +35,6 @@ constexpr int kRqk = 4;              // keys per q.K tile (W * kRqk accumulators
 constexpr int kRpv = 4;              // dims per p.V tile (W * kRpv accumulators)
 constexpr int64_t kCols = 4;         // columns per tiled task
 constexpr int64_t kKeyBlock = 64;    // keys per block (tiled); their K and V rows stay in L1 across the columns
-constexpr int64_t kDecBlock = 32;    // keys per block (decode)
 constexpr double kSerialWork = 3000;  // below this many (key, head) pairs a call runs on one thread (~20 us)
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -108,7 +105,7 @@ inline void pv_tile(const float* const* vp, int64_t n, const float* p, int64_t d
     for (int w = 0; w < W; ++w) _mm256_storeu_ps(ot + r * kLanes + 8 * w, acc[r][w]);
 }
 
-// `f.template operator()<R>()` for R = rem in 1 .. 7 (tile tails)
+// `f.template operator()<R>()` for R = rem in 1 .. 7 (tile tails; query heads at a time in decode)
 template <class F>
 inline void with_tail(int64_t rem, F&& f) {
   switch (rem) {
@@ -325,26 +322,30 @@ void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Sc
 }
 
 // ---- decode kernel ----
+// One query row, with exactly the arithmetic the tiled kernel applies to each of its lanes: the same
+// 64-key blocks, q.K as one fma chain over d per key, a block's sum in key order, l = fma(l, alpha, sum),
+// o = alpha * o then fma chains over the keys, out = o * (1 / l). So a row comes out bit-identical
+// whether it is decoded alone or computed inside a prefill chunk (a prefix-cache hit can leave one row
+// of a prompt to compute; a generated token's KV is reused by the next step's prompt). The work is laid
+// out for one row: 8 keys per vector (K rows transposed 8 x 8), shared by the kv head's query heads.
 
-// [sum a[0], ..., sum a[7]]
-inline __m256 hsum8(const __m256* a) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-// s[0..8) = q . K row kp[j] for 8 keys
-inline void dec_qk8(const float* q, const float* const* kp, int64_t hd, float* s) {
-  __m256 acc[8];
-  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+// s[h][0..8) = q[h] . K row kp[j], j < 8, for H query heads (ld_s: s's row stride)
+template <int H>
+inline void dec_qk8(const float* const* q, const float* const* kp, int64_t hd, float* s, int64_t ld_s) {
+  __m256 acc[H];
+  for (int h = 0; h < H; ++h) acc[h] = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 8 <= hd; d += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + d);
-    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[j] + d), acc[j]);
+    __m256 m[8];
+    for (int j = 0; j < 8; ++j) m[j] = _mm256_loadu_ps(kp[j] + d);
+    transpose8(m);  // m[r]: dim d + r of the 8 keys
+    for (int r = 0; r < 8; ++r)
+      for (int h = 0; h < H; ++h) acc[h] = _mm256_fmadd_ps(m[r], _mm256_broadcast_ss(q[h] + d + r), acc[h]);
   }
-  _mm256_storeu_ps(s, hsum8(acc));
-  for (; d < hd; ++d)
-    for (int j = 0; j < 8; ++j) s[j] += q[d] * kp[j][d];
+  for (int h = 0; h < H; ++h) _mm256_storeu_ps(s + h * ld_s, acc[h]);
+  for (; d < hd; ++d)  // dims left over (hd % 8)
+    for (int h = 0; h < H; ++h)
+      for (int j = 0; j < 8; ++j) s[h * ld_s + j] = std::fma(kp[j][d], q[h][d], s[h * ld_s + j]);
 }
 
 // o[h][d0 .. d0 + 8 NV) = alpha[h] * o[h] + sum over n keys of p[h][j] * V row vp[j], H heads
@@ -378,81 +379,137 @@ void dec_pv_heads(const float* const* vp, int64_t n, const float* p, int64_t ld_
   for (; d < hd; ++d)  // dims left over (hd % 8)
     for (int h = 0; h < H; ++h) {
       float acc = o[h * ld_o + d] * alpha[h];
-      for (int64_t j = 0; j < n; ++j) acc += p[h * ld_p + j] * vp[j][d];
+      for (int64_t j = 0; j < n; ++j) acc = std::fma(vp[j][d], p[h * ld_p + j], acc);
       o[h * ld_o + d] = acc;
     }
 }
 
-// Keys [ka, kb) of sequence i (one query row), all heads: res [nh, hd + 2] = the unnormalized output,
-// then the max (log2 units) and the sum of each head. A block's K (V) rows are read for every kv head
-// in turn, so each page is read whole and in order (the kv heads of a slot are adjacent).
-void decode_task(const Shape& a, int64_t i, int64_t ka, int64_t kb, float* res, Scratch& sc) {
-  const int64_t hd = a.hd, G = a.group, nh = a.nh, kvd = a.nkv * hd, ld = hd + 2;
+// A decode row runs in two passes, so that one long context keeps every thread busy while each query
+// vector still gets the tiled kernel's arithmetic: (1) its scores, by ranges of keys; (2) per row (or, when
+// the batch has too few rows to share out, per kv head and 32-dim slice of the output), the online softmax
+// over the 64-key blocks in order (every slice computes the same numbers) and p.V for its dims.
+constexpr int64_t kSlice = 32;       // output dims per pass-2 task when sliced
+constexpr int64_t kScoreKeys = 256;  // keys per pass-1 task, at least
+
+// Pass 1: scores of keys [k0, k1) (k0 a multiple of 8) of sequence i's last row, every head, into
+// s [nh, ld] (ld >= ctx rounded up to 8). The kv heads of a slot are adjacent in the cache: each group of
+// 8 keys is read for every kv head in turn, so the rows are read whole and in order.
+void decode_scores(const Shape& a, int64_t i, int64_t k0, int64_t k1, float* s, int64_t ld, Scratch& sc) {
+  const int64_t hd = a.hd, G = a.group, nh = a.nh, kvd = a.nkv * hd;
   const float qscale = kLog2e / std::sqrt(float(hd));
-  sc.f.resize(nh * hd + G * kDecBlock + 8);
-  sc.p.resize(2 * kDecBlock);
-  float* qs = sc.f.data();        // [nh, hd] prescaled queries
-  float* s = qs + nh * hd;        // [G, kDecBlock] scores / probabilities of one kv head's queries
+  sc.f.resize(nh * hd);
+  sc.p.resize(8 + nh);
+  float* qs = sc.f.data();  // [nh, hd] prescaled queries
   const float** kp = sc.p.data();
-  const float** vp = kp + kDecBlock;
+  const float** qh = kp + 8;
   const float* qr = a.q + (a.seq_start[i + 1] - 1) * a.q_stride;
   for (int64_t x = 0; x < nh * hd; ++x) qs[x] = qr[x] * qscale;
-  for (int64_t h = 0; h < nh; ++h) {
-    std::fill(res + h * ld, res + h * ld + hd, 0.f);
-    res[h * ld + hd] = -INFINITY;
-    res[h * ld + hd + 1] = 0.f;
-  }
+  for (int64_t h = 0; h < nh; ++h) qh[h] = qs + h * hd;
   const int64_t* sl = a.slots + i * a.ld_slots;
-  float alpha[3];
-  for (int64_t k0 = ka; k0 < kb; k0 += kDecBlock) {
-    const int64_t n = std::min(kDecBlock, kb - k0), n8 = (n + 7) / 8 * 8;
+  for (int64_t k = k0; k < k1; k += 8) {
+    const int64_t n = std::min<int64_t>(8, k1 - k);
     for (int64_t g = 0; g < a.nkv; ++g) {
-      for (int64_t j = 0; j < n; ++j) {
-        kp[j] = a.k_cache + sl[k0 + j] * kvd + g * hd;
-        vp[j] = a.v_cache + sl[k0 + j] * kvd + g * hd;
-      }
-      for (int64_t j = n; j < n8; ++j) kp[j] = kp[0];  // pad to 8 keys; their scores are cut below
-      for (int64_t h = 0; h < G; ++h)
-        for (int64_t j = 0; j < n; j += 8) dec_qk8(qs + (g * G + h) * hd, kp + j, hd, s + h * kDecBlock + j);
-      for (int64_t h0 = 0; h0 < G; h0 += 3) {
-        const int64_t H = std::min<int64_t>(3, G - h0);
-        for (int64_t h = h0; h < h0 + H; ++h) {  // online softmax of head h over this block
-          float* sh = s + h * kDecBlock;
-          float* st = res + (g * G + h) * ld + hd;  // its max and sum
-          __m256 mx = _mm256_set1_ps(-INFINITY);
-          int64_t j = 0;
-          for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sh + j));
-          float m = st[0];
-          for (int c = 0; c < 8; ++c) m = std::max(m, ((float*)&mx)[c]);
-          for (; j < n; ++j) m = std::max(m, sh[j]);
-          const __m256 mv = _mm256_set1_ps(m);
-          __m256 sum = _mm256_setzero_ps();
-          for (j = 0; j + 8 <= n; j += 8) {
-            const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(sh + j), mv));
-            _mm256_storeu_ps(sh + j, p);
-            sum = _mm256_add_ps(sum, p);
-          }
-          float tot = hsum(sum);
-          for (; j < n; ++j) tot += (sh[j] = exp2_neg1(sh[j] - m));
-          alpha[h - h0] = exp2_neg1(st[0] - m);
-          st[0] = m;
-          st[1] = st[1] * alpha[h - h0] + tot;
-        }
-        const float* ph = s + h0 * kDecBlock;
-        float* oh = res + (g * G + h0) * ld;
-        if (H == 3) dec_pv_heads<3>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
-        else if (H == 2) dec_pv_heads<2>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
-        else dec_pv_heads<1>(vp, n, ph, kDecBlock, hd, oh, ld, alpha);
-      }
+      for (int64_t j = 0; j < 8; ++j) kp[j] = a.k_cache + sl[k + (j < n ? j : 0)] * kvd + g * hd;  // pad: unused
+      for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += 4)
+        with_tail(std::min<int64_t>(4, (g + 1) * G - h0),
+                  [&]<int H>() { dec_qk8<H>(qh + h0, kp, hd, s + h0 * ld + k, ld); });
     }
   }
 }
 
+// One key block's online-softmax step for H query heads: scores s[h][0..n) (row stride ld) become
+// probabilities p[h][0..n) (row stride 64); the heads' running max and sum ml[h] = (m, l) are updated and
+// alpha[h] = 2^(m_old - m_new) set. Each head's sum runs over its keys in order, as a tiled lane's does;
+// the H heads' sums are interleaved, so the additions' latency is shared.
+template <int H>
+inline void softmax_block(const float* s, int64_t ld, int64_t n, float* p, float* ml, float* alpha) {
+  float m[H], sum[H];
+  for (int h = 0; h < H; ++h) {
+    const float* sh = s + h * ld;
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(sh + j));
+    float mx = -INFINITY;
+    for (int c = 0; c < 8; ++c) mx = std::max(mx, ((float*)&vm)[c]);
+    for (; j < n; ++j) mx = std::max(mx, sh[j]);
+    m[h] = std::max(ml[2 * h], mx);
+    sum[h] = 0.f;
+  }
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int h = 0; h < H; ++h)
+      _mm256_storeu_ps(p + h * kKeyBlock + j,
+                       exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(s + h * ld + j), _mm256_set1_ps(m[h]))));
+    for (int r = 0; r < 8; ++r)
+      for (int h = 0; h < H; ++h) sum[h] += p[h * kKeyBlock + j + r];
+  }
+  for (; j < n; ++j)
+    for (int h = 0; h < H; ++h) sum[h] += (p[h * kKeyBlock + j] = exp2_neg1(s[h * ld + j] - m[h]));
+  for (int h = 0; h < H; ++h) {
+    alpha[h] = exp2_neg1(ml[2 * h] - m[h]);
+    ml[2 * h] = m[h];
+    ml[2 * h + 1] = std::fma(ml[2 * h + 1], alpha[h], sum[h]);
+  }
+}
+
+// Pass 2: output dims [d0, d1) of the query heads of kv heads [g0, g1), from their scores in s [nh, ld].
+void decode_values(const Shape& a, int64_t i, int64_t g0, int64_t g1, int64_t d0, int64_t d1, const float* s,
+                   int64_t ld, Scratch& sc) {
+  const int64_t hd = a.hd, G = a.group, kvd = a.nkv * hd, ctx = a.ctx_len[i], w = d1 - d0, nq = (g1 - g0) * G;
+  sc.f.assign(nq * w + G * kKeyBlock + 2 * nq + G, 0.f);
+  sc.p.resize(kKeyBlock);
+  float* o = sc.f.data();           // [nq, w] unnormalized outputs
+  float* pb = o + nq * w;           // [G, 64] probabilities of one kv head's key block
+  float* ml = pb + G * kKeyBlock;   // [nq, 2] running max (log2 units) and sum
+  float* alpha = ml + 2 * nq;       // [G]
+  const float** vp = sc.p.data();
+  for (int64_t h = 0; h < nq; ++h) ml[2 * h] = -INFINITY;
+  const int64_t* sl = a.slots + i * a.ld_slots;
+  for (int64_t k0 = 0; k0 < ctx; k0 += kKeyBlock) {
+    const int64_t n = std::min(kKeyBlock, ctx - k0);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t q0 = (g - g0) * G;  // its first query head among ours
+      for (int64_t j = 0; j < n; ++j) vp[j] = a.v_cache + sl[k0 + j] * kvd + g * hd + d0;
+      for (int64_t h0 = 0; h0 < G; h0 += 4)
+        with_tail(std::min<int64_t>(4, G - h0), [&]<int H>() {
+          softmax_block<H>(s + (g * G + h0) * ld + k0, ld, n, pb + h0 * kKeyBlock, ml + 2 * (q0 + h0), alpha + h0);
+        });
+      for (int64_t h0 = 0; h0 < G; h0 += 4)
+        with_tail(std::min<int64_t>(4, G - h0), [&]<int H>() {
+          dec_pv_heads<H>(vp, n, pb + h0 * kKeyBlock, kKeyBlock, w, o + (q0 + h0) * w, w, alpha + h0);
+        });
+    }
+  }
+  const int64_t row = a.seq_start[i + 1] - 1;
+  for (int64_t h = 0; h < nq; ++h) {
+    float* dst = a.out + row * a.nh * hd + (g0 * G + h) * hd + d0;
+    const float inv = 1.f / ml[2 * h + 1];
+    for (int64_t d = 0; d < w; ++d) dst[d] = o[h * w + d] * inv;
+  }
+}
+
 struct Task {
-  int64_t i, g, v0, v1;  // tiled: kv head g's query vectors [v0, v1); decode: keys [v0, v1), all heads
-  int64_t part;          // decode: its row in the parts buffer (-1: tiled)
+  int64_t i, g, v0, v1;  // sequence i; tiled: kv head g's query vectors [v0, v1); decode scores: keys [v0, v1);
+                         // decode values: dims [v0, v1) of kv heads [g, g + 1), or of all with g = -1
+  int kind;              // 0 tiled, 1 decode scores, 2 decode values
   double cost;
 };
+
+// Run tasks longest first, handed out dynamically (the causal triangle balances); tiny calls (a short
+// decode batch) stay on this thread: waking the pool costs more than it saves.
+template <class F>
+void run_tasks(std::vector<Task>& tasks, int64_t nthreads, F&& run) {
+  std::sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  double work = 0;
+  for (const Task& w : tasks) work += w.cost;
+  std::atomic<int64_t> next{0};
+  const int64_t ntasks = int64_t(tasks.size());
+  const int64_t workers = work < kSerialWork ? 1 : std::min(nthreads, ntasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch sc;
+    for (int64_t t; (t = next.fetch_add(1)) < ntasks;) run(tasks[t], sc);
+  });
+}
 
 }  // namespace
 
@@ -462,68 +519,46 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
   const int64_t G = nh / nkv;
   const Shape a{q, q_stride, k_cache, v_cache, seq_start, ctx_len, slots, ld_slots, nh, nkv, hd, G, out};
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  std::vector<Task> tasks;
-  int64_t nparts = 0;
+  std::vector<Task> first, second;
+  std::vector<int64_t> score_at(B, -1), ld(B, 0);  // decode rows: offset and row stride of their scores
+  int64_t nscores = 0, n_decode = 0;
+  for (int64_t i = 0; i < B; ++i) n_decode += seq_start[i + 1] - seq_start[i] == 1;
   for (int64_t i = 0; i < B; ++i) {
     const int64_t n = seq_start[i + 1] - seq_start[i], ctx = ctx_len[i];
     if (n == 1) {
-      // long contexts: split the keys so one sequence keeps every thread busy (parts of >= 256 keys).
-      // The split depends on the context alone, never on the other sequences: a row's numbers do not
-      // change with its batch.
-      const int64_t parts = std::max<int64_t>(1, std::min(4 * nthreads, ctx / 256));
+      ld[i] = (ctx + 7) / 8 * 8;
+      score_at[i] = nscores;
+      nscores += nh * ld[i];
+      const int64_t parts = std::max<int64_t>(1, std::min(4 * nthreads, ctx / kScoreKeys));
       for (int64_t p = 0; p < parts; ++p)
-        tasks.push_back({i, -1, ctx * p / parts, ctx * (p + 1) / parts, nparts++, double(ctx / parts) * nh});
+        first.push_back({i, -1, ctx * p / parts / 8 * 8, p + 1 < parts ? ctx * (p + 1) / parts / 8 * 8 : ctx, 1,
+                         double(ctx / parts) * nh});
+      if (n_decode >= 2 * nthreads) {  // a task per row: its kv heads' values read in slot order
+        second.push_back({i, -1, 0, hd, 2, double(ctx) * nh});
+      } else {  // few rows: per kv head and 32-dim slice, so that every thread has work
+        for (int64_t g = 0; g < nkv; ++g)
+          for (int64_t d = 0; d < hd; d += kSlice)
+            second.push_back({i, g, d, std::min(hd, d + kSlice), 2, double(ctx) * G * std::min(kSlice, hd - d) / hd});
+      }
       continue;
     }
     const int64_t prev = ctx - n, per = kCols * kLanes;
     for (int64_t g = 0; g < nkv; ++g)
       for (int64_t v0 = 0; v0 < n * G; v0 += per) {
         const int64_t v1 = std::min(n * G, v0 + per);
-        tasks.push_back({i, g, v0, v1, -1, double(v1 - v0) * double(prev + (v0 + v1) / (2 * G) + 1)});
+        first.push_back({i, g, v0, v1, 0, double(v1 - v0) * double(prev + (v0 + v1) / (2 * G) + 1)});
       }
   }
-  std::sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
-  const int64_t ld = hd + 2;
-  std::vector<float> parts(nparts * nh * ld);
-  double work = 0;
-  for (const Task& w : tasks) work += w.cost;
-  std::atomic<int64_t> next{0};
-  const int64_t ntasks = int64_t(tasks.size());
-  // tiny calls (a short decode batch) stay on this thread: waking the pool costs more than it saves
-  const int64_t workers = work < kSerialWork ? 1 : std::min(nthreads, ntasks);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Scratch sc;
-    for (int64_t t; (t = next.fetch_add(1)) < ntasks;) {
-      const Task& w = tasks[t];
-      if (w.part < 0) tiled_task(a, w.i, w.g, w.v0, w.v1, sc);
-      else decode_task(a, w.i, w.v0, w.v1, parts.data() + w.part * nh * ld, sc);
-    }
+  std::vector<float> scores(nscores);
+  run_tasks(first, nthreads, [&](const Task& w, Scratch& sc) {
+    if (w.kind == 0) tiled_task(a, w.i, w.g, w.v0, w.v1, sc);
+    else decode_scores(a, w.i, w.v0, w.v1, scores.data() + score_at[w.i], ld[w.i], sc);
   });
-  // merge the parts of each decode sequence (they hold consecutive part rows)
-  std::vector<int64_t> first(B, -1), count(B, 0);
-  for (const Task& w : tasks)
-    if (w.part >= 0) {
-      first[w.i] = first[w.i] < 0 ? w.part : std::min(first[w.i], w.part);
-      ++count[w.i];
-    }
-  for (int64_t i = 0; i < B; ++i) {
-    if (count[i] == 0) continue;
-    for (int64_t h = 0; h < nh; ++h) {
-      float m = -INFINITY;
-      for (int64_t p = 0; p < count[i]; ++p) m = std::max(m, parts[((first[i] + p) * nh + h) * ld + hd]);
-      float* o = out + (seq_start[i + 1] - 1) * nh * hd + h * hd;
-      std::fill(o, o + hd, 0.f);
-      float l = 0.f;
-      for (int64_t p = 0; p < count[i]; ++p) {
-        const float* r = parts.data() + ((first[i] + p) * nh + h) * ld;
-        const float w = exp2_neg1(r[hd] - m);
-        l += w * r[hd + 1];
-        axpy_f32(w, r, o, hd);
-      }
-      const float inv = 1.f / l;
-      for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
-    }
-  }
+  if (!second.empty())
+    run_tasks(second, nthreads, [&](const Task& w, Scratch& sc) {
+      decode_values(a, w.i, w.g < 0 ? 0 : w.g, w.g < 0 ? nkv : w.g + 1, w.v0, w.v1, scores.data() + score_at[w.i],
+                    ld[w.i], sc);
+    });
 }
 
 #else  // no AVX2: one (row, head) at a time

@@ -227,10 +227,10 @@ def test_smollm_int4_fused_prompt_logits_vs_fp32(ext):
 
 
 def test_a_row_does_not_depend_on_how_its_prompt_is_cut(ext):
-    """Prompt logits are bit-identical however the prompt is cut into prefill chunks of >= 2 rows (a
-    prefix-cache hit cuts it where the cache ends): a query row's attention must not depend on which
-    rows share its column of the tiled kernel, nor on a 64-key block it sees no key of. (A chunk of one
-    row takes the decode kernel, whose summation order differs.)"""
+    """Prompt logits are bit-identical however the prompt is cut into prefill chunks (a prefix-cache hit
+    cuts it where the cache ends): a query row's attention must not depend on which rows share its column
+    of the tiled kernel, nor on a 64-key block it sees no key of, and a row alone (the decode kernel) must
+    come out as it does in a chunk."""
     loaded = tiny_loaded(**_INT4, max_position_embeddings=512)
     eng = LLMEngine(EngineConfig(dtype="float32", quantization="int4", fused_decode=True, num_threads=2,
                                  block_size=4, num_kv_blocks=96, enable_prefix_caching=False,
@@ -240,3 +240,6 @@ def test_a_row_does_not_depend_on_how_its_prompt_is_cut(ext):
     for k in (2, 3, 5, 10, 37, 59, 61, 63, 65, 70, 100, 127, 129, 148):
         assert torch.equal(eng.prompt_logits(ids, chunk_size=[k, len(ids) - k]), whole), k
     assert torch.equal(eng.prompt_logits(ids, chunk_size=[7, 33, 2, 61]), whole)
+    for k in (1, 63, 64, 65, 128, 149):  # one row alone, at and around block edges
+        assert torch.equal(eng.prompt_logits(ids, chunk_size=[k, 1, len(ids) - k - 1] if k < 149 else [k, 1]), whole), k
+    assert torch.equal(eng.prompt_logits(ids[:70], chunk_size=1), whole[:70])

@@ -37,6 +37,8 @@ _CHILD = textwrap.dedent("""
                     loaded=tiny_loaded(hidden_size=64, intermediate_size=96, num_attention_heads=4,
                                        num_key_value_heads=2, head_dim=16))
     out["step"] = eng.prompt_logits(list(range(3, 40)), chunk_size=[16, 1])
+    ids = list(range(3, 140))  # three 64-key blocks
+    out["chunking"] = (eng.prompt_logits(ids, chunk_size=len(ids)), eng.prompt_logits(ids, chunk_size=[64, 1, 1, 71]))
     torch.save(out, sys.argv[1])
 """)
 
@@ -57,7 +59,7 @@ def outputs(tmp_path_factory, ext):
 
 def test_every_build_is_within_activation_rounding_of_the_float_result(outputs):
     for isa, out in outputs.items():
-        for name, (y, x, w, b) in ((k, v) for k, v in out.items() if k != "step"):
+        for name, (y, x, w, b) in ((k, v) for k, v in out.items() if k not in ("step", "chunking")):
             ref = x.double() @ w.double().T + b.double()
             # int8 activations per block of 32: half a step (max|x| / 127) per element times |w|, on the
             # weights' own grid (int4 or int8 rounding of w adds its own error: compare to the grid result)
@@ -83,9 +85,17 @@ def test_simd_builds_agree_bit_for_bit_and_scalar_to_summation_order(outputs):
         pytest.skip(f"this CPU runs one kernel build only ({', '.join(outputs)})")
     base = outputs[simd[0]] if simd else outputs["scalar"]
     for isa, out in outputs.items():
-        for name, value in out.items():
+        for name, value in ((k, v) for k, v in out.items() if k != "chunking"):
             y, y0 = (value, base[name]) if name == "step" else (value[0], base[name][0])
             if isa in simd:
                 assert torch.equal(y, y0), (isa, name, (y - y0).abs().max())
             else:
                 assert (y - y0).abs().max() <= 1e-5 * y0.abs().max() + 1e-4, (isa, name, (y - y0).abs().max())
+
+
+def test_every_build_computes_a_row_alike_in_a_chunk_or_alone(outputs):
+    """Prompt logits whole vs cut with rows computed alone (what a prefix-cache hit leaves): bit-identical in
+    every build, the attention's one-row path doing the tiled path's arithmetic."""
+    for isa, out in outputs.items():
+        whole, cut = out["chunking"]
+        assert torch.equal(whole, cut), (isa, (whole - cut).abs().max())
