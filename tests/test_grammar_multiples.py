@@ -80,3 +80,13 @@ def test_integers_with_a_decimal_step_and_steps_refused_by_name():
     for schema in ({"type": "number", "multipleOf": 0.3}, {"type": "number", "multipleOf": 2.5, "minimum": 0}):
         with pytest.raises(UnsupportedSchemaError, match="multipleOf"):
             schema_to_regex(schema)
+
+
+@pytest.mark.parametrize("steps, lcm", [((2, 3), 6), ((0.25, 0.1), 0.5), ((0.5, 1.5), 1.5), ((4, 0.5), 4)])
+def test_all_of_two_steps_is_their_least_common_multiple(steps, lcm):
+    schema = {"type": "number", "minimum": -30, "maximum": 30, "allOf": [{"multipleOf": s} for s in steps]}
+    a = ByteAutomaton(schema_to_regex(schema)[0], timeout_s=None)
+    wrong = [t for t in NUMBERS if Decimal(t).copy_abs() <= 30
+             and a.fullmatch(t) != all(Decimal(t) % Decimal(repr(s)) == 0 for s in steps)]
+    assert wrong == [], wrong[:5]
+    assert a.fullmatch(str(lcm)) and a.fullmatch(f"-{lcm}")

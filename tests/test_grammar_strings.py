@@ -131,3 +131,18 @@ def test_strings_and_numbers_except():
     n = ByteAutomaton(numbers_except([Decimal(1), Decimal(3)]), timeout_s=None)
     for s, ok in [("1", False), ("1.0", False), ("3", False), ("2", True), ("1.5", True), ("-1", True), ("4", True)]:
         assert n.fullmatch(s) == ok, s
+
+
+@pytest.mark.parametrize("fmt, texts", [
+    ("json-pointer", ["", "/", "/a", "/a/b", "/~0~1", "/a~1b/0", "/é/ü", "a", "/~", "/~2", "~0", "//", "/a b"]),
+    ("relative-json-pointer", ["0", "1", "0#", "12/a", "0/", "3/~0", "#", "01", "-1", "1#/a", "a", "/a", "1~"]),
+])
+def test_pointer_formats_agree_with_the_validator(fmt, texts):
+    schema = {"type": "string", "format": fmt}
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    if fmt not in validator.format_checker.checkers:
+        pytest.skip(f"this jsonschema does not check {fmt!r} (its jsonpointer dependency is missing)")
+    a = ByteAutomaton(schema_to_regex(schema)[0], timeout_s=None)
+    verdicts = {t: (a.fullmatch(compact(t)), validator.is_valid(t)) for t in texts}
+    assert all(ours == theirs for ours, theirs in verdicts.values()), verdicts
+    assert sum(theirs for _, theirs in verdicts.values()) >= 5

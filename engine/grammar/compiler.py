@@ -27,7 +27,7 @@ from .errors import GrammarCompileError
 from .schema_regex import schema_to_regex
 from .vocab import TokenVocab, vocab_from_tokenizer
 
-COMPILER_VERSION = "14"  # bump when the regex a schema compiles to may change (invalidates disk caches)
+COMPILER_VERSION = "15"  # bump when the regex a schema compiles to may change (invalidates disk caches)
 _MAX_FORCED_BYTES = 512
 
 

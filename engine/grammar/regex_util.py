@@ -210,6 +210,7 @@ _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
 # RFC 3986 path/query/fragment characters, with '%' only as a percent-escape
 _URI_CHARS = r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/?\-]|%[0-9A-Fa-f]{2})"
+_POINTER = "(?:/(?:" + json_chars(complement([(0x2F, 0x2F), (0x7E, 0x7E)])) + "|~[01])*)*"
 # Conservative on purpose: every string these accept is valid for any common validator
 # (a format regex that is too wide would let invalid output through; too narrow only loses coverage).
 FORMATS: dict[str, str] = {
@@ -222,6 +223,9 @@ FORMATS: dict[str, str] = {
            + rf"(?:/{_URI_CHARS}*)?(?:\?{_URI_CHARS}*)?(?:#{_URI_CHARS}*)?",
     "ipv4": _OCTET + r"(?:\." + _OCTET + "){3}",
     "hostname": _LABEL + r"(?:\." + _LABEL + r")*",
+    # RFC 6901: "/"-separated tokens, "~" only as "~0" or "~1"
+    "json-pointer": _POINTER,
+    "relative-json-pointer": r"(?:0|[1-9][0-9]*)(?:#|" + _POINTER + ")",
 }
 
 

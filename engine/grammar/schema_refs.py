@@ -2,6 +2,8 @@
 the intersection of two schemas where one schema can express it, ``unevaluated*`` rewritten."""
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Any
 from urllib.parse import unquote
 
@@ -138,6 +140,8 @@ def merge(a: Any, b: Any, ctx: Ctx, path: str) -> Any:
             tb = {v} if isinstance(v, str) else set(v)
             both = (ta & tb) | ({"integer"} if ("number" in ta and "integer" in tb) or ("integer" in ta and "number" in tb) else set())
             out[k] = sorted(both) if both else "__none__"
+        elif k == "multipleOf" and _is_step(out[k]) and _is_step(v):
+            out[k] = _common_multiple(out[k], v)  # a multiple of both is a multiple of their lcm
         elif k in ("minimum", "minLength", "minItems", "minProperties", "exclusiveMinimum"):
             out[k] = max(out[k], v)
         elif k in ("maximum", "maxLength", "maxItems", "maxProperties", "exclusiveMaximum"):
@@ -153,6 +157,18 @@ def merge(a: Any, b: Any, ctx: Ctx, path: str) -> Any:
     if out.get("type") == "__none__":
         return False
     return out
+
+
+def _is_step(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 and math.isfinite(x)
+
+
+def _common_multiple(a: float, b: float) -> float:
+    """The least common multiple of two steps, taken as the decimals they are written as (0.25 and 0.1
+    give 0.5); an int when it is whole."""
+    fa, fb = Fraction(repr(a)), Fraction(repr(b))
+    lcm = Fraction(math.lcm(fa.numerator, fb.numerator), math.gcd(fa.denominator, fb.denominator))
+    return int(lcm) if lcm.denominator == 1 else float(lcm)
 
 
 def _closed_over(x: dict, y: dict) -> dict:
