@@ -385,9 +385,11 @@ void dec_pv_heads(const float* const* vp, int64_t n, const float* p, int64_t ld_
 }
 
 // A decode row runs in two passes, so that one long context keeps every thread busy while each query
-// vector still gets the tiled kernel's arithmetic: (1) its scores, by ranges of keys; (2) per row (or, when
-// the batch has too few rows to share out, per kv head and 32-dim slice of the output), the online softmax
-// over the 64-key blocks in order (every slice computes the same numbers) and p.V for its dims.
+// vector still gets the tiled kernel's arithmetic: (1) its scores, by ranges of keys; (2) per kv head and
+// 32-dim slice of the output, the online softmax over the 64-key blocks in order (every slice computes the
+// same numbers) and p.V for its dims. A batch with rows enough to share out runs both passes of a row in
+// one task instead: one wait for the threads per call, not two (on a busy machine each wait can cost a
+// time slice).
 constexpr int64_t kSlice = 32;       // output dims per pass-2 task when sliced
 constexpr int64_t kScoreKeys = 256;  // keys per pass-1 task, at least
 
@@ -491,7 +493,7 @@ void decode_values(const Shape& a, int64_t i, int64_t g0, int64_t g1, int64_t d0
 struct Task {
   int64_t i, g, v0, v1;  // sequence i; tiled: kv head g's query vectors [v0, v1); decode scores: keys [v0, v1);
                          // decode values: dims [v0, v1) of kv heads [g, g + 1), or of all with g = -1
-  int kind;              // 0 tiled, 1 decode scores, 2 decode values
+  int kind;              // 0 tiled, 1 decode scores, 2 decode values, 3 both passes of a decode row
   double cost;
 };
 
@@ -529,17 +531,18 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
       ld[i] = (ctx + 7) / 8 * 8;
       score_at[i] = nscores;
       nscores += nh * ld[i];
+      if (n_decode >= 2 * nthreads) {  // enough rows to share out: one task per row, both passes in it
+        first.push_back({i, -1, 0, ctx, 3, double(ctx) * nh * 2});
+        continue;
+      }
+      // few rows: scores by key ranges, then values per kv head and 32-dim slice, so every thread has work
       const int64_t parts = std::max<int64_t>(1, std::min(4 * nthreads, ctx / kScoreKeys));
       for (int64_t p = 0; p < parts; ++p)
         first.push_back({i, -1, ctx * p / parts / 8 * 8, p + 1 < parts ? ctx * (p + 1) / parts / 8 * 8 : ctx, 1,
                          double(ctx / parts) * nh});
-      if (n_decode >= 2 * nthreads) {  // a task per row: its kv heads' values read in slot order
-        second.push_back({i, -1, 0, hd, 2, double(ctx) * nh});
-      } else {  // few rows: per kv head and 32-dim slice, so that every thread has work
-        for (int64_t g = 0; g < nkv; ++g)
-          for (int64_t d = 0; d < hd; d += kSlice)
-            second.push_back({i, g, d, std::min(hd, d + kSlice), 2, double(ctx) * G * std::min(kSlice, hd - d) / hd});
-      }
+      for (int64_t g = 0; g < nkv; ++g)
+        for (int64_t d = 0; d < hd; d += kSlice)
+          second.push_back({i, g, d, std::min(hd, d + kSlice), 2, double(ctx) * G * std::min(kSlice, hd - d) / hd});
       continue;
     }
     const int64_t prev = ctx - n, per = kCols * kLanes;
@@ -552,7 +555,8 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
   std::vector<float> scores(nscores);
   run_tasks(first, nthreads, [&](const Task& w, Scratch& sc) {
     if (w.kind == 0) tiled_task(a, w.i, w.g, w.v0, w.v1, sc);
-    else decode_scores(a, w.i, w.v0, w.v1, scores.data() + score_at[w.i], ld[w.i], sc);
+    if (w.kind == 1 || w.kind == 3) decode_scores(a, w.i, w.v0, w.v1, scores.data() + score_at[w.i], ld[w.i], sc);
+    if (w.kind == 3) decode_values(a, w.i, 0, nkv, 0, hd, scores.data() + score_at[w.i], ld[w.i], sc);
   });
   if (!second.empty())
     run_tasks(second, nthreads, [&](const Task& w, Scratch& sc) {
