@@ -53,7 +53,6 @@ _THREAD_LIMITER: contextvars.ContextVar[anyio.CapacityLimiter | None] = contextv
     "agentrt_tool_thread_limiter", default=None)
 
 
-
 def _exact_multiple_of(validator: Any, step: Any, instance: Any, schema: dict) -> Iterator[jsonschema.ValidationError]:
     """``multipleOf`` on the numbers as written (19.99 is a multiple of 0.01), the way JSON Schema states it
     and the grammar enforces it; jsonschema's float division says 19.99 / 0.01 is no integer."""
@@ -69,6 +68,7 @@ def _exact_multiple_of(validator: Any, step: Any, instance: Any, schema: dict) -
 
 # Tool arguments are checked with this: Draft 2020-12, with multipleOf on exact decimals.
 ArgumentValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"multipleOf": _exact_multiple_of})
+
 
 @dataclasses.dataclass
 class RunContext(Generic[DepsT]):
