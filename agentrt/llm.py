@@ -68,7 +68,7 @@ class LocalLLM(BaseLLM):
     @property
     def engine_summary(self) -> str:
         """Which path runs the model, e.g. "fused C++ step, int4 weights, avx2 kernels, float32, 2 threads"."""
-        return self.sync_engine.runner.describe()
+        return self.sync_engine.describe()
 
     @property
     def context_window(self) -> int:

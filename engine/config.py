@@ -65,6 +65,13 @@ class EngineConfig:
       of 32 (GGUF's Q8_1, as llama.cpp does; the fastest) or "int16" (int8 plus its rounding residual:
       twice the multiply work; SmolLM2 int4 decode logits within ~0.01 of float32's, 100% top-1
       agreement vs 96.9% with "int8").
+    num_speculative_tokens: prompt-lookup speculation (`engine.speculation`): each step, a greedy
+      request may verify up to this many draft tokens copied from its own transcript, in the same
+      forward pass as its next token; greedy output is token-identical with it on or off. 0 = off.
+      It runs only on the fused C++ step (whose multi-row chunks compute exactly like single rows);
+      requests with temperature > 0 never speculate (no acceptance rule is applied to sampling).
+    prompt_lookup_min / prompt_lookup_max: the shortest / longest run of last tokens searched for
+      earlier in the transcript (the longest that occurs wins).
     num_threads: torch intra-op threads (None = leave torch's setting alone).
     """
 
@@ -84,6 +91,9 @@ class EngineConfig:
     compile: bool = False
     fused_decode: bool = False
     fused_activations: Literal["int8", "int16"] = "int8"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
     num_threads: int | None = None
 
     def resolved_dtype(self) -> str:
@@ -133,6 +143,11 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} (must be >= 1)")
+        if self.num_speculative_tokens < 0:
+            problems.append(f"num_speculative_tokens={self.num_speculative_tokens!r} (must be >= 0; 0 = off)")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            problems.append(f"prompt_lookup_min={self.prompt_lookup_min!r}, prompt_lookup_max="
+                            f"{self.prompt_lookup_max!r} (need 1 <= min <= max)")
         if self.kv_cache_gb is not None and not (self.kv_cache_gb > 0 and math.isfinite(self.kv_cache_gb)):
             problems.append(f"kv_cache_gb={self.kv_cache_gb!r} (must be a number above 0 or None)")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -25,7 +25,9 @@ class TokenConstraint(Protocol):
        where the constraint may end, and accepting it terminates the constraint).
 
     Optionally a ``closed_by_budget`` attribute: True when the constraint narrowed the
-    choices to finish within the token budget; the engine's output reports it.
+    choices to finish within the token budget; the engine's output reports it. And optionally
+    ``count_allowed(token_ids) -> int``: how many leading tokens of a speculative draft it would
+    accept in turn (read-only); the engine drafts no further than that.
     """
 
     def next_token_mask(self) -> torch.Tensor:

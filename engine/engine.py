@@ -21,6 +21,7 @@ from .output_processor import OutputProcessor, RequestMetrics, RequestOutput
 from .sampling import sample_constrained
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .speculation import draft_for
 
 __all__ = ["ContextOverflowError", "EngineStats", "LLMEngine", "RequestMetrics", "RequestOutput"]
 
@@ -43,6 +44,14 @@ class EngineStats:
     prefix_cache_queried_tokens: int
     finishing: int = 0  # finished requests whose last tokens' K/V the next step computes for the cache
     kv_blocks_pinned: int = 0  # held for the next request of a cache key (an agent run's next step)
+    # prompt-lookup speculation (`engine.speculation`), since the engine started
+    draft_tokens_proposed: int = 0  # draft rows run
+    draft_tokens_accepted: int = 0  # of them, kept as output
+    draft_verify_steps: int = 0  # sequence-steps that verified a draft
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.draft_tokens_accepted / max(1, self.draft_tokens_proposed)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -79,6 +88,12 @@ class LLMEngine:
                                           copy_kv=self.kv.copy_block_prefix, pin_ttl_s=config.kv_pin_ttl_s)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer)
+        # drafts are verified in multi-row chunks, which only the fused step computes exactly like the
+        # single rows a request would otherwise run: elsewhere speculation could change greedy output
+        fused_everywhere = self.runner.fused is not None and self.runner.fused.prefill
+        # the live setting (a benchmark may turn it off and on between requests)
+        self.num_speculative_tokens: int = config.num_speculative_tokens if fused_everywhere else 0
+        self._draft_counts = [0, 0, 0]  # proposed, accepted, verify steps
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside a step (aborts, instant finishes)
         self.last_step_decode_only = False  # whether the last step computed one token per sequence (for timing)
@@ -171,7 +186,8 @@ class LLMEngine:
                            kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used,
                            kv_blocks_cached=bm.num_cached, prefix_cache_hit_tokens=bm.hit_tokens,
                            prefix_cache_queried_tokens=bm.queried_tokens, finishing=len(self.scheduler.finishing),
-                           kv_blocks_pinned=bm.num_pinned)
+                           kv_blocks_pinned=bm.num_pinned, draft_tokens_proposed=self._draft_counts[0],
+                           draft_tokens_accepted=self._draft_counts[1], draft_verify_steps=self._draft_counts[2])
 
     def release_cache_key(self, key: str) -> None:
         """Unpin ``key``'s blocks, and let none of its sequences still in flight pin again (the run that
@@ -181,6 +197,11 @@ class LLMEngine:
             if seq.cache_key == key:
                 seq.cache_key = None
         self.block_manager.unpin(key)
+
+    def describe(self) -> str:
+        """Which path runs the steps (`ModelRunner.describe`) and whether greedy requests speculate."""
+        n = self.num_speculative_tokens
+        return self.runner.describe() + (f", prompt-lookup speculation (up to {n} draft tokens)" if n else "")
 
     def decode_weight_bytes(self) -> int:
         """See `ModelRunner.decode_weight_bytes`."""
@@ -194,6 +215,8 @@ class LLMEngine:
         Finished requests' uncomputed tails (see `Scheduler.finish`) ride along in the batch; their
         rows are not sampled, and their blocks are released into the prefix cache after it."""
         outputs, self._pending = self._pending, []
+        if self.num_speculative_tokens:
+            self._propose_drafts()
         plan = self.scheduler.schedule()
         if plan is None or not plan.entries:
             self.last_step_decode_only = False
@@ -203,28 +226,72 @@ class LLMEngine:
         hidden = self.runner.execute(inputs)  # [N, H], N = len(inputs.sample_rows)
         logits = self.runner.compute_logits(hidden) if inputs.sample_seqs else None  # [N, V] float32
         for seq, n in plan.entries:
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += min(n, seq.num_uncomputed)  # draft rows count once verified
             self.block_manager.commit_full_blocks(seq)
         self.scheduler.release_finishing()
         if logits is not None:
             outputs.extend(self._append_sampled(inputs.sample_seqs, logits))
         return outputs
 
+    def _propose_drafts(self) -> None:
+        """Give each greedy running sequence that is past its prompt a draft to verify this step."""
+        c = self.config
+        for seq in self.scheduler.running:
+            seq.draft_token_ids = draft_for(seq, self.num_speculative_tokens, c.prompt_lookup_min,
+                                            c.prompt_lookup_max, self.max_model_len) \
+                if seq.params.greedy and seq.num_computed_tokens >= seq.num_prompt_tokens else []
+
     def _append_sampled(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample the rows of ``logits`` (one per entry of ``seqs``; a sequence verifying a draft has
+        consecutive rows) and append the tokens; returns one output per sequence."""
         now = time.perf_counter()
-        picked = sample_constrained(seqs, logits)
+        spans = _row_spans(seqs)  # (sequence, first row, rows)
+        single_rows = [row for _, row, k in spans if k == 1]
+        rows = logits if len(single_rows) == len(seqs) else logits[single_rows]  # no [N, V] copy without drafts
+        picked = {single_rows[i]: t for i, t in sample_constrained([seqs[r] for r in single_rows], rows).items()}
         outputs = []
-        for i, seq in enumerate(seqs):
+        for seq, row, k in spans:
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            if i in picked and not seq.finished:
-                try:
-                    if self._append(seq, picked[i], forced=False) is None:
-                        self._after_tokens(seq)
-                except Exception as exc:  # noqa: BLE001 - the constraint refused a token or failed
-                    seq.error, seq.finish_reason = exc, "abort"
+            if k > 1:
+                self._verify_draft(seq, logits[row:row + k])
+            elif row in picked and not seq.finished:
+                self._append_sampled_token(seq, picked[row])
             outputs.append(self._finish(seq) if seq.finished else self.outputs.output(seq))
         return outputs
+
+    def _verify_draft(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Greedy verification. logits: [d + 1, V], the rows after ``seq``'s tokens and after each
+        of its d draft tokens. Samples row by row as decoding alone would (mask, argmax, append,
+        jump-forward), going on while the tokens appended equal the draft's start, so the output is
+        the same as without the draft; the K/V of the draft tokens kept become computed."""
+        draft, seq.draft_token_ids = seq.draft_token_ids, []
+        start, row = len(seq.token_ids), 0
+        while True:
+            picked = sample_constrained([seq], logits[row:row + 1])
+            if not picked or seq.finished:
+                break
+            self._append_sampled_token(seq, picked[0])
+            new = seq.token_ids[start:]
+            if seq.finished or len(new) > len(draft) or new != draft[:len(new)]:
+                break
+            row = len(new)
+        new = seq.token_ids[start:]
+        kept = next((i for i, (a, b) in enumerate(zip(new, draft)) if a != b), min(len(new), len(draft)))
+        seq.num_computed_tokens += kept
+        seq.draft_tokens_accepted += kept
+        self.block_manager.commit_full_blocks(seq)
+        counts = self._draft_counts
+        counts[0], counts[1], counts[2] = counts[0] + len(draft), counts[1] + kept, counts[2] + 1
+
+    def _append_sampled_token(self, seq: Sequence, token: int) -> None:
+        """Append a sampled token and what the constraint forces after it; a refused token or a
+        failing constraint ends this sequence alone."""
+        try:
+            if self._append(seq, token, forced=False) is None:
+                self._after_tokens(seq)
+        except Exception as exc:  # noqa: BLE001 - the constraint refused a token or failed
+            seq.error, seq.finish_reason = exc, "abort"
 
     def _append(self, seq: Sequence, token: int, forced: bool) -> str | None:
         """Add one output token; returns (and sets) the finish reason if it ends the request."""
@@ -312,6 +379,17 @@ class LLMEngine:
         while any(s.request_id in mine for s in self.scheduler.finishing):
             self._pending.extend(self.step())  # other requests' outputs are kept for the next step()
         return [final[i] for i in ids]
+
+
+def _row_spans(seqs: list[Sequence]) -> list[tuple[Sequence, int, int]]:
+    """(sequence, first row, number of rows) for each run of the same sequence in ``seqs``."""
+    spans: list[tuple[Sequence, int, int]] = []
+    for row, seq in enumerate(seqs):
+        if spans and spans[-1][0] is seq:
+            spans[-1] = (seq, spans[-1][1], spans[-1][2] + 1)
+        else:
+            spans.append((seq, row, 1))
+    return spans
 
 
 def _prompt_ids(tokenizer: Any, prompt: str | list[int], vocab_size: int) -> list[int]:

@@ -20,6 +20,7 @@ class RequestMetrics:
     ttft_s: float | None
     decode_s: float
     queue_s: float | None
+    draft_tokens_accepted: int = 0  # output tokens verified from prompt-lookup drafts (`engine.speculation`)
 
 
 @dataclass
@@ -117,4 +118,5 @@ def _metrics(seq: Sequence) -> RequestMetrics:
         completion_tokens=seq.num_output_tokens, forced_tokens=seq.forced_tokens,
         ttft_s=seq.first_token_time - t0 if seq.first_token_time else None,
         decode_s=(end - seq.first_token_time) if seq.first_token_time else 0.0,
-        queue_s=(seq.first_scheduled_time - t0) if seq.first_scheduled_time else None)
+        queue_s=(seq.first_scheduled_time - t0) if seq.first_scheduled_time else None,
+        draft_tokens_accepted=seq.draft_tokens_accepted)

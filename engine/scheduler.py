@@ -13,6 +13,9 @@ Preemption never takes a sequence of higher priority than the one that needs the
 highest-priority sequence always progresses: no livelock, and a stream of newer arrivals cannot
 postpone an older run's step indefinitely.
 
+A decoding sequence may carry a draft (`engine.speculation`): its draft tokens run as extra rows
+after its pending ones when the token budget and free blocks allow, never preempting anything.
+
 A sequence that finishes (stop or length) while its last tokens (the last sampled token and any
 forced closing tokens) were never run through the model is kept as *finishing*: the next step
 computes those tokens' K/V (no sampling) and then releases its blocks into the prefix cache, so
@@ -130,7 +133,7 @@ class Scheduler:
             if not self._make_room(seq, seq.num_computed_tokens + n, scheduled, preempted):
                 continue
             scheduled.add(id(seq))
-            take(seq, n)
+            take(seq, n + self._draft_rows(seq, n, budget - n - decodes_left))
 
         # admit waiting sequences in priority order while budgets allow
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -161,6 +164,20 @@ class Scheduler:
         if not singles and not chunks:
             return None if not preempted else ScheduledStep([], preempted)
         return ScheduledStep(singles + chunks, preempted)
+
+    def _draft_rows(self, seq: Sequence, n: int, room: int) -> int:
+        """How many of ``seq``'s draft tokens run after its ``n`` pending rows: all that fit the
+        token budget left (``room``) and free KV blocks, only once every pending token runs; a
+        draft never preempts anything. Trims the draft to them."""
+        d = len(seq.draft_token_ids)
+        if d and n == seq.num_uncomputed:
+            d = min(d, room)
+            while d > 0 and not self.bm.can_grow(seq, seq.num_computed_tokens + n + d):
+                d -= 1
+        else:
+            d = 0
+        del seq.draft_token_ids[max(d, 0):]
+        return max(d, 0)
 
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int], preempted: list[Sequence]) -> bool:
         """Whether ``seq`` can hold ``num_tokens``, after preempting running sequences of lower

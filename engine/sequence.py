@@ -29,10 +29,13 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # tokens proposed to follow token_ids (`engine.speculation`), verified in this step's rows after them
+    draft_token_ids: list[int] = field(default_factory=list)
     # progress
     admitted: bool = False
     cached_tokens: int = 0
     forced_tokens: int = 0
+    draft_tokens_accepted: int = 0  # output tokens that came from verified drafts
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -25,8 +25,8 @@ class StepInputs:
     token_ids: [T] the tokens to run; starts: [B + 1] each sequence's first row (and T at the end);
     context_lens: [B] tokens each sequence has in the cache after the step (earlier ones + its rows);
     block_tables: [B] each sequence's KV blocks; sample_rows / sample_seqs: the rows whose logits are
-    sampled (a sequence's last row once its prompt or output is complete; finishing tails excluded)
-    and their sequences."""
+    sampled (a sequence's last row once its prompt or output is complete, and its draft rows;
+    finishing tails excluded) and their sequences (a sequence with a draft appears once per row)."""
 
     token_ids: list[int]
     starts: list[int]
@@ -46,18 +46,23 @@ class StepInputs:
 
     @classmethod
     def from_entries(cls, entries: list[tuple[Sequence, int]]) -> StepInputs:
-        """``entries``: (sequence, rows to compute from its first uncomputed token), as scheduled."""
+        """``entries``: (sequence, rows to compute from its first uncomputed token), as scheduled;
+        rows past the sequence's tokens run its draft (`Sequence.draft_token_ids`), and each of
+        them is sampled too (the draft's verification)."""
         inputs = cls([], [0], [], [], [], [])
         for seq, n in entries:
             nc = seq.num_computed_tokens
             end = nc + n
+            drafted = max(0, end - len(seq.token_ids))
             inputs.token_ids.extend(seq.token_ids[nc:end])
+            inputs.token_ids.extend(seq.draft_token_ids[:drafted])
             inputs.starts.append(inputs.starts[-1] + n)
             inputs.context_lens.append(end)
             inputs.block_tables.append(seq.block_table)
-            if end == len(seq.token_ids) and not seq.finished:
-                inputs.sample_rows.append(inputs.starts[-1] - 1)
-                inputs.sample_seqs.append(seq)
+            if end - drafted == len(seq.token_ids) and not seq.finished:
+                last = inputs.starts[-1] - 1
+                inputs.sample_rows.extend(range(last - drafted, last + 1))
+                inputs.sample_seqs.extend([seq] * (drafted + 1))
         return inputs
 
 

@@ -113,6 +113,19 @@ class GrammarMatcher:
             keep = i
         return run[:keep]
 
+    def count_allowed(self, token_ids: list[int]) -> int:
+        """How many leading ``token_ids`` the grammar accepts one after another from here, EOS
+        excluded (read-only; the budget's narrowing is not applied, the mask applies it)."""
+        if self._terminated:
+            return 0
+        state = self.state
+        for i, token_id in enumerate(token_ids):
+            nxt = None if token_id in self._eos else self.grammar.next_state(state, token_id)
+            if nxt is None:
+                return i
+            state = nxt
+        return len(token_ids)
+
     def can_end(self) -> bool:
         """True when the output so far is a complete value (EOS would be accepted)."""
         return self._terminated or self.grammar.is_final(self.state)
