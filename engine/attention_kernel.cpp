@@ -29,8 +29,11 @@ namespace agentrt {
 #ifdef AGENTRT_AVX2
 namespace {
 
-constexpr int W = 3;                 // ymm per column
-constexpr int64_t kLanes = 8 * W;    // query vectors per column
+// A tiled task's columns are W ymm wide (8 W query vectors, "lanes"): 3, or 1 or 2 when the task has
+// no more vectors than that (a short chunk: a decoded token with its draft, a few forced tokens), so
+// no lanes are spent on padding. A lane's arithmetic is the same whatever W is.
+constexpr int kMaxW = 3;
+constexpr int64_t kMaxLanes = 8 * kMaxW;
 constexpr int kRqk = 4;              // keys per q.K tile (W * kRqk accumulators)
 constexpr int kRpv = 4;              // dims per p.V tile (W * kRpv accumulators)
 constexpr int64_t kCols = 4;         // columns per tiled task
@@ -63,8 +66,9 @@ inline float exp2_neg1(float x) {
 // ---- tiled (prefill) kernel ----
 
 // s: [R, lanes] = K rows kp[0..R) (each hd floats) times qt: [hd, lanes]
-template <int R>
+template <int W, int R>
 inline void qk_tile(const float* const* kp, const float* qt, int64_t hd, float* s, __m256* mx) {
+  constexpr int64_t kLanes = 8 * W;
   __m256 acc[R][W];
   for (int r = 0; r < R; ++r)
     for (int w = 0; w < W; ++w) acc[r][w] = _mm256_setzero_ps();
@@ -87,8 +91,9 @@ inline void qk_tile(const float* const* kp, const float* qt, int64_t hd, float* 
 
 // ot: [R, lanes] (dims d0 .. d0 + R of o^T) = alpha * ot + sum over n keys of V[key][d0 + r] * p[key]
 //   vp[key]: the key's V row; p: [n, lanes]
-template <int R>
+template <int W, int R>
 inline void pv_tile(const float* const* vp, int64_t n, const float* p, int64_t d0, float* ot, const __m256* al) {
+  constexpr int64_t kLanes = 8 * W;
   __m256 acc[R][W];
   for (int r = 0; r < R; ++r)
     for (int w = 0; w < W; ++w) acc[r][w] = _mm256_mul_ps(_mm256_loadu_ps(ot + r * kLanes + 8 * w), al[w]);
@@ -141,7 +146,9 @@ inline void transpose8(__m256* m) {
 }
 
 // qt: [hd, lanes] = scale * src[lane][d]
+template <int W>
 inline void transpose_in(const float* const* src, int64_t hd, float scale, float* qt) {
+  constexpr int64_t kLanes = 8 * W;
   const __m256 sv = _mm256_set1_ps(scale);
   for (int64_t l0 = 0; l0 < kLanes; l0 += 8) {
     int64_t d = 0;
@@ -157,7 +164,9 @@ inline void transpose_in(const float* const* src, int64_t hd, float scale, float
 }
 
 // dst[lane][d] = ot[d][lane] * inv[lane]
+template <int W>
 inline void transpose_out(const float* ot, int64_t hd, const float* inv, float* const* dst) {
+  constexpr int64_t kLanes = 8 * W;
   for (int64_t l0 = 0; l0 < kLanes; l0 += 8) {
     int64_t d = 0;
     for (; d + 8 <= hd; d += 8) {
@@ -175,21 +184,23 @@ inline void transpose_out(const float* ot, int64_t hd, const float* inv, float* 
 struct Column {
   float* qt;        // [hd, lanes] prescaled queries
   float* ot;        // [hd, lanes] unnormalized output
-  float m[kLanes];  // running max (log2 units)
-  float l[kLanes];  // running sum
-  int32_t lim[kLanes];  // last visible key of each lane
+  float m[kMaxLanes];  // running max (log2 units)
+  float l[kMaxLanes];  // running sum
+  int32_t lim[kMaxLanes];  // last visible key of each lane
   int64_t lo, hi;   // smallest and largest lim
 };
 
 // One key block [k0, k0 + n) for a column (n already cut at the column's last visible key).
+template <int W>
 void column_block(Column& c, const float* const* kp, const float* const* vp, int64_t k0, int64_t n, int64_t hd,
                   float* s /* [n, lanes] scratch */) {
+  constexpr int64_t kLanes = 8 * W;
   const __m256 ninf = _mm256_set1_ps(-INFINITY);
   __m256 mx[W], nm[W], al[W], sum[W];
   for (int w = 0; w < W; ++w) mx[w] = ninf;
   int64_t j = 0;
-  for (; j + kRqk <= n; j += kRqk) qk_tile<kRqk>(kp + j, c.qt, hd, s + j * kLanes, mx);
-  with_tail(n - j, [&]<int R>() { qk_tile<R>(kp + j, c.qt, hd, s + j * kLanes, mx); });
+  for (; j + kRqk <= n; j += kRqk) qk_tile<W, kRqk>(kp + j, c.qt, hd, s + j * kLanes, mx);
+  with_tail(n - j, [&]<int R>() { qk_tile<W, R>(kp + j, c.qt, hd, s + j * kLanes, mx); });
   const bool masked = k0 + n - 1 > c.lo;
   if (masked) {  // the block crosses some lane's last key: mask key > lim, max again
     __m256i lim[W];
@@ -233,8 +244,8 @@ void column_block(Column& c, const float* const* kp, const float* const* vp, int
     _mm256_storeu_ps(c.l + 8 * w, _mm256_fmadd_ps(_mm256_loadu_ps(c.l + 8 * w), al[w], sum[w]));
   }
   int64_t d = 0;
-  for (; d + kRpv <= hd; d += kRpv) pv_tile<kRpv>(vp, n, s, d, c.ot + d * kLanes, al);
-  with_tail(hd - d, [&]<int R>() { pv_tile<R>(vp, n, s, d, c.ot + d * kLanes, al); });
+  for (; d + kRpv <= hd; d += kRpv) pv_tile<W, kRpv>(vp, n, s, d, c.ot + d * kLanes, al);
+  with_tail(hd - d, [&]<int R>() { pv_tile<W, R>(vp, n, s, d, c.ot + d * kLanes, al); });
 }
 
 struct Shape {
@@ -257,7 +268,9 @@ struct Scratch {
 };
 
 // Query vectors [v0, v1) of sequence i's kv head g; vector v is row v / group, head g * group + v % group.
+template <int W>
 void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Scratch& sc) {
+  constexpr int64_t kLanes = 8 * W;
   const int64_t hd = a.hd, G = a.group, kvd = a.nkv * hd;
   const int64_t r0 = a.seq_start[i], prev = a.ctx_len[i] - (a.seq_start[i + 1] - r0);
   const int64_t C = (v1 - v0 + kLanes - 1) / kLanes;
@@ -293,7 +306,7 @@ void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Sc
     for (int64_t lane = 0; lane < kLanes; ++lane)  // padding lanes (q = 0) see what the column sees
       if (v0 + c * kLanes + lane >= v1) col.lim[lane] = int32_t(col.hi);
     kend = std::max(kend, col.hi + 1);
-    transpose_in(src, hd, qscale, col.qt);
+    transpose_in<W>(src, hd, qscale, col.qt);
   }
   const int64_t* sl = a.slots + i * a.ld_slots;
   for (int64_t k0 = 0; k0 < kend; k0 += kKeyBlock) {
@@ -305,7 +318,7 @@ void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Sc
     for (int64_t c = 0; c < C; ++c) {
       Column& col = sc.cols[c];
       const int64_t n = std::min(nb, col.hi + 1 - k0);
-      if (n > 0) column_block(col, kp, vp, k0, n, hd, s);
+      if (n > 0) column_block<W>(col, kp, vp, k0, n, hd, s);
     }
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -317,7 +330,7 @@ void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Sc
       dst[lane] = v < v1 ? a.out + (r0 + v / G) * a.nh * hd + (g * G + v % G) * hd : trash;  // padding lanes
       inv[lane] = 1.f / col.l[lane];
     }
-    transpose_out(col.ot, hd, inv, dst);
+    transpose_out<W>(col.ot, hd, inv, dst);
   }
 }
 
@@ -545,7 +558,7 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
           second.push_back({i, g, d, std::min(hd, d + kSlice), 2, double(ctx) * G * std::min(kSlice, hd - d) / hd});
       continue;
     }
-    const int64_t prev = ctx - n, per = kCols * kLanes;
+    const int64_t prev = ctx - n, per = kCols * kMaxLanes;
     for (int64_t g = 0; g < nkv; ++g)
       for (int64_t v0 = 0; v0 < n * G; v0 += per) {
         const int64_t v1 = std::min(n * G, v0 + per);
@@ -554,7 +567,12 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
   }
   std::vector<float> scores(nscores);
   run_tasks(first, nthreads, [&](const Task& w, Scratch& sc) {
-    if (w.kind == 0) tiled_task(a, w.i, w.g, w.v0, w.v1, sc);
+    if (w.kind == 0) {
+      const int64_t vectors = w.v1 - w.v0;
+      if (vectors <= 8) tiled_task<1>(a, w.i, w.g, w.v0, w.v1, sc);
+      else if (vectors <= 16) tiled_task<2>(a, w.i, w.g, w.v0, w.v1, sc);
+      else tiled_task<kMaxW>(a, w.i, w.g, w.v0, w.v1, sc);
+    }
     if (w.kind == 1 || w.kind == 3) decode_scores(a, w.i, w.v0, w.v1, scores.data() + score_at[w.i], ld[w.i], sc);
     if (w.kind == 3) decode_values(a, w.i, 0, nkv, 0, hd, scores.data() + score_at[w.i], ld[w.i], sc);
   });
