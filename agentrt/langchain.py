@@ -472,6 +472,7 @@ class ChatAgentRT(BaseChatModel):
             "ttft_s": completion.ttft_s,
             "decode_s": completion.decode_s,
             "forced_tokens": completion.forced_tokens,
+            "draft_tokens": completion.draft_tokens,
             "closed_by_budget": completion.closed_by_budget,
         }
 

@@ -198,6 +198,7 @@ class LocalLLM(BaseLLM):
                         ttft_s=m.ttft_s or 0.0,  # None when no token was produced
                         decode_s=m.decode_s,
                         forced_tokens=m.forced_tokens,
+                        draft_tokens=m.draft_tokens_accepted,
                         queue_s=m.queue_s,
                         closed_by_budget=out.closed_by_budget,
                     )

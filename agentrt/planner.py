@@ -386,6 +386,7 @@ class _Run:
             cached_tokens=completion.usage.cached_tokens,
             completion_tokens=completion.usage.completion_tokens,
             forced_tokens=completion.forced_tokens,
+            draft_tokens=completion.draft_tokens,
             closed_by_budget=completion.closed_by_budget,
             ttft_s=completion.ttft_s,
             decode_s=completion.decode_s,

@@ -69,6 +69,7 @@ class Completion(BaseModel):
     ttft_s: float = 0.0
     decode_s: float = 0.0
     forced_tokens: int = 0
+    draft_tokens: int = 0  # output tokens verified from prompt-lookup drafts (local engine, greedy)
     queue_s: float | None = None  # waiting in the engine's queue before the first prefill (None: not known)
     # the grammar narrowed the model's choices to finish the JSON within max_tokens (a string or
     # number may be shorter than the model would have written it; the value is complete and valid)

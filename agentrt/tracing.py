@@ -220,6 +220,7 @@ def _record_completion(span: Span, model: str, completion: Completion) -> None:
         "agentrt.ttft_s": completion.ttft_s,
         "agentrt.decode_s": completion.decode_s,
         "agentrt.forced_tokens": completion.forced_tokens,
+        "agentrt.draft_tokens": completion.draft_tokens,
         "agentrt.closed_by_budget": completion.closed_by_budget,
     })
     # known only to some LLMs (the local engine's scheduler queue; speculative decoding)

@@ -98,6 +98,7 @@ class Step(BaseModel):
     cached_tokens: int = 0
     completion_tokens: int = 0
     forced_tokens: int = 0
+    draft_tokens: int = 0  # of the completion tokens, those verified from prompt-lookup drafts
     closed_by_budget: bool = False
     ttft_s: float = 0.0
     decode_s: float = 0.0

@@ -175,3 +175,15 @@ def test_data_folder_and_json_report(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["bench", "grammar", "--data", str(empty), "--json"]) == 2
+
+
+def test_e2e_reports_speculation_beside_jump_forward_alone():
+    out = io.StringIO()
+    report = bench.run_e2e(4, 3, 96, out=out)
+    text = out.getvalue()
+    assert report["valid"] == 4, report["failures"]
+    assert "+ speculation (the default)" in text and "draft tokens accepted per verify step" in text
+    assert report["accepted_per_verify_step"] >= 0 and report["speculation_wall_ratio"] > 0
+    off = io.StringIO()
+    report = bench.run_e2e(2, 1, 96, out=off, speculative_tokens=0)
+    assert "speculation: off" in off.getvalue() and "speculation_wall_ratio" not in report

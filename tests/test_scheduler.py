@@ -1,5 +1,6 @@
 """The scheduler alone (no model): priority order under a stream of new arrivals, preemption
-that never takes a higher-priority sequence (so no livelock), and finishing tails."""
+that never takes a higher-priority sequence (so no livelock), finishing tails, and speculative
+drafts that only use free room."""
 from __future__ import annotations
 
 import itertools
@@ -118,3 +119,37 @@ def test_finishing_tail_is_scheduled_next_step_and_delays_an_extension_one_step(
     assert not sched.finishing
     plan = sched.schedule()
     assert plan.entries[0][0] is ext and ext.cached_tokens == len(a.token_ids)
+
+
+def test_a_draft_runs_only_in_free_room_and_never_preempts():
+    # 4 blocks of 4 tokens: a decoding sequence (6 tokens + 1 sampled) has room for its whole draft
+    sched = Scheduler(BlockManager(4, 4), max_num_seqs=4, max_num_batched_tokens=64)
+    a = request(6, 16, t=0.0)
+    sched.add(a)
+    step(sched)  # a's prompt; 'samples' one token
+    a.draft_token_ids = [1, 2, 3, 4, 5]
+    plan = sched.schedule()
+    assert plan.entries == [(a, 6)] and a.draft_token_ids == [1, 2, 3, 4, 5]  # 1 pending + 5 draft rows
+    assert len(a.block_table) == 3  # positions 6..11
+
+    # the token budget caps the draft, leaving every other decode its one token
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=4, max_num_batched_tokens=12)
+    b, c = request(5, 16, t=1.0), request(5, 16, t=2.0)
+    sched.add(b)
+    sched.add(c)
+    step(sched)  # both prompts and one token each
+    sched.max_num_batched_tokens = 4
+    b.draft_token_ids = [1, 2, 3, 4, 5]
+    plan = sched.schedule()
+    assert [(s.request_id, n) for s, n in plan.entries] == [(c.request_id, 1), (b.request_id, 3)]
+    assert b.draft_token_ids == [1, 2]
+
+    # no free block for the draft: none runs, and nothing is preempted for it
+    d, e = request(7, 16, t=0.0), request(7, 16, t=1.0)
+    sched = Scheduler(BlockManager(4, 4), max_num_seqs=4, max_num_batched_tokens=64)
+    sched.add(d)
+    sched.add(e)
+    step(sched)  # both prompts (2 blocks each) and one token each: 8 tokens, the pool is full
+    d.draft_token_ids = [1, 2]
+    plan = sched.schedule()
+    assert not plan.preempted and [n for _, n in plan.entries] == [1, 1] and d.draft_token_ids == []

@@ -120,6 +120,7 @@ def main(args: argparse.Namespace) -> int:
                                                    f"{s['new_tokens_per_step_mean']:.0f}"),
         ("decode ms/step p50", lambda s: f"{s['decode_ms_per_step_p50']:.0f}"),
         ("forced token share", lambda s: f"{s['forced_share']:.1%}"),
+        ("tokens from speculative drafts", lambda s: f"{s['draft_share']:.1%}"),
         ("tool calls (errors)", lambda s: f"{s['tool_calls']} ({s['tool_errors']})"),
         ("total run time s", lambda s: f"{s['total_s']:.1f}"),
     ]

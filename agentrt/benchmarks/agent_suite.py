@@ -126,6 +126,8 @@ def summarize(results: list[RunResult], wall_s: float) -> dict[str, Any]:
         "decode_ms_per_step_p50": 1000 * _pct([s.decode_s for r in results for s in r.steps], 0.5),
         "forced_share": (sum(s.forced_tokens for r in results for s in r.steps)
                          / max(1, sum(s.completion_tokens for r in results for s in r.steps))),
+        "draft_share": (sum(s.draft_tokens for r in results for s in r.steps)
+                        / max(1, sum(s.completion_tokens for r in results for s in r.steps))),
         "tool_calls": len(results_all),
         "tool_errors": sum(res.is_error for res in results_all),
         "unusable_turns": sum(s.error is not None for r in results for s in r.steps),

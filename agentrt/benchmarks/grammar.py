@@ -485,18 +485,21 @@ def bfcl_cases_with_ids(n: int) -> list[tuple[str, list[dict], dict]]:
 
 
 def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_threads: int | None = 1,
-            out=sys.stdout) -> dict:
+            out=sys.stdout, speculative_tokens: int | None = None) -> dict:
     """BFCL simple prompts with their tool's parameter schema on the embedded model: all ``n``
     batched through the engine (continuous batching), every output parsed and validated; then
     ``timing_n`` prompts one request at a time: unconstrained, constrained without and with
-    jump-forward (each prompt prefilled once first, so all three hit the prefix cache alike)."""
+    jump-forward, all three without speculation, then with it when the engine speculates (each
+    prompt prefilled once first, so all rows hit the prefix cache alike). ``speculative_tokens``:
+    the engine's ``num_speculative_tokens`` (None = its default)."""
     import jsonschema
     import torch
 
     from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
     from agentrt.engine.grammar import GrammarCompiler, GrammarMatcher
 
-    engine = LLMEngine(EngineConfig(max_num_seqs=max_num_seqs, num_threads=num_threads))
+    speculation = {} if speculative_tokens is None else {"num_speculative_tokens": speculative_tokens}
+    engine = LLMEngine(EngineConfig(max_num_seqs=max_num_seqs, num_threads=num_threads, **speculation))
     tok = engine.tokenizer
     cases = bfcl_cases_with_ids(n)
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for _, m, _ in cases]
@@ -539,18 +542,33 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_
     if timing_n < 1:
         return report
 
-    # one request at a time, so per-token figures are not muddled by batching
-    rows = {"unconstrained": [], "constrained, no jump-forward": [], "constrained + jump-forward": []}
+    # one request at a time, so per-token figures are not muddled by batching; speculation (the engine's
+    # default where it runs) only in its own row, so the rows above it measure the grammar alone
+    speculation = engine.num_speculative_tokens
+    jf_label, spec_label = "constrained + jump-forward", "+ speculation (the default)"
+    rows: dict[str, list] = {"unconstrained": [], "constrained, no jump-forward": [], jf_label: []}
+    if speculation:
+        rows[spec_label] = []
+    accepted = steps = 0
     for p, g in list(zip(prompts, grammars))[:timing_n]:
-        engine.generate([p], SamplingParams(max_tokens=1, temperature=0.0))  # prefill once: all three hit the cache
+        engine.generate([p], SamplingParams(max_tokens=1, temperature=0.0))  # prefill once: all rows hit the cache
         for label, c in (("unconstrained", None), ("constrained, no jump-forward", NoJumpForward(GrammarMatcher(g))),
-                         ("constrained + jump-forward", GrammarMatcher(g))):
+                         (jf_label, GrammarMatcher(g)), (spec_label, GrammarMatcher(g))):
+            if label not in rows:
+                continue
+            engine.num_speculative_tokens = speculation if label == spec_label else 0
+            before = engine.stats()
             t0 = time.perf_counter()
             o = engine.generate([p], params, [c])[0]
             w = time.perf_counter() - t0
+            after = engine.stats()
+            accepted += after.draft_tokens_accepted - before.draft_tokens_accepted
+            steps += after.draft_verify_steps - before.draft_verify_steps
             decoded = max(1, o.metrics.completion_tokens - o.metrics.forced_tokens - 1)
             rows[label].append((w, o.metrics.decode_s / decoded * 1e3, o.metrics.completion_tokens, o.metrics.forced_tokens))
-    print(f"\none request at a time, {timing_n} prompts (wall: mean; ms/token: median over prompts):", file=out)
+    engine.num_speculative_tokens = speculation
+    print(f"\none request at a time, {timing_n} prompts (wall: mean; ms/token: decode time over the tokens not "
+          "forced, median over prompts):", file=out)
     print(f"{'':<32}{'wall s/request':>15}{'decode ms/token':>17}{'tokens':>8}{'forced':>8}", file=out)
     means = {}
     for label, r in rows.items():
@@ -559,13 +577,21 @@ def run_e2e(n: int, timing_n: int, max_tokens: int, max_num_seqs: int = 32, num_
         means[label] = (w, ms)
         print(f"{label:<32}{w:>15.3f}{ms:>17.2f}{statistics.mean(x[2] for x in r):>8.1f}"
               f"{statistics.mean(x[3] for x in r):>8.1f}", file=out)
-    u, nj, jf = means["unconstrained"], means["constrained, no jump-forward"], means["constrained + jump-forward"]
-    per_prompt = statistics.median(a[0] / b[0] for a, b in zip(rows["constrained + jump-forward"],
-                                                              rows["constrained, no jump-forward"]))
+    u, nj, jf = means["unconstrained"], means["constrained, no jump-forward"], means[jf_label]
+    per_prompt = statistics.median(a[0] / b[0] for a, b in zip(rows[jf_label], rows["constrained, no jump-forward"]))
     print(f"decode ms/token constrained / unconstrained: {nj[1] / u[1]:.2f}x (target <= 1.10x); "
           f"wall with jump-forward / without: {jf[0] / nj[0]:.2f}x, median per prompt {per_prompt:.2f}x "
           f"(target <= 0.7x)", file=out)
-    return {**report, "decode_ratio": nj[1] / u[1], "jump_forward_wall_ratio": jf[0] / nj[0]}
+    result = {**report, "decode_ratio": nj[1] / u[1], "jump_forward_wall_ratio": jf[0] / nj[0]}
+    if speculation:
+        sp = means[spec_label]
+        print(f"wall with speculation / jump-forward alone: {sp[0] / jf[0]:.2f}x (target <= 0.7x); "
+              f"{accepted / max(1, steps):.2f} draft tokens accepted per verify step ({steps} verify steps, "
+              f"up to {speculation} draft tokens each)", file=out)
+        result.update(speculation_wall_ratio=sp[0] / jf[0], accepted_per_verify_step=accepted / max(1, steps))
+    else:
+        print("speculation: off (it runs on the fused C++ step only)", file=out)
+    return result
 
 
 # ----------------------------------------------------------------------------- cli
@@ -593,6 +619,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads for the e2e engine (0 = torch's default); 1 by default because on a "
                              "busy shared 2-core machine two OpenMP threads spend most of a step waiting for each other")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="engine batch size for the e2e generations")
+    parser.add_argument("--speculative-tokens", type=int, default=None,
+                        help="the e2e engine's num_speculative_tokens (0 = off; default: the engine's default)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -645,5 +673,5 @@ def _main(args: argparse.Namespace) -> dict | int:
                                           args.timeout, peers, tok, out=sys.stdout, data_dir=data)
     if args.e2e:
         report["e2e"] = run_e2e(args.e2e, args.timing_prompts, args.max_tokens, args.max_num_seqs, args.threads or None,
-                                out=sys.stdout)
+                                out=sys.stdout, speculative_tokens=args.speculative_tokens)
     return report

@@ -92,7 +92,7 @@ def print_event(console: Any, event: AgentEvent) -> None:
         console.print(
             f"[dim]step {s.index}: ttft {s.ttft_s * 1000:.0f} ms, decode {s.decode_s * 1000:.0f} ms, "
             f"prompt {s.prompt_tokens} tok ({s.cached_tokens} cached), {s.completion_tokens} generated "
-            f"({s.forced_tokens} forced), tools {s.tool_time_s * 1000:.0f} ms[/]",
+            f"({s.forced_tokens} forced, {s.draft_tokens} from drafts), tools {s.tool_time_s * 1000:.0f} ms[/]",
             highlight=False,
         )
     elif kind == "step_started":
