@@ -92,7 +92,7 @@ class EngineConfig:
     fused_decode: bool = False
     fused_activations: Literal["int8", "int16"] = "int8"
     num_speculative_tokens: int = 4
-    prompt_lookup_min: int = 2
+    prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     num_threads: int | None = None
 

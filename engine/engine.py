@@ -237,9 +237,11 @@ class LLMEngine:
         """Give each greedy running sequence that is past its prompt a draft to verify this step."""
         c = self.config
         for seq in self.scheduler.running:
-            seq.draft_token_ids = draft_for(seq, self.num_speculative_tokens, c.prompt_lookup_min,
-                                            c.prompt_lookup_max, self.max_model_len) \
-                if seq.params.greedy and seq.num_computed_tokens >= seq.num_prompt_tokens else []
+            if seq.params.greedy and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                seq.draft_token_ids = draft_for(seq, self.num_speculative_tokens, c.prompt_lookup_min,
+                                                c.prompt_lookup_max, self.max_model_len)
+            else:
+                seq.draft_token_ids = []
 
     def _append_sampled(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         """Sample the rows of ``logits`` (one per entry of ``seqs``; a sequence verifying a draft has

@@ -169,15 +169,11 @@ class Scheduler:
         """How many of ``seq``'s draft tokens run after its ``n`` pending rows: all that fit the
         token budget left (``room``) and free KV blocks, only once every pending token runs; a
         draft never preempts anything. Trims the draft to them."""
-        d = len(seq.draft_token_ids)
-        if d and n == seq.num_uncomputed:
-            d = min(d, room)
-            while d > 0 and not self.bm.can_grow(seq, seq.num_computed_tokens + n + d):
-                d -= 1
-        else:
-            d = 0
-        del seq.draft_token_ids[max(d, 0):]
-        return max(d, 0)
+        d = min(len(seq.draft_token_ids), max(0, room)) if n == seq.num_uncomputed else 0
+        while d > 0 and not self.bm.can_grow(seq, seq.num_computed_tokens + n + d):
+            d -= 1
+        del seq.draft_token_ids[d:]
+        return d
 
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int], preempted: list[Sequence]) -> bool:
         """Whether ``seq`` can hold ``num_tokens``, after preempting running sequences of lower

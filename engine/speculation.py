@@ -24,8 +24,8 @@ def propose_draft(token_ids: list[int], max_draft: int, min_ngram: int, max_ngra
     tokens, for the largest n in [min_ngram, max_ngram] that occurs, the latest occurrence first;
     [] when none does. With ``count_allowed`` (how many leading tokens of a draft the request's
     constraint accepts) each draft is cut there, and an occurrence whose draft is left empty gives
-    way to the next older one (up to ``_CANDIDATES`` per n): after `": "` a JSON value may come,
-    and what followed the schema's own `": "` in the prompt is often refused."""
+    way to the next older one (up to ``_CANDIDATES`` per n): after a key's `":` a value comes,
+    and what followed the same tokens in the prompt's own schema text is often refused."""
     length = len(token_ids)
     if max_draft < 1 or length <= min_ngram:
         return []
