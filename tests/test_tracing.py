@@ -101,7 +101,8 @@ async def test_a_two_step_run_makes_a_span_tree(exporter):
         "gen_ai.request.model": "scripted", "gen_ai.request.max_tokens": 256, "gen_ai.request.temperature": 0.0,
         "gen_ai.output.type": "json", "gen_ai.response.model": "scripted", "gen_ai.response.finish_reasons": ("stop",),
         "gen_ai.usage.input_tokens": 40, "gen_ai.usage.output_tokens": 8, "agentrt.usage.cached_tokens": 32,
-        "agentrt.ttft_s": 0.0, "agentrt.decode_s": 0.0, "agentrt.forced_tokens": 0, "agentrt.closed_by_budget": False,
+        "agentrt.ttft_s": 0.0, "agentrt.decode_s": 0.0, "agentrt.forced_tokens": 0, "agentrt.draft_tokens": 0,
+        "agentrt.closed_by_budget": False,
     }
 
     add, explode = named["execute_tool add"], named["execute_tool explode"]
