@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agentrt.engine.grammar import GrammarCompiler
+from agentrt.engine.grammar import GrammarCompiler, GrammarMatcher
 from agentrt.engine.grammar.disk_cache import DiskCache, max_bytes_from_env
 from tests.helpers.grammar import sentencepiece_tokenizer
 
@@ -106,3 +106,27 @@ def test_the_memory_cache_is_bounded_in_bytes(tmp_path):
     for i in range(8):
         comp.compile_json_schema({"type": "object", "properties": {f"p{i}": {"type": "integer"}}})
     assert comp.memory_cache_bytes() <= 3.5 * one and len(comp._memory) == 3
+
+
+def test_masks_a_grammar_builds_count_against_the_memory_cache(tmp_path):
+    # a grammar's automaton is small; the masks and allowed-token arrays its requests build are not, so
+    # they are counted too, and a grammar grown by use makes room at the next compile, a cache hit included
+    tok = sentencepiece_tokenizer()
+    probe = GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok) + 3, cache_dir=str(tmp_path))
+    schema = {"type": "object", "properties": {"p": {"type": "string"}}}
+    other = {"type": "object", "properties": {"q": {"type": "integer"}}}
+    both = probe.compile_json_schema(schema).nbytes + probe.compile_json_schema(other).nbytes
+    comp = GrammarCompiler(probe.vocab, probe._encode, cache_dir=str(tmp_path), memory_cache_bytes=both)
+    used = comp.compile_json_schema(schema)
+    comp.compile_json_schema(other)
+    assert len(comp._memory) == 2 and used.nbytes == used.automaton_bytes  # both fit, exactly
+    matcher = GrammarMatcher(used)
+    for _ in range(6):  # states visited: each builds its mask and allowed ids
+        matcher.next_token_mask()
+        ids = used.allowed_ids(matcher.state)
+        matcher.accept_token(int(ids[len(ids) // 2]))
+    grown = used.nbytes - used.automaton_bytes
+    assert grown >= len(used._masks) * probe.vocab.vocab_size + sum(a.nbytes for a in used._allowed.values()) > 0
+    assert comp.memory_cache_bytes() == both + grown
+    kept = comp.compile_json_schema(other)  # a hit: the grown grammar (least recently used) is dropped now
+    assert list(comp._memory.values()) == [kept] and comp.memory_cache_bytes() == kept.nbytes

@@ -52,7 +52,8 @@ class CompiledGrammar:
         self.lenient = lenient
         self.compile_s = 0.0
         self.from_cache = ""  # "", "memory" or "disk"
-        self.nbytes = 0  # the automaton's pickled size: what the compiler's memory cache counts
+        self.automaton_bytes = 0  # the automaton's pickled size
+        self._state_bytes = 0  # what the per-state caches below hold (see `nbytes`)
         self._encode = encode
         self._eos = torch.tensor(vocab.eos_token_ids, dtype=torch.long)
         self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -65,6 +66,13 @@ class CompiledGrammar:
         self.token_distances = None  # budget.distances(grammar) computes and keeps its TokenDistances here
         self.distances_lock = threading.Lock()  # not _lock: the engine's mask() calls must not wait on a build
 
+    @property
+    def nbytes(self) -> int:
+        """What the compiler's memory cache counts for this grammar: its automaton plus the per-state
+        masks and allowed-token arrays it has built since (these grow as requests visit states, and a
+        state inside a string can allow most of the vocabulary: ~0.4 MB of ids for a 49k vocabulary)."""
+        return self.automaton_bytes + self._state_bytes
+
     # -- per-state queries (cached) ---------------------------------------------------
     def initial_state(self) -> int:
         return self.index.initial_state()
@@ -74,7 +82,10 @@ class CompiledGrammar:
         ids = self._allowed.get(state)
         if ids is None:
             ids = self.index.allowed_ids(state)
-            self._allowed[state] = ids
+            with self._lock:
+                if state not in self._allowed:
+                    self._allowed[state] = ids
+                    self._state_bytes += ids.nbytes
         return ids
 
     def is_final(self, state: int) -> bool:
@@ -97,9 +108,11 @@ class CompiledGrammar:
         if self.is_final(state):
             m[self._eos] = True
         with self._lock:
+            if state not in self._masks:
+                self._state_bytes += m.numel()
             self._masks[state] = m
             while len(self._masks) > self._mask_cache_size:
-                self._masks.popitem(last=False)
+                self._state_bytes -= self._masks.popitem(last=False)[1].numel()
         return m
 
     def next_state(self, state: int, token_id: int) -> int | None:
@@ -251,6 +264,7 @@ class GrammarCompiler:
             if hit is not None:
                 self._memory.move_to_end(key)
                 hit.from_cache = "memory"
+                self._evict()
                 return hit
         blob = self.disk_cache.load(key)
         try:
@@ -266,19 +280,22 @@ class GrammarCompiler:
         grammar = CompiledGrammar(schema, regex, index, self.vocab, self._encode, unenforced, lenient)
         grammar.compile_s = time.perf_counter() - t0
         grammar.from_cache = source
-        grammar.nbytes = len(blob)
-        self._remember(key, grammar)
-        return grammar
-
-    def _remember(self, key: str, grammar: CompiledGrammar) -> None:
+        grammar.automaton_bytes = len(blob)
         with self._lock:
             self._memory[key] = grammar
-            total = sum(g.nbytes for g in self._memory.values())
-            while len(self._memory) > 1 and (len(self._memory) > self._memory_size or total > self._memory_bytes):
-                total -= self._memory.popitem(last=False)[1].nbytes
+            self._evict()
+        return grammar
+
+    def _evict(self) -> None:
+        """Drop least recently used grammars past the count or byte cap (held lock). Grammars grow as
+        they are used (`CompiledGrammar.nbytes`), so this runs on every compile, hits included."""
+        total = sum(g.nbytes for g in self._memory.values())
+        while len(self._memory) > 1 and (len(self._memory) > self._memory_size or total > self._memory_bytes):
+            total -= self._memory.popitem(last=False)[1].nbytes
 
     def memory_cache_bytes(self) -> int:
-        """Bytes of the automata the in-memory cache holds (their pickled size)."""
+        """Bytes the in-memory cache holds: its grammars' automata (pickled size) and per-state masks
+        and allowed-token arrays."""
         with self._lock:
             return sum(g.nbytes for g in self._memory.values())
 
