@@ -81,12 +81,37 @@ def _load() -> tuple[Any, str | None]:
         # edited kernel (or header) never loads
         code = hashlib.sha256(b"".join(p.read_bytes() for p in (*_SOURCES, _HEADER))).hexdigest()[:10]
         tag = isa.replace("-", "_") + "_" + code
-        ext = cpp_extension.load(name=f"agentrt_decode_{tag}", sources=[str(p) for p in _SOURCES],
+        name = f"agentrt_decode_{tag}"
+        try:
+            built = _built_module(name, cpp_extension._get_build_directory(name, verbose=False))
+        except ImportError:  # e.g. a build cut short: torch's loader builds it again
+            built = None
+        if built is not None:
+            return built, None
+        ext = cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES],
                                  extra_cflags=["-O3", "-fopenmp", *_ISA_BUILDS[isa][0]], extra_ldflags=["-fopenmp"],
                                  verbose=False)
         return ext, None
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers: the torch decode path still works
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+
+
+def _built_module(name: str, build_dir: str) -> Any:
+    """The extension ``name`` if its build is in ``build_dir``, imported directly. torch's loader would
+    take the build folder's lock file first even to load a finished build, and a process killed while
+    holding it (Ctrl-C at start-up) leaves the file behind: every later start would then wait on it
+    forever. The name carries the instruction set and the code's hash, so a build under it is current."""
+    import importlib.util
+
+    path = Path(build_dir) / f"{name}.so"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_extension() -> Any:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -225,3 +228,24 @@ def test_the_embedded_gguf_reports_its_quant_type():
     from tests.helpers.engine import smollm_loaded
 
     assert smollm_loaded().quant_type == "Q4_1"  # recorded when the GGUF was converted
+
+
+def test_a_lock_file_left_by_a_killed_process_does_not_hang_the_next_start(ext, tmp_path):
+    # torch's loader waits on its build folder's lock file even to load a finished build; a process
+    # killed while holding it (Ctrl-C at start-up) leaves it behind. A finished build loads without it.
+    script = f"""
+import os, shutil, sys
+from pathlib import Path
+from torch.utils import cpp_extension
+from agentrt.engine import decode_fused
+name = {ext.__name__!r}
+target = Path(cpp_extension._get_build_directory(name, verbose=False))
+shutil.copy({ext.__file__!r}, target / (name + ".so"))
+(target / "lock").touch()
+module = decode_fused.load_extension()
+assert module is not None and Path(module.__file__).parent == target, (module, decode_fused.unavailable_reason())
+print("loaded", module.isa())
+"""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
