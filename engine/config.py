@@ -70,6 +70,10 @@ class EngineConfig:
       forward pass as its next token; greedy output is token-identical with it on or off. 0 = off.
       It runs only on the fused C++ step (whose multi-row chunks compute exactly like single rows);
       requests with temperature > 0 never speculate (no acceptance rule is applied to sampling).
+      A request's next draft is at most one token longer than its last draft's kept part.
+    speculation_max_batch: speculate only while at most this many requests are decoding: a draft row
+      costs about what a request's row does, which a lone request's step (bound by reading the
+      weights) barely notices and a full batch pays in full for every request in it.
     prompt_lookup_min / prompt_lookup_max: the shortest / longest run of last tokens searched for
       earlier in the transcript (the longest that occurs wins).
     num_threads: torch intra-op threads (None = leave torch's setting alone).
@@ -92,6 +96,7 @@ class EngineConfig:
     fused_decode: bool = False
     fused_activations: Literal["int8", "int16"] = "int8"
     num_speculative_tokens: int = 4
+    speculation_max_batch: int = 2
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     num_threads: int | None = None
@@ -143,6 +148,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} (must be >= 1)")
+        if self.speculation_max_batch < 1:
+            problems.append(f"speculation_max_batch={self.speculation_max_batch!r} (must be >= 1)")
         if self.num_speculative_tokens < 0:
             problems.append(f"num_speculative_tokens={self.num_speculative_tokens!r} (must be >= 0; 0 = off)")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:

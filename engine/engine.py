@@ -234,12 +234,15 @@ class LLMEngine:
         return outputs
 
     def _propose_drafts(self) -> None:
-        """Give each greedy running sequence that is past its prompt a draft to verify this step."""
-        c = self.config
-        for seq in self.scheduler.running:
-            if seq.params.greedy and seq.num_computed_tokens >= seq.num_prompt_tokens:
-                seq.draft_token_ids = draft_for(seq, self.num_speculative_tokens, c.prompt_lookup_min,
-                                                c.prompt_lookup_max, self.max_model_len)
+        """Give each greedy running sequence that is past its prompt a draft to verify this step,
+        while the batch is small enough for draft rows to be cheap."""
+        c, running = self.config, self.scheduler.running
+        small_batch = len(running) <= c.speculation_max_batch
+        for seq in running:
+            if small_batch and seq.params.greedy and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                limit = min(self.num_speculative_tokens, seq.draft_limit or self.num_speculative_tokens)
+                seq.draft_token_ids = draft_for(seq, limit, c.prompt_lookup_min, c.prompt_lookup_max,
+                                                self.max_model_len)
             else:
                 seq.draft_token_ids = []
 
@@ -282,6 +285,7 @@ class LLMEngine:
         kept = next((i for i, (a, b) in enumerate(zip(new, draft)) if a != b), min(len(new), len(draft)))
         seq.num_computed_tokens += kept
         seq.draft_tokens_accepted += kept
+        seq.draft_limit = kept + 1
         self.block_manager.commit_full_blocks(seq)
         counts = self._draft_counts
         counts[0], counts[1], counts[2] = counts[0] + len(draft), counts[1] + kept, counts[2] + 1

@@ -31,6 +31,9 @@ class Sequence:
     num_computed_tokens: int = 0
     # tokens proposed to follow token_ids (`engine.speculation`), verified in this step's rows after them
     draft_token_ids: list[int] = field(default_factory=list)
+    # the longest draft this sequence proposes next: one more than its last draft kept (None = the
+    # engine's setting), so a transcript the drafts keep missing costs one extra row a step, not k
+    draft_limit: int | None = None
     # progress
     admitted: bool = False
     cached_tokens: int = 0

@@ -90,8 +90,10 @@ def test_grammar_constrained_output_is_identical_and_valid(engines):
             jsonschema.validate(json.loads(a.text), schema)
     assert on.stats().draft_tokens_accepted > before
     # a batch of them at once (drafts of several sequences in one step) gives the same outputs
+    wide = LLMEngine(EngineConfig(speculation_max_batch=len(cases)))
     prompts = [on.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m, _, _ in cases]
-    batch = on.generate(prompts, params, [GrammarMatcher(g, 96) for _, _, g in cases])
+    batch = wide.generate(prompts, params, [GrammarMatcher(g, 96) for _, _, g in cases])
+    assert wide.stats().draft_verify_steps > 0
     alone = [off.generate(p, params, [GrammarMatcher(g, 96)])[0] for p, (_, _, g) in zip(prompts, cases)]
     assert [o.output_token_ids for o in batch] == [o.output_token_ids for o in alone]
 
@@ -139,6 +141,33 @@ def test_kept_draft_kv_serves_the_next_prompt_from_the_prefix_cache(engines):
     assert a.output_token_ids == b.output_token_ids
 
 
+def test_drafts_only_in_small_batches_and_shorter_after_misses(engines):
+    on, _ = engines
+    ids = [on.add_request(_chat(on, f"Repeat exactly: one two three four five six, {i}."), SamplingParams(max_tokens=32))
+           for i in range(on.config.speculation_max_batch + 1)]
+    seqs = [on._seqs[i] for i in ids]
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in seqs):
+        on.step()
+    on._propose_drafts()  # one request more than speculation_max_batch decodes: a draft row costs a full row
+    assert all(not s.draft_token_ids for s in seqs)
+    for i in ids[1:]:
+        on.abort_request(i)
+    on.step()
+    seq = seqs[0]
+    while not seq.finished and not seq.draft_token_ids:
+        on.step()
+        on._propose_drafts()
+    assert seq.draft_token_ids  # alone, the copying request drafts
+    seq.draft_limit = 1  # as after a draft that was missed from its first token
+    on._propose_drafts()
+    assert len(seq.draft_token_ids) == 1
+    while not seq.finished:
+        on.step()
+        assert seq.draft_limit is None or 1 <= seq.draft_limit <= on.num_speculative_tokens
+    on.step()
+    assert not on.has_unfinished_requests() and on.stats().kv_blocks_used == 0
+
+
 def test_sampling_with_temperature_never_speculates(engines):
     on, _ = engines
     before = on.stats().draft_verify_steps
@@ -153,5 +182,7 @@ def test_speculation_runs_only_on_the_fused_step():
     assert engine.num_speculative_tokens == 0 and "speculation" not in engine.describe()
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig(num_speculative_tokens=-1)
+    with pytest.raises(ValueError, match="speculation_max_batch"):
+        EngineConfig(speculation_max_batch=0)
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         EngineConfig(prompt_lookup_min=3, prompt_lookup_max=2)
