@@ -90,6 +90,7 @@ class LocalLLM(BaseLLM):
         self.compile(json_schema)
 
     def _encode_prompt(self, text: str) -> list[int]:
+        self.sync_engine.check_prompt_text(text)
         with self._transcripts_lock:  # prompts are encoded in worker threads
             key = max((k for k in self._transcripts if text.startswith(k)), key=len, default="")
             known = self._transcripts[key] if key else []

@@ -18,6 +18,7 @@ from .constraint import TokenConstraint
 from .kv_cache import BlockManager
 from .model_runner import ModelRunner, release_free_heap
 from .output_processor import OutputProcessor, RequestMetrics, RequestOutput
+from .prompt_length import TokenFloor
 from .sampling import sample_constrained
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -77,6 +78,7 @@ class LLMEngine:
             log.warning("%s: running the torch path, unquantized: %s", loaded.name, why_not_fused)
         config = self.config
         self.tokenizer = loaded.tokenizer
+        self._token_floor = TokenFloor(self.tokenizer)
         self.eos_token_ids: list[int] = list(loaded.eos_token_ids)
         self.model_name: str = loaded.name
         hf_max = int(loaded.config.get("max_position_embeddings") or _DEFAULT_MAX_LEN_CAP)
@@ -114,6 +116,8 @@ class LLMEngine:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if priority is not None and not math.isfinite(priority):
             raise ValueError(f"priority must be a finite number, got {priority!r}")
+        if isinstance(prompt, str):
+            self.check_prompt_text(prompt)
         ids = _prompt_ids(self.tokenizer, prompt, self.vocab_size)
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
@@ -197,6 +201,16 @@ class LLMEngine:
             if seq.cache_key == key:
                 seq.cache_key = None
         self.block_manager.unpin(key)
+
+    def check_prompt_text(self, text: str) -> None:
+        """Raise `ContextOverflowError` for a prompt text that cannot fit the context window whatever
+        its tokens, without tokenizing it (see `engine.prompt_length`)."""
+        floor = self._token_floor(text)
+        if floor >= self.max_model_len:
+            raise ContextOverflowError(
+                f"the prompt has at least {floor} tokens ({len(text)} characters; no token of this model spells "
+                f"more than {self._token_floor.max_token_chars}): over the context window of {self.max_model_len} "
+                "tokens; shorten the prompt")
 
     def describe(self) -> str:
         """Which path runs the steps (`ModelRunner.describe`) and whether greedy requests speculate."""

@@ -173,6 +173,10 @@ def test_bad_inputs_are_4xx(server, client):
         assert r.status_code == 400 and "rm" in r.json()["error"]["message"]
         r = c.post("/agent/run", json={"task": "word " * 9000, "tools": ["calculate"]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        # far beyond the window: refused from its length, before any tokenizing
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 200_000}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "at least" in r.json()["error"]["message"]
         r = c.post("/agent/run", json={"task": "x", "tools": ["shell"]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_tool"
     with pytest.raises(openai.BadRequestError):

@@ -14,7 +14,7 @@ from typing import Any
 from agentrt.protocol import LLM, GenerationParams, Prompt
 from agentrt.openai_format import plan_request
 from agentrt.prompting import PromptPlan
-from agentrt.server.errors import APIError
+from agentrt.server.errors import APIError, known_llm_error
 from agentrt.server.request_models import ChatCompletionRequest, ChatMessageIn, ContentPart, NamedToolChoice
 from agentrt.types import Message, ToolCall, ToolSpec
 
@@ -103,7 +103,7 @@ def prepared_prompt(llm: LLM, chat_messages: list[dict[str, str]]) -> Prompt:
     try:
         return llm.prepare_prompt(chat_messages)
     except Exception as e:  # noqa: BLE001 - the chat template raises what it likes (jinja's TemplateError, ValueError...)
-        raise unrenderable(e) from None
+        raise (known_llm_error(e) or unrenderable(e)) from None  # a prompt beyond the context window is known
 
 
 def chat_plan(req: ChatCompletionRequest) -> PromptPlan:
