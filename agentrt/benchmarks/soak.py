@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grammar-cache-mb", type=float, default=64.0,
                         help="soak: the server's grammar disk cache cap (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="soak: seed of the hostile mix (default 0)")
+    parser.add_argument("--hostile-cases", default=None, metavar="PREFIXES",
+                        help="soak: only the hostile cases whose names start with one of these comma-separated "
+                        "prefixes (e.g. compile_bomb,schemathesis; default all)")
     parser.add_argument("--quantization", choices=["int8", "int4", "none"], default=None,
                         help="soak: serve with --quantization (default: the server's own choice, the fused step for "
                         "a quantized GGUF)")
@@ -274,14 +277,24 @@ def schemathesis_bodies(url: str, n: int, seed: int) -> list[tuple[str, Any]]:
     return out
 
 
-async def hostile_load(url: str, clients: int, seconds: float, seed: int, generated: list[tuple[str, Any]]
+def hostile_cases(generated: list[tuple[str, Any]], prefixes: str | None) -> list[tuple[str, Hostile]]:
+    """The named hostile cases, the generated bodies among them, kept to those whose names start with
+    one of the comma-separated ``prefixes`` (all when None)."""
+    cases = list(HOSTILE.items())
+    for path, body in generated:
+        cases.append((f"schemathesis{path}", lambda h, r, path=path, body=body: _status(h.post(path, json=body))))
+    if prefixes is None:
+        return cases
+    wanted = tuple(p.strip() for p in prefixes.split(",") if p.strip())
+    return [(name, case) for name, case in cases if name.startswith(wanted)]
+
+
+async def hostile_load(url: str, clients: int, seconds: float, seed: int, cases: list[tuple[str, Hostile]]
                        ) -> tuple[Counter, list[str]]:
-    """(counts of "case status", 5xx descriptions) of ``clients`` hostile workers for ``seconds``."""
+    """(counts of "case status", 5xx descriptions) of ``clients`` hostile workers cycling ``cases`` for
+    ``seconds``."""
     import httpx
 
-    cases = list(HOSTILE.items())
-    for k, (path, body) in enumerate(generated):
-        cases.append((f"schemathesis{path}", lambda h, r, path=path, body=body: _status(h.post(path, json=body))))
     counts: Counter = Counter()
     server_errors: list[str] = []
     deadline = time.monotonic() + seconds
@@ -395,6 +408,10 @@ def main(args: argparse.Namespace) -> int:
     if args.minutes <= 0 or args.clients < 1 or args.hostile_clients < 0:
         print("agentrt bench server --soak: --minutes > 0, --clients >= 1, --hostile-clients >= 0", file=sys.stderr)
         return 2
+    if args.hostile_cases is not None and not hostile_cases([("/x", None)], args.hostile_cases):
+        print(f"agentrt bench server --soak: no hostile case starts with {args.hostile_cases!r}; the cases: "
+              f"{', '.join(HOSTILE)}, schemathesis", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the child server
     cache = Path(tempfile.mkdtemp(prefix="agentrt-soak-"))
     os.environ.update({"AGENTRT_CACHE_DIR": str(cache), "AGENTRT_GRAMMAR_CACHE_MB": str(args.grammar_cache_mb),
@@ -404,17 +421,18 @@ def main(args: argparse.Namespace) -> int:
         ["--quantization", args.quantization] if args.quantization else []) + [
         "--max-concurrent", str(args.clients + args.hostile_clients), "--max-queue", "64"]
     report: dict[str, Any] = {"minutes": args.minutes, "clients": args.clients,
-                              "hostile_clients": args.hostile_clients, "quantization": args.quantization}
+                              "hostile_clients": args.hostile_clients, "hostile_cases": args.hostile_cases or "all",
+                              "quantization": args.quantization}
     with serve_process(extra, args.startup_timeout) as (url, proc):
         reference = asyncio.run(_reference(url))
         report["reference_failures"] = [f"job {i}: {why}" for i, why in reference.items() if isinstance(why, str)]
         idle = {i: [a] for i, a in reference.items() if not isinstance(a, str)}
         clean = asyncio.run(normal_load(url, args.clients, seconds / 3))
-        generated = schemathesis_bodies(url, 20, args.seed)
+        cases = hostile_cases(schemathesis_bodies(url, 20, args.seed), args.hostile_cases)
         with ResourceWatch(proc.pid, cache / "grammar") as watch:
             async def hostile_phase() -> list[Any]:
                 return await asyncio.gather(normal_load(url, args.clients, seconds),
-                                            hostile_load(url, args.hostile_clients, seconds, args.seed, generated),
+                                            hostile_load(url, args.hostile_clients, seconds, args.seed, cases),
                                             sample_rss(watch, seconds))
             normal, (counts, server_errors), _ = asyncio.run(hostile_phase())
         report |= _summary(idle, clean, normal, counts, server_errors, watch, args)
