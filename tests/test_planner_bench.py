@@ -73,3 +73,37 @@ def test_summarize_percentiles_and_shares():
     assert (s["append_only_steps_ok"], s["append_only_steps"]) == (1, 2)  # only step 2 meets the criterion
     assert s["new_tokens_per_step_mean"] == pytest.approx((10 + 12) / 2)
     assert s["total_s"] == 2.0
+
+
+async def test_peer_phases_one_at_a_time_and_at_once_with_the_verdict():
+    from agentrt.benchmarks import agent_peer
+
+    tools = builtin_registry(make_workspace())
+    tasks = list(TASKS[:4])
+    engines = {"agentrt": ScriptedLLM([schema_following_reply] * 100),
+               "llama.cpp": ScriptedLLM([schema_following_reply] * 100)}
+    lines: list[str] = []
+    one = await agent_peer._one_at_a_time(engines, tasks, tools, GenerationParams(max_tokens=32), lines.append)
+    many = await agent_peer._at_once(engines, tasks, tools, GenerationParams(max_tokens=32), concurrency=3)
+    assert len(lines) == 2 * len(tasks)
+    for phase in (one, many):
+        for side in phase.values():
+            assert side["completed"] == len(tasks) and side["invalid_calls"] == 0
+            assert side["tool_calls"] == sum(len(t.plan) for t in tasks) and side["statuses"] == {"completed": 4}
+    one["agentrt"]["total_s"], one["llama.cpp"]["total_s"] = 1.0, 4.0
+    many["agentrt"]["total_s"], many["llama.cpp"]["total_s"] = 1.0, 3.0
+    one["agentrt"]["invalid_calls"] = 1
+    v = agent_peer._verdict({"one_at_a_time": one, "at_once": many})
+    assert v["wall_time_ratio"] == 0.25 and v["wall_time_ratio_target_0.35"]
+    assert v["wall_time_ratio_concurrent"] == pytest.approx(1 / 3) and not v["wall_time_ratio_concurrent_target_0.25"]
+    assert v["invalid_calls"] == {"agentrt": 1, "llama.cpp": 0} and not v["ours_no_invalid_calls"]
+
+
+def test_peer_without_llama_cpp_server_is_a_clear_refusal(monkeypatch, capsys):
+    import sys
+
+    from agentrt.cli import main
+
+    monkeypatch.setitem(sys.modules, "llama_cpp.server", None)  # as if the [server] extra were missing
+    assert main(["bench", "agent", "--peer", "llamacpp", "--quick"]) == 2
+    assert "pip install 'llama-cpp-python[server]'" in capsys.readouterr().out

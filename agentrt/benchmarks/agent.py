@@ -44,7 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pins", action="store_true",
                         help="instead: KV pinned through tool calls vs not, many runs on a small pool "
                         "(agentrt.benchmarks.pins)")
-    parser.add_argument("--concurrency", type=int, default=16, help="with --pins: runs at once (default 16)")
+    parser.add_argument("--peer", choices=["llamacpp"], default=None,
+                        help="instead: ours vs llama-cpp-python's server on the same GGUF, one at a time and "
+                        "--concurrency at once (agentrt.benchmarks.agent_peer)")
+    parser.add_argument("--threads", type=int, default=2, help="with --peer: threads of each side (default 2)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="runs at once: with --pins (default 16), with --peer (default 8)")
     parser.add_argument("--kv-runs", type=int, default=8, help="with --pins: runs the KV pool holds (default 8)")
     parser.add_argument("--tool-delay-ms", type=float, default=200.0,
                         help="with --pins: added to every tool call (default 200)")
@@ -68,7 +73,13 @@ def main(args: argparse.Namespace) -> int:
     if args.pins:
         from agentrt.benchmarks import pins
 
+        args.concurrency = args.concurrency or 16
         return pins.run(args, console)
+    if args.peer:
+        from agentrt.benchmarks import agent_peer
+
+        args.concurrency = args.concurrency or 8
+        return agent_peer.run(args, console)
     tasks = list(TASKS[: 3 if args.quick else (args.tasks or len(TASKS))])
     root = make_workspace()
     tools = builtin_registry(root)
