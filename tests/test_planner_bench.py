@@ -82,10 +82,8 @@ async def test_peer_phases_one_at_a_time_and_at_once_with_the_verdict():
     tasks = list(TASKS[:4])
     engines = {"agentrt": ScriptedLLM([schema_following_reply] * 100),
                "llama.cpp": ScriptedLLM([schema_following_reply] * 100)}
-    lines: list[str] = []
-    one = await agent_peer._one_at_a_time(engines, tasks, tools, GenerationParams(max_tokens=32), lines.append)
+    one = await run_side_by_side(engines, tasks, tools, GenerationParams(max_tokens=32), summary=agent_peer._side)
     many = await agent_peer._at_once(engines, tasks, tools, GenerationParams(max_tokens=32), concurrency=3)
-    assert len(lines) == 2 * len(tasks)
     for phase in (one, many):
         for side in phase.values():
             assert side["completed"] == len(tasks) and side["invalid_calls"] == 0

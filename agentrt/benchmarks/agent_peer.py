@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from agentrt.benchmarks.agent_suite import TASKS, make_workspace, run_task, summarize
-from agentrt.benchmarks.loopback import free_port
+from agentrt.benchmarks.agent_suite import TASKS, make_workspace, run_side_by_side, run_task, summarize
+from agentrt.benchmarks.loopback import free_port, server_process
 from agentrt.llm import LLM, GenerationParams
 
 TARGETS = {"wall_time_ratio": 0.35, "wall_time_ratio_concurrent": 0.25, "ttft_ratio": 0.3}
@@ -40,29 +39,10 @@ def llamacpp_server(gguf: str, threads: int, n_ctx: int, timeout_s: float = 180)
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {proc.returncode}:\n{proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(url + "/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"llama_cpp.server did not answer within {timeout_s:.0f} s")
-            time.sleep(0.5)
+    with server_process(cmd, lambda: httpx.get(url + "/models", timeout=2).status_code == 200,
+                        "llama_cpp.server", timeout_s):
         yield url, f"llama-cpp-python {llama_cpp.__version__}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _side(results: list[Any], wall_s: float) -> dict[str, Any]:
@@ -76,20 +56,6 @@ def _side(results: list[Any], wall_s: float) -> dict[str, Any]:
         "tokens_forced": sum(st.forced_tokens for st in steps),
         "statuses": {st: sum(r.status == st for r in results) for st in sorted({r.status for r in results})},
     }
-
-
-async def _one_at_a_time(engines: dict[str, LLM], tasks: list[Any], tools: Any, params: GenerationParams,
-                         log: Any) -> dict[str, dict[str, Any]]:
-    results: dict[str, list[Any]] = {name: [] for name in engines}
-    wall = dict.fromkeys(engines, 0.0)
-    for task in tasks:
-        for name, llm in engines.items():
-            t0 = time.perf_counter()
-            result = await run_task(llm, task, tools, params)
-            wall[name] += time.perf_counter() - t0
-            results[name].append(result)
-            log(f"{task.name:12s} {name:9s} {result.status:9s} {time.perf_counter() - t0:6.2f} s")
-    return {name: _side(results[name], wall[name]) for name in engines}
 
 
 async def _at_once(engines: dict[str, LLM], tasks: list[Any], tools: Any, params: GenerationParams,
@@ -145,8 +111,9 @@ def run(args: argparse.Namespace, console: Any) -> int:
             engines: dict[str, LLM] = {"agentrt": ours, "llama.cpp": peer}
             report["peer"] = version
             report["one_at_a_time"] = anyio.run(
-                _one_at_a_time, engines, tasks, tools, params,
-                lambda line: console.print(f"[dim]{line}[/]", highlight=False))
+                run_side_by_side, engines, tasks, tools, params,
+                lambda name, task, result: console.print(f"[dim]{task.name:12s} {name:9s} {result.status}[/]",
+                                                         highlight=False), _side)
             report["peer_constrained_by"] = peer.constrain_mode
             report["at_once"] = anyio.run(_at_once, engines, tasks, tools, params, args.concurrency)
     finally:

@@ -148,8 +148,9 @@ async def run_task(llm: LLM, task: AgentTask, tools: Any, params: GenerationPara
 async def run_side_by_side(
     engines: dict[str, LLM], tasks: list[AgentTask], tools: Any, params: GenerationParams,
     on_run: Callable[[str, AgentTask, RunResult], None] | None = None,
+    summary: Callable[[list[RunResult], float], dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every task on every engine in turn; a summary per engine name."""
+    """Every task on every engine in turn; a summary per engine name (`summarize` unless given)."""
     results: dict[str, list[RunResult]] = {name: [] for name in engines}
     wall: dict[str, float] = {name: 0.0 for name in engines}
     for task in tasks:
@@ -160,4 +161,4 @@ async def run_side_by_side(
             results[name].append(result)
             if on_run is not None:
                 on_run(name, task, result)
-    return {name: summarize(results[name], wall[name]) for name in engines}
+    return {name: (summary or summarize)(results[name], wall[name]) for name in engines}

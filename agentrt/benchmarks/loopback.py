@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
@@ -54,23 +54,38 @@ def serve_process(extra: list[str], timeout_s: float) -> Iterator[tuple[str, sub
     port = free_port()
     cmd = [sys.executable, "-m", "agentrt.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        return httpx.get(url + "/health", timeout=2).json().get("status") == "ok"
+
+    with server_process(cmd, ready, "agentrt serve", timeout_s) as proc:
+        yield url, proc
+
+
+@contextmanager
+def server_process(cmd: list[str], ready: Callable[[], bool], name: str, timeout_s: float
+                   ) -> Iterator[subprocess.Popen]:
+    """Start ``cmd``; yield its process once ``ready()`` (connection errors count as not yet);
+    terminate it at the end (kill after 30 s)."""
+    import httpx
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
                 err = proc.stderr.read() if proc.stderr else ""
-                raise RuntimeError(f"agentrt serve exited with {proc.returncode}:\n{err[-2000:]}")
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{err[-2000:]}")
             try:
-                if httpx.get(url + "/health", timeout=2).json().get("status") == "ok":
+                if ready():
                     break
             except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"agentrt serve did not become ready within {timeout_s:.0f} s")
+                raise TimeoutError(f"{name} did not become ready within {timeout_s:.0f} s")
             time.sleep(0.5)
-        yield url, proc
+        yield proc
     finally:
         proc.terminate()
         try:
