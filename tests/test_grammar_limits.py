@@ -134,3 +134,20 @@ def test_a_compile_child_passes_its_verdict_back_as_it_is(tmp_path):
     assert len(e.value.keywords) == 1 and "uniqueItems" in e.value.keywords[0]
     with pytest.raises(UnsatisfiableSchemaError):
         comp.compile_json_schema({"allOf": [{"type": "string"}, {"type": "integer"}]}, timeout_s=30)
+
+
+def test_compile_workers_run_below_the_server_even_in_their_own_session():
+    """The workers' session is their own (Ctrl-C is the server's); with Linux autogroups a nice value
+    counts only inside a session's group, so the group is niced too: else a compile bomb took a whole
+    core of two beside a busy server and normal requests' p50 went from 0.3 s to 8 s."""
+    child = automaton.run_bounded(os.getpid, 30)  # with a time limit: forked by a worker
+    worker = automaton.workers._idle[-1]
+    assert child != worker.pid
+    assert os.getsid(worker.pid) == worker.pid != os.getsid(0)
+    assert os.getpriority(os.PRIO_PROCESS, worker.pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    try:
+        with open(f"/proc/{worker.pid}/autogroup") as f:
+            group = f.read()
+    except OSError:
+        return  # no autogroups here (kernel without CONFIG_SCHED_AUTOGROUP): the process nice value is what counts
+    assert group.split()[-1] == "10", group
