@@ -112,7 +112,10 @@ def _serve(args: argparse.Namespace, llm: Any, registry: Any, keys: list[str]) -
     app = create_app(
         llm=llm, registry=registry, api_keys=keys, model=args.model, model_name=args.model_name,
         max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-        public_docs=args.public_docs, engine_options=engine_overrides(args),
+        public_docs=args.public_docs,
+        # every request let in decodes at once: none waits inside the engine for a batch slot held by
+        # a long generation (max_num_seqs is 16 otherwise)
+        engine_options=engine_overrides(args) | {"max_num_seqs": args.max_concurrent},
     )
     # uvicorn shuts down gracefully on SIGTERM / SIGINT (no new connections, in-flight requests run to
     # their end, then the lifespan closes the engine) and then raises the signal again: by then
