@@ -7,9 +7,11 @@ file with the same thread count. The same planner drives both: ours in process (
 its own grammar (``response_format`` ``json_object`` + ``schema``, detected at the first step).
 
 Two phases, each side by side: the tasks one at a time (task by task, ours then the peer's), then
-``--concurrency`` runs at once on each side in turn (the peer's server runs one request at a time;
-that is how it serves). Per side: wall time, TTFT p50/p95 of steps >= 2, tokens generated and
-forced, tool calls and the invalid ones (arguments the tool refused), completed runs.
+``--concurrency`` runs at once on each side in turn (the peer's server runs one request at a time and
+queues the rest: ``--interrupt_requests False``, since by default a new request cuts the running one's
+reply off). Per side: wall time, TTFT p50/p95 of steps >= 2, tokens generated and
+forced (the peer's server reports no usage in its streams: 0), tool calls, the schema-invalid ones
+(arguments the tool's schema refused) and all that errored, completed runs.
 Targets: wall time ours / peer's at most 0.35x one at a time and 0.25x at once, step >= 2 TTFT p50
 at most 0.3x, 0 invalid calls for ours (the peer's count is reported as it is).
 """
@@ -38,7 +40,9 @@ def llamacpp_server(gguf: str, threads: int, n_ctx: int, timeout_s: float = 180)
 
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx)]
+           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
+           # by default a new request interrupts the one running (its reply comes back empty): queue them
+           "--interrupt_requests", "False"]
     url = f"http://127.0.0.1:{port}/v1"
     with server_process(cmd, lambda: httpx.get(url + "/models", timeout=2).status_code == 200,
                         "llama_cpp.server", timeout_s):
@@ -51,7 +55,10 @@ def _side(results: list[Any], wall_s: float) -> dict[str, Any]:
     return {k: s[k] for k in ("runs", "completed", "steps", "ttft_step1_p50_ms", "ttft_step2plus_p50_ms",
                               "ttft_step2plus_p95_ms", "cached_share_step2plus", "tool_calls", "unusable_turns",
                               "total_s")} | {
-        "invalid_calls": s["tool_errors"],
+        # arguments the tool's schema refused; tool_errors also counts tools that ran and raised
+        "invalid_calls": sum(res.is_error and "invalid arguments for tool" in res.content
+                             for r in results for st in r.steps for res in st.results),
+        "tool_errors": s["tool_errors"],
         "tokens_generated": sum(st.completion_tokens for st in steps),
         "tokens_forced": sum(st.forced_tokens for st in steps),
         "statuses": {st: sum(r.status == st for r in results) for st in sorted({r.status for r in results})},
@@ -151,7 +158,8 @@ def _print(r: dict[str, Any], console: Any) -> None:
             ("TTFT steps>=2 p50 ms", lambda s: f"{s['ttft_step2plus_p50_ms']:.0f}"),
             ("TTFT steps>=2 p95 ms", lambda s: f"{s['ttft_step2plus_p95_ms']:.0f}"),
             ("tokens generated (forced)", lambda s: f"{s['tokens_generated']} ({s['tokens_forced']})"),
-            ("tool calls (invalid)", lambda s: f"{s['tool_calls']} ({s['invalid_calls']})"),
+            ("tool calls (schema-invalid / any error)",
+             lambda s: f"{s['tool_calls']} ({s['invalid_calls']} / {s['tool_errors']})"),
             ("unusable turns", lambda s: str(s["unusable_turns"]))]
     for phase, title in (("one_at_a_time", "one at a time"), ("at_once", f"{r['concurrency']} runs at once")):
         table = Table(title=f"agent suite, {r['tasks']} tasks, {title}: agentrt vs {r['peer']} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -70,13 +71,16 @@ def server_process(cmd: list[str], ready: Callable[[], bool], name: str, timeout
     terminate it at the end (kill after 30 s)."""
     import httpx
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr to a file, not a pipe nobody reads while it runs: a chatty server (llama.cpp logs its
+    # whole model load) would fill the pipe and block
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read() if proc.stderr else ""
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{err[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read()[-2000:]}")
             try:
                 if ready():
                     break
@@ -93,6 +97,7 @@ def server_process(cmd: list[str], ready: Callable[[], bool], name: str, timeout
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def pct(values: list[float], q: float) -> float | None:
