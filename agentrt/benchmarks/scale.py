@@ -4,11 +4,18 @@ cache mapped), decode ms/token, 512- and 2,048-token prefill tokens/s, peak RSS,
 bandwidth floor of decode (weight bytes one step reads / the bandwidth measured here), beside
 llama.cpp on the same file when ``llama-cpp-python`` is installed.
 
+Like for like with llama.cpp: both hold KV for the same ``context_tokens`` (llama.cpp's ``n_ctx``;
+our pool sized to those tokens, where `LocalLLM` would reserve 1 GiB and fill it as prefixes are
+cached), decode is timed per forward step (our prompt-lookup speculation off: on random weights the
+text repeats and drafts would be accepted as they never are on a real model), and llama.cpp's process
+tokenizes with llama.cpp itself (no transformers or torch in its peak RSS).
+
 Models: GGUF paths or ``synthetic:<size>[:<mix>]`` (random weights of real shapes: speed and memory,
 never accuracy; see `synthetic`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -16,10 +23,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 PREFILLS = (512, 2048)
+
+
+def context_tokens(decode_tokens: int) -> int:
+    """KV capacity of both sides: the longest prompt, the decoded tokens and a margin."""
+    return max(PREFILLS) + decode_tokens + 64
 
 
 @dataclass
@@ -48,8 +61,11 @@ def _child(path: str, impl: str, threads: int, repeats: int, decode_tokens: int,
         from agentrt.engine.decode_fused import load_extension
 
         load_extension()
+        ctx = context_tokens(decode_tokens)
+        config = EngineConfig(model=path, num_threads=threads, max_model_len=ctx, num_speculative_tokens=0)
+        config = dataclasses.replace(config, num_kv_blocks=-(-ctx // config.block_size))
         t0 = time.perf_counter()
-        eng = LLMEngine(EngineConfig(model=path, num_threads=threads, max_model_len=max(PREFILLS) + decode_tokens + 64))
+        eng = LLMEngine(config)
         out["load_s"] = time.perf_counter() - t0
         out["path"], out["weight_bytes"] = eng.runner.describe(), eng.decode_weight_bytes()
         tok, vocab = eng.tokenizer, eng.vocab_size
@@ -64,15 +80,16 @@ def _child(path: str, impl: str, threads: int, repeats: int, decode_tokens: int,
             return o.metrics.decode_s / max(1, o.metrics.completion_tokens - 1)
     else:
         import llama_cpp
-        from transformers import AutoTokenizer
 
         t0 = time.perf_counter()
         llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
-                              n_ctx=max(PREFILLS) + decode_tokens + 64, n_batch=512, verbose=False)
+                              n_ctx=context_tokens(decode_tokens), n_batch=512, verbose=False)
         out["load_s"] = time.perf_counter() - t0
         out["path"], out["weight_bytes"] = f"llama-cpp-python {llama_cpp.__version__}", os.path.getsize(path)
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
         vocab = llm.n_vocab()
+
+        def tok(text: str) -> Any:  # the `text_token_ids` interface, on llama.cpp's own tokenizer
+            return types.SimpleNamespace(input_ids=llm.tokenize(text.encode(), add_bos=True))
 
         def prefill(ids: list[int]) -> float:
             llm.reset()
@@ -145,7 +162,8 @@ def run_scale(models: list[str], threads: int, repeats: int, decode_tokens: int,
 
 def print_rows(rows: list[ScaleRow], bandwidth_gbs: float) -> None:
     print(f"scale (each figure from a fresh process; floor = weight bytes per step / {bandwidth_gbs:.1f} GB/s "
-          "measured here)")
+          "measured here; both sides hold KV for the same tokens, llama.cpp's n_ctx; decode ms per forward "
+          "step, our speculation off)")
     head = ("model", "impl", "file MB", "1st load s", "2nd load s", "decode ms/tok", "floor ms", "x floor",
             *(f"prefill {n} tok/s" for n in PREFILLS), "peak RSS MB")
     print(" | ".join(head))
