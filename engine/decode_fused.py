@@ -204,6 +204,14 @@ def quantize_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.reshape(n, k).contiguous(), d.contiguous()
 
 
+def _scale_dtype(*scales: torch.Tensor) -> torch.dtype:
+    """float16 when every value of ``scales`` is a float16 value exactly (the kernels read either), else float32."""
+    for t in scales:
+        if t.numel() and t.dtype != torch.float16 and not torch.equal(t.half().float(), t.float()):
+            return torch.float32
+    return torch.float16
+
+
 class FusedLinear(nn.Module):
     """A linear run by linear_kernel.cpp in float32 (activations rounded to int8 per block of 32, or with
     ``int16`` int8 plus its rounding residual) from the plain grid ``parts`` (packed into the kernel's
@@ -225,7 +233,8 @@ class FusedLinear(nn.Module):
         """Plain grid parts -> [w, s, z] in the kernel order kernels.h's ``Lin`` documents. ``parts``:
         int8 rows [int8 [N, K], float32 scales [N], empty], int8 groups [int8 [N, K], float16 d [N, K/32],
         empty] or int4 groups [packed uint8 [N, K/2], float16 d, float16 m] (`quantize_int4_groups`).
-        Output rows go in blocks of 8 (the last one may be shorter), each stored where its rows would be,
+        The scales (and mins) are stored as float16 when every one of them is a float16 value exactly, else
+        float32. Output rows go in blocks of 8 (the last one may be shorter), each stored where its rows would be,
         with the 32 inputs of a group as steps of 4 consecutive inputs, each step holding all the block's
         columns: one 32-byte load then serves 8 columns (int4: two steps, low and high nibbles)."""
         w, s, z = parts
@@ -237,9 +246,10 @@ class FusedLinear(nn.Module):
         int8_rows = not int4 and s.dtype == torch.float32 and s.numel() == n
         if not int4 and not int8_rows and k % 32:
             raise ValueError(f"int8 groups need K % 32 == 0 (K={k})")
+        scale_dtype = _scale_dtype(s, z)
         out_w = torch.empty(n, g * 16 if int4 else g * 32, dtype=w.dtype)
-        out_d = torch.empty(n, g)
-        out_m = torch.empty(n, g) if int4 else torch.empty(0)
+        out_d = torch.empty(n, g, dtype=scale_dtype)
+        out_m = torch.empty(n, g, dtype=scale_dtype) if int4 else torch.empty(0)
         # row chunks (multiples of 8, so every block but the last is whole) bound the scratch of a large
         # embedding; whole blocks of 8 rows first, then the short one
         full = n // 8 * 8
@@ -278,10 +288,10 @@ class FusedLinear(nn.Module):
             r = ids[sel] - lo
             blk, col = r // nb, r % nb
             w = self.weight[lo:hi].reshape(-1, g, self.weight.shape[1] // g // 4, nb, 4)[blk, :, :, col]
-            d = self.scales[lo:hi].reshape(-1, g, nb)[blk, :, col]  # [t, G]
+            d = self.scales[lo:hi].reshape(-1, g, nb)[blk, :, col].float()  # [t, G]
             if self.zeros.numel():  # int4: [t, G, 4 steps, 4] bytes, low nibbles inputs 0..15, high 16..31
                 q = torch.cat([(w & 15).reshape(-1, g, 16), (w >> 4).reshape(-1, g, 16)], -1).float()
-                vals = q * d[..., None] + self.zeros[lo:hi].reshape(-1, g, nb)[blk, :, col][..., None]
+                vals = q * d[..., None] + self.zeros[lo:hi].reshape(-1, g, nb)[blk, :, col].float()[..., None]
             else:  # int8: [t, G, 8 steps, 4]
                 vals = w.reshape(-1, g, 32).float() * d[..., None]
             out[sel] = vals.reshape(-1, g * 32)

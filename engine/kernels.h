@@ -8,7 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define AGENTRT_AVX2 1
 // AVX-512 VNNI on 256-bit registers (AVX512VL): one vpdpbusd does what maddubs + madd (+ add) do, with the
@@ -29,12 +29,14 @@ namespace agentrt {
 //   int4 (Q4_1 grid, K % 32 == 0): w uint8 [N, K/2], w = d_g * q + m_g, q in 0..15; in block b, byte
 //        ((g * 4 + i) * nb + c) * 4 + r holds q[8b + c][32g + 4i + r] in its low nibble and
 //        q[8b + c][32g + 16 + 4i + r] in its high nibble (i < 4, r < 4)
-//   s = d float32 [N, G] and (int4) z = m float32 [N, G]: in block b, element g * nb + c is column 8b + c's
-//        d (m) of group g
+//   s = d [N, G] and (int4) z = m [N, G], both float16 or both float32: in block b, element g * nb + c is
+//        column 8b + c's d (m) of group g. float16 where every value is one exactly (a GGUF's own Q4_0 / Q4_1 /
+//        Q8_0 scales, our quantizers'): a 4-bit weight then takes 5 bits, not 6, and decode reads that much less
 //   bias float32 [N] (plain order) or empty
 struct Lin {
   at::Tensor w, s, z, b;
   bool int4() const { return w.scalar_type() == at::kByte; }
+  bool half_scales() const { return s.scalar_type() == at::kHalf; }
 };
 
 // Throws (TORCH_CHECK) naming `what` unless `l` is a well-formed [N, K] linear.

@@ -23,7 +23,8 @@
 //   (fewer registers live), and, when three row tiles or more read a pair of blocks, reads a copy unpacked to
 //   bytes (one load a step instead of a load, an and and, for the high nibbles, a shift). Row tiles stay inside
 //   the column blocks, so each weight block streams from cache once for all the rows it serves.
-// - Per-group scales (and int4 mins) are float32 in the same column order: one load for 8 columns.
+// - Per-group scales (and int4 mins) are float16 or float32 in the same column order: one load (and, for
+//   float16, one vcvtph2ps) for 8 columns.
 // - One parallel region per call (output column blocks split over torch's threads), activation scratch
 //   reused per thread.
 #include "kernels.h"
@@ -151,8 +152,19 @@ inline __m256i dot4_i32(__m256i acc, __m256i u, __m256i s) {
 // The column block of 8 outputs as the tile kernels read it (see kernels.h's `Lin` for the order).
 struct Block {
   const uint8_t* w;   // int4: [G][4][8][4] bytes; int8: [G][8][8][4]
-  const float* d;     // [G][8]
-  const float* mn;    // [G][8] (int4)
+  const void* d;      // [G][8] float16 (half) or float32
+  const void* mn;     // [G][8] (int4), as d
+  bool half;
+
+  float scale(const void* p, int64_t i) const {
+    return half ? float(static_cast<const at::Half*>(p)[i]) : static_cast<const float*>(p)[i];
+  }
+#ifdef AGENTRT_AVX2
+  __m256 scales8(const void* p, int64_t i) const {  // elements i..i+7 (the block's 8 columns of one group)
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const at::Half*>(p) + i)))
+                : _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  }
+#endif
 };
 
 #ifdef AGENTRT_AVX2
@@ -201,7 +213,7 @@ inline void tile_q4(const Block* b, const int8_t* xq, const float* xs, const flo
       }
     }
     for (int j = 0; j < NB; ++j) {  // w = d * q + m: d * sx * (q . xq) + m * sx * sum(xq)
-      const __m256 d = _mm256_loadu_ps(b[j].d + g * 8), mn = _mm256_loadu_ps(b[j].mn + g * 8);
+      const __m256 d = b[j].scales8(b[j].d, g * 8), mn = b[j].scales8(b[j].mn, g * 8);
       for (int r = 0; r < MR; ++r) {
         const __m256 dot = _mm256_cvtepi32_ps(widen(s16[r * NB + j]));
         __m256& c = acc[r * NB + j];
@@ -239,7 +251,7 @@ inline void tile_q8(const Block& b, const int8_t* xq, const float* xs, const flo
       const __m256i av = _mm256_abs_epi8(v);
       for (int r = 0; r < MR; ++r) s32[r] = dot4_i32(s32[r], av, _mm256_sign_epi8(bcast4(x + r * Kp + i * 4), v));
     }
-    const __m256 d = _mm256_loadu_ps(b.d + g * 8);
+    const __m256 d = b.scales8(b.d, g * 8);
     for (int r = 0; r < MR; ++r)
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_mul_ps(d, _mm256_set1_ps(xs[r * G + g])), acc[r]);
   }
@@ -331,8 +343,8 @@ void tiles1(const Block& b, int64_t nb, const Acts& a, int V, int64_t v0, int64_
           }
           dot += q * int32_t(x[g * 32 + j]);
         }
-        acc += float(dot) * (b.d[g * kNR + c] * a.s[m * G + g]);
-        if constexpr (kQ4) acc += b.mn[g * kNR + c] * a.sum[m * G + g];
+        acc += float(dot) * (b.scale(b.d, g * kNR + c) * a.s[m * G + g]);
+        if constexpr (kQ4) acc += b.scale(b.mn, g * kNR + c) * a.sum[m * G + g];
       }
       float& y = Y[(m - v0) / V * ldy + c];
       const bool first = (m - v0) % V == 0;  // the row's first part: bias, and replace unless accumulating
@@ -351,22 +363,25 @@ void tiles(const Block* b, int nblk, int64_t nb, const Acts& a, bool split, int6
 }
 #endif
 
-// The last column block when N % 8 != 0, widened to 8 columns (zeros) so the tile kernels read it alike.
+// The last column block when N % 8 != 0, widened to 8 columns (zeros, float32 scales) so the tile kernels
+// read it alike.
 struct TailBlock {
   std::vector<uint8_t> w;
   std::vector<float> d, mn;
-  Block widen(const uint8_t* w_src, const float* d_src, const float* m_src, int64_t nt, int64_t G, bool q4) {
+  Block widen(const Block& src, int64_t nt, int64_t G, bool q4) {
     const int64_t steps = q4 ? 4 : 8;  // 4-input steps a group stores
     w.assign(G * steps * kNR * 4, 0);
     d.assign(G * kNR, 0.f);
     mn.assign(G * kNR, 0.f);
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t i = 0; i < steps; ++i)
-        std::memcpy(&w[(g * steps + i) * kNR * 4], w_src + (g * steps + i) * nt * 4, nt * 4);
-      std::copy(d_src + g * nt, d_src + (g + 1) * nt, &d[g * kNR]);
-      if (q4) std::copy(m_src + g * nt, m_src + (g + 1) * nt, &mn[g * kNR]);
+        std::memcpy(&w[(g * steps + i) * kNR * 4], src.w + (g * steps + i) * nt * 4, nt * 4);
+      for (int64_t c = 0; c < nt; ++c) {
+        d[g * kNR + c] = src.scale(src.d, g * nt + c);
+        if (q4) mn[g * kNR + c] = src.scale(src.mn, g * nt + c);
+      }
     }
-    return {w.data(), d.data(), mn.data()};
+    return {w.data(), d.data(), mn.data(), false};
   }
 };
 
@@ -374,8 +389,10 @@ template <bool kQ4>
 void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t M, int64_t K, bool accumulate) {
   const int64_t N = l.w.size(0), Kp = pad32(K), G = Kp / 32, row_bytes = kQ4 ? Kp / 2 : Kp;
   const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr());
-  const float* d = l.s.data_ptr<float>();
-  const float* mn = kQ4 ? l.z.data_ptr<float>() : nullptr;
+  const bool half = l.half_scales();
+  const int64_t scale_bytes = half ? 2 : 4;
+  const char* d = static_cast<const char*>(l.s.data_ptr());
+  const char* mn = kQ4 ? static_cast<const char*>(l.z.data_ptr()) : nullptr;
   const float* bias = l.b.defined() && l.b.numel() ? l.b.data_ptr<float>() : nullptr;
   const int64_t blocks = (N + kNR - 1) / kNR, pairs = (blocks + 1) / 2;
   // a task of at least ~64K multiply-adds, so tiny linears do not wake the pool
@@ -391,9 +408,9 @@ void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t M, int64_t K
         Block blk[2];
         for (int64_t j = 0; j < nblk; ++j) {
           const int64_t c0 = n0 + j * kNR;
-          blk[j] = {w + c0 * row_bytes, d + c0 * G, kQ4 ? mn + c0 * G : nullptr};
+          blk[j] = {w + c0 * row_bytes, d + c0 * G * scale_bytes, kQ4 ? mn + c0 * G * scale_bytes : nullptr, half};
         }
-        if (nb < kNR) blk[nblk - 1] = tail.widen(blk[nblk - 1].w, blk[nblk - 1].d, blk[nblk - 1].mn, nb, G, kQ4);
+        if (nb < kNR) blk[nblk - 1] = tail.widen(blk[nblk - 1], nb, G, kQ4);
         tiles<kQ4>(blk, int(nblk), nb, a, split, v0, v1, Kp, G, bias ? bias + n0 : nullptr, Y + v0 / V * N + n0, N,
                    accumulate);
       }
@@ -411,10 +428,10 @@ void check_lin(const Lin& l, int64_t N, int64_t K, const char* what) {
   TORCH_CHECK(l.w.size(1) == (q4 ? K / 2 : pad32(K)), what, ": weight must be [N, ", q4 ? "K/2" : "K rounded up to 32",
               "] for K=", K);
   const int64_t G = pad32(K) / 32;
-  TORCH_CHECK(l.s.scalar_type() == at::kFloat && l.s.is_contiguous() && l.s.numel() == N * G, what,
-              ": group scales must be float32 [N, ceil(K/32)] in kernel order");
-  TORCH_CHECK(!q4 || (l.z.scalar_type() == at::kFloat && l.z.is_contiguous() && l.z.numel() == N * G), what,
-              ": int4 groups need float32 mins [N, K/32] in kernel order");
+  TORCH_CHECK((l.s.scalar_type() == at::kFloat || l.s.scalar_type() == at::kHalf) && l.s.is_contiguous() &&
+              l.s.numel() == N * G, what, ": group scales must be float32 or float16 [N, ceil(K/32)] in kernel order");
+  TORCH_CHECK(!q4 || (l.z.scalar_type() == l.s.scalar_type() && l.z.is_contiguous() && l.z.numel() == N * G), what,
+              ": int4 groups need mins [N, K/32] in kernel order, of the scales' dtype");
   TORCH_CHECK(!l.b.defined() || l.b.numel() == 0 ||
               (l.b.scalar_type() == at::kFloat && l.b.is_contiguous() && l.b.numel() == N), what,
               ": bias must be float32 [N]");

@@ -86,8 +86,11 @@ def test_wrong_shapes_raise(ext):
     packed = decode_fused.FusedLinear.pack(parts, 64)
     with pytest.raises(RuntimeError, match="K a multiple of 32|K/2"):
         ext.linear(torch.randn(2, 63), *packed, torch.empty(0))
-    with pytest.raises(RuntimeError, match="float32"):  # the plain grid (float16 scales) is not the kernel's
-        ext.linear(torch.randn(2, 64), *parts, torch.empty(0))
+    w, d, m = packed
+    with pytest.raises(RuntimeError, match="scales' dtype"):
+        ext.linear(torch.randn(2, 64), w, d.half(), m.float(), torch.empty(0))
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        ext.linear(torch.randn(2, 64), w, d.double(), m.double(), torch.empty(0))
     with pytest.raises(RuntimeError, match="bias"):
         ext.linear(torch.randn(2, 64), *packed, torch.zeros(15))
     with pytest.raises(ValueError, match="K % 32"):
@@ -114,3 +117,20 @@ def test_pack_layout_is_the_documented_order():
                 for r in range(4):
                     byte = int(flat[base + ((g * 4 + i) * nb + c) * 4 + r])
                     assert byte & 15 == q[row, 32 * g + 4 * i + r] and byte >> 4 == q[row, 32 * g + 16 + 4 * i + r]
+
+
+@pytest.mark.parametrize("kind", ["int4_groups", "int8_groups"])
+@pytest.mark.parametrize("n", [16, 13])  # whole blocks of 8 and a short last block
+def test_float16_scales_give_the_float32_results_exactly(ext, kind, n):
+    """Scales that are float16 values are packed as float16 (5 bits a 4-bit weight, not 6), and the kernel
+    reading them gives bit for bit what it gives with the same values in float32; scales that are not
+    float16 values stay float32."""
+    parts, _ = _linear(kind, n, 96)
+    packed = decode_fused.FusedLinear.pack(parts, 96)
+    assert packed[1].dtype == torch.float16
+    as_f32 = [packed[0], packed[1].float(), packed[2].float() if packed[2].numel() else packed[2]]
+    x = torch.randn(5, 96)
+    for int16 in (False, True):
+        assert torch.equal(ext.linear(x, *packed, torch.empty(0), int16), ext.linear(x, *as_f32, torch.empty(0), int16))
+    inexact = [parts[0], parts[1].float() * (1 + 2.0 ** -14), parts[2]]  # not float16 values any more
+    assert decode_fused.FusedLinear.pack(inexact, 96)[1].dtype == torch.float32
