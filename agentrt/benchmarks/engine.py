@@ -190,10 +190,11 @@ def _engine(loaded: Any, setting: str, threads: int, sizes: Sizes, *, caching: b
 
     max_len = max(sizes.prefill, sizes.ttft_prompt) + sizes.decode + sizes.greedy_tokens + 64
     need = sizes.concurrency * (max_len + 16)
-    # 64 sequences at once lets the many-short-requests check fill 512-token steps
+    # 64 sequences at once lets the many-short-requests check fill 512-token steps; decode is timed per forward
+    # step, as llama.cpp's is, so prompt-lookup speculation is off (`bench grammar --e2e` measures it)
     cfg = EngineConfig(**SETTINGS[setting], num_threads=threads,
                        enable_prefix_caching=caching, max_model_len=max_len, num_kv_blocks=-(-need // 16) + 8,
-                       compile=compile, max_num_seqs=64)
+                       compile=compile, max_num_seqs=64, num_speculative_tokens=0)
     return LLMEngine(cfg, loaded=loaded)
 
 
