@@ -520,7 +520,7 @@ void run_tasks(std::vector<Task>& tasks, int64_t nthreads, F&& run) {
   std::atomic<int64_t> next{0};
   const int64_t ntasks = int64_t(tasks.size());
   const int64_t workers = work < kSerialWork ? 1 : std::min(nthreads, ntasks);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  agentrt::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch sc;
     for (int64_t t; (t = next.fetch_add(1)) < ntasks;) run(tasks[t], sc);
   });
@@ -592,7 +592,7 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
   const float scale = 1.f / std::sqrt(float(hd));
   std::vector<int64_t> seq_of(T);  // query row -> its sequence
   for (int64_t i = 0; i < B; ++i) std::fill(seq_of.begin() + seq_start[i], seq_of.begin() + seq_start[i + 1], i);
-  at::parallel_for(0, T * nh, 1, [&](int64_t t0, int64_t t1) {
+  agentrt::parallel_for(0, T * nh, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> sc;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t row = t / nh, head = t % nh, i = seq_of[row], g = head / group;

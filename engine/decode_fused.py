@@ -27,8 +27,10 @@ from torch import nn
 from .quant import Int8WeightOnlyLinear
 
 log = logging.getLogger(__name__)
-# decode_kernel.cpp holds the step and the bindings; the others the kernels it calls (kernels.h)
-_SOURCES = [Path(__file__).with_name(f) for f in ("decode_kernel.cpp", "linear_kernel.cpp", "attention_kernel.cpp")]
+# decode_kernel.cpp holds the step and the bindings; the others the kernels it calls and their thread pool
+# (kernels.h)
+_SOURCES = [Path(__file__).with_name(f)
+            for f in ("decode_kernel.cpp", "linear_kernel.cpp", "attention_kernel.cpp", "thread_pool.cpp")]
 _HEADER = Path(__file__).with_name("kernels.h")
 _PACK_ROWS = 8192  # rows `FusedLinear.pack` reorders at a time
 

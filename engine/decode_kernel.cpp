@@ -34,7 +34,7 @@ constexpr int64_t kGrainFloats = 1 << 15;
 
 template <class F>
 void parallel_rows(int64_t M, int64_t floats_per_row, const F& f) {
-  at::parallel_for(0, M, std::max<int64_t>(1, kGrainFloats / std::max<int64_t>(1, floats_per_row)), f);
+  agentrt::parallel_for(0, M, std::max<int64_t>(1, kGrainFloats / std::max<int64_t>(1, floats_per_row)), f);
 }
 
 #ifdef AGENTRT_AVX2

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -38,6 +39,10 @@ struct Lin {
   bool int4() const { return w.scalar_type() == at::kByte; }
   bool half_scales() const { return s.scalar_type() == at::kHalf; }
 };
+
+// at::parallel_for's contract (f gets contiguous chunks of [begin, end), at most at::get_num_threads() of them,
+// none smaller than `grain` but the last) on the kernels' own thread pool (thread_pool.cpp says why).
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
 
 // Throws (TORCH_CHECK) naming `what` unless `l` is a well-formed [N, K] linear.
 void check_lin(const Lin& l, int64_t N, int64_t K, const char* what);

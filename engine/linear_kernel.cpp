@@ -127,7 +127,7 @@ void quantize_rows(const float* X, int64_t M, int64_t K, bool split, Acts& a) {
       }
   };
   if (M * K < (1 << 16)) rows(0, M);  // a decode batch: cheaper than waking the pool
-  else at::parallel_for(0, M, 16, rows);
+  else agentrt::parallel_for(0, M, 16, rows);
 }
 
 #ifdef AGENTRT_AVX2
@@ -397,7 +397,7 @@ void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t M, int64_t K
   const int64_t blocks = (N + kNR - 1) / kNR, pairs = (blocks + 1) / 2;
   // a task of at least ~64K multiply-adds, so tiny linears do not wake the pool
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (M * Kp * 2 * kNR));
-  at::parallel_for(0, pairs, grain, [&](int64_t p0, int64_t p1) {  // pairs of column blocks (16 columns)
+  agentrt::parallel_for(0, pairs, grain, [&](int64_t p0, int64_t p1) {  // pairs of column blocks (16 columns)
     TailBlock tail;
     const int64_t V = split ? 2 : 1, MV = M * V;  // activation rows
     for (int64_t v0 = 0; v0 < MV; v0 += kMChunk) {

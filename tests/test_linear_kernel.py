@@ -9,6 +9,8 @@ kernel also multiplies what the rounding left, rounded to step / 254: 254x tight
 depends on the other rows of the call."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -134,3 +136,53 @@ def test_float16_scales_give_the_float32_results_exactly(ext, kind, n):
         assert torch.equal(ext.linear(x, *packed, torch.empty(0), int16), ext.linear(x, *as_f32, torch.empty(0), int16))
     inexact = [parts[0], parts[1].float() * (1 + 2.0 ** -14), parts[2]]  # not float16 values any more
     assert decode_fused.FusedLinear.pack(inexact, 96)[1].dtype == torch.float32
+
+
+def _parallel_case(ext):
+    parts, _ = _linear("int4_groups", 256, 512)
+    packed = decode_fused.FusedLinear.pack(parts, 512)
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(3))  # enough work for every thread
+    return packed, x, ext.linear(x, *packed, torch.empty(0), False)
+
+
+def test_kernels_give_the_same_results_from_several_threads_at_once(ext):
+    """The kernels' thread pool serves one call at a time; calls from other threads meanwhile run inline,
+    with the same numbers (a row never depends on how the work was split)."""
+    import threading
+
+    packed, x, expected = _parallel_case(ext)
+    wrong: list[int] = []
+
+    def worker(i: int) -> None:
+        for _ in range(20):
+            if not torch.equal(ext.linear(x, *packed, torch.empty(0), False), expected):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not wrong
+
+
+def test_a_forked_child_runs_the_kernels(ext):
+    """A child forked after the pool started its workers has none of them: it starts its own (rather than
+    waiting forever on threads that do not exist in it)."""
+    import os
+
+    packed, x, expected = _parallel_case(ext)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 when the kernel runs and agrees
+        ok = torch.equal(ext.linear(x, *packed, torch.empty(0), False), expected)
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung in the kernels")
