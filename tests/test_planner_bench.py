@@ -88,6 +88,10 @@ async def test_peer_phases_one_at_a_time_and_at_once_with_the_verdict():
         for side in phase.values():
             assert side["completed"] == len(tasks) and side["invalid_calls"] == 0
             assert side["tool_calls"] == sum(len(t.plan) for t in tasks) and side["statuses"] == {"completed": 4}
+            assert side["run_errors"] == []
+    failing = {"llama.cpp": ScriptedLLM([])}  # no replies: the run ends in error, and the report says why
+    broken = await run_side_by_side(failing, tasks[:1], tools, GenerationParams(max_tokens=32), summary=agent_peer._side)
+    assert broken["llama.cpp"]["statuses"] == {"error": 1} and len(broken["llama.cpp"]["run_errors"]) == 1
     one["agentrt"]["total_s"], one["llama.cpp"]["total_s"] = 1.0, 4.0
     many["agentrt"]["total_s"], many["llama.cpp"]["total_s"] = 1.0, 3.0
     one["agentrt"]["invalid_calls"] = 1

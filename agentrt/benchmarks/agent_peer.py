@@ -62,6 +62,7 @@ def _side(results: list[Any], wall_s: float) -> dict[str, Any]:
         "tokens_generated": sum(st.completion_tokens for st in steps),
         "tokens_forced": sum(st.forced_tokens for st in steps),
         "statuses": {st: sum(r.status == st for r in results) for st in sorted({r.status for r in results})},
+        "run_errors": [r.error for r in results if r.status != "completed"],
     }
 
 
@@ -177,3 +178,7 @@ def _print(r: dict[str, Any], console: Any) -> None:
         shown = "n/a" if value is None else f"{value:.2f}x"
         console.print(f"{key}: {shown} (target <= {target}x: {'met' if v[f'{key}_target_{target}'] else 'NOT met'})")
     console.print(f"invalid calls: {v['invalid_calls']}")
+    for phase in ("one_at_a_time", "at_once"):
+        for side, s in r[phase].items():
+            for error in s["run_errors"]:
+                console.print(f"{side}, {phase.replace('_', ' ')}: a run ended in error: {error}", markup=False)
