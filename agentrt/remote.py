@@ -25,6 +25,7 @@ to the first token of the answer (content, or the tool call's arguments), so it 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -110,16 +111,35 @@ class RemoteLLM(BaseLLM):
         self.constrain = constrain
         # the mode in use: known from the start unless "auto", which sets it at its first constrained request
         self.constrain_mode: str | None = None if constrain == "auto" else constrain
+        self._new_client = functools.partial(
+            openai.AsyncOpenAI, base_url=self.base_url,
+            api_key=api_key or os.environ.get("OPENAI_API_KEY") or "not-needed", timeout=timeout,
+            max_retries=max_retries)
+        self._client = self._new_client()
         self._detect_lock = asyncio.Lock()
-        self.client = openai.AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=api_key or os.environ.get("OPENAI_API_KEY") or "not-needed",
-            timeout=timeout,
-            max_retries=max_retries,
-        )
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop the client's connections belong to
         if constrain == "none":
             log.warning("RemoteLLM(%s, constrain='none'): output is not constrained to the step's JSON Schema; "
                         "replies are only prompted to be valid JSON and tool calls may be invalid", self.base_url)
+
+    @property
+    def client(self) -> Any:
+        """The OpenAI client for the running event loop (see `_bind_loop`)."""
+        self._bind_loop()
+        return self._client
+
+    def _bind_loop(self) -> None:
+        """Give the running event loop its own client and detection lock. A client's pooled connections belong
+        to the loop that opened them, so a RemoteLLM used again under another loop (a second
+        `Agent.run_sync`, a second ``anyio.run``) would otherwise fail with "Event loop is closed"."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._loop is not loop:
+            if self._loop is not None:
+                self._client, self._detect_lock = self._new_client(), asyncio.Lock()
+            self._loop = loop
 
     @property
     def engine_summary(self) -> str:
@@ -244,6 +264,7 @@ class RemoteLLM(BaseLLM):
                 **self._request(model, messages, json_schema, params, mode)), mode
         # "auto" before detection: one request probes while concurrent first requests wait
         # for its answer's headers, then use what it found
+        self._bind_loop()
         async with self._detect_lock:
             if self.constrain_mode is None:
                 return await self._detect(model, messages, json_schema, params)

@@ -96,3 +96,16 @@ def test_server_in_front_of_a_remote_passes_its_errors_through(served):
     with TestClient(gone) as c:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
+
+
+def test_one_remote_llm_serves_one_event_loop_after_another(served):
+    """Pooled connections belong to the event loop that opened them: a RemoteLLM used under a second
+    ``anyio.run`` (a second `Agent.run_sync`) must not fail with "Event loop is closed"."""
+    import anyio
+
+    backend, url = served
+    llm = RemoteLLM(url, api_key="k1")
+    for n in (1, 2, 3):
+        backend._replies[:] = [{"n": n}]
+        out = anyio.run(lambda: llm.complete([{"role": "user", "content": "n?"}], json_schema=SCHEMA))
+        assert json.loads(out.text) == {"n": n}
