@@ -91,7 +91,7 @@ def _load() -> tuple[Any, str | None]:
         if built is not None:
             return built, None
         ext = cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES],
-                                 extra_cflags=["-O3", "-fopenmp", *_ISA_BUILDS[isa][0]], extra_ldflags=["-fopenmp"],
+                                 extra_cflags=["-O3", *_ISA_BUILDS[isa][0]],
                                  verbose=False)
         return ext, None
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers: the torch decode path still works

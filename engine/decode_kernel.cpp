@@ -15,8 +15,6 @@
 // [layers, slots, nkv, hd] float32, slot = block * block_size + offset.
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>
-
 #include "kernels.h"
 
 #include <algorithm>

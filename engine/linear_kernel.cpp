@@ -25,11 +25,9 @@
 //   the column blocks, so each weight block streams from cache once for all the rows it serves.
 // - Per-group scales (and int4 mins) are float16 or float32 in the same column order: one load (and, for
 //   float16, one vcvtph2ps) for 8 columns.
-// - One parallel region per call (output column blocks split over torch's threads), activation scratch
-//   reused per thread.
+// - One parallel region per call (output column blocks split over the kernels' pool, torch's thread count),
+//   activation scratch reused per thread.
 #include "kernels.h"
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>

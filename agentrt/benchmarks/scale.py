@@ -15,7 +15,6 @@ never accuracy; see `synthetic`).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import statistics
@@ -24,7 +23,7 @@ import sys
 import tempfile
 import time
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 PREFILLS = (512, 2048)
@@ -63,7 +62,7 @@ def _child(path: str, impl: str, threads: int, repeats: int, decode_tokens: int,
         load_extension()
         ctx = context_tokens(decode_tokens)
         config = EngineConfig(model=path, num_threads=threads, max_model_len=ctx, num_speculative_tokens=0)
-        config = dataclasses.replace(config, num_kv_blocks=-(-ctx // config.block_size))
+        config = replace(config, num_kv_blocks=-(-ctx // config.block_size))
         t0 = time.perf_counter()
         eng = LLMEngine(config)
         out["load_s"] = time.perf_counter() - t0
