@@ -1,9 +1,17 @@
 """agentrt.engine: a compact local LLM engine (paged KV cache, prefix caching,
 continuous batching, grammar-constrained decoding). Knows nothing of agents or tools."""
-from .config import EngineConfig, SamplingParams
-from .constraint import TokenConstraint
-from .async_engine import AsyncLLMEngine
-from .engine import ContextOverflowError, EngineStats, LLMEngine, RequestMetrics, RequestOutput
+# Imported on first use (PEP 562): the grammar's compile workers import agentrt.engine.grammar
+# without torch (see grammar/compile_job.py).
+_EXPORTS = {
+    ".async_engine": ["AsyncLLMEngine"],
+    ".config": ["EngineConfig", "SamplingParams"],
+    ".constraint": ["TokenConstraint"],
+    ".engine": ["ContextOverflowError", "EngineStats", "LLMEngine", "RequestMetrics", "RequestOutput"],
+}
+__all__ = [name for names in _EXPORTS.values() for name in names]
 
-__all__ = ["AsyncLLMEngine", "ContextOverflowError", "EngineConfig", "EngineStats", "LLMEngine",
-           "RequestMetrics", "RequestOutput", "SamplingParams", "TokenConstraint"]
+
+def __getattr__(name: str):
+    from .lazy_exports import export
+
+    return export(globals(), _EXPORTS, name)

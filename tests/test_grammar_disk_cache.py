@@ -123,10 +123,12 @@ def test_masks_a_grammar_builds_count_against_the_memory_cache(tmp_path):
     matcher = GrammarMatcher(used)
     for _ in range(6):  # states visited: each builds its mask and allowed ids
         matcher.next_token_mask()
-        ids = used.allowed_ids(matcher.state)
-        matcher.accept_token(int(ids[len(ids) // 2]))
+        ids, ends = used.successors(matcher.state)
+        going_on = [t for t, s in zip(ids.tolist(), ends.tolist()) if used.may_continue(s)]  # not into the end
+        matcher.accept_token(going_on[0])
     grown = used.nbytes - used.automaton_bytes
-    assert grown >= len(used._masks) * probe.vocab.vocab_size + sum(a.nbytes for a in used._allowed.values()) > 0
+    held = sum(ids.nbytes + ends.nbytes for ids, ends in used._successors.values())
+    assert grown >= len(used._masks) * probe.vocab.vocab_size + held > 0
     assert comp.memory_cache_bytes() == both + grown
     kept = comp.compile_json_schema(other)  # a hit: the grown grammar (least recently used) is dropped now
     assert list(comp._memory.values()) == [kept] and comp.memory_cache_bytes() == kept.nbytes

@@ -1,21 +1,26 @@
 """Grammar-constrained decoding: JSON Schema -> regex (our own, exact, see schema_regex) ->
-token automaton (outlines-core ``Index``) -> per-request matcher (the engine's TokenConstraint).
+byte DFA (outlines-core builds it) -> per-request matcher (the engine's TokenConstraint); a state's
+allowed tokens are computed when a matcher first reaches it (token_walk).
 
     compiler = GrammarCompiler.from_tokenizer(tokenizer, vocab_size=engine.vocab_size)
     grammar = compiler.compile_json_schema(schema)        # cached in memory and on disk
     engine.add_request(prompt, params, constraint=GrammarMatcher(grammar, max_tokens=params.max_tokens))
 """
-from .automaton import ByteAutomaton, configure_compiles
-from .budget import TokenDistances, distances, min_tokens
-from .compiler import CompiledGrammar, GrammarCompiler, default_cache_dir
-from .errors import BudgetError, GrammarBusyError, GrammarCompileError, UnsupportedSchemaError
-from .matcher import GrammarMatcher
-from .schema_regex import schema_to_regex
-from .vocab import TokenVocab, vocab_from_tokenizer
+# Imported on first use (PEP 562), so a compile worker that needs only the schema -> DFA chain
+# (compile_job) never imports torch: see compile_job.py.
+_EXPORTS = {
+    ".automaton": ["configure_compiles"],
+    ".budget": ["TokenDistances", "distances", "min_tokens"],
+    ".byte_dfa": ["ByteAutomaton", "ByteDFA"],
+    ".compiler": ["CompiledGrammar", "GrammarCompiler", "default_cache_dir"],
+    ".errors": ["BudgetError", "GrammarBusyError", "GrammarCompileError", "UnsupportedSchemaError"],
+    ".matcher": ["GrammarMatcher"],
+    ".schema_regex": ["schema_to_regex"],
+    ".vocab": ["TokenVocab", "vocab_from_tokenizer"],
+}
+__all__ = [name for names in _EXPORTS.values() for name in names]
 
-__all__ = [
-    "BudgetError", "ByteAutomaton", "CompiledGrammar", "GrammarBusyError", "GrammarCompileError", "GrammarCompiler",
-    "GrammarMatcher", "configure_compiles", "distances", "min_tokens",
-    "TokenDistances", "TokenVocab", "UnsupportedSchemaError", "default_cache_dir", "schema_to_regex",
-    "vocab_from_tokenizer",
-]
+def __getattr__(name: str):
+    from ..lazy_exports import export
+
+    return export(globals(), _EXPORTS, name)

@@ -1,27 +1,19 @@
-"""Regex -> token-level automaton with outlines-core's ``Index``, under a time limit.
-
-outlines-core 0.2.14's Index drops a transition that leaves a match state into a non-match
-state (``a(?:bc)?`` does not accept "abc"; a top-level ``1.5`` is cut after ``1``): it works
-only for prefix-free languages. So the regex is compiled with an end sentinel (U+10FFFF,
-never generated: tokens holding its lead byte 0xF4 are excluded) appended, which makes
-every language prefix-free; "may end here" = "the sentinel token leads to an accepting state".
-
-``Index`` construction runs in Rust and cannot be interrupted from Python, so when a time
-limit is given it runs in a child process that is killed at the deadline (a run-away compile then
-costs nothing after the error). The index comes back pickled. The children are forked by small
-worker processes (`CompileWorkers`), not by the caller: see there why.
+"""Compiles under limits: a grammar compile (schema -> regex -> byte DFA, see byte_dfa.py) runs
+Rust code that cannot be interrupted from Python, so when a time limit is given it runs in a child
+process that is killed at the deadline (a run-away compile then costs nothing after the error). The
+result comes back pickled. The children are forked by small worker processes (`CompileWorkers`), not
+by the caller: see there why.
 
 Compiles are bounded together, not only one by one (`CompileGate`): at most ``max_concurrent`` run
 at once (``$AGENTRT_GRAMMAR_COMPILES``, default half the cores), at a lower CPU priority than the
 engine; each child may allocate at most its share of ``$AGENTRT_GRAMMAR_COMPILE_MEMORY_MB`` (default
 2048); at most ``max_waiting`` more wait for a slot, and anything beyond is refused with
 `GrammarBusyError` at once. `run_bounded` runs any compile step this way (the compiler runs the
-whole schema -> regex -> index chain in one child, so nothing of it holds the server's GIL).
+whole schema -> regex -> DFA chain in one child, so nothing of it holds the server's GIL).
 """
 from __future__ import annotations
 
 import faulthandler
-import functools
 import os
 import pickle
 import select
@@ -33,51 +25,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-import numpy as np
-from outlines_core import Index, Vocabulary
-
 from .errors import GrammarBusyError, GrammarCompileError, UnsupportedSchemaError
-
-
-SENTINEL = "\U0010FFFF"
-_SENTINEL_BYTES = SENTINEL.encode()
-_SENTINEL_RE = r"\x{10FFFF}"
-
-
-def outlines_vocabulary(token_bytes: dict[int, bytes], width: int) -> Vocabulary:
-    """An outlines ``Vocabulary`` from token id -> bytes, plus the end sentinel (id ``width``)
-    and a placeholder EOS (id ``width + 1``); tokens containing the sentinel's lead byte are left out."""
-    by_bytes: dict[bytes, list[int]] = {_SENTINEL_BYTES: [width]}
-    for tid, b in token_bytes.items():
-        if _SENTINEL_BYTES[0] not in b:
-            by_bytes.setdefault(b, []).append(tid)
-    return Vocabulary(width + 1, by_bytes)
-
-
-class TokenIndex:
-    """The token automaton of one regex: states, transitions, allowed ids, may-end states."""
-
-    def __init__(self, index: Index, width: int):
-        self.index = index
-        self.width = width  # ids >= width are the sentinel / placeholder, never exposed
-
-    def initial_state(self) -> int:
-        return self.index.get_initial_state()
-
-    def next_state(self, state: int, token_id: int) -> int | None:
-        if token_id >= self.width:
-            return None
-        return self.index.get_next_state(state, token_id)
-
-    def allowed_ids(self, state: int) -> np.ndarray:
-        raw = np.asarray(self.index.get_allowed_tokens(state), dtype=np.int64)
-        return raw[raw < self.width]
-
-    def is_final(self, state: int) -> bool:
-        # The sentinel must lead to the end: inside a string whose characters include U+10FFFF
-        # it is read as one more character (a non-final state), and EOS must not be allowed there.
-        nxt = self.index.get_next_state(state, self.width)
-        return nxt is not None and self.index.is_final_state(nxt)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -158,16 +106,24 @@ def configure_compiles(max_concurrent: int | None = None, memory_mb: int | None 
     return gate
 
 
+def vm_bytes() -> int:
+    """This process's address space size (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
 def _cap_memory(extra_bytes: int) -> None:
-    """Limit this (forked) process's address space to its current size + ``extra_bytes``, so a runaway
-    automaton fails its own compile instead of drawing the OOM killer onto the server."""
+    """Limit this compile process's address space to its current size + ``extra_bytes`` (or less: a cap
+    already set stays), so a runaway automaton fails its own compile instead of drawing the OOM killer
+    onto the server."""
     try:
         import resource
 
-        with open("/proc/self/statm") as f:
-            vm_bytes = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        limit = vm_bytes + extra_bytes
+        limit = vm_bytes() + extra_bytes
         if soft != resource.RLIM_INFINITY:
             limit = min(limit, soft)  # a compile's own child (a oneOf proof) stays within its parent's cap
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
@@ -194,25 +150,31 @@ def fork_job(work: Callable[[], Any], memory_bytes: int) -> tuple[int, int]:
 
 
 def _child(work: Callable[[], Any], write_fd: int, memory_bytes: int) -> None:
-    global gate, _in_compile_child
-    _in_compile_child = True
     # the allocator's own "memory allocation of N bytes failed" (and faulthandler's dump of the abort
     # that follows) would land on the server's stderr; the parent reports the failure instead, with
     # the limit that caused it
     faulthandler.disable()
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
-    _cap_memory(memory_bytes)
     os.nice(10)  # a compile waits for the engine's decode steps, never the other way round
-    gate = CompileGate(1, memory_bytes, 0)  # its own steps (oneOf proofs) run one at a time in its share
-    try:
-        payload = pickle.dumps(("ok", work()))
-    except (GrammarCompileError, UnsupportedSchemaError) as e:  # the compile's own verdict, passed on as it is
-        payload = pickle.dumps(("raise", e))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        payload = pickle.dumps(("error", f"{type(e).__name__}: {e}"))
+    payload, _ = run_job(work, memory_bytes)
     with os.fdopen(write_fd, "wb") as out:
         out.write(payload)
+
+
+def run_job(work: Callable[[], Any], memory_bytes: int) -> tuple[bytes, bool]:
+    """Run ``work()`` in this (compile) process, capped at ``memory_bytes`` of new memory: (its pickled
+    outcome, whether it succeeded). Its own steps (oneOf proofs) are forked from here, one at a time."""
+    global gate, _in_compile_child
+    _in_compile_child = True
+    _cap_memory(memory_bytes)
+    gate = CompileGate(1, memory_bytes, 0)
+    try:
+        return pickle.dumps(("ok", work())), True
+    except (GrammarCompileError, UnsupportedSchemaError) as e:  # the compile's own verdict, passed on as it is
+        return pickle.dumps(("raise", e)), False
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        return pickle.dumps(("error", f"{type(e).__name__}: {e}")), False
 
 
 def collect_job(pid: int, read_fd: int, deadline: float | None) -> bytes | None:
@@ -235,23 +197,6 @@ def collect_job(pid: int, read_fd: int, deadline: float | None) -> bytes | None:
         os.close(read_fd)
     _, status = os.waitpid(pid, 0)
     return b"".join(chunks) or pickle.dumps(("died", os.waitstatus_to_exitcode(status)))
-
-
-def build_index(regex: str, vocabulary: Vocabulary, width: int, timeout_s: float | None) -> TokenIndex:
-    """Compile ``regex`` over ``vocabulary`` (made by outlines_vocabulary(..., width));
-    GrammarCompileError on failure or timeout, GrammarBusyError when no compile slot is free."""
-    return TokenIndex(_build(f"(?:{regex}){_SENTINEL_RE}", vocabulary, timeout_s), width)
-
-
-def _index(regex: str, vocabulary: Vocabulary) -> Index:
-    try:
-        return Index(regex, vocabulary)
-    except Exception as e:  # noqa: BLE001 - outlines-core raises its own (Rust) error types
-        raise GrammarCompileError(f"the schema's regex could not be compiled: {e}") from None
-
-
-def _build(regex: str, vocabulary: Vocabulary, timeout_s: float | None) -> Index:
-    return run_bounded(functools.partial(_index, regex, vocabulary), timeout_s)
 
 
 def run_bounded(work: Callable[[], Any], timeout_s: float | None) -> Any:
@@ -290,9 +235,11 @@ def _run_in_child(work: Callable[[], Any], timeout_s: float, left: float, memory
 
 class CompileWorkers:
     """Small processes (``python -m agentrt.engine.grammar.compile_worker``, started on first use, one per
-    compile running at once) that fork each compile. Not forking from the caller: a server holds
-    gigabytes that it keeps writing, and each page it wrote while a child forked from it lived would
-    exist twice (and the child would be charged for it)."""
+    compile running at once, without torch) that run the compiles. Not forking from the caller: a server
+    holds gigabytes that it keeps writing, and each page it wrote while a child forked from it lived
+    would exist twice (and the child would be charged for it). Not forking a child per compile either:
+    that cost ~10 ms, more than most compiles. A worker that is past its time limit is killed; one
+    whose compile failed, or that has grown, retires after its reply."""
 
     def __init__(self) -> None:
         self._idle: list[subprocess.Popen] = []
@@ -306,11 +253,12 @@ class CompileWorkers:
         try:
             worker.stdin.write(len(job).to_bytes(8, "little") + job)
             worker.stdin.flush()
-            reply = self._read(worker, 8, deadline)
-            reply = reply and self._read(worker, int.from_bytes(reply, "little"), deadline)
-        except OSError:
-            reply = pickle.dumps(("died", worker.poll()))
-        if reply is None or worker.poll() is not None:
+            header = self._read(worker, 9, deadline)  # the outcome's length (8 bytes), whether it retires
+            reply = header and self._read(worker, int.from_bytes(header[:8], "little"), deadline)
+        except OSError:  # it died: its job took it down (over the memory cap, say)
+            self._stop(worker)
+            return pickle.dumps(("died", worker.returncode))
+        if reply is None or header[8] or worker.poll() is not None:  # past the deadline, or retiring
             self._stop(worker)
         else:
             with self._lock:
@@ -355,21 +303,3 @@ def _died(exitcode: int | None, memory_bytes: int) -> str:
     return (f"the grammar compile stopped{how}, most likely over the {memory_bytes / (1 << 30):.3g} GiB of memory "
             "a compile may use: simplify the schema (fewer alternatives, bounded repeats such as [ab]{22} after "
             "a *), or raise $AGENTRT_GRAMMAR_COMPILE_MEMORY_MB")
-
-
-class ByteAutomaton:
-    """The regex as a byte-level automaton (256 one-byte tokens): exact full-match tests of
-    text against the same DFA construction the token index uses."""
-
-    def __init__(self, regex: str, timeout_s: float | None = None):
-        vocab = outlines_vocabulary({b: bytes([b]) for b in range(256)}, 256)
-        self.index = build_index(regex, vocab, 256, timeout_s)
-
-    def fullmatch(self, text: str | bytes) -> bool:
-        data = text.encode("utf-8") if isinstance(text, str) else text
-        state: int | None = self.index.initial_state()
-        for b in data:
-            state = self.index.next_state(state, b)  # type: ignore[arg-type]
-            if state is None:
-                return False
-        return self.index.is_final(state)  # type: ignore[arg-type]

@@ -1,7 +1,16 @@
 """Token budgets: the fewest tokens from each grammar state to a complete value, so a matcher
 can close the value in time and max_tokens never cuts a constrained output invalid.
 
-The distances come from a shortest-path search (backwards from the accepting states) over a
+Two measures, both upper bounds and both consistent (from a state at distance ``d`` some allowed
+token leads to one at ``d - 1``), so a matcher may keep either within its tokens left:
+
+- `ByteDistances`: fewest single-byte tokens, from the byte DFA alone (a breadth-first search over
+  its table: no token walk, so it costs a compile nothing). It over-counts literals (a key's name
+  is several bytes but often one token), which matters only when a budget is short.
+- `TokenDistances`: fewest real tokens, which needs the allowed tokens of every state. A matcher
+  asks for it only when the byte count says its budget cannot fit the value.
+
+The token distances come from a shortest-path search (backwards from the accepting states) over a
 subset of the token automaton's real transitions:
 
 - every single-byte token (in byte-level BPE and SentencePiece byte-fallback vocabularies
@@ -9,8 +18,9 @@ subset of the token automaton's real transitions:
   is reached and every byte path to the end is a token path);
 - every allowed token in states with few choices (keys, punctuation, literals, enums), so
   jump-forward-style runs count the tokens they really take rather than their bytes;
-- in states with many choices (inside strings), the tokens holding JSON punctuation, which
-  can close the string and what follows at once (``"}``, ``","``).
+- in states with many choices (inside strings and numbers: more than a few next bytes, or many
+  allowed tokens), the tokens holding JSON punctuation, which can close the string and what
+  follows at once (``"}``, ``","``). Only these are walked there, not the whole vocabulary.
 
 Each edge is a real token transition, so ``dist[s]`` is an upper bound on the true fewest
 tokens, and it is consistent: from a state with ``dist == d`` some token leads to a state with
@@ -32,6 +42,7 @@ if TYPE_CHECKING:
 
 INF = np.iinfo(np.int32).max // 2
 _FEW_CHOICES = 1024  # states with at most this many allowed tokens contribute all their edges
+_FEW_BYTES = 8  # states allowing more next bytes than this contribute their shortcut edges only
 _PUNCTUATION = frozenset(b'"{}[],:')
 _MAX_STATES = 200_000  # beyond this the search is skipped (no budget enforcement for the grammar)
 
@@ -67,6 +78,41 @@ def min_tokens(grammar: CompiledGrammar) -> int:
     return distances(grammar).of(grammar.initial_state())
 
 
+def byte_distances(grammar: CompiledGrammar) -> ByteDistances:
+    """The grammar's ByteDistances, computed on first use and kept on the grammar."""
+    if grammar.byte_distances is None:
+        with grammar.distances_lock:
+            if grammar.byte_distances is None:
+                grammar.byte_distances = ByteDistances(grammar)
+    return grammar.byte_distances
+
+
+class ByteDistances:
+    """Fewest single-byte tokens from every state of a CompiledGrammar to a complete value (INF
+    where the vocabulary's single bytes cannot get there); the same queries as TokenDistances."""
+
+    complete = True
+
+    def __init__(self, grammar: CompiledGrammar):
+        self.grammar = grammar
+        usable = np.zeros(256, dtype=bool)
+        usable[list(grammar.vocab.byte_token)] = True
+        self.dist = grammar.dfa.byte_distances(usable)  # [S + 1]; the dead state's is INF
+        self.max_dist = int(self.dist[:-1].max()) if len(self.dist) > 1 else 0
+
+    def of(self, state: int) -> int:
+        return int(self.dist[state])
+
+    def successors(self, state: int) -> tuple[np.ndarray, np.ndarray]:
+        """(allowed token ids [n] int64, their target states' distances [n] int32)."""
+        ids, ends = self.grammar.successors(state)
+        return ids, self.dist[ends]
+
+    def worst_next(self, state: int) -> int:
+        _, d = self.successors(state)
+        return int(d.max()) if d.size else 0
+
+
 class TokenDistances:
     """Fewest tokens (upper bound) from every state of a CompiledGrammar to a complete value,
     plus per-state successor arrays (built lazily) for the vectorised tight-budget mask."""
@@ -92,14 +138,14 @@ class TokenDistances:
         queue = deque([start])
         while queue:
             s = queue.popleft()
-            ids = g.allowed_ids(s)
-            if ids.size > _FEW_CHOICES:
-                ids = ids[shortcut[ids]]
+            if g.dfa.live_bytes(s).size > _FEW_BYTES:  # inside a string or number: the shortcuts alone
+                _, ends = g.tokens.walk(g.dfa, s, among=shortcut)
+            else:
+                ids, ends = g.successors(s)
+                if ids.size > _FEW_CHOICES:
+                    ends = ends[shortcut[ids]]
             row = dense[s]
-            for t in ids.tolist():
-                n = g.next_state(s, t)
-                if n is None:
-                    continue
+            for n in np.unique(ends).tolist():
                 j = dense.get(n)
                 if j is None:
                     if len(order) >= _MAX_STATES:
@@ -132,10 +178,9 @@ class TokenDistances:
         """(allowed token ids [n] int64, their target states' distances [n] int32), cached per state."""
         hit = self._succ.get(state)
         if hit is None:
-            g = self.grammar
-            ids = g.allowed_ids(state)
+            ids, ends = self.grammar.successors(state)
             unknown = len(self.dist) - 1
-            rows = [self.dense.get(g.next_state(state, t), unknown) for t in ids.tolist()]
+            rows = [self.dense.get(n, unknown) for n in ends.tolist()]
             hit = self._succ[state] = (ids, self.dist[np.asarray(rows, dtype=np.int64)])
         return hit
 

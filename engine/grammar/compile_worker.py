@@ -1,14 +1,18 @@
-"""A compile worker (``python -m agentrt.engine.grammar.compile_worker``): reads jobs from stdin, forks
-each into its own bounded process (`automaton.fork_job`) and writes the outcome to stdout, each message
-an 8-byte little-endian length and a pickle. It exits when stdin closes (its parent is gone)."""
+"""A compile worker (``python -m agentrt.engine.grammar.compile_worker``): reads jobs from stdin (each an
+8-byte little-endian length and a pickle), runs each under its memory cap (`automaton.run_job`) and
+writes the outcome to stdout: its length, one byte saying whether the worker now retires (after a
+failed compile, or once it has grown by half a compile's share), and the pickle. It exits when stdin
+closes (its parent is gone) or when it retires."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import sys
 from typing import BinaryIO
 
-from agentrt.engine.grammar.automaton import collect_job, fork_job
+from agentrt.engine.grammar.automaton import run_job, vm_bytes
+from agentrt.engine.grammar.compile_job import warm_up
 
 
 def _read(stream: BinaryIO, n: int) -> bytes:
@@ -34,12 +38,21 @@ def lower_priority(nice: int = 10) -> None:
 
 def main() -> None:
     lower_priority()
-    jobs, replies = sys.stdin.buffer, sys.stdout.buffer
+    # the allocator's own "memory allocation of N bytes failed" (and faulthandler's dump of the abort
+    # that follows) stay here: the caller reports the failure, with the limit that caused it
+    faulthandler.disable()
+    warm_up()
+    jobs, replies = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # a job's stray print cannot corrupt the replies
+    start = vm_bytes()
     while True:
         work, memory_bytes = pickle.loads(_read(jobs, int.from_bytes(_read(jobs, 8), "little")))
-        outcome = collect_job(*fork_job(work, memory_bytes), None)  # the caller enforces the time limit
-        replies.write(len(outcome).to_bytes(8, "little") + outcome)
+        outcome, ok = run_job(work, memory_bytes)  # the caller enforces the time limit (it kills us)
+        retire = not ok or vm_bytes() > start + memory_bytes // 2
+        replies.write(len(outcome).to_bytes(8, "little") + bytes([retire]) + outcome)
         replies.flush()
+        if retire:
+            return
 
 
 if __name__ == "__main__":

@@ -21,13 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .automaton import build_index, outlines_vocabulary, run_bounded
+from .automaton import run_bounded
+from .byte_dfa import ByteDFA
+from .compile_job import compile_schema
 from .disk_cache import DiskCache
 from .errors import GrammarCompileError
-from .schema_regex import schema_to_regex
+from .token_walk import TokenTable
 from .vocab import TokenVocab, vocab_from_tokenizer
 
-COMPILER_VERSION = "15"  # bump when the regex a schema compiles to may change (invalidates disk caches)
+COMPILER_VERSION = "16"  # bump when the regex a schema compiles to may change (invalidates disk caches)
 _MAX_FORCED_BYTES = 512
 
 
@@ -39,61 +41,71 @@ def default_cache_dir() -> str:
 
 
 class CompiledGrammar:
-    """A schema compiled against one vocabulary. Immutable as far as callers are concerned;
-    it lazily caches per-state masks and forced-token runs, shared by all its matchers."""
+    """A schema compiled to a byte DFA, for one vocabulary. Immutable as far as callers are concerned;
+    it computes each state's allowed tokens when first asked (`TokenTable.walk`) and keeps them, with
+    masks and forced-token runs, shared by all its matchers."""
 
-    def __init__(self, schema: Any, regex: str, index: Any, vocab: TokenVocab, encode,
+    def __init__(self, schema: Any, regex: str, dfa: ByteDFA, tokens: TokenTable, vocab: TokenVocab, encode,
                  unenforced: list[str], lenient: bool, mask_cache_size: int = 512):
         self.schema = schema
         self.regex = regex
-        self.index = index
+        self.dfa = dfa
+        self.tokens = tokens
         self.vocab = vocab
         self.unenforced = list(unenforced)  # keywords only checked after generation (lenient)
         self.lenient = lenient
         self.compile_s = 0.0
         self.from_cache = ""  # "", "memory" or "disk"
-        self.automaton_bytes = 0  # the automaton's pickled size
+        self.automaton_bytes = dfa.nbytes
+        self.walks = 0  # states whose allowed tokens were computed (each once)
         self._state_bytes = 0  # what the per-state caches below hold (see `nbytes`)
         self._encode = encode
         self._eos = torch.tensor(vocab.eos_token_ids, dtype=torch.long)
         self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._mask_cache_size = mask_cache_size
-        self._allowed: dict[int, np.ndarray] = {}
+        self._successors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._forced: dict[int, list[int]] = {}
-        self._final: dict[int, bool] = {}
         self._lock = threading.Lock()
         self._validator = None
         self.token_distances = None  # budget.distances(grammar) computes and keeps its TokenDistances here
+        self.byte_distances = None  # and budget.byte_distances(grammar) its ByteDistances
         self.distances_lock = threading.Lock()  # not _lock: the engine's mask() calls must not wait on a build
 
     @property
     def nbytes(self) -> int:
-        """What the compiler's memory cache counts for this grammar: its automaton plus the per-state
-        masks and allowed-token arrays it has built since (these grow as requests visit states, and a
-        state inside a string can allow most of the vocabulary: ~0.4 MB of ids for a 49k vocabulary)."""
+        """What the compiler's memory cache counts for this grammar: its DFA plus the per-state masks
+        and allowed tokens it has computed since (these grow as requests visit states, and a state
+        inside a string can allow most of the vocabulary: ~0.8 MB of ids and targets for a 49k vocabulary)."""
         return self.automaton_bytes + self._state_bytes
 
     # -- per-state queries (cached) ---------------------------------------------------
     def initial_state(self) -> int:
-        return self.index.initial_state()
+        return self.dfa.initial
+
+    def successors(self, state: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ordinary token ids allowed in ``state`` [n] int64 ascending, the state each leads to [n] int64),
+        computed on the first query of ``state``."""
+        hit = self._successors.get(state)
+        if hit is None:
+            hit = self.tokens.walk(self.dfa, state)
+            with self._lock:
+                if state not in self._successors:
+                    self._successors[state] = hit
+                    self._state_bytes += hit[0].nbytes + hit[1].nbytes
+                    self.walks += 1
+        return hit
 
     def allowed_ids(self, state: int) -> np.ndarray:
         """Ordinary (non-EOS) token ids allowed in ``state``, as an int64 array."""
-        ids = self._allowed.get(state)
-        if ids is None:
-            ids = self.index.allowed_ids(state)
-            with self._lock:
-                if state not in self._allowed:
-                    self._allowed[state] = ids
-                    self._state_bytes += ids.nbytes
-        return ids
+        return self.successors(state)[0]
 
     def is_final(self, state: int) -> bool:
         """True when the output so far is a complete value (EOS allowed)."""
-        f = self._final.get(state)
-        if f is None:
-            f = self._final[state] = self.index.is_final(state)
-        return f
+        return bool(self.dfa.final[state])
+
+    def may_continue(self, state: int) -> bool:
+        """True when some text may follow in ``state`` (after a complete value: more digits, say)."""
+        return bool(self.dfa.live_bytes(state).size)
 
     def mask(self, state: int) -> torch.Tensor:
         """Bool [vocab_size] mask for ``state`` (cached; treat as read-only)."""
@@ -116,7 +128,11 @@ class CompiledGrammar:
         return m
 
     def next_state(self, state: int, token_id: int) -> int | None:
-        return self.index.next_state(state, token_id)
+        data = self.vocab.token_bytes.get(token_id)
+        if data is None:
+            return None
+        nxt = self.dfa.step(state, data)
+        return None if nxt == self.dfa.dead else nxt
 
     def forced_tokens(self, state: int) -> list[int]:
         """The jump-forward run from ``state`` (cached): the canonical tokenization of the
@@ -130,27 +146,18 @@ class CompiledGrammar:
     def _compute_forced(self, state: int) -> list[int]:
         data = bytearray()
         s = state
-        fb = self.vocab.first_byte
         while len(data) < _MAX_FORCED_BYTES and not self.is_final(s):
-            ids = self.allowed_ids(s)
-            if not ids.size:
+            live = self.dfa.live_bytes(s)
+            if live.size != 1 or int(live[0]) not in self.vocab.byte_token:
                 break
-            firsts = fb[ids]
-            b = int(firsts[0])
-            if not (firsts == b).all():
-                break
-            tid = self.vocab.byte_token.get(b)
-            nxt = None if tid is None else self.next_state(s, tid)
-            if nxt is None:
-                break
-            data.append(b)
-            s = nxt
+            data.append(int(live[0]))
+            s = int(self.dfa.table[s, live[0]])
         if not data:
             return []
         toks = self._tokenize(bytes(data), state)
         # Nothing but EOS may follow: the run is the whole rest, keep every token. Otherwise
         # hold back the last token: free text after it may merge with it into a longer token.
-        ends = self.is_final(s) and not self.allowed_ids(s).size
+        ends = self.is_final(s) and not self.may_continue(s)
         return toks if ends else toks[:-1]
 
     def _tokenize(self, data: bytes, state: int) -> list[int]:
@@ -221,7 +228,7 @@ class GrammarCompiler:
                  memory_cache_bytes: int = 128 << 20):
         self.vocab = vocab
         self._encode = encode
-        self._vocabulary = outlines_vocabulary(vocab.token_bytes, vocab.vocab_size)
+        self.tokens = TokenTable(vocab)
         # one space per tokenizer; the size cap (None: $AGENTRT_GRAMMAR_CACHE_MB, default 256 MB) spans them all
         self.disk_cache = DiskCache(cache_dir if cache_dir is not None else default_cache_dir(), vocab.hash,
                                     cache_max_bytes)
@@ -268,19 +275,17 @@ class GrammarCompiler:
                 return hit
         blob = self.disk_cache.load(key)
         try:
-            regex, unenforced, index = pickle.loads(blob) if blob is not None else (None, [], None)
+            regex, unenforced, dfa = pickle.loads(blob) if blob is not None else (None, [], None)
         except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
-            index = None
-        source = "disk" if index is not None else ""
-        if index is None:
-            work = functools.partial(compile_schema, schema, lenient, timeout_s, self._vocabulary, self.vocab.vocab_size)
-            blob = run_bounded(work, timeout_s)
-            regex, unenforced, index = pickle.loads(blob)
+            dfa = None
+        source = "disk" if dfa is not None else ""
+        if dfa is None:
+            blob = run_bounded(functools.partial(compile_schema, schema, lenient, timeout_s), timeout_s)
+            regex, unenforced, dfa = pickle.loads(blob)
             self.disk_cache.save(key, blob)
-        grammar = CompiledGrammar(schema, regex, index, self.vocab, self._encode, unenforced, lenient)
+        grammar = CompiledGrammar(schema, regex, dfa, self.tokens, self.vocab, self._encode, unenforced, lenient)
         grammar.compile_s = time.perf_counter() - t0
         grammar.from_cache = source
-        grammar.automaton_bytes = len(blob)
         with self._lock:
             self._memory[key] = grammar
             self._evict()
@@ -294,15 +299,8 @@ class GrammarCompiler:
             total -= self._memory.popitem(last=False)[1].nbytes
 
     def memory_cache_bytes(self) -> int:
-        """Bytes the in-memory cache holds: its grammars' automata (pickled size) and per-state masks
+        """Bytes the in-memory cache holds: its grammars' DFA tables and per-state masks
         and allowed-token arrays."""
         with self._lock:
             return sum(g.nbytes for g in self._memory.values())
 
-
-def compile_schema(schema: dict, lenient: bool, timeout_s: float | None, vocabulary: Any, width: int) -> bytes:
-    """The pickled (regex, unenforced keywords, token index) of ``schema`` over ``vocabulary``: a module
-    function of plain arguments, so a compile process can be handed it (see `run_bounded`)."""
-    regex, unenforced = schema_to_regex(schema, lenient=lenient, timeout_s=timeout_s)
-    index = build_index(regex, vocabulary, width, None)
-    return pickle.dumps((regex, unenforced, index), protocol=pickle.HIGHEST_PROTOCOL)

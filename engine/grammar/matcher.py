@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .budget import INF, distances
+from .budget import INF, byte_distances, distances
 from .compiler import CompiledGrammar
 from .errors import BudgetError
 
@@ -16,7 +16,7 @@ class GrammarMatcher:
     ``forced_tokens`` its precomputed jump-forward run.
 
     With ``max_tokens`` (the request's limit; sampled, forced and EOS tokens all count) the
-    matcher keeps "fewest tokens to a complete value" (``budget.distances(grammar)``) within
+    matcher keeps "fewest tokens to a complete value" (see budget.py) within
     the tokens left: while the budget is ample nothing changes; near the end the mask admits
     only tokens after which the value can still be completed in time, so the output always
     ends as a complete, valid value, at the latest on its last token (``is_terminated()``
@@ -34,19 +34,30 @@ class GrammarMatcher:
         self.num_accepted = 0
         self.max_tokens = max_tokens
         self.closed_by_budget = False
-        self._dist = None
+        self._bound = None  # ByteDistances: cheap, over-counts; proves most steps are not tight
+        self._dist = None  # TokenDistances, computed only once the bound cannot prove that
         if max_tokens is not None:
             if max_tokens < 1:
                 raise BudgetError(f"max_tokens={max_tokens} must be at least 1")
-            dist = distances(grammar)
-            if dist.complete:  # else the grammar is too large to plan for: behave as unbudgeted
-                need = dist.of(self.state)
+            self._bound = byte_distances(grammar)
+            if self._bound.of(self.state) > max_tokens and self._count_tokens():
+                need = self._dist.of(self.state)  # type: ignore[union-attr]
                 if need >= INF:
                     raise BudgetError("the schema admits no value this tokenizer can spell out")
                 if need > max_tokens:
                     raise BudgetError(f"max_tokens={max_tokens} is below the {need} tokens the schema needs "
                                       f"at minimum; raise max_tokens to at least {need}")
-                self._dist = dist
+
+    def _count_tokens(self) -> bool:
+        """Switch to the grammar's TokenDistances; False (and unbudgeted from now on) when the grammar is
+        too large to plan for."""
+        if self._dist is None:
+            dist = distances(self.grammar)
+            if not dist.complete:
+                self._bound = None
+                return False
+            self._dist = dist
+        return True
 
     def tokens_left(self) -> int | None:
         """Tokens the request may still add, or None without a budget."""
@@ -54,11 +65,17 @@ class GrammarMatcher:
 
     def _tight(self) -> bool:
         """Whether some allowed token could leave too few tokens to finish the value."""
-        d = self._dist
-        if d is None:
+        if self._bound is None:
             return False
         left = self.max_tokens - self.num_accepted  # type: ignore[operator]
-        return d.max_dist > left - 1 and d.worst_next(self.state) > left - 1
+        for d in (self._bound, self._dist):  # the byte bound first: if it fits, the token count does
+            if d is None:
+                if not self._count_tokens():
+                    return False
+                d = self._dist
+            if not (d.max_dist > left - 1 and d.worst_next(self.state) > left - 1):  # type: ignore[union-attr]
+                return False
+        return True
 
     def next_token_mask(self) -> torch.Tensor:
         """Bool [vocab_size]: True where allowed (EOS only where the JSON may end). Read-only."""
@@ -102,16 +119,23 @@ class GrammarMatcher:
         if self._terminated:
             return []
         run = list(self.grammar.forced_tokens(self.state))
-        if self._dist is None or not run:
+        if self._bound is None or not run:
             return run
+        keep = self._fitting(run, self._bound if self._dist is None else self._dist)
+        if keep < len(run) and self._dist is None and self._count_tokens():
+            keep = self._fitting(run, self._dist)
+        return run[:keep]
+
+    def _fitting(self, run: list[int], dist) -> int:
+        """How many leading tokens of ``run`` leave enough tokens to finish, by ``dist``."""
         left = self.max_tokens - self.num_accepted  # type: ignore[operator]
         s, keep = self.state, 0
         for i, t in enumerate(run, 1):
             s = self.grammar.next_state(s, t)  # type: ignore[assignment]
-            if s is None or self._dist.of(s) > left - i:
+            if s is None or dist.of(s) > left - i:
                 break
             keep = i
-        return run[:keep]
+        return keep
 
     def count_allowed(self, token_ids: list[int]) -> int:
         """How many leading ``token_ids`` the grammar accepts one after another from here, EOS
@@ -137,9 +161,9 @@ class GrammarMatcher:
             return True
         if not self.grammar.is_final(self.state):
             return False
-        if not self.grammar.allowed_ids(self.state).size:
+        if not self.grammar.may_continue(self.state):
             return True
-        if self.max_tokens is not None and self._dist is not None and self.num_accepted >= self.max_tokens:
+        if self._bound is not None and self.num_accepted >= self.max_tokens:  # type: ignore[operator]
             self.closed_by_budget = True  # the model could have gone on (e.g. more digits)
             return True
         return False

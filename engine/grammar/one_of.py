@@ -11,6 +11,8 @@ Type / discriminator signatures first, then two sufficient checks:
 from __future__ import annotations
 
 import json
+
+import numpy as np
 from typing import Any
 
 from .schema_context import ANNOTATIONS, Ctx
@@ -60,22 +62,21 @@ def _valid(validator: Any, value: Any, schema: Any) -> bool:
 def regexes_disjoint(ra: str, rb: str, max_pairs: int = 20_000, timeout_s: float = 2.0) -> bool:
     """True when no text matches both regexes (breadth-first over pairs of byte-DFA states;
     False when that exceeds ``max_pairs`` pairs: unknown counts as overlapping)."""
-    from .automaton import ByteAutomaton
+    from .byte_dfa import build_byte_dfa
     from .errors import GrammarCompileError
 
     try:
-        da, db = ByteAutomaton(ra, timeout_s=timeout_s).index, ByteAutomaton(rb, timeout_s=timeout_s).index
+        da, db = build_byte_dfa(ra, timeout_s), build_byte_dfa(rb, timeout_s)
     except GrammarCompileError:
         return False
-    start = (da.initial_state(), db.initial_state())
+    start = (da.initial, db.initial)
     seen, todo = {start}, [start]
     while todo:
         sa, sb = todo.pop()
-        if da.is_final(sa) and db.is_final(sb):
+        if da.final[sa] and db.final[sb]:
             return False
-        # [shape] bytes allowed in both states: intersection of two sorted id arrays
-        for byte in set(da.allowed_ids(sa).tolist()) & set(db.allowed_ids(sb).tolist()):
-            nxt = (da.next_state(sa, byte), db.next_state(sb, byte))
+        for byte in np.intersect1d(da.live_bytes(sa), db.live_bytes(sb)).tolist():  # bytes allowed in both
+            nxt = (int(da.table[sa, byte]), int(db.table[sb, byte]))
             if nxt not in seen:
                 if len(seen) >= max_pairs:
                     return False

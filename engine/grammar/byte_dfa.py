@@ -1,0 +1,149 @@
+"""Regex -> byte-level DFA: the automaton a compiled grammar keeps. Token masks are not part of it:
+`token_walk` computes a state's allowed tokens when a matcher first reaches it.
+
+outlines-core builds the DFA (its ``Index`` over a 256-byte vocabulary, one Rust pass), which we
+turn into a dense numpy table. Two quirks of its ``Index`` shape the table:
+
+- it drops a transition that leaves a match state into a non-match state (``a(?:bc)?`` does not
+  accept "abc"): it works only for prefix-free languages. So the regex gets an end sentinel
+  (U+10FFFF, never generated: byte 0xF4, its lead byte, has no transition) appended, which makes
+  every language prefix-free; "may end here" = "the sentinel leads to an accepting state".
+- its state ids are sparse; ours are dense, ``0..S-1``, with ``S`` the dead state.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .automaton import run_bounded
+from .errors import GrammarCompileError
+
+SENTINEL = "\U0010FFFF"
+_SENTINEL_RE = r"\x{10FFFF}"
+SENTINEL_ID = 256  # the sentinel's id in the byte vocabulary outlines-core indexes
+
+
+@dataclass(frozen=True)
+class ByteDFA:
+    """A byte-level DFA: ``table[s, b]`` is the state after byte ``b`` (``dead`` if none)."""
+
+    table: np.ndarray  # [S + 1, 256] int32; row S (the dead state) maps every byte to S
+    final: np.ndarray  # [S + 1] bool: the value may end here (the sentinel leads to acceptance)
+    initial: int
+
+    @property
+    def dead(self) -> int:
+        return self.table.shape[0] - 1
+
+    @property
+    def num_states(self) -> int:
+        return self.table.shape[0] - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.nbytes + self.final.nbytes
+
+    def step(self, state: int, data: bytes) -> int:
+        """The state after ``data`` from ``state`` (``dead`` if some byte is not allowed)."""
+        table, dead = self.table, self.dead
+        for b in data:
+            state = int(table[state, b])
+            if state == dead:
+                break
+        return state
+
+    def live_bytes(self, state: int) -> np.ndarray:
+        """The bytes (values 0-255) allowed in ``state``, ascending."""
+        return np.flatnonzero(self.table[state] != self.dead)
+
+    def fullmatch(self, data: bytes) -> bool:
+        s = self.step(self.initial, data)
+        return s != self.dead and bool(self.final[s])
+
+    def byte_distances(self, usable: np.ndarray) -> np.ndarray:
+        """[S + 1] int32: fewest bytes from each state to a complete value, moving only by the bytes
+        where ``usable`` [256] is True (INT32 max // 2 where the end cannot be reached that way).
+        Breadth-first backwards from the final states, a level at a time over the reversed edges."""
+        inf = np.iinfo(np.int32).max // 2
+        n, dead = self.table.shape[0], self.dead
+        cols = np.flatnonzero(usable)
+        dst = self.table[:, cols]  # [S + 1, k]
+        src = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], dst.shape)
+        keep = (dst != dead) & (src != dead)
+        pairs = np.unique(dst[keep].astype(np.int64) * n + src[keep])  # sorted by target, duplicates merged
+        into, come_from = pairs // n, pairs % n
+        starts = np.searchsorted(into, np.arange(n + 1))  # CSR over targets
+        dist = np.full(n, inf, dtype=np.int32)
+        frontier = np.flatnonzero(self.final)
+        dist[frontier] = 0
+        level = 0
+        while frontier.size:
+            level += 1
+            lo, hi = starts[frontier], starts[frontier + 1]
+            counts = hi - lo
+            if not counts.sum():
+                break
+            idx = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())  # [E] edge rows
+            prev = np.unique(come_from[idx])
+            prev = prev[dist[prev] == inf]
+            dist[prev] = level
+            frontier = prev
+        return dist
+
+
+@functools.cache
+def _byte_vocabulary():
+    from outlines_core import Vocabulary
+
+    # bytes 0-255 (not 0xF4, the sentinel's lead byte), the sentinel (256); the EOS id is a placeholder (257)
+    by_bytes = {bytes([b]): [b] for b in range(256) if b != 0xF4}
+    by_bytes[SENTINEL.encode()] = [SENTINEL_ID]
+    return Vocabulary(SENTINEL_ID + 1, by_bytes)
+
+
+def regex_to_dfa(regex: str) -> ByteDFA:
+    """Build the byte DFA of ``regex`` (outlines-core's dialect) in this process, unbounded."""
+    from outlines_core import Index
+
+    try:
+        index = Index(f"(?:{regex}){_SENTINEL_RE}", _byte_vocabulary())
+    except Exception as e:  # noqa: BLE001 - outlines-core raises its own (Rust) error types
+        raise GrammarCompileError(f"the schema's regex could not be compiled: {e}") from None
+    transitions = index.get_transitions()  # {state: {byte: state}}
+    rows = list(transitions.values())
+    counts = np.fromiter(map(len, rows), np.int64, len(rows))
+    total = int(counts.sum())
+    src = np.repeat(np.fromiter(transitions.keys(), np.int64, len(rows)), counts)
+    col = np.fromiter(itertools.chain.from_iterable(rows), np.int64, total)
+    nxt = np.fromiter(itertools.chain.from_iterable(r.values() for r in rows), np.int64, total)
+    states = np.unique(np.concatenate([src, nxt, [index.get_initial_state()]]))
+    n = len(states)  # the dead state's row
+    src = np.searchsorted(states, src)
+    text = col < 256  # not the sentinel (final[] says where it leads to acceptance) nor the EOS placeholder
+    table = np.full((n + 1, 256), n, dtype=np.int32)
+    table[src[text], col[text]] = np.searchsorted(states, nxt[text])
+    accepting = np.isin(nxt, np.fromiter(index.get_final_states(), np.int64))
+    final = np.zeros(n + 1, dtype=bool)
+    final[src[(col == SENTINEL_ID) & accepting]] = True
+    return ByteDFA(table, final, int(np.searchsorted(states, index.get_initial_state())))
+
+
+def build_byte_dfa(regex: str, timeout_s: float | None) -> ByteDFA:
+    """The byte DFA of ``regex`` under a compile slot (and in a bounded child process when
+    ``timeout_s`` is given); GrammarCompileError on failure or timeout, GrammarBusyError when no
+    compile slot is free."""
+    return run_bounded(functools.partial(regex_to_dfa, regex), timeout_s)
+
+
+class ByteAutomaton:
+    """The regex as a byte-level automaton: exact full-match tests of text against the same DFA
+    a compiled grammar runs."""
+
+    def __init__(self, regex: str, timeout_s: float | None = None):
+        self.dfa = build_byte_dfa(regex, timeout_s)
+
+    def fullmatch(self, text: str | bytes) -> bool:
+        return self.dfa.fullmatch(text.encode("utf-8") if isinstance(text, str) else text)
