@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import contextlib
 import json
 import re
@@ -141,13 +142,14 @@ def score_instances(case: dict, res: SchemaResult, accepts) -> SchemaResult:
 
 def check_schema(case: dict, timeout_s: float = 10.0) -> SchemaResult:
     """Compile one schema to our byte-level automaton and test every instance against it."""
-    from agentrt.engine.grammar import ByteAutomaton, GrammarCompileError, UnsupportedSchemaError, schema_to_regex
+    from agentrt.engine.grammar import GrammarCompileError, UnsupportedSchemaError
+    from agentrt.engine.grammar.automaton import run_bounded
+    from agentrt.engine.grammar.compile_job import schema_to_dfa
     from agentrt.engine.grammar.errors import UnsatisfiableSchemaError
 
     t0 = time.perf_counter()
     try:
-        regex, _ = schema_to_regex(case["schema"], timeout_s=timeout_s)
-        auto = ByteAutomaton(regex, timeout_s=max(0.1, timeout_s - (time.perf_counter() - t0)))
+        _, _, dfa = run_bounded(functools.partial(schema_to_dfa, case["schema"], False, timeout_s), timeout_s)
     except UnsatisfiableSchemaError:
         return unsatisfiable_result(case, time.perf_counter() - t0)
     except UnsupportedSchemaError as e:
@@ -155,7 +157,7 @@ def check_schema(case: dict, timeout_s: float = 10.0) -> SchemaResult:
     except GrammarCompileError as e:
         return SchemaResult(case["id"], "error", error=str(e)[:200])
     res = SchemaResult(case["id"], "exact", compile_s=time.perf_counter() - t0)
-    return score_instances(case, res, auto.fullmatch)
+    return score_instances(case, res, lambda text: dfa.fullmatch(text.encode("utf-8")))
 
 
 # how the peers say a schema admits no value (llguidance; xgrammar)

@@ -164,7 +164,8 @@ def _child(work: Callable[[], Any], write_fd: int, memory_bytes: int) -> None:
 
 def run_job(work: Callable[[], Any], memory_bytes: int) -> tuple[bytes, bool]:
     """Run ``work()`` in this (compile) process, capped at ``memory_bytes`` of new memory: (its pickled
-    outcome, whether it succeeded). Its own steps (oneOf proofs) are forked from here, one at a time."""
+    outcome, False when it failed unexpectedly: not by a compile's own verdict such as a refused
+    keyword). Its own steps (oneOf proofs) are forked from here, one at a time."""
     global gate, _in_compile_child
     _in_compile_child = True
     _cap_memory(memory_bytes)
@@ -172,7 +173,7 @@ def run_job(work: Callable[[], Any], memory_bytes: int) -> tuple[bytes, bool]:
     try:
         return pickle.dumps(("ok", work())), True
     except (GrammarCompileError, UnsupportedSchemaError) as e:  # the compile's own verdict, passed on as it is
-        return pickle.dumps(("raise", e)), False
+        return pickle.dumps(("raise", e)), True
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         return pickle.dumps(("error", f"{type(e).__name__}: {e}")), False
 
@@ -239,7 +240,7 @@ class CompileWorkers:
     holds gigabytes that it keeps writing, and each page it wrote while a child forked from it lived
     would exist twice (and the child would be charged for it). Not forking a child per compile either:
     that cost ~10 ms, more than most compiles. A worker that is past its time limit is killed; one
-    whose compile failed, or that has grown, retires after its reply."""
+    whose compile failed unexpectedly, or that has grown, retires after its reply."""
 
     def __init__(self) -> None:
         self._idle: list[subprocess.Popen] = []

@@ -4,17 +4,35 @@ has imported torch costs ~10 ms more."""
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
-from .byte_dfa import regex_to_dfa
-from .schema_regex import schema_to_regex
+from .byte_dfa import ByteDFA, regex_to_dfa
+from .dfa_ops import intersect, multiples_dfa, splice
+from .schema_regex import schema_to_parts, schema_to_regex
+
+
+def schema_to_dfa(schema: Any, lenient: bool = False, timeout_s: float | None = None) -> tuple[str, list[str], ByteDFA]:
+    """(regex, unenforced keywords, byte DFA) of ``schema``: the regex's DFA with the parts it leaves
+    to automata (intersections) spliced in where their placeholders stand."""
+    regex, unenforced, holes = schema_to_parts(schema, lenient=lenient, timeout_s=timeout_s)
+    dfa = regex_to_dfa(regex)
+    if holes:
+        parts = {}
+        for byte, pieces in holes.items():
+            dfas = [multiples_dfa(p[1]) if isinstance(p, tuple) else regex_to_dfa(p) for p in pieces]
+            part = dfas[0]
+            for more in dfas[1:]:
+                part = intersect(part, more)
+            parts[byte] = part
+        dfa = splice(dfa, parts)
+    return regex, unenforced, dfa
 
 
 def compile_schema(schema: dict, lenient: bool, timeout_s: float | None) -> bytes:
-    """The pickled (regex, unenforced keywords, byte DFA) of ``schema``: a module function of plain
-    arguments, so a compile process can be handed it (see `automaton.run_bounded`). No token appears
-    here: a state's allowed tokens are computed when a matcher reaches it."""
-    regex, unenforced = schema_to_regex(schema, lenient=lenient, timeout_s=timeout_s)
-    return pickle.dumps((regex, unenforced, regex_to_dfa(regex)), protocol=pickle.HIGHEST_PROTOCOL)
+    """The pickled `schema_to_dfa` of ``schema``: a module function of plain arguments, so a compile
+    process can be handed it (see `automaton.run_bounded`). No token appears here: a state's allowed
+    tokens are computed when a matcher reaches it."""
+    return pickle.dumps(schema_to_dfa(schema, lenient, timeout_s), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def warm_up() -> None:

@@ -1,7 +1,7 @@
 """A compile worker (``python -m agentrt.engine.grammar.compile_worker``): reads jobs from stdin (each an
 8-byte little-endian length and a pickle), runs each under its memory cap (`automaton.run_job`) and
 writes the outcome to stdout: its length, one byte saying whether the worker now retires (after a
-failed compile, or once it has grown by half a compile's share), and the pickle. It exits when stdin
+compile that failed unexpectedly, or once it has grown by half a compile's share), and the pickle. It exits when stdin
 closes (its parent is gone) or when it retires."""
 from __future__ import annotations
 

@@ -63,8 +63,11 @@ def regexes_disjoint(ra: str, rb: str, max_pairs: int = 20_000, timeout_s: float
     """True when no text matches both regexes (breadth-first over pairs of byte-DFA states;
     False when that exceeds ``max_pairs`` pairs: unknown counts as overlapping)."""
     from .byte_dfa import build_byte_dfa
+    from .dfa_ops import has_placeholder
     from .errors import GrammarCompileError
 
+    if has_placeholder(ra) or has_placeholder(rb):  # a spliced part the regex does not show: unknown
+        return False
     try:
         da, db = build_byte_dfa(ra, timeout_s), build_byte_dfa(rb, timeout_s)
     except GrammarCompileError:

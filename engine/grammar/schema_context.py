@@ -68,6 +68,9 @@ class Ctx:
         self.max_any_depth = max_any_depth
         self.problems: list[str] = []
         self.ref_depth: dict[str, int] = {}
+        # parts a regex cannot say, built as DFAs and spliced in (dfa_ops): placeholder byte -> what the
+        # part is the intersection of (regexes, ("multiple_of", k) integers); None: plain regexes only
+        self.holes: dict[int, list[str | tuple[str, int]]] | None = None
         self._walk, self._builders = walk, builders
         # draft 6 on: 1.0 is an integer; drafts 3/4 said no
         dialect = str(root.get("$schema", "")) if isinstance(root, dict) else ""
@@ -75,6 +78,23 @@ class Ctx:
 
     def refuse(self, path: str, keyword: str, why: str = "") -> None:
         self.problems.append(f"{keyword} at {path or '/'}" + (f" ({why})" if why else ""))
+
+    def hole(self, regexes: list[str | tuple[str, int]]) -> str | None:
+        """A placeholder for the text all ``regexes`` match (an intersection; ``("multiple_of", k)`` stands
+        for the integers divisible by k), or None when this compile takes plain regexes only or has used
+        every placeholder."""
+        from .dfa_ops import PLACEHOLDERS, placeholder_regex
+
+        if self.holes is None:
+            return None
+        for byte, known in self.holes.items():
+            if known == regexes:
+                return placeholder_regex(byte)
+        if len(self.holes) == len(PLACEHOLDERS):
+            return None
+        byte = PLACEHOLDERS[len(self.holes)]
+        self.holes[byte] = list(regexes)
+        return placeholder_regex(byte)
 
     def node(self, schema: Any, path: str) -> str | None:
         """The regex of the subschema at ``path`` (None: no value satisfies it)."""

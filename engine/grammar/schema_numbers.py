@@ -7,6 +7,7 @@ from typing import Any
 
 from .decimal_multiples import integer_step, multiples_regex
 from .errors import GrammarCompileError
+from .dfa_ops import MAX_MODULUS
 from .regex_util import BOOLEAN, INTEGER, NULL, NUMBER, PatternError, int_range, multiples_of, number_range
 from .schema_context import Ctx
 
@@ -75,8 +76,11 @@ def _integer_digits(schema: dict, ctx: Ctx, path: str) -> str | None:
         try:
             return multiples_of(k, ilo, ihi)
         except PatternError as e:
-            ctx.refuse(path, "multipleOf", str(e))
-            return None
+            digits = INTEGER if ilo is None and ihi is None else int_range(ilo, ihi)
+            placeholder = None if digits is None or k > MAX_MODULUS else ctx.hole([digits, ("multiple_of", k)])
+            if placeholder is None:
+                ctx.refuse(path, "multipleOf", str(e))
+            return placeholder
     if lo is None and hi is None:
         return INTEGER
     return int_range(ilo, ihi)

@@ -21,7 +21,9 @@ invalid ones):
 outlines-core's own ``build_regex_from_schema`` is not used for this because it silently
 ignores or mis-handles keywords (``allOf`` concatenates, ``oneOf`` = ``anyOf``, ``pattern``
 is dropped next to ``minLength``, recursion is cut by dropping properties), and exactness
-must be checkable; its regex -> token index (``Index``) is used for the token automaton.
+must be checkable; its regex -> ``Index`` builds the byte DFA (byte_dfa.py). What a regex cannot say
+(several constraints on one string) is left to automata: a placeholder stands in the regex, and the
+compile splices in the intersection's DFA (`schema_to_parts`, compile_job.py).
 """
 from __future__ import annotations
 
@@ -48,8 +50,22 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
     Returns ``(regex, unenforced)``; ``unenforced`` is empty unless ``lenient`` (then it lists
     the keywords that were dropped and must be checked after generation). Raises
     UnsupportedSchemaError (strict mode) listing every keyword it cannot enforce, and
-    GrammarCompileError for invalid schemas or schemas no JSON value satisfies.
+    GrammarCompileError for invalid schemas or schemas no JSON value satisfies. Parts a regex
+    cannot say (a pattern beside length limits it cannot fold) are refused here; see
+    `schema_to_parts` for the compile that builds them as automata.
     """
+    regex, unenforced, _ = schema_to_parts(schema, lenient=lenient, max_ref_depth=max_ref_depth,
+                                           max_any_depth=max_any_depth, timeout_s=timeout_s,
+                                           max_regex_chars=max_regex_chars, holes=False)
+    return regex, unenforced
+
+
+def schema_to_parts(schema: Any, *, lenient: bool = False, max_ref_depth: int = 3, max_any_depth: int = 1,
+                    timeout_s: float | None = None, max_regex_chars: int = 4_000_000,
+                    holes: bool = True) -> tuple[str, list[str], dict[int, list[str]]]:
+    """As `schema_to_regex`, plus the parts the regex leaves to automata: ``(regex, unenforced, holes)``,
+    where ``holes`` maps each placeholder byte in the regex to the regexes whose intersection stands
+    there (see dfa_ops and compile_job)."""
     if not isinstance(schema, (dict, bool)):
         raise GrammarCompileError(f"a JSON Schema must be an object or a boolean, got {type(schema).__name__}")
     depth = nesting_depth(schema)
@@ -61,6 +77,8 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
         # draft 2019-09 replaced "dependencies" by dependentRequired/dependentSchemas: now an unknown keyword
         schema = _without_key(schema, "dependencies")
     ctx = Ctx(schema, lenient, max_ref_depth, max_any_depth, _node, _BUILDERS, deadline, max_regex_chars)
+    if holes:
+        ctx.holes = {}
     try:
         regex = ctx.node(schema, "")
     except RecursionError:
@@ -71,7 +89,7 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
         raise UnsupportedSchemaError(ctx.problems)
     if regex is None:
         raise UnsatisfiableSchemaError("no JSON value satisfies this schema (as far as the grammar can tell)")
-    return regex, ctx.problems
+    return regex, ctx.problems, ctx.holes or {}
 
 
 MAX_SCHEMA_DEPTH = 128  # JSON containers; the compile recurses a few frames per level of them

@@ -29,19 +29,42 @@ def string_regex(schema: dict, ctx: Ctx, path: str) -> str | None:
     constraints = [c for c in ("format" if fmt else None, "pattern" if pattern is not None else None,
                                "minLength/maxLength" if has_len and pattern is None else None) if c]
     if len(constraints) > 1:
-        ctx.refuse(path, "+".join(constraints), "these cannot be intersected in one regex")
-        return None
+        return _intersection(schema, ctx, path, "+".join(constraints), fmt, pattern, mn, mx)
     if fmt:
         inner = FORMATS[fmt]
     elif pattern is not None:
         try:
             inner = pattern_regex(pattern, mn, mx)
         except PatternError as e:
-            ctx.refuse(path, "pattern+minLength/maxLength" if has_len else "pattern", str(e))
-            return None
+            if not has_len:
+                ctx.refuse(path, "pattern", str(e))
+                return None
+            return _intersection(schema, ctx, path, "pattern+minLength/maxLength", None, pattern, mn, mx)
     else:
         inner = rep(STRING_CHAR, mn, mx)
     return seq('"', inner, '"')
+
+
+def _intersection(schema: dict, ctx: Ctx, path: str, keywords: str, fmt: str | None, pattern: str | None,
+                  mn: int, mx: int | None) -> str | None:
+    """A string that satisfies several of format / pattern / length limits: their regexes are
+    intersected as automata (dfa_ops) and spliced in where this string's placeholder stands."""
+    parts = [FORMATS[fmt]] if fmt else []
+    if pattern is not None:
+        try:
+            parts.append(pattern_regex(pattern))
+        except PatternError as e:
+            ctx.refuse(path, "pattern", str(e))
+            return None
+    if mn > 0 or mx is not None:
+        parts.append(rep(STRING_CHAR, mn, mx))
+    if any(p is None for p in parts):
+        return None  # one of them admits no string
+    placeholder = ctx.hole(parts)  # type: ignore[arg-type]
+    if placeholder is None:
+        ctx.refuse(path, keywords, "these cannot be intersected in one regex")
+        return None
+    return seq('"', placeholder, '"')
 
 
 def enum_regex(schema: dict, ctx: Ctx, path: str) -> str | None:

@@ -1,0 +1,133 @@
+"""Operations on byte DFAs that a regex cannot say: intersection (a ``pattern`` and a length limit on
+the same string), and splicing a DFA into another where a placeholder byte stands for it.
+
+Placeholders are the control bytes 0x01-0x1F: compact JSON never holds them raw (a string escapes
+them), so no regex the schema compiles to matches one, and each can stand for one hole.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .byte_dfa import ByteDFA
+from .errors import GrammarCompileError
+
+PLACEHOLDERS = range(0x01, 0x20)
+_PLACEHOLDER_RE = re.compile(r"\\x(?:0[1-9A-F]|1[0-9A-F])")  # as placeholder_regex writes them (no braces)
+
+
+def placeholder_regex(byte: int) -> str:
+    r"""The regex of one placeholder byte (other bytes are written ``\x{..}``, so this form is its own)."""
+    return f"\\x{byte:02X}"
+
+
+def has_placeholder(regex: str) -> bool:
+    """Whether ``regex`` stands for more than it says (a placeholder for a spliced part)."""
+    return bool(_PLACEHOLDER_RE.search(regex))
+
+
+MAX_MODULUS = 10_000  # a multiple-of-k automaton has k + 3 states of 1 KB each
+
+
+def multiples_dfa(k: int) -> ByteDFA:
+    """The DFA of the integers (JSON text ``-?(0|[1-9][0-9]*)``) that are multiples of ``k``: it keeps the
+    remainder modulo k of the digits read so far. Any k, any range: a regex of it would be huge."""
+    if not 1 <= k <= MAX_MODULUS:
+        raise GrammarCompileError(f"multipleOf {k}: automata are built up to {MAX_MODULUS}")
+    start, minus, zero, rem = 0, 1, 2, 3  # rem + r: a number whose digits so far leave remainder r
+    n = rem + k
+    table = np.full((n + 1, 256), n, dtype=np.int32)
+    digits = np.arange(10)
+    table[start, ord("-")] = minus
+    table[[start, minus], ord("0")] = zero
+    table[start, ord("1"):ord("9") + 1] = rem + digits[1:] % k
+    table[minus, ord("1"):ord("9") + 1] = rem + digits[1:] % k
+    r = np.arange(k)[:, None]  # [k, 1]
+    table[rem:rem + k, ord("0"):ord("9") + 1] = rem + (10 * r + digits[None, :]) % k  # [k, 10]
+    final = np.zeros(n + 1, dtype=bool)
+    final[[zero, rem]] = True
+    return ByteDFA(table, final, start)
+
+
+def intersect(a: ByteDFA, b: ByteDFA, max_states: int = 200_000) -> ByteDFA:
+    """The DFA of the texts both ``a`` and ``b`` match: the reachable pairs of their states."""
+    ids = {(a.initial, b.initial): 0}
+    pairs = [(a.initial, b.initial)]
+    rows: list[np.ndarray] = []
+    i = 0
+    while i < len(pairs):
+        sa, sb = pairs[i]
+        na, nb = a.table[sa], b.table[sb]  # [256] each
+        live = np.flatnonzero((na != a.dead) & (nb != b.dead))
+        row = np.full(256, -1, dtype=np.int64)
+        for byte, key in zip(live.tolist(), zip(na[live].tolist(), nb[live].tolist())):
+            j = ids.get(key)
+            if j is None:
+                if len(pairs) >= max_states:
+                    raise GrammarCompileError(f"intersecting two automata passed {max_states} states")
+                j = ids[key] = len(pairs)
+                pairs.append(key)
+            row[byte] = j
+        rows.append(row)
+        i += 1
+    n = len(pairs)
+    table = np.full((n + 1, 256), n, dtype=np.int32)
+    table[:n] = np.where(np.stack(rows) >= 0, np.stack(rows), n)
+    final = np.zeros(n + 1, dtype=bool)
+    final[:n] = [bool(a.final[x]) and bool(b.final[y]) for x, y in pairs]
+    return ByteDFA(table, final, 0)
+
+
+def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
+    """Replace each placeholder transition ``s --p--> t`` of ``skeleton`` by the DFA ``holes[p]``: from
+    ``s`` the hole's first bytes lead into a copy of it, and its final states go on as ``t`` does (a
+    hole that matches the empty text also lets ``s`` go on as ``t`` does).
+
+    Exact only where no choice is left open between the hole and what surrounds it, which is checked:
+    at ``s`` the hole's first bytes may not be the skeleton's other bytes, and at a final state of the
+    hole its next bytes may not be ``t``'s. GrammarCompileError otherwise (a DFA would have to be built
+    from the union, which is the regex compile's job)."""
+    dead = skeleton.dead
+    size = dead
+    wiring: list[tuple[int, int, ByteDFA, int]] = []  # (s, t, hole, offset of its copy)
+    copies: list[tuple[int, ByteDFA]] = []  # one copy of a hole per distinct t it leads to
+    for p, hole in holes.items():
+        by_target: dict[int, int] = {}
+        for src in np.flatnonzero(skeleton.table[:dead, p] != dead).tolist():
+            t = int(skeleton.table[src, p])
+            if t not in by_target:
+                by_target[t] = size
+                copies.append((size, hole))
+                size += hole.dead
+            wiring.append((src, t, hole, by_target[t]))
+    out = np.full((size + 1, 256), size, dtype=np.int32)  # row ``size``: the new dead state
+    out[:dead] = np.where(skeleton.table[:dead] == dead, size, skeleton.table[:dead])
+    for p in holes:
+        out[:dead, p] = size  # the placeholder itself is never text
+    for offset, hole in copies:
+        block = hole.table[:hole.dead]
+        out[offset:offset + hole.dead] = np.where(block == hole.dead, size, block + offset)
+    final = np.zeros(size + 1, dtype=bool)
+    final[:dead] = skeleton.final[:dead]
+    for src, _, hole, offset in wiring:  # into each hole first: a state after a hole may start another
+        first = hole.table[hole.initial]
+        enter = np.flatnonzero(first != hole.dead)
+        _join(out[src], enter, first[enter] + offset, size)
+    for src, t, hole, offset in wiring:
+        ends = np.flatnonzero(hole.final[:hole.dead]) + offset
+        if hole.final[hole.initial]:
+            ends = np.append(ends, src)
+        for f in ends.tolist():
+            go_on = np.flatnonzero(out[t] != size)
+            _join(out[f], go_on, out[t, go_on], size)
+            final[f] |= skeleton.final[t]
+    return ByteDFA(out, final, skeleton.initial)
+
+
+def _join(row: np.ndarray, on: np.ndarray, to: np.ndarray, dead: int) -> None:
+    """Add the transitions ``on`` -> ``to`` to ``row`` (in place); GrammarCompileError where it has its own."""
+    clash = (row[on] != dead) & (row[on] != to)
+    if clash.any():
+        raise GrammarCompileError("a spliced part and what surrounds it both go on with the same byte")
+    row[on] = to
