@@ -9,10 +9,11 @@ import re
 
 import pytest
 
-from agentrt.engine.grammar import GrammarCompileError, GrammarCompiler, GrammarMatcher, UnsupportedSchemaError
+from agentrt.engine.grammar import GrammarCompiler, GrammarMatcher, UnsupportedSchemaError
 from agentrt.engine.grammar.byte_dfa import regex_to_dfa
 from agentrt.engine.grammar.compile_job import schema_to_dfa
-from agentrt.engine.grammar.dfa_ops import intersect, splice
+from agentrt.engine.grammar.schema_regex import schema_to_regex
+from agentrt.engine.grammar.dfa_ops import SpliceError, intersect, splice
 from tests.helpers.grammar import compact, smollm2_tokenizer
 
 
@@ -34,7 +35,7 @@ def test_a_splice_stands_where_its_placeholder_does_and_may_be_empty():
 
 
 def test_a_splice_that_would_leave_a_choice_open_is_refused():
-    with pytest.raises(GrammarCompileError, match="same byte"):
+    with pytest.raises(SpliceError, match="same byte"):
         splice(regex_to_dfa(r"a\x01|ab"), {1: regex_to_dfa(r"b+")})  # after "a": the hole's b or the skeleton's
 
 
@@ -102,3 +103,46 @@ def test_the_compiler_and_a_matcher_generate_through_a_spliced_string(tmp_path):
         m.accept_token(t)
     mask = m.next_token_mask()  # six characters written: the string must close now
     assert mask[g._greedy(b'"')[0]] and not mask[g._greedy(b"4")[0]]
+
+
+def _tool(i: int):
+    from agentrt.types import ToolSpec
+
+    return ToolSpec(name=f"weather_forecast_tool_{i}", parameters={
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20 + i}, "days": {"type": "integer", "minimum": 1},
+                       "units": {"enum": ["metric", "imperial"]}, "detail": {"type": "boolean"},
+                       "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["city", "days"]})
+
+
+def test_tool_arguments_are_parts_compiled_once_and_the_turn_is_the_same_language():
+    """A turn grammar's array items and each tool's arguments are parts of their own: a later turn with
+    other known tools compiles only its small skeleton and the union of calls, and accepts exactly what
+    the whole regex does."""
+    from agentrt.engine.grammar import compile_job
+    from agentrt.prompting import plan_turn
+
+    tools = [_tool(i) for i in range(6)]
+    first = plan_turn([], tools).json_schema
+    _, _, dfa = schema_to_dfa(first, False, 30.0)
+    known = set(compile_job._PARTS)
+    later = plan_turn([], tools[1:5]).json_schema
+    _, _, split = schema_to_dfa(later, False, 30.0)
+    new = set(compile_job._PARTS) - known
+    assert len(new) == 1  # the union of the four calls; their arguments were kept
+    whole = regex_to_dfa(schema_to_regex(later)[0])
+    args = {"city": "Oslo", "days": 3, "units": "metric", "tags": ["a", "b"]}
+    texts = [{"calls": [{"tool": "weather_forecast_tool_2", "arguments": args}]},
+             {"calls": [{"tool": "weather_forecast_tool_1", "arguments": {"city": "x", "days": 1}},
+                        {"tool": "weather_forecast_tool_3", "arguments": args}]},
+             {"answer": "done"},
+             {"calls": [{"tool": "weather_forecast_tool_0", "arguments": args}]},  # not offered in this turn
+             {"calls": [{"tool": "weather_forecast_tool_2", "arguments": {"city": "Oslo"}}]},  # days missing
+             {"calls": [{"tool": "weather_forecast_tool_2", "arguments": {**args, "days": 0}}]},
+             {"calls": []}]
+    for value in texts:
+        text = compact(value).encode()
+        assert split.fullmatch(text) == whole.fullmatch(text), value
+    assert [split.fullmatch(compact(v).encode()) for v in texts] == [True, True, True, False, False, False, False]
+    assert dfa.fullmatch(compact(texts[3]).encode())

@@ -1,15 +1,15 @@
-"""Compiles under limits: a grammar compile (schema -> regex -> byte DFA, see byte_dfa.py) runs
-Rust code that cannot be interrupted from Python, so when a time limit is given it runs in a child
-process that is killed at the deadline (a run-away compile then costs nothing after the error). The
-result comes back pickled. The children are forked by small worker processes (`CompileWorkers`), not
-by the caller: see there why.
+"""Compiles under limits: a grammar compile (schema -> regex -> byte DFA, see compile_job.py) runs
+Rust code that cannot be interrupted from Python, so when a time limit is given it runs in a small
+worker process (`CompileWorkers`) that is killed at the deadline (a run-away compile then costs
+nothing after the error). The result comes back pickled.
 
 Compiles are bounded together, not only one by one (`CompileGate`): at most ``max_concurrent`` run
 at once (``$AGENTRT_GRAMMAR_COMPILES``, default half the cores), at a lower CPU priority than the
-engine; each child may allocate at most its share of ``$AGENTRT_GRAMMAR_COMPILE_MEMORY_MB`` (default
+engine; each may allocate at most its share of ``$AGENTRT_GRAMMAR_COMPILE_MEMORY_MB`` (default
 2048); at most ``max_waiting`` more wait for a slot, and anything beyond is refused with
 `GrammarBusyError` at once. `run_bounded` runs any compile step this way (the compiler runs the
-whole schema -> regex -> DFA chain in one child, so nothing of it holds the server's GIL).
+whole schema -> regex -> DFA chain in one worker, so nothing of it holds the server's GIL; a step
+nested in it, a oneOf proof, is forked from the worker).
 """
 from __future__ import annotations
 
@@ -201,9 +201,9 @@ def collect_job(pid: int, read_fd: int, deadline: float | None) -> bytes | None:
 
 
 def run_bounded(work: Callable[[], Any], timeout_s: float | None) -> Any:
-    """``work()`` under a compile slot: in this process when ``timeout_s`` is None, else in a child process
-    under the time limit and its share of the compile memory (``work`` is then pickled: a module function
-    or a partial of one). Its GrammarCompileError or UnsupportedSchemaError is raised here as it is; any
+    """``work()`` under a compile slot: in this process when ``timeout_s`` is None, else in a compile worker
+    (a step nested in a compile: a child forked from it) under the time limit and its share of the compile
+    memory (``work`` is then pickled: a module function or a partial of one). Its GrammarCompileError or UnsupportedSchemaError is raised here as it is; any
     other failure becomes a GrammarCompileError."""
     g = gate
     with g.slot(timeout_s) as left:

@@ -1,31 +1,65 @@
-"""What a compile child runs: schema -> regex -> byte DFA, pickled. Kept apart from compiler.py (and
-free of torch) so the compile workers that fork these children stay small: forking a process that
-has imported torch costs ~10 ms more."""
+"""What a compile runs in a compile worker: schema -> regex -> byte DFA, pickled. Kept apart from
+compiler.py (and free of torch) so the workers stay small: forking a process that has imported torch
+cost ~10 ms more, and a worker's import time is paid again whenever one starts.
+
+The parts a regex leaves to automata (see schema_to_parts) are built here and kept, least recently
+used first out, within ``_PARTS_BYTES``: a tool's arguments, a part of its own, compile once per worker
+however many turn grammars hold the tool.
+"""
 from __future__ import annotations
 
 import pickle
+from collections import OrderedDict
 from typing import Any
 
 from .byte_dfa import ByteDFA, regex_to_dfa
-from .dfa_ops import intersect, multiples_dfa, splice
+from .dfa_ops import SpliceError, intersect, multiples_dfa, placeholders_in, splice
 from .schema_regex import schema_to_parts, schema_to_regex
+
+_PARTS: OrderedDict[tuple, ByteDFA] = OrderedDict()
+_PARTS_BYTES = 64 << 20
 
 
 def schema_to_dfa(schema: Any, lenient: bool = False, timeout_s: float | None = None) -> tuple[str, list[str], ByteDFA]:
     """(regex, unenforced keywords, byte DFA) of ``schema``: the regex's DFA with the parts it leaves
-    to automata (intersections) spliced in where their placeholders stand."""
-    regex, unenforced, holes = schema_to_parts(schema, lenient=lenient, timeout_s=timeout_s)
+    to automata (intersections, objects in properties and array items) spliced in where their
+    placeholders stand."""
+    try:
+        return _to_dfa(schema, lenient, timeout_s, split_objects=True)
+    except SpliceError:  # an object part left a choice open where it stands: inline then
+        return _to_dfa(schema, lenient, timeout_s, split_objects=False)
+
+
+def _to_dfa(schema: Any, lenient: bool, timeout_s: float | None, split_objects: bool) -> tuple[str, list[str], ByteDFA]:
+    regex, unenforced, holes = schema_to_parts(schema, lenient=lenient, timeout_s=timeout_s,
+                                               split_objects=split_objects)
+    parts: dict[int, ByteDFA] = {}
+    for byte in sorted(holes):  # a part holds only placeholders made before it (smaller bytes)
+        inner = [b for piece in holes[byte] if isinstance(piece, str) for b in placeholders_in(piece)]
+        key = (tuple(holes[byte]), tuple((b, tuple(holes[b])) for b in sorted(set(inner))))
+        parts[byte] = _part(key, holes[byte], {b: parts[b] for b in inner})
     dfa = regex_to_dfa(regex)
-    if holes:
-        parts = {}
-        for byte, pieces in holes.items():
-            dfas = [multiples_dfa(p[1]) if isinstance(p, tuple) else regex_to_dfa(p) for p in pieces]
-            part = dfas[0]
-            for more in dfas[1:]:
-                part = intersect(part, more)
-            parts[byte] = part
-        dfa = splice(dfa, parts)
-    return regex, unenforced, dfa
+    return regex, unenforced, splice(dfa, parts) if parts else dfa
+
+
+def _part(key: tuple, pieces: list, inner: dict[int, ByteDFA]) -> ByteDFA:
+    """The DFA of the intersection of ``pieces`` (regexes, or ("multiple_of", k)) with ``inner`` parts
+    spliced in; kept under ``key``."""
+    hit = _PARTS.get(key)
+    if hit is not None:
+        _PARTS.move_to_end(key)
+        return hit
+    dfas = [multiples_dfa(p[1]) if isinstance(p, tuple) else regex_to_dfa(p) for p in pieces]
+    part = dfas[0]
+    for more in dfas[1:]:
+        part = intersect(part, more)
+    if inner:
+        part = splice(part, inner)
+    _PARTS[key] = part
+    total = sum(p.nbytes for p in _PARTS.values())
+    while len(_PARTS) > 1 and total > _PARTS_BYTES:
+        total -= _PARTS.popitem(last=False)[1].nbytes
+    return part
 
 
 def compile_schema(schema: dict, lenient: bool, timeout_s: float | None) -> bytes:

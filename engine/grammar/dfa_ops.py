@@ -27,6 +27,15 @@ def has_placeholder(regex: str) -> bool:
     return bool(_PLACEHOLDER_RE.search(regex))
 
 
+def placeholders_in(regex: str) -> list[int]:
+    """The placeholder bytes ``regex`` holds."""
+    return [int(m.group(0)[2:], 16) for m in _PLACEHOLDER_RE.finditer(regex)]
+
+
+class SpliceError(GrammarCompileError):
+    """A part and what surrounds it both go on with the same byte: the splice would not be a DFA."""
+
+
 MAX_MODULUS = 10_000  # a multiple-of-k automaton has k + 3 states of 1 KB each
 
 
@@ -129,5 +138,5 @@ def _join(row: np.ndarray, on: np.ndarray, to: np.ndarray, dead: int) -> None:
     """Add the transitions ``on`` -> ``to`` to ``row`` (in place); GrammarCompileError where it has its own."""
     clash = (row[on] != dead) & (row[on] != to)
     if clash.any():
-        raise GrammarCompileError("a spliced part and what surrounds it both go on with the same byte")
+        raise SpliceError("a spliced part and what surrounds it both go on with the same byte")
     row[on] = to

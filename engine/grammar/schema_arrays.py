@@ -22,7 +22,7 @@ def array_regex(schema: dict, ctx: Ctx, path: str) -> str | None:
             return None
         prefix, items = items, schema.get("additionalItems", True)
     elems = [ctx.node(p, f"{path}/prefixItems/{i}") for i, p in enumerate(prefix)]
-    tail = None if items is False else ctx.node(items, f"{path}/items")
+    tail = None if items is False else ctx.value(items, f"{path}/items")
     k = len(elems)
     if tail is None:
         mx = k if mx is None else min(mx, k)

@@ -51,6 +51,9 @@ UNRESOLVED = object()
 NOT_PLANNED = object()
 
 
+SPLIT_MIN_CHARS = 200  # a smaller object costs less inline than as a part of its own
+
+
 class Ctx:
     """One compile's settings and findings. ``node`` compiles a subschema (the walker in
     schema_regex, handed in so the keyword families below it need not import it back) and
@@ -71,6 +74,9 @@ class Ctx:
         # parts a regex cannot say, built as DFAs and spliced in (dfa_ops): placeholder byte -> what the
         # part is the intersection of (regexes, ("multiple_of", k) integers); None: plain regexes only
         self.holes: dict[int, list[str | tuple[str, int]]] | None = None
+        # with holes: an object-valued property's value becomes a part of its own (compiled once, kept by
+        # the compile worker, spliced in), so a tool's arguments cost nothing in the next turn's grammar
+        self.split_objects = False
         self._walk, self._builders = walk, builders
         # draft 6 on: 1.0 is an integer; drafts 3/4 said no
         dialect = str(root.get("$schema", "")) if isinstance(root, dict) else ""
@@ -96,6 +102,14 @@ class Ctx:
         self.holes[byte] = list(regexes)
         return placeholder_regex(byte)
 
+    def value(self, schema: Any, path: str) -> str | None:
+        """The regex of a property's value or an array's item: with `split_objects`, a placeholder for it
+        when it is an object (or a choice of objects) of some size, compiled as a part of its own."""
+        regex = self.node(schema, path)
+        if not self.split_objects or regex is None or len(regex) < SPLIT_MIN_CHARS or not _objects(schema):
+            return regex
+        return self.hole([regex]) or regex
+
     def node(self, schema: Any, path: str) -> str | None:
         """The regex of the subschema at ``path`` (None: no value satisfies it)."""
         return self._walk(schema, self, path)
@@ -107,6 +121,16 @@ class Ctx:
     def scratch(self, max_ref_depth: int = 0, max_any_depth: int = 0) -> Ctx:
         """A lenient context on the same root for a trial compile."""
         return Ctx(self.root, True, max_ref_depth, max_any_depth, self._walk, self._builders)
+
+
+def _objects(schema: Any) -> bool:
+    """Whether every value of ``schema`` is an object, as far as its top level says."""
+    if not isinstance(schema, dict):
+        return False
+    if schema.get("type") == "object":
+        return True
+    branches = schema.get("anyOf", schema.get("oneOf"))
+    return isinstance(branches, list) and bool(branches) and all(_objects(b) for b in branches)
 
 
 def any_value(depth: int) -> str:

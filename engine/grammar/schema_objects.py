@@ -129,7 +129,7 @@ def object_regex(schema: dict, ctx: Ctx, path: str, plan: Plan | None = None) ->
         if name in relevant:
             entries.append(planned(name))
         else:
-            entries.append((lit(json_literal_text(name)), [ctx.node(sub, f"{path}/properties/{name}")],
+            entries.append((lit(json_literal_text(name)), [ctx.value(sub, f"{path}/properties/{name}")],
                             name in required, False))
     for name in required:
         if name not in props and name not in relevant:  # required but undeclared: typed by additionalProperties

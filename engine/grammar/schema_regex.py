@@ -62,10 +62,11 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
 
 def schema_to_parts(schema: Any, *, lenient: bool = False, max_ref_depth: int = 3, max_any_depth: int = 1,
                     timeout_s: float | None = None, max_regex_chars: int = 4_000_000,
-                    holes: bool = True) -> tuple[str, list[str], dict[int, list[str]]]:
+                    holes: bool = True, split_objects: bool = False) -> tuple[str, list[str], dict[int, list]]:
     """As `schema_to_regex`, plus the parts the regex leaves to automata: ``(regex, unenforced, holes)``,
-    where ``holes`` maps each placeholder byte in the regex to the regexes whose intersection stands
-    there (see dfa_ops and compile_job)."""
+    where ``holes`` maps each placeholder byte in the regex to what stands there: the regexes whose
+    intersection it is (see dfa_ops and compile_job). With ``split_objects``, object-valued properties
+    and array items are parts too (one regex each; it may hold the placeholders of parts made before it)."""
     if not isinstance(schema, (dict, bool)):
         raise GrammarCompileError(f"a JSON Schema must be an object or a boolean, got {type(schema).__name__}")
     depth = nesting_depth(schema)
@@ -79,6 +80,7 @@ def schema_to_parts(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
     ctx = Ctx(schema, lenient, max_ref_depth, max_any_depth, _node, _BUILDERS, deadline, max_regex_chars)
     if holes:
         ctx.holes = {}
+        ctx.split_objects = split_objects
     try:
         regex = ctx.node(schema, "")
     except RecursionError:
