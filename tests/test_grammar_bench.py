@@ -187,3 +187,24 @@ def test_e2e_reports_speculation_beside_jump_forward_alone():
     off = io.StringIO()
     report = bench.run_e2e(2, 1, 96, out=off, speculative_tokens=0)
     assert "speculation: off" in off.getvalue() and "speculation_wall_ratio" not in report
+
+
+def test_tool_turns_compile_a_whole_tool_set_then_subsets_of_it(tokenizer, tmp_path, capsys):
+    """``--tool-turns N``: N BFCL_multiple tools as one turn grammar cold, then turns of 5 of them."""
+    import json
+
+    from agentrt.cli import main
+
+    def case(names: list[str]) -> dict:
+        branches = [{"type": "object", "properties": {n: {"type": "object", "properties": {"x": {"type": "integer"},
+                                                                                          "note": {"type": "string"}},
+                                                          "required": ["x"]}}, "required": [n]} for n in names]
+        return {"id": "c", "schema": {"anyOf": branches}, "tests": []}
+
+    (tmp_path / "maskbench").mkdir()
+    lines = [case([f"tool_{i}", f"tool_{i + 1}", f"tool_{i + 2}"]) for i in range(0, 6, 3)]
+    (tmp_path / "maskbench" / "BFCL_multiple.jsonl").write_text("".join(json.dumps(c) + "\n" for c in lines))
+    assert main(["bench", "grammar", "--data", str(tmp_path), "--skip-exactness", "--skip-speed", "--e2e", "0",
+                 "--peers", "--tool-turns", "6", "--json"]) == 0
+    turns = json.loads(capsys.readouterr().out)["tool_turns"]
+    assert turns["tools"] == 6 and turns["states"] > 0 and len(turns["turn_ms"]) == 10

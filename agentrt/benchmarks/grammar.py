@@ -623,6 +623,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads for the e2e engine (0 = torch's default); 1 by default because on a "
                              "busy shared 2-core machine two OpenMP threads spend most of a step waiting for each other")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="engine batch size for the e2e generations")
+    parser.add_argument("--tool-turns", type=int, default=0,
+                        help="compile N BFCL_multiple tools as one turn grammar cold, then turns of 5 of them "
+                             "(0 = skip; 392 = all)")
     parser.add_argument("--speculative-tokens", type=int, default=None,
                         help="the e2e engine's num_speculative_tokens (0 = off; default: the engine's default)")
 
@@ -675,6 +678,11 @@ def _main(args: argparse.Namespace) -> dict | int:
     if not args.skip_speed:
         report["speed"] = run_token_speed([s for s in subsets if s != "jsts"] or subsets, args.speed_schemas,
                                           args.timeout, peers, tok, out=sys.stdout, data_dir=data)
+    if args.tool_turns:
+        from .grammar_turns import bfcl_tools, run_tool_turns
+
+        tools = bfcl_tools(load_subset("BFCL_multiple", data))
+        report["tool_turns"] = run_tool_turns(tok or embedded_tokenizer(), tools, args.tool_turns, out=sys.stdout)
     if args.e2e:
         report["e2e"] = run_e2e(args.e2e, args.timing_prompts, args.max_tokens, args.max_num_seqs, args.threads or None,
                                 out=sys.stdout, speculative_tokens=args.speculative_tokens)
