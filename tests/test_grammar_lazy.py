@@ -81,3 +81,19 @@ def test_jump_forward_and_may_continue_come_from_the_dfa(compiler):
     assert b'{"location":"'.startswith(text) and len(text) >= len(b'{"location')  # the last token held back
     end = g.dfa.step(g.initial_state(), b'{"location":"x"}')
     assert g.is_final(end) and not g.may_continue(end)
+
+
+def test_an_ample_budget_is_proved_from_the_dfa_alone(compiler):
+    """The byte bound covers every state text can reach (not the end sentinel's target), so a budget above
+    it never needs a per-step check nor the token distances (which walk every state)."""
+    from agentrt.engine.grammar.budget import INF, byte_distances
+
+    _, comp = compiler
+    g = comp.compile_json_schema(SCHEMA)
+    bound = byte_distances(g)
+    assert bound.max_dist < INF
+    m = GrammarMatcher(g, max_tokens=bound.max_dist + 6)
+    for t in g._greedy(compact(VALUE).encode())[:5]:
+        assert not m._tight()
+        m.accept_token(t)
+    assert m._dist is None and g.token_distances is None and g.walks == 0

@@ -98,7 +98,8 @@ class ByteDistances:
         usable = np.zeros(256, dtype=bool)
         usable[list(grammar.vocab.byte_token)] = True
         self.dist = grammar.dfa.byte_distances(usable)  # [S + 1]; the dead state's is INF
-        self.max_dist = int(self.dist[:-1].max()) if len(self.dist) > 1 else 0
+        # over the states text can reach (not the one the end sentinel leads to, which no text does)
+        self.max_dist = int(self.dist[grammar.dfa.reachable()].max())
 
     def of(self, state: int) -> int:
         return int(self.dist[state])

@@ -59,6 +59,18 @@ class ByteDFA:
         """The bytes (values 0-255) allowed in ``state``, ascending."""
         return np.flatnonzero(self.table[state] != self.dead)
 
+    def reachable(self) -> np.ndarray:
+        """The states some text leads to from the initial state, ascending (the dead state not among them)."""
+        seen = np.zeros(self.table.shape[0], dtype=bool)
+        seen[self.dead] = True
+        frontier = np.array([self.initial])
+        while frontier.size:
+            seen[frontier] = True
+            nxt = np.unique(self.table[frontier])
+            frontier = nxt[~seen[nxt]]
+        seen[self.dead] = False
+        return np.flatnonzero(seen)
+
     def fullmatch(self, data: bytes) -> bool:
         s = self.step(self.initial, data)
         return s != self.dead and bool(self.final[s])
