@@ -31,7 +31,7 @@ class TokenTable:
         rows = np.zeros((len(items), max(longest, 1)), dtype=np.uint8)  # [V, L] zero past each token's end
         for i, (_, b) in enumerate(items):
             rows[i, :len(b)] = np.frombuffer(b, dtype=np.uint8)
-        self.positions = [np.ascontiguousarray(rows[:, j]).astype(np.int64) for j in range(rows.shape[1])]  # L x [V]
+        self.positions = [np.ascontiguousarray(rows[:, j]) for j in range(rows.shape[1])]  # L x [V] uint8
         used = np.zeros((len(items), 256), dtype=bool)  # [V, 256] the bytes each token holds
         for j in range(rows.shape[1]):
             within = self.lengths > j
@@ -47,13 +47,13 @@ class TokenTable:
         live = dfa.live_bytes(state)
         if not live.size:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        lo, hi = self.first_start[live], self.first_start[live + 1]
-        counts = hi - lo
+        lo = self.first_start[live]
+        counts = self.first_start[live + 1] - lo
         rows = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())  # [n] candidates
         if among is not None:
             rows = rows[among[self.ids[rows]]]
         done_rows, done_states = [], []
-        cur = flat[state * 256 + self.positions[0][rows]].astype(np.int64)  # [n] alive: the first byte is live
+        cur = flat[np.int64(state) * 256 + self.positions[0][rows]].astype(np.int64)  # [n] alive: first byte live
         for target in np.flatnonzero(np.bincount(cur)).tolist():
             loops = dfa.table[target] == target  # [256] bytes that stay in ``target`` (a string's body: most)
             if loops.sum() <= _MANY_LOOPS:
