@@ -98,12 +98,17 @@ class ByteDFA:
             counts = hi - lo
             if not counts.sum():
                 break
-            idx = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())  # [E] edge rows
+            idx = concat_ranges(lo, counts)  # [E] edge rows
             prev = np.unique(come_from[idx])
             prev = prev[dist[prev] == inf]
             dist[prev] = level
             frontier = prev
         return dist
+
+
+def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``arange(starts[i], starts[i] + counts[i])`` for every i, concatenated, without a Python loop."""
+    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .byte_dfa import ByteDFA
+from .byte_dfa import ByteDFA, concat_ranges
 from .vocab import TokenVocab
 
 
@@ -49,7 +49,7 @@ class TokenTable:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         lo = self.first_start[live]
         counts = self.first_start[live + 1] - lo
-        rows = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())  # [n] candidates
+        rows = concat_ranges(lo, counts)  # [n] candidates
         if among is not None:
             rows = rows[among[self.ids[rows]]]
         done_rows, done_states = [], []
