@@ -70,8 +70,8 @@ def compile_schema(schema: dict, lenient: bool, timeout_s: float | None) -> byte
 
 
 def warm_up() -> None:
-    """Fill the caches every compile would otherwise build again in its own forked process (the
-    Unicode sets behind a pattern's \\d \\w \\s, outlines-core's byte vocabulary): a compile worker
-    runs this once before it forks any."""
+    """Fill the caches a worker's first compile would otherwise build (the Unicode sets behind a
+    pattern's \\d \\w \\s, outlines-core's byte vocabulary), so the children it forks for nested steps
+    inherit them: a compile worker runs this once when it starts."""
     regex, _ = schema_to_regex({"type": "string", "pattern": r"^[\w\s]\d\D\W\S$"}, timeout_s=None)
     regex_to_dfa(regex)
