@@ -206,6 +206,37 @@ def quantize_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.reshape(n, k).contiguous(), d.contiguous()
 
 
+_SUPER_RECORD = 20  # bytes of super-block scales a column takes per 256 inputs (kernels.h's Lin)
+
+
+def _super_records(sc: torch.Tensor, mn: torch.Tensor, dd: torch.Tensor, dm: torch.Tensor, nb: int) -> torch.Tensor:
+    """Super-block scales of whole blocks of ``nb`` rows (sc, mn uint8 [rows, G]; dd, dm float16 [rows, S]) as
+    kernels.h's records: per block and super-block, D [nb], Dm [nb] (float16 bytes), sc [8][nb], mn [8][nb]."""
+    rows, s = dd.shape
+
+    def half_bytes(t: torch.Tensor) -> torch.Tensor:  # [rows, S] -> [blocks, S, 2 nb]
+        return t.reshape(-1, nb, s).permute(0, 2, 1).contiguous().view(torch.uint8)
+
+    def byte_rows(t: torch.Tensor) -> torch.Tensor:  # [rows, G] -> [blocks, S, 8 nb]
+        return t.reshape(-1, nb, s, 8).permute(0, 2, 3, 1).reshape(-1, s, 8 * nb)
+
+    return torch.cat([half_bytes(dd), half_bytes(dm), byte_rows(sc), byte_rows(mn)], -1).reshape(rows, -1)
+
+
+def _super_scales(rec: torch.Tensor, col: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, m) float32 [T, G] of column ``col`` [T] of the block records ``rec`` [T, S, 20 nb]."""
+    t, s = rec.shape[:2]
+    pick = torch.arange(t)
+
+    def halves(i: int) -> torch.Tensor:  # D (i = 0) or Dm (1): [T, S]
+        return rec[..., 2 * nb * i:2 * nb * (i + 1)].contiguous().view(torch.float16)[pick, :, col].float()
+
+    def bytes_(i: int) -> torch.Tensor:  # sc (i = 0) or mn (1): [T, S, 8]
+        return rec[..., (4 + 8 * i) * nb:(12 + 8 * i) * nb].reshape(t, s, 8, nb)[pick, :, :, col].float()
+
+    return ((halves(0)[..., None] * bytes_(0)).reshape(t, -1), (-(halves(1)[..., None] * bytes_(1))).reshape(t, -1))
+
+
 def _scale_dtype(*scales: torch.Tensor) -> torch.dtype:
     """float16 when every value of ``scales`` is a float16 value exactly (the kernels read either), else float32."""
     for t in scales:
@@ -239,19 +270,22 @@ class FusedLinear(nn.Module):
         float32. Output rows go in blocks of 8 (the last one may be shorter), each stored where its rows would be,
         with the 32 inputs of a group as steps of 4 consecutive inputs, each step holding all the block's
         columns: one 32-byte load then serves 8 columns (int4: two steps, low and high nibbles)."""
-        w, s, z = parts
+        w, s, z = parts[:3]
         n, k = w.shape[0], in_features
         g = -(-k // 32)
         int4 = w.dtype == torch.uint8
         if int4 and (k % 32 or w.shape[1] * 2 != k):
             raise ValueError(f"int4 groups need packed uint8 [N, K/2] with K % 32 == 0 (K={k})")
+        super_blocks = len(parts) == 5
+        if super_blocks and k % 256:
+            raise ValueError(f"super-block scales need K % 256 == 0 (K={k})")
         int8_rows = not int4 and s.dtype == torch.float32 and s.numel() == n
         if not int4 and not int8_rows and k % 32:
             raise ValueError(f"int8 groups need K % 32 == 0 (K={k})")
-        scale_dtype = _scale_dtype(s, z)
+        scale_dtype = torch.uint8 if super_blocks else _scale_dtype(s, z)
         out_w = torch.empty(n, g * 16 if int4 else g * 32, dtype=w.dtype)
-        out_d = torch.empty(n, g, dtype=scale_dtype)
-        out_m = torch.empty(n, g, dtype=scale_dtype) if int4 else torch.empty(0)
+        out_d = torch.empty(n, g // 8 * _SUPER_RECORD if super_blocks else g, dtype=scale_dtype)
+        out_m = torch.empty(n, g, dtype=scale_dtype) if int4 and not super_blocks else torch.empty(0)
         # row chunks (multiples of 8, so every block but the last is whole) bound the scratch of a large
         # embedding; whole blocks of 8 rows first, then the short one
         full = n // 8 * 8
@@ -261,7 +295,9 @@ class FusedLinear(nn.Module):
             if int4:
                 p = w[a:b].reshape(b - a, g, 16)
                 q = torch.cat([p & 15, p >> 4], -1)  # [rows, G, 32], 0..15
-                d, m = s[a:b].float().reshape(b - a, g), z[a:b].float().reshape(b - a, g)
+                m = torch.empty(0)  # the mins' place: the super-block records hold them
+                if not super_blocks:
+                    d, m = s[a:b].float().reshape(b - a, g), z[a:b].float().reshape(b - a, g)
             elif int8_rows:  # the row scale in every group, K padded
                 q = torch.nn.functional.pad(w[a:b], (0, g * 32 - k)).reshape(b - a, g, 32)
                 d, m = s[a:b].reshape(b - a, 1).expand(b - a, g), None
@@ -271,6 +307,9 @@ class FusedLinear(nn.Module):
             if m is not None:  # int4: steps 0..3 in the low nibbles, 4..7 in the high
                 qq = qq[:, :, :, :4] | (qq[:, :, :, 4:] << 4)
             out_w[a:b] = qq.permute(0, 2, 3, 1, 4).reshape(b - a, -1)  # [blocks, group, step, column, input]
+            if super_blocks:
+                out_d[a:b] = _super_records(*(t[a:b] for t in parts[1:]), nb)
+                continue
             out_d[a:b] = d.reshape(-1, nb, g).permute(0, 2, 1).reshape(b - a, g)
             if m is not None:
                 out_m[a:b] = m.reshape(-1, nb, g).permute(0, 2, 1).reshape(b - a, g)
@@ -279,7 +318,7 @@ class FusedLinear(nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Weight rows ``ids`` [T] as float32 [T, K], read back from the packed order (an embedding
         lookup from the same copy the lm_head multiplies by)."""
-        n, g = self.scales.shape
+        n, g = self.weight.shape[0], -(-self.in_features // 32)
         full = n // 8 * 8
         out = torch.empty(ids.shape[0], g * 32)
         in_full = ids < full
@@ -290,10 +329,14 @@ class FusedLinear(nn.Module):
             r = ids[sel] - lo
             blk, col = r // nb, r % nb
             w = self.weight[lo:hi].reshape(-1, g, self.weight.shape[1] // g // 4, nb, 4)[blk, :, :, col]
-            d = self.scales[lo:hi].reshape(-1, g, nb)[blk, :, col].float()  # [t, G]
-            if self.zeros.numel():  # int4: [t, G, 4 steps, 4] bytes, low nibbles inputs 0..15, high 16..31
+            if self.scales.dtype == torch.uint8:  # super-block records [S][20 nb]
+                d, m = _super_scales(self.scales[lo:hi].reshape(-1, g // 8, _SUPER_RECORD * nb)[blk], col, nb)
+            else:
+                d = self.scales[lo:hi].reshape(-1, g, nb)[blk, :, col].float()  # [t, G]
+                m = self.zeros[lo:hi].reshape(-1, g, nb)[blk, :, col].float() if self.zeros.numel() else None
+            if self.weight.dtype == torch.uint8:  # int4: [t, G, 4 steps, 4] bytes, low nibbles inputs 0..15, high 16..31
                 q = torch.cat([(w & 15).reshape(-1, g, 16), (w >> 4).reshape(-1, g, 16)], -1).float()
-                vals = q * d[..., None] + self.zeros[lo:hi].reshape(-1, g, nb)[blk, :, col].float()[..., None]
+                vals = q * d[..., None] + m[..., None]
             else:  # int8: [t, G, 8 steps, 4]
                 vals = w.reshape(-1, g, 32).float() * d[..., None]
             out[sel] = vals.reshape(-1, g * 32)

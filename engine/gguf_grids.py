@@ -3,8 +3,10 @@
 Each 2-D weight of a GGUF is read from the file (``os.pread`` of its bytes, so no mapping keeps the
 file's pages resident) and turned into the plain grid `decode_fused.FusedLinear.pack` takes:
 
-* int4 groups of 32, w = d * q + m (q 0..15, float32 d and m): Q4_0, Q4_1 and Q4_K land here exactly
-  (each block's values come back bit for bit as ``gguf.quants.dequantize`` gives them);
+* int4 groups of 32, w = d * q + m (q 0..15, float32 d and m): Q4_0 and Q4_1 land here exactly
+  (each block's values come back bit for bit as ``gguf.quants.dequantize`` gives them); Q4_K keeps its
+  super-block scales (w = D sc q - Dm mn: float16 D and Dm per 256 inputs, 6-bit sc and mn per group), which
+  the kernels read as they are;
 * int8 groups of 32, w = d * q (q -127..127, float16 d): Q8_0 and Q5_0 (q - 16) exactly; Q5_1, Q5_K, Q6_K,
   IQ4 and float tensors are dequantized one row chunk at a time and rounded onto it (at most half a step of the
   group's max / 127 off: Q6_K's own sub-blocks of 16 have scales of their own that one group of 32
@@ -41,6 +43,8 @@ class UnsupportedQuantError(ValueError):
 class Grid:
     """A weight [N, K] on one of the fused step's grids, in plain row order (`FusedLinear.pack`'s input):
     int4: [packed uint8 [N, K/2] (a group's q[j] low nibble, q[j + 16] high), d float32 [N, G], m float32 [N, G]];
+    int4 with super-block scales (Q4_K): [packed, sc uint8 [N, G], mn uint8 [N, G], D float16 [N, G/8],
+    Dm float16 [N, G/8]], standing for d = D sc, m = -(Dm mn);
     int8: [q int8 [N, K], d float16 [N, G], empty]. G = K / 32."""
 
     parts: list[torch.Tensor]
@@ -50,16 +54,30 @@ class Grid:
         return "int4" if self.parts[0].dtype == torch.uint8 else "int8"
 
     @property
+    def super_blocks(self) -> bool:
+        """int4 with Q4_K's super-block scales."""
+        return len(self.parts) == 5
+
+    @property
     def rows(self) -> int:
         return self.parts[0].shape[0]
+
+    def group_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d, m) float32 [N, G] of an int4 grid."""
+        if not self.super_blocks:
+            return self.parts[1], self.parts[2]
+        _, sc, mn, dd, dm = self.parts
+        n, g = sc.shape
+        d = dd.float().repeat_interleave(8, dim=1) * sc.float()
+        return d.reshape(n, g), -(dm.float().repeat_interleave(8, dim=1) * mn.float()).reshape(n, g)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [N, K] this grid stands for."""
         from .decode_fused import dequantize_int4_groups
 
-        w, d, m = self.parts
         if self.kind == "int4":
-            return dequantize_int4_groups(w, d, m)
+            return dequantize_int4_groups(self.parts[0], *self.group_scales())
+        w, d, _ = self.parts
         n, g = d.shape
         return (w.float().reshape(n, g, 32) * d.float()[..., None]).reshape(n, g * 32)
 
@@ -71,14 +89,20 @@ class Grid:
 
         return Grid([*quantize_int8_groups(self.dequantize()), torch.empty(0)])
 
+    def to_group_scales(self) -> Grid:
+        """This int4 weight with float32 d and m per group (the same values)."""
+        return Grid([self.parts[0], *self.group_scales()]) if self.super_blocks else self
+
     @staticmethod
     def cat(grids: list[Grid]) -> Grid:
-        """Stack weights with the same K along their rows (int8 when any of them is)."""
+        """Stack weights with the same K along their rows (int8 when any of them is; int4 with group scales
+        when their scales differ in form)."""
         if len({g.kind for g in grids}) > 1:
             grids = [g.to_int8() for g in grids]
-        if grids[0].kind == "int4":
-            return Grid([torch.cat([g.parts[i] for g in grids]) for i in range(3)])
-        return Grid([torch.cat([g.parts[0] for g in grids]), torch.cat([g.parts[1] for g in grids]), torch.empty(0)])
+        elif len({g.super_blocks for g in grids}) > 1:
+            grids = [g.to_group_scales() for g in grids]
+        parts = [torch.cat([g.parts[i] for g in grids]) for i in range(len(grids[0].parts))]
+        return Grid(parts if grids[0].kind == "int4" else [*parts[:2], torch.empty(0)])
 
 
 @dataclass(frozen=True)
@@ -235,15 +259,15 @@ def _exact_grid(kind: str, raw: np.ndarray, n: int, k: int) -> Grid:
     # Q4_K super-block of 256: d f16, dmin f16, 12 bytes of 6-bit scales and mins for its 8 groups, then
     # 128 bytes where 32-byte chunk c holds group 2c in its low nibbles and group 2c + 1 in its high ones
     sb = raw.reshape(n, k // 256, 144)
-    d = sb[..., 0:2].copy().view(np.float16).astype(np.float32)  # [N, S, 1]
-    dmin = sb[..., 2:4].copy().view(np.float16).astype(np.float32)
+    d = sb[..., 0:2].copy().view(np.float16)  # [N, S, 1]
+    dmin = sb[..., 2:4].copy().view(np.float16)
     s = sb[..., 4:16].reshape(n, k // 256, 3, 4)
     lo, hi, mix = s[..., 0, :], s[..., 1, :], s[..., 2, :]  # the layout gguf.quants.Q4_K.get_scale_min unpacks
-    sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=-1).astype(np.float32)  # [N, S, 8]
-    mn = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=-1).astype(np.float32)
-    dg = torch.from_numpy((d * sc).reshape(n, g))
-    mg = torch.from_numpy(-(dmin * mn).reshape(n, g))
+    sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)  # [N, S, 8] uint8
+    mn = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=-1)
     qs = torch.from_numpy(np.ascontiguousarray(sb[..., 16:]).reshape(n, k // 64, 32))
     groups = torch.stack([qs & 15, qs >> 4], dim=2).reshape(n, g, 32)  # [N, G, 32] values 0..15
     packed = groups[..., :16] | (groups[..., 16:] << 4)
-    return Grid([packed.reshape(n, k // 2).contiguous(), dg.contiguous(), mg.contiguous()])
+    return Grid([packed.reshape(n, k // 2).contiguous(), torch.from_numpy(sc.reshape(n, g)),
+                 torch.from_numpy(mn.reshape(n, g)), torch.from_numpy(d.reshape(n, -1)),
+                 torch.from_numpy(dmin.reshape(n, -1))])

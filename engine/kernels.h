@@ -33,12 +33,19 @@ namespace agentrt {
 //   s = d [N, G] and (int4) z = m [N, G], both float16 or both float32: in block b, element g * nb + c is
 //        column 8b + c's d (m) of group g. float16 where every value is one exactly (a GGUF's own Q4_0 / Q4_1 /
 //        Q8_0 scales, our quantizers'): a 4-bit weight then takes 5 bits, not 6, and decode reads that much less
+//   or (int4 only, K % 256 == 0) super-block scales, Q4_K's own form: s uint8 [N, 20 K/256], z empty, and
+//        w = D * sc_g * q - Dm * mn_g. In block b, super-block t (groups 8t..8t+7) is a record of 20 nb bytes at
+//        byte 20 nb t: D float16 [nb], Dm float16 [nb], sc uint8 [8][nb], mn uint8 [8][nb] (group, column).
+//        A weight takes 4.625 bits (Q4_K's 4.5), where float32 d and m per group took 6
 //   bias float32 [N] (plain order) or empty
 struct Lin {
   at::Tensor w, s, z, b;
   bool int4() const { return w.scalar_type() == at::kByte; }
   bool half_scales() const { return s.scalar_type() == at::kHalf; }
+  bool super_scales() const { return s.scalar_type() == at::kByte; }
 };
+
+constexpr int64_t kSuperRecord = 20;  // bytes a column's super-block scales take (see Lin)
 
 // at::parallel_for's contract (f gets contiguous chunks of [begin, end), at most at::get_num_threads() of them,
 // none smaller than `grain` but the last) on the kernels' own thread pool (thread_pool.cpp says why).

@@ -15,7 +15,9 @@
 // - Weights are stored in the kernel's order (kernels.h): 8 output columns interleaved by 4 inputs, so
 //   one broadcast of 4 activation bytes meets 8 columns in one register, and each weight register serves
 //   up to 4 activation rows: batch rows share the unpacking and loads. int4 tiles are 4 rows x 16 columns
-//   (two blocks share each broadcast), int8 ones 4 x 8 (their sign trick needs more registers).
+//   (two blocks share each broadcast) when more than 4 rows read the blocks, else 8 columns: a decode step
+//   waits on streaming the weights from memory, and one block's streams at a time stream faster than two.
+//   int8 tiles are 4 x 8 (their sign trick needs more registers).
 // - The tiles are bound by vector op issue, not by the maddubs alone: a 4 x 16 int4 group is 64 maddubs + 56
 //   int16 adds + 32 broadcasts + a float epilogue per accumulator (madd, cvt, mul, 2 fma: the bit-exact order) +
 //   the nibble unpacking. So the tile keeps its float sums in locals (a __m256 pointer may alias anything, and GCC
@@ -24,7 +26,8 @@
 //   bytes (one load a step instead of a load, an and and, for the high nibbles, a shift). Row tiles stay inside
 //   the column blocks, so each weight block streams from cache once for all the rows it serves.
 // - Per-group scales (and int4 mins) are float16 or float32 in the same column order: one load (and, for
-//   float16, one vcvtph2ps) for 8 columns.
+//   float16, one vcvtph2ps) for 8 columns; or Q4_K's super-block scales, whose d = D * sc and m = -(Dm * mn)
+//   the tile makes per group (two converts and a multiply each), once per call for many rows.
 // - One parallel region per call (output column blocks split over the kernels' pool, torch's thread count),
 //   activation scratch reused per thread.
 #include "kernels.h"
@@ -147,20 +150,45 @@ inline __m256i dot4_i32(__m256i acc, __m256i u, __m256i s) {
 #endif
 #endif
 
+// How a block's group scales are stored (kernels.h's `Lin`).
+enum class Scales { kFloat, kHalf, kSuper };
+
+// Column c's d (or, with `min`, m) of group g from super-block records of nb columns.
+inline float super_scale(const uint8_t* s, int64_t nb, int64_t g, int64_t c, bool min) {
+  const uint8_t* r = s + (g / 8) * kSuperRecord * nb;
+  const float D = float(reinterpret_cast<const at::Half*>(r)[(min ? nb : 0) + c]);
+  const float q = float(r[(min ? 12 : 4) * nb + (g % 8) * nb + c]);
+  return min ? -(D * q) : D * q;
+}
+
 // The column block of 8 outputs as the tile kernels read it (see kernels.h's `Lin` for the order).
 struct Block {
   const uint8_t* w;   // int4: [G][4][8][4] bytes; int8: [G][8][8][4]
-  const void* d;      // [G][8] float16 (half) or float32
-  const void* mn;     // [G][8] (int4), as d
-  bool half;
+  const void* d;      // [G][8] float16 or float32; kSuper: [G / 8] records of 20 * 8 bytes
+  const void* mn;     // [G][8] (int4), as d; kSuper: unused
+  Scales kind;
 
-  float scale(const void* p, int64_t i) const {
-    return half ? float(static_cast<const at::Half*>(p)[i]) : static_cast<const float*>(p)[i];
+  float d1(int64_t g, int64_t c) const { return one(d, g, c, false); }  // column c's d of group g
+  float m1(int64_t g, int64_t c) const { return one(mn, g, c, true); }
+  float one(const void* p, int64_t g, int64_t c, bool min) const {
+    if (kind == Scales::kSuper) return super_scale(static_cast<const uint8_t*>(d), 8, g, c, min);
+    const int64_t i = g * 8 + c;
+    return kind == Scales::kHalf ? float(static_cast<const at::Half*>(p)[i]) : static_cast<const float*>(p)[i];
   }
 #ifdef AGENTRT_AVX2
-  __m256 scales8(const void* p, int64_t i) const {  // elements i..i+7 (the block's 8 columns of one group)
-    return half ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const at::Half*>(p) + i)))
-                : _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  __m256 d8(int64_t g) const { return eight(d, g, false); }  // group g's d (m) of the block's 8 columns
+  __m256 m8(int64_t g) const { return eight(mn, g, true); }
+  __m256 eight(const void* p, int64_t g, bool min) const {
+    if (kind == Scales::kSuper) {  // D * sc, -(Dm * mn): the float32 products super_scale makes
+      const uint8_t* r = static_cast<const uint8_t*>(d) + (g >> 3) * kSuperRecord * 8;
+      const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + (min ? 16 : 0))));
+      const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + (min ? 96 : 32) + (g & 7) * 8));
+      const __m256 v = _mm256_mul_ps(D, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8)));
+      return min ? _mm256_xor_ps(v, _mm256_set1_ps(-0.f)) : v;
+    }
+    return kind == Scales::kHalf
+               ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const at::Half*>(p) + g * 8)))
+               : _mm256_loadu_ps(static_cast<const float*>(p) + g * 8);
   }
 #endif
 };
@@ -211,7 +239,7 @@ inline void tile_q4(const Block* b, const int8_t* xq, const float* xs, const flo
       }
     }
     for (int j = 0; j < NB; ++j) {  // w = d * q + m: d * sx * (q . xq) + m * sx * sum(xq)
-      const __m256 d = b[j].scales8(b[j].d, g * 8), mn = b[j].scales8(b[j].mn, g * 8);
+      const __m256 d = b[j].d8(g), mn = b[j].m8(g);
       for (int r = 0; r < MR; ++r) {
         const __m256 dot = _mm256_cvtepi32_ps(widen(s16[r * NB + j]));
         __m256& c = acc[r * NB + j];
@@ -223,16 +251,25 @@ inline void tile_q4(const Block* b, const int8_t* xq, const float* xs, const flo
   for (int r = 0; r < MR * NB; ++r) out[r] = acc[r];
 }
 
-// The nblk int4 blocks of b as `step_q4` reads them unpacked, in u ([nblk][G][8][32] bytes).
-inline void unpack(Block* b, int nblk, int64_t G, std::vector<uint8_t>& u) {
+// The nblk int4 blocks of b as `step_q4` reads them unpacked, in u ([nblk][G][8][32] bytes), super-block
+// scales as float32 d and m per group (in f): the row tiles then share the products too.
+inline void unpack(Block* b, int nblk, int64_t G, std::vector<uint8_t>& u, std::vector<float>& f) {
   const __m256i low = _mm256_set1_epi8(0x0f);
   u.resize(nblk * G * 256);
+  f.resize(nblk * G * 16);
   for (int j = 0; j < nblk; ++j) {
     uint8_t* o = u.data() + j * G * 256;
     for (int64_t g = 0; g < G; ++g)
       for (int i = 0; i < 8; ++i)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * 256 + i * 32), step_q4<false>(b[j].w, g, i, low));
     b[j].w = o;
+    if (b[j].kind != Scales::kSuper) continue;
+    float* d = f.data() + j * G * 16;
+    for (int64_t g = 0; g < G; ++g) {
+      _mm256_storeu_ps(d + g * 8, b[j].d8(g));
+      _mm256_storeu_ps(d + (G + g) * 8, b[j].m8(g));
+    }
+    b[j] = {o, d, d + G * 8, Scales::kFloat};
   }
 }
 
@@ -249,7 +286,7 @@ inline void tile_q8(const Block& b, const int8_t* xq, const float* xs, const flo
       const __m256i av = _mm256_abs_epi8(v);
       for (int r = 0; r < MR; ++r) s32[r] = dot4_i32(s32[r], av, _mm256_sign_epi8(bcast4(x + r * Kp + i * 4), v));
     }
-    const __m256 d = b.scales8(b.d, g * 8);
+    const __m256 d = b.d8(g);
     for (int r = 0; r < MR; ++r)
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_mul_ps(d, _mm256_set1_ps(xs[r * G + g])), acc[r]);
   }
@@ -295,14 +332,15 @@ void tiles(const Block* b, int nblk, int64_t nb, const Acts& a, bool split, int6
   const bool unpacked = kQ4 && v1 - v0 > 2 * kMR;  // three row tiles or more read the blocks: worth a copy
   if (unpacked) {
     thread_local std::vector<uint8_t> u;
-    unpack(bu, nblk, G, u);
+    thread_local std::vector<float> f;
+    unpack(bu, nblk, G, u, f);
     b = bu;
   }
   for (int64_t v = v0; v < v1; v += kMR) {
     const int mr = int(std::min(kMR, v1 - v));
     const int8_t* xq = a.q.data() + v * Kp;
     const float *xs = a.s.data() + v * G, *xsum = a.sum.data() + v * G;
-    const int NB = kQ4 && nblk == 2 ? 2 : 1;
+    const int NB = kQ4 && nblk == 2 && v1 - v0 > kMR ? 2 : 1;
     for (int j0 = 0; j0 < nblk; j0 += NB) {
       switch (mr) {
         case 4: tile<kQ4, 4>(b + j0, NB, unpacked, xq, xs, xsum, Kp, G, acc); break;
@@ -341,8 +379,8 @@ void tiles1(const Block& b, int64_t nb, const Acts& a, int V, int64_t v0, int64_
           }
           dot += q * int32_t(x[g * 32 + j]);
         }
-        acc += float(dot) * (b.scale(b.d, g * kNR + c) * a.s[m * G + g]);
-        if constexpr (kQ4) acc += b.scale(b.mn, g * kNR + c) * a.sum[m * G + g];
+        acc += float(dot) * (b.d1(g, c) * a.s[m * G + g]);
+        if constexpr (kQ4) acc += b.m1(g, c) * a.sum[m * G + g];
       }
       float& y = Y[(m - v0) / V * ldy + c];
       const bool first = (m - v0) % V == 0;  // the row's first part: bias, and replace unless accumulating
@@ -371,15 +409,21 @@ struct TailBlock {
     w.assign(G * steps * kNR * 4, 0);
     d.assign(G * kNR, 0.f);
     mn.assign(G * kNR, 0.f);
+    const bool super = src.kind == Scales::kSuper, half = src.kind == Scales::kHalf;
+    auto scale = [&](const void* p, int64_t g, int64_t c, bool min) {
+      if (super) return super_scale(static_cast<const uint8_t*>(src.d), nt, g, c, min);
+      const int64_t i = g * nt + c;
+      return half ? float(static_cast<const at::Half*>(p)[i]) : static_cast<const float*>(p)[i];
+    };
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t i = 0; i < steps; ++i)
         std::memcpy(&w[(g * steps + i) * kNR * 4], src.w + (g * steps + i) * nt * 4, nt * 4);
       for (int64_t c = 0; c < nt; ++c) {
-        d[g * kNR + c] = src.scale(src.d, g * nt + c);
-        if (q4) mn[g * kNR + c] = src.scale(src.mn, g * nt + c);
+        d[g * kNR + c] = scale(src.d, g, c, false);
+        if (q4) mn[g * kNR + c] = scale(src.mn, g, c, true);
       }
     }
-    return {w.data(), d.data(), mn.data(), false};
+    return {w.data(), d.data(), mn.data(), Scales::kFloat};
   }
 };
 
@@ -387,10 +431,11 @@ template <bool kQ4>
 void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t M, int64_t K, bool accumulate) {
   const int64_t N = l.w.size(0), Kp = pad32(K), G = Kp / 32, row_bytes = kQ4 ? Kp / 2 : Kp;
   const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr());
-  const bool half = l.half_scales();
-  const int64_t scale_bytes = half ? 2 : 4;
+  const Scales kind = l.super_scales() ? Scales::kSuper : l.half_scales() ? Scales::kHalf : Scales::kFloat;
+  // bytes of s (and z) a column takes
+  const int64_t scale_bytes = kind == Scales::kSuper ? G / 8 * kSuperRecord : G * (kind == Scales::kHalf ? 2 : 4);
   const char* d = static_cast<const char*>(l.s.data_ptr());
-  const char* mn = kQ4 ? static_cast<const char*>(l.z.data_ptr()) : nullptr;
+  const char* mn = kQ4 && kind != Scales::kSuper ? static_cast<const char*>(l.z.data_ptr()) : nullptr;
   const float* bias = l.b.defined() && l.b.numel() ? l.b.data_ptr<float>() : nullptr;
   const int64_t blocks = (N + kNR - 1) / kNR, pairs = (blocks + 1) / 2;
   // a task of at least ~64K multiply-adds, so tiny linears do not wake the pool
@@ -406,7 +451,7 @@ void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t M, int64_t K
         Block blk[2];
         for (int64_t j = 0; j < nblk; ++j) {
           const int64_t c0 = n0 + j * kNR;
-          blk[j] = {w + c0 * row_bytes, d + c0 * G * scale_bytes, kQ4 ? mn + c0 * G * scale_bytes : nullptr, half};
+          blk[j] = {w + c0 * row_bytes, d + c0 * scale_bytes, mn ? mn + c0 * scale_bytes : nullptr, kind};
         }
         if (nb < kNR) blk[nblk - 1] = tail.widen(blk[nblk - 1], nb, G, kQ4);
         tiles<kQ4>(blk, int(nblk), nb, a, split, v0, v1, Kp, G, bias ? bias + n0 : nullptr, Y + v0 / V * N + n0, N,
@@ -426,10 +471,16 @@ void check_lin(const Lin& l, int64_t N, int64_t K, const char* what) {
   TORCH_CHECK(l.w.size(1) == (q4 ? K / 2 : pad32(K)), what, ": weight must be [N, ", q4 ? "K/2" : "K rounded up to 32",
               "] for K=", K);
   const int64_t G = pad32(K) / 32;
-  TORCH_CHECK((l.s.scalar_type() == at::kFloat || l.s.scalar_type() == at::kHalf) && l.s.is_contiguous() &&
-              l.s.numel() == N * G, what, ": group scales must be float32 or float16 [N, ceil(K/32)] in kernel order");
-  TORCH_CHECK(!q4 || (l.z.scalar_type() == l.s.scalar_type() && l.z.is_contiguous() && l.z.numel() == N * G), what,
-              ": int4 groups need mins [N, K/32] in kernel order, of the scales' dtype");
+  if (l.super_scales()) {
+    TORCH_CHECK(q4 && K % 256 == 0 && l.s.is_contiguous() && l.s.numel() == N * K / 256 * kSuperRecord &&
+                l.z.numel() == 0, what, ": super-block scales need int4 weights, K % 256 == 0, s uint8 [N, ",
+                kSuperRecord, " K/256] in kernel order and no separate mins");
+  } else {
+    TORCH_CHECK((l.s.scalar_type() == at::kFloat || l.s.scalar_type() == at::kHalf) && l.s.is_contiguous() &&
+                l.s.numel() == N * G, what, ": group scales must be float32 or float16 [N, ceil(K/32)] in kernel order");
+    TORCH_CHECK(!q4 || (l.z.scalar_type() == l.s.scalar_type() && l.z.is_contiguous() && l.z.numel() == N * G), what,
+                ": int4 groups need mins [N, K/32] in kernel order, of the scales' dtype");
+  }
   TORCH_CHECK(!l.b.defined() || l.b.numel() == 0 ||
               (l.b.scalar_type() == at::kFloat && l.b.is_contiguous() && l.b.numel() == N), what,
               ": bias must be float32 [N]");

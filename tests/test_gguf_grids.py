@@ -68,6 +68,29 @@ def test_exact_types_round_trip_bit_for_bit(tmp_path, qtype):
     assert torch.equal(grid.dequantize(), want)
 
 
+def test_q4_k_keeps_its_super_blocks_in_the_kernel(tmp_path, ext):
+    """Q4_K runs on its own scales (4.625 bits a weight, not 6): the kernel's results equal those of the same
+    grid with float32 scales per group bit for bit (whole blocks of 8 rows and a short one), and the packed
+    rows read back the grid."""
+    from agentrt.engine.decode_fused import FusedLinear
+
+    ((grid, want),) = _read(tmp_path, ["Q4_K"])
+    assert grid.super_blocks and grid.kind == "int4"
+    for rows in (N, 21):
+        part = Grid([p[:rows] for p in grid.parts])
+        sup = FusedLinear(part.parts, torch.empty(0), K, ext)
+        flat = FusedLinear(part.to_group_scales().parts, torch.empty(0), K, ext)
+        assert sup.scales.dtype == torch.uint8 and sup.scales.numel() == rows * K // 256 * 20
+        assert torch.equal(sup.rows(torch.arange(rows)), want[:rows])
+        for m in (1, 3, 12):
+            x = torch.randn(m, K)
+            for int16 in (False, True):
+                sup.int16 = flat.int16 = int16
+                assert torch.equal(sup(x), flat(x)), (rows, m, int16)
+    with pytest.raises(RuntimeError, match="super-block scales need"):
+        ext.linear(torch.randn(1, K), sup.weight, sup.scales[:, :-1].contiguous(), sup.zeros, torch.empty(0), False)
+
+
 @pytest.mark.parametrize("qtype", ["Q5_1", "Q5_K", "Q6_K", "F16", "F32"])
 def test_other_types_are_rounded_onto_int8_within_half_a_step(tmp_path, qtype):
     ((grid, want),) = _read(tmp_path, [qtype])

@@ -19,6 +19,7 @@ _CHILD = textwrap.dedent("""
     from agentrt.engine import EngineConfig, LLMEngine
     from agentrt.engine.decode_fused import (FusedLinear, kernel_isa, load_extension, quantize_int4_groups,
                                              quantize_int8_groups)
+    from agentrt.engine.gguf_grids import Grid
     from tests.helpers.engine import tiny_loaded
     ext = load_extension()
     assert ext is not None and ext.isa() == kernel_isa() == sys.argv[2], (ext and ext.isa(), kernel_isa())
@@ -32,6 +33,14 @@ _CHILD = textwrap.dedent("""
             x = torch.randn(m, 320, generator=g)
             for int16 in (False, True):
                 out[f"{kind} rows={m} int16={int16}"] = (FusedLinear(parts, bias, 320, ext, int16)(x), x, w, bias)
+    # Q4_K's super-block scales (K 512: two super-blocks; 21 rows: a short last block)
+    q4k = Grid([torch.randint(0, 256, (21, 256), dtype=torch.uint8, generator=g),
+                *(torch.randint(0, 64, (21, 16), dtype=torch.uint8, generator=g) for _ in range(2)),
+                *((torch.rand(21, 2, generator=g) * 0.02).half() for _ in range(2))])
+    for m in (1, 3, 37):
+        x = torch.randn(m, 512, generator=g)
+        out[f"int4 super-blocks rows={m}"] = (FusedLinear(q4k.parts, torch.empty(0), 512, ext)(x), x,
+                                              q4k.dequantize(), torch.zeros(21))
     eng = LLMEngine(EngineConfig(dtype="float32", quantization="int4", fused_decode=True, num_threads=2,
                                  block_size=4, num_kv_blocks=64),
                     loaded=tiny_loaded(hidden_size=64, intermediate_size=96, num_attention_heads=4,
