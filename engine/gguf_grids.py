@@ -7,13 +7,13 @@ file's pages resident) and turned into the plain grid `decode_fused.FusedLinear.
   (each block's values come back bit for bit as ``gguf.quants.dequantize`` gives them); Q4_K keeps its
   super-block scales (w = D sc q - Dm mn: float16 D and Dm per 256 inputs, 6-bit sc and mn per group), which
   the kernels read as they are;
-* int8 groups of 32, w = d * q (q -127..127, float16 d): Q8_0 and Q5_0 (q - 16) exactly; Q5_1, Q5_K, Q6_K,
+* int6, Q6_K's own form (w = D sc_h (q - 32), q 0..63, an int8 sc_h per 16 inputs): Q6_K exactly;
+* int8 groups of 32, w = d * q (q -127..127, float16 d): Q8_0 and Q5_0 (q - 16) exactly; Q5_1, Q5_K,
   IQ4 and float tensors are dequantized one row chunk at a time and rounded onto it (at most half a step of the
-  group's max / 127 off: Q6_K's own sub-blocks of 16 have scales of their own that one group of 32
-  cannot hold).
+  group's max / 127 off).
 
 A linear the step fuses (qkv, gate/up) whose parts came on different grids (a Q4_K_M file keeps some
-layers' attn_v in Q6_K) runs on int8: its int4 parts are rounded onto int8 groups the same way.
+layers' attn_v in Q6_K) runs on int8: its other parts are rounded onto int8 groups the same way.
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ import torch
 
 # quant type -> the grid it reads onto
 GRID_OF = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8", "Q5_0": "int8", "Q5_1": "int8",
-           "Q5_K": "int8", "Q6_K": "int8", "IQ4_NL": "int8", "IQ4_XS": "int8", "F32": "int8", "F16": "int8",
+           "Q5_K": "int8", "Q6_K": "int6", "IQ4_NL": "int8", "IQ4_XS": "int8", "F32": "int8", "F16": "int8",
            "BF16": "int8"}
 SUPPORTED = tuple(GRID_OF)
-_EXACT = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0")  # read bit for bit; the others are rounded onto int8
+_EXACT = ("Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0", "Q5_0")  # read bit for bit; the others are rounded onto int8
 _ROW_CHUNK = 4096  # rows dequantized at once where a tensor is rounded onto int8 (bounds the float32 scratch)
 
 
@@ -45,13 +45,16 @@ class Grid:
     int4: [packed uint8 [N, K/2] (a group's q[j] low nibble, q[j + 16] high), d float32 [N, G], m float32 [N, G]];
     int4 with super-block scales (Q4_K): [packed, sc uint8 [N, G], mn uint8 [N, G], D float16 [N, G/8],
     Dm float16 [N, G/8]], standing for d = D sc, m = -(Dm mn);
+    int6 (Q6_K): [q uint8 [N, K] (0..63), sc int8 [N, K/16], D float16 [N, K/256]], w = D sc (q - 32) per 16;
     int8: [q int8 [N, K], d float16 [N, G], empty]. G = K / 32."""
 
     parts: list[torch.Tensor]
 
     @property
     def kind(self) -> str:
-        return "int4" if self.parts[0].dtype == torch.uint8 else "int8"
+        if self.parts[0].dtype == torch.int8:
+            return "int8"
+        return "int6" if self.parts[1].dtype == torch.int8 else "int4"
 
     @property
     def super_blocks(self) -> bool:
@@ -77,6 +80,11 @@ class Grid:
 
         if self.kind == "int4":
             return dequantize_int4_groups(self.parts[0], *self.group_scales())
+        if self.kind == "int6":
+            q, sc, dd = self.parts
+            n, k = q.shape
+            d = dd.float().repeat_interleave(16, dim=1) * sc.float()  # [N, K/16]
+            return ((q.float() - 32).reshape(n, k // 16, 16) * d[..., None]).reshape(n, k)
         w, d, _ = self.parts
         n, g = d.shape
         return (w.float().reshape(n, g, 32) * d.float()[..., None]).reshape(n, g * 32)
@@ -102,7 +110,7 @@ class Grid:
         elif len({g.super_blocks for g in grids}) > 1:
             grids = [g.to_group_scales() for g in grids]
         parts = [torch.cat([g.parts[i] for g in grids]) for i in range(len(grids[0].parts))]
-        return Grid(parts if grids[0].kind == "int4" else [*parts[:2], torch.empty(0)])
+        return Grid(parts if grids[0].kind != "int8" else [*parts[:2], torch.empty(0)])
 
 
 @dataclass(frozen=True)
@@ -231,8 +239,17 @@ def read_grid(fd: int, t: Any) -> Grid:
 
 
 def _exact_grid(kind: str, raw: np.ndarray, n: int, k: int) -> Grid:
-    """Q4_0 / Q4_1 / Q4_K / Q8_0 / Q5_0 blocks (raw [N, bytes per row]) as their grid, value for value."""
+    """Q4_0 / Q4_1 / Q4_K / Q6_K / Q8_0 / Q5_0 blocks (raw [N, bytes per row]) as their grid, value for value."""
     g = k // 32
+    if kind == "Q6_K":  # super-block of 256: ql[128] (low 4 bits), qh[64] (high 2), scales int8[16], d f16
+        sb = raw.reshape(n, k // 256, 210)
+        ql = (sb[..., :128].reshape(n, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8)[:, None]) & 15
+        qh = (sb[..., 128:192].reshape(n, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 3
+        # gguf.quants.Q6_K's order: half h of a super-block holds values 128h.. as ql[h] (two nibble rows of 64)
+        q = ql.reshape(n, -1, 2, 128) | (qh.reshape(n, -1, 2, 128) << 4)
+        return Grid([torch.from_numpy(q.reshape(n, k)), torch.from_numpy(np.ascontiguousarray(sb[..., 192:208])
+                                                                        .view(np.int8).reshape(n, k // 16)),
+                     torch.from_numpy(np.ascontiguousarray(sb[..., 208:]).view(np.float16).reshape(n, k // 256))])
     if kind == "Q8_0":  # block: d f16, q int8[32]
         b = raw.reshape(n, g, 34)
         q = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k))

@@ -37,15 +37,22 @@ namespace agentrt {
 //        w = D * sc_g * q - Dm * mn_g. In block b, super-block t (groups 8t..8t+7) is a record of 20 nb bytes at
 //        byte 20 nb t: D float16 [nb], Dm float16 [nb], sc uint8 [8][nb], mn uint8 [8][nb] (group, column).
 //        A weight takes 4.625 bits (Q4_K's 4.5), where float32 d and m per group took 6
+//   int6 (Q6_K's own form, K % 256 == 0): w uint8 [N, 3K/4], w = d_h * (q - 32), q in 0..63, a scale d_h per 16
+//        inputs; in block b a group is 192 bytes: its low 4 bits as int4's 128, then two 32-byte planes of the
+//        high 2 bits (plane p, byte (c * 4 + r) holds those of q[8b + c][32g + 16p + 4i + r] at bits 2i, i < 4).
+//        s int8 [N, 18 K/256] (the records' dtype marks int6), z empty: super-block t is a record of 18 nb bytes:
+//        D float16 [nb], sc int8 [16][nb] (half-group, column); d_h = D * sc_h. 6.5625 bits a weight, as Q6_K
 //   bias float32 [N] (plain order) or empty
 struct Lin {
   at::Tensor w, s, z, b;
-  bool int4() const { return w.scalar_type() == at::kByte; }
+  bool int6() const { return s.scalar_type() == at::kChar; }
+  bool int4() const { return w.scalar_type() == at::kByte && !int6(); }
   bool half_scales() const { return s.scalar_type() == at::kHalf; }
   bool super_scales() const { return s.scalar_type() == at::kByte; }
 };
 
 constexpr int64_t kSuperRecord = 20;  // bytes a column's super-block scales take (see Lin)
+constexpr int64_t kSixRecord = 18;    // int6's
 
 // at::parallel_for's contract (f gets contiguous chunks of [begin, end), at most at::get_num_threads() of them,
 // none smaller than `grain` but the last) on the kernels' own thread pool (thread_pool.cpp says why).

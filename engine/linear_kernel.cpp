@@ -52,6 +52,7 @@ inline int64_t pad32(int64_t k) { return (k + 31) / 32 * 32; }
 struct Acts {
   std::vector<int8_t> q;
   std::vector<float> s, sum;
+  std::vector<int32_t> half;  // [rows, 2G]: sums of the rounded q over each 16 inputs (int6's -32 offset)
 };
 Acts& acts() {
   thread_local Acts a;
@@ -107,7 +108,12 @@ inline float quantize_block(const float* x, int64_t n, int8_t* q, float* sum) {
 void quantize_rows(const float* X, int64_t M, int64_t K, bool split, Acts& a) {
   const int64_t Kp = pad32(K), G = Kp / 32, V = split ? 2 : 1;
   if (int64_t(a.q.size()) < V * M * Kp) a.q.resize(V * M * Kp);
-  if (int64_t(a.s.size()) < V * M * G) a.s.resize(V * M * G), a.sum.resize(V * M * G);
+  if (int64_t(a.s.size()) < V * M * G) a.s.resize(V * M * G), a.sum.resize(V * M * G), a.half.resize(2 * V * M * G);
+  auto halves = [&](const int8_t* q, int64_t v, int64_t g) {
+    int32_t h0 = 0, h1 = 0;
+    for (int j = 0; j < 16; ++j) h0 += q[j], h1 += q[16 + j];
+    a.half[(v * G + g) * 2] = h0, a.half[(v * G + g) * 2 + 1] = h1;
+  };
   auto rows = [&](int64_t m0, int64_t m1) {
     float r[32];
     for (int64_t m = m0; m < m1; ++m)
@@ -116,6 +122,7 @@ void quantize_rows(const float* X, int64_t M, int64_t K, bool split, Acts& a) {
         const int64_t n = std::min<int64_t>(32, K - g * 32), v = V * m;
         int8_t* q = a.q.data() + v * Kp + g * 32;
         const float s = a.s[v * G + g] = quantize_block(x, n, q, &a.sum[v * G + g]);
+        halves(q, v, g);
         if (!split) continue;
         for (int64_t j = 0; j < 32; ++j) r[j] = j < n ? x[j] - s * float(q[j]) : 0.f;  // |r| <= s / 2
         int8_t* q2 = q + Kp;
@@ -125,6 +132,7 @@ void quantize_rows(const float* X, int64_t M, int64_t K, bool split, Acts& a) {
           isum += q2[j] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(r[j] * inv))));
         a.s[(v + 1) * G + g] = s / 254.f;
         a.sum[(v + 1) * G + g] = float(isum) * (s / 254.f);
+        halves(q2, v + 1, g);
       }
   };
   if (M * K < (1 << 16)) rows(0, M);  // a decode batch: cheaper than waking the pool
@@ -150,11 +158,19 @@ inline __m256i dot4_i32(__m256i acc, __m256i u, __m256i s) {
 #endif
 #endif
 
-// How a block's group scales are stored (kernels.h's `Lin`).
-enum class Scales { kFloat, kHalf, kSuper };
+// The weights' kind (kernels.h's `Lin`): int8, int4 (d * q + m), int6 (Q6_K: d_h * (q - 32) per 16 inputs)
+enum class Bits { k8, k4, k6 };
+// How a block's group scales are stored: float32 / float16 per group, Q4_K or Q6_K super-block records.
+// int6 keeps its two half-group scales where int4 keeps d and m.
+enum class Scales { kFloat, kHalf, kSuper, kSix };
 
-// Column c's d (or, with `min`, m) of group g from super-block records of nb columns.
-inline float super_scale(const uint8_t* s, int64_t nb, int64_t g, int64_t c, bool min) {
+// Column c's d (or, with `min`, m) of group g from super-block records of nb columns; for kSix the scale
+// of the group's first (second) 16 inputs.
+inline float super_scale(Scales kind, const uint8_t* s, int64_t nb, int64_t g, int64_t c, bool min) {
+  if (kind == Scales::kSix) {
+    const uint8_t* r = s + (g / 8) * kSixRecord * nb;
+    return float(reinterpret_cast<const at::Half*>(r)[c]) * float(int8_t(r[(2 + (g % 8) * 2 + min) * nb + c]));
+  }
   const uint8_t* r = s + (g / 8) * kSuperRecord * nb;
   const float D = float(reinterpret_cast<const at::Half*>(r)[(min ? nb : 0) + c]);
   const float q = float(r[(min ? 12 : 4) * nb + (g % 8) * nb + c]);
@@ -163,15 +179,17 @@ inline float super_scale(const uint8_t* s, int64_t nb, int64_t g, int64_t c, boo
 
 // The column block of 8 outputs as the tile kernels read it (see kernels.h's `Lin` for the order).
 struct Block {
-  const uint8_t* w;   // int4: [G][4][8][4] bytes; int8: [G][8][8][4]
-  const void* d;      // [G][8] float16 or float32; kSuper: [G / 8] records of 20 * 8 bytes
-  const void* mn;     // [G][8] (int4), as d; kSuper: unused
+  const uint8_t* w;   // int4: [G][4][8][4] bytes; int6: [G][6][8][4]; int8: [G][8][8][4]
+  const void* d;      // [G][8] float16 or float32; kSuper / kSix: [G / 8] records of 20 (18) * 8 bytes
+  const void* mn;     // [G][8] (int4, int6), as d; kSuper / kSix: unused
   Scales kind;
+
+  bool records() const { return kind == Scales::kSuper || kind == Scales::kSix; }
 
   float d1(int64_t g, int64_t c) const { return one(d, g, c, false); }  // column c's d of group g
   float m1(int64_t g, int64_t c) const { return one(mn, g, c, true); }
   float one(const void* p, int64_t g, int64_t c, bool min) const {
-    if (kind == Scales::kSuper) return super_scale(static_cast<const uint8_t*>(d), 8, g, c, min);
+    if (records()) return super_scale(kind, static_cast<const uint8_t*>(d), 8, g, c, min);
     const int64_t i = g * 8 + c;
     return kind == Scales::kHalf ? float(static_cast<const at::Half*>(p)[i]) : static_cast<const float*>(p)[i];
   }
@@ -179,6 +197,12 @@ struct Block {
   __m256 d8(int64_t g) const { return eight(d, g, false); }  // group g's d (m) of the block's 8 columns
   __m256 m8(int64_t g) const { return eight(mn, g, true); }
   __m256 eight(const void* p, int64_t g, bool min) const {
+    if (kind == Scales::kSix) {  // D * sc of the first (second) 16 inputs
+      const uint8_t* r = static_cast<const uint8_t*>(d) + (g >> 3) * kSixRecord * 8;
+      const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)));
+      const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + 16 + ((g & 7) * 2 + min) * 8));
+      return _mm256_mul_ps(D, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
+    }
     if (kind == Scales::kSuper) {  // D * sc, -(Dm * mn): the float32 products super_scale makes
       const uint8_t* r = static_cast<const uint8_t*>(d) + (g >> 3) * kSuperRecord * 8;
       const __m256 D = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + (min ? 16 : 0))));
@@ -200,59 +224,85 @@ inline __m256i bcast4(const int8_t* p) {  // 4 activation bytes to all 8 lanes
   return _mm256_set1_epi32(v);
 }
 
-// Step i of block w's group g as bytes 0..15 (inputs 4i..4i+3 of 8 columns; steps 0..3 are the low
-// nibbles, 4..7 the high ones): from the stored nibbles ([G][4][32] bytes) or from `unpack`'s copy
-// ([G][8][32], kUnpacked), which saves the and / shift of every step for every row tile after the first.
-template <bool kUnpacked>
-inline __m256i step_q4(const uint8_t* w, int64_t g, int i, __m256i low) {
+// Step i of block w's group g as bytes (inputs 4i..4i+3 of 8 columns; steps 0..3 are the low nibbles,
+// 4..7 the high ones): from the stored nibbles ([G][4][32] bytes; int6: then [2][32] bytes of the high two
+// bits, step i's at bits 2 (i % 4) of plane i / 4) or from `unpack`'s copy ([G][8][32], kUnpacked), which
+// saves the unpacking of every step for every row tile after the first.
+template <bool kUnpacked, bool kSix>
+inline __m256i step_q(const uint8_t* w, int64_t g, int i, __m256i low) {
   if (kUnpacked) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 256 + i * 32));
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 128 + (i & 3) * 32));
-  return _mm256_and_si256(i < 4 ? v : _mm256_srli_epi16(v, 4), low);
+  const uint8_t* grp = w + g * (kSix ? 192 : 128);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + (i & 3) * 32));
+  const __m256i q = _mm256_and_si256(i < 4 ? v : _mm256_srli_epi16(v, 4), low);
+  if (!kSix) return q;
+  const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + 128 + (i >> 2) * 32));
+  const int j = i & 3;  // bits 2j, 2j + 1 of each byte -> bits 4, 5 (16-bit shifts: the mask drops what crosses)
+  const __m256i h = j == 0 ? _mm256_slli_epi16(p, 4) : j == 1 ? _mm256_slli_epi16(p, 2) : j == 2 ? p : _mm256_srli_epi16(p, 2);
+  return _mm256_or_si256(q, _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
 }
 
-// out[r * NB + j] [8 columns of block j] = sum over groups of block j's int4 dot with activation row r
+// One 4-byte product step into an accumulator; int6 widens every step (its pair sums of up to 2 * 63 * 127
+// would overflow int16 over four steps on AVX2), int4 adds a group's eight in int16 (`widen` at its end).
+template <bool kSix>
+inline __m256i dot_step(__m256i acc, __m256i u, __m256i x, bool first) {
+  if (kSix) return dot4_i32(first ? _mm256_setzero_si256() : acc, u, x);
+  return first ? dot_first(u, x) : dot_add(acc, u, x);
+}
+
+// out[r * NB + j] [8 columns of block j] = sum over groups of block j's int4 (int6) dot with activation row r
 // (of MR rows). NB = 2 blocks (16 columns) share each activation broadcast: fewer non-maddubs ops a product.
-template <int MR, int NB, bool kUnpacked>
-inline void tile_q4(const Block* b, const int8_t* xq, const float* xs, const float* xsum, int64_t Kp, int64_t G,
-                    __m256* out) {
+template <int MR, int NB, bool kUnpacked, bool kSix>
+inline void tile_q(const Block* b, const int8_t* xq, const float* xs, const float* xsum, const int32_t* xhalf,
+                   int64_t Kp, int64_t G, __m256* out) {
   const __m256i low = _mm256_set1_epi8(0x0f);
   __m256 acc[MR * NB];  // locals, not `out`: a __m256 pointer may alias anything, so each update would be stored
   for (int r = 0; r < MR * NB; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const int8_t* x = xq + g * 32;
-    __m256i s16[MR * NB];
+    __m256i s16[MR * NB], h16[MR * NB];  // int6 sums its two halves apart (each has its scale); int4 all in s16
     for (int i = 0; i < 4; ++i) {  // the low nibbles' steps for all rows, then the high ones'
       __m256i lo[NB];
-      for (int j = 0; j < NB; ++j) lo[j] = step_q4<kUnpacked>(b[j].w, g, i, low);
+      for (int j = 0; j < NB; ++j) lo[j] = step_q<kUnpacked, kSix>(b[j].w, g, i, low);
       for (int r = 0; r < MR; ++r) {
         const __m256i xa = bcast4(x + r * Kp + i * 4);
-        for (int j = 0; j < NB; ++j)
-          s16[r * NB + j] = i == 0 ? dot_first(lo[j], xa) : dot_add(s16[r * NB + j], lo[j], xa);
+        for (int j = 0; j < NB; ++j) s16[r * NB + j] = dot_step<kSix>(s16[r * NB + j], lo[j], xa, i == 0);
       }
     }
     for (int i = 4; i < 8; ++i) {
       __m256i hi[NB];
-      for (int j = 0; j < NB; ++j) hi[j] = step_q4<kUnpacked>(b[j].w, g, i, low);
+      for (int j = 0; j < NB; ++j) hi[j] = step_q<kUnpacked, kSix>(b[j].w, g, i, low);
       for (int r = 0; r < MR; ++r) {
         const __m256i xb = bcast4(x + r * Kp + i * 4);
-        for (int j = 0; j < NB; ++j) s16[r * NB + j] = dot_add(s16[r * NB + j], hi[j], xb);
+        for (int j = 0; j < NB; ++j) {
+          __m256i& t = kSix ? h16[r * NB + j] : s16[r * NB + j];
+          t = dot_step<kSix>(t, hi[j], xb, kSix && i == 4);
+        }
       }
     }
-    for (int j = 0; j < NB; ++j) {  // w = d * q + m: d * sx * (q . xq) + m * sx * sum(xq)
+    for (int j = 0; j < NB; ++j) {
       const __m256 d = b[j].d8(g), mn = b[j].m8(g);
       for (int r = 0; r < MR; ++r) {
-        const __m256 dot = _mm256_cvtepi32_ps(widen(s16[r * NB + j]));
         __m256& c = acc[r * NB + j];
-        c = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xs[r * G + g])), c);
-        c = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsum[r * G + g]), c);
+        const __m256 sx = _mm256_set1_ps(xs[r * G + g]);
+        if (kSix) {  // w = d_h * (q - 32) per half h: d_h * sx * (q . xq - 32 sum(xq))
+          const int32_t* hs = xhalf + (r * G + g) * 2;
+          const __m256i t0 = _mm256_sub_epi32(s16[r * NB + j], _mm256_set1_epi32(32 * hs[0]));
+          const __m256i t1 = _mm256_sub_epi32(h16[r * NB + j], _mm256_set1_epi32(32 * hs[1]));
+          c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t0), _mm256_mul_ps(d, sx), c);
+          c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t1), _mm256_mul_ps(mn, sx), c);
+        } else {  // w = d * q + m: d * sx * (q . xq) + m * sx * sum(xq)
+          c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen(s16[r * NB + j])), _mm256_mul_ps(d, sx), c);
+          c = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsum[r * G + g]), c);
+        }
       }
     }
   }
   for (int r = 0; r < MR * NB; ++r) out[r] = acc[r];
 }
 
-// The nblk int4 blocks of b as `step_q4` reads them unpacked, in u ([nblk][G][8][32] bytes), super-block
-// scales as float32 d and m per group (in f): the row tiles then share the products too.
+// The nblk int4 (int6) blocks of b as `step_q` reads them unpacked, in u ([nblk][G][8][32] bytes), super-block
+// scales as float32 per group (in f): the row tiles then share the products too.
+template <bool kSix>
 inline void unpack(Block* b, int nblk, int64_t G, std::vector<uint8_t>& u, std::vector<float>& f) {
   const __m256i low = _mm256_set1_epi8(0x0f);
   u.resize(nblk * G * 256);
@@ -261,9 +311,9 @@ inline void unpack(Block* b, int nblk, int64_t G, std::vector<uint8_t>& u, std::
     uint8_t* o = u.data() + j * G * 256;
     for (int64_t g = 0; g < G; ++g)
       for (int i = 0; i < 8; ++i)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * 256 + i * 32), step_q4<false>(b[j].w, g, i, low));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * 256 + i * 32), step_q<false, kSix>(b[j].w, g, i, low));
     b[j].w = o;
-    if (b[j].kind != Scales::kSuper) continue;
+    if (!b[j].records()) continue;
     float* d = f.data() + j * G * 16;
     for (int64_t g = 0; g < G; ++g) {
       _mm256_storeu_ps(d + g * 8, b[j].d8(g));
@@ -313,40 +363,45 @@ inline void store(const __m256* acc, int mr, int64_t nb, const float* bias, floa
 }
 
 // One tile: the row count and the kind are template arguments so the accumulators stay in registers.
-template <bool kQ4, int MR>
+template <Bits kB, int MR>
 inline void tile(const Block* b, int NB, bool unpacked, const int8_t* xq, const float* xs, const float* xsum,
-                 int64_t Kp, int64_t G, __m256* acc) {
-  if (!kQ4) tile_q8<MR>(*b, xq, xs, xsum, Kp, G, acc);
-  else if (NB == 2) unpacked ? tile_q4<MR, 2, true>(b, xq, xs, xsum, Kp, G, acc) : tile_q4<MR, 2, false>(b, xq, xs, xsum, Kp, G, acc);
-  else unpacked ? tile_q4<MR, 1, true>(b, xq, xs, xsum, Kp, G, acc) : tile_q4<MR, 1, false>(b, xq, xs, xsum, Kp, G, acc);
+                 const int32_t* xhalf, int64_t Kp, int64_t G, __m256* acc) {
+  constexpr bool six = kB == Bits::k6;
+  if (kB == Bits::k8) tile_q8<MR>(*b, xq, xs, xsum, Kp, G, acc);
+  else if (NB == 2) unpacked ? tile_q<MR, 2, true, six>(b, xq, xs, xsum, xhalf, Kp, G, acc)
+                             : tile_q<MR, 2, false, six>(b, xq, xs, xsum, xhalf, Kp, G, acc);
+  else unpacked ? tile_q<MR, 1, true, six>(b, xq, xs, xsum, xhalf, Kp, G, acc)
+                : tile_q<MR, 1, false, six>(b, xq, xs, xsum, xhalf, Kp, G, acc);
 }
 
 // Activation rows v0..v1 (of a) times columns n0.. (nblk blocks of 8, the last one nb wide) through the
 // tile kernels; with `split` activation rows 2m, 2m + 1 add up into output row m. Y: output row v0 / V.
-template <bool kQ4>
+template <Bits kB>
 void tiles(const Block* b, int nblk, int64_t nb, const Acts& a, bool split, int64_t v0, int64_t v1, int64_t Kp,
            int64_t G, const float* bias, float* Y, int64_t ldy, bool accumulate) {
   __m256 acc[2 * kMR], part[kMR];
   const int V = split ? 2 : 1;
   Block bu[2] = {b[0], nblk > 1 ? b[1] : b[0]};
-  const bool unpacked = kQ4 && v1 - v0 > 2 * kMR;  // three row tiles or more read the blocks: worth a copy
+  constexpr bool nibbles = kB != Bits::k8;
+  const bool unpacked = nibbles && v1 - v0 > 2 * kMR;  // three row tiles or more read the blocks: worth a copy
   if (unpacked) {
     thread_local std::vector<uint8_t> u;
     thread_local std::vector<float> f;
-    unpack(bu, nblk, G, u, f);
+    unpack<kB == Bits::k6>(bu, nblk, G, u, f);
     b = bu;
   }
   for (int64_t v = v0; v < v1; v += kMR) {
     const int mr = int(std::min(kMR, v1 - v));
     const int8_t* xq = a.q.data() + v * Kp;
     const float *xs = a.s.data() + v * G, *xsum = a.sum.data() + v * G;
-    const int NB = kQ4 && nblk == 2 && v1 - v0 > kMR ? 2 : 1;
+    const int32_t* xhalf = a.half.data() + v * G * 2;
+    const int NB = nibbles && nblk == 2 && v1 - v0 > kMR ? 2 : 1;
     for (int j0 = 0; j0 < nblk; j0 += NB) {
       switch (mr) {
-        case 4: tile<kQ4, 4>(b + j0, NB, unpacked, xq, xs, xsum, Kp, G, acc); break;
-        case 3: tile<kQ4, 3>(b + j0, NB, unpacked, xq, xs, xsum, Kp, G, acc); break;
-        case 2: tile<kQ4, 2>(b + j0, NB, unpacked, xq, xs, xsum, Kp, G, acc); break;
-        default: tile<kQ4, 1>(b + j0, NB, unpacked, xq, xs, xsum, Kp, G, acc); break;
+        case 4: tile<kB, 4>(b + j0, NB, unpacked, xq, xs, xsum, xhalf, Kp, G, acc); break;
+        case 3: tile<kB, 3>(b + j0, NB, unpacked, xq, xs, xsum, xhalf, Kp, G, acc); break;
+        case 2: tile<kB, 2>(b + j0, NB, unpacked, xq, xs, xsum, xhalf, Kp, G, acc); break;
+        default: tile<kB, 1>(b + j0, NB, unpacked, xq, xs, xsum, xhalf, Kp, G, acc); break;
       }
       for (int j = 0; j < NB; ++j) {
         const int64_t jb = j0 + j, width = jb + 1 < nblk ? kNR : nb;
@@ -359,7 +414,7 @@ void tiles(const Block* b, int nblk, int64_t nb, const Acts& a, bool split, int6
 }
 #else
 // Portable fallback on the same layouts and the same integer products (slow, but exact alike).
-template <bool kQ4>
+template <Bits kB>
 void tiles1(const Block& b, int64_t nb, const Acts& a, int V, int64_t v0, int64_t v1, int64_t Kp, int64_t G,
             const float* bias, float* Y, int64_t ldy, bool accumulate) {
   for (int64_t m = v0; m < v1; ++m) {  // activation row m adds into output row (m - v0) / V
@@ -367,20 +422,27 @@ void tiles1(const Block& b, int64_t nb, const Acts& a, int V, int64_t v0, int64_
     for (int64_t c = 0; c < nb; ++c) {
       float acc = 0.f;
       for (int64_t g = 0; g < G; ++g) {
-        int32_t dot = 0;
+        int32_t dot[2] = {0, 0};  // inputs 0..15, 16..31
         for (int64_t j = 0; j < 32; ++j) {
           const int64_t i = j / 4, r = j % 4;  // input j of the group is step i, byte r
           int32_t q;
-          if constexpr (kQ4) {
-            const uint8_t byte = b.w[g * 128 + ((i % 4) * kNR + c) * 4 + r];
-            q = i < 4 ? (byte & 15) : (byte >> 4);
-          } else {
+          if constexpr (kB == Bits::k8) {
             q = int8_t(b.w[g * 256 + (i * kNR + c) * 4 + r]);
+          } else {
+            const uint8_t* grp = b.w + g * (kB == Bits::k6 ? 192 : 128);
+            const uint8_t byte = grp[((i % 4) * kNR + c) * 4 + r];
+            q = i < 4 ? (byte & 15) : (byte >> 4);
+            if constexpr (kB == Bits::k6) q = (q | ((grp[128 + ((i / 4) * kNR + c) * 4 + r] >> (2 * (i % 4)) & 3) << 4)) - 32;
           }
-          dot += q * int32_t(x[g * 32 + j]);
+          dot[j / 16] += q * int32_t(x[g * 32 + j]);
         }
-        acc += float(dot) * (b.d1(g, c) * a.s[m * G + g]);
-        if constexpr (kQ4) acc += b.m1(g, c) * a.sum[m * G + g];
+        if constexpr (kB == Bits::k6) {
+          acc += float(dot[0]) * (b.d1(g, c) * a.s[m * G + g]);
+          acc += float(dot[1]) * (b.m1(g, c) * a.s[m * G + g]);
+          continue;
+        }
+        acc += float(dot[0] + dot[1]) * (b.d1(g, c) * a.s[m * G + g]);
+        if constexpr (kB == Bits::k4) acc += b.m1(g, c) * a.sum[m * G + g];
       }
       float& y = Y[(m - v0) / V * ldy + c];
       const bool first = (m - v0) % V == 0;  // the row's first part: bias, and replace unless accumulating
@@ -390,11 +452,11 @@ void tiles1(const Block& b, int64_t nb, const Acts& a, int V, int64_t v0, int64_
   }
 }
 
-template <bool kQ4>
+template <Bits kB>
 void tiles(const Block* b, int nblk, int64_t nb, const Acts& a, bool split, int64_t v0, int64_t v1, int64_t Kp,
            int64_t G, const float* bias, float* Y, int64_t ldy, bool accumulate) {
   for (int j = 0; j < nblk; ++j)
-    tiles1<kQ4>(b[j], j + 1 < nblk ? kNR : nb, a, split ? 2 : 1, v0, v1, Kp, G, bias ? bias + j * kNR : nullptr,
+    tiles1<kB>(b[j], j + 1 < nblk ? kNR : nb, a, split ? 2 : 1, v0, v1, Kp, G, bias ? bias + j * kNR : nullptr,
                 Y + j * kNR, ldy, accumulate);
 }
 #endif
@@ -404,14 +466,14 @@ void tiles(const Block* b, int nblk, int64_t nb, const Acts& a, bool split, int6
 struct TailBlock {
   std::vector<uint8_t> w;
   std::vector<float> d, mn;
-  Block widen(const Block& src, int64_t nt, int64_t G, bool q4) {
-    const int64_t steps = q4 ? 4 : 8;  // 4-input steps a group stores
+  Block widen(const Block& src, int64_t nt, int64_t G, Bits bits) {
+    const int64_t steps = bits == Bits::k4 ? 4 : bits == Bits::k6 ? 6 : 8;  // 4-input steps (int6: and 2 planes)
     w.assign(G * steps * kNR * 4, 0);
     d.assign(G * kNR, 0.f);
     mn.assign(G * kNR, 0.f);
-    const bool super = src.kind == Scales::kSuper, half = src.kind == Scales::kHalf;
+    const bool half = src.kind == Scales::kHalf;
     auto scale = [&](const void* p, int64_t g, int64_t c, bool min) {
-      if (super) return super_scale(static_cast<const uint8_t*>(src.d), nt, g, c, min);
+      if (src.records()) return super_scale(src.kind, static_cast<const uint8_t*>(src.d), nt, g, c, min);
       const int64_t i = g * nt + c;
       return half ? float(static_cast<const at::Half*>(p)[i]) : static_cast<const float*>(p)[i];
     };
@@ -420,22 +482,25 @@ struct TailBlock {
         std::memcpy(&w[(g * steps + i) * kNR * 4], src.w + (g * steps + i) * nt * 4, nt * 4);
       for (int64_t c = 0; c < nt; ++c) {
         d[g * kNR + c] = scale(src.d, g, c, false);
-        if (q4) mn[g * kNR + c] = scale(src.mn, g, c, true);
+        if (bits != Bits::k8) mn[g * kNR + c] = scale(src.mn, g, c, true);
       }
     }
     return {w.data(), d.data(), mn.data(), Scales::kFloat};
   }
 };
 
-template <bool kQ4>
+template <Bits kB>
 void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t M, int64_t K, bool accumulate) {
-  const int64_t N = l.w.size(0), Kp = pad32(K), G = Kp / 32, row_bytes = kQ4 ? Kp / 2 : Kp;
+  const int64_t N = l.w.size(0), Kp = pad32(K), G = Kp / 32;
+  const int64_t row_bytes = kB == Bits::k4 ? Kp / 2 : kB == Bits::k6 ? Kp / 4 * 3 : Kp;
   const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr());
-  const Scales kind = l.super_scales() ? Scales::kSuper : l.half_scales() ? Scales::kHalf : Scales::kFloat;
+  const Scales kind = l.int6() ? Scales::kSix : l.super_scales() ? Scales::kSuper
+                    : l.half_scales() ? Scales::kHalf : Scales::kFloat;
   // bytes of s (and z) a column takes
-  const int64_t scale_bytes = kind == Scales::kSuper ? G / 8 * kSuperRecord : G * (kind == Scales::kHalf ? 2 : 4);
+  const int64_t scale_bytes = kind == Scales::kSix ? G / 8 * kSixRecord : kind == Scales::kSuper ? G / 8 * kSuperRecord
+                            : G * (kind == Scales::kHalf ? 2 : 4);
   const char* d = static_cast<const char*>(l.s.data_ptr());
-  const char* mn = kQ4 && kind != Scales::kSuper ? static_cast<const char*>(l.z.data_ptr()) : nullptr;
+  const char* mn = kB == Bits::k4 && kind != Scales::kSuper ? static_cast<const char*>(l.z.data_ptr()) : nullptr;
   const float* bias = l.b.defined() && l.b.numel() ? l.b.data_ptr<float>() : nullptr;
   const int64_t blocks = (N + kNR - 1) / kNR, pairs = (blocks + 1) / 2;
   // a task of at least ~64K multiply-adds, so tiny linears do not wake the pool
@@ -453,8 +518,8 @@ void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t M, int64_t K
           const int64_t c0 = n0 + j * kNR;
           blk[j] = {w + c0 * row_bytes, d + c0 * scale_bytes, mn ? mn + c0 * scale_bytes : nullptr, kind};
         }
-        if (nb < kNR) blk[nblk - 1] = tail.widen(blk[nblk - 1], nb, G, kQ4);
-        tiles<kQ4>(blk, int(nblk), nb, a, split, v0, v1, Kp, G, bias ? bias + n0 : nullptr, Y + v0 / V * N + n0, N,
+        if (nb < kNR) blk[nblk - 1] = tail.widen(blk[nblk - 1], nb, G, kB);
+        tiles<kB>(blk, int(nblk), nb, a, split, v0, v1, Kp, G, bias ? bias + n0 : nullptr, Y + v0 / V * N + n0, N,
                    accumulate);
       }
     }
@@ -464,8 +529,18 @@ void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t M, int64_t K
 }  // namespace
 
 void check_lin(const Lin& l, int64_t N, int64_t K, const char* what) {
-  const bool q4 = l.int4();
   TORCH_CHECK(l.w.is_contiguous() && l.w.dim() == 2 && l.w.size(0) == N, what, ": weight must be contiguous [N, *]");
+  TORCH_CHECK(!l.b.defined() || l.b.numel() == 0 ||
+              (l.b.scalar_type() == at::kFloat && l.b.is_contiguous() && l.b.numel() == N), what,
+              ": bias must be float32 [N]");
+  if (l.int6()) {
+    TORCH_CHECK(l.w.scalar_type() == at::kByte && K % 256 == 0 && l.w.size(1) == K / 4 * 3 && l.s.is_contiguous() &&
+                l.s.numel() == N * K / 256 * kSixRecord && l.z.numel() == 0, what,
+                ": int6 (Q6_K) needs K % 256 == 0, packed uint8 [N, 3K/4], records int8 [N, ", kSixRecord,
+                " K/256] in kernel order and no mins");
+    return;
+  }
+  const bool q4 = l.int4();
   TORCH_CHECK(q4 || l.w.scalar_type() == at::kChar, what, ": weight must be int8 or packed int4 (uint8)");
   TORCH_CHECK(!q4 || K % 32 == 0, what, ": int4 groups need K a multiple of 32");
   TORCH_CHECK(l.w.size(1) == (q4 ? K / 2 : pad32(K)), what, ": weight must be [N, ", q4 ? "K/2" : "K rounded up to 32",
@@ -475,15 +550,12 @@ void check_lin(const Lin& l, int64_t N, int64_t K, const char* what) {
     TORCH_CHECK(q4 && K % 256 == 0 && l.s.is_contiguous() && l.s.numel() == N * K / 256 * kSuperRecord &&
                 l.z.numel() == 0, what, ": super-block scales need int4 weights, K % 256 == 0, s uint8 [N, ",
                 kSuperRecord, " K/256] in kernel order and no separate mins");
-  } else {
-    TORCH_CHECK((l.s.scalar_type() == at::kFloat || l.s.scalar_type() == at::kHalf) && l.s.is_contiguous() &&
-                l.s.numel() == N * G, what, ": group scales must be float32 or float16 [N, ceil(K/32)] in kernel order");
-    TORCH_CHECK(!q4 || (l.z.scalar_type() == l.s.scalar_type() && l.z.is_contiguous() && l.z.numel() == N * G), what,
-                ": int4 groups need mins [N, K/32] in kernel order, of the scales' dtype");
+    return;
   }
-  TORCH_CHECK(!l.b.defined() || l.b.numel() == 0 ||
-              (l.b.scalar_type() == at::kFloat && l.b.is_contiguous() && l.b.numel() == N), what,
-              ": bias must be float32 [N]");
+  TORCH_CHECK((l.s.scalar_type() == at::kFloat || l.s.scalar_type() == at::kHalf) && l.s.is_contiguous() &&
+              l.s.numel() == N * G, what, ": group scales must be float32 or float16 [N, ceil(K/32)] in kernel order");
+  TORCH_CHECK(!q4 || (l.z.scalar_type() == l.s.scalar_type() && l.z.is_contiguous() && l.z.numel() == N * G), what,
+              ": int4 groups need mins [N, K/32] in kernel order, of the scales' dtype");
 }
 
 // Y [M, N] (+)= X [M, K] @ W.T + bias for either kind of linear.
@@ -491,8 +563,9 @@ void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool a
   if (M <= 0) return;
   Acts& a = acts();
   quantize_rows(X, M, K, int16, a);
-  if (l.int4()) run<true>(l, a, int16, Y, M, K, accumulate);
-  else run<false>(l, a, int16, Y, M, K, accumulate);
+  if (l.int4()) run<Bits::k4>(l, a, int16, Y, M, K, accumulate);
+  else if (l.int6()) run<Bits::k6>(l, a, int16, Y, M, K, accumulate);
+  else run<Bits::k8>(l, a, int16, Y, M, K, accumulate);
 }
 
 // x [M, K] float32 -> [M, N] float32 through either kind of `Lin` (w, s, z, bias; see there).
