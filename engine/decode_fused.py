@@ -238,6 +238,7 @@ def _super_scales(rec: torch.Tensor, col: torch.Tensor, nb: int) -> tuple[torch.
 
 
 _SIX_RECORD = 18  # bytes of int6 scales a column takes per 256 inputs
+NO_LINEAR = [torch.empty(0)] * 3  # a layer's v (w, s, z) where qkv holds it
 
 
 def _spans(n: int) -> list[tuple[int, int]]:
@@ -431,7 +432,8 @@ class PackedEmbedding(nn.Module):
 
 
 def layer_parts(model: nn.Module, mode: str) -> list[torch.Tensor]:
-    """The C++ step's 15 tensors per layer (qkv w/s/z and bias, o, gate_up and down w/s/z, the two norms),
+    """The C++ step's 18 tensors per layer (qkv w/s/z and bias, v w/s/z (empty: v is in qkv), o, gate_up and
+    down w/s/z, the two norms),
     packed from ``model``'s own linears: int8 copies of its `Int8WeightOnlyLinear`s (possibly inside
     `DecodeQuantLinear`) or int4 groups of 32 quantized from the dense weights it keeps."""
     if mode not in ("int8", "int4"):
@@ -441,7 +443,7 @@ def layer_parts(model: nn.Module, mode: str) -> list[torch.Tensor]:
         qkv = layer.qkv_proj
         # the bias from the float linear when there is one (the quantized copies round it to bfloat16)
         bias = getattr(getattr(qkv, "dense", None), "bias", getattr(qkv, "quantized", qkv).bias)
-        parts += _lin_parts(qkv, mode, f"layers.{i}.qkv_proj") + [_bias(bias)]
+        parts += _lin_parts(qkv, mode, f"layers.{i}.qkv_proj") + [_bias(bias)] + NO_LINEAR
         for name in ("o_proj", "gate_up_proj", "down_proj"):
             parts += _lin_parts(getattr(layer, name), mode, f"layers.{i}.{name}")
         parts += [layer.input_layernorm.float().contiguous(), layer.post_attention_layernorm.float().contiguous()]
@@ -450,7 +452,7 @@ def layer_parts(model: nn.Module, mode: str) -> list[torch.Tensor]:
 
 class FusedDecoder:
     """An engine step of a float32 `LlamaModel` (decode rows and prefill chunks, any mix) as one C++
-    call (``ext.step``) over ``parts``, 15 packed tensors per layer (`layer_parts`, or a GGUF's own grids:
+    call (``ext.step``) over ``parts``, 18 packed tensors per layer (`layer_parts`, or a GGUF's own grids:
     `fused_model`); the model gives the embedding, final norm and RoPE tables. The linears beat torch's
     float32 mm at every row count (int4 / mm time 0.29 at 8 rows .. 0.60 at 1,024 on SmolLM2's layer
     shapes), so prefill chunks use them too. ``activations`` ("int8" or "int16", see
@@ -463,7 +465,7 @@ class FusedDecoder:
             raise ValueError("fused decode needs a float32 model on CPU")
         self.int16 = activations == "int16"
         self.ext, self.model, self.args = ext, model, model.args
-        self.parts = parts  # 15 per layer, the order decode_kernel.cpp reads
+        self.parts = parts  # 18 per layer, the order decode_kernel.cpp reads
         self.norm = model.norm.float().contiguous()
         # seconds in the linears, attention and the rest, summed over steps while not None (bench splits)
         self.timings: torch.Tensor | None = None

@@ -133,9 +133,9 @@ void swiglu(const float* gu, float* act, int64_t T, int64_t I) {
   });
 }
 
-// Y [M, N] (+)= X [M, K] @ W.T + bias through linear_kernel.cpp.
-void run_linear(const Lin& l, const at::Tensor& X, at::Tensor& Y, bool accumulate, bool int16) {
-  agentrt::linear(l, X.data_ptr<float>(), Y.data_ptr<float>(), X.size(0), X.size(1), accumulate, int16);
+// Y [M, N] (+)= X [M, K] @ W.T + bias through linear_kernel.cpp; Y's rows are ldy floats apart.
+void run_linear(const Lin& l, const at::Tensor& X, float* Y, int64_t ldy, bool accumulate, bool int16) {
+  agentrt::linear(l, X.data_ptr<float>(), Y, X.size(0), X.size(1), accumulate, int16, ldy);
 }
 
 // Seconds spent per phase of a step, accumulated into a caller's float64 [3] tensor (linears,
@@ -164,12 +164,14 @@ enum { kLinears = 0, kAttention = 1, kRest = 2 };
 //     position p's slot is block_tables[i, p / block_size] * block_size + p % block_size
 //   out_rows [R] int64 or None (= all T rows): the rows whose final hidden state is returned
 //   rope_cos / rope_sin [max_len, hd/2] float32; k_cache / v_cache [layers, slots, nkv, hd] float32
-//   layers: 15 tensors per layer: qkv (w, s, z, bias), o (w, s, z), gate_up (w, s, z), down (w, s, z),
-//           input_norm, post_attention_norm (see Lin; empty tensors where there is none)
+//   layers: 18 tensors per layer: qkv (w, s, z, bias), v (w, s, z), o (w, s, z), gate_up (w, s, z),
+//           down (w, s, z), input_norm, post_attention_norm (see Lin; empty tensors where there is none).
+//           v's are empty where qkv holds v; else (its weights came on another grid than q's and k's,
+//           as a Q4_K_M file's Q6_K attn_v) qkv holds q and k only, and the bias is still q's, k's and v's
 //   int16_activations: the linears' activation precision (see kernels.h `linear`), the same for every row
 //   timings: None, or float64 [3] += seconds in the linears, attention and the rest of the step
 // Returns the final-normed hidden states of out_rows [R, H].
-constexpr size_t kPerLayer = 15;
+constexpr size_t kPerLayer = 18;
 
 torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_len, torch::Tensor block_tables,
                    int64_t block_size, std::optional<torch::Tensor> out_rows, torch::Tensor rope_cos,
@@ -182,7 +184,7 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
               v_cache.is_contiguous() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "step: the KV cache must be contiguous float32 [layers, slots, nkv, hd]");
   TORCH_CHECK(layers.size() % kPerLayer == 0 && int64_t(layers.size() / kPerLayer) == k_cache.size(0),
-              "step: 15 tensors per layer, one layer per cache layer");
+              "step: 18 tensors per layer, one layer per cache layer");
   TORCH_CHECK(k_cache.size(2) == nkv && k_cache.size(3) == hd && nkv > 0 && nh % nkv == 0 && hd % 2 == 0,
               "step: cache shape does not match the heads");
   TORCH_CHECK(rope_cos.scalar_type() == torch::kFloat && rope_sin.scalar_type() == torch::kFloat && rope_cos.is_contiguous() &&
@@ -192,7 +194,7 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
   ctx_len = ctx_len.to(torch::kLong).contiguous();
   block_tables = block_tables.to(torch::kLong).contiguous();
   const int64_t T = x.size(0), H = x.size(1), L = layers.size() / kPerLayer, S = k_cache.size(1), B = ctx_len.numel();
-  const int64_t I = layers[7].size(0) / 2, qd = nh * hd, kvd = nkv * hd, nqkv = qd + 2 * kvd;
+  const int64_t I = layers[10].size(0) / 2, qd = nh * hd, kvd = nkv * hd, nqkv = qd + 2 * kvd;
   TORCH_CHECK(B >= 1 && seq_start.numel() == B + 1 && block_tables.dim() == 2 && block_tables.size(0) == B && block_size >= 1,
               "step: seq_start [B + 1], ctx_len [B], block_tables [B, W], block_size >= 1");
   const int64_t* st = seq_start.data_ptr<int64_t>();
@@ -220,19 +222,24 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
       new_slot[t] = slots[i * Lmax + pos[t]];
     }
   }
-  std::vector<Lin> lins;  // 4 per layer: qkv, o, gate_up, down
+  std::vector<Lin> lins;  // 5 per layer: qkv (or q and k), v (empty weights: in qkv), o, gate_up, down
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* p = &layers[l * kPerLayer];
-    lins.push_back({p[0], p[1], p[2], p[3]});
-    lins.push_back({p[4], p[5], p[6], torch::Tensor()});
+    const bool apart = p[4].numel() > 0;  // v runs apart
+    const torch::Tensor& bias = p[3];
+    TORCH_CHECK(bias.numel() == 0 || (bias.dim() == 1 && bias.size(0) == nqkv), "step: qkv bias must be [", nqkv, "]");
+    lins.push_back({p[0], p[1], p[2], apart && bias.numel() ? bias.narrow(0, 0, qd + kvd) : bias});
+    lins.push_back({p[4], p[5], p[6], apart && bias.numel() ? bias.narrow(0, qd + kvd, kvd) : torch::Tensor()});
     lins.push_back({p[7], p[8], p[9], torch::Tensor()});
     lins.push_back({p[10], p[11], p[12], torch::Tensor()});
-    agentrt::check_lin(lins[l * 4], nqkv, H, "qkv");
-    agentrt::check_lin(lins[l * 4 + 1], H, qd, "o");
-    agentrt::check_lin(lins[l * 4 + 2], 2 * I, H, "gate_up");
-    agentrt::check_lin(lins[l * 4 + 3], H, I, "down");
-    TORCH_CHECK(p[13].numel() == H && p[14].numel() == H && p[13].scalar_type() == torch::kFloat &&
-                p[14].scalar_type() == torch::kFloat && p[13].is_contiguous() && p[14].is_contiguous(),
+    lins.push_back({p[13], p[14], p[15], torch::Tensor()});
+    agentrt::check_lin(lins[l * 5], apart ? qd + kvd : nqkv, H, "qkv");
+    if (apart) agentrt::check_lin(lins[l * 5 + 1], kvd, H, "v");
+    agentrt::check_lin(lins[l * 5 + 2], H, qd, "o");
+    agentrt::check_lin(lins[l * 5 + 3], 2 * I, H, "gate_up");
+    agentrt::check_lin(lins[l * 5 + 4], H, I, "down");
+    TORCH_CHECK(p[16].numel() == H && p[17].numel() == H && p[16].scalar_type() == torch::kFloat &&
+                p[17].scalar_type() == torch::kFloat && p[16].is_contiguous() && p[17].is_contiguous(),
                 "step: norm weights must be float32 [H]");
   }
   TORCH_CHECK(final_norm.numel() == H && final_norm.scalar_type() == torch::kFloat && final_norm.is_contiguous(),
@@ -255,26 +262,27 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
 
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* p = &layers[l * kPerLayer];
-    const Lin* lin = &lins[l * 4];
+    const Lin* lin = &lins[l * 5];
     float* kc = kc0 + l * layer_stride;
     float* vc = vc0 + l * layer_stride;
-    rms_norm(xp, p[13].data_ptr<float>(), hp, T, H, eps);
+    rms_norm(xp, p[16].data_ptr<float>(), hp, T, H, eps);
     clock.lap(kRest);
-    run_linear(lin[0], h, qkv, false, int16_activations);
+    run_linear(lin[0], h, qkvp, nqkv, false, int16_activations);
+    if (lin[1].w.numel()) run_linear(lin[1], h, qkvp + qd + kvd, nqkv, false, int16_activations);
     clock.lap(kLinears);
     rope_and_store(qkvp, pos.data(), new_slot.data(), cosp, sinp, kc, vc, T, nh, nkv, hd);
     clock.lap(kRest);
     agentrt::attention(qkvp, nqkv, kc, vc, st, cl, slots.data(), Lmax, B, nh, nkv, hd, attp);
     clock.lap(kAttention);
-    run_linear(lin[1], att, x, true, int16_activations);  // x += o_proj(att)
+    run_linear(lin[2], att, xp, H, true, int16_activations);  // x += o_proj(att)
     clock.lap(kLinears);
-    rms_norm(xp, p[14].data_ptr<float>(), hp, T, H, eps);
+    rms_norm(xp, p[17].data_ptr<float>(), hp, T, H, eps);
     clock.lap(kRest);
-    run_linear(lin[2], h, gu, false, int16_activations);
+    run_linear(lin[3], h, gup, 2 * I, false, int16_activations);
     clock.lap(kLinears);
     swiglu(gup, actp, T, I);
     clock.lap(kRest);
-    run_linear(lin[3], act, x, true, int16_activations);  // x += down(silu(gate) * up)
+    run_linear(lin[4], act, xp, H, true, int16_activations);  // x += down(silu(gate) * up)
     clock.lap(kLinears);
   }
   // the final norm only for the rows the caller reads (the sampled ones: one per finished prompt)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .decode_fused import FusedDecoder, FusedLinear, PackedEmbedding, lm_head_linear, weight_parts
+from .decode_fused import NO_LINEAR, FusedDecoder, FusedLinear, PackedEmbedding, lm_head_linear, weight_parts
 from .gguf_grids import Grid, read_grid, read_rows, tensor_infos
 from .model import LlamaModel, ModelArgs, _interleave_heads
 from .quant import Int8WeightOnlyLinear
@@ -39,7 +39,7 @@ _PACKING_CODE = [Path(__file__).with_name(f) for f in ("fused_model.py", "gguf_g
 
 @dataclass
 class PackedGGUF:
-    """A GGUF's weights in the C++ step's order: ``layers`` 15 tensors per layer (`decode_fused.layer_parts`
+    """A GGUF's weights in the C++ step's order: ``layers`` 18 tensors per layer (`decode_fused.layer_parts`
     order), the token embedding and (untied) output as packed [w, s, z], the final norm."""
 
     layers: list[torch.Tensor]
@@ -64,14 +64,14 @@ def build_from_float(weights: Mapping[str, torch.Tensor], config: dict[str, Any]
 
 def _assemble(config: dict[str, Any], layers: list[torch.Tensor], embed: torch.nn.Module, head: torch.nn.Module,
               norm: torch.Tensor, ext: Any, activations: str, max_len: int | None) -> tuple[LlamaModel, FusedDecoder]:
-    """The norms-only model around packed ``layers`` (15 per layer) and the C++ step that runs them."""
-    norms = [(layers[15 * i + 13], layers[15 * i + 14]) for i in range(len(layers) // 15)]
+    """The norms-only model around packed ``layers`` (18 per layer) and the C++ step that runs them."""
+    norms = [(layers[18 * i + 16], layers[18 * i + 17]) for i in range(len(layers) // 18)]
     model = LlamaModel.for_fused_step(config, embed, head, norm, norms, max_len)
     return model, FusedDecoder(model, ext, layers, activations)
 
 
 def pack_float(weights: Mapping[str, torch.Tensor], args: ModelArgs, mode: str) -> list[torch.Tensor]:
-    """The C++ step's 15 tensors per layer from HF-named float weights, each quantized as it is read."""
+    """The C++ step's 18 tensors per layer from HF-named float weights, each quantized as it is read."""
 
     def lin(*names: str, rope: int = 0) -> list[torch.Tensor]:  # the first ``rope`` weights are q/k
         return weight_parts([_interleave_heads(weights[n], args.head_dim) if j < rope else weights[n]
@@ -84,6 +84,7 @@ def pack_float(weights: Mapping[str, torch.Tensor], args: ModelArgs, mode: str) 
         layers.append(torch.cat([_interleave_heads(weights[a + "q_proj.bias"], args.head_dim),
                                  _interleave_heads(weights[a + "k_proj.bias"], args.head_dim),
                                  weights[a + "v_proj.bias"]]) if args.attention_bias else torch.empty(0))
+        layers += NO_LINEAR
         layers += lin(a + "o_proj.weight")
         layers += lin(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
         layers += lin(p + "mlp.down_proj.weight")
@@ -145,11 +146,13 @@ def pack_gguf(path: str, config: dict[str, Any], interleaved: bool) -> PackedGGU
         layers: list[torch.Tensor] = []
         for i in range(args.num_layers):
             p = f"blk.{i}."
-            qkv = Grid.cat([rope_order(grid(p + "attn_q.weight")), rope_order(grid(p + "attn_k.weight")),
-                            grid(p + "attn_v.weight")])
-            layers += FusedLinear.pack(qkv.parts, args.hidden_size)
+            qk = Grid.cat([rope_order(grid(p + "attn_q.weight")), rope_order(grid(p + "attn_k.weight"))])
+            v = grid(p + "attn_v.weight")
+            apart = (v.kind, v.super_blocks) != (qk.kind, qk.super_blocks)  # v runs on its own grid
+            layers += FusedLinear.pack((qk if apart else Grid.cat([qk, v])).parts, args.hidden_size)
             layers.append(torch.cat([rope_bias(vector(p + "attn_q.bias")), rope_bias(vector(p + "attn_k.bias")),
                                      vector(p + "attn_v.bias")]) if args.attention_bias else torch.empty(0))
+            layers += FusedLinear.pack(v.parts, args.hidden_size) if apart else NO_LINEAR
             layers += FusedLinear.pack(grid(p + "attn_output.weight").parts, args.num_heads * args.head_dim)
             layers += FusedLinear.pack(Grid.cat([grid(p + "ffn_gate.weight"), grid(p + "ffn_up.weight")]).parts,
                                        args.hidden_size)

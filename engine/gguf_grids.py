@@ -12,8 +12,9 @@ file's pages resident) and turned into the plain grid `decode_fused.FusedLinear.
   IQ4 and float tensors are dequantized one row chunk at a time and rounded onto it (at most half a step of the
   group's max / 127 off).
 
-A linear the step fuses (qkv, gate/up) whose parts came on different grids (a Q4_K_M file keeps some
-layers' attn_v in Q6_K) runs on int8: its other parts are rounded onto int8 groups the same way.
+Weights the step runs as one linear (gate/up, q/k) but came on different grids run on int8: the other
+parts are rounded onto int8 groups the same way. A v on another grid than q and k (a Q4_K_M file keeps
+some layers' attn_v in Q6_K) runs as a linear of its own.
 """
 from __future__ import annotations
 

@@ -61,12 +61,13 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function
 // Throws (TORCH_CHECK) naming `what` unless `l` is a well-formed [N, K] linear.
 void check_lin(const Lin& l, int64_t N, int64_t K, const char* what);
 
-// Y [M, N] (+)= X [M, K] @ W.T + bias for either kind of `Lin`, X rounded to int8 per block of 32 inputs
+// Y [M, N] (+)= X [M, K] @ W.T + bias for any kind of `Lin` (Y's rows ldy floats apart, ldy >= N), X rounded
+// to int8 per block of 32 inputs
 // (step max|x| / 127: at most half a step of error per element); with `int16` the kernel also multiplies
 // what that rounding left, rounded to step / 254 (int16-like precision for twice the multiply work).
 // Each row's result depends only on that row (never on M): a request's numbers do not change with what
 // else is in its batch. Threads over torch's pool.
-void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate, bool int16);
+void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate, bool int16, int64_t ldy);
 
 // x [M, K] float32 -> [M, N] float32 through the `Lin` (w, s, z, bias): `linear` for Python.
 at::Tensor linear_op(at::Tensor x, at::Tensor w, at::Tensor s, at::Tensor z, at::Tensor bias, bool int16);

@@ -490,7 +490,7 @@ struct TailBlock {
 };
 
 template <Bits kB>
-void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t M, int64_t K, bool accumulate) {
+void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t ldy, int64_t M, int64_t K, bool accumulate) {
   const int64_t N = l.w.size(0), Kp = pad32(K), G = Kp / 32;
   const int64_t row_bytes = kB == Bits::k4 ? Kp / 2 : kB == Bits::k6 ? Kp / 4 * 3 : Kp;
   const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr());
@@ -519,7 +519,7 @@ void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t M, int64_t K
           blk[j] = {w + c0 * row_bytes, d + c0 * scale_bytes, mn ? mn + c0 * scale_bytes : nullptr, kind};
         }
         if (nb < kNR) blk[nblk - 1] = tail.widen(blk[nblk - 1], nb, G, kB);
-        tiles<kB>(blk, int(nblk), nb, a, split, v0, v1, Kp, G, bias ? bias + n0 : nullptr, Y + v0 / V * N + n0, N,
+        tiles<kB>(blk, int(nblk), nb, a, split, v0, v1, Kp, G, bias ? bias + n0 : nullptr, Y + v0 / V * ldy + n0, ldy,
                    accumulate);
       }
     }
@@ -558,14 +558,14 @@ void check_lin(const Lin& l, int64_t N, int64_t K, const char* what) {
               ": int4 groups need mins [N, K/32] in kernel order, of the scales' dtype");
 }
 
-// Y [M, N] (+)= X [M, K] @ W.T + bias for either kind of linear.
-void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate, bool int16) {
+// Y [M, N] (+)= X [M, K] @ W.T + bias for any kind of linear, Y's rows ldy floats apart.
+void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate, bool int16, int64_t ldy) {
   if (M <= 0) return;
   Acts& a = acts();
   quantize_rows(X, M, K, int16, a);
-  if (l.int4()) run<Bits::k4>(l, a, int16, Y, M, K, accumulate);
-  else if (l.int6()) run<Bits::k6>(l, a, int16, Y, M, K, accumulate);
-  else run<Bits::k8>(l, a, int16, Y, M, K, accumulate);
+  if (l.int4()) run<Bits::k4>(l, a, int16, Y, ldy, M, K, accumulate);
+  else if (l.int6()) run<Bits::k6>(l, a, int16, Y, ldy, M, K, accumulate);
+  else run<Bits::k8>(l, a, int16, Y, ldy, M, K, accumulate);
 }
 
 // x [M, K] float32 -> [M, N] float32 through either kind of `Lin` (w, s, z, bias; see there).
@@ -575,7 +575,7 @@ at::Tensor linear_op(at::Tensor x, at::Tensor w, at::Tensor s, at::Tensor z, at:
   check_lin(l, w.size(0), x.size(1), "linear");
   x = x.contiguous();
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
-  linear(l, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), false, int16);
+  linear(l, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), false, int16, w.size(0));
   return y;
 }
 
