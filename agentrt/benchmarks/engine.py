@@ -631,7 +631,8 @@ def main(args: argparse.Namespace) -> int:
 
         bw = measure_bandwidth_gbs(args.threads)
         models = [m.strip() for m in (args.model or "synthetic:1b").split(",") if m.strip()]
-        rows = scale.run_scale(models, args.threads, args.repeats or 3, args.decode_tokens or 64, bw, log)
+        rows = scale.run_scale(models, args.threads, args.repeats or 3, args.decode_tokens or 64, bw, log,
+                               llamacpp=not args.no_llamacpp)
         report = scale.to_json(rows, bw)
         if args.json_out:
             with open(args.json_out, "w") as f:

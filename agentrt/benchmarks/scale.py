@@ -131,15 +131,16 @@ def _spawn(path: str, impl: str, cache: str, threads: int, repeats: int, decode_
 
 
 def run_scale(models: list[str], threads: int, repeats: int, decode_tokens: int, bandwidth_gbs: float,
-              log: Callable[[str], None]) -> list[ScaleRow]:
-    """One row per model for agentrt's default engine (and llama.cpp where installed)."""
+              log: Callable[[str], None], llamacpp: bool = True) -> list[ScaleRow]:
+    """One row per model for agentrt's default engine (and llama.cpp where installed, unless not ``llamacpp``)."""
     from agentrt.benchmarks.synthetic import synthetic_model
 
+    impls = ["agentrt"]
     try:
         import llama_cpp  # noqa: F401
-        impls = ["agentrt", "llama.cpp"]
+        impls += ["llama.cpp"] if llamacpp else []
     except ImportError:
-        impls = ["agentrt"]
+        pass
     rows = []
     for spec in models:
         path = str(synthetic_model(spec)) if spec.startswith("synthetic:") else spec
