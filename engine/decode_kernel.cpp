@@ -303,7 +303,7 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &agentrt::linear_op, "x [M, K] float32 through an int8 (rows or groups of 32) or int4 linear -> [M, N]",
+  m.def("linear", &agentrt::linear_op, "x [M, K] float32 through an int8 (rows or groups of 32), int6 or int4 linear -> [M, N]",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("s"), pybind11::arg("z"), pybind11::arg("bias"),
         pybind11::arg("int16") = false);
   m.def("attention", &agentrt::attention_op,

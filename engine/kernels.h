@@ -1,6 +1,6 @@
 // What the C++ kernel files share: the linear a kernel reads (`Lin`), the linear and attention entry
 // points, and small vector helpers. One extension is built from decode_kernel.cpp (the step and the
-// Python bindings), linear_kernel.cpp (int8 / int4 linears) and attention_kernel.cpp (paged attention).
+// Python bindings), linear_kernel.cpp (int8 / int6 / int4 linears) and attention_kernel.cpp (paged attention).
 #pragma once
 
 #include <ATen/ATen.h>

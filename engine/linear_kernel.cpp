@@ -1,4 +1,4 @@
-// int8 and int4 weight-only linears on CPU: Y [M, N] (+)= X [M, K] @ W.T + bias (see kernels.h's `Lin`).
+// int8, int6 and int4 weight-only linears on CPU: Y [M, N] (+)= X [M, K] @ W.T + bias (see kernels.h's `Lin`).
 //
 // Why this shape of kernel (2-core Zen 3, AVX2 without VNNI):
 // - Activations are quantized to int8 per block of 32 (scale = max|x| / 127, like GGUF's Q8_1), so the
@@ -6,6 +6,7 @@
 //   (twice madd_epi16's 16). int4 weights (0..15) against int8 activations (|x| <= 127) make pair sums of
 //   at most 2 * 15 * 127 = 3810, so a group's 8 maddubs add up in int16 (<= 30480) before one madd with
 //   ones widens them. int8 weights (|q| <= 127) take the sign trick (|w| x sign(x, w)), pair sums <= 32258.
+//   int6 weights are unsigned (q = w / d + 32, 0..63) against the activations, less 32 times their sum.
 // - With `int16` (the caller's choice, the same for every row) each activation row is split in two int8
 //   rows, x ~= s * q1 + s / 254 * q2: int16-like precision for 1.5x the linear time at 1 row, 2x at 4 and
 //   more (SmolLM2 layer shapes, one thread). On SmolLM2-135M int4-fused vs fp32, 256 teacher-forced
