@@ -225,16 +225,18 @@ def _super_records(sc: torch.Tensor, mn: torch.Tensor, dd: torch.Tensor, dm: tor
 
 def _super_scales(rec: torch.Tensor, col: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(d, m) float32 [T, G] of column ``col`` [T] of the block records ``rec`` [T, S, 20 nb]."""
+    from .gguf_grids import Grid
+
     t, s = rec.shape[:2]
     pick = torch.arange(t)
 
-    def halves(i: int) -> torch.Tensor:  # D (i = 0) or Dm (1): [T, S]
-        return rec[..., 2 * nb * i:2 * nb * (i + 1)].contiguous().view(torch.float16)[pick, :, col].float()
+    def halves(i: int) -> torch.Tensor:  # D (i = 0) or Dm (1): [T, S] float16
+        return rec[..., 2 * nb * i:2 * nb * (i + 1)].contiguous().view(torch.float16)[pick, :, col]
 
-    def bytes_(i: int) -> torch.Tensor:  # sc (i = 0) or mn (1): [T, S, 8]
-        return rec[..., (4 + 8 * i) * nb:(12 + 8 * i) * nb].reshape(t, s, 8, nb)[pick, :, :, col].float()
+    def bytes_(i: int) -> torch.Tensor:  # sc (i = 0) or mn (1): [T, G]
+        return rec[..., (4 + 8 * i) * nb:(12 + 8 * i) * nb].reshape(t, s, 8, nb)[pick, :, :, col].reshape(t, -1)
 
-    return ((halves(0)[..., None] * bytes_(0)).reshape(t, -1), (-(halves(1)[..., None] * bytes_(1))).reshape(t, -1))
+    return Grid([torch.empty(0), bytes_(0), bytes_(1), halves(0), halves(1)]).group_scales()
 
 
 _SIX_RECORD = 18  # bytes of int6 scales a column takes per 256 inputs
@@ -274,16 +276,18 @@ def _pack_int6(q: torch.Tensor, sc: torch.Tensor, dd: torch.Tensor, k: int) -> l
 
 def _int6_rows(w: torch.Tensor, rec: torch.Tensor, blk: torch.Tensor, col: torch.Tensor, nb: int) -> torch.Tensor:
     """Rows (block ``blk``, column ``col`` [T]) of packed int6 weights ``w`` / records ``rec`` as float32 [T, K]."""
+    from .gguf_grids import Grid
+
     t, g, s = blk.shape[0], w.shape[1] // 24, rec.shape[1] // _SIX_RECORD
     pick = torch.arange(t)
     b = w.reshape(-1, g, 6, nb, 4)[blk, :, :, col]  # [T, G, 6 chunks, 4]: 4 nibble steps, 2 planes
     low = torch.cat([(b[:, :, :4] & 15).reshape(t, g, 16), (b[:, :, :4] >> 4).reshape(t, g, 16)], -1)
     high = torch.stack([(b[:, :, 4:] >> (2 * i)) & 3 for i in range(4)], dim=3)  # [T, G, plane, step, 4]
-    q = (low | (high.reshape(t, g, 32) << 4)).float() - 32
+    q = low | (high.reshape(t, g, 32) << 4)
     r = rec.reshape(-1, s, _SIX_RECORD * nb)[blk]  # [T, S, 18 nb]
-    d = r[..., :2 * nb].contiguous().view(torch.float16)[pick, :, col].float()  # [T, S]
-    sc = r[..., 2 * nb:].reshape(t, s, 16, nb)[pick, :, :, col].float()  # [T, S, 16]
-    return (q.reshape(t, s * 16, 16) * (d[..., None] * sc).reshape(t, -1, 1)).reshape(t, -1)
+    d = r[..., :2 * nb].contiguous().view(torch.float16)[pick, :, col]  # [T, S]
+    sc = r[..., 2 * nb:].reshape(t, s, 16, nb)[pick, :, :, col]  # [T, S, 16] int8
+    return Grid([q.reshape(t, -1), sc.reshape(t, -1), d]).dequantize()
 
 
 def _scale_dtype(*scales: torch.Tensor) -> torch.dtype:

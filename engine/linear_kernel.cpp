@@ -165,9 +165,15 @@ enum class Bits { k8, k4, k6 };
 // int6 keeps its two half-group scales where int4 keeps d and m.
 enum class Scales { kFloat, kHalf, kSuper, kSix };
 
-// Column c's d (or, with `min`, m) of group g from super-block records of nb columns; for kSix the scale
-// of the group's first (second) 16 inputs.
-inline float super_scale(Scales kind, const uint8_t* s, int64_t nb, int64_t g, int64_t c, bool min) {
+// Column c's d (or, with `min`, m) of group g in a block of nb columns whose scales are d (and mn), stored as
+// `kind`; for kSix the scale of the group's first (second) 16 inputs.
+inline float scale_at(Scales kind, const void* d, const void* mn, int64_t nb, int64_t g, int64_t c, bool min) {
+  if (kind == Scales::kFloat || kind == Scales::kHalf) {
+    const void* p = min ? mn : d;
+    const int64_t i = g * nb + c;
+    return kind == Scales::kHalf ? float(static_cast<const at::Half*>(p)[i]) : static_cast<const float*>(p)[i];
+  }
+  const uint8_t* s = static_cast<const uint8_t*>(d);
   if (kind == Scales::kSix) {
     const uint8_t* r = s + (g / 8) * kSixRecord * nb;
     return float(reinterpret_cast<const at::Half*>(r)[c]) * float(int8_t(r[(2 + (g % 8) * 2 + min) * nb + c]));
@@ -187,13 +193,8 @@ struct Block {
 
   bool records() const { return kind == Scales::kSuper || kind == Scales::kSix; }
 
-  float d1(int64_t g, int64_t c) const { return one(d, g, c, false); }  // column c's d of group g
-  float m1(int64_t g, int64_t c) const { return one(mn, g, c, true); }
-  float one(const void* p, int64_t g, int64_t c, bool min) const {
-    if (records()) return super_scale(kind, static_cast<const uint8_t*>(d), 8, g, c, min);
-    const int64_t i = g * 8 + c;
-    return kind == Scales::kHalf ? float(static_cast<const at::Half*>(p)[i]) : static_cast<const float*>(p)[i];
-  }
+  float d1(int64_t g, int64_t c) const { return scale_at(kind, d, mn, 8, g, c, false); }  // column c's d of group g
+  float m1(int64_t g, int64_t c) const { return scale_at(kind, d, mn, 8, g, c, true); }
 #ifdef AGENTRT_AVX2
   __m256 d8(int64_t g) const { return eight(d, g, false); }  // group g's d (m) of the block's 8 columns
   __m256 m8(int64_t g) const { return eight(mn, g, true); }
@@ -472,18 +473,12 @@ struct TailBlock {
     w.assign(G * steps * kNR * 4, 0);
     d.assign(G * kNR, 0.f);
     mn.assign(G * kNR, 0.f);
-    const bool half = src.kind == Scales::kHalf;
-    auto scale = [&](const void* p, int64_t g, int64_t c, bool min) {
-      if (src.records()) return super_scale(src.kind, static_cast<const uint8_t*>(src.d), nt, g, c, min);
-      const int64_t i = g * nt + c;
-      return half ? float(static_cast<const at::Half*>(p)[i]) : static_cast<const float*>(p)[i];
-    };
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t i = 0; i < steps; ++i)
         std::memcpy(&w[(g * steps + i) * kNR * 4], src.w + (g * steps + i) * nt * 4, nt * 4);
       for (int64_t c = 0; c < nt; ++c) {
-        d[g * kNR + c] = scale(src.d, g, c, false);
-        if (bits != Bits::k8) mn[g * kNR + c] = scale(src.mn, g, c, true);
+        d[g * kNR + c] = scale_at(src.kind, src.d, src.mn, nt, g, c, false);
+        if (bits != Bits::k8) mn[g * kNR + c] = scale_at(src.kind, src.d, src.mn, nt, g, c, true);
       }
     }
     return {w.data(), d.data(), mn.data(), Scales::kFloat};
