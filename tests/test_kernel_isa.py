@@ -41,6 +41,14 @@ _CHILD = textwrap.dedent("""
         x = torch.randn(m, 512, generator=g)
         out[f"int4 super-blocks rows={m}"] = (FusedLinear(q4k.parts, torch.empty(0), 512, ext)(x), x,
                                               q4k.dequantize(), torch.zeros(21))
+    # Q6_K as int6 (the same shapes; 37 rows take the unpacked path)
+    q6k = Grid([torch.randint(0, 64, (21, 512), dtype=torch.uint8, generator=g),
+                torch.randint(-128, 128, (21, 32), generator=g).to(torch.int8),
+                (torch.rand(21, 2, generator=g) * 0.002).half()])
+    for m in (1, 3, 37):
+        x = torch.randn(m, 512, generator=g)
+        out[f"int6 rows={m}"] = (FusedLinear(q6k.parts, torch.empty(0), 512, ext)(x), x, q6k.dequantize(),
+                                 torch.zeros(21))
     eng = LLMEngine(EngineConfig(dtype="float32", quantization="int4", fused_decode=True, num_threads=2,
                                  block_size=4, num_kv_blocks=64),
                     loaded=tiny_loaded(hidden_size=64, intermediate_size=96, num_attention_heads=4,
