@@ -223,10 +223,25 @@ def _super_records(sc: torch.Tensor, mn: torch.Tensor, dd: torch.Tensor, dm: tor
     return torch.cat([half_bytes(dd), half_bytes(dm), byte_rows(sc), byte_rows(mn)], -1).reshape(rows, -1)
 
 
+def super_group_scales(sc: torch.Tensor, mn: torch.Tensor, dd: torch.Tensor,
+                       dm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's super-block scales (sc, mn uint8 [N, G]; dd, dm float16 [N, G/8]) as (d, m) float32 [N, G]:
+    d = D sc, m = -(Dm mn), the float32 products the kernel makes."""
+    n, g = sc.shape
+    d = dd.float().repeat_interleave(8, dim=1) * sc.float()
+    return d.reshape(n, g), -(dm.float().repeat_interleave(8, dim=1) * mn.float()).reshape(n, g)
+
+
+def dequantize_int6(q: torch.Tensor, sc: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] of Q6_K's grid (q uint8 [N, K] 0..63, sc int8 [N, K/16], D float16 [N, K/256]):
+    w = D sc (q - 32) per 16 inputs."""
+    n, k = q.shape
+    d = dd.float().repeat_interleave(16, dim=1) * sc.float()  # [N, K/16]
+    return ((q.float() - 32).reshape(n, k // 16, 16) * d[..., None]).reshape(n, k)
+
+
 def _super_scales(rec: torch.Tensor, col: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(d, m) float32 [T, G] of column ``col`` [T] of the block records ``rec`` [T, S, 20 nb]."""
-    from .gguf_grids import Grid
-
     t, s = rec.shape[:2]
     pick = torch.arange(t)
 
@@ -236,7 +251,7 @@ def _super_scales(rec: torch.Tensor, col: torch.Tensor, nb: int) -> tuple[torch.
     def bytes_(i: int) -> torch.Tensor:  # sc (i = 0) or mn (1): [T, G]
         return rec[..., (4 + 8 * i) * nb:(12 + 8 * i) * nb].reshape(t, s, 8, nb)[pick, :, :, col].reshape(t, -1)
 
-    return Grid([torch.empty(0), bytes_(0), bytes_(1), halves(0), halves(1)]).group_scales()
+    return super_group_scales(bytes_(0), bytes_(1), halves(0), halves(1))
 
 
 _SIX_RECORD = 18  # bytes of int6 scales a column takes per 256 inputs
@@ -276,8 +291,6 @@ def _pack_int6(q: torch.Tensor, sc: torch.Tensor, dd: torch.Tensor, k: int) -> l
 
 def _int6_rows(w: torch.Tensor, rec: torch.Tensor, blk: torch.Tensor, col: torch.Tensor, nb: int) -> torch.Tensor:
     """Rows (block ``blk``, column ``col`` [T]) of packed int6 weights ``w`` / records ``rec`` as float32 [T, K]."""
-    from .gguf_grids import Grid
-
     t, g, s = blk.shape[0], w.shape[1] // 24, rec.shape[1] // _SIX_RECORD
     pick = torch.arange(t)
     b = w.reshape(-1, g, 6, nb, 4)[blk, :, :, col]  # [T, G, 6 chunks, 4]: 4 nibble steps, 2 planes
@@ -287,7 +300,7 @@ def _int6_rows(w: torch.Tensor, rec: torch.Tensor, blk: torch.Tensor, col: torch
     r = rec.reshape(-1, s, _SIX_RECORD * nb)[blk]  # [T, S, 18 nb]
     d = r[..., :2 * nb].contiguous().view(torch.float16)[pick, :, col]  # [T, S]
     sc = r[..., 2 * nb:].reshape(t, s, 16, nb)[pick, :, :, col]  # [T, S, 16] int8
-    return Grid([q.reshape(t, -1), sc.reshape(t, -1), d]).dequantize()
+    return dequantize_int6(q.reshape(t, -1), sc.reshape(t, -1), d)
 
 
 def _scale_dtype(*scales: torch.Tensor) -> torch.dtype:

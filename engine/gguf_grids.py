@@ -68,24 +68,18 @@ class Grid:
 
     def group_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(d, m) float32 [N, G] of an int4 grid."""
-        if not self.super_blocks:
-            return self.parts[1], self.parts[2]
-        _, sc, mn, dd, dm = self.parts
-        n, g = sc.shape
-        d = dd.float().repeat_interleave(8, dim=1) * sc.float()
-        return d.reshape(n, g), -(dm.float().repeat_interleave(8, dim=1) * mn.float()).reshape(n, g)
+        from .decode_fused import super_group_scales
+
+        return super_group_scales(*self.parts[1:]) if self.super_blocks else (self.parts[1], self.parts[2])
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [N, K] this grid stands for."""
-        from .decode_fused import dequantize_int4_groups
+        from .decode_fused import dequantize_int4_groups, dequantize_int6
 
         if self.kind == "int4":
             return dequantize_int4_groups(self.parts[0], *self.group_scales())
         if self.kind == "int6":
-            q, sc, dd = self.parts
-            n, k = q.shape
-            d = dd.float().repeat_interleave(16, dim=1) * sc.float()  # [N, K/16]
-            return ((q.float() - 32).reshape(n, k // 16, 16) * d[..., None]).reshape(n, k)
+            return dequantize_int6(*self.parts)
         w, d, _ = self.parts
         n, g = d.shape
         return (w.float().reshape(n, g, 32) * d.float()[..., None]).reshape(n, g * 32)
