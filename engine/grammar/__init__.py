@@ -1,6 +1,7 @@
-"""Grammar-constrained decoding: JSON Schema -> regex (our own, exact, see schema_regex) ->
-byte DFA (outlines-core builds it) -> per-request matcher (the engine's TokenConstraint); a state's
-allowed tokens are computed when a matcher first reaches it (token_walk).
+"""Grammar-constrained decoding: JSON Schema -> regex (our own, exact, see schema_regex) -> byte DFA
+(our C++ builder, native_dfa; outlines-core where that is unavailable) -> per-request matcher (the
+engine's TokenConstraint); a state's allowed tokens are computed when a matcher first reaches it
+(token_walk).
 
     compiler = GrammarCompiler.from_tokenizer(tokenizer, vocab_size=engine.vocab_size)
     grammar = compiler.compile_json_schema(schema)        # cached in memory and on disk
@@ -12,7 +13,8 @@ _EXPORTS = {
     ".automaton": ["configure_compiles"],
     ".budget": ["TokenDistances", "distances", "min_tokens"],
     ".byte_dfa": ["ByteAutomaton", "ByteDFA"],
-    ".compiler": ["CompiledGrammar", "GrammarCompiler", "default_cache_dir"],
+    ".compiler": ["CompiledGrammar", "GrammarCompiler"],
+    ".disk_cache": ["default_cache_dir"],
     ".errors": ["BudgetError", "GrammarBusyError", "GrammarCompileError", "UnsupportedSchemaError"],
     ".matcher": ["GrammarMatcher"],
     ".schema_regex": ["schema_to_regex"],

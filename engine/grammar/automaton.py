@@ -266,17 +266,28 @@ class CompileWorkers:
                 self._idle.append(worker)
         return reply
 
+    def prestart(self) -> None:
+        """Start a worker now, if none is idle, so the first compile does not wait for its start (a
+        Python process and its imports: ~0.3 s). Returns at once."""
+        with self._lock:
+            if not self._idle:
+                self._idle.append(self._start())
+
     def _take(self) -> subprocess.Popen:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
+        return self._start()
+
+    @staticmethod
+    def _start() -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "agentrt.engine.grammar.compile_worker"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 start_new_session=True)  # Ctrl-C in a terminal is the server's, not theirs
 
     @staticmethod
     def _read(worker: subprocess.Popen, n: int, deadline: float) -> bytes | None:
-        fd, data = worker.stdout.fileno(), b""
+        fd, data = worker.stdout.fileno(), bytearray()
         while len(data) < n:
             ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
@@ -285,7 +296,14 @@ class CompileWorkers:
             if not chunk:
                 raise OSError("the compile worker exited")
             data += chunk
-        return data
+        return bytes(data)
+
+    def close(self) -> None:
+        """Stop the idle workers (the next compile starts a new one, with the environment as it is then)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            self._stop(worker)
 
     @staticmethod
     def _stop(worker: subprocess.Popen) -> None:

@@ -71,7 +71,9 @@ def compile_schema(schema: dict, lenient: bool, timeout_s: float | None) -> byte
 
 def warm_up() -> None:
     """Fill the caches a worker's first compile would otherwise build (the Unicode sets behind a
-    pattern's \\d \\w \\s, outlines-core's byte vocabulary), so the children it forks for nested steps
+    pattern's \\d \\w \\s, the DFA builder, jsonschema), so the children it forks for nested steps
     inherit them: a compile worker runs this once when it starts."""
+    import jsonschema  # noqa: F401 - enum values are checked against their schema with it (~0.1 s to import)
+
     regex, _ = schema_to_regex({"type": "string", "pattern": r"^[\w\s]\d\D\W\S$"}, timeout_s=None)
     regex_to_dfa(regex)

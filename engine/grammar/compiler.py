@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import pickle
 import threading
 import time
@@ -21,23 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .automaton import run_bounded
+from . import native_dfa
+from .automaton import run_bounded, workers
 from .byte_dfa import ByteDFA
 from .compile_job import compile_schema
-from .disk_cache import DiskCache
+from .disk_cache import DiskCache, default_cache_dir
 from .errors import GrammarCompileError
 from .token_walk import TokenTable
 from .vocab import TokenVocab, vocab_from_tokenizer
 
-COMPILER_VERSION = "16"  # bump when the regex a schema compiles to may change (invalidates disk caches)
+COMPILER_VERSION = "17"  # bump when the regex a schema compiles to may change (invalidates disk caches)
 _MAX_FORCED_BYTES = 512
-
-
-def default_cache_dir() -> str:
-    """``$AGENTRT_CACHE_DIR/grammar``, else ``$XDG_CACHE_HOME`` or ``~/.cache`` + ``agentrt/grammar``."""
-    base = os.environ.get("AGENTRT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "agentrt")
-    return os.path.join(base, "grammar")
 
 
 class CompiledGrammar:
@@ -229,6 +222,8 @@ class GrammarCompiler:
         self.vocab = vocab
         self._encode = encode
         self.tokens = TokenTable(vocab)
+        native_dfa.library()  # built here once per machine (seconds), so no compile's time limit pays for it
+        workers.prestart()  # so the first request's compile does not wait for a worker to start
         # one space per tokenizer; the size cap (None: $AGENTRT_GRAMMAR_CACHE_MB, default 256 MB) spans them all
         self.disk_cache = DiskCache(cache_dir if cache_dir is not None else default_cache_dir(), vocab.hash,
                                     cache_max_bytes)

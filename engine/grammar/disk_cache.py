@@ -18,6 +18,17 @@ DEFAULT_MAX_BYTES = 256 << 20
 MAX_BYTES_ENV = "AGENTRT_GRAMMAR_CACHE_MB"
 
 
+def cache_base() -> str:
+    """``$AGENTRT_CACHE_DIR``, else ``$XDG_CACHE_HOME`` or ``~/.cache`` + ``agentrt``."""
+    return os.environ.get("AGENTRT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "agentrt")
+
+
+def default_cache_dir() -> str:
+    """Where compiled grammars are kept on disk: ``cache_base()/grammar``."""
+    return os.path.join(cache_base(), "grammar")
+
+
 def max_bytes_from_env() -> int:
     """``$AGENTRT_GRAMMAR_CACHE_MB`` in bytes, else the default (256 MB); 0 turns the disk cache off."""
     raw = os.environ.get(MAX_BYTES_ENV, "").strip()

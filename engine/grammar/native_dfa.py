@@ -1,0 +1,107 @@
+"""The regex -> byte DFA compiler in C++ (``regex_dfa.cpp``): built on first use with the system's C++
+compiler into ``cache_base()/native``, loaded with ctypes (the compile workers run without torch, so
+it is not a torch extension). `byte_dfa.regex_to_dfa` uses it when it is there and falls back to
+outlines-core where it cannot be built (no compiler) or a regex holds syntax it does not parse.
+
+Set ``AGENTRT_GRAMMAR_NATIVE=0`` to build every DFA with outlines-core instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from .disk_cache import cache_base
+from .errors import GrammarCompileError
+
+SOURCE = Path(__file__).with_name("regex_dfa.cpp")
+# A DFA state's dense row is 1 KB: 400k states are 400 MB, most of a compile's 1 GB memory share
+# (two at once) with the regex's NFA and the parts spliced around it. $AGENTRT_GRAMMAR_MAX_STATES
+# moves it; the compile's memory cap still holds.
+MAX_STATES = 400_000
+MAX_NFA_STATES = 2_000_000
+_UNSUPPORTED, _TOO_LARGE, _NO_MEMORY = 1, 2, 3
+log = logging.getLogger("agentrt.grammar")
+
+
+def library_path() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return Path(cache_base()) / "native" / f"regex_dfa-{digest}.so"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded compiler, built first if this source has not been built yet (a few seconds, once
+    per machine; concurrent processes wait for one build); None where it cannot be had."""
+    if os.environ.get("AGENTRT_GRAMMAR_NATIVE", "1") == "0":
+        return None
+    path = library_path()
+    try:
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("the grammar's C++ DFA builder is not available (%s); using outlines-core", e)
+        return None
+    lib.agentrt_regex_dfa.restype = ctypes.c_void_p
+    lib.agentrt_regex_dfa.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    for name, restype in [("status", ctypes.c_int), ("message", ctypes.c_char_p), ("states", ctypes.c_int64)]:
+        fn = getattr(lib, f"agentrt_regex_dfa_{name}")
+        fn.restype, fn.argtypes = restype, [ctypes.c_void_p]
+    lib.agentrt_regex_dfa_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.agentrt_regex_dfa_free.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def _build(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then use its build
+        if path.exists():
+            return
+        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        if cxx is None:
+            raise OSError("no C++ compiler (set $CXX)")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        done = subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+
+
+def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(table [S + 1, 256] int32 with row S the dead state, final [S + 1] bool) of ``regex``, initial
+    state 0; None when the regex holds syntax this builder does not parse. GrammarCompileError when
+    the automaton passes its size limits, MemoryError when memory runs out."""
+    data = regex.encode("utf-8")
+    max_states = int(os.environ.get("AGENTRT_GRAMMAR_MAX_STATES") or MAX_STATES)
+    handle = lib.agentrt_regex_dfa(data, len(data), max_states, MAX_NFA_STATES)
+    if not handle:
+        raise MemoryError("building the regex's DFA")
+    try:
+        status = lib.agentrt_regex_dfa_status(handle)
+        if status == _UNSUPPORTED:
+            return None
+        if status == _NO_MEMORY:  # the compile process reports its memory cap (automaton.run_job)
+            raise MemoryError("building the regex's DFA")
+        if status:
+            why = lib.agentrt_regex_dfa_message(handle).decode()
+            hint = " (simplify the schema: fewer alternatives, smaller maxLength/maxItems/enums)" if status == _TOO_LARGE else ""
+            raise GrammarCompileError(f"the schema's grammar is too large to compile: {why}{hint}")
+        n = lib.agentrt_regex_dfa_states(handle)
+        table = np.empty((n + 1, 256), dtype=np.int32)
+        final = np.empty(n + 1, dtype=np.uint8)
+        lib.agentrt_regex_dfa_copy(handle, table.ctypes.data, final.ctypes.data)
+        return table, final.view(bool)
+    finally:
+        lib.agentrt_regex_dfa_free(handle)

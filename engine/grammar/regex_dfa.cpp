@@ -1,0 +1,595 @@
+// Regex -> byte DFA, the automaton a compiled grammar keeps (see byte_dfa.py).
+//
+// The dialect is the one engine/grammar writes (a subset of Rust regex-syntax, which outlines-core
+// compiles): literals and escaped punctuation, \x{HEX} and \xHH code points, classes of code points
+// and ranges (a leading ^ negates), (?:...) and (...) groups, |, and the quantifiers * + ? {m} {m,}
+// {m,n}. Anything else is refused (status kUnsupported) and the caller builds the DFA another way.
+//
+// parse -> AST -> Thompson NFA over bytes (each code-point set becomes a trie of UTF-8 byte ranges)
+// -> subset construction over the NFA's byte classes. Plain C ABI for ctypes: the compile workers
+// do not import torch, so this cannot be a torch extension.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr uint32_t kMaxCp = 0x10FFFF;
+using Ranges = std::vector<std::pair<uint32_t, uint32_t>>;  // sorted, disjoint, inclusive code points
+
+enum Status : int { kOk = 0, kUnsupported = 1, kTooLarge = 2, kNoMemory = 3 };
+
+struct Failure {
+  Status status;
+  std::string message;
+};
+
+// ---------------------------------------------------------------------------------------- AST
+struct Node {
+  enum Kind { kSet, kCat, kAlt, kRep } kind;
+  Ranges set;                 // kSet
+  std::vector<int> children;  // kCat, kAlt; kRep: one
+  int lo = 0, hi = -1;        // kRep: hi -1 = unbounded
+};
+
+Ranges normalized(Ranges r) {
+  std::sort(r.begin(), r.end());
+  Ranges out;
+  for (auto [a, b] : r) {
+    // surrogates are not scalar values: no UTF-8 text holds them
+    std::pair<uint32_t, uint32_t> pieces[2] = {{a, std::min(b, 0xD7FFu)}, {std::max(a, 0xE000u), b}};
+    for (auto [x, y] : pieces) {
+      if (x > y) continue;
+      if (!out.empty() && x <= out.back().second + 1)
+        out.back().second = std::max(out.back().second, y);
+      else
+        out.push_back({x, y});
+    }
+  }
+  return out;
+}
+
+Ranges complemented(const Ranges& r) {
+  Ranges out;
+  uint32_t next = 0;
+  for (auto [a, b] : normalized(r)) {
+    if (a > next) out.push_back({next, a - 1});
+    next = b + 1;
+  }
+  if (next <= kMaxCp) out.push_back({next, kMaxCp});
+  return normalized(out);
+}
+
+class Parser {
+ public:
+  Parser(const char* text, size_t n) : p_(text), end_(text + n) {}
+
+  std::vector<Node> nodes;
+
+  int parse() {
+    int root = alternation();
+    if (p_ != end_) fail("unbalanced ')'");
+    return root;
+  }
+
+ private:
+  const char* p_;
+  const char* end_;
+
+  [[noreturn]] void fail(const std::string& why) { throw Failure{kUnsupported, why}; }
+  bool more() const { return p_ < end_; }
+  char peek() const { return *p_; }
+
+  int add(Node n) {
+    nodes.push_back(std::move(n));
+    return int(nodes.size()) - 1;
+  }
+
+  int alternation() {
+    std::vector<int> branches{concatenation()};
+    while (more() && peek() == '|') {
+      ++p_;
+      branches.push_back(concatenation());
+    }
+    if (branches.size() == 1) return branches[0];
+    return add(Node{Node::kAlt, {}, branches});
+  }
+
+  int concatenation() {
+    std::vector<int> items;
+    while (more() && peek() != '|' && peek() != ')') items.push_back(repetition());
+    if (items.size() == 1) return items[0];
+    return add(Node{Node::kCat, {}, items});
+  }
+
+  int repetition() {
+    int atom_id = atom();
+    while (more()) {
+      int lo, hi;
+      char c = peek();
+      if (c == '*') { lo = 0; hi = -1; ++p_; }
+      else if (c == '+') { lo = 1; hi = -1; ++p_; }
+      else if (c == '?') { lo = 0; hi = 1; ++p_; }
+      else if (c == '{') { ++p_; counts(lo, hi); }
+      else break;
+      if (more() && peek() == '?') fail("lazy quantifier");
+      Node rep{Node::kRep, {}, {atom_id}};
+      rep.lo = lo;
+      rep.hi = hi;
+      atom_id = add(rep);
+    }
+    return atom_id;
+  }
+
+  int number() {
+    if (!more() || !isdigit(uint8_t(peek()))) fail("bad counted repetition");
+    long v = 0;
+    while (more() && isdigit(uint8_t(peek()))) {
+      v = v * 10 + (*p_++ - '0');
+      if (v > 1000000) fail("counted repetition too large");
+    }
+    return int(v);
+  }
+
+  void counts(int& lo, int& hi) {
+    lo = number();
+    hi = lo;
+    if (more() && peek() == ',') {
+      ++p_;
+      hi = (more() && peek() == '}') ? -1 : number();
+    }
+    if (!more() || *p_++ != '}') fail("bad counted repetition");
+    if (hi != -1 && hi < lo) fail("bad counted repetition");
+  }
+
+  int atom() {
+    char c = *p_;
+    if (c == '(') {
+      ++p_;
+      if (more() && peek() == '?') {
+        if (end_ - p_ < 2 || p_[1] != ':') fail("group flags");
+        p_ += 2;
+      }
+      int inner = alternation();
+      if (!more() || *p_++ != ')') fail("unbalanced '('");
+      return inner;
+    }
+    if (c == '[') return add(Node{Node::kSet, char_class(), {}});
+    if (c == '\\') {
+      uint32_t cp = escape();
+      return add(Node{Node::kSet, {{cp, cp}}, {}});
+    }
+    if (c == '.' || c == '^' || c == '$') fail(std::string("'") + c + "'");
+    if (c == '*' || c == '+' || c == '?' || c == '{') fail("quantifier without an operand");
+    uint32_t cp = utf8_char();
+    return add(Node{Node::kSet, {{cp, cp}}, {}});
+  }
+
+  uint32_t utf8_char() {
+    uint8_t b = uint8_t(*p_++);
+    if (b < 0x80) return b;
+    int extra = b >= 0xF0 ? 3 : b >= 0xE0 ? 2 : b >= 0xC0 ? 1 : -1;
+    if (extra < 0 || end_ - p_ < extra) fail("invalid UTF-8");
+    uint32_t cp = b & (0x3F >> extra);
+    for (int i = 0; i < extra; ++i) cp = (cp << 6) | (uint8_t(*p_++) & 0x3F);
+    return cp;
+  }
+
+  static int hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  }
+
+  // after a backslash: the code point it stands for
+  uint32_t escape() {
+    ++p_;
+    if (!more()) fail("trailing backslash");
+    char c = *p_++;
+    switch (c) {
+      case 'n': return '\n';
+      case 't': return '\t';
+      case 'r': return '\r';
+      case 'f': return '\f';
+      case 'v': return '\v';
+      case 'x': {
+        uint32_t v = 0;
+        if (more() && peek() == '{') {
+          ++p_;
+          int digits = 0;
+          while (more() && peek() != '}') {
+            int d = hex_digit(*p_++);
+            if (d < 0 || ++digits > 8) fail("bad \\x{...}");
+            v = v * 16 + uint32_t(d);
+          }
+          if (!more() || digits == 0) fail("bad \\x{...}");
+          ++p_;
+        } else {
+          for (int i = 0; i < 2; ++i) {
+            int d = more() ? hex_digit(*p_++) : -1;
+            if (d < 0) fail("bad \\xHH");
+            v = v * 16 + uint32_t(d);
+          }
+        }
+        if (v > kMaxCp || (v >= 0xD800 && v <= 0xDFFF)) fail("\\x outside Unicode scalar values");
+        return v;
+      }
+      default:
+        if (uint8_t(c) < 0x80 && !isalnum(uint8_t(c))) return uint8_t(c);  // escaped punctuation
+        fail(std::string("escape \\") + c);
+    }
+  }
+
+  uint32_t class_item() {
+    if (!more()) fail("unterminated class");
+    if (peek() == '\\') return escape();
+    if (peek() == '[') fail("nested class");
+    return utf8_char();
+  }
+
+  Ranges char_class() {
+    ++p_;  // '['
+    bool negate = more() && peek() == '^';
+    if (negate) ++p_;
+    Ranges items;
+    bool first = true;
+    while (true) {
+      if (!more()) fail("unterminated class");
+      if (peek() == ']' && !first) { ++p_; break; }
+      if ((peek() == '&' || peek() == '~' || peek() == '-') && end_ - p_ >= 2 && p_[1] == peek() && !first)
+        fail("class set operation");
+      uint32_t a = class_item();
+      uint32_t b = a;
+      if (more() && peek() == '-' && end_ - p_ >= 2 && p_[1] != ']') {
+        ++p_;
+        b = class_item();
+        if (b < a) fail("reversed class range");
+      }
+      items.push_back({a, b});
+      first = false;
+    }
+    return negate ? complemented(items) : normalized(items);
+  }
+};
+
+
+// ---------------------------------------------------------------------------------------- NFA
+struct Edge {
+  uint8_t lo, hi;
+  int32_t to;
+};
+
+struct NState {
+  std::vector<Edge> edges;   // byte-range transitions (a state has these, or eps, or is the match)
+  std::vector<int32_t> eps;  // empty transitions
+  bool match = false;
+};
+
+using ByteSeq = std::vector<std::pair<uint8_t, uint8_t>>;
+
+int utf8_encode(uint32_t cp, uint8_t* out) {
+  if (cp < 0x80) { out[0] = uint8_t(cp); return 1; }
+  if (cp < 0x800) { out[0] = uint8_t(0xC0 | (cp >> 6)); out[1] = uint8_t(0x80 | (cp & 0x3F)); return 2; }
+  if (cp < 0x10000) {
+    out[0] = uint8_t(0xE0 | (cp >> 12)); out[1] = uint8_t(0x80 | ((cp >> 6) & 0x3F));
+    out[2] = uint8_t(0x80 | (cp & 0x3F));
+    return 3;
+  }
+  out[0] = uint8_t(0xF0 | (cp >> 18)); out[1] = uint8_t(0x80 | ((cp >> 12) & 0x3F));
+  out[2] = uint8_t(0x80 | ((cp >> 6) & 0x3F)); out[3] = uint8_t(0x80 | (cp & 0x3F));
+  return 4;
+}
+
+// The UTF-8 encodings of the code points a..b as sequences of byte ranges (each sequence a product of
+// ranges), split where the encoding length or a continuation byte's span changes.
+void utf8_sequences(uint32_t a, uint32_t b, std::vector<ByteSeq>& out) {
+  std::vector<std::pair<uint32_t, uint32_t>> todo{{a, b}};
+  while (!todo.empty()) {
+    auto [s, e] = todo.back();
+    todo.pop_back();
+    bool split = false;
+    for (uint32_t edge : {0x7Fu, 0x7FFu, 0xFFFFu}) {
+      if (s <= edge && edge < e) {
+        todo.push_back({edge + 1, e});
+        todo.push_back({s, edge});
+        split = true;
+        break;
+      }
+    }
+    if (split) continue;
+    for (int i = 1; i < 4 && !split; ++i) {
+      uint32_t m = (1u << (6 * i)) - 1;
+      if ((s & ~m) != (e & ~m)) {
+        if ((s & m) != 0) {
+          todo.push_back({(s | m) + 1, e});
+          todo.push_back({s, s | m});
+          split = true;
+        } else if ((e & m) != m) {
+          todo.push_back({e & ~m, e});
+          todo.push_back({s, (e & ~m) - 1});
+          split = true;
+        }
+      }
+    }
+    if (split) continue;
+    uint8_t bs[4], be[4];
+    int n = utf8_encode(s, bs);
+    utf8_encode(e, be);
+    ByteSeq seq;
+    for (int i = 0; i < n; ++i) seq.push_back({bs[i], be[i]});
+    out.push_back(std::move(seq));
+  }
+}
+
+class NfaBuilder {
+ public:
+  NfaBuilder(const std::vector<Node>& ast, size_t max_states) : ast_(ast), max_(max_states) {}
+
+  std::vector<NState> st;
+
+  int32_t make() {
+    if (st.size() >= max_) throw Failure{kTooLarge, "its regex passed " + std::to_string(max_) + " NFA states"};
+    st.emplace_back();
+    return int32_t(st.size()) - 1;
+  }
+
+  // the start state of ``node`` followed by ``next`` (compiled back to front)
+  int32_t compile(int node, int32_t next) {
+    const Node& n = ast_[node];
+    switch (n.kind) {
+      case Node::kSet: return code_points(n.set, next);
+      case Node::kCat:
+        for (auto it = n.children.rbegin(); it != n.children.rend(); ++it) next = compile(*it, next);
+        return next;
+      case Node::kAlt: {
+        std::vector<int32_t> starts;
+        for (int c : n.children) starts.push_back(compile(c, next));
+        int32_t s = make();
+        st[s].eps = std::move(starts);
+        return s;
+      }
+      case Node::kRep: {
+        int child = n.children[0];
+        int32_t cur = next;
+        if (n.hi < 0) {  // x{lo,} = x^lo x*
+          int32_t loop = make();
+          int32_t body = compile(child, loop);
+          st[loop].eps = {body, next};
+          cur = loop;
+        } else {  // x{lo,hi} = x^lo (x (x ...)?)?
+          for (int i = 0; i < n.hi - n.lo; ++i) {
+            int32_t body = compile(child, cur);
+            int32_t skip = make();
+            st[skip].eps = {body, next};
+            cur = skip;
+          }
+        }
+        for (int i = 0; i < n.lo; ++i) cur = compile(child, cur);
+        return cur;
+      }
+    }
+    return next;
+  }
+
+ private:
+  const std::vector<Node>& ast_;
+  size_t max_;
+
+  // a trie of the set's UTF-8 byte ranges, its leaves going on to ``next``
+  int32_t code_points(const Ranges& set, int32_t next) {
+    std::vector<ByteSeq> seqs;
+    for (auto [a, b] : set) utf8_sequences(a, b, seqs);
+    int32_t root = make();
+    int32_t first_inner = root;
+    for (const ByteSeq& seq : seqs) {
+      int32_t cur = root;
+      for (size_t i = 0; i + 1 < seq.size(); ++i) {
+        int32_t to = -1;
+        for (const Edge& e : st[cur].edges)
+          if (e.lo == seq[i].first && e.hi == seq[i].second && e.to >= first_inner) to = e.to;
+        if (to < 0) {
+          to = make();
+          st[cur].edges.push_back({seq[i].first, seq[i].second, to});
+        }
+        cur = to;
+      }
+      st[cur].edges.push_back({seq.back().first, seq.back().second, next});
+    }
+    return root;
+  }
+};
+
+// ---------------------------------------------------------------------------------------- DFA
+struct Dfa {
+  int32_t n = 0;                // states 0..n-1 (0 initial); n is the dead state
+  int nclasses = 0;
+  uint8_t cls[256];             // byte -> class
+  std::vector<int32_t> trans;   // [n, nclasses], -1 = dead
+  std::vector<uint8_t> final;   // [n]
+};
+
+class Determinizer {
+ public:
+  Determinizer(const std::vector<NState>& nfa, size_t max_states) : nfa_(nfa), max_(max_states),
+                                                                      mark_(nfa.size(), 0) {}
+
+  void run(int32_t start, Dfa& d) {
+    byte_classes(d);
+    std::vector<std::vector<int32_t>> buckets(d.nclasses);
+    std::vector<int> touched;
+    closure(&start, 1);
+    intern();
+    for (size_t i = 0; i < starts_.size() - 1; ++i) {
+      touched.clear();
+      bool is_final = false;
+      for (int64_t k = starts_[i]; k < starts_[i + 1]; ++k) {
+        const NState& ns = nfa_[pool_[k]];
+        is_final |= ns.match;
+        for (const Edge& e : ns.edges) {
+          for (int c = d.cls[e.lo]; c <= d.cls[e.hi]; ++c) {
+            if (buckets[c].empty()) touched.push_back(c);
+            buckets[c].push_back(e.to);
+          }
+        }
+      }
+      d.final.push_back(is_final);
+      std::sort(touched.begin(), touched.end());
+      d.trans.resize((starts_.size() - 1) * d.nclasses, -1);
+      for (int c : touched) {
+        closure(buckets[c].data(), buckets[c].size());
+        int32_t to = intern();
+        d.trans.resize((starts_.size() - 1) * d.nclasses, -1);
+        d.trans[i * d.nclasses + c] = to;
+        buckets[c].clear();
+      }
+    }
+    d.n = int32_t(starts_.size() - 1);
+  }
+
+ private:
+  const std::vector<NState>& nfa_;
+  size_t max_;
+  std::vector<uint32_t> mark_;
+  uint32_t gen_ = 0;
+  std::vector<int32_t> pool_;           // the DFA states' NFA sets, one after another
+  std::vector<int64_t> starts_{0};      // state i's set: pool_[starts_[i], starts_[i + 1])
+  std::vector<uint64_t> hashes_;        // of each state's set
+  std::vector<int32_t> slots_ = std::vector<int32_t>(1024, -1);  // open addressing: state ids
+  std::vector<int32_t> set_, stack_;    // the set being built; the closure's work list
+
+  void byte_classes(Dfa& d) {
+    bool boundary[257] = {};
+    for (const NState& s : nfa_)
+      for (const Edge& e : s.edges) boundary[e.lo] = boundary[e.hi + 1] = true;
+    int c = -1;
+    for (int b = 0; b < 256; ++b) {
+      if (b == 0 || boundary[b]) ++c;
+      d.cls[b] = uint8_t(c);
+    }
+    d.nclasses = c + 1;
+  }
+
+  // set_ = the NFA states (with byte edges, or the match) reached from ``seeds`` by empty transitions, sorted
+  void closure(const int32_t* seeds, size_t n) {
+    if (++gen_ == 0) {
+      std::fill(mark_.begin(), mark_.end(), 0);
+      gen_ = 1;
+    }
+    set_.clear();
+    stack_.assign(seeds, seeds + n);
+    while (!stack_.empty()) {
+      int32_t s = stack_.back();
+      stack_.pop_back();
+      if (mark_[s] == gen_) continue;
+      mark_[s] = gen_;
+      const NState& ns = nfa_[s];
+      if (!ns.edges.empty() || ns.match) set_.push_back(s);
+      for (int32_t t : ns.eps)
+        if (mark_[t] != gen_) stack_.push_back(t);
+    }
+    std::sort(set_.begin(), set_.end());
+  }
+
+  static uint64_t hash(const int32_t* v, size_t n) {
+    uint64_t h = 1469598103934665603ull ^ n;
+    for (size_t i = 0; i < n; ++i) h = (h ^ uint32_t(v[i])) * 1099511628211ull;
+    return h ^ (h >> 29);
+  }
+
+  // the id of the state whose set is set_ (a new state if none has it)
+  int32_t intern() {
+    uint64_t h = hash(set_.data(), set_.size());
+    size_t mask = slots_.size() - 1;
+    for (size_t at = h & mask;; at = (at + 1) & mask) {
+      int32_t id = slots_[at];
+      if (id < 0) break;
+      int64_t len = starts_[id + 1] - starts_[id];
+      if (hashes_[id] == h && len == int64_t(set_.size()) &&
+          std::equal(set_.begin(), set_.end(), pool_.begin() + starts_[id]))
+        return id;
+    }
+    int32_t id = int32_t(starts_.size() - 1);
+    if (size_t(id) >= max_) throw Failure{kTooLarge, "its automaton passed " + std::to_string(max_) + " states"};
+    pool_.insert(pool_.end(), set_.begin(), set_.end());
+    starts_.push_back(int64_t(pool_.size()));
+    hashes_.push_back(h);
+    if (2 * hashes_.size() > slots_.size()) rehash();
+    else place(id);
+    return id;
+  }
+
+  void place(int32_t id) {
+    size_t mask = slots_.size() - 1;
+    size_t at = hashes_[id] & mask;
+    while (slots_[at] >= 0) at = (at + 1) & mask;
+    slots_[at] = id;
+  }
+
+  void rehash() {
+    slots_.assign(slots_.size() * 2, -1);
+    for (int32_t id = 0; id < int32_t(hashes_.size()); ++id) place(id);
+  }
+};
+
+struct Result {
+  int status = kOk;
+  std::string message;
+  Dfa dfa;
+};
+
+}  // namespace
+
+extern "C" {
+
+// Compile ``regex`` (``len`` bytes of UTF-8). Never null; read the status first (0 ok, 1 unsupported
+// syntax, 2 over a size limit, 3 out of memory) and free it with agentrt_regex_dfa_free.
+void* agentrt_regex_dfa(const char* regex, int64_t len, int64_t max_states, int64_t max_nfa_states) {
+  Result* r = new (std::nothrow) Result();
+  if (!r) return nullptr;
+  try {
+    Parser parser(regex, size_t(len));
+    int root = parser.parse();
+    NfaBuilder nfa(parser.nodes, size_t(max_nfa_states));
+    int32_t match = nfa.make();
+    nfa.st[match].match = true;
+    int32_t start = nfa.compile(root, match);
+    Determinizer(nfa.st, size_t(max_states)).run(start, r->dfa);
+  } catch (const Failure& f) {
+    r->status = f.status;
+    r->message = f.message;
+  } catch (const std::bad_alloc&) {
+    r->status = kNoMemory;
+    r->message = "out of memory";
+  }
+  return r;
+}
+
+int agentrt_regex_dfa_status(void* h) { return static_cast<Result*>(h)->status; }
+
+const char* agentrt_regex_dfa_message(void* h) { return static_cast<Result*>(h)->message.c_str(); }
+
+int64_t agentrt_regex_dfa_states(void* h) { return static_cast<Result*>(h)->dfa.n; }
+
+// Writes the dense table [n + 1, 256] (row n: the dead state) and final [n + 1].
+void agentrt_regex_dfa_copy(void* h, int32_t* table, uint8_t* final) {
+  const Dfa& d = static_cast<Result*>(h)->dfa;
+  for (int32_t s = 0; s <= d.n; ++s) {
+    int32_t* row = table + int64_t(s) * 256;
+    if (s == d.n) {
+      std::fill(row, row + 256, d.n);
+      final[s] = 0;
+      continue;
+    }
+    const int32_t* t = d.trans.data() + int64_t(s) * d.nclasses;
+    for (int b = 0; b < 256; ++b) row[b] = t[d.cls[b]] < 0 ? d.n : t[d.cls[b]];
+    final[s] = d.final[s];
+  }
+}
+
+void agentrt_regex_dfa_free(void* h) { delete static_cast<Result*>(h); }
+
+}  // extern "C"

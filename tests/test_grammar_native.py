@@ -1,0 +1,105 @@
+"""The C++ regex -> byte DFA builder (native_dfa) against outlines-core's: the same language on every
+construct the schema compiler writes and on real schemas' regexes; what it does not parse falls back,
+what is too large fails with a message and takes nothing down."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agentrt.engine.grammar import GrammarCompileError
+from agentrt.engine.grammar import native_dfa
+from agentrt.engine.grammar.byte_dfa import ByteDFA, outlines_regex_to_dfa, regex_to_dfa
+from agentrt.engine.grammar.schema_regex import schema_to_parts
+from agentrt.benchmarks.grammar import DATA, load_subset
+
+SENTINEL_LEAD = 0xF4  # outlines-core's path keeps this byte for its end sentinel: it allows no text with it
+
+
+@pytest.fixture(scope="module")
+def lib():
+    built = native_dfa.library()
+    if built is None:
+        pytest.skip("no C++ compiler here to build engine/grammar/regex_dfa.cpp (outlines-core is used instead)")
+    return built
+
+
+def native(lib, regex: str) -> ByteDFA:
+    got = native_dfa.compile_regex(lib, regex)
+    assert got is not None, f"refused: {regex}"
+    return ByteDFA(got[0], got[1], 0)
+
+
+def difference(a: ByteDFA, b: ByteDFA) -> str | None:
+    """None when both accept the same texts (texts holding byte 0xF4 aside), else where they part."""
+    seen = {(a.initial, b.initial)}
+    todo = [(a.initial, b.initial, b"")]
+    while todo:
+        x, y, text = todo.pop()
+        if bool(a.final[x]) != bool(b.final[y]):
+            return f"after {text!r}: may end {bool(a.final[x])} vs {bool(b.final[y])}"
+        la, lb = a.table[x] != a.dead, b.table[y] != b.dead
+        la[SENTINEL_LEAD] = lb[SENTINEL_LEAD] = False
+        if not np.array_equal(la, lb):
+            return f"after {text!r}: bytes {np.flatnonzero(la ^ lb)[:8].tolist()} allowed by one only"
+        for byte in np.flatnonzero(la).tolist():
+            key = (int(a.table[x, byte]), int(b.table[y, byte]))
+            if key not in seen:
+                seen.add(key)
+                todo.append((*key, text + bytes([byte])))
+    return None
+
+
+CONSTRUCTS = [
+    r"abc", r"", r"a|b|", r"(?:ab|a)(?:bc)?", r"(ab)+c", r"[a-c]*b[a-c]*", r"[a-z]{2,4}", r"x{3}", r"x{2,}",
+    r"(?:a|bc){0,3}d", r"(?:a*)*b", r"(?:|a)+", r"\x{20}\x41\.\\\[\]\{\}\(\)\|\*\+\?\-\$\^\#\&\~",
+    r"[\x{20}-\x{21}\x{23}-\x{5B}\x{5D}-\x{D7FF}\x{E000}-\x{10FFFF}]*", r"[^a-z\x{100}-\x{FFFF}]{1,2}",
+    r"[]a]", r"[a-]", r"[-a]", r"[$&'()*+,;=:@/?\-]+", r"\x{7F}\x{80}\x{7FF}\x{800}\x{FFFF}\x{10000}",
+    r'"(?:[\x{20}-\x{21}\x{23}-\x{5B}\x{5D}-\x{D7FF}\x{E000}-\x{10FFFF}]|\\(?:["\\bfnrt]|u00(?:0[0-7bef]|1[0-9a-f])))*"',
+    r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", "é+ü?\u4e2d", r"\n\t\r\x01\x1F",
+]
+
+
+@pytest.mark.parametrize("regex", CONSTRUCTS)
+def test_each_construct_builds_the_language_outlines_core_builds(lib, regex):
+    assert difference(native(lib, regex), outlines_regex_to_dfa(regex)) is None
+
+
+def test_real_schemas_regexes_build_the_same_language():
+    lib = native_dfa.library()
+    if lib is None:
+        pytest.skip("no C++ compiler here to build engine/grammar/regex_dfa.cpp")
+    if not (DATA / "maskbench" / "Glaiveai2K.jsonl").exists():
+        pytest.skip("../shared/data (MaskBench schemas) is not here")
+    checked = 0
+    for subset in ["Glaiveai2K", "BFCL_multiple", "Github_trivial", "Handwritten"]:
+        for case in load_subset(subset, DATA)[:12]:
+            try:
+                regex, _, holes = schema_to_parts(case["schema"], timeout_s=5, split_objects=True)
+            except Exception:  # noqa: BLE001 - refused schemas have no regex to compare
+                continue
+            for r in [regex] + [p for piece in holes.values() for p in piece if isinstance(p, str)]:
+                assert difference(native(lib, r), outlines_regex_to_dfa(r)) is None, (case["id"], r[:200])
+                checked += 1
+    assert checked > 30
+
+
+def test_plane_16_characters_are_text_like_any_other(lib):
+    dfa = regex_to_dfa(r'"[\x{20}-\x{10FFFF}]*"')
+    assert dfa.fullmatch('"a\U0010FFFD"'.encode()) and dfa.fullmatch('"\U00100000"'.encode())
+    assert not dfa.fullmatch(b'"\xf4\x90\x80\x80"')  # past U+10FFFF: not UTF-8
+
+
+def test_syntax_it_does_not_parse_falls_back_to_outlines_core(lib):
+    assert native_dfa.compile_regex(lib, r"a.c") is None
+    assert native_dfa.compile_regex(lib, r"a+?") is None
+    dfa = regex_to_dfa(r"a.c")
+    assert dfa.fullmatch(b"abc") and not dfa.fullmatch(b"a\nc")
+
+
+def test_a_regex_past_the_size_limits_fails_with_a_message(lib, monkeypatch):
+    with pytest.raises(GrammarCompileError, match="too large to compile: its regex passed 2000000 NFA states"):
+        regex_to_dfa(r"(?:[a-z]{0,9}x){0,300000}")
+    monkeypatch.setattr(native_dfa, "MAX_STATES", 1000)
+    with pytest.raises(GrammarCompileError, match="its automaton passed 1000 states"):
+        regex_to_dfa(r"[a-z]{0,2000}")
+    assert regex_to_dfa(r"[a-z]{0,500}").fullmatch(b"ab")  # below the limit, after the failure
