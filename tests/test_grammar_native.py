@@ -103,3 +103,14 @@ def test_a_regex_past_the_size_limits_fails_with_a_message(lib, monkeypatch):
     with pytest.raises(GrammarCompileError, match="its automaton passed 1000 states"):
         regex_to_dfa(r"[a-z]{0,2000}")
     assert regex_to_dfa(r"[a-z]{0,500}").fullmatch(b"ab")  # below the limit, after the failure
+
+
+def test_a_dfa_pickles_as_its_byte_classes_and_comes_back_the_same():
+    import pickle
+
+    dfa = regex_to_dfa(r'\{"a":"(?:[\x{20}-\x{21}\x{23}-\x{5B}\x{5D}-\x{10FFFF}])*","n":-?[0-9]+\}')
+    blob = pickle.dumps(dfa, protocol=pickle.HIGHEST_PROTOCOL)
+    back = pickle.loads(blob)
+    assert np.array_equal(back.table, dfa.table) and np.array_equal(back.final, dfa.final)
+    assert back.initial == dfa.initial and back.table.dtype == np.int32
+    assert len(blob) < dfa.table.nbytes / 8  # 16-bit columns, a few dozen byte classes instead of 256

@@ -379,25 +379,27 @@ class NfaBuilder {
   const std::vector<Node>& ast_;
   size_t max_;
 
-  // a trie of the set's UTF-8 byte ranges, its leaves going on to ``next``
+  // the set's UTF-8 byte ranges: one state holding every first byte's range, each going on through
+  // states shared by all the sequences that end the same way (the continuation bytes after E1-EC and
+  // after EE-EF lead to one state, so the DFA has one state where it would have two)
   int32_t code_points(const Ranges& set, int32_t next) {
     std::vector<ByteSeq> seqs;
     for (auto [a, b] : set) utf8_sequences(a, b, seqs);
+    std::vector<std::pair<uint64_t, int32_t>> suffixes;  // (lo, hi, target) -> the state with that one edge
+    auto suffix = [&](uint8_t lo, uint8_t hi, int32_t to) {
+      uint64_t key = (uint64_t(lo) << 40) | (uint64_t(hi) << 32) | uint32_t(to);
+      for (auto& [k, id] : suffixes)
+        if (k == key) return id;
+      int32_t id = make();
+      st[id].edges.push_back({lo, hi, to});
+      suffixes.push_back({key, id});
+      return id;
+    };
     int32_t root = make();
-    int32_t first_inner = root;
     for (const ByteSeq& seq : seqs) {
-      int32_t cur = root;
-      for (size_t i = 0; i + 1 < seq.size(); ++i) {
-        int32_t to = -1;
-        for (const Edge& e : st[cur].edges)
-          if (e.lo == seq[i].first && e.hi == seq[i].second && e.to >= first_inner) to = e.to;
-        if (to < 0) {
-          to = make();
-          st[cur].edges.push_back({seq[i].first, seq[i].second, to});
-        }
-        cur = to;
-      }
-      st[cur].edges.push_back({seq.back().first, seq.back().second, next});
+      int32_t to = next;
+      for (size_t i = seq.size() - 1; i > 0; --i) to = suffix(seq[i].first, seq[i].second, to);
+      st[root].edges.push_back({seq[0].first, seq[0].second, to});
     }
     return root;
   }
