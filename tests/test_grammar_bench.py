@@ -184,6 +184,8 @@ def test_e2e_reports_speculation_beside_jump_forward_alone():
     assert report["valid"] == 4, report["failures"]
     assert "+ speculation (the default)" in text and "draft tokens accepted per verify step" in text
     assert report["accepted_per_verify_step"] >= 0 and report["speculation_wall_ratio"] > 0
+    assert "TTFT one request at a time, 3 prompts" in text  # new vs known tools: both prefill a prompt
+    assert report["ttft_new_tools_ms"] > 0 and report["ttft_known_tools_ms"] > 0
     off = io.StringIO()
     report = bench.run_e2e(2, 1, 96, out=off, speculative_tokens=0)
     assert "speculation: off" in off.getvalue() and "speculation_wall_ratio" not in report
