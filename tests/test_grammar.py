@@ -393,3 +393,14 @@ def test_grammar_compile_child_has_a_memory_cap():
     proc.start()
     assert recv.recv() == "refused"
     proc.join()
+
+
+def test_a_length_limit_past_what_a_dfa_counts_is_refused_by_name_and_checked_after_when_lenient(compiler):
+    schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 131072}},
+              "required": ["text"]}
+    with pytest.raises(UnsupportedSchemaError, match=r"maxLength at /properties/text \(131,072 characters"):
+        compiler.compile_json_schema(schema)
+    g = compiler.compile_json_schema(schema, lenient=True)
+    assert len(g.unenforced) == 1 and "maxLength" in g.unenforced[0]
+    assert g.dfa.fullmatch(b'{"text":"hi"}') and not g.dfa.fullmatch(b'{"text":""}')  # minLength still enforced
+    assert g.validate('{"text":"%s"}' % ("x" * 131073)) and g.validate('{"text":"hi"}') == []

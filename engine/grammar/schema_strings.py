@@ -7,9 +7,19 @@ from .errors import GrammarCompileError
 from .regex_util import FORMATS, STRING_CHAR, PatternError, alt, json_value_regex, length_bounds, pattern_regex, rep, seq
 from .schema_context import ASSERTED_FORMATS, ASSERTIONS, Ctx, has_ref, json_eq, nonneg_int
 
+# A DFA counts a length limit position by position, ~14 states each for a JSON string character
+# (UTF-8 continuations, escapes): 10,000 characters are 140k states (140 MB of table, 0.5 s).
+MAX_COUNTED_CHARS = 10_000
+
+
 def string_regex(schema: dict, ctx: Ctx, path: str) -> str | None:
     mn = nonneg_int(schema, "minLength", path, 0) or 0
     mx = nonneg_int(schema, "maxLength", path, None)
+    for keyword, n in (("minLength", mn), ("maxLength", mx)):
+        if n is not None and n > MAX_COUNTED_CHARS:  # refused by name (lenient: checked after generation)
+            ctx.refuse(path, keyword, f"{n:,} characters: a grammar counts at most {MAX_COUNTED_CHARS:,}")
+    mn = mn if mn <= MAX_COUNTED_CHARS else 0
+    mx = mx if mx is None or mx <= MAX_COUNTED_CHARS else None
     has_len = mn > 0 or mx is not None
     fmt, pattern = schema.get("format"), schema.get("pattern")
     inner: str | None
