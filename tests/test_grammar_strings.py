@@ -146,3 +146,12 @@ def test_pointer_formats_agree_with_the_validator(fmt, texts):
     verdicts = {t: (a.fullmatch(compact(t)), validator.is_valid(t)) for t in texts}
     assert all(ours == theirs for ours, theirs in verdicts.values()), verdicts
     assert sum(theirs for _, theirs in verdicts.values()) >= 5
+
+
+def test_uri_template_format_takes_rfc_6570_templates_only():
+    a = ByteAutomaton(schema_to_regex({"type": "string", "format": "uri-template"})[0], timeout_s=None)
+    for text in ["", "file:///{path}", "http://example.com/{+path}/here{?q,lang}", "{var:30}", "{list*}",
+                 "/users/{id}/x%20y", "{.dom}", "{;x,y}", "X{#keys*}", "{a.b}", "{%41b}", "mailto:{user}@x.org"]:
+        assert a.fullmatch(compact(text)), text
+    for text in ["a{", "{}", "x}", "{a b}", "{a..b}", "{a:0}", "{a:12345}", "{+}", "50%", "a b", '{"}', "{a}}"]:
+        assert not a.fullmatch(compact(text)), text

@@ -211,6 +211,12 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
 # RFC 3986 path/query/fragment characters, with '%' only as a percent-escape
 _URI_CHARS = r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/?\-]|%[0-9A-Fa-f]{2})"
 _POINTER = "(?:/(?:" + json_chars(complement([(0x2F, 0x2F), (0x7E, 0x7E)])) + "|~[01])*)*"
+# RFC 6570 level 4: literal characters (ASCII here; pct-encoded) and {expressions} of variables
+_PCT = "%[0-9A-Fa-f]{2}"
+_VARCHAR = f"(?:[A-Za-z0-9_]|{_PCT})"
+_VARSPEC = rf"{_VARCHAR}(?:\.?{_VARCHAR})*(?::[1-9][0-9]{{0,3}}|\*)?"
+_URI_TEMPLATE = (rf"(?:[!#$&(-;=?-\[\]_a-z~]|{_PCT}"
+                 rf"|\{{[+#./;?&=,!@|]?{_VARSPEC}(?:,{_VARSPEC})*\}})*")
 # Conservative on purpose: every string these accept is valid for any common validator
 # (a format regex that is too wide would let invalid output through; too narrow only loses coverage).
 FORMATS: dict[str, str] = {
@@ -226,6 +232,7 @@ FORMATS: dict[str, str] = {
     # RFC 6901: "/"-separated tokens, "~" only as "~0" or "~1"
     "json-pointer": _POINTER,
     "relative-json-pointer": r"(?:0|[1-9][0-9]*)(?:#|" + _POINTER + ")",
+    "uri-template": _URI_TEMPLATE,
 }
 
 
