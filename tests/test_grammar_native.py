@@ -114,3 +114,12 @@ def test_a_dfa_pickles_as_its_byte_classes_and_comes_back_the_same():
     assert np.array_equal(back.table, dfa.table) and np.array_equal(back.final, dfa.final)
     assert back.initial == dfa.initial and back.table.dtype == np.int32
     assert len(blob) < dfa.table.nbytes / 8  # 16-bit columns, a few dozen byte classes instead of 256
+
+
+def test_without_a_working_cxx_compiler_outlines_core_builds_the_dfas(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("AGENTRT_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CXX", "/bin/false")
+    with caplog.at_level("WARNING", logger="agentrt.grammar"):
+        assert native_dfa.library.__wrapped__() is None
+    assert "C++ DFA builder is not available" in caplog.text and "using outlines-core" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))
