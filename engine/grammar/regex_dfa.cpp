@@ -5,12 +5,12 @@
 // and ranges (a leading ^ negates), (?:...) and (...) groups, |, and the quantifiers * + ? {m} {m,}
 // {m,n}. Anything else is refused (status kUnsupported) and the caller builds the DFA another way.
 //
-// parse -> AST -> Thompson NFA over bytes (each code-point set becomes a trie of UTF-8 byte ranges)
+// parse -> AST -> Thompson NFA over bytes (each code-point set becomes its UTF-8 byte ranges)
 // -> subset construction over the NFA's byte classes. Plain C ABI for ctypes: the compile workers
 // do not import torch, so this cannot be a torch extension.
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
+#include <cctype>
 #include <new>
 #include <string>
 #include <vector>
