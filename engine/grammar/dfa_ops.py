@@ -110,13 +110,13 @@ def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
                 copies.append((size, hole))
                 size += hole.dead
             wiring.append((src, t, hole, by_target[t]))
-    out = np.full((size + 1, 256), size, dtype=np.int32)  # row ``size``: the new dead state
-    out[:dead] = np.where(skeleton.table[:dead] == dead, size, skeleton.table[:dead])
+    out = np.empty((size + 1, 256), dtype=np.int32)
+    out[size] = size  # the new dead state
+    _place(skeleton, out, 0, size)
     for p in holes:
         out[:dead, p] = size  # the placeholder itself is never text
     for offset, hole in copies:
-        block = hole.table[:hole.dead]
-        out[offset:offset + hole.dead] = np.where(block == hole.dead, size, block + offset)
+        _place(hole, out, offset, size)
     final = np.zeros(size + 1, dtype=bool)
     final[:dead] = skeleton.final[:dead]
     for src, _, hole, offset in wiring:  # into each hole first: a state after a hole may start another
@@ -132,6 +132,14 @@ def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
             _join(out[f], go_on, out[t, go_on], size)
             final[f] |= skeleton.final[t]
     return ByteDFA(out, final, skeleton.initial)
+
+
+def _place(block: ByteDFA, out: np.ndarray, offset: int, new_dead: int) -> None:
+    """Write ``block``'s rows into ``out`` from row ``offset``, its states renumbered from there and its
+    dead state made ``new_dead`` (in place: no temporaries the size of the table but a mask)."""
+    rows, dst = block.table[:block.dead], out[offset:offset + block.dead]
+    np.add(rows, offset, out=dst)
+    np.putmask(dst, rows == block.dead, new_dead)
 
 
 def _join(row: np.ndarray, on: np.ndarray, to: np.ndarray, dead: int) -> None:
