@@ -23,9 +23,9 @@ from .disk_cache import cache_base
 from .errors import GrammarCompileError
 
 SOURCE = Path(__file__).with_name("regex_dfa.cpp")
-# A DFA state's dense row is 1 KB: 400k states are 400 MB, most of a compile's 1 GB memory share
-# (two at once) with the regex's NFA and the parts spliced around it. $AGENTRT_GRAMMAR_MAX_STATES
-# moves it; the compile's memory cap still holds.
+# A DFA state's dense row is 1 KB: 400k states are 400 MB, a large part of a compile's memory share
+# ($AGENTRT_GRAMMAR_COMPILE_MEMORY_MB, 2 GB for all compiles at once by default) beside the regex's
+# NFA and the parts spliced around it. $AGENTRT_GRAMMAR_MAX_STATES moves it; the memory cap still holds.
 MAX_STATES = 400_000
 MAX_NFA_STATES = 2_000_000
 _UNSUPPORTED, _TOO_LARGE, _NO_MEMORY = 1, 2, 3
@@ -33,6 +33,7 @@ log = logging.getLogger("agentrt.grammar")
 
 
 def library_path() -> Path:
+    """Where this source's build lives (named by its hash: an edited source is built anew)."""
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
     return Path(cache_base()) / "native" / f"regex_dfa-{digest}.so"
 
