@@ -64,10 +64,7 @@ def test_each_construct_builds_the_language_outlines_core_builds(lib, regex):
     assert difference(native(lib, regex), outlines_regex_to_dfa(regex)) is None
 
 
-def test_real_schemas_regexes_build_the_same_language():
-    lib = native_dfa.library()
-    if lib is None:
-        pytest.skip("no C++ compiler here to build engine/grammar/regex_dfa.cpp")
+def test_real_schemas_regexes_build_the_same_language(lib):
     if not (DATA / "maskbench" / "Glaiveai2K.jsonl").exists():
         pytest.skip("../shared/data (MaskBench schemas) is not here")
     checked = 0

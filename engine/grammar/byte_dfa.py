@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import native_dfa
 from .automaton import run_bounded
 from .errors import GrammarCompileError
 
@@ -149,8 +150,6 @@ def _byte_vocabulary():
 def regex_to_dfa(regex: str) -> ByteDFA:
     """Build the byte DFA of ``regex`` (outlines-core's dialect) in this process: with our C++ builder
     (`native_dfa`), else with outlines-core."""
-    from . import native_dfa
-
     lib = native_dfa.library()
     built = native_dfa.compile_regex(lib, regex) if lib is not None else None
     if built is not None:

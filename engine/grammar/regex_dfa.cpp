@@ -443,9 +443,7 @@ class Determinizer {
       d.trans.resize((starts_.size() - 1) * d.nclasses, -1);
       for (int c : touched) {
         closure(buckets[c].data(), buckets[c].size());
-        int32_t to = intern();
-        d.trans.resize((starts_.size() - 1) * d.nclasses, -1);
-        d.trans[i * d.nclasses + c] = to;
+        d.trans[i * d.nclasses + c] = intern();  // a new state's row is sized when its turn comes
         buckets[c].clear();
       }
     }
