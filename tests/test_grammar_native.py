@@ -8,7 +8,7 @@ import pytest
 
 from agentrt.engine.grammar import GrammarCompileError
 from agentrt.engine.grammar import native_dfa
-from agentrt.engine.grammar.byte_dfa import ByteDFA, outlines_regex_to_dfa, regex_to_dfa
+from agentrt.engine.grammar.byte_dfa import ByteDFA, byte_classes, minimized, outlines_regex_to_dfa, regex_to_dfa
 from agentrt.engine.grammar.schema_regex import schema_to_parts
 from agentrt.benchmarks.grammar import DATA, load_subset
 
@@ -80,6 +80,39 @@ def test_real_schemas_regexes_build_the_same_language(lib):
     assert checked > 30
 
 
+def moore_states(dfa: ByteDFA) -> int:
+    """States of the minimal DFA of ``dfa`` (the dead one not counted), by Moore's refinement: the
+    slow, plain reference for the C++ minimizer."""
+    columns = dfa.table[:, np.unique(byte_classes(dfa.table)[0], return_index=True)[1]]  # [S + 1, C]
+    block = dfa.final.astype(np.int64)
+    count = len(np.unique(block))
+    while True:
+        _, block = np.unique(np.concatenate([block[:, None], block[columns]], axis=1), axis=0, return_inverse=True)
+        block = block.reshape(-1)
+        if block.max() + 1 == count:
+            return count - 1
+        count = block.max() + 1
+
+
+def test_minimizing_merges_exactly_the_states_no_text_tells_apart(lib):
+    """outlines-core's DFAs are not minimal: ``minimized`` keeps their language and reaches the minimal size;
+    ours come out of the builder minimal already (equal subexpressions share NFA states, then Hopcroft)."""
+    regexes = list(CONSTRUCTS)
+    for case in load_subset("Github_easy", DATA)[:8]:
+        regex, _, holes = schema_to_parts(case["schema"], timeout_s=5, split_objects=True)
+        regexes += [regex] + [p for piece in holes.values() for p in piece if isinstance(p, str)]
+    shrunk = 0
+    for r in regexes:
+        theirs = outlines_regex_to_dfa(r)
+        small = minimized(theirs)
+        assert difference(small, theirs) is None, r[:200]
+        assert small.num_states == moore_states(theirs), r[:200]
+        shrunk += small.num_states < theirs.num_states
+        ours = native(lib, r)
+        assert minimized(ours).num_states == ours.num_states, r[:200]
+    assert shrunk >= 5
+
+
 def test_plane_16_characters_are_text_like_any_other(lib):
     dfa = regex_to_dfa(r'"[\x{20}-\x{10FFFF}]*"')
     assert dfa.fullmatch('"a\U0010FFFD"'.encode()) and dfa.fullmatch('"\U00100000"'.encode())
@@ -111,6 +144,29 @@ def test_a_dfa_pickles_as_its_byte_classes_and_comes_back_the_same():
     assert np.array_equal(back.table, dfa.table) and np.array_equal(back.final, dfa.final)
     assert back.initial == dfa.initial and back.table.dtype == np.int32
     assert len(blob) < dfa.table.nbytes / 8  # 16-bit columns, a few dozen byte classes instead of 256
+
+
+@pytest.mark.parametrize("subset", ["MCPspec", "Github_easy"])
+def test_the_byte_classes_a_dfa_carries_hold_after_splices_and_intersections(lib, subset):
+    """Bytes of one known class have equal columns, so the pickled columns lose nothing; checked on real
+    schemas, whose DFAs are spliced from parts (objects, pattern-and-length intersections, multipleOf)."""
+    import pickle
+
+    from agentrt.engine.grammar.compile_job import schema_to_dfa
+    from agentrt.engine.grammar.errors import GrammarCompileError as CompileError, UnsupportedSchemaError
+
+    checked = 0
+    for case in load_subset(subset, DATA)[:40]:
+        try:
+            _, _, dfa = schema_to_dfa(case["schema"], False, 10)
+        except (UnsupportedSchemaError, CompileError):
+            continue
+        assert dfa.classes is not None
+        firsts = np.unique(dfa.classes, return_index=True)[1]
+        assert np.array_equal(dfa.table[:, firsts][:, dfa.classes], dfa.table), case["id"]
+        assert np.array_equal(pickle.loads(pickle.dumps(dfa)).table, dfa.table)
+        checked += 1
+    assert checked >= 20
 
 
 def test_without_a_working_cxx_compiler_outlines_core_builds_the_dfas(monkeypatch, tmp_path, caplog):

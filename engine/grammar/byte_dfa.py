@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +35,9 @@ class ByteDFA:
     table: np.ndarray  # [S + 1, 256] int32; row S (the dead state) maps every byte to S
     final: np.ndarray  # [S + 1] bool: the value may end here (the sentinel leads to acceptance)
     initial: int
+    # [256] uint8 when known (the builder's, or refined from the parts a DFA was made of): bytes of one
+    # class have equal columns; None: found from the table when needed
+    classes: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def dead(self) -> int:
@@ -52,7 +55,11 @@ class ByteDFA:
         # Pickled (from a compile worker, to the disk cache) as its distinct byte columns: a JSON
         # grammar's DFA tells ~30-80 kinds of bytes apart, so this is a few times smaller than
         # [S + 1, 256] int32, and 16-bit below 65,536 states.
-        classes, columns = byte_classes(self.table)
+        if self.classes is not None:
+            classes = self.classes
+            columns = self.table[:, np.unique(classes, return_index=True)[1]]
+        else:
+            classes, columns = byte_classes(self.table)
         narrow = np.uint16 if self.table.shape[0] <= 1 << 16 else np.int32
         return _from_columns, (columns.astype(narrow), classes, self.final, self.initial)
 
@@ -128,8 +135,33 @@ def byte_classes(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return classes.astype(np.uint8), columns
 
 
+def minimized(dfa: ByteDFA) -> ByteDFA:
+    """``dfa`` with the states no text tells apart merged, by our C++ builder (``dfa`` itself when it is not
+    available, when nothing merges, or when the DFA is too large to minimize)."""
+    lib = native_dfa.library()
+    if lib is None:
+        return dfa
+    classes = dfa.classes if dfa.classes is not None else byte_classes(dfa.table)[0]
+    got = native_dfa.minimize_table(lib, dfa.table, dfa.final, classes)
+    if got is None or got[1] == dfa.table.shape[0] or got[0][dfa.initial] == got[1] - 1:
+        return dfa
+    block_of, m = got
+    rows = np.empty(m, dtype=np.int64)  # a state of each block
+    rows[block_of] = np.arange(block_of.size)
+    return ByteDFA(block_of[dfa.table[rows]], dfa.final[rows], int(block_of[dfa.initial]), classes)
+
+
+def refine_classes(partitions: list[np.ndarray | None]) -> np.ndarray | None:
+    """The coarsest byte classes within every one of ``partitions`` (None if one is not known): a DFA made
+    from DFAs, byte by byte alike (a splice, an intersection), has equal columns on these."""
+    if any(p is None for p in partitions):
+        return None
+    _, inverse = np.unique(np.stack(partitions), axis=1, return_inverse=True)  # [256]
+    return inverse.reshape(-1).astype(np.uint8)
+
+
 def _from_columns(columns: np.ndarray, classes: np.ndarray, final: np.ndarray, initial: int) -> ByteDFA:
-    return ByteDFA(columns.astype(np.int32)[:, classes], final, initial)
+    return ByteDFA(columns.astype(np.int32)[:, classes], final, initial, classes)
 
 
 def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -153,7 +185,7 @@ def regex_to_dfa(regex: str) -> ByteDFA:
     lib = native_dfa.library()
     built = native_dfa.compile_regex(lib, regex) if lib is not None else None
     if built is not None:
-        return ByteDFA(built[0], built[1], 0)
+        return ByteDFA(*built[:2], 0, built[2])
     return outlines_regex_to_dfa(regex)
 
 

@@ -12,7 +12,7 @@ import pickle
 from collections import OrderedDict
 from typing import Any
 
-from .byte_dfa import ByteDFA, regex_to_dfa
+from .byte_dfa import ByteDFA, minimized, regex_to_dfa
 from .dfa_ops import SpliceError, intersect, multiples_dfa, placeholders_in, splice
 from .schema_regex import schema_to_parts, schema_to_regex
 
@@ -39,7 +39,7 @@ def _to_dfa(schema: Any, lenient: bool, timeout_s: float | None, split_objects: 
         key = (tuple(holes[byte]), tuple((b, tuple(holes[b])) for b in sorted(set(inner))))
         parts[byte] = _part(key, holes[byte], {b: parts[b] for b in inner})
     dfa = regex_to_dfa(regex)
-    return regex, unenforced, splice(dfa, parts) if parts else dfa
+    return regex, unenforced, minimized(splice(dfa, parts)) if parts else dfa
 
 
 def _part(key: tuple, pieces: list, inner: dict[int, ByteDFA]) -> ByteDFA:
@@ -55,6 +55,8 @@ def _part(key: tuple, pieces: list, inner: dict[int, ByteDFA]) -> ByteDFA:
         part = intersect(part, more)
     if inner:
         part = splice(part, inner)
+    if len(dfas) > 1 or inner:
+        part = minimized(part)
     _PARTS[key] = part
     total = sum(p.nbytes for p in _PARTS.values())
     while len(_PARTS) > 1 and total > _PARTS_BYTES:

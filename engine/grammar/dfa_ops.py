@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from .byte_dfa import ByteDFA
+from .byte_dfa import ByteDFA, refine_classes
 from .errors import GrammarCompileError
 
 PLACEHOLDERS = range(0x01, 0x20)
@@ -56,7 +56,10 @@ def multiples_dfa(k: int) -> ByteDFA:
     table[rem:rem + k, ord("0"):ord("9") + 1] = rem + (10 * r + digits[None, :]) % k  # [k, 10]
     final = np.zeros(n + 1, dtype=bool)
     final[[zero, rem]] = True
-    return ByteDFA(table, final, start)
+    classes = np.zeros(256, dtype=np.uint8)  # other bytes, "-", each digit
+    classes[ord("-")] = 1
+    classes[ord("0"):ord("9") + 1] = np.arange(2, 12)
+    return ByteDFA(table, final, start, classes)
 
 
 def intersect(a: ByteDFA, b: ByteDFA, max_states: int = 200_000) -> ByteDFA:
@@ -85,7 +88,7 @@ def intersect(a: ByteDFA, b: ByteDFA, max_states: int = 200_000) -> ByteDFA:
     table[:n] = np.where(np.stack(rows) >= 0, np.stack(rows), n)
     final = np.zeros(n + 1, dtype=bool)
     final[:n] = [bool(a.final[x]) and bool(b.final[y]) for x, y in pairs]
-    return ByteDFA(table, final, 0)
+    return ByteDFA(table, final, 0, refine_classes([a.classes, b.classes]))
 
 
 def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
@@ -131,7 +134,10 @@ def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
             go_on = np.flatnonzero(out[t] != size)
             _join(out[f], go_on, out[t, go_on], size)
             final[f] |= skeleton.final[t]
-    return ByteDFA(out, final, skeleton.initial)
+    alone = np.zeros(256, dtype=np.uint8)  # each placeholder its own class: its column is now all dead
+    alone[list(holes)] = np.arange(1, len(holes) + 1)
+    classes = refine_classes([skeleton.classes, alone, *(hole.classes for hole in holes.values())])
+    return ByteDFA(out, final, skeleton.initial, classes)
 
 
 def _place(block: ByteDFA, out: np.ndarray, offset: int, new_dead: int) -> None:

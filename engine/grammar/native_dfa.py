@@ -58,7 +58,11 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, f"agentrt_regex_dfa_{name}")
         fn.restype, fn.argtypes = restype, [ctypes.c_void_p]
     lib.agentrt_regex_dfa_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.agentrt_regex_dfa_classes.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.agentrt_regex_dfa_free.argtypes = [ctypes.c_void_p]
+    lib.agentrt_dfa_minimize.restype = ctypes.c_int32
+    lib.agentrt_dfa_minimize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                         ctypes.c_void_p]
     return lib
 
 
@@ -80,9 +84,9 @@ def _build(path: Path) -> None:
         os.replace(tmp, path)
 
 
-def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(table [S + 1, 256] int32 with row S the dead state, final [S + 1] bool) of ``regex``, initial
-    state 0; None when the regex holds syntax this builder does not parse. GrammarCompileError when
+def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(table [S + 1, 256] int32 with row S the dead state, final [S + 1] bool, each byte's class [256]
+    uint8: bytes of one class have equal columns) of ``regex``, initial state 0; None when the regex holds syntax this builder does not parse. GrammarCompileError when
     the automaton passes its size limits, MemoryError when memory runs out."""
     data = regex.encode("utf-8")
     max_states = int(os.environ.get("AGENTRT_GRAMMAR_MAX_STATES") or MAX_STATES)
@@ -102,7 +106,23 @@ def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray]
         n = lib.agentrt_regex_dfa_states(handle)
         table = np.empty((n + 1, 256), dtype=np.int32)
         final = np.empty(n + 1, dtype=np.uint8)
+        classes = np.empty(256, dtype=np.uint8)
         lib.agentrt_regex_dfa_copy(handle, table.ctypes.data, final.ctypes.data)
-        return table, final.view(bool)
+        lib.agentrt_regex_dfa_classes(handle, classes.ctypes.data)
+        return table, final.view(bool), classes
     finally:
         lib.agentrt_regex_dfa_free(handle)
+
+
+def minimize_table(lib: ctypes.CDLL, table: np.ndarray, final: np.ndarray,
+                   classes: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(each state's state in the minimal DFA [S + 1] int32, its number of states with the dead one, which
+    comes last) of the DFA ``table`` [S + 1, 256] (row S dead) whose bytes of one of ``classes`` [256]
+    have equal columns; None when it is too large to minimize."""
+    table = np.ascontiguousarray(table, dtype=np.int32)
+    final = np.ascontiguousarray(final, dtype=np.uint8)
+    classes = np.ascontiguousarray(classes, dtype=np.uint8)
+    block_of = np.empty(table.shape[0], dtype=np.int32)
+    m = lib.agentrt_dfa_minimize(table.ctypes.data, final.ctypes.data, table.shape[0], classes.ctypes.data,
+                                 block_of.ctypes.data)
+    return None if m < 0 else (block_of, m)

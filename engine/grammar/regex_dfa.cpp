@@ -5,20 +5,24 @@
 // and ranges (a leading ^ negates), (?:...) and (...) groups, |, and the quantifiers * + ? {m} {m,}
 // {m,n}. Anything else is refused (status kUnsupported) and the caller builds the DFA another way.
 //
-// parse -> AST -> Thompson NFA over bytes (each code-point set becomes its UTF-8 byte ranges)
-// -> subset construction over the NFA's byte classes. Plain C ABI for ctypes: the compile workers
+// parse -> AST -> Thompson NFA over bytes (each code-point set becomes its UTF-8 byte ranges; equal
+// subexpressions before the same state share states) -> subset construction over the NFA's byte
+// classes -> minimization (Hopcroft). Plain C ABI for ctypes: the compile workers
 // do not import torch, so this cannot be a torch extension.
 #include <algorithm>
 #include <cstdint>
 #include <cctype>
 #include <new>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
 
 constexpr uint32_t kMaxCp = 0x10FFFF;
 using Ranges = std::vector<std::pair<uint32_t, uint32_t>>;  // sorted, disjoint, inclusive code points
+
+constexpr size_t kMaxMinimizeEdges = size_t(1) << 26;  // (state, byte class) pairs; minimizing keeps the live ones
 
 enum Status : int { kOk = 0, kUnsupported = 1, kTooLarge = 2, kNoMemory = 3 };
 
@@ -337,8 +341,39 @@ class NfaBuilder {
     return int32_t(st.size()) - 1;
   }
 
-  // the start state of ``node`` followed by ``next`` (compiled back to front)
+  // the start state of ``node`` followed by ``next`` (compiled back to front). Equal subexpressions
+  // followed by the same state share their states: a schema's regex repeats itself (the same properties
+  // after different alternatives), and a shared tail is one DFA state where it would be one per branch.
   int32_t compile(int node, int32_t next) {
+    uint64_t key = (uint64_t(uint32_t(canonical(node))) << 32) | uint32_t(next);
+    auto hit = built_.find(key);
+    if (hit != built_.end()) return hit->second;
+    int32_t start = build(node, next);
+    built_.emplace(key, start);
+    return start;
+  }
+
+ private:
+  const std::vector<Node>& ast_;
+  size_t max_;
+  std::vector<int> canon_;                          // node -> the id of its structure
+  std::unordered_map<std::string, int> structures_;
+  std::unordered_map<uint64_t, int32_t> built_;     // (structure, next) -> start state
+
+  int canonical(int node) {
+    if (canon_.empty()) canon_.assign(ast_.size(), -1);
+    if (canon_[node] >= 0) return canon_[node];
+    const Node& n = ast_[node];
+    std::string key(1, char(n.kind));
+    auto put = [&key](uint32_t v) { key.append(reinterpret_cast<const char*>(&v), sizeof v); };
+    put(uint32_t(n.lo)), put(uint32_t(n.hi));
+    for (auto [a, b] : n.set) put(a), put(b);
+    for (int c : n.children) put(uint32_t(canonical(c)));
+    auto it = structures_.emplace(std::move(key), int(structures_.size())).first;
+    return canon_[node] = it->second;
+  }
+
+  int32_t build(int node, int32_t next) {
     const Node& n = ast_[node];
     switch (n.kind) {
       case Node::kSet: return code_points(n.set, next);
@@ -374,10 +409,6 @@ class NfaBuilder {
     }
     return next;
   }
-
- private:
-  const std::vector<Node>& ast_;
-  size_t max_;
 
   // the set's UTF-8 byte ranges: one state holding every first byte's range, each going on through
   // states shared by all the sequences that end the same way (the continuation bytes after E1-EC and
@@ -535,6 +566,133 @@ class Determinizer {
   }
 };
 
+// ---------------------------------------------------------------------------------------- minimization
+// Hopcroft's partition refinement: states that no continuation tells apart become one. Subset
+// construction leaves many such states (the same property or string after different alternatives);
+// each costs a table row and, when generation reaches it, a walk of the vocabulary.
+//
+// ``trans(s, c)`` for states 0..n-1 and byte classes 0..k-1, with state n-1 the dead state. Fills
+// ``block_of`` (each state's block, numbered in the order of their first states, the dead state's block
+// last) and returns the number of blocks.
+template <class Trans>
+int32_t minimize(int32_t n, int k, const uint8_t* accept, Trans trans, std::vector<int32_t>& block_of) {
+  // the transitions into each live state, (class, source) pairs in CSR by target. Those into the dead
+  // state are left out (most of a DFA's transitions): with every initial block a splitter, refining by
+  // the live states alone separates what it must (Valmari & Lehtinen, partial transition functions)
+  const int32_t dead = n - 1;
+  std::vector<int32_t> start(size_t(n) + 1, 0);
+  for (int32_t s = 0; s < dead; ++s)
+    for (int c = 0; c < k; ++c) {
+      int32_t t = trans(s, c);
+      if (t != dead) ++start[size_t(t) + 1];
+    }
+  for (size_t i = 1; i < start.size(); ++i) start[i] += start[i - 1];
+  std::vector<uint8_t> via(start.back());
+  std::vector<int32_t> from(start.back());
+  {
+    std::vector<int32_t> at(start.begin(), start.end() - 1);
+    for (int32_t s = 0; s < dead; ++s)
+      for (int c = 0; c < k; ++c) {
+        int32_t t = trans(s, c);
+        if (t == dead) continue;
+        int32_t i = at[t]++;
+        via[i] = uint8_t(c), from[i] = s;
+      }
+  }
+  // the partition: each block a run of ``elems``; a block's marked states are [first, mid)
+  std::vector<int32_t> elems(n), loc(n), blk(n), first, end, mid;
+  std::vector<uint8_t> queued;
+  std::vector<int32_t> work;
+  int32_t nf = 0;
+  for (int32_t s = 0; s < n; ++s)
+    if (accept[s] && s != n - 1) elems[nf++] = s;
+  for (int32_t s = 0, j = nf; s < n; ++s)
+    if (!(accept[s] && s != n - 1)) elems[j++] = s;
+  auto add_block = [&](int32_t a, int32_t b) {
+    int32_t id = int32_t(first.size());
+    first.push_back(a), end.push_back(b), mid.push_back(a), queued.push_back(1);
+    work.push_back(id);
+    for (int32_t i = a; i < b; ++i) blk[elems[i]] = id, loc[elems[i]] = i;
+  };
+  if (nf > 0) add_block(0, nf);
+  add_block(nf, n);  // both are splitters (see above)
+  std::vector<std::vector<int32_t>> preimage(k);  // of the splitter, by class
+  std::vector<int> classes;
+  std::vector<int32_t> touched;
+  while (!work.empty()) {
+    int32_t b = work.back();
+    work.pop_back();
+    queued[b] = 0;
+    classes.clear();
+    for (int32_t i = first[b]; i < end[b]; ++i) {
+      int32_t t = elems[i];
+      for (int32_t j = start[t]; j < start[t + 1]; ++j) {
+        if (preimage[via[j]].empty()) classes.push_back(via[j]);
+        preimage[via[j]].push_back(from[j]);
+      }
+    }
+    for (int c : classes) {  // split every block by "goes into b by c"
+      touched.clear();
+      for (int32_t s : preimage[c]) {
+        int32_t y = blk[s];
+        if (loc[s] < mid[y]) continue;  // marked already
+        if (mid[y] == first[y]) touched.push_back(y);
+        int32_t p = mid[y]++, q = loc[s], other = elems[p];
+        elems[p] = s, loc[s] = p, elems[q] = other, loc[other] = q;
+      }
+      preimage[c].clear();
+      for (int32_t y : touched) {
+        if (mid[y] == end[y]) {  // every state of y goes into b: no split
+          mid[y] = first[y];
+          continue;
+        }
+        int32_t z = int32_t(first.size());  // the marked states leave y
+        first.push_back(first[y]), end.push_back(mid[y]), mid.push_back(first[y]), queued.push_back(0);
+        first[y] = mid[y];
+        for (int32_t i = first[z]; i < end[z]; ++i) blk[elems[i]] = z;
+        int32_t add = queued[y] || end[z] - first[z] < end[y] - first[y] ? z : y;
+        if (!queued[add]) queued[add] = 1, work.push_back(add);
+      }
+    }
+  }
+  int32_t nblocks = int32_t(first.size()), next = 0;
+  std::vector<int32_t> renum(nblocks, -1);
+  renum[blk[dead]] = nblocks - 1;
+  block_of.resize(n);
+  for (int32_t s = 0; s < n; ++s) {
+    if (renum[blk[s]] < 0) renum[blk[s]] = next++;
+    block_of[s] = renum[blk[s]];
+  }
+  return nblocks;
+}
+
+// ``d`` with its equivalent states merged (unchanged when its language is empty).
+void minimize(Dfa& d) {
+  const int32_t n = d.n + 1, k = d.nclasses;
+  d.final.push_back(0);  // the dead state's
+  std::vector<int32_t> block_of;
+  int32_t m = minimize(n, k, d.final.data(), [&](int32_t s, int c) {
+    int32_t t = s == d.n ? -1 : d.trans[size_t(s) * k + c];
+    return t < 0 ? d.n : t;
+  }, block_of);
+  d.final.pop_back();
+  if (m == n || block_of[0] == m - 1) return;
+  std::vector<int32_t> trans(size_t(m - 1) * k);
+  std::vector<uint8_t> final(m - 1);
+  std::vector<uint8_t> done(m - 1, 0);
+  for (int32_t s = 0; s < d.n; ++s) {
+    int32_t b = block_of[s];
+    if (b == m - 1 || done[b]) continue;
+    done[b] = 1;
+    final[b] = d.final[s];
+    for (int c = 0; c < k; ++c) {
+      int32_t t = d.trans[size_t(s) * k + c];
+      trans[size_t(b) * k + c] = t < 0 || block_of[t] == m - 1 ? -1 : block_of[t];
+    }
+  }
+  d.n = m - 1, d.trans.swap(trans), d.final.swap(final);
+}
+
 struct Result {
   int status = kOk;
   std::string message;
@@ -558,6 +716,7 @@ void* agentrt_regex_dfa(const char* regex, int64_t len, int64_t max_states, int6
     nfa.st[match].match = true;
     int32_t start = nfa.compile(root, match);
     Determinizer(nfa.st, size_t(max_states)).run(start, r->dfa);
+    if (size_t(r->dfa.n + 1) * r->dfa.nclasses <= kMaxMinimizeEdges) minimize(r->dfa);
   } catch (const Failure& f) {
     r->status = f.status;
     r->message = f.message;
@@ -587,6 +746,34 @@ void agentrt_regex_dfa_copy(void* h, int32_t* table, uint8_t* final) {
     const int32_t* t = d.trans.data() + int64_t(s) * d.nclasses;
     for (int b = 0; b < 256; ++b) row[b] = t[d.cls[b]] < 0 ? d.n : t[d.cls[b]];
     final[s] = d.final[s];
+  }
+}
+
+// Writes each byte's class [256]: bytes of one class have equal columns in the table.
+void agentrt_regex_dfa_classes(void* h, uint8_t* cls) {
+  std::copy(std::begin(static_cast<Result*>(h)->dfa.cls), std::end(static_cast<Result*>(h)->dfa.cls), cls);
+}
+
+// Merges the equivalent states of a dense table [rows, 256] (row rows - 1: the dead state) whose bytes of
+// one class in ``cls`` have equal columns: fills ``block_of`` [rows] and returns the number of states
+// after (the dead state's last), or -1 when it is too large to minimize or memory runs out.
+int32_t agentrt_dfa_minimize(const int32_t* table, const uint8_t* final, int64_t rows, const uint8_t* cls,
+                             int32_t* block_of) {
+  int k = 0, rep[256];
+  std::fill(rep, rep + 256, -1);
+  for (int b = 0; b < 256; ++b) {
+    if (rep[cls[b]] < 0) rep[cls[b]] = b;  // a byte of each class stands for it
+    k = std::max(k, cls[b] + 1);
+  }
+  if (size_t(rows) * k > kMaxMinimizeEdges) return -1;
+  try {
+    std::vector<int32_t> out;
+    int32_t m = minimize(int32_t(rows), k, final,
+                         [&](int32_t s, int c) { return table[int64_t(s) * 256 + rep[c]]; }, out);
+    std::copy(out.begin(), out.end(), block_of);
+    return m;
+  } catch (const std::bad_alloc&) {
+    return -1;
   }
 }
 
