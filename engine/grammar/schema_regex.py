@@ -12,8 +12,9 @@ invalid ones):
   patternProperties or a presence plan that closes the object: each open object costs DFA
   states, so a schema that says nothing gets none (as xgrammar's strict mode);
 - unconstrained values (``{}``, ``true``, arrays without ``items``) nest at most
-  ``max_any_depth`` (default 1) containers deep: the DFA of deeper "any JSON" grows
-  too fast to build (depth 2 is ~30x depth 1, depth 3 ~50x more); recursive ``$ref`` unrolls ``max_ref_depth`` levels;
+  ``max_any_depth`` (default 2) containers deep: a regular language cannot nest without
+  bound, and each level adds the states of every value kind again after every place a free
+  value stands; recursive ``$ref`` unrolls ``max_ref_depth`` levels;
 - keys an object may have beyond its declared properties (additionalProperties,
   patternProperties) are generated only in the simple cases; property-presence combinators
   (see object_presence) offer only the value cells they can express.
@@ -43,7 +44,7 @@ from .schema_refs import deref, lower_if, merge, merge_all_of, resolve, unevalua
 from .schema_strings import enum_regex, string_regex
 
 def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 3,
-                    max_any_depth: int = 1, timeout_s: float | None = None,
+                    max_any_depth: int = 2, timeout_s: float | None = None,
                     max_regex_chars: int = 4_000_000) -> tuple[str, list[str]]:
     """Compile ``schema`` to a regex over compact JSON text.
 
@@ -60,7 +61,7 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
     return regex, unenforced
 
 
-def schema_to_parts(schema: Any, *, lenient: bool = False, max_ref_depth: int = 3, max_any_depth: int = 1,
+def schema_to_parts(schema: Any, *, lenient: bool = False, max_ref_depth: int = 3, max_any_depth: int = 2,
                     timeout_s: float | None = None, max_regex_chars: int = 4_000_000,
                     holes: bool = True, split_objects: bool = False) -> tuple[str, list[str], dict[int, list]]:
     """As `schema_to_regex`, plus the parts the regex leaves to automata: ``(regex, unenforced, holes)``,
