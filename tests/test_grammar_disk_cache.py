@@ -31,6 +31,23 @@ def test_writes_past_the_cap_evict_the_least_recently_used(tmp_path):
     assert cache.load("b") is None and cache.load("c") is None
 
 
+def test_a_writer_far_below_the_cap_does_not_list_the_folder_each_time(tmp_path, monkeypatch):
+    cache = DiskCache(tmp_path, "v", max_bytes=450_000)
+    listings = []
+    real = cache.entries
+    monkeypatch.setattr(cache, "entries", lambda: listings.append(1) or real())
+    for i in range(20):
+        cache.save(f"k{i}", BLOB)  # 200 KB in all: below half the cap
+        time.sleep(0.002)  # distinct mtimes
+    assert len(listings) == 1  # the first write learns the folder's size
+    for i in range(20, 50):
+        cache.save(f"k{i}", BLOB)
+        time.sleep(0.002)
+    assert len(listings) > 20  # past half the cap: every write checks
+    assert cache.size_bytes() <= 450_000 and len(cache.entries()) == 45
+    assert cache.load("k0") is None and cache.load("k49") == BLOB
+
+
 def test_an_entry_larger_than_the_cap_is_not_written(tmp_path):
     cache = DiskCache(tmp_path, "v", max_bytes=5_000)
     cache.save("small", b"y")

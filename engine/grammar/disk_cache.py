@@ -4,18 +4,22 @@ used evicted first.
 Any client of a server can send new schemas, and one compiled grammar can take tens of MB, so the
 folder has a size cap (``$AGENTRT_GRAMMAR_CACHE_MB``, default 256). A read marks its entry as used
 (mtime); a write that takes the folder over the cap deletes the least recently used entries until it
-fits again. Several processes may share the folder: writes go to a unique temporary name and are
+fits again. Finding that out means listing the folder (thousands of files in a long-lived cache), so a
+writer lists it only when what it knows (the size at its last listing plus its own writes since) is past
+half the cap, or when that listing is more than ``RESCAN_S`` old. Several processes may share the folder: writes go to a unique temporary name and are
 renamed into place (atomic), and an entry another process deleted or is replacing is just a miss.
 """
 from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
 DEFAULT_MAX_BYTES = 256 << 20
 MAX_BYTES_ENV = "AGENTRT_GRAMMAR_CACHE_MB"
+RESCAN_S = 10.0  # other processes may write to the folder too: what a writer knows of its size ages
 
 
 def cache_base() -> str:
@@ -51,6 +55,8 @@ class DiskCache:
         self.folder = self.root / space
         self.max_bytes = max_bytes_from_env() if max_bytes is None else max_bytes
         self._lock = threading.Lock()
+        self._known_bytes: int | None = None  # under root at the last listing, plus this cache's writes since
+        self._listed_at = 0.0
 
     def load(self, key: str) -> bytes | None:
         """The bytes stored under ``key``, or None (absent, unreadable, or the cache is off)."""
@@ -77,17 +83,24 @@ class DiskCache:
         except OSError:
             tmp.unlink(missing_ok=True)
             return
-        self.evict()
+        with self._lock:
+            known = self._known_bytes = None if self._known_bytes is None else self._known_bytes + len(data)
+        if known is None or known > self.max_bytes // 2 or time.monotonic() - self._listed_at > RESCAN_S:
+            self.evict()
 
     def entries(self) -> list[tuple[float, int, Path]]:
         """(last used, bytes, path) of every entry under the root."""
         out = []
-        for path in self.root.glob("*/*.pkl"):
-            try:
-                st = path.stat()
-            except FileNotFoundError:
+        for space in _listing(self.root):
+            if not space.is_dir():
                 continue
-            out.append((st.st_mtime, st.st_size, path))
+            for entry in _listing(space.path):
+                if entry.name.endswith(".pkl"):
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:  # evicted meanwhile
+                        continue
+                    out.append((st.st_mtime, st.st_size, Path(entry.path)))
         return out
 
     def size_bytes(self) -> int:
@@ -103,3 +116,12 @@ class DiskCache:
                     break
                 path.unlink(missing_ok=True)
                 total -= size
+            self._known_bytes, self._listed_at = total, time.monotonic()
+
+
+def _listing(folder: str | os.PathLike[str]) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError:  # absent (nothing written yet), or removed meanwhile
+        return []
