@@ -156,8 +156,14 @@ def refine_classes(partitions: list[np.ndarray | None]) -> np.ndarray | None:
     from DFAs, byte by byte alike (a splice, an intersection), has equal columns on these."""
     if any(p is None for p in partitions):
         return None
-    _, inverse = np.unique(np.stack(partitions), axis=1, return_inverse=True)  # [256]
-    return inverse.reshape(-1).astype(np.uint8)
+    keys = np.stack(partitions)  # [k, 256]: a byte's class in each
+    order = np.lexsort(keys[::-1])  # bytes with equal keys side by side
+    ordered = keys[:, order]
+    starts = np.ones(256, dtype=bool)  # where a new combination of classes begins
+    starts[1:] = (ordered[:, 1:] != ordered[:, :-1]).any(axis=0)
+    classes = np.empty(256, dtype=np.uint8)
+    classes[order] = np.cumsum(starts) - 1
+    return classes
 
 
 def _from_columns(columns: np.ndarray, classes: np.ndarray, final: np.ndarray, initial: int) -> ByteDFA:
