@@ -39,7 +39,7 @@ def _to_dfa(schema: Any, lenient: bool, timeout_s: float | None, split_objects: 
         key = (tuple(holes[byte]), tuple((b, tuple(holes[b])) for b in sorted(set(inner))))
         parts[byte] = _part(key, holes[byte], {b: parts[b] for b in inner})
     dfa = regex_to_dfa(regex)
-    return regex, unenforced, minimized(splice(dfa, parts)) if parts else dfa
+    return regex, unenforced, splice(dfa, parts) if parts else dfa
 
 
 def _part(key: tuple, pieces: list, inner: dict[int, ByteDFA]) -> ByteDFA:
@@ -53,10 +53,10 @@ def _part(key: tuple, pieces: list, inner: dict[int, ByteDFA]) -> ByteDFA:
     part = dfas[0]
     for more in dfas[1:]:
         part = intersect(part, more)
+    if len(dfas) > 1:  # a product automaton: often far from minimal (splices of minimal parts are close to it)
+        part = minimized(part)
     if inner:
         part = splice(part, inner)
-    if len(dfas) > 1 or inner:
-        part = minimized(part)
     _PARTS[key] = part
     total = sum(p.nbytes for p in _PARTS.values())
     while len(_PARTS) > 1 and total > _PARTS_BYTES:
