@@ -65,7 +65,8 @@ def load_subset(name: str, data_dir: Path = DATA, limit: int | None = None) -> l
 
 
 def reorder(value: Any, schema: Any, root: Any, depth: int = 0) -> Any:
-    """``value`` with object keys in the schema's declared property order (extras after)."""
+    """``value`` with object keys in the schema's declared property order (extras after); under anyOf
+    or oneOf, the order of the first branch ``value`` is valid against."""
     if depth > 32 or not isinstance(schema, dict):
         return value
     if "$ref" in schema and isinstance(schema["$ref"], str) and schema["$ref"].startswith("#"):
@@ -75,9 +76,13 @@ def reorder(value: Any, schema: Any, root: Any, depth: int = 0) -> Any:
             target = target.get(part) if isinstance(target, dict) else None
         if isinstance(target, dict):
             value = reorder(value, target, root, depth + 1)
-    for key in ("allOf", "anyOf", "oneOf"):
-        for sub in schema.get(key, []) if isinstance(schema.get(key), list) else []:
-            value = reorder(value, sub, root, depth + 1)
+    for sub in schema.get("allOf", []) if isinstance(schema.get("allOf"), list) else []:
+        value = reorder(value, sub, root, depth + 1)
+    for key in ("anyOf", "oneOf"):
+        branches = [b for b in schema.get(key, []) if isinstance(b, dict)] if isinstance(schema.get(key), list) else []
+        chosen = next((b for b in branches if _valid_against(value, b, root)), None)
+        if chosen is not None:
+            value = reorder(value, chosen, root, depth + 1)
     if isinstance(value, dict):
         props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
         if props:
@@ -90,6 +95,23 @@ def reorder(value: Any, schema: Any, root: Any, depth: int = 0) -> Any:
         items = schema.get("items", {})
         return [reorder(v, prefix[i] if i < len(prefix) else items, root, depth + 1) for i, v in enumerate(value)]
     return value
+
+
+def _valid_against(value: Any, schema: dict, root: Any) -> bool:
+    """Whether ``value`` is valid against ``schema``, a part of ``root`` (its $refs resolved in ``root``)."""
+    import jsonschema
+
+    held = _VALIDATORS.get(id(root))
+    try:
+        if held is None or held[0] is not root:
+            held = _VALIDATORS[id(root)] = (root, jsonschema.validators.validator_for(
+                root, default=jsonschema.Draft202012Validator)(root))
+        return held[1].evolve(schema=schema).is_valid(value)
+    except Exception:  # noqa: BLE001 - a schema jsonschema cannot use: no branch is chosen
+        return False
+
+
+_VALIDATORS: dict[int, tuple[Any, Any]] = {}  # id(root) -> (root, its validator)
 
 
 # ----------------------------------------------------------------------------- exactness
