@@ -155,3 +155,14 @@ def test_uri_template_format_takes_rfc_6570_templates_only():
         assert a.fullmatch(compact(text)), text
     for text in ["a{", "{}", "x}", "{a b}", "{a..b}", "{a:0}", "{a:12345}", "{+}", "50%", "a b", '{"}', "{a}}"]:
         assert not a.fullmatch(compact(text)), text
+
+
+def test_uri_format_takes_any_scheme_rfc_3986_allows():
+    a = ByteAutomaton(schema_to_regex({"type": "string", "format": "uri"})[0], timeout_s=None)
+    for text in ["https://example.com/a/b?x=1&y=%20#frag", "file://path/to/root1", "file:///etc/hosts", "a:",
+                 "mailto:someone@example.com", "urn:isbn:0451450523", "http://user:pw@host.io:8080/p;q",
+                 "git+ssh://git@github.com/o/r.git", "data:text/plain,hi", "http://192.168.0.1/", "x:/abs/path"]:
+        assert a.fullmatch(compact(text)), text
+    for text in ["", "no-scheme", "1http://x", "http://exa mple.com", "http://x/%zz", "://x", "/relative",
+                 "http://x:123456/", "http://x/a b", 'http://x/"', "ht tp://x"]:
+        assert not a.fullmatch(compact(text)), text

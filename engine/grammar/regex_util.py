@@ -208,9 +208,14 @@ _DATE = (
 _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+\-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
-# RFC 3986 path/query/fragment characters, with '%' only as a percent-escape
-_URI_CHARS = r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/?\-]|%[0-9A-Fa-f]{2})"
 _POINTER = "(?:/(?:" + json_chars(complement([(0x2F, 0x2F), (0x7E, 0x7E)])) + "|~[01])*)*"
+# RFC 3986 URI: scheme ":" hier-part ["?" query] ["#" fragment]; the authority's host as a reg-name
+# (which covers IPv4 and DNS names; IP literals in brackets are left out) and a port of 1-5 digits
+_PCHAR = r"(?:[A-Za-z0-9._~!$&'()*+,;=:@\-]|%[0-9A-Fa-f]{2})"
+_AUTHORITY = (r"(?:(?:[A-Za-z0-9._~!$&'()*+,;=:\-]|%[0-9A-Fa-f]{2})*@)?"
+              r"(?:[A-Za-z0-9._~!$&'()*+,;=\-]|%[0-9A-Fa-f]{2})*(?::[0-9]{1,5})?")
+_URI = (rf"[A-Za-z][A-Za-z0-9+.\-]*:(?://{_AUTHORITY}(?:/{_PCHAR}*)*|/(?:{_PCHAR}+(?:/{_PCHAR}*)*)?"
+        rf"|{_PCHAR}+(?:/{_PCHAR}*)*)?(?:\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?")
 # RFC 6570 level 4: literal characters (ASCII here; pct-encoded) and {expressions} of variables
 _PCT = "%[0-9A-Fa-f]{2}"
 _VARCHAR = f"(?:[A-Za-z0-9_]|{_PCT})"
@@ -225,8 +230,7 @@ FORMATS: dict[str, str] = {
     "date-time": _DATE + "T" + _TIME,
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "email": r"[A-Za-z0-9_%+\-]+(?:\.[A-Za-z0-9_%+\-]+)*@" + _LABEL + r"(?:\." + _LABEL + r")*\.[A-Za-z]{2,24}",
-    "uri": r"https?://" + _LABEL + r"(?:\." + _LABEL + r")*(?::[0-9]{1,5})?"
-           + rf"(?:/{_URI_CHARS}*)?(?:\?{_URI_CHARS}*)?(?:#{_URI_CHARS}*)?",
+    "uri": _URI,
     "ipv4": _OCTET + r"(?:\." + _OCTET + "){3}",
     "hostname": _LABEL + r"(?:\." + _LABEL + r")*",
     # RFC 6901: "/"-separated tokens, "~" only as "~0" or "~1"
