@@ -227,6 +227,14 @@ def test_combinators_refused_by_name_when_not_expressible():
     with pytest.raises(UnsatisfiableSchemaError, match="no JSON value"):
         schema_to_regex({**_AREA, "required": ["radius", "length"],
                          "oneOf": [{"required": ["radius"]}, {"required": ["length"]}]})
+    # more properties than it names, on an object open to others: satisfiable ({"a": 1, "b": "x"}), but
+    # only keys it does not name could make up the count, and those are not generated: refused by name
+    one = {"type": "object", "properties": {"a": {"type": "integer"}}, "minProperties": 2}
+    for schema in [one, {**one, "additionalProperties": {"type": "string"}}]:
+        with pytest.raises(UnsupportedSchemaError, match="minProperties"):
+            schema_to_regex(schema)
+    with pytest.raises(UnsatisfiableSchemaError, match="no JSON value"):  # closed: truly nothing
+        schema_to_regex({**one, "additionalProperties": False})
 
 
 # ------------------------------------------------------------------------- vocabularies

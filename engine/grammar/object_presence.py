@@ -289,6 +289,9 @@ def plan_object(schema: dict, *, declared: dict[str, Any], addl: Any, base_types
         for p in required:
             an.mention(p)
     props = [p for p in declared if p in an.tests] + [p for p in an.order if p not in declared]
+    if count and count[0] > len(props) and addl is not False and not an.closed:
+        # only other keys could make up the count, and they are not generated: not "no value"
+        raise NotPresenceOnly(f"minProperties {count[0]} above the {len(props)} properties it names")
     cells: dict[str, list[Cell]] = {}
     for p in props:
         base = declared.get(p, addl)
