@@ -86,8 +86,9 @@ def _build(path: Path) -> None:
 
 def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(table [S + 1, 256] int32 with row S the dead state, final [S + 1] bool, each byte's class [256]
-    uint8: bytes of one class have equal columns) of ``regex``, initial state 0; None when the regex holds syntax this builder does not parse. GrammarCompileError when
-    the automaton passes its size limits, MemoryError when memory runs out."""
+    uint8: bytes of one class have equal columns) of ``regex``'s minimal DFA, initial state 0; None when
+    the regex holds syntax this builder does not parse. GrammarCompileError when the automaton passes
+    its size limits, MemoryError when memory runs out."""
     data = regex.encode("utf-8")
     max_states = int(os.environ.get("AGENTRT_GRAMMAR_MAX_STATES") or MAX_STATES)
     handle = lib.agentrt_regex_dfa(data, len(data), max_states, MAX_NFA_STATES)
