@@ -412,3 +412,39 @@ def test_a_length_limit_past_what_a_dfa_counts_is_refused_by_name_and_checked_af
     assert len(g.unenforced) == 1 and "maxLength" in g.unenforced[0]
     assert g.dfa.fullmatch(b'{"text":"hi"}') and not g.dfa.fullmatch(b'{"text":""}')  # minLength still enforced
     assert g.validate('{"text":"%s"}' % ("x" * 131073)) and g.validate('{"text":"hi"}') == []
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "items": {"enum": ["a", "b", "c"]}, "uniqueItems": True},
+    {"type": "array", "items": {"type": "boolean"}, "uniqueItems": True, "minItems": 1},
+    {"type": "array", "items": {"type": "string", "enum": ["x", "y", "zz", "z", 3]}, "uniqueItems": True,
+     "minItems": 2, "maxItems": 3},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", None]},
+                                               "uniqueItems": True}}, "required": ["tags"]},
+])
+def test_unique_items_over_a_finite_set_accept_exactly_the_arrays_of_distinct_values(schema):
+    """Every array of up to 4 items from a pool around the allowed values: accepted iff jsonschema says valid."""
+    import itertools
+    import json
+
+    import jsonschema
+
+    from agentrt.engine.grammar.compile_job import schema_to_dfa
+
+    _, _, dfa = schema_to_dfa(schema, False, 10)
+    validator = jsonschema.Draft202012Validator(schema)
+    pool = ["a", "b", "c", "x", "y", "z", "zz", True, False, None, 3]
+    accepted = 0
+    for k in range(5):
+        for combo in itertools.product(pool, repeat=k):
+            value = {"tags": list(combo)} if "properties" in schema else list(combo)
+            ok = dfa.fullmatch(json.dumps(value, separators=(",", ":")).encode())
+            assert ok == validator.is_valid(value), value
+            accepted += ok
+    assert accepted >= 3
+
+
+def test_unique_items_elsewhere_is_refused_by_name():
+    for items in [{"type": "string"}, {"enum": [1, 2]}, {"enum": [f"v{i}" for i in range(13)]}]:
+        with pytest.raises(UnsupportedSchemaError, match="uniqueItems"):
+            schema_to_regex({"type": "array", "items": items, "uniqueItems": True})

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Any
 
 from .byte_dfa import ByteDFA, minimized, regex_to_dfa
-from .dfa_ops import SpliceError, intersect, multiples_dfa, placeholders_in, splice
+from .dfa_ops import SpliceError, intersect, multiples_dfa, placeholders_in, splice, unique_items_dfa
 from .schema_regex import schema_to_parts, schema_to_regex
 
 _PARTS: OrderedDict[tuple, ByteDFA] = OrderedDict()
@@ -43,13 +43,13 @@ def _to_dfa(schema: Any, lenient: bool, timeout_s: float | None, split_objects: 
 
 
 def _part(key: tuple, pieces: list, inner: dict[int, ByteDFA]) -> ByteDFA:
-    """The DFA of the intersection of ``pieces`` (regexes, or ("multiple_of", k)) with ``inner`` parts
+    """The DFA of the intersection of ``pieces`` (regexes, ("multiple_of", k) or ("unique_items", ...)) with ``inner`` parts
     spliced in; kept under ``key``."""
     hit = _PARTS.get(key)
     if hit is not None:
         _PARTS.move_to_end(key)
         return hit
-    dfas = [multiples_dfa(p[1]) if isinstance(p, tuple) else regex_to_dfa(p) for p in pieces]
+    dfas = [_piece_dfa(p) for p in pieces]
     part = dfas[0]
     for more in dfas[1:]:
         part = intersect(part, more)
@@ -62,6 +62,14 @@ def _part(key: tuple, pieces: list, inner: dict[int, ByteDFA]) -> ByteDFA:
     while len(_PARTS) > 1 and total > _PARTS_BYTES:
         total -= _PARTS.popitem(last=False)[1].nbytes
     return part
+
+
+def _piece_dfa(piece: str | tuple) -> ByteDFA:
+    if isinstance(piece, str):
+        return regex_to_dfa(piece)
+    if piece[0] == "multiple_of":
+        return multiples_dfa(piece[1])
+    return unique_items_dfa(*piece[1:])  # ("unique_items", texts, minItems, maxItems)
 
 
 def compile_schema(schema: dict, lenient: bool, timeout_s: float | None) -> bytes:

@@ -62,6 +62,65 @@ def multiples_dfa(k: int) -> ByteDFA:
     return ByteDFA(table, final, start, classes)
 
 
+MAX_UNIQUE_STATES = 50_000  # a unique-items automaton remembers which values were used: 2^n times the values' text
+
+
+def unique_items_dfa(texts: tuple[str, ...], mn: int, mx: int | None) -> ByteDFA:
+    """The DFA of compact JSON arrays of distinct values from ``texts`` (each value's one JSON text; no
+    two equal as JSON), ``mn`` to ``mx`` items. A state is the set of values used so far and the
+    position in the trie of the values' texts (the trie's root: a value may start)."""
+    values = [t.encode("utf-8") for t in texts]
+    mx = len(values) if mx is None else min(mx, len(values))
+    kids: list[dict[int, int]] = [{}]
+    ends, below = [-1], [0]  # the value ending at each trie node; the values under it (bit mask)
+    for i, text in enumerate(values):
+        node = 0
+        below[0] |= 1 << i
+        for byte in text:
+            if byte not in kids[node]:
+                kids[node][byte] = len(kids)
+                kids.append({}), ends.append(-1), below.append(0)
+            node = kids[node][byte]
+            below[node] |= 1 << i
+        ends[node] = i
+    start, end = ("start",), ("end",)
+    ids: dict[tuple, int] = {start: 0, end: 1}
+    todo, edges = [start, (0, 0)], []  # (0, 0): after "[", nothing used yet
+    ids[(0, 0)] = 2
+    edges.append((0, ord("["), 2))
+    i = 1
+    while i < len(todo):
+        key = todo[i]
+        i += 1
+        used, node = key
+        src = ids[key]
+        out: list[tuple[int, tuple]] = []
+        if used == 0 and node == 0 and mn == 0:
+            out.append((ord("]"), end))
+        out += [(b, (used, c)) for b, c in kids[node].items() if below[c] & ~used]
+        if node and ends[node] >= 0 and not used >> ends[node] & 1:
+            now = used | 1 << ends[node]
+            count = bin(now).count("1")
+            if count < mx:
+                out.append((ord(","), (now, 0)))
+            if mn <= count <= mx:
+                out.append((ord("]"), end))
+        for byte, nxt in out:
+            if nxt not in ids:
+                if len(ids) >= MAX_UNIQUE_STATES:
+                    raise GrammarCompileError(f"uniqueItems over {len(values)} values passed {MAX_UNIQUE_STATES} states")
+                ids[nxt] = len(ids)
+                todo.append(nxt)
+            edges.append((src, byte, ids[nxt]))
+    n = len(ids)
+    table = np.full((n + 1, 256), n, dtype=np.int32)
+    src, col, dst = (np.array(x, dtype=np.int64) for x in zip(*edges))
+    table[src, col] = dst
+    final = np.zeros(n + 1, dtype=bool)
+    final[ids[end]] = True
+    return ByteDFA(table, final, 0)
+
+
 def intersect(a: ByteDFA, b: ByteDFA, max_states: int = 200_000) -> ByteDFA:
     """The DFA of the texts both ``a`` and ``b`` match: the reachable pairs of their states."""
     ids = {(a.initial, b.initial): 0}

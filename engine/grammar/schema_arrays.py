@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .regex_util import alt, opt, rep, seq
-from .schema_context import NOT_PLANNED, Ctx, nonneg_int
+from .regex_util import alt, json_literal_text, opt, rep, seq
+from .schema_context import NOT_PLANNED, Ctx, enum_values, has_ref, nonneg_int
 from .schema_not import Inexpressible, failing_values, not_by_type
 from .schema_refs import deref, merge
 
@@ -13,7 +13,9 @@ def array_regex(schema: dict, ctx: Ctx, path: str) -> str | None:
     mn = nonneg_int(schema, "minItems", path, 0) or 0
     mx = nonneg_int(schema, "maxItems", path, None)
     if schema.get("uniqueItems") is True and (mx is None or mx > 1):
-        ctx.refuse(path, "uniqueItems")
+        unique = _unique_items(schema, ctx, path, mn, mx)
+        if unique is not NOT_PLANNED:
+            return unique
     prefix = schema.get("prefixItems", [])
     items = schema.get("items", True)
     if isinstance(items, list):  # draft-07 tuple form: items = prefixItems, additionalItems = items
@@ -43,6 +45,50 @@ def array_regex(schema: dict, ctx: Ctx, path: str) -> str | None:
     first = elems[0] if k else tail
     body = seq(first, after(1)) if (mx is None or mx >= 1) else None
     return seq(r"\[", body if mn >= 1 else opt(body), r"\]")
+
+
+_MAX_UNIQUE_VALUES = 12  # a unique-items automaton has up to 2^n states per position in the values' texts
+
+
+def _unique_items(schema: dict, ctx: Ctx, path: str, mn: int, mx: int | None) -> Any:
+    """uniqueItems over a finite set of strings, booleans and null (an enum, a const, type boolean or
+    null): arrays of distinct values, built as an automaton of its own (dfa_ops.unique_items_dfa).
+    Over any other items refused by name, and NOT_PLANNED: the arrays without it (lenient mode)."""
+    values = _finite_items(schema, ctx)
+    if values is not None and mn > len(values):
+        return None  # not that many distinct values
+    hole = None
+    if values is not None and len(values) <= _MAX_UNIQUE_VALUES:
+        hole = ctx.hole([("unique_items", tuple(json_literal_text(v) for v in values), mn, mx)])
+    if hole is None:
+        ctx.refuse(path, "uniqueItems", f"only over at most {_MAX_UNIQUE_VALUES} strings, booleans or null (an enum)")
+        return NOT_PLANNED
+    return hole
+
+
+def _finite_items(schema: dict, ctx: Ctx) -> list | None:
+    """The distinct values ``items`` allows when they are finitely many strings, booleans or null."""
+    import jsonschema
+
+    if "prefixItems" in schema or "contains" in schema or not isinstance(schema.get("items"), dict):
+        return None
+    items = deref(schema["items"], ctx)
+    if not isinstance(items, dict) or has_ref(items):
+        return None
+    values = enum_values(items)
+    if values is None:
+        kinds = items.get("type")
+        values = {"boolean": [True, False], "null": [None]}.get(kinds) if isinstance(kinds, str) else None
+    if values is None:
+        return None
+    try:
+        validator = jsonschema.Draft202012Validator(items, format_checker=jsonschema.FormatChecker())
+        values = [v for v in values if validator.is_valid(v)]
+    except jsonschema.exceptions.SchemaError:
+        return None
+    if not all(v is None or isinstance(v, (str, bool)) for v in values):
+        return None  # numbers: 1 and 1.0 are one value with many texts
+    return list({json_literal_text(v): v for v in values}.values())
 
 
 _MAX_CONTAINS_POSITIONS = 24  # explicit item positions a contains array spells out (the regex grows with them)
