@@ -51,7 +51,7 @@ UNRESOLVED = object()
 NOT_PLANNED = object()
 
 
-SPLIT_MIN_CHARS = 200  # a smaller object costs less inline than as a part of its own
+SPLIT_MIN_CHARS = 2000  # a smaller object costs less inline than as a part of its own (and its splice)
 
 
 class Ctx:
