@@ -135,6 +135,27 @@ def test_a_regex_past_the_size_limits_fails_with_a_message(lib, monkeypatch):
     assert regex_to_dfa(r"[a-z]{0,500}").fullmatch(b"ab")  # below the limit, after the failure
 
 
+def test_a_schema_too_large_to_compile_names_the_part_that_is_too_large_alone(lib, monkeypatch):
+    from agentrt.engine.grammar.compile_job import schema_to_dfa
+    from agentrt.engine.grammar.errors import AutomatonTooLargeError
+
+    monkeypatch.setenv("AGENTRT_GRAMMAR_MAX_STATES", "3000")
+    schema = {"type": "object", "properties": {
+        "ok": {"type": "string"},
+        "big": {"type": "object", "properties": {"n": {"type": "integer"}, "text": {"type": "string", "maxLength": 800}}}}}
+    with pytest.raises(AutomatonTooLargeError, match="passed 3000 states.*; /properties/big/properties/text is too large"):
+        schema_to_dfa(schema, False, 10)
+    by_ref = {"$defs": {"T": {"type": "string", "maxLength": 900}}, "type": "array", "items": {"$ref": "#/$defs/T"}}
+    with pytest.raises(AutomatonTooLargeError, match="; /items is too large on its own"):
+        schema_to_dfa(by_ref, False, 10)
+    # too large only together (~1,700 states each): no part to name, the message as it was
+    pair = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 120},
+                                            "b": {"type": "string", "maxLength": 120}}, "required": ["a", "b"]}
+    with pytest.raises(AutomatonTooLargeError) as failed:
+        schema_to_dfa(pair, False, 10)
+    assert "passed 3000 states" in str(failed.value) and "on its own" not in str(failed.value)
+
+
 def test_a_dfa_pickles_as_its_byte_classes_and_comes_back_the_same():
     import pickle
 

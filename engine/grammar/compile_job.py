@@ -9,11 +9,13 @@ however many turn grammars hold the tool.
 from __future__ import annotations
 
 import pickle
+import time
 from collections import OrderedDict
 from typing import Any
 
 from .byte_dfa import ByteDFA, minimized, regex_to_dfa
 from .dfa_ops import SpliceError, intersect, multiples_dfa, placeholders_in, splice, unique_items_dfa
+from .errors import AutomatonTooLargeError, GrammarCompileError, UnsupportedSchemaError
 from .schema_regex import schema_to_parts, schema_to_regex
 
 _PARTS: OrderedDict[tuple, ByteDFA] = OrderedDict()
@@ -23,11 +25,64 @@ _PARTS_BYTES = 64 << 20
 def schema_to_dfa(schema: Any, lenient: bool = False, timeout_s: float | None = None) -> tuple[str, list[str], ByteDFA]:
     """(regex, unenforced keywords, byte DFA) of ``schema``: the regex's DFA with the parts it leaves
     to automata (intersections, objects in properties and array items) spliced in where their
-    placeholders stand."""
+    placeholders stand. AutomatonTooLargeError names the part of the schema that is too large alone."""
+    try:
+        return _whole_dfa(schema, lenient, timeout_s)
+    except AutomatonTooLargeError as e:
+        deadline = time.monotonic() + _BLAME_S
+        where = _too_large_part(schema, schema, "", lenient, deadline)
+        if where is None:
+            raise
+        raise AutomatonTooLargeError(f"{e}; {where or '/'} is too large on its own") from None
+
+
+def _whole_dfa(schema: Any, lenient: bool, timeout_s: float | None) -> tuple[str, list[str], ByteDFA]:
     try:
         return _to_dfa(schema, lenient, timeout_s, split_objects=True)
     except SpliceError:  # an object part left a choice open where it stands: inline then
         return _to_dfa(schema, lenient, timeout_s, split_objects=False)
+
+
+_BLAME_S = 3.0  # how long a failed compile may look for the part that made it fail
+
+
+def _too_large_part(root: Any, node: Any, path: str, lenient: bool, deadline: float) -> str | None:
+    """The JSON pointer of the deepest subschema under ``node`` whose automaton alone passes the size
+    limits (each compiled with the root's definitions), or None when none does on its own."""
+    for sub_path, sub in _subschemas(node, path):
+        if time.monotonic() > deadline:
+            return None
+        fragment = sub
+        if isinstance(sub, dict) and isinstance(root, dict):  # its $refs still resolve
+            fragment = {**{k: root[k] for k in ("definitions", "$defs") if k in root}, **sub}
+        try:
+            _whole_dfa(fragment, lenient, max(deadline - time.monotonic(), 0.01))
+        except AutomatonTooLargeError:
+            return _too_large_part(root, sub, sub_path, lenient, deadline) or sub_path
+        except (GrammarCompileError, UnsupportedSchemaError):
+            continue
+    return None
+
+
+def _subschemas(node: Any, path: str) -> list[tuple[str, Any]]:
+    """(JSON pointer, subschema) of the schemas ``node`` applies to its values, then its definitions."""
+    if not isinstance(node, dict):
+        return []
+    out: list[tuple[str, Any]] = []
+    for key in ("properties", "patternProperties"):
+        if isinstance(node.get(key), dict):
+            out += [(f"{path}/{key}/{name.replace('~', '~0').replace('/', '~1')}", sub)
+                    for name, sub in node[key].items()]
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(node.get(key), list):
+            out += [(f"{path}/{key}/{i}", sub) for i, sub in enumerate(node[key])]
+    for key in ("items", "additionalProperties", "not", "contains"):
+        if isinstance(node.get(key), dict):
+            out.append((f"{path}/{key}", node[key]))
+    for key in ("$defs", "definitions"):  # last: where a $ref above leads
+        if isinstance(node.get(key), dict):
+            out += [(f"{path}/{key}/{name.replace('~', '~0').replace('/', '~1')}", sub) for name, sub in node[key].items()]
+    return out
 
 
 def _to_dfa(schema: Any, lenient: bool, timeout_s: float | None, split_objects: bool) -> tuple[str, list[str], ByteDFA]:

@@ -11,7 +11,7 @@ import re
 import numpy as np
 
 from .byte_dfa import ByteDFA, refine_classes
-from .errors import GrammarCompileError
+from .errors import AutomatonTooLargeError, GrammarCompileError
 
 PLACEHOLDERS = range(0x01, 0x20)
 _PLACEHOLDER_RE = re.compile(r"\\x(?:0[1-9A-F]|1[0-9A-F])")  # as placeholder_regex writes them (no braces)
@@ -108,7 +108,7 @@ def unique_items_dfa(texts: tuple[str, ...], mn: int, mx: int | None) -> ByteDFA
         for byte, nxt in out:
             if nxt not in ids:
                 if len(ids) >= MAX_UNIQUE_STATES:
-                    raise GrammarCompileError(f"uniqueItems over {len(values)} values passed {MAX_UNIQUE_STATES} states")
+                    raise AutomatonTooLargeError(f"uniqueItems over {len(values)} values passed {MAX_UNIQUE_STATES} states")
                 ids[nxt] = len(ids)
                 todo.append(nxt)
             edges.append((src, byte, ids[nxt]))
@@ -136,7 +136,7 @@ def intersect(a: ByteDFA, b: ByteDFA, max_states: int = 200_000) -> ByteDFA:
             j = ids.get(key)
             if j is None:
                 if len(pairs) >= max_states:
-                    raise GrammarCompileError(f"intersecting two automata passed {max_states} states")
+                    raise AutomatonTooLargeError(f"intersecting two automata passed {max_states} states")
                 j = ids[key] = len(pairs)
                 pairs.append(key)
             row[byte] = j

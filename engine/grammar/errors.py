@@ -26,6 +26,11 @@ class GrammarCompileError(ValueError):
     """The schema could not be compiled (invalid schema, regex too large, or time limit hit)."""
 
 
+class AutomatonTooLargeError(GrammarCompileError):
+    """The schema's automaton passes the DFA builder's size limits; the message names the deepest part of
+    the schema that passes them on its own, where one does."""
+
+
 class UnsatisfiableSchemaError(GrammarCompileError):
     """No JSON value satisfies the schema (e.g. ``required`` lists every property while a
     ``oneOf`` demands exactly one of them): there is nothing a grammar could let the model write."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .disk_cache import cache_base
-from .errors import GrammarCompileError
+from .errors import AutomatonTooLargeError, GrammarCompileError
 
 SOURCE = Path(__file__).with_name("regex_dfa.cpp")
 # A DFA state's dense row is 1 KB: 400k states are 400 MB, a large part of a compile's memory share
@@ -102,8 +102,10 @@ def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray,
             raise MemoryError("building the regex's DFA")
         if status:
             why = lib.agentrt_regex_dfa_message(handle).decode()
-            hint = " (simplify the schema: fewer alternatives, smaller maxLength/maxItems/enums)" if status == _TOO_LARGE else ""
-            raise GrammarCompileError(f"the schema's grammar is too large to compile: {why}{hint}")
+            if status == _TOO_LARGE:
+                raise AutomatonTooLargeError(f"the schema's grammar is too large to compile: {why} (simplify the "
+                                             "schema: fewer alternatives, smaller maxLength/maxItems/enums)")
+            raise GrammarCompileError(f"the schema's grammar could not be compiled: {why}")
         n = lib.agentrt_regex_dfa_states(handle)
         table = np.empty((n + 1, 256), dtype=np.int32)
         final = np.empty(n + 1, dtype=np.uint8)
