@@ -197,7 +197,9 @@ def _alternatives(schema: dict, ctx: Ctx, path: str) -> str | None:
     if not isinstance(branches, list) or not branches:
         raise GrammarCompileError(f"{key} at {path or '/'} must be a non-empty array")
     rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
-    merged = [merge(deref(br, ctx), rest, ctx, f"{path}/{key}/{i}") if any(k in ASSERTIONS for k in rest)
+    # the keywords beside the branches first: an object's properties in the order it declares them,
+    # then those only a branch names
+    merged = [merge(rest, deref(br, ctx), ctx, f"{path}/{key}/{i}") if any(k in ASSERTIONS for k in rest)
               else deref(br, ctx) for i, br in enumerate(branches)]
     parts: list[str | None] = []
     known: list[Any] = []  # each branch's regex, UNCOMPILED where it came with refusals
