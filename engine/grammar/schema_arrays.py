@@ -55,7 +55,7 @@ def _unique_items(schema: dict, ctx: Ctx, path: str, mn: int, mx: int | None) ->
     null): arrays of distinct values, built as an automaton of its own (dfa_ops.unique_items_dfa).
     Over any other items refused by name, and NOT_PLANNED: the arrays without it (lenient mode)."""
     values = _finite_items(schema, ctx)
-    if values is not None and mn > len(values):
+    if values is not None and (mn > len(values) or (mx is not None and mn > mx)):
         return None  # not that many distinct values
     hole = None
     if values is not None and len(values) <= _MAX_UNIQUE_VALUES:
