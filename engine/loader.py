@@ -194,13 +194,12 @@ def gguf_header_folder(path: str | os.PathLike, *, cache_dir: str | os.PathLike 
     path = Path(path).resolve()
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file not found: {path}")
-    st = path.stat()
-    key = hashlib.sha256(f"{CONVERTER_VERSION}|{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     root = Path(cache_dir).expanduser() if cache_dir else cache_root()
-    folder = root / f"{path.stem}-{key}"
+    folder = _entry_folder(root, path)
     if (folder / _DONE_MARKER).is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
+    _drop_stale_entries(root)
     # Build in a temporary sibling, then rename: a crash never leaves a half-written entry.
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
@@ -214,6 +213,31 @@ def gguf_header_folder(path: str | os.PathLike, *, cache_dir: str | os.PathLike 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _entry_folder(root: Path, path: Path) -> Path:
+    """The cache folder of the GGUF at ``path`` (resolved) as it is now."""
+    st = path.stat()
+    key = hashlib.sha256(f"{CONVERTER_VERSION}|{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return root / f"{path.stem}-{key}"
+
+
+def _drop_stale_entries(root: Path) -> None:
+    """Delete the cache entries no load can use again: their GGUF is gone, was replaced, or was converted
+    by another converter version (the key no longer matches). Every reinstall to a new place (a new
+    venv) makes a new entry, and one holds the packed weights (and, where the torch path ran, float32
+    ones): GBs at 8B, left behind for good otherwise. A process still using a deleted entry keeps its
+    memory-mapped pages."""
+    for marker in root.glob(f"*/{_DONE_MARKER}"):
+        entry = marker.parent
+        try:
+            source = Path(json.loads(marker.read_text())["source"])
+            current = _entry_folder(root, source) if source.is_file() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable or being replaced: not ours to judge
+        if current != entry:
+            log.info("removing the stale model cache entry %s (its GGUF %s is gone or changed)", entry, source)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def convert_gguf(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:

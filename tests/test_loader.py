@@ -16,6 +16,7 @@ from agentrt.engine.loader import (
     UnsupportedModelError,
     convert_gguf,
     embedded_model_path,
+    gguf_header_folder,
     gguf_to_hf_name,
     load_model,
     unpermute_qk,
@@ -119,6 +120,32 @@ def test_gguf_cache_reused_and_respects_env(tmp_path, monkeypatch):
     time.sleep(0.01)
     gguf_path.touch()
     assert convert_gguf(gguf_path, progress=False) != folder
+
+
+def test_a_new_cache_entry_removes_those_no_load_can_use_again(tmp_path):
+    """Each reinstall to a new place makes a new entry (the key has the path): the entries whose GGUF is
+    gone or changed are removed when the next one is made, the live ones kept."""
+    import json
+    import shutil
+
+    model = write_tiny_hf_folder(tmp_path / "hf")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write_tiny_gguf(tmp_path / "a" / "t.gguf", model, tiny_tokenizer())
+    kept = write_tiny_gguf(tmp_path / "b" / "t.gguf", model, tiny_tokenizer())
+    cache = tmp_path / "cache"
+    gone = gguf_header_folder(first, cache_dir=cache)
+    live = gguf_header_folder(kept, cache_dir=cache)
+    old = cache / "t-0123456789abcdef"  # an older converter version's entry of the live file
+    shutil.copytree(live, old)
+    shutil.rmtree(first.parent)  # the venv it was installed in is gone
+    moved = tmp_path / "c" / "t.gguf"
+    moved.parent.mkdir()
+    shutil.copy(kept, moved)
+    new = gguf_header_folder(moved, cache_dir=cache)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([live.name, new.name])
+    assert json.loads((live / "agentrt_source.json").read_text())["source"] == str(kept.resolve())
+    assert not gone.exists() and not old.exists()
 
 
 def test_missing_sources_name_what_was_looked_for(tmp_path):
