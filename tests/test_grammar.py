@@ -356,6 +356,20 @@ def test_runaway_compile_stops_with_clear_error(compiler):
     assert time.perf_counter() - t0 < 5
 
 
+def test_a_compile_past_its_time_limit_names_where_it_stopped():
+    """The compile stops itself at 90% of its limit, in Python, naming the schema part it was at: that
+    message reaches the caller before the worker's kill (which can say nothing of where)."""
+    from agentrt.engine.grammar.compile_job import schema_to_dfa
+
+    wide = {"type": "object", "properties": {
+        f"p{i}": {"type": "object", "properties": {f"q{j}": {"type": "string", "format": "date-time"} for j in range(20)}}
+        for i in range(300)}}  # ~0.3 s of regex writing alone
+    t0 = time.perf_counter()
+    with pytest.raises(GrammarCompileError, match=r"longer than the time limit and was stopped at /properties/p\d+"):
+        schema_to_dfa(wide, False, 0.02)
+    assert time.perf_counter() - t0 < 0.5
+
+
 def test_lenient_validates_afterwards(compiler):
     g = compiler.compile_json_schema({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, lenient=True)
     assert g.unenforced and "uniqueItems" in g.unenforced[0]

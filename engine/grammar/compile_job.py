@@ -25,11 +25,15 @@ _PARTS_BYTES = 64 << 20
 def schema_to_dfa(schema: Any, lenient: bool = False, timeout_s: float | None = None) -> tuple[str, list[str], ByteDFA]:
     """(regex, unenforced keywords, byte DFA) of ``schema``: the regex's DFA with the parts it leaves
     to automata (intersections, objects in properties and array items) spliced in where their
-    placeholders stand. AutomatonTooLargeError names the part of the schema that is too large alone."""
+    placeholders stand. AutomatonTooLargeError names the part of the schema that is too large alone.
+
+    Both stop at 90% of ``timeout_s``, so that their message, which names the schema part, comes back
+    before the caller's time limit kills the compile without one."""
+    end = None if timeout_s is None else time.monotonic() + 0.9 * timeout_s
     try:
-        return _whole_dfa(schema, lenient, timeout_s)
+        return _whole_dfa(schema, lenient, None if timeout_s is None else 0.9 * timeout_s)
     except AutomatonTooLargeError as e:
-        deadline = time.monotonic() + _BLAME_S
+        deadline = time.monotonic() + _BLAME_S if end is None else min(end, time.monotonic() + _BLAME_S)
         where = _too_large_part(schema, schema, "", lenient, deadline)
         if where is None:
             raise

@@ -131,8 +131,8 @@ def _node(schema: Any, ctx: Ctx, path: str) -> str | None:
 
 def _node_regex(schema: Any, ctx: Ctx, path: str) -> str | None:
     if ctx.deadline is not None and time.perf_counter() > ctx.deadline:
-        raise GrammarCompileError("compiling the schema took longer than the time limit and was stopped "
-                                  "(simplify it: fewer nested $refs / alternatives, or raise timeout_s)")
+        raise GrammarCompileError(f"compiling the schema took longer than the time limit and was stopped at "
+                                  f"{path or '/'} (simplify it: fewer nested $refs / alternatives, or raise timeout_s)")
     if schema is True:
         return any_value(ctx.max_any_depth)
     if schema is False:
