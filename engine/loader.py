@@ -8,7 +8,8 @@ permuted one), the fast tokenizer with its chat template, and the EOS ids.
 A GGUF file's header (config and tokenizer) is read once and cached as a small HF folder under
 ``$AGENTRT_CACHE`` or ``~/.cache/agentrt/models/<key>``. Its weights stay in the file: the fused
 engine reads them straight onto its grids (`fused_model`); only a path that needs float weights (the
-torch engine) has ``weights`` dequantized with the ``gguf`` package, once, into model.safetensors there.
+torch engine) has ``weights`` dequantized with the ``gguf`` package, in memory (`convert_gguf` writes
+them to model.safetensors there on request). Making a new entry removes those no load can use again.
 """
 from __future__ import annotations
 
@@ -83,19 +84,20 @@ class LoadedModel:
 
 
 class DequantizedGGUFWeights(Mapping[str, torch.Tensor]):
-    """A GGUF's weights as float32 HF-named tensors, dequantized on first access and cached as
-    model.safetensors in its header folder (what the torch engine and tools comparing weights need)."""
+    """A GGUF's weights as float32 HF-named tensors, dequantized in memory on first access (what the
+    torch engine and tools comparing weights need). Not written to disk: a float32 copy is 4-8x the
+    file (32 GB at 8B), and the default engine never asks for it. A model.safetensors that ``convert_gguf``
+    wrote beside the header is read instead, if there."""
 
     def __init__(self, path: Path, folder: Path, progress: bool):
         self._path, self._folder, self._progress = path, folder, progress
-        self._weights: SafetensorsWeights | None = None
+        self._weights: Mapping[str, torch.Tensor] | None = None
 
-    def _load(self) -> SafetensorsWeights:
+    def _load(self) -> Mapping[str, torch.Tensor]:
         if self._weights is None:
             file = self._folder / "model.safetensors"
-            if not file.is_file():
-                _write_dequantized(self._path, file, progress=self._progress)
-            self._weights = SafetensorsWeights([file])
+            self._weights = (SafetensorsWeights([file]) if file.is_file()
+                             else _dequantized(self._path, progress=self._progress))
         return self._weights
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -427,8 +429,20 @@ def gguf_rows_interleaved(config: dict[str, Any]) -> bool:
 
 def _write_dequantized(path: Path, file: Path, *, progress: bool) -> None:
     """Every tensor of the GGUF at ``path`` as float32 HF-named weights in the safetensors ``file``."""
-    from gguf.quants import dequantize
     from safetensors.torch import save_file
+
+    weights = _dequantized(path, progress=progress)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        save_file(dict(weights), str(tmp), metadata={"format": "pt"})
+        tmp.replace(file)  # whole or absent: a crash never leaves half a file under the real name
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _dequantized(path: Path, *, progress: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of the GGUF at ``path`` as float32 HF-named weights, checked against its config."""
+    from gguf.quants import dequantize
     from tqdm.auto import tqdm
 
     reader = _open_gguf(path)
@@ -447,12 +461,7 @@ def _write_dequantized(path: Path, file: Path, *, progress: bool) -> None:
         weights[hf] = torch.from_numpy(arr)
     bar.close()
     _check_weights(weights, config, str(path))
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    try:
-        save_file(weights, str(tmp), metadata={"format": "pt"})
-        tmp.replace(file)  # whole or absent: a crash never leaves half a file under the real name
-    finally:
-        tmp.unlink(missing_ok=True)
+    return weights
 
 
 def _gguf_tokenizer(path: Path) -> Any:
