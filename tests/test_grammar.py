@@ -459,6 +459,15 @@ def test_unique_items_over_a_finite_set_accept_exactly_the_arrays_of_distinct_va
 
 
 def test_unique_items_elsewhere_is_refused_by_name():
+    from agentrt.engine.grammar.compile_job import schema_to_dfa
+
     for items in [{"type": "string"}, {"enum": [1, 2]}, {"enum": [f"v{i}" for i in range(13)]}]:
         with pytest.raises(UnsupportedSchemaError, match="uniqueItems"):
             schema_to_regex({"type": "array", "items": items, "uniqueItems": True})
+    # two such arrays as alternatives: their automata would both start at "[" in one state
+    both = {"anyOf": [{"type": "array", "items": {"enum": ["a", "b"]}, "uniqueItems": True},
+                      {"type": "array", "items": {"enum": ["b", "c"]}, "uniqueItems": True}]}
+    with pytest.raises(UnsupportedSchemaError, match="uniqueItems at /anyOf/.*cannot stand"):
+        schema_to_dfa(both, False, 10)
+    _, unenforced, dfa = schema_to_dfa(both, True, 10)  # lenient: the arrays, checked after
+    assert unenforced and dfa.fullmatch(b'["b","c"]') and not dfa.fullmatch(b'["a","c"]')

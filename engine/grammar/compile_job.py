@@ -44,7 +44,12 @@ def _whole_dfa(schema: Any, lenient: bool, timeout_s: float | None) -> tuple[str
     try:
         return _to_dfa(schema, lenient, timeout_s, split_objects=True)
     except SpliceError:  # an object part left a choice open where it stands: inline then
+        pass
+    try:
         return _to_dfa(schema, lenient, timeout_s, split_objects=False)
+    except SpliceError:  # so did a part only an automaton says (two unique-items arrays in one anyOf):
+        # without parts, the keywords that need them are refused by name (or left to lenient mode)
+        return _to_dfa(schema, lenient, timeout_s, split_objects=False, with_parts=False)
 
 
 _BLAME_S = 3.0  # how long a failed compile may look for the part that made it fail
@@ -89,8 +94,9 @@ def _subschemas(node: Any, path: str) -> list[tuple[str, Any]]:
     return out
 
 
-def _to_dfa(schema: Any, lenient: bool, timeout_s: float | None, split_objects: bool) -> tuple[str, list[str], ByteDFA]:
-    regex, unenforced, holes = schema_to_parts(schema, lenient=lenient, timeout_s=timeout_s,
+def _to_dfa(schema: Any, lenient: bool, timeout_s: float | None, split_objects: bool,
+            with_parts: bool = True) -> tuple[str, list[str], ByteDFA]:
+    regex, unenforced, holes = schema_to_parts(schema, lenient=lenient, timeout_s=timeout_s, holes=with_parts,
                                                split_objects=split_objects)
     parts: dict[int, ByteDFA] = {}
     for byte in sorted(holes):  # a part holds only placeholders made before it (smaller bytes)

@@ -61,7 +61,9 @@ def _unique_items(schema: dict, ctx: Ctx, path: str, mn: int, mx: int | None) ->
     if values is not None and len(values) <= _MAX_UNIQUE_VALUES:
         hole = ctx.hole([("unique_items", tuple(json_literal_text(v) for v in values), mn, mx)])
     if hole is None:
-        ctx.refuse(path, "uniqueItems", f"only over at most {_MAX_UNIQUE_VALUES} strings, booleans or null (an enum)")
+        ctx.refuse(path, "uniqueItems", f"only over at most {_MAX_UNIQUE_VALUES} strings, booleans or null (an enum)"
+                   if values is None or len(values) > _MAX_UNIQUE_VALUES else
+                   "where its automaton cannot stand (an alternative beside it starts alike)")
         return NOT_PLANNED
     return hole
 
