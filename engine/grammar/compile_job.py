@@ -77,21 +77,20 @@ def _subschemas(node: Any, path: str) -> list[tuple[str, Any]]:
     """(JSON pointer, subschema) of the schemas ``node`` applies to its values, then its definitions."""
     if not isinstance(node, dict):
         return []
-    out: list[tuple[str, Any]] = []
-    for key in ("properties", "patternProperties"):
-        if isinstance(node.get(key), dict):
-            out += [(f"{path}/{key}/{name.replace('~', '~0').replace('/', '~1')}", sub)
-                    for name, sub in node[key].items()]
+
+    def named(key: str) -> list[tuple[str, Any]]:
+        subs = node.get(key)
+        return [(f"{path}/{key}/{name.replace('~', '~0').replace('/', '~1')}", sub)
+                for name, sub in subs.items()] if isinstance(subs, dict) else []
+
+    out = named("properties") + named("patternProperties")
     for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
         if isinstance(node.get(key), list):
             out += [(f"{path}/{key}/{i}", sub) for i, sub in enumerate(node[key])]
     for key in ("items", "additionalProperties", "not", "contains"):
         if isinstance(node.get(key), dict):
             out.append((f"{path}/{key}", node[key]))
-    for key in ("$defs", "definitions"):  # last: where a $ref above leads
-        if isinstance(node.get(key), dict):
-            out += [(f"{path}/{key}/{name.replace('~', '~0').replace('/', '~1')}", sub) for name, sub in node[key].items()]
-    return out
+    return out + named("$defs") + named("definitions")  # last: where a $ref above leads
 
 
 def _to_dfa(schema: Any, lenient: bool, timeout_s: float | None, split_objects: bool,
