@@ -126,6 +126,8 @@ class SchemaResult:
     compile_s: float = 0.0
     examples: list[str] = field(default_factory=list)
     unsatisfiable: bool = False  # proven to admit no value: scored as a grammar that accepts nothing
+    generated_invalid: int = 0  # values drawn from the engine's own grammar that the schema rejects
+    samples: int = 0  # values drawn (see grammar_samples)
 
 
 def unsatisfiable_result(case: dict, compile_s: float = 0.0) -> SchemaResult:
@@ -162,8 +164,25 @@ def score_instances(case: dict, res: SchemaResult, accepts) -> SchemaResult:
     return res
 
 
-def check_schema(case: dict, timeout_s: float = 10.0) -> SchemaResult:
-    """Compile one schema to our byte-level automaton and test every instance against it."""
+def score_samples(case: dict, res: SchemaResult, samples: list[bytes]) -> SchemaResult:
+    """Fill ``res`` with the values the engine's grammar generated: any the schema rejects makes it
+    inexact (see grammar_samples)."""
+    from .grammar_samples import invalid_samples
+
+    bad = invalid_samples(case["schema"], samples)
+    if bad is None:
+        return res
+    res.samples = len(samples)
+    res.generated_invalid = len(bad)
+    if bad:
+        res.status = "inexact"
+        res.examples.append("generated invalid " + bad[0].decode("utf-8", "replace")[:120])
+    return res
+
+
+def check_schema(case: dict, timeout_s: float = 10.0, samples: int = 0) -> SchemaResult:
+    """Compile one schema to our byte-level automaton, test every instance against it and check
+    ``samples`` values drawn from it."""
     from agentrt.engine.grammar import GrammarCompileError, UnsupportedSchemaError
     from agentrt.engine.grammar.automaton import run_bounded
     from agentrt.engine.grammar.compile_job import schema_to_dfa
@@ -179,16 +198,22 @@ def check_schema(case: dict, timeout_s: float = 10.0) -> SchemaResult:
     except GrammarCompileError as e:
         return SchemaResult(case["id"], "error", error=str(e)[:200])
     res = SchemaResult(case["id"], "exact", compile_s=time.perf_counter() - t0)
-    return score_instances(case, res, lambda text: dfa.fullmatch(text.encode("utf-8")))
+    res = score_instances(case, res, lambda text: dfa.fullmatch(text.encode("utf-8")))
+    if samples:
+        from .grammar_samples import case_rng, sample_dfa
+
+        res = score_samples(case, res, sample_dfa(dfa, case_rng(case["id"]), samples))
+    return res
 
 
 # how the peers say a schema admits no value (llguidance; xgrammar)
 UNSATISFIABLE = re.compile(r"unsatisfiable|cannot accept any value", re.IGNORECASE)
 
 
-def check_peer(peer, case: dict) -> SchemaResult:
+def check_peer(peer, case: dict, sampler=None, samples: int = 0) -> SchemaResult:
     """The same test as ``check_schema`` with a peer library's own compiler and matcher
-    (compile time here is the peer's full compile against the tokenizer)."""
+    (compile time here is the peer's full compile against the tokenizer); ``sampler`` (a
+    `grammar_samples.TokenSampler`) draws the ``samples`` values token by token."""
     from .grammar_peers import PeerRefused
 
     t0 = time.perf_counter()
@@ -199,7 +224,12 @@ def check_peer(peer, case: dict) -> SchemaResult:
             return unsatisfiable_result(case, time.perf_counter() - t0)
         return SchemaResult(case["id"], "refused", refused=[str(e)])
     res = SchemaResult(case["id"], "exact", compile_s=time.perf_counter() - t0)
-    return score_instances(case, res, lambda text: peer.accepts(compiled, text))
+    res = score_instances(case, res, lambda text: peer.accepts(compiled, text))
+    if samples and sampler is not None:
+        from .grammar_samples import case_rng
+
+        res = score_samples(case, res, sampler.sample(lambda: peer.walk(compiled), case_rng(case["id"]), samples))
+    return res
 
 
 def _pct(a: int, b: int) -> str:
@@ -233,34 +263,49 @@ def _subset_row(results: list[SchemaResult]) -> dict:
     return {"schemas": len(results), "compiled": len(compiled), "exact": sum(r.status == "exact" for r in results),
             "wrongly_accepted": sum(r.wrongly_accepted for r in results),
             "wrongly_rejected": sum(r.wrongly_rejected for r in results),
+            "generated_invalid": sum(r.generated_invalid for r in results),
+            "schemas_generating_invalid": sum(r.generated_invalid > 0 for r in results),
+            "samples": sum(r.samples for r in results),
             "compile_p50_ms": _quantile(times, 0.5), "compile_p95_ms": _quantile(times, 0.95)}
 
 
 def run_exactness(subsets: list[str], limit: int | None, timeout_s: float, peers: list | None = None,
-                  out=sys.stdout, data_dir: Path = DATA) -> dict:
-    """Exactness per subset for ours and each peer on the same schemas and instances.
+                  out=sys.stdout, data_dir: Path = DATA, samples: int = 0, tokenizer: Any = None) -> dict:
+    """Exactness per subset for ours and each peer on the same schemas and instances, and on
+    ``samples`` values each engine generates per schema (peers token by token with ``tokenizer``'s
+    vocabulary, ours byte by byte from its automaton; see grammar_samples).
 
     Returns {subset: {engine: row}} with row keys schemas, compiled, exact, wrongly_accepted,
-    wrongly_rejected, compile_p50_ms, compile_p95_ms. Our compile time here is schema -> regex ->
-    byte automaton (no tokenizer); a peer's is its full compile against the tokenizer (the
-    like-for-like token-level compile times are in the speed table).
+    wrongly_rejected, generated_invalid, schemas_generating_invalid, samples, compile_p50_ms,
+    compile_p95_ms. Our compile time here is schema -> regex -> byte automaton (no tokenizer); a peer's
+    is its full compile against the tokenizer (the like-for-like token-level compile times are in the
+    speed table).
     """
     peers = peers or []
+    sampler = None
+    if samples and peers:
+        from agentrt.engine.grammar.vocab import vocab_from_tokenizer
+
+        from .grammar_samples import TokenSampler
+
+        tok = tokenizer or embedded_tokenizer()
+        sampler = TokenSampler(vocab_from_tokenizer(tok, len(tok)).token_bytes, len(tok))
     print(f"{'subset':<15}{'engine':<12}{'schemas':>8}{'compiled':>10}{'exact':>9}{'wrong acc':>11}{'wrong rej':>11}"
-          f"{'compile p50':>13}{'p95 ms':>8}  top refusals", file=out)
+          f"{'bad gen':>9}{'compile p50':>13}{'p95 ms':>8}  top refusals", file=out)
     summary: dict[str, dict] = {}
     for name in subsets:
         cases = load_subset(name, data_dir, limit)
-        runs = [("ours", [check_schema(c, timeout_s) for c in cases])]
+        runs = [("ours", [check_schema(c, timeout_s, samples) for c in cases])]
         for peer in peers:
-            runs.append((peer.name, [check_peer(peer, c) for c in cases]))
+            runs.append((peer.name, [check_peer(peer, c, sampler, samples) for c in cases]))
         summary[name] = {}
         for engine, results in runs:
             row = summary[name][engine] = _subset_row(results)
             n = row["schemas"]
             print(f"{name:<15}{engine:<12}{n:>8}{_pct(row['compiled'], n):>10}{_pct(row['exact'], n):>9}"
-                  f"{row['wrongly_accepted']:>11}{row['wrongly_rejected']:>11}{row['compile_p50_ms']:>13.1f}"
-                  f"{row['compile_p95_ms']:>8.1f}  {_top_reasons(results, engine == 'ours')}", file=out, flush=True)
+                  f"{row['wrongly_accepted']:>11}{row['wrongly_rejected']:>11}{row['schemas_generating_invalid']:>9}"
+                  f"{row['compile_p50_ms']:>13.1f}{row['compile_p95_ms']:>8.1f}  "
+                  f"{_top_reasons(results, engine == 'ours')}", file=out, flush=True)
             if engine == "ours":
                 for r in results:
                     for ex in r.examples[:2]:
@@ -667,6 +712,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e2e", type=int, default=200, help="BFCL generations on the embedded model (0 = skip)")
     parser.add_argument("--timing-prompts", type=int, default=10, help="prompts for the one-at-a-time timings (0 = skip them)")
     parser.add_argument("--max-tokens", type=int, default=192)
+    parser.add_argument("--samples", type=int, default=4,
+                        help="values each engine generates per schema from its own grammar, checked with jsonschema "
+                             "(0 = only the data's instances)")
     parser.add_argument("--skip-exactness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--peers", nargs="*", default=["xgrammar", "llguidance"],
@@ -722,7 +770,11 @@ def _main(args: argparse.Namespace) -> dict | int:
     if not args.skip_exactness:
         if args.limit:
             print(f"(first {args.limit} schemas per subset only: --limit)")
-        summary = run_exactness(subsets, args.limit, args.timeout, peers, out=sys.stdout, data_dir=data)
+        if args.samples:
+            print(f"each engine also generates {args.samples} values per schema from its own grammar; one the schema "
+                  "rejects makes the schema inexact for it ('bad gen': schemas where one did; --samples)")
+        summary = run_exactness(subsets, args.limit, args.timeout, peers, out=sys.stdout, data_dir=data,
+                                samples=args.samples, tokenizer=tok)
         report["exactness"] = summary
         report["summary"] = print_summary(summary, out=sys.stdout)
         if not peers:

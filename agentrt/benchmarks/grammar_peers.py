@@ -5,9 +5,10 @@ note for each that does not. Each peer is configured like our grammar so the com
 compact JSON only (separators "," and ":", no free whitespace) and strict about what it cannot
 enforce. ``Peer.config`` says exactly how, for the printed output.
 
-A peer answers three things on one schema: compile it (or refuse it), whether it accepts an
-instance's bytes as a complete value, and the time to compute the next-token mask along a token
-sequence (the per-token cost a constrained decoder pays).
+A peer answers four things on one schema: compile it (or refuse it), whether it accepts an
+instance's bytes as a complete value, the time to compute the next-token mask along a token
+sequence (the per-token cost a constrained decoder pays), and a fresh walk through its grammar token
+by token (`grammar_samples` draws values with it).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import json
 import re
 import time
 from typing import Any
+
+import numpy as np
 
 
 class PeerRefused(Exception):
@@ -43,6 +46,16 @@ class Peer:
         """Microseconds to compute the mask before each token, accepting each token in turn;
         None if the grammar rejects the sequence (then the timings would not mean anything)."""
         raise NotImplementedError
+
+    def walk(self, compiled: Any):
+        """A fresh `grammar_samples.TokenWalk` through ``compiled``."""
+        raise NotImplementedError
+
+
+def _bitmask_ids(bitmask: Any, vocab_size: int) -> np.ndarray:
+    """The token ids set in row 0 of an int32 token bitmask (bit i of word w: token 32 w + i)."""
+    bits = np.unpackbits(bitmask[0].numpy().view(np.uint8), bitorder="little")[:vocab_size]
+    return np.flatnonzero(bits)
 
 
 class XGrammarPeer(Peer):
@@ -90,6 +103,33 @@ class XGrammarPeer(Peer):
                 return None
         return out
 
+    def walk(self, compiled: Any):
+        return _XGrammarWalk(self, compiled)
+
+
+class _XGrammarWalk:
+    def __init__(self, peer: XGrammarPeer, compiled: Any):
+        self.peer, self.m = peer, peer._xgr.GrammarMatcher(compiled)
+        self.stop = np.asarray(peer.info.stop_token_ids, dtype=np.int64)
+        self.ids: np.ndarray | None = None  # the mask here, stop tokens included (computed once a position)
+
+    def _mask(self) -> np.ndarray:
+        if self.ids is None:
+            self.m.fill_next_token_bitmask(self.peer.bitmask)
+            self.ids = _bitmask_ids(self.peer.bitmask, self.peer.info.vocab_size)
+        return self.ids
+
+    def allowed(self) -> np.ndarray:
+        ids = self._mask()
+        return ids[~np.isin(ids, self.stop)]
+
+    def can_stop(self) -> bool:
+        return bool(np.isin(self.stop, self._mask()).any())
+
+    def accept(self, token_id: int) -> bool:
+        self.ids = None
+        return bool(self.m.accept_token(token_id))
+
 
 class LLGuidancePeer(Peer):
     name = "llguidance"
@@ -133,6 +173,26 @@ class LLGuidancePeer(Peer):
             if not m.consume_token(t):
                 return None
         return out
+
+    def walk(self, compiled: Any):
+        return _LLGuidanceWalk(self, compiled)
+
+
+class _LLGuidanceWalk:
+    def __init__(self, peer: LLGuidancePeer, compiled: Any):
+        self.peer, self.m = peer, compiled.deep_copy()
+        self.eos = peer.tok.eos_token
+
+    def allowed(self) -> np.ndarray:
+        self.peer._fill(self.m, self.peer.bitmask, 0)
+        ids = _bitmask_ids(self.peer.bitmask, self.peer.tok.vocab_size)
+        return ids[ids != self.eos]
+
+    def can_stop(self) -> bool:
+        return bool(self.m.is_accepting())
+
+    def accept(self, token_id: int) -> bool:
+        return bool(self.m.consume_token(token_id))
 
 
 def _version(dist: str) -> str:
