@@ -16,7 +16,8 @@ import torch
 from .config import EngineConfig, SamplingParams
 from .constraint import TokenConstraint
 from .kv_cache import BlockManager
-from .model_runner import ModelRunner, release_free_heap
+from .heap import release_free_heap
+from .model_runner import ModelRunner
 from .output_processor import OutputProcessor, RequestMetrics, RequestOutput
 from .prompt_length import TokenFloor
 from .sampling import sample_constrained

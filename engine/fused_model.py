@@ -28,6 +28,7 @@ import torch
 
 from .decode_fused import NO_LINEAR, FusedDecoder, FusedLinear, PackedEmbedding, lm_head_linear, weight_parts
 from .gguf_grids import Grid, read_grid, read_rows, tensor_infos
+from .heap import trim_heap
 from .model import LlamaModel, ModelArgs, _interleave_heads
 from .quant import Int8WeightOnlyLinear
 
@@ -158,8 +159,11 @@ def pack_gguf(path: str, config: dict[str, Any], interleaved: bool) -> PackedGGU
                                        args.hidden_size)
             layers += FusedLinear.pack(grid(p + "ffn_down.weight").parts, args.intermediate_size)
             layers += [vector(p + "attn_norm.weight"), vector(p + "ffn_norm.weight")]
+            trim_heap()  # the layer's scratch, before the next layer's packed tensors land above it
         embedding = FusedLinear.pack(grid("token_embd.weight").parts, args.hidden_size)
+        trim_heap()
         output = None if args.tie_word_embeddings else FusedLinear.pack(grid("output.weight").parts, args.hidden_size)
+        trim_heap()
         return PackedGGUF(layers, embedding, output, vector("output_norm.weight"))
     finally:
         os.close(fd)

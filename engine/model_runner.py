@@ -3,8 +3,6 @@ entries; it prepares one `StepInputs`, runs the first backend that supports them
 hidden states and logits. Knows nothing of requests' text, sampling or scheduling."""
 from __future__ import annotations
 
-import ctypes
-import gc
 from typing import Any
 
 import torch
@@ -170,16 +168,6 @@ class ModelRunner:
                 walk(layer)
         walk(model.lm_head)
         return total + model.norm.numel() * model.norm.element_size()
-
-
-def release_free_heap() -> None:
-    """Hand the memory freed while building a model back to the OS: glibc keeps freed blocks in its
-    arenas, so the checkpoint's and the dropped copies' pages would stay in the process's RSS."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim this way
-        pass
 
 
 def _reads_gguf_grids(config: EngineConfig, loaded: Any) -> bool:
