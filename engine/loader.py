@@ -172,7 +172,7 @@ def load_model(
         folder = gguf_header_folder(path, cache_dir=cache_dir)
         meta = json.loads((folder / _DONE_MARKER).read_text())
         cfg = json.loads((folder / "config.json").read_text())
-        tok = _load_tokenizer(folder)
+        tok = _load_tokenizer(folder, ours=cfg.get("model_type") == "llama")
         return LoadedModel(config=cfg, weights=DequantizedGGUFWeights(path, folder, progress), tokenizer=tok,
                            eos_token_ids=_eos_ids(folder, cfg, tok), name=meta["name"], source=str(path),
                            cache_dir=str(folder), quant_type=meta["quant_type"], gguf_path=str(path),
@@ -601,13 +601,25 @@ def _load_hf(folder: Path, files: list[Path] | None) -> LoadedModel:
                        num_parameters=sum(math.prod(v) for v in weights.shapes.values()))
 
 
-def _load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
+# the classes a llama GGUF header's tokenizer is saved as (`_gguf_tokenizer`), which AutoTokenizer loads as
+# they are (for some model types, qwen2 among them, it swaps in a class of its own)
+_PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _load_tokenizer(folder: Path, ours: bool = False) -> Any:
+    """The folder's fast tokenizer. ``ours``: a llama GGUF's header folder this loader wrote: a plain
+    class its tokenizer_config.json names is loaded directly, since AutoTokenizer first loads the
+    model's config and with it transformers' model modules (1 s and ~60 MB of RSS here)."""
+    import transformers
 
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ModelNotFoundError(f"{folder}: no tokenizer files (looked for tokenizer.json, tokenizer.model, "
                                  "vocab.json)")
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    declared = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class") if ours else None
+    if declared in _PLAIN_TOKENIZERS and hasattr(transformers, declared):
+        tok = getattr(transformers, declared).from_pretrained(str(folder))
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     if not getattr(tok, "is_fast", False):
         raise UnsupportedModelError(f"{folder}: only fast (tokenizers) tokenizers are supported")
     if not tok.chat_template:

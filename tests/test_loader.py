@@ -217,6 +217,27 @@ def test_embedded_gguf_matches_transformers(tmp_path):
         assert diff <= 1e-4, diff
 
 
+def test_a_llama_gguf_header_tokenizer_loads_as_autotokenizer_would(tmp_path):
+    """The header folder's tokenizer is loaded by the class it names, without AutoTokenizer's detour
+    through the model config: the same tokenizer in every respect the engine uses."""
+    from transformers import AutoTokenizer
+
+    loaded = load_model(None, cache_dir=tmp_path, progress=False)
+    auto = AutoTokenizer.from_pretrained(loaded.cache_dir)
+    tok = loaded.tokenizer
+    assert type(tok) is type(auto)
+    texts = ["Hello, world!", '{"city":"Paris","n":2}', "  spaces\tand\nnewlines ", "émoji 🙂 中文", "<|im_start|>user"]
+    for text in texts:
+        assert tok.encode(text) == auto.encode(text)
+        assert tok.decode(tok.encode(text)) == auto.decode(auto.encode(text))
+    assert (tok.eos_token_id, tok.bos_token_id, tok.all_special_ids) == (auto.eos_token_id, auto.bos_token_id,
+                                                                         auto.all_special_ids)
+    chat = [{"role": "system", "content": "Reply in JSON."}, {"role": "user", "content": "Weather in Paris?"}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        auto.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert len(tok) == len(auto)
+
+
 _REF_TOK = {}
 
 
