@@ -56,6 +56,9 @@ CONSTRUCTS = [
     r"[]a]", r"[a-]", r"[-a]", r"[$&'()*+,;=:@/?\-]+", r"\x{7F}\x{80}\x{7FF}\x{800}\x{FFFF}\x{10000}",
     r'"(?:[\x{20}-\x{21}\x{23}-\x{5B}\x{5D}-\x{D7FF}\x{E000}-\x{10FFFF}]|\\(?:["\\bfnrt]|u00(?:0[0-7bef]|1[0-9a-f])))*"',
     r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", "é+ü?\u4e2d", r"\n\t\r\x01\x1F",
+    # groups met again are looked up by their text: parens inside classes and escapes must not pair up
+    r"(?:a[)(]b)x(?:a[)(]b)+(?:a[)(]b){2}", r"(?:\((?:c|d)\))(?:\((?:c|d)\))?(?:c|d)*", r"([]()])([]()])*",
+    r"(?:[^)])(?:[^)]|\))", r"(a(b)c)(b)(a(b)c)?",
 ]
 
 

@@ -14,6 +14,7 @@
 #include <cctype>
 #include <new>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -69,11 +70,12 @@ Ranges complemented(const Ranges& r) {
 
 class Parser {
  public:
-  Parser(const char* text, size_t n) : p_(text), end_(text + n) {}
+  Parser(const char* text, size_t n) : p_(text), begin_(text), end_(text + n) {}
 
   std::vector<Node> nodes;
 
   int parse() {
+    match_groups();
     int root = alternation();
     if (p_ != end_) fail("unbalanced ')'");
     return root;
@@ -81,15 +83,54 @@ class Parser {
 
  private:
   const char* p_;
+  const char* begin_;
   const char* end_;
+  // where the group opened at each '(' closes (-1 elsewhere), and the node of each group's text parsed
+  // so far: a group met again (the JSON string pattern, a free value's) is looked up, not parsed again
+  std::vector<int32_t> close_;
+  std::unordered_map<std::string_view, int> groups_;
+
+  // `close_` by one pass that skips escapes and classes as the parser reads them; an unbalanced regex
+  // leaves it partly unset and the parser reports it
+  void match_groups() {
+    close_.assign(size_t(end_ - begin_), -1);
+    std::vector<int32_t> open;
+    for (const char* q = begin_; q < end_; ++q) {
+      if (*q == '\\') {
+        ++q;
+      } else if (*q == '[') {
+        ++q;
+        if (q < end_ && *q == '^') ++q;
+        for (bool first = true; q < end_ && (*q != ']' || first); ++q, first = false)
+          if (*q == '\\') ++q;
+      } else if (*q == '(') {
+        open.push_back(int32_t(q - begin_));
+      } else if (*q == ')' && !open.empty()) {
+        close_[size_t(open.back())] = int32_t(q - begin_);
+        open.pop_back();
+      }
+    }
+  }
 
   [[noreturn]] void fail(const std::string& why) { throw Failure{kUnsupported, why}; }
   bool more() const { return p_ < end_; }
   char peek() const { return *p_; }
 
+  // Nodes are interned: an equal node (kind, bounds, set, and children, themselves interned) is the one
+  // made before. A schema's regex repeats itself (the JSON string pattern is two thirds of a typical
+  // one), so equal subexpressions are one node, and the NFA builder shares their states by node id.
+  std::unordered_map<std::string, int> interned_;
+  std::string key_;
+
   int add(Node n) {
-    nodes.push_back(std::move(n));
-    return int(nodes.size()) - 1;
+    key_.assign(1, char(n.kind));
+    auto put = [this](uint32_t v) { key_.append(reinterpret_cast<const char*>(&v), sizeof v); };
+    put(uint32_t(n.lo)), put(uint32_t(n.hi));
+    for (auto [a, b] : n.set) put(a), put(b);
+    for (int c : n.children) put(uint32_t(c));
+    auto [it, fresh] = interned_.try_emplace(key_, int(nodes.size()));
+    if (fresh) nodes.push_back(std::move(n));
+    return it->second;
   }
 
   int alternation() {
@@ -152,6 +193,15 @@ class Parser {
   int atom() {
     char c = *p_;
     if (c == '(') {
+      const int32_t close = close_[size_t(p_ - begin_)];
+      std::string_view text(p_, close < 0 ? 0 : size_t(close - (p_ - begin_)) + 1);
+      if (close >= 0) {
+        auto hit = groups_.find(text);
+        if (hit != groups_.end()) {
+          p_ += text.size();
+          return hit->second;
+        }
+      }
       ++p_;
       if (more() && peek() == '?') {
         if (end_ - p_ < 2 || p_[1] != ':') fail("group flags");
@@ -159,6 +209,7 @@ class Parser {
       }
       int inner = alternation();
       if (!more() || *p_++ != ')') fail("unbalanced '('");
+      if (close >= 0) groups_.emplace(text, inner);
       return inner;
     }
     if (c == '[') return add(Node{Node::kSet, char_class(), {}});
@@ -341,11 +392,12 @@ class NfaBuilder {
     return int32_t(st.size()) - 1;
   }
 
-  // the start state of ``node`` followed by ``next`` (compiled back to front). Equal subexpressions
-  // followed by the same state share their states: a schema's regex repeats itself (the same properties
-  // after different alternatives), and a shared tail is one DFA state where it would be one per branch.
+  // the start state of ``node`` followed by ``next`` (compiled back to front). Equal subexpressions (one
+  // interned node) followed by the same state share their states: a schema's regex repeats itself (the
+  // same properties after different alternatives), and a shared tail is one DFA state where it would be
+  // one per branch.
   int32_t compile(int node, int32_t next) {
-    uint64_t key = (uint64_t(uint32_t(canonical(node))) << 32) | uint32_t(next);
+    uint64_t key = (uint64_t(uint32_t(node)) << 32) | uint32_t(next);
     auto hit = built_.find(key);
     if (hit != built_.end()) return hit->second;
     int32_t start = build(node, next);
@@ -356,22 +408,7 @@ class NfaBuilder {
  private:
   const std::vector<Node>& ast_;
   size_t max_;
-  std::vector<int> canon_;                          // node -> the id of its structure
-  std::unordered_map<std::string, int> structures_;
-  std::unordered_map<uint64_t, int32_t> built_;     // (structure, next) -> start state
-
-  int canonical(int node) {
-    if (canon_.empty()) canon_.assign(ast_.size(), -1);
-    if (canon_[node] >= 0) return canon_[node];
-    const Node& n = ast_[node];
-    std::string key(1, char(n.kind));
-    auto put = [&key](uint32_t v) { key.append(reinterpret_cast<const char*>(&v), sizeof v); };
-    put(uint32_t(n.lo)), put(uint32_t(n.hi));
-    for (auto [a, b] : n.set) put(a), put(b);
-    for (int c : n.children) put(uint32_t(canonical(c)));
-    auto it = structures_.emplace(std::move(key), int(structures_.size())).first;
-    return canon_[node] = it->second;
-  }
+  std::unordered_map<uint64_t, int32_t> built_;     // (node, next) -> start state
 
   int32_t build(int node, int32_t next) {
     const Node& n = ast_[node];
