@@ -19,7 +19,7 @@ def _libc() -> ctypes.CDLL | None:
 def trim_heap() -> None:
     """Return the free pages of glibc's arenas to the OS. Freed blocks stay in the arenas, so the
     scratch of packing one tensor (file reads, dequantized rows) would stay in the process's RSS and
-    add up between the packed tensors kept: ~330 MB at 1B, a third of what the packed model takes."""
+    pile up between the packed tensors that are kept."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -609,7 +609,7 @@ _PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 def _load_tokenizer(folder: Path, ours: bool = False) -> Any:
     """The folder's fast tokenizer. ``ours``: a llama GGUF's header folder this loader wrote: a plain
     class its tokenizer_config.json names is loaded directly, since AutoTokenizer first loads the
-    model's config and with it transformers' model modules (1 s and ~60 MB of RSS here)."""
+    model's config and with it transformers' model modules (a second, and tens of MB of RSS)."""
     import transformers
 
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
