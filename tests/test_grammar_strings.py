@@ -122,6 +122,18 @@ def test_enum_numbers_by_value_except_integers_in_draft4():
     assert not _automaton(draft4).fullmatch("1.0") and _automaton(draft4).fullmatch("1")
 
 
+ENUM_POOL = [1, 1.0, 2.5, 0, True, False, None, "1", "a", [1], {"a": 1}, [], {}]
+
+
+@pytest.mark.parametrize("type_", ["integer", "number", "string", "boolean", "null", "array", "object",
+                                   ["string", "null"], ["integer", "boolean"]])
+def test_enum_beside_a_type_keeps_the_values_of_that_type(type_):
+    """The type beside an enum filters its values as jsonschema does (1.0 is an integer in 2020-12, true
+    is not a number), without building a validator per enum."""
+    schema = {"type": type_, "enum": ENUM_POOL}
+    _check(schema, ENUM_POOL, [x for x in ENUM_POOL if jsonschema.Draft202012Validator(schema).is_valid(x)])
+
+
 def test_strings_and_numbers_except():
     from decimal import Decimal
 

@@ -11,6 +11,17 @@ from .schema_context import ASSERTED_FORMATS, ASSERTIONS, Ctx, has_ref, json_eq,
 # (UTF-8 continuations, escapes): 10,000 characters are 140k states (140 MB of table, 0.5 s).
 MAX_COUNTED_CHARS = 10_000
 
+# JSON Schema 2020-12's types of a Python JSON value (1.0 is an integer there)
+_IS_TYPE = {
+    "null": lambda v: v is None,
+    "boolean": lambda v: isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+}
+
 
 def string_regex(schema: dict, ctx: Ctx, path: str) -> str | None:
     mn = nonneg_int(schema, "minLength", path, 0) or 0
@@ -86,17 +97,22 @@ def enum_regex(schema: dict, ctx: Ctx, path: str) -> str | None:
     if not isinstance(values, list):
         raise GrammarCompileError(f"enum at {path or '/'} must be an array")
     rest = {k: v for k, v in schema.items() if k not in ("enum", "const")}
-    validator = None
-    if any(k in ASSERTIONS for k in rest):
+    keep = None  # which values the keywords beside the enum admit (None: all)
+    asserted = [k for k in rest if k in ASSERTIONS]
+    types = rest.get("type")
+    type_names = [types] if isinstance(types, str) else types
+    if asserted == ["type"] and isinstance(type_names, list) and all(t in _IS_TYPE for t in type_names):
+        keep = lambda v: any(_IS_TYPE[t](v) for t in type_names)  # noqa: E731 - the common case, without a validator
+    elif asserted:
         if has_ref(rest):
             ctx.refuse(path, "enum", "beside a $ref")
             return None
-        validator = jsonschema.Draft202012Validator(rest, format_checker=jsonschema.FormatChecker())
+        keep = jsonschema.Draft202012Validator(rest, format_checker=jsonschema.FormatChecker()).is_valid
     # 1.0 equals 1, but drafts 3/4 do not call it an integer: no zero fractions there beside a type check
     zero_fraction = ctx.float_ints or "integer" not in json.dumps(rest)
     out = []
     for v in values:
-        if validator is not None and not validator.is_valid(v):
+        if keep is not None and not keep(v):
             continue
         try:
             out.append(json_value_regex(v, zero_fraction))
