@@ -265,24 +265,55 @@ def _spans(n: int) -> list[tuple[int, int]]:
     return [(a, min(full, a + _PACK_ROWS)) for a in range(0, full, _PACK_ROWS)] + ([(full, n)] if full < n else [])
 
 
+def _six_bit_rows(q: torch.Tensor, nb: int) -> torch.Tensor:
+    """Rows of q uint8 [rows, K] (0..63; whole blocks of ``nb`` rows) in kernels.h's int6 weight order: per block
+    and group the low 4 bits as int4 stores them, then two planes of the high 2 bits. [rows, 3K/4]."""
+    rows, g = q.shape[0], q.shape[1] // 32
+    qq = q.reshape(-1, nb, g, 8, 4)  # [blocks, column, group, step, input]
+    low = qq & 15
+    nibbles = (low[:, :, :, :4] | (low[:, :, :, 4:] << 4)).permute(0, 2, 3, 1, 4)  # [blocks, G, 4, column, 4]
+    high = (qq >> 4).reshape(-1, nb, g, 2, 4, 4)  # [blocks, column, group, plane, step in plane, input]
+    planes = sum(high[:, :, :, :, i] << (2 * i) for i in range(4)).permute(0, 2, 3, 1, 4)  # [blocks, G, 2, column, 4]
+    return torch.cat([nibbles.reshape(-1, g, 16 * nb), planes.reshape(-1, g, 8 * nb)], -1).reshape(rows, -1)
+
+
+def _six_bit_values(w: torch.Tensor, blk: torch.Tensor, col: torch.Tensor, nb: int) -> torch.Tensor:
+    """q uint8 [T, K] of rows (block ``blk``, column ``col`` [T]) of weights ``w`` in the int6 order."""
+    t, g = blk.shape[0], w.shape[1] // 24
+    b = w.reshape(-1, g, 6, nb, 4)[blk, :, :, col]  # [T, G, 6 chunks, 4]: 4 nibble steps, 2 planes
+    low = torch.cat([(b[:, :, :4] & 15).reshape(t, g, 16), (b[:, :, :4] >> 4).reshape(t, g, 16)], -1)
+    high = torch.stack([(b[:, :, 4:] >> (2 * i)) & 3 for i in range(4)], dim=3)  # [T, G, plane, step, 4]
+    return (low | (high.reshape(t, g, 32) << 4)).reshape(t, -1)
+
+
+def _pack_int5(q: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, dd: torch.Tensor, dm: torch.Tensor,
+               k: int) -> list[torch.Tensor]:
+    """Q5_K's grid (q uint8 [N, K] 0..31 and Q4_K's super-block scales) in kernels.h's int5 order: the weights
+    as int6 stores them (the top bit 0), the scales as Q4_K's records."""
+    n = q.shape[0]
+    if k % 256 or q.shape[1] != k:
+        raise ValueError(f"int5 needs q [N, K] with K % 256 == 0 (K={k})")
+    out_w = torch.empty(n, k // 4 * 3, dtype=torch.uint8)
+    out_s = torch.empty(n, k // 256 * _SUPER_RECORD, dtype=torch.uint8)
+    for a, b in _spans(n):
+        nb = min(8, b - a)
+        out_w[a:b] = _six_bit_rows(q[a:b], nb)
+        out_s[a:b] = _super_records(sc[a:b], mn[a:b], dd[a:b], dm[a:b], nb)
+    return [out_w, out_s, torch.empty(0)]
+
+
 def _pack_int6(q: torch.Tensor, sc: torch.Tensor, dd: torch.Tensor, k: int) -> list[torch.Tensor]:
     """Q6_K's grid (q uint8 [N, K] 0..63, sc int8 [N, K/16], D float16 [N, K/256]) in kernels.h's int6 order:
-    per block and group the low 4 bits as int4 stores them, then two planes of the high 2 bits; per block and
-    super-block a record of D [nb] and sc [16][nb]."""
+    the weights as `_six_bit_rows`; per block and super-block a record of D [nb] and sc [16][nb]."""
     n = q.shape[0]
     if k % 256 or q.shape[1] != k:
         raise ValueError(f"int6 needs q [N, K] with K % 256 == 0 (K={k})")
-    g, s = k // 32, k // 256
+    s = k // 256
     out_w = torch.empty(n, k // 4 * 3, dtype=torch.uint8)
     out_s = torch.empty(n, s * _SIX_RECORD, dtype=torch.int8)
     for a, b in _spans(n):
         nb = min(8, b - a)
-        qq = q[a:b].reshape(-1, nb, g, 8, 4)  # [blocks, column, group, step, input]
-        low = qq & 15
-        nibbles = (low[:, :, :, :4] | (low[:, :, :, 4:] << 4)).permute(0, 2, 3, 1, 4)  # [blocks, G, 4, column, 4]
-        high = (qq >> 4).reshape(-1, nb, g, 2, 4, 4)  # [blocks, column, group, plane, step in plane, input]
-        planes = sum(high[:, :, :, :, i] << (2 * i) for i in range(4)).permute(0, 2, 3, 1, 4)  # [blocks, G, 2, column, 4]
-        out_w[a:b] = torch.cat([nibbles.reshape(-1, g, 16 * nb), planes.reshape(-1, g, 8 * nb)], -1).reshape(b - a, -1)
+        out_w[a:b] = _six_bit_rows(q[a:b], nb)
         d = dd[a:b].reshape(-1, nb, s).permute(0, 2, 1).contiguous().view(torch.uint8)  # [blocks, S, 2 nb]
         scales = sc[a:b].reshape(-1, nb, s, 16).permute(0, 2, 3, 1).contiguous().view(torch.uint8)
         out_s[a:b] = torch.cat([d, scales.reshape(-1, s, 16 * nb)], -1).view(torch.int8).reshape(b - a, -1)
@@ -291,16 +322,21 @@ def _pack_int6(q: torch.Tensor, sc: torch.Tensor, dd: torch.Tensor, k: int) -> l
 
 def _int6_rows(w: torch.Tensor, rec: torch.Tensor, blk: torch.Tensor, col: torch.Tensor, nb: int) -> torch.Tensor:
     """Rows (block ``blk``, column ``col`` [T]) of packed int6 weights ``w`` / records ``rec`` as float32 [T, K]."""
-    t, g, s = blk.shape[0], w.shape[1] // 24, rec.shape[1] // _SIX_RECORD
+    t, s = blk.shape[0], rec.shape[1] // _SIX_RECORD
     pick = torch.arange(t)
-    b = w.reshape(-1, g, 6, nb, 4)[blk, :, :, col]  # [T, G, 6 chunks, 4]: 4 nibble steps, 2 planes
-    low = torch.cat([(b[:, :, :4] & 15).reshape(t, g, 16), (b[:, :, :4] >> 4).reshape(t, g, 16)], -1)
-    high = torch.stack([(b[:, :, 4:] >> (2 * i)) & 3 for i in range(4)], dim=3)  # [T, G, plane, step, 4]
-    q = low | (high.reshape(t, g, 32) << 4)
     r = rec.reshape(-1, s, _SIX_RECORD * nb)[blk]  # [T, S, 18 nb]
     d = r[..., :2 * nb].contiguous().view(torch.float16)[pick, :, col]  # [T, S]
     sc = r[..., 2 * nb:].reshape(t, s, 16, nb)[pick, :, :, col]  # [T, S, 16] int8
-    return dequantize_int6(q.reshape(t, -1), sc.reshape(t, -1), d)
+    return dequantize_int6(_six_bit_values(w, blk, col, nb), sc.reshape(t, -1), d)
+
+
+def _int5_rows(w: torch.Tensor, rec: torch.Tensor, blk: torch.Tensor, col: torch.Tensor, nb: int) -> torch.Tensor:
+    """Rows (block ``blk``, column ``col`` [T]) of packed int5 weights ``w`` / super-block records ``rec`` as
+    float32 [T, K]: d q + m, the products the kernel makes."""
+    t, g = blk.shape[0], w.shape[1] // 24
+    d, m = _super_scales(rec.reshape(-1, g // 8, _SUPER_RECORD * nb)[blk], col, nb)  # [T, G]
+    q = _six_bit_values(w, blk, col, nb).reshape(t, g, 32).float()
+    return (q * d[..., None] + m[..., None]).reshape(t, -1)
 
 
 def _scale_dtype(*scales: torch.Tensor) -> torch.dtype:
@@ -332,13 +368,15 @@ class FusedLinear(nn.Module):
         """Plain grid parts -> [w, s, z] in the kernel order kernels.h's ``Lin`` documents. ``parts``:
         int8 rows [int8 [N, K], float32 scales [N], empty], int8 groups [int8 [N, K], float16 d [N, K/32],
         empty], int4 groups [packed uint8 [N, K/2], float16 d, float16 m] (`quantize_int4_groups`), or a GGUF's
-        Q4_K super-blocks or Q6_K (int6) as `gguf_grids.Grid` holds them.
+        Q4_K super-blocks, Q5_K (int5) or Q6_K (int6) as `gguf_grids.Grid` holds them.
         The scales (and mins) are stored as float16 when every one of them is a float16 value exactly, else
         float32. Output rows go in blocks of 8 (the last one may be shorter), each stored where its rows would be,
         with the 32 inputs of a group as steps of 4 consecutive inputs, each step holding all the block's
         columns: one 32-byte load then serves 8 columns (int4: two steps, low and high nibbles)."""
         if parts[1].dtype == torch.int8:
             return _pack_int6(*parts, in_features)
+        if len(parts) == 5 and parts[0].shape[1] == in_features:  # q a byte per input: int5 (Q5_K)
+            return _pack_int5(*parts, in_features)
         w, s, z = parts[:3]
         n, k = w.shape[0], in_features
         g = -(-k // 32)
@@ -395,6 +433,9 @@ class FusedLinear(nn.Module):
             blk, col = r // nb, r % nb
             if self.scales.dtype == torch.int8:  # int6
                 out[sel] = _int6_rows(self.weight[lo:hi], self.scales[lo:hi], blk, col, nb)
+                continue
+            if self.scales.dtype == torch.uint8 and self.weight.shape[1] == g * 24:  # int5: int6's weight order
+                out[sel] = _int5_rows(self.weight[lo:hi], self.scales[lo:hi], blk, col, nb)
                 continue
             w = self.weight[lo:hi].reshape(-1, g, self.weight.shape[1] // g // 4, nb, 4)[blk, :, :, col]
             if self.scales.dtype == torch.uint8:  # super-block records [S][20 nb]

@@ -7,9 +7,10 @@ file's pages resident) and turned into the plain grid `decode_fused.FusedLinear.
   (each block's values come back bit for bit as ``gguf.quants.dequantize`` gives them); Q4_K keeps its
   super-block scales (w = D sc q - Dm mn: float16 D and Dm per 256 inputs, 6-bit sc and mn per group), which
   the kernels read as they are;
+* int5, Q5_K's own form (w = D sc q - Dm mn as Q4_K, q 0..31): Q5_K exactly;
 * int6, Q6_K's own form (w = D sc_h (q - 32), q 0..63, an int8 sc_h per 16 inputs): Q6_K exactly;
-* int8 groups of 32, w = d * q (q -127..127, float16 d): Q8_0 and Q5_0 (q - 16) exactly; Q5_1, Q5_K,
-  IQ4 and float tensors are dequantized one row chunk at a time and rounded onto it (at most half a step of the
+* int8 groups of 32, w = d * q (q -127..127, float16 d): Q8_0 and Q5_0 (q - 16) exactly; Q5_1, IQ4 and
+  float tensors are dequantized one row chunk at a time and rounded onto it (at most half a step of the
   group's max / 127 off).
 
 Weights the step runs as one linear (gate/up, q/k) but came on different grids run on int8: the other
@@ -29,10 +30,10 @@ import torch
 
 # quant type -> the grid it reads onto
 GRID_OF = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8", "Q5_0": "int8", "Q5_1": "int8",
-           "Q5_K": "int8", "Q6_K": "int6", "IQ4_NL": "int8", "IQ4_XS": "int8", "F32": "int8", "F16": "int8",
+           "Q5_K": "int5", "Q6_K": "int6", "IQ4_NL": "int8", "IQ4_XS": "int8", "F32": "int8", "F16": "int8",
            "BF16": "int8"}
 SUPPORTED = tuple(GRID_OF)
-_EXACT = ("Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0", "Q5_0")  # read bit for bit; the others are rounded onto int8
+_EXACT = ("Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0")  # read bit for bit; the others are rounded onto int8
 _ROW_CHUNK = 4096  # rows dequantized at once where a tensor is rounded onto int8 (bounds the float32 scratch)
 
 
@@ -46,6 +47,7 @@ class Grid:
     int4: [packed uint8 [N, K/2] (a group's q[j] low nibble, q[j + 16] high), d float32 [N, G], m float32 [N, G]];
     int4 with super-block scales (Q4_K): [packed, sc uint8 [N, G], mn uint8 [N, G], D float16 [N, G/8],
     Dm float16 [N, G/8]], standing for d = D sc, m = -(Dm mn);
+    int5 (Q5_K): [q uint8 [N, K] (0..31), sc, mn, D, Dm as Q4_K's], w = d q + m;
     int6 (Q6_K): [q uint8 [N, K] (0..63), sc int8 [N, K/16], D float16 [N, K/256]], w = D sc (q - 32) per 16;
     int8: [q int8 [N, K], d float16 [N, G], empty]. G = K / 32."""
 
@@ -55,11 +57,14 @@ class Grid:
     def kind(self) -> str:
         if self.parts[0].dtype == torch.int8:
             return "int8"
-        return "int6" if self.parts[1].dtype == torch.int8 else "int4"
+        if self.parts[1].dtype == torch.int8:
+            return "int6"
+        # int5's q has a byte per input, int4's packs two: [N, K] against G = K / 32 groups of scales
+        return "int5" if self.super_blocks and self.parts[0].shape[1] == 32 * self.parts[1].shape[1] else "int4"
 
     @property
     def super_blocks(self) -> bool:
-        """int4 with Q4_K's super-block scales."""
+        """int4 or int5 with Q4_K's super-block scales."""
         return len(self.parts) == 5
 
     @property
@@ -67,7 +72,7 @@ class Grid:
         return self.parts[0].shape[0]
 
     def group_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d, m) float32 [N, G] of an int4 grid."""
+        """(d, m) float32 [N, G] of an int4 or int5 grid."""
         from .decode_fused import super_group_scales
 
         return super_group_scales(*self.parts[1:]) if self.super_blocks else (self.parts[1], self.parts[2])
@@ -78,6 +83,10 @@ class Grid:
 
         if self.kind == "int4":
             return dequantize_int4_groups(self.parts[0], *self.group_scales())
+        if self.kind == "int5":
+            d, m = self.group_scales()
+            n, g = d.shape
+            return (self.parts[0].float().reshape(n, g, 32) * d[..., None] + m[..., None]).reshape(n, g * 32)
         if self.kind == "int6":
             return dequantize_int6(*self.parts)
         w, d, _ = self.parts
@@ -234,7 +243,8 @@ def read_grid(fd: int, t: Any) -> Grid:
 
 
 def _exact_grid(kind: str, raw: np.ndarray, n: int, k: int) -> Grid:
-    """Q4_0 / Q4_1 / Q4_K / Q6_K / Q8_0 / Q5_0 blocks (raw [N, bytes per row]) as their grid, value for value."""
+    """Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / Q8_0 / Q5_0 blocks (raw [N, bytes per row]) as their grid, value for
+    value."""
     g = k // 32
     if kind == "Q6_K":  # super-block of 256: ql[128] (low 4 bits), qh[64] (high 2), scales int8[16], d f16
         sb = raw.reshape(n, k // 256, 210)
@@ -269,17 +279,23 @@ def _exact_grid(kind: str, raw: np.ndarray, n: int, k: int) -> Grid:
             m = torch.from_numpy(np.ascontiguousarray(b[..., 2:4]).view(np.float16).reshape(n, g)).float()
         return Grid([packed, d, m])
     # Q4_K super-block of 256: d f16, dmin f16, 12 bytes of 6-bit scales and mins for its 8 groups, then
-    # 128 bytes where 32-byte chunk c holds group 2c in its low nibbles and group 2c + 1 in its high ones
-    sb = raw.reshape(n, k // 256, 144)
+    # 128 bytes where 32-byte chunk c holds group 2c in its low nibbles and group 2c + 1 in its high ones.
+    # Q5_K's has 32 bytes of high bits before those 128 (bit i of byte j: group i's input j)
+    five = kind == "Q5_K"
+    sb = raw.reshape(n, k // 256, 176 if five else 144)
     d = sb[..., 0:2].copy().view(np.float16)  # [N, S, 1]
     dmin = sb[..., 2:4].copy().view(np.float16)
     s = sb[..., 4:16].reshape(n, k // 256, 3, 4)
     lo, hi, mix = s[..., 0, :], s[..., 1, :], s[..., 2, :]  # the layout gguf.quants.Q4_K.get_scale_min unpacks
     sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)  # [N, S, 8] uint8
     mn = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=-1)
-    qs = torch.from_numpy(np.ascontiguousarray(sb[..., 16:]).reshape(n, k // 64, 32))
+    qs = torch.from_numpy(np.ascontiguousarray(sb[..., 48 if five else 16:]).reshape(n, k // 64, 32))
     groups = torch.stack([qs & 15, qs >> 4], dim=2).reshape(n, g, 32)  # [N, G, 32] values 0..15
+    scales = [torch.from_numpy(sc.reshape(n, g)), torch.from_numpy(mn.reshape(n, g)),
+              torch.from_numpy(d.reshape(n, -1)), torch.from_numpy(dmin.reshape(n, -1))]
+    if five:
+        qh = torch.from_numpy(np.ascontiguousarray(sb[..., 16:48]))  # [N, S, 32]
+        high = (qh[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1  # [N, S, 8 groups, 32]
+        return Grid([(groups | (high.reshape(n, g, 32) << 4)).reshape(n, k).contiguous(), *scales])
     packed = groups[..., :16] | (groups[..., 16:] << 4)
-    return Grid([packed.reshape(n, k // 2).contiguous(), torch.from_numpy(sc.reshape(n, g)),
-                 torch.from_numpy(mn.reshape(n, g)), torch.from_numpy(d.reshape(n, -1)),
-                 torch.from_numpy(dmin.reshape(n, -1))])
+    return Grid([packed.reshape(n, k // 2).contiguous(), *scales])

@@ -159,8 +159,9 @@ inline __m256i dot4_i32(__m256i acc, __m256i u, __m256i s) {
 #endif
 #endif
 
-// The weights' kind (kernels.h's `Lin`): int8, int4 (d * q + m), int6 (Q6_K: d_h * (q - 32) per 16 inputs)
-enum class Bits { k8, k4, k6 };
+// The weights' kind (kernels.h's `Lin`): int8, int4 (d * q + m), int5 (Q5_K: d * q + m, q stored as int6's),
+// int6 (Q6_K: d_h * (q - 32) per 16 inputs)
+enum class Bits { k8, k4, k5, k6 };
 // How a block's group scales are stored: float32 / float16 per group, Q4_K or Q6_K super-block records.
 // int6 keeps its two half-group scales where int4 keeps d and m.
 enum class Scales { kFloat, kHalf, kSuper, kSix };
@@ -243,19 +244,22 @@ inline __m256i step_q(const uint8_t* w, int64_t g, int i, __m256i low) {
   return _mm256_or_si256(q, _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
 }
 
-// One 4-byte product step into an accumulator; int6 widens every step (its pair sums of up to 2 * 63 * 127
-// would overflow int16 over four steps on AVX2), int4 adds a group's eight in int16 (`widen` at its end).
-template <bool kSix>
+// One 4-byte product step into an accumulator; int5 and int6 widen every step (their pair sums of up to
+// 2 * 63 * 127 would overflow int16 over four steps on AVX2), int4 adds a group's eight in int16 (`widen` at
+// its end).
+template <bool kWide>
 inline __m256i dot_step(__m256i acc, __m256i u, __m256i x, bool first) {
-  if (kSix) return dot4_i32(first ? _mm256_setzero_si256() : acc, u, x);
+  if (kWide) return dot4_i32(first ? _mm256_setzero_si256() : acc, u, x);
   return first ? dot_first(u, x) : dot_add(acc, u, x);
 }
 
-// out[r * NB + j] [8 columns of block j] = sum over groups of block j's int4 (int6) dot with activation row r
-// (of MR rows). NB = 2 blocks (16 columns) share each activation broadcast: fewer non-maddubs ops a product.
-template <int MR, int NB, bool kUnpacked, bool kSix>
+// out[r * NB + j] [8 columns of block j] = sum over groups of block j's int4 (int5, int6) dot with activation
+// row r (of MR rows). NB = 2 blocks (16 columns) share each activation broadcast: fewer non-maddubs ops a product.
+template <int MR, int NB, bool kUnpacked, Bits kB>
 inline void tile_q(const Block* b, const int8_t* xq, const float* xs, const float* xsum, const int32_t* xhalf,
                    int64_t Kp, int64_t G, __m256* out) {
+  constexpr bool kSix = kB == Bits::k6;       // two half-group scales and the -32 offset
+  constexpr bool kPlanes = kB != Bits::k4;    // int5 and int6: the high bits in planes, wide steps
   const __m256i low = _mm256_set1_epi8(0x0f);
   __m256 acc[MR * NB];  // locals, not `out`: a __m256 pointer may alias anything, so each update would be stored
   for (int r = 0; r < MR * NB; ++r) acc[r] = _mm256_setzero_ps();
@@ -264,20 +268,20 @@ inline void tile_q(const Block* b, const int8_t* xq, const float* xs, const floa
     __m256i s16[MR * NB], h16[MR * NB];  // int6 sums its two halves apart (each has its scale); int4 all in s16
     for (int i = 0; i < 4; ++i) {  // the low nibbles' steps for all rows, then the high ones'
       __m256i lo[NB];
-      for (int j = 0; j < NB; ++j) lo[j] = step_q<kUnpacked, kSix>(b[j].w, g, i, low);
+      for (int j = 0; j < NB; ++j) lo[j] = step_q<kUnpacked, kPlanes>(b[j].w, g, i, low);
       for (int r = 0; r < MR; ++r) {
         const __m256i xa = bcast4(x + r * Kp + i * 4);
-        for (int j = 0; j < NB; ++j) s16[r * NB + j] = dot_step<kSix>(s16[r * NB + j], lo[j], xa, i == 0);
+        for (int j = 0; j < NB; ++j) s16[r * NB + j] = dot_step<kPlanes>(s16[r * NB + j], lo[j], xa, i == 0);
       }
     }
     for (int i = 4; i < 8; ++i) {
       __m256i hi[NB];
-      for (int j = 0; j < NB; ++j) hi[j] = step_q<kUnpacked, kSix>(b[j].w, g, i, low);
+      for (int j = 0; j < NB; ++j) hi[j] = step_q<kUnpacked, kPlanes>(b[j].w, g, i, low);
       for (int r = 0; r < MR; ++r) {
         const __m256i xb = bcast4(x + r * Kp + i * 4);
         for (int j = 0; j < NB; ++j) {
           __m256i& t = kSix ? h16[r * NB + j] : s16[r * NB + j];
-          t = dot_step<kSix>(t, hi[j], xb, kSix && i == 4);
+          t = dot_step<kPlanes>(t, hi[j], xb, kSix && i == 4);
         }
       }
     }
@@ -292,8 +296,9 @@ inline void tile_q(const Block* b, const int8_t* xq, const float* xs, const floa
           const __m256i t1 = _mm256_sub_epi32(h16[r * NB + j], _mm256_set1_epi32(32 * hs[1]));
           c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t0), _mm256_mul_ps(d, sx), c);
           c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t1), _mm256_mul_ps(mn, sx), c);
-        } else {  // w = d * q + m: d * sx * (q . xq) + m * sx * sum(xq)
-          c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen(s16[r * NB + j])), _mm256_mul_ps(d, sx), c);
+        } else {  // w = d * q + m: d * sx * (q . xq) + m * sx * sum(xq); int5's sums are int32 already
+          const __m256i dot = kPlanes ? s16[r * NB + j] : widen(s16[r * NB + j]);
+          c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, sx), c);
           c = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsum[r * G + g]), c);
         }
       }
@@ -302,9 +307,9 @@ inline void tile_q(const Block* b, const int8_t* xq, const float* xs, const floa
   for (int r = 0; r < MR * NB; ++r) out[r] = acc[r];
 }
 
-// The nblk int4 (int6) blocks of b as `step_q` reads them unpacked, in u ([nblk][G][8][32] bytes), super-block
-// scales as float32 per group (in f): the row tiles then share the products too.
-template <bool kSix>
+// The nblk int4 (int5, int6: kPlanes) blocks of b as `step_q` reads them unpacked, in u ([nblk][G][8][32] bytes),
+// super-block scales as float32 per group (in f): the row tiles then share the products too.
+template <bool kPlanes>
 inline void unpack(Block* b, int nblk, int64_t G, std::vector<uint8_t>& u, std::vector<float>& f) {
   const __m256i low = _mm256_set1_epi8(0x0f);
   u.resize(nblk * G * 256);
@@ -313,7 +318,7 @@ inline void unpack(Block* b, int nblk, int64_t G, std::vector<uint8_t>& u, std::
     uint8_t* o = u.data() + j * G * 256;
     for (int64_t g = 0; g < G; ++g)
       for (int i = 0; i < 8; ++i)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * 256 + i * 32), step_q<false, kSix>(b[j].w, g, i, low));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * 256 + i * 32), step_q<false, kPlanes>(b[j].w, g, i, low));
     b[j].w = o;
     if (!b[j].records()) continue;
     float* d = f.data() + j * G * 16;
@@ -368,12 +373,11 @@ inline void store(const __m256* acc, int mr, int64_t nb, const float* bias, floa
 template <Bits kB, int MR>
 inline void tile(const Block* b, int NB, bool unpacked, const int8_t* xq, const float* xs, const float* xsum,
                  const int32_t* xhalf, int64_t Kp, int64_t G, __m256* acc) {
-  constexpr bool six = kB == Bits::k6;
-  if (kB == Bits::k8) tile_q8<MR>(*b, xq, xs, xsum, Kp, G, acc);
-  else if (NB == 2) unpacked ? tile_q<MR, 2, true, six>(b, xq, xs, xsum, xhalf, Kp, G, acc)
-                             : tile_q<MR, 2, false, six>(b, xq, xs, xsum, xhalf, Kp, G, acc);
-  else unpacked ? tile_q<MR, 1, true, six>(b, xq, xs, xsum, xhalf, Kp, G, acc)
-                : tile_q<MR, 1, false, six>(b, xq, xs, xsum, xhalf, Kp, G, acc);
+  if constexpr (kB == Bits::k8) tile_q8<MR>(*b, xq, xs, xsum, Kp, G, acc);
+  else if (NB == 2) unpacked ? tile_q<MR, 2, true, kB>(b, xq, xs, xsum, xhalf, Kp, G, acc)
+                             : tile_q<MR, 2, false, kB>(b, xq, xs, xsum, xhalf, Kp, G, acc);
+  else unpacked ? tile_q<MR, 1, true, kB>(b, xq, xs, xsum, xhalf, Kp, G, acc)
+                : tile_q<MR, 1, false, kB>(b, xq, xs, xsum, xhalf, Kp, G, acc);
 }
 
 // Activation rows v0..v1 (of a) times columns n0.. (nblk blocks of 8, the last one nb wide) through the
@@ -389,7 +393,7 @@ void tiles(const Block* b, int nblk, int64_t nb, const Acts& a, bool split, int6
   if (unpacked) {
     thread_local std::vector<uint8_t> u;
     thread_local std::vector<float> f;
-    unpack<kB == Bits::k6>(bu, nblk, G, u, f);
+    unpack<kB != Bits::k4>(bu, nblk, G, u, f);
     b = bu;
   }
   for (int64_t v = v0; v < v1; v += kMR) {
@@ -431,10 +435,12 @@ void tiles1(const Block& b, int64_t nb, const Acts& a, int V, int64_t v0, int64_
           if constexpr (kB == Bits::k8) {
             q = int8_t(b.w[g * 256 + (i * kNR + c) * 4 + r]);
           } else {
-            const uint8_t* grp = b.w + g * (kB == Bits::k6 ? 192 : 128);
+            constexpr bool planes = kB == Bits::k5 || kB == Bits::k6;
+            const uint8_t* grp = b.w + g * (planes ? 192 : 128);
             const uint8_t byte = grp[((i % 4) * kNR + c) * 4 + r];
             q = i < 4 ? (byte & 15) : (byte >> 4);
-            if constexpr (kB == Bits::k6) q = (q | ((grp[128 + ((i / 4) * kNR + c) * 4 + r] >> (2 * (i % 4)) & 3) << 4)) - 32;
+            if constexpr (planes) q |= (grp[128 + ((i / 4) * kNR + c) * 4 + r] >> (2 * (i % 4)) & 3) << 4;
+            if constexpr (kB == Bits::k6) q -= 32;
           }
           dot[j / 16] += q * int32_t(x[g * 32 + j]);
         }
@@ -444,7 +450,7 @@ void tiles1(const Block& b, int64_t nb, const Acts& a, int V, int64_t v0, int64_
           continue;
         }
         acc += float(dot[0] + dot[1]) * (b.d1(g, c) * a.s[m * G + g]);
-        if constexpr (kB == Bits::k4) acc += b.m1(g, c) * a.sum[m * G + g];
+        if constexpr (kB == Bits::k4 || kB == Bits::k5) acc += b.m1(g, c) * a.sum[m * G + g];
       }
       float& y = Y[(m - v0) / V * ldy + c];
       const bool first = (m - v0) % V == 0;  // the row's first part: bias, and replace unless accumulating
@@ -469,7 +475,8 @@ struct TailBlock {
   std::vector<uint8_t> w;
   std::vector<float> d, mn;
   Block widen(const Block& src, int64_t nt, int64_t G, Bits bits) {
-    const int64_t steps = bits == Bits::k4 ? 4 : bits == Bits::k6 ? 6 : 8;  // 4-input steps (int6: and 2 planes)
+    // 4-input steps (int5, int6: and 2 planes)
+    const int64_t steps = bits == Bits::k4 ? 4 : bits == Bits::k5 || bits == Bits::k6 ? 6 : 8;
     w.assign(G * steps * kNR * 4, 0);
     d.assign(G * kNR, 0.f);
     mn.assign(G * kNR, 0.f);
@@ -488,7 +495,7 @@ struct TailBlock {
 template <Bits kB>
 void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t ldy, int64_t M, int64_t K, bool accumulate) {
   const int64_t N = l.w.size(0), Kp = pad32(K), G = Kp / 32;
-  const int64_t row_bytes = kB == Bits::k4 ? Kp / 2 : kB == Bits::k6 ? Kp / 4 * 3 : Kp;
+  const int64_t row_bytes = kB == Bits::k4 ? Kp / 2 : kB == Bits::k5 || kB == Bits::k6 ? Kp / 4 * 3 : Kp;
   const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr());
   const Scales kind = l.int6() ? Scales::kSix : l.super_scales() ? Scales::kSuper
                     : l.half_scales() ? Scales::kHalf : Scales::kFloat;
@@ -536,6 +543,13 @@ void check_lin(const Lin& l, int64_t N, int64_t K, const char* what) {
                 " K/256] in kernel order and no mins");
     return;
   }
+  if (l.super_scales() && l.w.scalar_type() == at::kByte && l.w.size(1) == K / 4 * 3) {  // int5 by its weights' size
+    TORCH_CHECK(K % 256 == 0 && l.int5() && l.s.is_contiguous() &&
+                l.s.numel() == N * K / 256 * kSuperRecord && l.z.numel() == 0, what,
+                ": int5 (Q5_K) needs K % 256 == 0, packed uint8 [N, 3K/4], super-block records uint8 [N, ",
+                kSuperRecord, " K/256] in kernel order and no separate mins");
+    return;
+  }
   const bool q4 = l.int4();
   TORCH_CHECK(q4 || l.w.scalar_type() == at::kChar, what, ": weight must be int8 or packed int4 (uint8)");
   TORCH_CHECK(!q4 || K % 32 == 0, what, ": int4 groups need K a multiple of 32");
@@ -559,7 +573,8 @@ void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool a
   if (M <= 0) return;
   Acts& a = acts();
   quantize_rows(X, M, K, int16, a);
-  if (l.int4()) run<Bits::k4>(l, a, int16, Y, ldy, M, K, accumulate);
+  if (l.int5()) run<Bits::k5>(l, a, int16, Y, ldy, M, K, accumulate);
+  else if (l.int4()) run<Bits::k4>(l, a, int16, Y, ldy, M, K, accumulate);
   else if (l.int6()) run<Bits::k6>(l, a, int16, Y, ldy, M, K, accumulate);
   else run<Bits::k8>(l, a, int16, Y, ldy, M, K, accumulate);
 }

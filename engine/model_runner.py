@@ -60,7 +60,7 @@ class ModelRunner:
         from .fused_model import build_from_gguf
         from .loader import gguf_rows_interleaved
 
-        self.weights_read = f"{loaded.quant_type} weights read onto int4/int6/int8 grids"
+        self.weights_read = f"{loaded.quant_type} weights read onto int4/int5/int6/int8 grids"
         return build_from_gguf(loaded.gguf_path, loaded.config, gguf_rows_interleaved(loaded.config), load_extension(),
                                self.config.fused_activations, max_model_len, loaded.cache_dir)
 

@@ -70,7 +70,7 @@ def test_grids_give_the_float32_paths_logits(ext, tmp_path, arch, quant, bias, t
     measured before Q6_K ran as itself, 5e-3 from the embedding alone)."""
     direct, ref = _engines(tmp_path, arch, quant, bias, fused_activations="int16")
     assert direct.runner.backends == [direct.runner.fused]
-    assert "read onto int4/int6/int8 grids" in direct.runner.describe()
+    assert "read onto int4/int5/int6/int8 grids" in direct.runner.describe()
     if quant == "Q4_K_M":  # layer 1's attn_v is Q6_K: it runs apart (int6), q and k on Q4_K's super-blocks
         layer1 = direct.runner.fused.decoder.parts[18:36]
         assert layer1[4].numel() and layer1[5].dtype == torch.int8 and layer1[1].dtype == torch.uint8
@@ -176,7 +176,7 @@ def test_loading_a_gguf_never_holds_a_float32_copy(ext, tmp_path):
     _write(path, dict(hidden=1024, intermediate=4096, layers=24, heads=16, kv_heads=4, tied=True), "q4_1", "mid")
     fp32 = 4 * sum(int(t.n_elements) for t in gguf.GGUFReader(str(path)).tensors)
     m = _load_peak(tmp_path, path)
-    assert "read onto int4/int6/int8 grids" in m["path"]
+    assert "read onto int4/int5/int6/int8 grids" in m["path"]
     assert m["grown"] < fp32 / 2, (m, fp32)
     assert m["weights"] < fp32 / 4  # what stays: ~6 bits a weight (int4 plus float32 d, m per 32)
 
@@ -250,7 +250,7 @@ def test_a_q4_k_m_file_of_the_embedded_model_matches_its_float32_weights(ext, tm
     want = ref.prompt_logits(ids, chunk_size=128)
     for acts, bound in (("int8", 0.93), ("int16", 0.95)):
         ours = LLMEngine(EngineConfig(fused_activations=acts, **kw))
-        assert "Q5_0 weights read onto int4/int6/int8 grids" in ours.runner.describe()  # the file's most common type
+        assert "Q5_0 weights read onto int4/int5/int6/int8 grids" in ours.runner.describe()  # the file's most common type
         got = ours.prompt_logits(ids, chunk_size=128)
         agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
         print(f"Q4_K_M SmolLM2, {acts} activations: top-1 {agree:.3f}, max logit diff {(got - want).abs().max():.3f}")

@@ -61,13 +61,13 @@ def _read(tmp_path, qtypes: list[str]) -> list[tuple[Grid, torch.Tensor]]:
         os.close(fd)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0", "Q5_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0"])
 def test_exact_types_round_trip_bit_for_bit(tmp_path, ext, qtype):
     """Each exact type's grid is the file's values, and so are the rows read back from its packed form."""
     from agentrt.engine.decode_fused import FusedLinear
 
     ((grid, want),) = _read(tmp_path, [qtype])
-    assert grid.kind == {"Q8_0": "int8", "Q5_0": "int8", "Q6_K": "int6"}.get(qtype, "int4")
+    assert grid.kind == {"Q8_0": "int8", "Q5_0": "int8", "Q5_K": "int5", "Q6_K": "int6"}.get(qtype, "int4")
     assert torch.equal(grid.dequantize(), want)
     packed = FusedLinear(grid.parts, torch.empty(0), K, ext)
     assert torch.equal(packed.rows(torch.tensor([0, 7, 39, 8])), want[[0, 7, 39, 8]])
@@ -96,16 +96,17 @@ def test_q4_k_keeps_its_super_blocks_in_the_kernel(tmp_path, ext):
         ext.linear(torch.randn(1, K), sup.weight, sup.scales[:, :-1].contiguous(), sup.zeros, torch.empty(0), False)
 
 
-def test_q6_k_runs_on_its_own_grid_within_activation_rounding(tmp_path, ext):
-    """Q6_K runs as int6 (6.5625 bits a weight, as the file; int8 took 8.5): every output is within the
-    rounding of the activations to int8 (int16-like with ``int16``) of the float product with the file's
-    weights, for whole blocks of 8 rows and a short one, one row and many (the unpacked path)."""
+@pytest.mark.parametrize("qtype,bits", [("Q5_K", 6.625), ("Q6_K", 6.5625)])
+def test_k_quants_run_on_their_own_grid_within_activation_rounding(tmp_path, ext, qtype, bits):
+    """Q5_K runs as int5 and Q6_K as int6 (6.625 and 6.5625 bits a weight; int8 took 8.5): every output is
+    within the rounding of the activations to int8 (int16-like with ``int16``) of the float product with the
+    file's weights, for whole blocks of 8 rows and a short one, one row and many (the unpacked path)."""
     from agentrt.engine.decode_fused import FusedLinear
 
-    ((grid, want),) = _read(tmp_path, ["Q6_K"])
+    ((grid, want),) = _read(tmp_path, [qtype])
     for rows in (N, 21):
         lin = FusedLinear(Grid([p[:rows] for p in grid.parts]).parts, torch.empty(0), K, ext)
-        assert lin.weight.numel() + lin.scales.numel() == rows * K * 6.5625 / 8
+        assert lin.weight.numel() + lin.scales.numel() == rows * K * bits / 8
         w = want[:rows].double()
         for m in (1, 3, 12):
             x = torch.randn(m, K)
@@ -114,11 +115,11 @@ def test_q6_k_runs_on_its_own_grid_within_activation_rounding(tmp_path, ext):
                 step = x.abs().reshape(m, K // 32, 32).amax(-1).double() / 127 / (508 if int16 else 2)
                 bound = step @ w.abs().reshape(rows, K // 32, 32).sum(-1).T
                 assert ((lin(x).double() - x.double() @ w.T).abs() <= bound * 1.001 + 1e-6).all(), (rows, m, int16)
-    with pytest.raises(RuntimeError, match="int6 .Q6_K. needs"):
+    with pytest.raises(RuntimeError, match=f"{grid.kind} .{qtype}. needs|super-block scales need"):
         ext.linear(torch.randn(1, K), lin.weight, lin.scales[:, :-1].contiguous(), lin.zeros, torch.empty(0), False)
 
 
-@pytest.mark.parametrize("qtype", ["Q5_1", "Q5_K", "F16", "F32"])
+@pytest.mark.parametrize("qtype", ["Q5_1", "F16", "F32"])
 def test_other_types_are_rounded_onto_int8_within_half_a_step(tmp_path, qtype):
     ((grid, want),) = _read(tmp_path, [qtype])
     step = want.reshape(N, K // 32, 32).abs().amax(-1) / 127  # [N, G]

@@ -49,6 +49,15 @@ _CHILD = textwrap.dedent("""
         x = torch.randn(m, 512, generator=g)
         out[f"int6 rows={m}"] = (FusedLinear(q6k.parts, torch.empty(0), 512, ext)(x), x, q6k.dequantize(),
                                  torch.zeros(21))
+    # Q5_K as int5: q 0..31 stored as int6's, Q4_K's super-block scales
+    q5k = Grid([torch.randint(0, 32, (21, 512), dtype=torch.uint8, generator=g),
+                *(torch.randint(0, 64, (21, 16), dtype=torch.uint8, generator=g) for _ in range(2)),
+                *((torch.rand(21, 2, generator=g) * 0.02).half() for _ in range(2))])
+    assert q5k.kind == "int5"
+    for m in (1, 3, 37):
+        x = torch.randn(m, 512, generator=g)
+        out[f"int5 rows={m}"] = (FusedLinear(q5k.parts, torch.empty(0), 512, ext)(x), x, q5k.dequantize(),
+                                 torch.zeros(21))
     eng = LLMEngine(EngineConfig(dtype="float32", quantization="int4", fused_decode=True, num_threads=2,
                                  block_size=4, num_kv_blocks=64),
                     loaded=tiny_loaded(hidden_size=64, intermediate_size=96, num_attention_heads=4,

@@ -166,8 +166,9 @@ def test_soak_smoke_on_the_embedded_model():
     assert set(report["hostile_by_status"]) <= {"0", "200", "400", "413", "429"}, report["hostile_by_status"]
 
 
-@pytest.mark.parametrize("mix,quant_type", [("q4_1", "Q4_1"), ("q4_k_m", "Q4_K")])
-def test_synthetic_models_load_and_run_in_the_default_engine(ext, tmp_path, mix, quant_type):
+@pytest.mark.parametrize("mix,quant_type,mode", [("q4_1", "Q4_1", "int4"), ("q4_k_m", "Q4_K", "int4"),
+                                                  ("q5_k_m", "Q5_K", "int8")])
+def test_synthetic_models_load_and_run_in_the_default_engine(ext, tmp_path, mix, quant_type, mode):
     """A random-weight Llama GGUF (a small shape here; the bench writes 1B/3B/8B ones) loads, reports its
     quant type, runs in the default (fused) engine and decodes finite logits."""
     import torch
@@ -181,7 +182,10 @@ def test_synthetic_models_load_and_run_in_the_default_engine(ext, tmp_path, mix,
     loaded = load_model(str(path), cache_dir=tmp_path / "cache", progress=False)
     assert loaded.quant_type == quant_type and loaded.config["hidden_size"] == 256
     eng = LLMEngine(EngineConfig(num_kv_blocks=32, max_model_len=256), loaded=loaded)
-    assert eng.runner.fused is not None and eng.config.quantization == "int4"
+    assert eng.runner.fused is not None and eng.config.quantization == mode
+    if mix == "q5_k_m":  # q/k, o, gate/up on int5 (3K/4 bytes of weights a row, super-block records), as stored
+        w, s = eng.runner.fused.decoder.parts[0], eng.runner.fused.decoder.parts[1]
+        assert w.dtype == s.dtype == torch.uint8 and w.shape[1] == 256 // 4 * 3
     assert torch.isfinite(eng.prompt_logits(list(range(5, 40)))).all()
     assert len(eng.generate("hello", SamplingParams(max_tokens=4, ignore_eos=True))[0].output_token_ids) == 4
     with pytest.raises(ValueError, match="synthetic:<1b"):

@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (median; default 3, quick 1)")
     p.add_argument("--quick", action="store_true", help="small sizes and fewer settings: a smoke test")
     p.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2-135M GGUF), or "
-                   "synthetic:1b|3b|8b[:q4_1|q4_k_m]: a random-weight Llama of that shape, written once (speed and "
+                   "synthetic:1b|3b|8b[:q4_1|q4_k_m|q5_k_m]: a random-weight Llama of that shape, written once (speed and "
                    "memory only)")
     p.add_argument("--settings", default=None,
                    help=f"comma list of our settings among {','.join(SETTINGS)} (default all; quick bf16,int8)")

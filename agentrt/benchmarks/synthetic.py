@@ -1,6 +1,7 @@
 """Random-weight Llama GGUFs of real shapes, for speed and memory at the sizes users run (never for
 accuracy): ``agentrt bench engine --model synthetic:1b`` (also ``3b``, ``8b``; ``synthetic:8b:q4_k_m``
-for the Q4_K_M mix of Q4_K and Q6_K that most downloads are, ``q4_1`` by default). The shapes are
+for the Q4_K_M mix of Q4_K and Q6_K that most downloads are, ``q5_k_m`` for Q5_K and Q6_K, ``q4_1`` by
+default). The shapes are
 Llama 3.2 1B / 3B and Llama 3.1 8B with the embedded model's tokenizer (its 49,152-token vocabulary);
 the file is written once into the model cache and reused.
 
@@ -20,11 +21,12 @@ SHAPES: dict[str, dict[str, Any]] = {
     "3b": dict(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, tied=True),  # Llama 3.2 3B
     "8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, tied=False),  # Llama 3.1 8B
 }
-MIXES = ("q4_1", "q4_k_m")
+MIXES = ("q4_1", "q4_k_m", "q5_k_m")
 # (values per block, bytes per block, [(byte offset, fp16 value)] of the scale fields); the rest random
 _BLOCKS = {
     "Q4_1": (32, 20, [(0, 2e-3), (2, -8 * 2e-3)]),  # d, m: w = d * q + m, q in 0..15
     "Q4_K": (256, 144, [(0, 1e-4), (2, 1e-4)]),  # d, dmin; 6-bit sub-scales and mins random
+    "Q5_K": (256, 176, [(0, 5e-5), (2, 5e-5)]),  # as Q4_K, then 32 bytes of high bits
     "Q6_K": (256, 210, [(208, 1e-5)]),  # d at the end; int8 sub-scales random
 }
 
@@ -84,7 +86,8 @@ def _write(path: Path, shape: dict[str, Any], mix: str, name: str) -> None:
     w.add_chat_template(field("tokenizer.chat_template"))
 
     rng = np.random.default_rng(0)
-    main, wide = ("Q4_1", "Q4_1") if mix == "q4_1" else ("Q4_K", "Q6_K")  # Q4_K_M: attn_v, ffn_down in Q6_K
+    # the K-quant mixes keep attn_v and ffn_down in Q6_K (llama.cpp's Q4_K_M and Q5_K_M in most layers)
+    main, wide = {"q4_1": ("Q4_1", "Q4_1"), "q4_k_m": ("Q4_K", "Q6_K"), "q5_k_m": ("Q5_K", "Q6_K")}[mix]
     _add(w, rng, "token_embd.weight", vocab, h, main)
     for i in range(shape["layers"]):
         p = f"blk.{i}."
