@@ -289,13 +289,22 @@ def _exact_grid(kind: str, raw: np.ndarray, n: int, k: int) -> Grid:
     lo, hi, mix = s[..., 0, :], s[..., 1, :], s[..., 2, :]  # the layout gguf.quants.Q4_K.get_scale_min unpacks
     sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)  # [N, S, 8] uint8
     mn = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=-1)
-    qs = torch.from_numpy(np.ascontiguousarray(sb[..., 48 if five else 16:]).reshape(n, k // 64, 32))
-    groups = torch.stack([qs & 15, qs >> 4], dim=2).reshape(n, g, 32)  # [N, G, 32] values 0..15
     scales = [torch.from_numpy(sc.reshape(n, g)), torch.from_numpy(mn.reshape(n, g)),
               torch.from_numpy(d.reshape(n, -1)), torch.from_numpy(dmin.reshape(n, -1))]
-    if five:
-        qh = torch.from_numpy(np.ascontiguousarray(sb[..., 16:48]))  # [N, S, 32]
-        high = (qh[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1  # [N, S, 8 groups, 32]
-        return Grid([(groups | (high.reshape(n, g, 32) << 4)).reshape(n, k).contiguous(), *scales])
+
+    def nibbles(rows: np.ndarray) -> torch.Tensor:  # [r, S, 128] bytes -> [r, G, 32] values 0..15
+        qs = torch.from_numpy(np.ascontiguousarray(rows).reshape(len(rows), k // 64, 32))
+        return torch.stack([qs & 15, qs >> 4], dim=2).reshape(len(rows), g, 32)
+
+    if five:  # a byte per weight: a row chunk at a time, so the scratch stays small beside q
+        q = torch.empty(n, g, 32, dtype=torch.uint8)
+        shifts = torch.arange(8, dtype=torch.uint8)[:, None]
+        for a in range(0, n, _ROW_CHUNK):
+            chunk = sb[a:a + _ROW_CHUNK]
+            qh = torch.from_numpy(np.ascontiguousarray(chunk[..., 16:48]))  # [rows, S, 32]
+            high = (qh[:, :, None, :] >> shifts) & 1  # [rows, S, 8 groups, 32]
+            q[a:a + _ROW_CHUNK] = nibbles(chunk[..., 48:]) | (high.reshape(-1, g, 32) << 4)
+        return Grid([q.reshape(n, k), *scales])
+    groups = nibbles(sb[..., 16:])
     packed = groups[..., :16] | (groups[..., 16:] << 4)
     return Grid([packed.reshape(n, k // 2).contiguous(), *scales])
