@@ -286,18 +286,29 @@ def _six_bit_values(w: torch.Tensor, blk: torch.Tensor, col: torch.Tensor, nb: i
     return (low | (high.reshape(t, g, 32) << 4)).reshape(t, -1)
 
 
+def _five_bit_rows(q: torch.Tensor, nb: int) -> torch.Tensor:
+    """Rows of q uint8 [rows, K] (0..31; whole blocks of ``nb`` rows) in kernels.h's int5 weight order: per block
+    and group the low 4 bits as int4 stores them, then a plane of the high bit (step i's at bit i). [rows, 5K/8]."""
+    rows, g = q.shape[0], q.shape[1] // 32
+    qq = q.reshape(-1, nb, g, 8, 4)  # [blocks, column, group, step, input]
+    low = qq & 15
+    nibbles = (low[:, :, :, :4] | (low[:, :, :, 4:] << 4)).permute(0, 2, 3, 1, 4)  # [blocks, G, 4, column, 4]
+    plane = sum(((qq[:, :, :, i] >> 4) & 1) << i for i in range(8)).permute(0, 2, 1, 3)  # [blocks, G, column, 4]
+    return torch.cat([nibbles.reshape(-1, g, 16 * nb), plane.reshape(-1, g, 4 * nb)], -1).reshape(rows, -1)
+
+
 def _pack_int5(q: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, dd: torch.Tensor, dm: torch.Tensor,
                k: int) -> list[torch.Tensor]:
     """Q5_K's grid (q uint8 [N, K] 0..31 and Q4_K's super-block scales) in kernels.h's int5 order: the weights
-    as int6 stores them (the top bit 0), the scales as Q4_K's records."""
+    as `_five_bit_rows`, the scales as Q4_K's records."""
     n = q.shape[0]
     if k % 256 or q.shape[1] != k:
         raise ValueError(f"int5 needs q [N, K] with K % 256 == 0 (K={k})")
-    out_w = torch.empty(n, k // 4 * 3, dtype=torch.uint8)
+    out_w = torch.empty(n, k // 8 * 5, dtype=torch.uint8)
     out_s = torch.empty(n, k // 256 * _SUPER_RECORD, dtype=torch.uint8)
     for a, b in _spans(n):
         nb = min(8, b - a)
-        out_w[a:b] = _six_bit_rows(q[a:b], nb)
+        out_w[a:b] = _five_bit_rows(q[a:b], nb)
         out_s[a:b] = _super_records(sc[a:b], mn[a:b], dd[a:b], dm[a:b], nb)
     return [out_w, out_s, torch.empty(0)]
 
@@ -333,9 +344,12 @@ def _int6_rows(w: torch.Tensor, rec: torch.Tensor, blk: torch.Tensor, col: torch
 def _int5_rows(w: torch.Tensor, rec: torch.Tensor, blk: torch.Tensor, col: torch.Tensor, nb: int) -> torch.Tensor:
     """Rows (block ``blk``, column ``col`` [T]) of packed int5 weights ``w`` / super-block records ``rec`` as
     float32 [T, K]: d q + m, the products the kernel makes."""
-    t, g = blk.shape[0], w.shape[1] // 24
+    t, g = blk.shape[0], w.shape[1] // 20
     d, m = _super_scales(rec.reshape(-1, g // 8, _SUPER_RECORD * nb)[blk], col, nb)  # [T, G]
-    q = _six_bit_values(w, blk, col, nb).reshape(t, g, 32).float()
+    b = w.reshape(-1, g, 5, nb, 4)[blk, :, :, col]  # [T, G, 5 chunks, 4]: 4 nibble steps, the plane
+    low = torch.cat([(b[:, :, :4] & 15).reshape(t, g, 16), (b[:, :, :4] >> 4).reshape(t, g, 16)], -1)
+    high = torch.stack([(b[:, :, 4] >> i) & 1 for i in range(8)], dim=2)  # [T, G, step, 4]
+    q = (low | (high.reshape(t, g, 32) << 4)).float()
     return (q * d[..., None] + m[..., None]).reshape(t, -1)
 
 
@@ -434,7 +448,7 @@ class FusedLinear(nn.Module):
             if self.scales.dtype == torch.int8:  # int6
                 out[sel] = _int6_rows(self.weight[lo:hi], self.scales[lo:hi], blk, col, nb)
                 continue
-            if self.scales.dtype == torch.uint8 and self.weight.shape[1] == g * 24:  # int5: int6's weight order
+            if self.scales.dtype == torch.uint8 and self.weight.shape[1] == g * 20:  # int5
                 out[sel] = _int5_rows(self.weight[lo:hi], self.scales[lo:hi], blk, col, nb)
                 continue
             w = self.weight[lo:hi].reshape(-1, g, self.weight.shape[1] // g // 4, nb, 4)[blk, :, :, col]

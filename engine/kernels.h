@@ -42,15 +42,16 @@ namespace agentrt {
 //        high 2 bits (plane p, byte (c * 4 + r) holds those of q[8b + c][32g + 16p + 4i + r] at bits 2i, i < 4).
 //        s int8 [N, 18 K/256] (the records' dtype marks int6), z empty: super-block t is a record of 18 nb bytes:
 //        D float16 [nb], sc int8 [16][nb] (half-group, column); d_h = D * sc_h. 6.5625 bits a weight, as Q6_K
-//   int5 (Q5_K's own form, K % 256 == 0): w uint8 [N, 3K/4] as int6 stores it (q in 0..31: the top bit 0) and
-//        Q4_K's super-block scales (s uint8 [N, 20 K/256], z empty): w = D * sc_g * q - Dm * mn_g. 6.625 bits a
-//        weight (Q5_K's 5.5; int8 groups took 8.5)
+//   int5 (Q5_K's own form, K % 256 == 0): w uint8 [N, 5K/8], q in 0..31: in block b a group is 160 bytes, its
+//        low 4 bits as int4's 128, then a 32-byte plane of the high bit (byte c * 4 + r holds that of
+//        q[8b + c][32g + 4i + r] at bit i, i < 8); Q4_K's super-block scales (s uint8 [N, 20 K/256], z empty):
+//        w = D * sc_g * q - Dm * mn_g. 5.625 bits a weight (Q5_K's 5.5; int8 groups took 8.5)
 //   bias float32 [N] (plain order) or empty
 struct Lin {
   at::Tensor w, s, z, b;
   bool int6() const { return s.scalar_type() == at::kChar; }
-  // super-block scales beside 3K/4 bytes of weights (int4's take K/2): w.size(1) / s.size(1) = 48 / 5, not 32 / 5
-  bool int5() const { return super_scales() && w.size(1) * 5 == s.size(1) * 48; }
+  // super-block scales beside 5K/8 bytes of weights (int4's take K/2): w.size(1) / s.size(1) = 8, not 6.4
+  bool int5() const { return super_scales() && w.size(1) == s.size(1) * 8; }
   bool int4() const { return w.scalar_type() == at::kByte && !int6(); }
   bool half_scales() const { return s.scalar_type() == at::kHalf; }
   bool super_scales() const { return s.scalar_type() == at::kByte; }

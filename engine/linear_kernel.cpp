@@ -159,9 +159,12 @@ inline __m256i dot4_i32(__m256i acc, __m256i u, __m256i s) {
 #endif
 #endif
 
-// The weights' kind (kernels.h's `Lin`): int8, int4 (d * q + m), int5 (Q5_K: d * q + m, q stored as int6's),
+// The weights' kind (kernels.h's `Lin`): int8, int4 (d * q + m), int5 (Q5_K: d * q + m, a plane of high bits),
 // int6 (Q6_K: d_h * (q - 32) per 16 inputs)
 enum class Bits { k8, k4, k5, k6 };
+// Bytes a group of a block takes: the nibbles' 128, then int5's plane of high bits (32) or int6's two (64).
+constexpr int64_t group_bytes(Bits kB) { return kB == Bits::k5 ? 160 : kB == Bits::k6 ? 192 : 128; }
+
 // How a block's group scales are stored: float32 / float16 per group, Q4_K or Q6_K super-block records.
 // int6 keeps its two half-group scales where int4 keeps d and m.
 enum class Scales { kFloat, kHalf, kSuper, kSix };
@@ -228,16 +231,24 @@ inline __m256i bcast4(const int8_t* p) {  // 4 activation bytes to all 8 lanes
 }
 
 // Step i of block w's group g as bytes (inputs 4i..4i+3 of 8 columns; steps 0..3 are the low nibbles,
-// 4..7 the high ones): from the stored nibbles ([G][4][32] bytes; int6: then [2][32] bytes of the high two
-// bits, step i's at bits 2 (i % 4) of plane i / 4) or from `unpack`'s copy ([G][8][32], kUnpacked), which
-// saves the unpacking of every step for every row tile after the first.
-template <bool kUnpacked, bool kSix>
+// 4..7 the high ones): from the stored nibbles ([G][4][32] bytes; int5: then [32] bytes of the high bit, step
+// i's at bit i; int6: then [2][32] bytes of the high two bits, step i's at bits 2 (i % 4) of plane i / 4) or
+// from `unpack`'s copy ([G][8][32], kUnpacked), which saves the unpacking of every step for every row tile
+// after the first.
+template <bool kUnpacked, Bits kB>
 inline __m256i step_q(const uint8_t* w, int64_t g, int i, __m256i low) {
   if (kUnpacked) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 256 + i * 32));
-  const uint8_t* grp = w + g * (kSix ? 192 : 128);
+  const uint8_t* grp = w + g * group_bytes(kB);
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + (i & 3) * 32));
   const __m256i q = _mm256_and_si256(i < 4 ? v : _mm256_srli_epi16(v, 4), low);
-  if (!kSix) return q;
+  if (kB == Bits::k4) return q;
+  if (kB == Bits::k5) {  // bit i of each byte -> bit 4 (16-bit shifts: the mask drops what crosses)
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + 128));
+    const __m256i h = i == 0 ? _mm256_slli_epi16(p, 4) : i == 1 ? _mm256_slli_epi16(p, 3)
+                    : i == 2 ? _mm256_slli_epi16(p, 2) : i == 3 ? _mm256_slli_epi16(p, 1) : i == 4 ? p
+                    : i == 5 ? _mm256_srli_epi16(p, 1) : i == 6 ? _mm256_srli_epi16(p, 2) : _mm256_srli_epi16(p, 3);
+    return _mm256_or_si256(q, _mm256_and_si256(h, _mm256_set1_epi8(0x10)));
+  }
   const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + 128 + (i >> 2) * 32));
   const int j = i & 3;  // bits 2j, 2j + 1 of each byte -> bits 4, 5 (16-bit shifts: the mask drops what crosses)
   const __m256i h = j == 0 ? _mm256_slli_epi16(p, 4) : j == 1 ? _mm256_slli_epi16(p, 2) : j == 2 ? p : _mm256_srli_epi16(p, 2);
@@ -268,7 +279,7 @@ inline void tile_q(const Block* b, const int8_t* xq, const float* xs, const floa
     __m256i s16[MR * NB], h16[MR * NB];  // int6 sums its two halves apart (each has its scale); int4 all in s16
     for (int i = 0; i < 4; ++i) {  // the low nibbles' steps for all rows, then the high ones'
       __m256i lo[NB];
-      for (int j = 0; j < NB; ++j) lo[j] = step_q<kUnpacked, kPlanes>(b[j].w, g, i, low);
+      for (int j = 0; j < NB; ++j) lo[j] = step_q<kUnpacked, kB>(b[j].w, g, i, low);
       for (int r = 0; r < MR; ++r) {
         const __m256i xa = bcast4(x + r * Kp + i * 4);
         for (int j = 0; j < NB; ++j) s16[r * NB + j] = dot_step<kPlanes>(s16[r * NB + j], lo[j], xa, i == 0);
@@ -276,7 +287,7 @@ inline void tile_q(const Block* b, const int8_t* xq, const float* xs, const floa
     }
     for (int i = 4; i < 8; ++i) {
       __m256i hi[NB];
-      for (int j = 0; j < NB; ++j) hi[j] = step_q<kUnpacked, kPlanes>(b[j].w, g, i, low);
+      for (int j = 0; j < NB; ++j) hi[j] = step_q<kUnpacked, kB>(b[j].w, g, i, low);
       for (int r = 0; r < MR; ++r) {
         const __m256i xb = bcast4(x + r * Kp + i * 4);
         for (int j = 0; j < NB; ++j) {
@@ -307,9 +318,9 @@ inline void tile_q(const Block* b, const int8_t* xq, const float* xs, const floa
   for (int r = 0; r < MR * NB; ++r) out[r] = acc[r];
 }
 
-// The nblk int4 (int5, int6: kPlanes) blocks of b as `step_q` reads them unpacked, in u ([nblk][G][8][32] bytes),
+// The nblk int4 (int5, int6) blocks of b as `step_q` reads them unpacked, in u ([nblk][G][8][32] bytes),
 // super-block scales as float32 per group (in f): the row tiles then share the products too.
-template <bool kPlanes>
+template <Bits kB>
 inline void unpack(Block* b, int nblk, int64_t G, std::vector<uint8_t>& u, std::vector<float>& f) {
   const __m256i low = _mm256_set1_epi8(0x0f);
   u.resize(nblk * G * 256);
@@ -318,7 +329,7 @@ inline void unpack(Block* b, int nblk, int64_t G, std::vector<uint8_t>& u, std::
     uint8_t* o = u.data() + j * G * 256;
     for (int64_t g = 0; g < G; ++g)
       for (int i = 0; i < 8; ++i)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * 256 + i * 32), step_q<false, kPlanes>(b[j].w, g, i, low));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * 256 + i * 32), step_q<false, kB>(b[j].w, g, i, low));
     b[j].w = o;
     if (!b[j].records()) continue;
     float* d = f.data() + j * G * 16;
@@ -393,7 +404,7 @@ void tiles(const Block* b, int nblk, int64_t nb, const Acts& a, bool split, int6
   if (unpacked) {
     thread_local std::vector<uint8_t> u;
     thread_local std::vector<float> f;
-    unpack<kB != Bits::k4>(bu, nblk, G, u, f);
+    unpack<kB>(bu, nblk, G, u, f);
     b = bu;
   }
   for (int64_t v = v0; v < v1; v += kMR) {
@@ -435,12 +446,11 @@ void tiles1(const Block& b, int64_t nb, const Acts& a, int V, int64_t v0, int64_
           if constexpr (kB == Bits::k8) {
             q = int8_t(b.w[g * 256 + (i * kNR + c) * 4 + r]);
           } else {
-            constexpr bool planes = kB == Bits::k5 || kB == Bits::k6;
-            const uint8_t* grp = b.w + g * (planes ? 192 : 128);
+            const uint8_t* grp = b.w + g * group_bytes(kB);
             const uint8_t byte = grp[((i % 4) * kNR + c) * 4 + r];
             q = i < 4 ? (byte & 15) : (byte >> 4);
-            if constexpr (planes) q |= (grp[128 + ((i / 4) * kNR + c) * 4 + r] >> (2 * (i % 4)) & 3) << 4;
-            if constexpr (kB == Bits::k6) q -= 32;
+            if constexpr (kB == Bits::k5) q |= (grp[128 + c * 4 + r] >> i & 1) << 4;
+            if constexpr (kB == Bits::k6) q = (q | ((grp[128 + ((i / 4) * kNR + c) * 4 + r] >> (2 * (i % 4)) & 3) << 4)) - 32;
           }
           dot[j / 16] += q * int32_t(x[g * 32 + j]);
         }
@@ -475,8 +485,7 @@ struct TailBlock {
   std::vector<uint8_t> w;
   std::vector<float> d, mn;
   Block widen(const Block& src, int64_t nt, int64_t G, Bits bits) {
-    // 4-input steps (int5, int6: and 2 planes)
-    const int64_t steps = bits == Bits::k4 ? 4 : bits == Bits::k5 || bits == Bits::k6 ? 6 : 8;
+    const int64_t steps = bits == Bits::k8 ? 8 : group_bytes(bits) / 32;  // chunks of 4 inputs x 8 columns
     w.assign(G * steps * kNR * 4, 0);
     d.assign(G * kNR, 0.f);
     mn.assign(G * kNR, 0.f);
@@ -495,7 +504,7 @@ struct TailBlock {
 template <Bits kB>
 void run(const Lin& l, const Acts& a, bool split, float* Y, int64_t ldy, int64_t M, int64_t K, bool accumulate) {
   const int64_t N = l.w.size(0), Kp = pad32(K), G = Kp / 32;
-  const int64_t row_bytes = kB == Bits::k4 ? Kp / 2 : kB == Bits::k5 || kB == Bits::k6 ? Kp / 4 * 3 : Kp;
+  const int64_t row_bytes = kB == Bits::k8 ? Kp : Kp / 32 * group_bytes(kB) / 8;
   const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr());
   const Scales kind = l.int6() ? Scales::kSix : l.super_scales() ? Scales::kSuper
                     : l.half_scales() ? Scales::kHalf : Scales::kFloat;
@@ -543,10 +552,10 @@ void check_lin(const Lin& l, int64_t N, int64_t K, const char* what) {
                 " K/256] in kernel order and no mins");
     return;
   }
-  if (l.super_scales() && l.w.scalar_type() == at::kByte && l.w.size(1) == K / 4 * 3) {  // int5 by its weights' size
+  if (l.super_scales() && l.w.scalar_type() == at::kByte && l.w.size(1) == K / 8 * 5) {  // int5 by its weights' size
     TORCH_CHECK(K % 256 == 0 && l.int5() && l.s.is_contiguous() &&
                 l.s.numel() == N * K / 256 * kSuperRecord && l.z.numel() == 0, what,
-                ": int5 (Q5_K) needs K % 256 == 0, packed uint8 [N, 3K/4], super-block records uint8 [N, ",
+                ": int5 (Q5_K) needs K % 256 == 0, packed uint8 [N, 5K/8], super-block records uint8 [N, ",
                 kSuperRecord, " K/256] in kernel order and no separate mins");
     return;
   }

@@ -96,9 +96,9 @@ def test_q4_k_keeps_its_super_blocks_in_the_kernel(tmp_path, ext):
         ext.linear(torch.randn(1, K), sup.weight, sup.scales[:, :-1].contiguous(), sup.zeros, torch.empty(0), False)
 
 
-@pytest.mark.parametrize("qtype,bits", [("Q5_K", 6.625), ("Q6_K", 6.5625)])
+@pytest.mark.parametrize("qtype,bits", [("Q5_K", 5.625), ("Q6_K", 6.5625)])
 def test_k_quants_run_on_their_own_grid_within_activation_rounding(tmp_path, ext, qtype, bits):
-    """Q5_K runs as int5 and Q6_K as int6 (6.625 and 6.5625 bits a weight; int8 took 8.5): every output is
+    """Q5_K runs as int5 and Q6_K as int6 (5.625 and 6.5625 bits a weight; int8 took 8.5): every output is
     within the rounding of the activations to int8 (int16-like with ``int16``) of the float product with the
     file's weights, for whole blocks of 8 rows and a short one, one row and many (the unpacked path)."""
     from agentrt.engine.decode_fused import FusedLinear

@@ -183,9 +183,9 @@ def test_synthetic_models_load_and_run_in_the_default_engine(ext, tmp_path, mix,
     assert loaded.quant_type == quant_type and loaded.config["hidden_size"] == 256
     eng = LLMEngine(EngineConfig(num_kv_blocks=32, max_model_len=256), loaded=loaded)
     assert eng.runner.fused is not None and eng.config.quantization == mode
-    if mix == "q5_k_m":  # q/k, o, gate/up on int5 (3K/4 bytes of weights a row, super-block records), as stored
+    if mix == "q5_k_m":  # q/k, o, gate/up on int5 (5K/8 bytes of weights a row, super-block records), as stored
         w, s = eng.runner.fused.decoder.parts[0], eng.runner.fused.decoder.parts[1]
-        assert w.dtype == s.dtype == torch.uint8 and w.shape[1] == 256 // 4 * 3
+        assert w.dtype == s.dtype == torch.uint8 and w.shape[1] == 256 // 8 * 5
     assert torch.isfinite(eng.prompt_logits(list(range(5, 40)))).all()
     assert len(eng.generate("hello", SamplingParams(max_tokens=4, ignore_eos=True))[0].output_token_ids) == 4
     with pytest.raises(ValueError, match="synthetic:<1b"):
