@@ -265,42 +265,38 @@ def _spans(n: int) -> list[tuple[int, int]]:
     return [(a, min(full, a + _PACK_ROWS)) for a in range(0, full, _PACK_ROWS)] + ([(full, n)] if full < n else [])
 
 
-def _six_bit_rows(q: torch.Tensor, nb: int) -> torch.Tensor:
-    """Rows of q uint8 [rows, K] (0..63; whole blocks of ``nb`` rows) in kernels.h's int6 weight order: per block
-    and group the low 4 bits as int4 stores them, then two planes of the high 2 bits. [rows, 3K/4]."""
+def _planes_rows(q: torch.Tensor, nb: int, bits: int) -> torch.Tensor:
+    """Rows of q uint8 [rows, K] (0..2^bits - 1; whole blocks of ``nb`` rows) in kernels.h's int5 / int6 weight
+    order: per block and group the low 4 bits as int4 stores them, then the high bits: int5 one plane (step i's
+    bit at bit i), int6 two (step 4p + j's 2 bits at bits 2j of plane p). [rows, bits K / 8]."""
     rows, g = q.shape[0], q.shape[1] // 32
     qq = q.reshape(-1, nb, g, 8, 4)  # [blocks, column, group, step, input]
     low = qq & 15
     nibbles = (low[:, :, :, :4] | (low[:, :, :, 4:] << 4)).permute(0, 2, 3, 1, 4)  # [blocks, G, 4, column, 4]
-    high = (qq >> 4).reshape(-1, nb, g, 2, 4, 4)  # [blocks, column, group, plane, step in plane, input]
-    planes = sum(high[:, :, :, :, i] << (2 * i) for i in range(4)).permute(0, 2, 3, 1, 4)  # [blocks, G, 2, column, 4]
-    return torch.cat([nibbles.reshape(-1, g, 16 * nb), planes.reshape(-1, g, 8 * nb)], -1).reshape(rows, -1)
+    if bits == 5:
+        high = sum(((qq[:, :, :, i] >> 4) & 1) << i for i in range(8)).permute(0, 2, 1, 3)  # [blocks, G, column, 4]
+    else:
+        two = (qq >> 4).reshape(-1, nb, g, 2, 4, 4)  # [blocks, column, group, plane, step in plane, input]
+        high = sum(two[:, :, :, :, i] << (2 * i) for i in range(4)).permute(0, 2, 3, 1, 4)  # [blocks, G, 2, column, 4]
+    return torch.cat([nibbles.reshape(-1, g, 16 * nb), high.reshape(-1, g, 4 * (bits - 4) * nb)], -1).reshape(rows, -1)
 
 
-def _six_bit_values(w: torch.Tensor, blk: torch.Tensor, col: torch.Tensor, nb: int) -> torch.Tensor:
-    """q uint8 [T, K] of rows (block ``blk``, column ``col`` [T]) of weights ``w`` in the int6 order."""
-    t, g = blk.shape[0], w.shape[1] // 24
-    b = w.reshape(-1, g, 6, nb, 4)[blk, :, :, col]  # [T, G, 6 chunks, 4]: 4 nibble steps, 2 planes
+def _planes_values(w: torch.Tensor, blk: torch.Tensor, col: torch.Tensor, nb: int, bits: int) -> torch.Tensor:
+    """q uint8 [T, K] of rows (block ``blk``, column ``col`` [T]) of weights ``w`` in `_planes_rows`' order."""
+    t, g = blk.shape[0], w.shape[1] // (4 * bits)
+    b = w.reshape(-1, g, bits, nb, 4)[blk, :, :, col]  # [T, G, chunks, 4]: 4 nibble steps, then the planes
     low = torch.cat([(b[:, :, :4] & 15).reshape(t, g, 16), (b[:, :, :4] >> 4).reshape(t, g, 16)], -1)
-    high = torch.stack([(b[:, :, 4:] >> (2 * i)) & 3 for i in range(4)], dim=3)  # [T, G, plane, step, 4]
+    if bits == 5:
+        high = torch.stack([(b[:, :, 4] >> i) & 1 for i in range(8)], dim=2)  # [T, G, step, 4]
+    else:
+        high = torch.stack([(b[:, :, 4:] >> (2 * i)) & 3 for i in range(4)], dim=3)  # [T, G, plane, step, 4]
     return (low | (high.reshape(t, g, 32) << 4)).reshape(t, -1)
-
-
-def _five_bit_rows(q: torch.Tensor, nb: int) -> torch.Tensor:
-    """Rows of q uint8 [rows, K] (0..31; whole blocks of ``nb`` rows) in kernels.h's int5 weight order: per block
-    and group the low 4 bits as int4 stores them, then a plane of the high bit (step i's at bit i). [rows, 5K/8]."""
-    rows, g = q.shape[0], q.shape[1] // 32
-    qq = q.reshape(-1, nb, g, 8, 4)  # [blocks, column, group, step, input]
-    low = qq & 15
-    nibbles = (low[:, :, :, :4] | (low[:, :, :, 4:] << 4)).permute(0, 2, 3, 1, 4)  # [blocks, G, 4, column, 4]
-    plane = sum(((qq[:, :, :, i] >> 4) & 1) << i for i in range(8)).permute(0, 2, 1, 3)  # [blocks, G, column, 4]
-    return torch.cat([nibbles.reshape(-1, g, 16 * nb), plane.reshape(-1, g, 4 * nb)], -1).reshape(rows, -1)
 
 
 def _pack_int5(q: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, dd: torch.Tensor, dm: torch.Tensor,
                k: int) -> list[torch.Tensor]:
     """Q5_K's grid (q uint8 [N, K] 0..31 and Q4_K's super-block scales) in kernels.h's int5 order: the weights
-    as `_five_bit_rows`, the scales as Q4_K's records."""
+    as `_planes_rows`, the scales as Q4_K's records."""
     n = q.shape[0]
     if k % 256 or q.shape[1] != k:
         raise ValueError(f"int5 needs q [N, K] with K % 256 == 0 (K={k})")
@@ -308,14 +304,14 @@ def _pack_int5(q: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, dd: torch.Te
     out_s = torch.empty(n, k // 256 * _SUPER_RECORD, dtype=torch.uint8)
     for a, b in _spans(n):
         nb = min(8, b - a)
-        out_w[a:b] = _five_bit_rows(q[a:b], nb)
+        out_w[a:b] = _planes_rows(q[a:b], nb, 5)
         out_s[a:b] = _super_records(sc[a:b], mn[a:b], dd[a:b], dm[a:b], nb)
     return [out_w, out_s, torch.empty(0)]
 
 
 def _pack_int6(q: torch.Tensor, sc: torch.Tensor, dd: torch.Tensor, k: int) -> list[torch.Tensor]:
     """Q6_K's grid (q uint8 [N, K] 0..63, sc int8 [N, K/16], D float16 [N, K/256]) in kernels.h's int6 order:
-    the weights as `_six_bit_rows`; per block and super-block a record of D [nb] and sc [16][nb]."""
+    the weights as `_planes_rows`; per block and super-block a record of D [nb] and sc [16][nb]."""
     n = q.shape[0]
     if k % 256 or q.shape[1] != k:
         raise ValueError(f"int6 needs q [N, K] with K % 256 == 0 (K={k})")
@@ -324,7 +320,7 @@ def _pack_int6(q: torch.Tensor, sc: torch.Tensor, dd: torch.Tensor, k: int) -> l
     out_s = torch.empty(n, s * _SIX_RECORD, dtype=torch.int8)
     for a, b in _spans(n):
         nb = min(8, b - a)
-        out_w[a:b] = _six_bit_rows(q[a:b], nb)
+        out_w[a:b] = _planes_rows(q[a:b], nb, 6)
         d = dd[a:b].reshape(-1, nb, s).permute(0, 2, 1).contiguous().view(torch.uint8)  # [blocks, S, 2 nb]
         scales = sc[a:b].reshape(-1, nb, s, 16).permute(0, 2, 3, 1).contiguous().view(torch.uint8)
         out_s[a:b] = torch.cat([d, scales.reshape(-1, s, 16 * nb)], -1).view(torch.int8).reshape(b - a, -1)
@@ -338,7 +334,7 @@ def _int6_rows(w: torch.Tensor, rec: torch.Tensor, blk: torch.Tensor, col: torch
     r = rec.reshape(-1, s, _SIX_RECORD * nb)[blk]  # [T, S, 18 nb]
     d = r[..., :2 * nb].contiguous().view(torch.float16)[pick, :, col]  # [T, S]
     sc = r[..., 2 * nb:].reshape(t, s, 16, nb)[pick, :, :, col]  # [T, S, 16] int8
-    return dequantize_int6(_six_bit_values(w, blk, col, nb), sc.reshape(t, -1), d)
+    return dequantize_int6(_planes_values(w, blk, col, nb, 6), sc.reshape(t, -1), d)
 
 
 def _int5_rows(w: torch.Tensor, rec: torch.Tensor, blk: torch.Tensor, col: torch.Tensor, nb: int) -> torch.Tensor:
@@ -346,10 +342,7 @@ def _int5_rows(w: torch.Tensor, rec: torch.Tensor, blk: torch.Tensor, col: torch
     float32 [T, K]: d q + m, the products the kernel makes."""
     t, g = blk.shape[0], w.shape[1] // 20
     d, m = _super_scales(rec.reshape(-1, g // 8, _SUPER_RECORD * nb)[blk], col, nb)  # [T, G]
-    b = w.reshape(-1, g, 5, nb, 4)[blk, :, :, col]  # [T, G, 5 chunks, 4]: 4 nibble steps, the plane
-    low = torch.cat([(b[:, :, :4] & 15).reshape(t, g, 16), (b[:, :, :4] >> 4).reshape(t, g, 16)], -1)
-    high = torch.stack([(b[:, :, 4] >> i) & 1 for i in range(8)], dim=2)  # [T, G, step, 4]
-    q = (low | (high.reshape(t, g, 32) << 4)).float()
+    q = _planes_values(w, blk, col, nb, 5).reshape(t, g, 32).float()
     return (q * d[..., None] + m[..., None]).reshape(t, -1)
 
 
