@@ -16,7 +16,7 @@ import torch
 from .config import EngineConfig, SamplingParams
 from .constraint import TokenConstraint
 from .kv_cache import BlockManager
-from .heap import release_free_heap
+from .heap import cap_mmap_threshold, release_free_heap
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor, RequestMetrics, RequestOutput
 from .prompt_length import TokenFloor
@@ -68,6 +68,7 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig, loaded: Any = None):
+        cap_mmap_threshold()
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         if loaded is None:
