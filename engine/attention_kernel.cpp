@@ -15,6 +15,9 @@
 //    heads), then the softmax and p.V per 32-dim slice of the output, with the tiled kernel's arithmetic
 //    per query vector exactly, so a row's numbers do not depend on the kernel that computes it.
 // Without AVX2 a plain loop (one (row, head) at a time) is compiled instead.
+// The cache holds float32 or float16 (`KV`): float16 rows are widened to float32 as they are read (the
+// tiled kernel a key block at a time into scratch, decode 8 values a load), so every product and sum is
+// float32 either way, and the two kernels still agree bit for bit.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -248,11 +251,12 @@ void column_block(Column& c, const float* const* kp, const float* const* vp, int
   with_tail(hd - d, [&]<int R>() { pv_tile<W, R>(vp, n, s, d, c.ot + d * kLanes, al); });
 }
 
+template <class T>
 struct Shape {
   const float* q;
   int64_t q_stride;
-  const float* k_cache;
-  const float* v_cache;
+  const T* k_cache;
+  const T* v_cache;
   const int64_t* seq_start;
   const int64_t* ctx_len;
   const int64_t* slots;
@@ -263,26 +267,27 @@ struct Shape {
 // Scratch a thread keeps across tasks.
 struct Scratch {
   std::vector<float> f;
-  std::vector<const float*> p;
+  std::vector<float> kv;  // a key block's float16 K and V rows, widened
+  std::vector<const float*> heads;
   std::vector<Column> cols;
 };
 
 // Query vectors [v0, v1) of sequence i's kv head g; vector v is row v / group, head g * group + v % group.
-template <int W>
-void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Scratch& sc) {
+template <int W, class T>
+void tiled_task(const Shape<T>& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Scratch& sc) {
   constexpr int64_t kLanes = 8 * W;
   const int64_t hd = a.hd, G = a.group, kvd = a.nkv * hd;
   const int64_t r0 = a.seq_start[i], prev = a.ctx_len[i] - (a.seq_start[i + 1] - r0);
   const int64_t C = (v1 - v0 + kLanes - 1) / kLanes;
   const float qscale = kLog2e / std::sqrt(float(hd));
   sc.f.assign(2 * C * hd * kLanes + kKeyBlock * kLanes + 2 * hd, 0.f);
-  sc.p.resize(2 * kKeyBlock);
+  sc.kv.resize(2 * kKeyBlock * hd);  // used by float16 caches only
   sc.cols.resize(C);
   float* s = sc.f.data() + 2 * C * hd * kLanes;
   const float* zeros = s + kKeyBlock * kLanes;  // [hd]
   float* trash = s + kKeyBlock * kLanes + hd;    // [hd] where padding lanes' outputs go
-  const float** kp = sc.p.data();
-  const float** vp = kp + kKeyBlock;
+  const float* kp[kKeyBlock];
+  const float* vp[kKeyBlock];
   int64_t kend = 0;
   const float* src[kLanes];  // each lane's query (a row of zeros for padding lanes)
   for (int64_t c = 0; c < C; ++c) {
@@ -312,8 +317,8 @@ void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Sc
   for (int64_t k0 = 0; k0 < kend; k0 += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, kend - k0);
     for (int64_t j = 0; j < nb; ++j) {
-      kp[j] = a.k_cache + sl[k0 + j] * kvd + g * hd;
-      vp[j] = a.v_cache + sl[k0 + j] * kvd + g * hd;
+      kp[j] = as_float(a.k_cache + sl[k0 + j] * kvd + g * hd, hd, sc.kv.data() + j * hd);
+      vp[j] = as_float(a.v_cache + sl[k0 + j] * kvd + g * hd, hd, sc.kv.data() + (kKeyBlock + j) * hd);
     }
     for (int64_t c = 0; c < C; ++c) {
       Column& col = sc.cols[c];
@@ -343,14 +348,14 @@ void tiled_task(const Shape& a, int64_t i, int64_t g, int64_t v0, int64_t v1, Sc
 // out for one row: 8 keys per vector (K rows transposed 8 x 8), shared by the kv head's query heads.
 
 // s[h][0..8) = q[h] . K row kp[j], j < 8, for H query heads (ld_s: s's row stride)
-template <int H>
-inline void dec_qk8(const float* const* q, const float* const* kp, int64_t hd, float* s, int64_t ld_s) {
+template <int H, class T>
+inline void dec_qk8(const float* const* q, const T* const* kp, int64_t hd, float* s, int64_t ld_s) {
   __m256 acc[H];
   for (int h = 0; h < H; ++h) acc[h] = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 8 <= hd; d += 8) {
     __m256 m[8];
-    for (int j = 0; j < 8; ++j) m[j] = _mm256_loadu_ps(kp[j] + d);
+    for (int j = 0; j < 8; ++j) m[j] = load8(kp[j] + d);
     transpose8(m);  // m[r]: dim d + r of the 8 keys
     for (int r = 0; r < 8; ++r)
       for (int h = 0; h < H; ++h) acc[h] = _mm256_fmadd_ps(m[r], _mm256_broadcast_ss(q[h] + d + r), acc[h]);
@@ -358,12 +363,12 @@ inline void dec_qk8(const float* const* q, const float* const* kp, int64_t hd, f
   for (int h = 0; h < H; ++h) _mm256_storeu_ps(s + h * ld_s, acc[h]);
   for (; d < hd; ++d)  // dims left over (hd % 8)
     for (int h = 0; h < H; ++h)
-      for (int j = 0; j < 8; ++j) s[h * ld_s + j] = std::fma(kp[j][d], q[h][d], s[h * ld_s + j]);
+      for (int j = 0; j < 8; ++j) s[h * ld_s + j] = std::fma(float(kp[j][d]), q[h][d], s[h * ld_s + j]);
 }
 
 // o[h][d0 .. d0 + 8 NV) = alpha[h] * o[h] + sum over n keys of p[h][j] * V row vp[j], H heads
-template <int H, int NV>
-inline void dec_pv(const float* const* vp, int64_t n, const float* p, int64_t ld_p, int64_t d0, float* o, int64_t ld_o,
+template <int H, int NV, class T>
+inline void dec_pv(const T* const* vp, int64_t n, const float* p, int64_t ld_p, int64_t d0, float* o, int64_t ld_o,
                    const float* alpha) {
   __m256 acc[H][NV];
   for (int h = 0; h < H; ++h)
@@ -371,7 +376,7 @@ inline void dec_pv(const float* const* vp, int64_t n, const float* p, int64_t ld
       acc[h][c] = _mm256_mul_ps(_mm256_loadu_ps(o + h * ld_o + d0 + 8 * c), _mm256_set1_ps(alpha[h]));
   for (int64_t j = 0; j < n; ++j) {
     __m256 v[NV];
-    for (int c = 0; c < NV; ++c) v[c] = _mm256_loadu_ps(vp[j] + d0 + 8 * c);
+    for (int c = 0; c < NV; ++c) v[c] = load8(vp[j] + d0 + 8 * c);
     for (int h = 0; h < H; ++h) {
       const __m256 b = _mm256_broadcast_ss(p + h * ld_p + j);
       for (int c = 0; c < NV; ++c) acc[h][c] = _mm256_fmadd_ps(b, v[c], acc[h][c]);
@@ -381,8 +386,8 @@ inline void dec_pv(const float* const* vp, int64_t n, const float* p, int64_t ld
     for (int c = 0; c < NV; ++c) _mm256_storeu_ps(o + h * ld_o + d0 + 8 * c, acc[h][c]);
 }
 
-template <int H>
-void dec_pv_heads(const float* const* vp, int64_t n, const float* p, int64_t ld_p, int64_t hd, float* o, int64_t ld_o,
+template <int H, class T>
+void dec_pv_heads(const T* const* vp, int64_t n, const float* p, int64_t ld_p, int64_t hd, float* o, int64_t ld_o,
                   const float* alpha) {
   constexpr int NV = H == 3 ? 3 : 4;  // H * NV accumulators + NV values + 1 broadcast fit the 16 ymm
   int64_t d = 0;
@@ -392,7 +397,7 @@ void dec_pv_heads(const float* const* vp, int64_t n, const float* p, int64_t ld_
   for (; d < hd; ++d)  // dims left over (hd % 8)
     for (int h = 0; h < H; ++h) {
       float acc = o[h * ld_o + d] * alpha[h];
-      for (int64_t j = 0; j < n; ++j) acc = std::fma(vp[j][d], p[h * ld_p + j], acc);
+      for (int64_t j = 0; j < n; ++j) acc = std::fma(float(vp[j][d]), p[h * ld_p + j], acc);
       o[h * ld_o + d] = acc;
     }
 }
@@ -409,14 +414,15 @@ constexpr int64_t kScoreKeys = 256;  // keys per pass-1 task, at least
 // Pass 1: scores of keys [k0, k1) (k0 a multiple of 8) of sequence i's last row, every head, into
 // s [nh, ld] (ld >= ctx rounded up to 8). The kv heads of a slot are adjacent in the cache: each group of
 // 8 keys is read for every kv head in turn, so the rows are read whole and in order.
-void decode_scores(const Shape& a, int64_t i, int64_t k0, int64_t k1, float* s, int64_t ld, Scratch& sc) {
+template <class T>
+void decode_scores(const Shape<T>& a, int64_t i, int64_t k0, int64_t k1, float* s, int64_t ld, Scratch& sc) {
   const int64_t hd = a.hd, G = a.group, nh = a.nh, kvd = a.nkv * hd;
   const float qscale = kLog2e / std::sqrt(float(hd));
   sc.f.resize(nh * hd);
-  sc.p.resize(8 + nh);
+  sc.heads.resize(nh);
   float* qs = sc.f.data();  // [nh, hd] prescaled queries
-  const float** kp = sc.p.data();
-  const float** qh = kp + 8;
+  const float** qh = sc.heads.data();
+  const T* kp[8];
   const float* qr = a.q + (a.seq_start[i + 1] - 1) * a.q_stride;
   for (int64_t x = 0; x < nh * hd; ++x) qs[x] = qr[x] * qscale;
   for (int64_t h = 0; h < nh; ++h) qh[h] = qs + h * hd;
@@ -468,16 +474,16 @@ inline void softmax_block(const float* s, int64_t ld, int64_t n, float* p, float
 }
 
 // Pass 2: output dims [d0, d1) of the query heads of kv heads [g0, g1), from their scores in s [nh, ld].
-void decode_values(const Shape& a, int64_t i, int64_t g0, int64_t g1, int64_t d0, int64_t d1, const float* s,
+template <class T>
+void decode_values(const Shape<T>& a, int64_t i, int64_t g0, int64_t g1, int64_t d0, int64_t d1, const float* s,
                    int64_t ld, Scratch& sc) {
   const int64_t hd = a.hd, G = a.group, kvd = a.nkv * hd, ctx = a.ctx_len[i], w = d1 - d0, nq = (g1 - g0) * G;
   sc.f.assign(nq * w + G * kKeyBlock + 2 * nq + G, 0.f);
-  sc.p.resize(kKeyBlock);
   float* o = sc.f.data();           // [nq, w] unnormalized outputs
   float* pb = o + nq * w;           // [G, 64] probabilities of one kv head's key block
   float* ml = pb + G * kKeyBlock;   // [nq, 2] running max (log2 units) and sum
   float* alpha = ml + 2 * nq;       // [G]
-  const float** vp = sc.p.data();
+  const T* vp[kKeyBlock];
   for (int64_t h = 0; h < nq; ++h) ml[2 * h] = -INFINITY;
   const int64_t* sl = a.slots + i * a.ld_slots;
   for (int64_t k0 = 0; k0 < ctx; k0 += kKeyBlock) {
@@ -528,11 +534,12 @@ void run_tasks(std::vector<Task>& tasks, int64_t nthreads, F&& run) {
 
 }  // namespace
 
-void attention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache, const int64_t* seq_start,
+template <class T>
+void attention(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int64_t* seq_start,
                const int64_t* ctx_len, const int64_t* slots, int64_t ld_slots, int64_t B, int64_t nh, int64_t nkv,
                int64_t hd, float* out) {
   const int64_t G = nh / nkv;
-  const Shape a{q, q_stride, k_cache, v_cache, seq_start, ctx_len, slots, ld_slots, nh, nkv, hd, G, out};
+  const Shape<T> a{q, q_stride, k_cache, v_cache, seq_start, ctx_len, slots, ld_slots, nh, nkv, hd, G, out};
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<Task> first, second;
   std::vector<int64_t> score_at(B, -1), ld(B, 0);  // decode rows: offset and row stride of their scores
@@ -585,7 +592,8 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
 
 #else  // no AVX2: one (row, head) at a time
 
-void attention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache, const int64_t* seq_start,
+template <class KV>
+void attention(const float* q, int64_t q_stride, const KV* k_cache, const KV* v_cache, const int64_t* seq_start,
                const int64_t* ctx_len, const int64_t* slots, int64_t ld_slots, int64_t B, int64_t nh, int64_t nkv,
                int64_t hd, float* out) {
   const int64_t T = seq_start[B], group = nh / nkv, kvd = nkv * hd;
@@ -593,7 +601,7 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
   std::vector<int64_t> seq_of(T);  // query row -> its sequence
   for (int64_t i = 0; i < B; ++i) std::fill(seq_of.begin() + seq_start[i], seq_of.begin() + seq_start[i + 1], i);
   agentrt::parallel_for(0, T * nh, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sc;
+    std::vector<float> sc, widened(hd);  // a float16 cache row as float32
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t row = t / nh, head = t % nh, i = seq_of[row], g = head / group;
       const int64_t n = ctx_len[i] - (seq_start[i + 1] - 1 - row);  // keys this row sees
@@ -602,7 +610,7 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
       sc.resize(n);
       float mx = -INFINITY;
       for (int64_t j = 0; j < n; ++j) {
-        sc[j] = dot_f32(qr, k_cache + sl[j] * kvd + g * hd, hd) * scale;
+        sc[j] = dot_f32(qr, as_float(k_cache + sl[j] * kvd + g * hd, hd, widened.data()), hd) * scale;
         mx = std::max(mx, sc[j]);
       }
       float sum = 0.f;
@@ -610,20 +618,26 @@ void attention(const float* q, int64_t q_stride, const float* k_cache, const flo
       float* o = out + row * nh * hd + head * hd;
       std::fill(o, o + hd, 0.f);
       const float inv = 1.f / sum;
-      for (int64_t j = 0; j < n; ++j) axpy_f32(sc[j] * inv, v_cache + sl[j] * kvd + g * hd, o, hd);
+      for (int64_t j = 0; j < n; ++j) axpy_f32(sc[j] * inv, as_float(v_cache + sl[j] * kvd + g * hd, hd, widened.data()), o, hd);
     }
   });
 }
 
 #endif
 
+template void attention<float>(const float*, int64_t, const float*, const float*, const int64_t*, const int64_t*,
+                               const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+template void attention<at::Half>(const float*, int64_t, const at::Half*, const at::Half*, const int64_t*,
+                                  const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+
 at::Tensor attention_op(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor seq_start, at::Tensor ctx_len,
                         at::Tensor slots, int64_t nh, int64_t nkv, int64_t hd) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 2 && q.stride(1) == 1 && q.size(1) >= nh * hd,
               "attention: q must be float32 [T, >= nh * hd] with unit column stride");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
-              v_cache.is_contiguous() && k_cache.dim() == 3 && k_cache.size(1) == nkv && k_cache.size(2) == hd &&
-              v_cache.sizes() == k_cache.sizes(), "attention: caches must be contiguous float32 [slots, nkv, hd]");
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
+              v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.dim() == 3 && k_cache.size(1) == nkv && k_cache.size(2) == hd && v_cache.sizes() == k_cache.sizes(),
+              "attention: caches must be contiguous float32 or float16 [slots, nkv, hd], both the same");
   TORCH_CHECK(nkv > 0 && nh % nkv == 0, "attention: nh must be a multiple of nkv");
   seq_start = seq_start.to(at::kLong).contiguous();
   ctx_len = ctx_len.to(at::kLong).contiguous();
@@ -642,8 +656,12 @@ at::Tensor attention_op(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
       TORCH_CHECK(sl[i * slots.size(1) + j] >= 0 && sl[i * slots.size(1) + j] < S, "attention: slot out of range");
   }
   auto out = at::empty({q.size(0), nh * hd}, q.options());
-  attention(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), st, cl, sl,
-            slots.size(1), B, nh, nkv, hd, out.data_ptr<float>());
+  if (k_cache.scalar_type() == at::kHalf)
+    attention(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), st, cl, sl,
+              slots.size(1), B, nh, nkv, hd, out.data_ptr<float>());
+  else
+    attention(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), st, cl, sl,
+              slots.size(1), B, nh, nkv, hd, out.data_ptr<float>());
   return out;
 }
 

@@ -35,6 +35,11 @@ class EngineConfig:
     num_kv_blocks: KV pool size in blocks of ``block_size`` tokens; None = sized from ``kv_cache_gb``.
     kv_cache_gb: the KV pool's memory when ``num_kv_blocks`` is None; None = 1 GiB, at least one full
       ``max_model_len`` sequence and at most ``max_num_seqs`` of them. Pages are touched only as used.
+    kv_cache_dtype: what the KV pool stores. "auto" = float16 where the fused C++ step runs every step
+      (as llama.cpp does by default: half the memory, so twice the tokens in ``kv_cache_gb``, and half
+      the bytes a decode step reads of a long context; K and V are rounded to float16 once, as they
+      are stored, and every product and sum stays float32), else the model's dtype. "float16" and
+      "float32" choose for the C++ step; the torch path refuses them (it keeps the model's dtype).
     max_num_batched_tokens: the most tokens one step computes (so a long prompt is prefilled in chunks
       of at most this many tokens while other requests keep decoding).
     max_model_len: context window; None = the model's ``max_position_embeddings`` (capped at 8192).
@@ -87,6 +92,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_gb: float | None = None
+    kv_cache_dtype: Literal["auto", "float16", "float32"] = "auto"
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
@@ -157,6 +163,8 @@ class EngineConfig:
                             f"{self.prompt_lookup_max!r} (need 1 <= min <= max)")
         if self.kv_cache_gb is not None and not (self.kv_cache_gb > 0 and math.isfinite(self.kv_cache_gb)):
             problems.append(f"kv_cache_gb={self.kv_cache_gb!r} (must be a number above 0 or None)")
+        if self.kv_cache_dtype not in ("auto", "float16", "float32"):
+            problems.append(f"kv_cache_dtype={self.kv_cache_dtype!r} (choose 'auto', 'float16' or 'float32')")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             problems.append(f"num_kv_blocks={self.num_kv_blocks!r} (must be >= 1 or None)")
         if not (self.kv_pin_ttl_s >= 0 and math.isfinite(self.kv_pin_ttl_s)):

@@ -3,7 +3,7 @@
 A decode step of a small model on CPU spends most of its time in per-op dispatch and in torch's
 batch-1 int8 kernels; a prefill chunk in its linears and attention. `FusedDecoder` runs all layers
 of any step (decode rows, prefill chunks, mixed) in a single C++ call over int8 weights (those
-`quant.Int8WeightOnlyLinear` already holds) or int4 groups of 32, with float32 activations and KV
+`quant.Int8WeightOnlyLinear` already holds) or int4 groups of 32, with float32 activations and a float16 (or float32) KV
 cache; `FusedLinear` serves the lm_head with the same kernels.
 
 The extension is compiled with ``torch.utils.cpp_extension`` (g++ and ninja) for the best instruction
@@ -541,7 +541,7 @@ class FusedDecoder:
         """One step: input_ids [T] (sequence after sequence), seq_start [B + 1] (sequence i's rows
         seq_start[i]:seq_start[i + 1]), ctx_len [B] (its tokens after the step), block_tables [B, W]
         (its KV blocks of ``block_size`` slots), out_rows [R] (rows to return; None = all);
-        k_cache/v_cache [layers, slots, nkv, hd] float32 (the new K/V are written). Returns hidden [R, H]."""
+        k_cache/v_cache [layers, slots, nkv, hd] float32 or float16 (the new K/V are written). Returns hidden [R, H]."""
         a, m = self.args, self.model
         x = m.embed_tokens(input_ids)  # [T, H], a fresh tensor the kernel updates
         return self.ext.step(x, seq_start, ctx_len, block_tables, block_size, out_rows, m.rope_cos, m.rope_sin,

@@ -77,8 +77,20 @@ void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t H, do
 // RoPE on the q and k heads of each qkv row (adjacent pairs (2i, 2i + 1) rotated by position * freq_i),
 // then the row's new K/V copied to its cache slot.
 //   qkv [T, nqkv]; pos [T], slot [T]; cos / sin [max_len, hd/2]; kc / vc: one layer [slots, nkv * hd]
+// A row into the cache: copied, or rounded to float16 (to nearest even, as at::Half does it)
+inline void store_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+inline void store_row(const float* src, at::Half* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef AGENTRT_AVX2
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) dst[i] = at::Half(src[i]);
+}
+
+template <class KV>
 void rope_and_store(float* qkv, const int64_t* pos, const int64_t* slot, const float* cos, const float* sin,
-                    float* kc, float* vc, int64_t T, int64_t nh, int64_t nkv, int64_t hd) {
+                    KV* kc, KV* vc, int64_t T, int64_t nh, int64_t nkv, int64_t hd) {
   const int64_t qd = nh * hd, kvd = nkv * hd, nqkv = qd + 2 * kvd, half = hd / 2;
   parallel_rows(T, nqkv, [&](int64_t t0, int64_t t1) {
     // per row: cc = [c0, c0, c1, c1, ...] and ss = [-s0, s0, -s1, s1, ...], so that a head's rotated
@@ -106,8 +118,8 @@ void rope_and_store(float* qkv, const int64_t* pos, const int64_t* slot, const f
           e[i + 1] = x1 * cc[i + 1] + x0 * ss[i + 1];
         }
       }
-      std::copy(r + qd, r + qd + kvd, kc + slot[t] * kvd);
-      std::copy(r + qd + kvd, r + nqkv, vc + slot[t] * kvd);
+      store_row(r + qd, kc + slot[t] * kvd, kvd);
+      store_row(r + qd + kvd, vc + slot[t] * kvd, kvd);
     }
   });
 }
@@ -163,7 +175,7 @@ enum { kLinears = 0, kAttention = 1, kRest = 2 };
 //   block_tables [B, W] int64: sequence i's KV blocks (the first ceil(ctx_len[i] / block_size) read);
 //     position p's slot is block_tables[i, p / block_size] * block_size + p % block_size
 //   out_rows [R] int64 or None (= all T rows): the rows whose final hidden state is returned
-//   rope_cos / rope_sin [max_len, hd/2] float32; k_cache / v_cache [layers, slots, nkv, hd] float32
+//   rope_cos / rope_sin [max_len, hd/2] float32; k_cache / v_cache [layers, slots, nkv, hd] float32 or float16
 //   layers: 18 tensors per layer: qkv (w, s, z, bias), v (w, s, z), o (w, s, z), gate_up (w, s, z),
 //           down (w, s, z), input_norm, post_attention_norm (see Lin; empty tensors where there is none).
 //           v's are empty where qkv holds v; else (its weights came on another grid than q's and k's,
@@ -180,9 +192,10 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
                    torch::Tensor final_norm, int64_t nh, int64_t nkv, int64_t hd, double eps, bool int16_activations,
                    std::optional<torch::Tensor> timings) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "step: x must be contiguous float32 [T, H]");
-  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat && v_cache.scalar_type() == torch::kFloat && k_cache.is_contiguous() &&
-              v_cache.is_contiguous() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "step: the KV cache must be contiguous float32 [layers, slots, nkv, hd]");
+  TORCH_CHECK((k_cache.scalar_type() == torch::kFloat || k_cache.scalar_type() == torch::kHalf) &&
+              v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "step: the KV cache must be contiguous float32 or float16 [layers, slots, nkv, hd], K and V alike");
   TORCH_CHECK(layers.size() % kPerLayer == 0 && int64_t(layers.size() / kPerLayer) == k_cache.size(0),
               "step: 18 tensors per layer, one layer per cache layer");
   TORCH_CHECK(k_cache.size(2) == nkv && k_cache.size(3) == hd && nkv > 0 && nh % nkv == 0 && hd % 2 == 0,
@@ -253,7 +266,7 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
   float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>(), *qkvp = qkv.data_ptr<float>();
   float *attp = att.data_ptr<float>(), *gup = gu.data_ptr<float>(), *actp = act.data_ptr<float>();
   const float *cosp = rope_cos.data_ptr<float>(), *sinp = rope_sin.data_ptr<float>();
-  float *kc0 = k_cache.data_ptr<float>(), *vc0 = v_cache.data_ptr<float>();
+  const bool half_cache = k_cache.scalar_type() == torch::kHalf;
   const int64_t layer_stride = S * kvd;
   if (timings.has_value())
     TORCH_CHECK(timings->scalar_type() == torch::kDouble && timings->is_contiguous() && timings->numel() == 3,
@@ -263,17 +276,19 @@ torch::Tensor step(torch::Tensor x, torch::Tensor seq_start, torch::Tensor ctx_l
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* p = &layers[l * kPerLayer];
     const Lin* lin = &lins[l * 5];
-    float* kc = kc0 + l * layer_stride;
-    float* vc = vc0 + l * layer_stride;
     rms_norm(xp, p[16].data_ptr<float>(), hp, T, H, eps);
     clock.lap(kRest);
     run_linear(lin[0], h, qkvp, nqkv, false, int16_activations);
     if (lin[1].w.numel()) run_linear(lin[1], h, qkvp + qd + kvd, nqkv, false, int16_activations);
     clock.lap(kLinears);
-    rope_and_store(qkvp, pos.data(), new_slot.data(), cosp, sinp, kc, vc, T, nh, nkv, hd);
-    clock.lap(kRest);
-    agentrt::attention(qkvp, nqkv, kc, vc, st, cl, slots.data(), Lmax, B, nh, nkv, hd, attp);
-    clock.lap(kAttention);
+    auto attend = [&](auto* kc, auto* vc) {  // this layer's cache, float or at::Half
+      rope_and_store(qkvp, pos.data(), new_slot.data(), cosp, sinp, kc, vc, T, nh, nkv, hd);
+      clock.lap(kRest);
+      agentrt::attention(qkvp, nqkv, kc, vc, st, cl, slots.data(), Lmax, B, nh, nkv, hd, attp);
+      clock.lap(kAttention);
+    };
+    if (half_cache) attend(k_cache.data_ptr<at::Half>() + l * layer_stride, v_cache.data_ptr<at::Half>() + l * layer_stride);
+    else attend(k_cache.data_ptr<float>() + l * layer_stride, v_cache.data_ptr<float>() + l * layer_stride);
     run_linear(lin[2], att, xp, H, true, int16_activations);  // x += o_proj(att)
     clock.lap(kLinears);
     rms_norm(xp, p[17].data_ptr<float>(), hp, T, H, eps);
@@ -309,7 +324,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &agentrt::attention_op,
         "causal paged attention: q [T, nh*hd], caches [slots, nkv, hd], seq_start [B+1], ctx_len [B], slots [B, L]");
   m.def("step", &step,
-        "one fused engine step (decode rows and prefill chunks; int8 or int4 weights; float32 activations and cache)");
+        "one fused engine step (decode rows and prefill chunks; int8/int6/int5/int4 weights; float32 activations; "
+        "float32 or float16 cache)");
   m.def("isa", []() {  // the instruction set this build's kernels use
 #if defined(AGENTRT_VNNI)
     return "avx512-vnni";

@@ -81,17 +81,18 @@ at::Tensor linear_op(at::Tensor x, at::Tensor w, at::Tensor s, at::Tensor z, at:
 // Causal attention over a paged KV cache for a batch of sequences, each with n_i >= 1 new query rows
 // (a decode token or a prefill chunk) whose K/V are already in the cache.
 //   q:        [T, *] float32; row t's head h starts at q + t * q_stride + h * hd
-//   k_cache / v_cache: one layer, [slots, nkv, hd] float32
+//   k_cache / v_cache: one layer, [slots, nkv, hd] float32 or float16 (KV = float or at::Half)
 //   seq_start [B + 1]: sequence i owns query rows [seq_start[i], seq_start[i + 1])
 //   ctx_len   [B]: keys sequence i's last query row sees (its earlier tokens + n_i)
 //   slots     [B, ld_slots]: slot of each key position of sequence i (first ctx_len[i] read)
 //   out:      [T, nh * hd] float32
 // Query row j (0-based within sequence i) sees key positions 0 .. ctx_len[i] - n_i + j.
-void attention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache, const int64_t* seq_start,
+template <class KV>
+void attention(const float* q, int64_t q_stride, const KV* k_cache, const KV* v_cache, const int64_t* seq_start,
                const int64_t* ctx_len, const int64_t* slots, int64_t ld_slots, int64_t B, int64_t nh, int64_t nkv,
                int64_t hd, float* out);
 
-// `attention` for Python: q [T, >= nh * hd], caches [slots, nkv, hd], seq_start [B + 1], ctx_len [B],
+// `attention` for Python: q [T, >= nh * hd], caches [slots, nkv, hd] (both float32 or both float16), seq_start [B + 1], ctx_len [B],
 // slots [B, L] (int64) -> out [T, nh * hd]; checks every index first.
 at::Tensor attention_op(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor seq_start, at::Tensor ctx_len,
                         at::Tensor slots, int64_t nh, int64_t nkv, int64_t hd);
@@ -119,6 +120,24 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
+
+// A KV cache row of n values as float32: the row itself, or (float16) widened into buf
+inline const float* as_float(const float* row, int64_t, float*) { return row; }
+inline const float* as_float(const at::Half* row, int64_t n, float* buf) {
+  int64_t i = 0;
+#ifdef AGENTRT_AVX2
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i))));
+#endif
+  for (; i < n; ++i) buf[i] = float(row[i]);
+  return buf;
+}
+
+#ifdef AGENTRT_AVX2
+// 8 consecutive cache values as float32
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
 
 inline void axpy_f32(float a, const float* x, float* y, int64_t n) {  // y += a * x
   int64_t i = 0;

@@ -34,16 +34,17 @@ class ModelRunner:
         build = self._build_from_gguf if _reads_gguf_grids(config, loaded) else self._build_from_weights
         self.model, decoder = build(loaded, max_model_len)
         a = self.model.args
+        kv_dtype = self._kv_dtype(fused_everywhere=decoder is not None and not config.prefill_int8)
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
-            per_token = KVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, self.dtype)
+            per_token = KVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, kv_dtype)
             if config.kv_cache_gb is not None:  # the user's budget, even below one max_model_len sequence
                 budget_tokens = max(config.block_size, int(config.kv_cache_gb * 1e9) // per_token)
             else:
                 budget_tokens = max(max_model_len, min(_KV_BUDGET_BYTES // per_token,
                                                        config.max_num_seqs * max_model_len))
             num_blocks = -(-budget_tokens // config.block_size)
-        self.kv = KVCache(a.num_layers, num_blocks, config.block_size, a.num_kv_heads, a.head_dim, self.dtype,
+        self.kv = KVCache(a.num_layers, num_blocks, config.block_size, a.num_kv_heads, a.head_dim, kv_dtype,
                           self.device)
         self.eager = EagerBackend(self.model, self.kv, config.block_size)
         self.compiled = CompiledDecodeBackend(self.model, self.kv, config.block_size) if config.compile else None
@@ -53,6 +54,17 @@ class ModelRunner:
         self.backends: list[StepBackend] = [b for b in (self.fused, self.compiled, self.eager) if b is not None]
         if self.fused is not None and self.fused.prefill:
             self.backends = [self.fused]  # it runs every step: the layers hold no weights of their own
+
+    def _kv_dtype(self, fused_everywhere: bool) -> torch.dtype:
+        """The KV pool's dtype: float16 where the C++ step runs every step (it widens what it reads), unless
+        the config pins float32; elsewhere the model's dtype, which the torch path's attention reads."""
+        choice = self.config.kv_cache_dtype
+        if fused_everywhere:
+            return torch.float32 if choice == "float32" else torch.float16
+        if choice != "auto":
+            raise ValueError(f"kv_cache_dtype={choice!r} needs the fused C++ step running every step; this "
+                             f"engine runs steps on the torch path ({self.dtype}): leave kv_cache_dtype='auto'")
+        return self.dtype
 
     def _build_from_gguf(self, loaded: Any, max_model_len: int) -> tuple[LlamaModel, Any]:
         """(model, C++ step) on the GGUF's own grids, read from the file tensor by tensor."""
@@ -93,7 +105,7 @@ class ModelRunner:
 
     def describe(self) -> str:
         """Which path runs the steps and the memory it holds, e.g. "fused C++ step, int4 weights, avx2
-        kernels, float32, 2 threads, weights 198 MB, KV pool 1074 MB (touched as used)"."""
+        kernels, float32, 2 threads, weights 198 MB, KV pool 1074 MB float16 (touched as used)"."""
         c = self.config
         if self.fused is not None:
             from .decode_fused import kernel_isa
@@ -101,9 +113,10 @@ class ModelRunner:
             head = f"fused C++ step, {self.weights_read}, {kernel_isa()} kernels"
         else:
             head = "torch" + (f", {c.quantization} weights" if c.quantization else "") + (", compiled" if c.compile else "")
+        kv_dtype = str(self.kv.k.dtype).removeprefix("torch.")
         return (f"{head}, {str(self.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
                 f"weights {self.weight_bytes() / 1e6:.0f} MB, KV pool {2 * self.kv.k.nbytes / 1e6:.0f} MB "
-                "(touched as used)")
+                f"{kv_dtype} (touched as used)")
 
     def weight_bytes(self) -> int:
         """Bytes of every weight the engine holds (the C++ step's packed copies included)."""

@@ -28,13 +28,18 @@ def _reference(q, kc, vc, seq_start, ctx, slots, nh, nkv, hd, dtype=torch.float6
     return torch.cat(outs)
 
 
-def _case(ext, rows, prevs, nh, nkv, hd, *, seed=0, paged=False, q_scale=2.0):
+def _case(ext, rows, prevs, nh, nkv, hd, *, seed=0, paged=False, q_scale=2.0, half=False):
     """Sequences with `rows` new query rows after `prevs` earlier tokens, all in one call; keys in
-    random slot order (single slots, or pages of 16 consecutive slots in random page order)."""
+    random slot order (single slots, or pages of 16 consecutive slots in random page order). With
+    `half` the caches are float16, and the output must be bit-identical to that of float32 caches
+    holding the same values (the kernel widens each value and computes as it does in float32)."""
     g = torch.Generator().manual_seed(seed)
     ctx = [r + p for r, p in zip(rows, prevs)]
     S = sum(ctx) + 40
     kc, vc = torch.randn(S, nkv, hd, generator=g), torch.randn(S, nkv, hd, generator=g)
+    if half:
+        kc16, vc16 = kc.half(), vc.half()
+        kc, vc = kc16.float(), vc16.float()
     if paged:
         order = (torch.randperm(S // 16, generator=g)[:, None] * 16 + torch.arange(16)).flatten()
     else:
@@ -49,6 +54,9 @@ def _case(ext, rows, prevs, nh, nkv, hd, *, seed=0, paged=False, q_scale=2.0):
         seq_start.append(seq_start[-1] + r)
     q = q_scale * torch.randn(seq_start[-1], nh * hd + 5, generator=g)  # a wider row: q_stride > nh * hd
     out = ext.attention(q, kc, vc, torch.tensor(seq_start), torch.tensor(ctx), slots, nh, nkv, hd)
+    if half:
+        out16 = ext.attention(q, kc16, vc16, torch.tensor(seq_start), torch.tensor(ctx), slots, nh, nkv, hd)
+        assert torch.equal(out16, out)
     ref = _reference(q, kc, vc, seq_start, ctx, slots, nh, nkv, hd)
     assert out.shape == (seq_start[-1], nh * hd)
     err = (out.double() - ref).abs().max().item()
@@ -66,6 +74,19 @@ def _case(ext, rows, prevs, nh, nkv, hd, *, seed=0, paged=False, q_scale=2.0):
 def test_mixed_batch(ext, hd, nh, nkv):
     # prefill chunks with and without earlier tokens, decode rows (one short, one long), a 1-row chunk
     _case(ext, [17, 1, 70, 1, 3], [3, 300, 130, 0, 0], nh, nkv, hd, seed=hd * 100 + nh)
+
+
+@pytest.mark.parametrize("hd", [64, 13])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float16_cache(ext, hd, threads):
+    """Both kernels (prefill chunks, decode rows with short and long contexts split over threads) and
+    the odd-dimension tails on float16 caches."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _case(ext, [17, 1, 70, 1, 3], [3, 300, 130, 0, 1100], 8, 2, hd, seed=hd, half=True)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def test_long_prefill_chunk_smollm_shape(ext):
@@ -111,3 +132,5 @@ def test_index_checks(ext):
         ext.attention(q, kc, vc, torch.tensor([0, 2]), torch.tensor([3]), torch.tensor([[0, 1, 8]]), 1, 1, 4)
     with pytest.raises(RuntimeError, match="query rows and ctx_len"):
         ext.attention(q, kc, vc, torch.tensor([0, 2]), torch.tensor([1]), torch.tensor([[0, 1, 2]]), 1, 1, 4)
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        ext.attention(q, kc.half(), vc, torch.tensor([0, 2]), torch.tensor([3]), torch.tensor([[0, 1, 2]]), 1, 1, 4)

@@ -26,7 +26,8 @@ def _engines(mode: str = "int4", caching: bool = False, **over):
     loaded = tiny_loaded(**{**(_INT4 if mode == "int4" else _ODD), **over})
     kw = dict(dtype="float32", quantization=mode, num_threads=2, block_size=4, num_kv_blocks=96,
               enable_prefix_caching=caching, max_num_batched_tokens=64)
-    fused = LLMEngine(EngineConfig(fused_decode=True, **kw), loaded=loaded)
+    # a float32 cache, as the torch path keeps (test_float16_cache_* cover float16's rounding)
+    fused = LLMEngine(EngineConfig(fused_decode=True, kv_cache_dtype="float32", **kw), loaded=loaded)
     ref = LLMEngine(EngineConfig(**kw), loaded=loaded)
     assert fused.runner.fused is not None and fused.runner.fused.prefill
     for layer in ref.model.layers:
@@ -226,7 +227,33 @@ def test_smollm_int4_fused_prompt_logits_vs_fp32(ext):
             assert agree == 1.0 and (rows - ref[:48]).abs().max() < 0.05
 
 
-def test_a_row_does_not_depend_on_how_its_prompt_is_cut(ext):
+def test_float16_cache_holds_the_float32_values_rounded(ext):
+    """The C++ step rounds K and V to float16 as it stores them (to nearest even, as torch's ``half()``):
+    after one prefill chunk, a float16 engine's first layer holds the float32 engine's values, rounded (a
+    later layer's inputs went through attention over rounded values)."""
+    loaded = tiny_loaded(**_INT4)
+    kw = dict(dtype="float32", quantization="int4", fused_decode=True, num_threads=2, block_size=4, num_kv_blocks=32,
+              enable_prefix_caching=False)
+    caches = {}
+    for kv in ("float16", "float32"):
+        eng = LLMEngine(EngineConfig(kv_cache_dtype=kv, **kw), loaded=loaded)
+        seq = eng.make_sequence(_ids(37, 1), SamplingParams(max_tokens=1))
+        eng.block_manager.grow(seq, 37)
+        eng.runner.fused.run(eng.runner.prepare([(seq, 37)]), all_rows=True)
+        slots = [b * 4 + j for b in seq.block_table for j in range(4)][:37]
+        caches[kv] = (eng.kv.k[0, slots], eng.kv.v[0, slots])
+    for half, full in zip(caches["float16"], caches["float32"]):
+        assert half.dtype == torch.float16 and torch.equal(half, full.half())
+
+
+def test_torch_path_refuses_a_kv_cache_dtype(ext):
+    with pytest.raises(ValueError, match="kv_cache_dtype='float16' needs the fused C.. step"):
+        LLMEngine(EngineConfig(dtype="float32", quantization=None, kv_cache_dtype="float16", num_kv_blocks=8),
+                  loaded=tiny_loaded(**_INT4))
+
+
+@pytest.mark.parametrize("kv", ["float16", "float32"])
+def test_a_row_does_not_depend_on_how_its_prompt_is_cut(ext, kv):
     """Prompt logits are bit-identical however the prompt is cut into prefill chunks (a prefix-cache hit
     cuts it where the cache ends): a query row's attention must not depend on which rows share its column
     of the tiled kernel, nor on a 64-key block it sees no key of, and a row alone (the decode kernel) must
@@ -234,7 +261,8 @@ def test_a_row_does_not_depend_on_how_its_prompt_is_cut(ext):
     loaded = tiny_loaded(**_INT4, max_position_embeddings=512)
     eng = LLMEngine(EngineConfig(dtype="float32", quantization="int4", fused_decode=True, num_threads=2,
                                  block_size=4, num_kv_blocks=96, enable_prefix_caching=False,
-                                 max_num_batched_tokens=256), loaded=loaded)
+                                 max_num_batched_tokens=256, kv_cache_dtype=kv), loaded=loaded)
+    assert eng.kv.k.dtype == getattr(torch, kv)
     ids = _ids(150, 3)  # 150 keys: three 64-key blocks
     whole = eng.prompt_logits(ids, chunk_size=len(ids))
     for k in (2, 3, 5, 10, 37, 59, 61, 63, 65, 70, 100, 127, 129, 148):

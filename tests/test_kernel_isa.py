@@ -58,15 +58,28 @@ _CHILD = textwrap.dedent("""
         x = torch.randn(m, 512, generator=g)
         out[f"int5 rows={m}"] = (FusedLinear(q5k.parts, torch.empty(0), 512, ext)(x), x, q5k.dequantize(),
                                  torch.zeros(21))
-    eng = LLMEngine(EngineConfig(dtype="float32", quantization="int4", fused_decode=True, num_threads=2,
-                                 block_size=4, num_kv_blocks=64),
-                    loaded=tiny_loaded(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                       num_key_value_heads=2, head_dim=16))
-    out["step"] = eng.prompt_logits(list(range(3, 40)), chunk_size=[16, 1])
+    loaded = tiny_loaded(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16)
+    engines = {kv: LLMEngine(EngineConfig(dtype="float32", quantization="int4", fused_decode=True, num_threads=2,
+                                          block_size=4, num_kv_blocks=64, kv_cache_dtype=kv), loaded=loaded)
+               for kv in ("float32", "float16")}
+    # across builds on a float32 cache: a float16 one rounds K and V, and a last-bit difference in the
+    # scalar build's sums can round a value to the next float16 step
+    out["step"] = engines["float32"].prompt_logits(list(range(3, 40)), chunk_size=[16, 1])
+    eng = engines["float16"]  # what the C++ step runs by default
     ids = list(range(3, 140))  # three 64-key blocks
     out["chunking"] = (eng.prompt_logits(ids, chunk_size=len(ids)), eng.prompt_logits(ids, chunk_size=[64, 1, 1, 71]))
+    # attention on float16 caches: each value widened, then float32's arithmetic (prefill, decode, tails)
+    kc, vc = torch.randn(300, 2, 13, generator=g).half(), torch.randn(300, 2, 13, generator=g).half()
+    q = torch.randn(24, 8 * 13, generator=g)
+    args = (torch.tensor([0, 20, 21, 24]), torch.tensor([40, 280, 3]), torch.randperm(300, generator=g)[:280].expand(3, 280),
+            8, 2, 13)
+    out["float16 cache"] = (ext.attention(q, kc, vc, *args), ext.attention(q, kc.float(), vc.float(), *args))
     torch.save(out, sys.argv[1])
 """)
+
+
+_NOT_LINEARS = ("step", "chunking", "float16 cache")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +98,7 @@ def outputs(tmp_path_factory, ext):
 
 def test_every_build_is_within_activation_rounding_of_the_float_result(outputs):
     for isa, out in outputs.items():
-        for name, (y, x, w, b) in ((k, v) for k, v in out.items() if k not in ("step", "chunking")):
+        for name, (y, x, w, b) in ((k, v) for k, v in out.items() if k not in _NOT_LINEARS):
             ref = x.double() @ w.double().T + b.double()
             # int8 activations per block of 32: half a step (max|x| / 127) per element times |w|, on the
             # weights' own grid (int4 or int8 rounding of w adds its own error: compare to the grid result)
@@ -111,12 +124,18 @@ def test_simd_builds_agree_bit_for_bit_and_scalar_to_summation_order(outputs):
         pytest.skip(f"this CPU runs one kernel build only ({', '.join(outputs)})")
     base = outputs[simd[0]] if simd else outputs["scalar"]
     for isa, out in outputs.items():
-        for name, value in ((k, v) for k, v in out.items() if k != "chunking"):
+        for name, value in ((k, v) for k, v in out.items() if k not in ("chunking", "float16 cache")):
             y, y0 = (value, base[name]) if name == "step" else (value[0], base[name][0])
             if isa in simd:
                 assert torch.equal(y, y0), (isa, name, (y - y0).abs().max())
             else:
                 assert (y - y0).abs().max() <= 1e-5 * y0.abs().max() + 1e-4, (isa, name, (y - y0).abs().max())
+
+
+def test_every_build_reads_a_float16_cache_as_its_float32_values(outputs):
+    for isa, out in outputs.items():
+        half, widened = out["float16 cache"]
+        assert torch.equal(half, widened), (isa, (half - widened).abs().max())
 
 
 def test_every_build_computes_a_row_alike_in_a_chunk_or_alone(outputs):

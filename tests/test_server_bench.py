@@ -111,7 +111,7 @@ def test_serve_refuses_bad_arguments(capsys):
     base = dict(host="127.0.0.1", port=8000, model=None, model_name=None, tools=None, api_key=None,
                 remote_url=None, remote_api_key=None, files_root=None, max_concurrent=4, max_queue=4, max_body_bytes=1000,
                 log_level="warning", public_docs=False, quantization=None, threads=None, max_model_len=None,
-                kv_cache_gb=None)
+                kv_cache_gb=None, kv_cache_dtype="auto")
     assert serve.main(argparse.Namespace(**{**base, "port": 0})) == 2
     assert serve.main(argparse.Namespace(**{**base, "model": "/nonexistent/model.gguf"})) == 2
     assert serve.main(argparse.Namespace(**{**base, "model": __file__, "remote_url": "http://x"})) == 2
@@ -126,10 +126,11 @@ def test_engine_flags_become_engine_config_overrides():
     from agentrt.commands.engine_options import engine_overrides
     from agentrt.engine import EngineConfig
 
-    argv = ["serve", "--quantization", "int4", "--threads", "2", "--max-model-len", "4096", "--kv-cache-gb", "0.5"]
+    argv = ["serve", "--quantization", "int4", "--threads", "2", "--max-model-len", "4096", "--kv-cache-gb", "0.5",
+            "--kv-cache-dtype", "float32"]
     overrides = engine_overrides(build_parser(argv).parse_args(argv))
     assert overrides == {"quantization": "int4", "dtype": "float32", "fused_decode": True, "num_threads": 2,
-                         "max_model_len": 4096, "kv_cache_gb": 0.5}
+                         "max_model_len": 4096, "kv_cache_gb": 0.5, "kv_cache_dtype": "float32"}
     EngineConfig(**overrides)  # a valid config
     argv = ["run", "q"]
     assert engine_overrides(build_parser(argv).parse_args(argv)) == {}

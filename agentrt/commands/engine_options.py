@@ -15,6 +15,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads for the engine (default: chosen by measuring step times)")
     parser.add_argument("--kv-cache-gb", type=float, default=None, metavar="GB",
                         help="memory for the KV cache (default 1 GiB, at least one full context)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "float16", "float32"], default="auto",
+                        help="what the KV cache stores in the fused C++ step (auto, the default: float16, half "
+                        "the memory; the torch path keeps the model's dtype)")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
                         help="context window (default: the model's, at most 8192)")
 
@@ -30,6 +33,8 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["num_threads"] = args.threads
     if args.kv_cache_gb is not None:
         out["kv_cache_gb"] = args.kv_cache_gb
+    if args.kv_cache_dtype != "auto":
+        out["kv_cache_dtype"] = args.kv_cache_dtype
     if args.max_model_len is not None:
         out["max_model_len"] = args.max_model_len
     return out

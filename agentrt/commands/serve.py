@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         print("agentrt serve: give --model or --remote-url, not both", file=sys.stderr)
         return 2
     if args.remote_url and engine_overrides(args):
-        print("agentrt serve: --quantization / --threads / --kv-cache-gb / --max-model-len set the local engine; "
+        print("agentrt serve: --quantization / --threads / --kv-cache-gb / --kv-cache-dtype / --max-model-len set the local engine; "
               "--remote-url has none", file=sys.stderr)
         return 2
     if args.model and not os.path.exists(args.model):
