@@ -254,6 +254,24 @@ def ref_tok(path):
 
 
 @pytest.mark.e2e
+def test_bench_engine_scale_json(capsys):
+    """`--scale` on the embedded GGUF: each figure from its own processes, the default engine's path named
+    (a float16 KV pool in the fused step)."""
+    from tests.helpers.engine import embedded_gguf
+
+    folder, name = embedded_gguf()
+    rc = cli.main(["bench", "engine", "--scale", "--json", "--no-llamacpp", "--model", f"{folder}/{name}",
+                   "--threads", "1", "--repeats", "1", "--decode-tokens", "8"])
+    assert rc == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["impl"] == "agentrt default" and "fused C++ step" in row["path"] and "float16" in row["path"]
+    for key in ("first_load_s", "second_load_s", "decode_ms_per_token", "decode_ms_per_token_long", "peak_rss_mb",
+                "weight_mb", "floor_ms_per_token"):
+        assert row[key] > 0, key
+    assert set(row["prefill_tokens_per_s"]) == {"512", "2048"} and min(row["prefill_tokens_per_s"].values()) > 0
+
+
+@pytest.mark.e2e
 def test_bench_engine_quick_json(tmp_path, capsys):
     write_tiny_hf_folder(tmp_path / "tiny")
     rc = cli.main(["bench", "engine", "--quick", "--json", "--model", str(tmp_path / "tiny"), "--threads", "1",

@@ -1,6 +1,7 @@
 """`agentrt bench engine --scale`: what `LocalLLM(path)` gives at real model sizes, per model, each
 measure in a fresh process: first load (empty cache: header and packing), second load (the packed
-cache mapped), decode ms/token, 512- and 2,048-token prefill tokens/s, peak RSS, and the memory
+cache mapped), decode ms/token after a short prompt and after a 2,048-token one (where reading the KV
+cache adds to reading the weights), 512- and 2,048-token prefill tokens/s, peak RSS, and the memory
 bandwidth floor of decode (weight bytes one step reads / the bandwidth measured here), beside
 llama.cpp on the same file when ``llama-cpp-python`` is installed.
 
@@ -42,6 +43,7 @@ class ScaleRow:
     first_load_s: float | None
     second_load_s: float | None
     decode_ms_per_token: float
+    decode_ms_per_token_long: float  # after a max(PREFILLS)-token prompt
     prefill_tokens_per_s: dict[str, float]
     peak_rss_mb: float
     weight_mb: float
@@ -74,7 +76,7 @@ def _child(path: str, impl: str, threads: int, repeats: int, decode_tokens: int,
             eng.generate([ids], SamplingParams(max_tokens=1, ignore_eos=True))
             return time.perf_counter() - t
 
-        def decode(ids: list[int]) -> float:
+        def decode(ids: list[int]) -> float:  # seconds per token after the prompt ``ids``
             o = eng.generate([ids], SamplingParams(max_tokens=decode_tokens, ignore_eos=True))[0]
             return o.metrics.decode_s / max(1, o.metrics.completion_tokens - 1)
     else:
@@ -107,6 +109,7 @@ def _child(path: str, impl: str, threads: int, repeats: int, decode_tokens: int,
         seeds = iter(range(1000))
         decode(text_token_ids(tok, 32, next(seeds), vocab))  # warm-up: pages of a mapped cache, allocator
         out["decode_s"] = statistics.median(decode(text_token_ids(tok, 32, next(seeds), vocab)) for _ in range(repeats))
+        out["decode_long_s"] = decode(text_token_ids(tok, max(PREFILLS), next(seeds), vocab))  # one run: 2K prefills are slow
         out["prefill_tps"] = {str(n): n / statistics.median(prefill(text_token_ids(tok, n, next(seeds), vocab))
                                                             for _ in range(repeats)) for n in PREFILLS}
     out["peak_rss_bytes"] = peak_rss_bytes()
@@ -154,7 +157,8 @@ def run_scale(models: list[str], threads: int, repeats: int, decode_tokens: int,
             rows.append(ScaleRow(
                 model=spec, impl="agentrt default" if impl == "agentrt" else impl,
                 file_mb=os.path.getsize(path) / 1e6, first_load_s=first["load_s"], second_load_s=m["load_s"],
-                decode_ms_per_token=m["decode_s"] * 1e3, prefill_tokens_per_s=m["prefill_tps"],
+                decode_ms_per_token=m["decode_s"] * 1e3, decode_ms_per_token_long=m["decode_long_s"] * 1e3,
+                prefill_tokens_per_s=m["prefill_tps"],
                 peak_rss_mb=max(first["peak_rss_bytes"], m["peak_rss_bytes"]) / 1e6, weight_mb=wb / 1e6,
                 floor_ms_per_token=wb / bandwidth_gbs / 1e6, path=m["path"]))
     return rows
@@ -165,12 +169,13 @@ def print_rows(rows: list[ScaleRow], bandwidth_gbs: float) -> None:
           "measured here; both sides hold KV for the same tokens, llama.cpp's n_ctx; decode ms per forward "
           "step, our speculation off)")
     head = ("model", "impl", "file MB", "1st load s", "2nd load s", "decode ms/tok", "floor ms", "x floor",
+            f"decode ms/tok after {max(PREFILLS)}",
             *(f"prefill {n} tok/s" for n in PREFILLS), "peak RSS MB")
     print(" | ".join(head))
     for r in rows:
         print(" | ".join([r.model, r.impl, f"{r.file_mb:.0f}", f"{r.first_load_s:.1f}", f"{r.second_load_s:.2f}",
                           f"{r.decode_ms_per_token:.1f}", f"{r.floor_ms_per_token:.1f}",
-                          f"{r.decode_ms_per_token / r.floor_ms_per_token:.2f}",
+                          f"{r.decode_ms_per_token / r.floor_ms_per_token:.2f}", f"{r.decode_ms_per_token_long:.1f}",
                           *(f"{r.prefill_tokens_per_s[str(n)]:.0f}" for n in PREFILLS), f"{r.peak_rss_mb:.0f}"]))
         print(f"    {r.path}")
 
