@@ -77,15 +77,20 @@ void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t H, do
 // RoPE on the q and k heads of each qkv row (adjacent pairs (2i, 2i + 1) rotated by position * freq_i),
 // then the row's new K/V copied to its cache slot.
 //   qkv [T, nqkv]; pos [T], slot [T]; cos / sin [max_len, hd/2]; kc / vc: one layer [slots, nkv * hd]
-// A row into the cache: copied, or rounded to float16 (to nearest even, as at::Half does it)
+// A row into the cache: copied, or rounded to float16 (to nearest even, as at::Half does it), clamped to
+// float16's largest finite value: an outlier K or V beyond it would be inf, and every score of its head NaN
+constexpr float kHalfMax = 65504.f;
 inline void store_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 inline void store_row(const float* src, at::Half* dst, int64_t n) {
   int64_t i = 0;
 #ifdef AGENTRT_AVX2
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  const __m256 hi = _mm256_set1_ps(kHalfMax), lo = _mm256_set1_ps(-kHalfMax);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_loadu_ps(src + i), lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
 #endif
-  for (; i < n; ++i) dst[i] = at::Half(src[i]);
+  for (; i < n; ++i) dst[i] = at::Half(std::min(std::max(src[i], -kHalfMax), kHalfMax));
 }
 
 template <class KV>

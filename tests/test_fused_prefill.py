@@ -246,6 +246,24 @@ def test_float16_cache_holds_the_float32_values_rounded(ext):
         assert half.dtype == torch.float16 and torch.equal(half, full.half())
 
 
+def test_float16_cache_clamps_what_it_cannot_hold(ext):
+    """K and V beyond float16's range are stored as its largest finite value, not inf (which would make
+    every score of the head NaN): an outlier-heavy layer still gives finite logits."""
+    loaded = tiny_loaded(**_INT4)
+    for name, w in loaded.weights.items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            w.mul_(1e5)  # |K|, |V| up to ~1e5 after the norm
+    eng = LLMEngine(EngineConfig(dtype="float32", quantization="int4", fused_decode=True, num_threads=2, block_size=4,
+                                 num_kv_blocks=32, enable_prefix_caching=False), loaded=loaded)
+    seq = eng.make_sequence(_ids(20, 2), SamplingParams(max_tokens=1))
+    eng.block_manager.grow(seq, 20)
+    hidden = eng.runner.fused.run(eng.runner.prepare([(seq, 20)]), all_rows=True)
+    slots = [b * 4 + j for b in seq.block_table for j in range(4)][:20]
+    k, v = eng.kv.k[:, slots].float(), eng.kv.v[:, slots].float()
+    assert k.abs().max() == v.abs().max() == 65504 and k.isfinite().all() and v.isfinite().all()
+    assert eng.model.compute_logits(hidden).isfinite().all()
+
+
 def test_torch_path_refuses_a_kv_cache_dtype(ext):
     with pytest.raises(ValueError, match="kv_cache_dtype='float16' needs the fused C.. step"):
         LLMEngine(EngineConfig(dtype="float32", quantization=None, kv_cache_dtype="float16", num_kv_blocks=8),
