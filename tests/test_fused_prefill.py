@@ -265,6 +265,8 @@ def test_float16_cache_clamps_what_it_cannot_hold(ext):
 
 
 def test_torch_path_refuses_a_kv_cache_dtype(ext):
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' .choose 'auto', 'float16' or 'float32'"):
+        EngineConfig(kv_cache_dtype="fp8")
     with pytest.raises(ValueError, match="kv_cache_dtype='float16' needs the fused C.. step"):
         LLMEngine(EngineConfig(dtype="float32", quantization=None, kv_cache_dtype="float16", num_kv_blocks=8),
                   loaded=tiny_loaded(**_INT4))
