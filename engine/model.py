@@ -203,7 +203,10 @@ class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device="meta")
+        # built around an empty meta weight: nn.Embedding's own init of a meta tensor goes through
+        # torch._refs and imports torch._dynamo (sympy, mpmath: ~900 modules, a second and ~100 MB)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size, device="meta"))
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.empty(args.hidden_size, device="meta"), requires_grad=False)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device="meta")

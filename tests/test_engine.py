@@ -1,6 +1,10 @@
 """Engine unit tests on a tiny random-weights Llama (fast; no real model needed)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -611,3 +615,17 @@ def test_kv_cache_gb_sizes_the_pool():
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="kv_cache_gb"):
             EngineConfig(kv_cache_gb=bad)
+
+
+def test_building_an_engine_does_not_import_torch_dynamo():
+    """torch._dynamo is torch.compile's (with sympy and mpmath: ~900 modules, ~100 MB of RSS and a second of
+    start-up); an nn.Embedding initialized on the meta device imported it. Checked in a fresh process."""
+    code = ("import sys\n"
+            "from agentrt.engine import EngineConfig, LLMEngine\n"
+            "from tests.helpers.engine import tiny_loaded\n"
+            "for kw in ({'quantization': 'int4', 'fused_decode': True}, {'quantization': None}):\n"
+            "    LLMEngine(EngineConfig(dtype='float32', num_kv_blocks=8, **kw), loaded=tiny_loaded())\n"
+            "    assert 'torch._dynamo' not in sys.modules, kw\n")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
