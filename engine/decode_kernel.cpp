@@ -74,9 +74,6 @@ void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t H, do
   });
 }
 
-// RoPE on the q and k heads of each qkv row (adjacent pairs (2i, 2i + 1) rotated by position * freq_i),
-// then the row's new K/V copied to its cache slot.
-//   qkv [T, nqkv]; pos [T], slot [T]; cos / sin [max_len, hd/2]; kc / vc: one layer [slots, nkv * hd]
 // A row into the cache: copied, or rounded to float16 (to nearest even, as at::Half does it), clamped to
 // float16's largest finite value: an outlier K or V beyond it would be inf, and every score of its head NaN
 constexpr float kHalfMax = 65504.f;
@@ -93,6 +90,9 @@ inline void store_row(const float* src, at::Half* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = at::Half(std::min(std::max(src[i], -kHalfMax), kHalfMax));
 }
 
+// RoPE on the q and k heads of each qkv row (adjacent pairs (2i, 2i + 1) rotated by position * freq_i),
+// then the row's new K/V stored in its cache slot (`store_row`).
+//   qkv [T, nqkv]; pos [T], slot [T]; cos / sin [max_len, hd/2]; kc / vc: one layer [slots, nkv * hd]
 template <class KV>
 void rope_and_store(float* qkv, const int64_t* pos, const int64_t* slot, const float* cos, const float* sin,
                     KV* kc, KV* vc, int64_t T, int64_t nh, int64_t nkv, int64_t hd) {

@@ -121,23 +121,22 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// A KV cache row of n values as float32: the row itself, or (float16) widened into buf
-inline const float* as_float(const float* row, int64_t, float*) { return row; }
-inline const float* as_float(const at::Half* row, int64_t n, float* buf) {
-  int64_t i = 0;
-#ifdef AGENTRT_AVX2
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i))));
-#endif
-  for (; i < n; ++i) buf[i] = float(row[i]);
-  return buf;
-}
-
 #ifdef AGENTRT_AVX2
 // 8 consecutive cache values as float32
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 #endif
+
+// A KV cache row of n values as float32: the row itself, or (float16) widened into buf
+inline const float* as_float(const float* row, int64_t, float*) { return row; }
+inline const float* as_float(const at::Half* row, int64_t n, float* buf) {
+  int64_t i = 0;
+#ifdef AGENTRT_AVX2
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf + i, load8(row + i));
+#endif
+  for (; i < n; ++i) buf[i] = float(row[i]);
+  return buf;
+}
 
 inline void axpy_f32(float a, const float* x, float* y, int64_t n) {  // y += a * x
   int64_t i = 0;

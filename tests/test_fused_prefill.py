@@ -227,6 +227,16 @@ def test_smollm_int4_fused_prompt_logits_vs_fp32(ext):
             assert agree == 1.0 and (rows - ref[:48]).abs().max() < 0.05
 
 
+def _prefill_once(eng: LLMEngine, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """One C++ step over the prompt ``ids`` (its blocks left allocated): every row's hidden state and the
+    cache slots its K/V went to."""
+    seq = eng.make_sequence(ids, SamplingParams(max_tokens=1))
+    eng.block_manager.grow(seq, len(ids))
+    hidden = eng.runner.fused.run(eng.runner.prepare([(seq, len(ids))]), all_rows=True)
+    bs = eng.config.block_size
+    return hidden, [b * bs + j for b in seq.block_table for j in range(bs)][: len(ids)]
+
+
 def test_float16_cache_holds_the_float32_values_rounded(ext):
     """The C++ step rounds K and V to float16 as it stores them (to nearest even, as torch's ``half()``):
     after one prefill chunk, a float16 engine's first layer holds the float32 engine's values, rounded (a
@@ -237,10 +247,7 @@ def test_float16_cache_holds_the_float32_values_rounded(ext):
     caches = {}
     for kv in ("float16", "float32"):
         eng = LLMEngine(EngineConfig(kv_cache_dtype=kv, **kw), loaded=loaded)
-        seq = eng.make_sequence(_ids(37, 1), SamplingParams(max_tokens=1))
-        eng.block_manager.grow(seq, 37)
-        eng.runner.fused.run(eng.runner.prepare([(seq, 37)]), all_rows=True)
-        slots = [b * 4 + j for b in seq.block_table for j in range(4)][:37]
+        _, slots = _prefill_once(eng, _ids(37, 1))
         caches[kv] = (eng.kv.k[0, slots], eng.kv.v[0, slots])
     for half, full in zip(caches["float16"], caches["float32"]):
         assert half.dtype == torch.float16 and torch.equal(half, full.half())
@@ -255,10 +262,7 @@ def test_float16_cache_clamps_what_it_cannot_hold(ext):
             w.mul_(1e5)  # |K|, |V| up to ~1e5 after the norm
     eng = LLMEngine(EngineConfig(dtype="float32", quantization="int4", fused_decode=True, num_threads=2, block_size=4,
                                  num_kv_blocks=32, enable_prefix_caching=False), loaded=loaded)
-    seq = eng.make_sequence(_ids(20, 2), SamplingParams(max_tokens=1))
-    eng.block_manager.grow(seq, 20)
-    hidden = eng.runner.fused.run(eng.runner.prepare([(seq, 20)]), all_rows=True)
-    slots = [b * 4 + j for b in seq.block_table for j in range(4)][:20]
+    hidden, slots = _prefill_once(eng, _ids(20, 2))
     k, v = eng.kv.k[:, slots].float(), eng.kv.v[:, slots].float()
     assert k.abs().max() == v.abs().max() == 65504 and k.isfinite().all() and v.isfinite().all()
     assert eng.model.compute_logits(hidden).isfinite().all()
