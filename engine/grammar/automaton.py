@@ -9,7 +9,9 @@ engine; each may allocate at most its share of ``$AGENTRT_GRAMMAR_COMPILE_MEMORY
 2048); at most ``max_waiting`` more wait for a slot, and anything beyond is refused with
 `GrammarBusyError` at once. `run_bounded` runs any compile step this way (the compiler runs the
 whole schema -> regex -> DFA chain in one worker, so nothing of it holds the server's GIL; a step
-nested in it, a oneOf proof, is forked from the worker).
+nested in it, a oneOf proof, is forked from the worker). Before that, the compiler tries the chain in
+its own process under tight limits (quick.py): most tool schemas compile in less time than a round
+trip to a worker takes, and one that passes those limits costs at most their time more.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from . import quick
 from .errors import GrammarBusyError, GrammarCompileError, UnsupportedSchemaError
 
 
@@ -200,15 +203,31 @@ def collect_job(pid: int, read_fd: int, deadline: float | None) -> bytes | None:
     return b"".join(chunks) or pickle.dumps(("died", os.waitstatus_to_exitcode(status)))
 
 
-def run_bounded(work: Callable[[], Any], timeout_s: float | None) -> Any:
+def run_bounded(work: Callable[[], Any], timeout_s: float | None, quick_s: float = 0.0) -> Any:
     """``work()`` under a compile slot: in this process when ``timeout_s`` is None, else in a compile worker
     (a step nested in a compile: a child forked from it) under the time limit and its share of the compile
-    memory (``work`` is then pickled: a module function or a partial of one). Its GrammarCompileError or UnsupportedSchemaError is raised here as it is; any
-    other failure becomes a GrammarCompileError."""
+    memory (``work`` is then pickled: a module function or a partial of one). Its GrammarCompileError or
+    UnsupportedSchemaError is raised here as it is; any other failure becomes a GrammarCompileError.
+
+    With ``quick_s``, ``work()`` is first tried in this process as a `quick.attempt` of that many seconds;
+    only its result and its UnsupportedSchemaError are final (no limit of the attempt leads to one), and
+    anything else it raises sends ``work`` to a worker, whose limits and messages are the real ones. A
+    step nested in an attempt runs in the attempt."""
+    if quick.limits() is not None:
+        return work()
     g = gate
     with g.slot(timeout_s) as left:
         if left is None:
             return work()
+        if quick_s > 0:
+            t0 = time.perf_counter()
+            try:
+                with quick.attempt(min(quick_s, left)):
+                    return work()
+            except UnsupportedSchemaError:
+                raise
+            except Exception:  # noqa: BLE001 - past a limit, or a failure the worker will name
+                left -= time.perf_counter() - t0
         return _run_in_child(work, timeout_s, left, g.child_memory_bytes)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import native_dfa
+from . import native_dfa, quick
 from .automaton import run_bounded
 from .errors import GrammarCompileError
 
@@ -192,6 +192,8 @@ def regex_to_dfa(regex: str) -> ByteDFA:
     built = native_dfa.compile_regex(lib, regex) if lib is not None else None
     if built is not None:
         return ByteDFA(*built[:2], 0, built[2])
+    if quick.limits() is not None:  # outlines-core cannot be stopped: that build is a worker's
+        raise quick.QuickLimitExceeded("a regex only outlines-core builds")
     return outlines_regex_to_dfa(regex)
 
 

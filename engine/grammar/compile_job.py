@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from . import quick
 from .byte_dfa import ByteDFA, minimized, regex_to_dfa
 from .dfa_ops import SpliceError, intersect, multiples_dfa, placeholders_in, splice, unique_items_dfa
 from .errors import AutomatonTooLargeError, GrammarCompileError, UnsupportedSchemaError
@@ -33,6 +34,8 @@ def schema_to_dfa(schema: Any, lenient: bool = False, timeout_s: float | None = 
     try:
         return _whole_dfa(schema, lenient, None if timeout_s is None else 0.9 * timeout_s)
     except AutomatonTooLargeError as e:
+        if quick.limits() is not None:  # naming the part is the worker's, under its own limits
+            raise
         deadline = time.monotonic() + _BLAME_S if end is None else min(end, time.monotonic() + _BLAME_S)
         where = _too_large_part(schema, schema, "", lenient, deadline)
         if where is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import pickle
 import threading
 import time
@@ -23,7 +24,7 @@ import torch
 from . import native_dfa
 from .automaton import run_bounded, workers
 from .byte_dfa import ByteDFA
-from .compile_job import compile_schema
+from .compile_job import compile_schema, warm_up
 from .disk_cache import DiskCache, default_cache_dir
 from .errors import GrammarCompileError
 from .token_walk import TokenTable
@@ -213,6 +214,20 @@ class CompiledGrammar:
         return [f"{'/'.join(map(str, e.absolute_path)) or '/'}: {e.message}" for e in self._validator.iter_errors(value)]
 
 
+# Larger schemas (a turn grammar of hundreds of tools) take longer than an attempt's time: the attempt
+# would only add its time before the worker's compile
+_QUICK_MAX_SCHEMA_CHARS = 32_000
+
+
+def _quick_seconds() -> float:
+    raw = os.environ.get("AGENTRT_GRAMMAR_IN_PROCESS_MS", "").strip()
+    try:
+        ms = float(raw) if raw else 20.0
+    except ValueError:
+        raise ValueError(f"$AGENTRT_GRAMMAR_IN_PROCESS_MS={raw!r}: give milliseconds (0: every compile in a worker)") from None
+    return max(ms, 0.0) / 1e3
+
+
 class GrammarCompiler:
     """Compiles JSON Schemas to token automata for one tokenizer (build once per model)."""
 
@@ -224,6 +239,11 @@ class GrammarCompiler:
         self.tokens = TokenTable(vocab)
         native_dfa.library()  # built here once per machine (seconds), so no compile's time limit pays for it
         workers.prestart()  # so the first request's compile does not wait for a worker to start
+        # a compile is first tried here, in-process, for this long (see quick.py): most tool schemas take
+        # a millisecond or two, less than a worker's round trip
+        self.quick_s = _quick_seconds()
+        if self.quick_s:
+            warm_up()  # what a worker does when it starts (~0.1 s), or the first attempts would pay it
         # one space per tokenizer; the size cap (None: $AGENTRT_GRAMMAR_CACHE_MB, default 256 MB) spans them all
         self.disk_cache = DiskCache(cache_dir if cache_dir is not None else default_cache_dir(), vocab.hash,
                                     cache_max_bytes)
@@ -275,7 +295,9 @@ class GrammarCompiler:
             dfa = None
         source = "disk" if dfa is not None else ""
         if dfa is None:
-            blob = run_bounded(functools.partial(compile_schema, schema, lenient, timeout_s), timeout_s)
+            quick_s = self.quick_s if len(text) <= _QUICK_MAX_SCHEMA_CHARS else 0.0
+            blob = run_bounded(functools.partial(compile_schema, schema, lenient, timeout_s), timeout_s,
+                               quick_s=quick_s)
             regex, unenforced, dfa = pickle.loads(blob)
             self.disk_cache.save(key, blob)
         grammar = CompiledGrammar(schema, regex, dfa, self.tokens, self.vocab, self._encode, unenforced, lenient)

@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 
+from . import quick
 from .byte_dfa import ByteDFA, refine_classes
 from .errors import AutomatonTooLargeError, GrammarCompileError
 
@@ -107,6 +108,8 @@ def unique_items_dfa(texts: tuple[str, ...], mn: int, mx: int | None) -> ByteDFA
                 out.append((ord("]"), end))
         for byte, nxt in out:
             if nxt not in ids:
+                if len(ids) % 256 == 0:
+                    quick.check_states(len(ids), "a uniqueItems automaton")
                 if len(ids) >= MAX_UNIQUE_STATES:
                     raise AutomatonTooLargeError(f"uniqueItems over {len(values)} values passed {MAX_UNIQUE_STATES} states")
                 ids[nxt] = len(ids)
@@ -135,6 +138,8 @@ def intersect(a: ByteDFA, b: ByteDFA, max_states: int = 200_000) -> ByteDFA:
         for byte, key in zip(live.tolist(), zip(na[live].tolist(), nb[live].tolist())):
             j = ids.get(key)
             if j is None:
+                if len(pairs) % 256 == 0:
+                    quick.check_states(len(pairs), "an intersection")
                 if len(pairs) >= max_states:
                     raise AutomatonTooLargeError(f"intersecting two automata passed {max_states} states")
                 j = ids[key] = len(pairs)
@@ -172,6 +177,7 @@ def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
                 copies.append((size, hole))
                 size += hole.dead
             wiring.append((src, t, hole, by_target[t]))
+    quick.check_states(size, "a splice")
     out = np.empty((size + 1, 256), dtype=np.int32)
     out[size] = size  # the new dead state
     _place(skeleton, out, 0, size)

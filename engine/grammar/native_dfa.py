@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import quick
 from .disk_cache import cache_base
 from .errors import AutomatonTooLargeError, GrammarCompileError
 
@@ -53,7 +54,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("the grammar's C++ DFA builder is not available (%s); using outlines-core", e)
         return None
     lib.agentrt_regex_dfa.restype = ctypes.c_void_p
-    lib.agentrt_regex_dfa.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.agentrt_regex_dfa.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double]
     for name, restype in [("status", ctypes.c_int), ("message", ctypes.c_char_p), ("states", ctypes.c_int64)]:
         fn = getattr(lib, f"agentrt_regex_dfa_{name}")
         fn.restype, fn.argtypes = restype, [ctypes.c_void_p]
@@ -88,16 +89,26 @@ def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray,
     """(table [S + 1, 256] int32 with row S the dead state, final [S + 1] bool, each byte's class [256]
     uint8: bytes of one class have equal columns) of ``regex``'s minimal DFA, initial state 0; None when
     the regex holds syntax this builder does not parse. GrammarCompileError when the automaton passes
-    its size limits, MemoryError when memory runs out."""
+    its size limits, MemoryError when memory runs out. Within a `quick.attempt`, its smaller limits (and
+    its time) bound the build, and passing one raises QuickLimitExceeded."""
     data = regex.encode("utf-8")
     max_states = int(os.environ.get("AGENTRT_GRAMMAR_MAX_STATES") or MAX_STATES)
-    handle = lib.agentrt_regex_dfa(data, len(data), max_states, MAX_NFA_STATES)
+    max_nfa_states, max_seconds = MAX_NFA_STATES, 0.0
+    attempt = quick.limits()
+    if attempt is not None:
+        if len(data) > attempt.max_regex_chars:
+            raise quick.QuickLimitExceeded(f"a {len(data):,}-byte regex")
+        max_states, max_nfa_states = min(max_states, attempt.max_states), attempt.max_nfa_states
+        max_seconds = max(attempt.seconds_left(), 1e-4)
+    handle = lib.agentrt_regex_dfa(data, len(data), max_states, max_nfa_states, max_seconds)
     if not handle:
         raise MemoryError("building the regex's DFA")
     try:
         status = lib.agentrt_regex_dfa_status(handle)
         if status == _UNSUPPORTED:
             return None
+        if attempt is not None and status in (_TOO_LARGE, _NO_MEMORY):
+            raise quick.QuickLimitExceeded(lib.agentrt_regex_dfa_message(handle).decode())
         if status == _NO_MEMORY:  # the compile process reports its memory cap (automaton.run_job)
             raise MemoryError("building the regex's DFA")
         if status:

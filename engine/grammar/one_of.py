@@ -15,6 +15,7 @@ import json
 import numpy as np
 from typing import Any
 
+from . import quick
 from .schema_context import ANNOTATIONS, Ctx
 from .schema_refs import deref
 
@@ -81,6 +82,8 @@ def regexes_disjoint(ra: str, rb: str, max_pairs: int = 20_000, timeout_s: float
         for byte in np.intersect1d(da.live_bytes(sa), db.live_bytes(sb)).tolist():  # bytes allowed in both
             nxt = (int(da.table[sa, byte]), int(db.table[sb, byte]))
             if nxt not in seen:
+                if len(seen) % 256 == 0:
+                    quick.check("oneOf proof")
                 if len(seen) >= max_pairs:
                     return False
                 seen.add(nxt)

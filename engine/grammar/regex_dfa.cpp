@@ -10,6 +10,7 @@
 // classes -> minimization (Hopcroft). Plain C ABI for ctypes: the compile workers
 // do not import torch, so this cannot be a torch extension.
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cctype>
 #include <new>
@@ -484,8 +485,9 @@ struct Dfa {
 
 class Determinizer {
  public:
-  Determinizer(const std::vector<NState>& nfa, size_t max_states) : nfa_(nfa), max_(max_states),
-                                                                      mark_(nfa.size(), 0) {}
+  // ``max_seconds`` > 0: give up (kTooLarge) once building has taken that long
+  Determinizer(const std::vector<NState>& nfa, size_t max_states, double max_seconds)
+      : nfa_(nfa), max_(max_states), max_seconds_(max_seconds), mark_(nfa.size(), 0) {}
 
   void run(int32_t start, Dfa& d) {
     byte_classes(d);
@@ -493,7 +495,11 @@ class Determinizer {
     std::vector<int> touched;
     closure(&start, 1);
     intern();
+    const auto t0 = std::chrono::steady_clock::now();
     for (size_t i = 0; i < starts_.size() - 1; ++i) {
+      if (max_seconds_ > 0 && i % 64 == 63 &&
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > max_seconds_)
+        throw Failure{kTooLarge, "building its automaton passed its time limit at " + std::to_string(i) + " states"};
       touched.clear();
       bool is_final = false;
       for (int64_t k = starts_[i]; k < starts_[i + 1]; ++k) {
@@ -521,6 +527,7 @@ class Determinizer {
  private:
   const std::vector<NState>& nfa_;
   size_t max_;
+  double max_seconds_;
   std::vector<uint32_t> mark_;
   uint32_t gen_ = 0;
   std::vector<int32_t> pool_;           // the DFA states' NFA sets, one after another
@@ -741,8 +748,10 @@ struct Result {
 extern "C" {
 
 // Compile ``regex`` (``len`` bytes of UTF-8). Never null; read the status first (0 ok, 1 unsupported
-// syntax, 2 over a size limit, 3 out of memory) and free it with agentrt_regex_dfa_free.
-void* agentrt_regex_dfa(const char* regex, int64_t len, int64_t max_states, int64_t max_nfa_states) {
+// syntax, 2 over a size or time limit (``max_seconds`` > 0), 3 out of memory) and free it with
+// agentrt_regex_dfa_free.
+void* agentrt_regex_dfa(const char* regex, int64_t len, int64_t max_states, int64_t max_nfa_states,
+                        double max_seconds) {
   Result* r = new (std::nothrow) Result();
   if (!r) return nullptr;
   try {
@@ -752,7 +761,7 @@ void* agentrt_regex_dfa(const char* regex, int64_t len, int64_t max_states, int6
     int32_t match = nfa.make();
     nfa.st[match].match = true;
     int32_t start = nfa.compile(root, match);
-    Determinizer(nfa.st, size_t(max_states)).run(start, r->dfa);
+    Determinizer(nfa.st, size_t(max_states), max_seconds).run(start, r->dfa);
     if (size_t(r->dfa.n + 1) * r->dfa.nclasses <= kMaxMinimizeEdges) minimize(r->dfa);
   } catch (const Failure& f) {
     r->status = f.status;

@@ -13,6 +13,7 @@ character keeps length limits and patterns exact.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from re import _constants as C  # noqa: N812 - the stdlib's parser constants
 from re import _parser as sre_parse
@@ -244,30 +245,61 @@ FORMATS: dict[str, str] = {
 _ALL_START = 0
 
 
-@functools.cache
 def _all_chars() -> str:
     """Every code point in order, surrogates replaced by NUL (which no category matches)."""
     return "".join(chr(cp) if not (_SURROGATES[0] <= cp <= _SURROGATES[1]) else "\0" for cp in range(MAX_CP + 1))
 
 
-@functools.cache
 def _category(name: str) -> tuple[Ranges, Ranges]:
     """(lower, upper) bounds of a regex category: lower is in every dialect's set
     (ECMA-262 and Python's Unicode one), upper contains every dialect's set."""
+    return _categories()[name]
+
+
+@functools.cache
+def _categories() -> dict[str, tuple[Ranges, Ranges]]:
+    """`_category` of each name, kept on disk per Python version (its ``re`` and Unicode tables define
+    them): scanning every code point takes ~0.25 s, which each compile worker paid as it started."""
+    import json
+    import sys
+    import unicodedata
+
+    from .disk_cache import cache_base
+
+    path = os.path.join(cache_base(), "unicode", f"categories-{sys.version_info[0]}.{sys.version_info[1]}-"
+                        f"{unicodedata.unidata_version}.json")
+    try:
+        with open(path) as f:
+            return {name: (_ranges(lo), _ranges(hi)) for name, (lo, hi) in json.load(f).items()}
+    except (OSError, ValueError, TypeError):
+        pass
+    every = _all_chars()
+
     def ranges_where(cat: str) -> Ranges:
         # one C-level scan over every code point, as runs of matching characters
-        return [(_ALL_START + m.start(), _ALL_START + m.end() - 1) for m in re.finditer(cat + "+", _all_chars())]
+        return [(_ALL_START + m.start(), _ALL_START + m.end() - 1) for m in re.finditer(cat + "+", every)]
 
-    if name == "digit":
-        ascii_, uni = [(0x30, 0x39)], ranges_where(r"\d")
-    elif name == "word":
-        ascii_ = [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]
-        uni = ranges_where(r"\w")
-    else:  # space
-        ascii_ = normalize([(0x09, 0x0D), (0x20, 0x20), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
-                            (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000), (0xFEFF, 0xFEFF)])
-        uni = ranges_where(r"\s")
-    return intersect(ascii_, uni), normalize(ascii_ + uni)
+    space = normalize([(0x09, 0x0D), (0x20, 0x20), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
+                       (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000), (0xFEFF, 0xFEFF)])
+    out = {}
+    for name, ascii_, cat in [("digit", [(0x30, 0x39)], r"\d"),
+                              ("word", [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)], r"\w"),
+                              ("space", space, r"\s")]:
+        uni = ranges_where(cat)
+        out[name] = (intersect(ascii_, uni), normalize(ascii_ + uni))
+    try:  # written whole under a unique name, then renamed: concurrent workers never read half a file
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: computed again next time
+    return out
+
+
+def _ranges(pairs: list) -> Ranges:
+    return [(int(lo), int(hi)) for lo, hi in pairs]
 
 
 _CATS = {

@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Any
 
+from . import quick
 from .errors import GrammarCompileError, UnsatisfiableSchemaError, UnsupportedSchemaError
 from .one_of import UNCOMPILED, branches_disjoint
 from .regex_util import alt
@@ -123,6 +124,9 @@ def _node(schema: Any, ctx: Ctx, path: str) -> str | None:
     regex = _node_regex(schema, ctx, path)
     # checked at every level, not once at the end: nesting multiplies the size, so a 25-deep array
     # would build gigabytes of regex before a final check could refuse it
+    attempt = quick.limits()
+    if attempt is not None and regex is not None and len(regex) > attempt.max_regex_chars:
+        raise quick.QuickLimitExceeded(f"the schema at {path or '/'} expands to a {len(regex):,}-character regex")
     if regex is not None and len(regex) > ctx.max_regex_chars:
         raise GrammarCompileError(f"the schema at {path or '/'} expands to a {len(regex):,}-character regex (limit "
                                   f"{ctx.max_regex_chars:,}): simplify it (less nesting, fewer $refs / alternatives)")
@@ -130,6 +134,7 @@ def _node(schema: Any, ctx: Ctx, path: str) -> str | None:
 
 
 def _node_regex(schema: Any, ctx: Ctx, path: str) -> str | None:
+    quick.check()
     if ctx.deadline is not None and time.perf_counter() > ctx.deadline:
         raise GrammarCompileError(f"compiling the schema took longer than the time limit and was stopped at "
                                   f"{path or '/'} (simplify it: fewer nested $refs / alternatives, or raise timeout_s)")
