@@ -4,6 +4,7 @@ or an answer), then turns offering new subsets of those already-seen tools, each
 `GrammarCompiler` (its compile workers) as `LocalLLM` compiles a step's grammar."""
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import sys
@@ -28,13 +29,16 @@ def run_tool_turns(tok: Any, tools: list, n_tools: int, subset_size: int = 5, tu
                    timeout_s: float = 120.0, out=sys.stdout) -> dict:
     """Cold compile of ``n_tools`` as one turn, then ``turns`` turns of ``subset_size`` of them."""
     from agentrt.engine.grammar import GrammarCompiler
+    from agentrt.engine.grammar.automaton import run_bounded
     from agentrt.prompting import plan_turn
 
     tools = tools[:n_tools]
     rng = random.Random(1)
     with tempfile.TemporaryDirectory() as cache:
         comp = GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok), cache_dir=cache)
-        comp.compile_json_schema({"type": "object", "properties": {"a": {"type": "string"}}})  # workers up
+        comp.compile_json_schema({"type": "object", "properties": {"a": {"type": "string"}}})
+        # (that compile ran in this process) a job in a worker: the cold compile below does not wait for its start
+        run_bounded(os.getpid, timeout_s)
         t0 = time.perf_counter()
         whole = comp.compile_json_schema(plan_turn([], tools).json_schema, timeout_s=timeout_s)
         cold_ms = (time.perf_counter() - t0) * 1e3
