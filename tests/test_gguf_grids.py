@@ -3,6 +3,8 @@ half an int8 step where it is rounded; unsupported and truncated files are refus
 from __future__ import annotations
 
 import os
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +170,28 @@ def test_truncated_tensor_is_a_clear_error(tmp_path):
             read_grid(fd, t)
     finally:
         os.close(fd)
+
+
+def test_the_header_reader_decodes_what_gguf_does_and_refuses_damage(tmp_path):
+    from agentrt.engine.gguf_grids import read_header
+    from agentrt.engine.loader import embedded_model_path
+
+    path = embedded_model_path()
+    ours, reader = read_header(path, metadata=True), gguf.GGUFReader(str(path))
+    assert {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")} == ours.metadata
+    assert [(t.name, tuple(int(x) for x in t.shape), t.tensor_type, int(t.data_offset)) for t in reader.tensors] == \
+        [(t.name, t.shape, t.tensor_type, t.data_offset) for t in ours.tensors.values()]
+    assert read_header(path).tensors == ours.tensors and read_header(path).metadata == {}
+
+    def header(*kv: bytes) -> Path:
+        out = tmp_path / "damaged.gguf"
+        out.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kv)) + b"".join(kv) + bytes(64))
+        return out
+
+    key = struct.pack("<Q", 3) + b"abc"
+    for damaged in (struct.pack("<Q", 1 << 60),  # a key as long as no file is
+                    key + struct.pack("<IIQ", 9, 8, 1 << 60),  # an array of 2**60 strings
+                    key + struct.pack("<IIQ", 9, 6, 1 << 40)):  # of 2**40 floats
+        with pytest.raises(ValueError, match="past the end of the file"):
+            read_header(header(damaged), metadata=True)
+    assert read_header(header(key + struct.pack("<IQ", 8, 2) + b"hi"), metadata=True).metadata == {"abc": "hi"}
