@@ -89,8 +89,11 @@ def test_the_dfa_builder_stops_at_the_attempts_limits_not_with_a_verdict():
         with pytest.raises(quick.QuickLimitExceeded, match="20000 states"):
             regex_to_dfa('"[ab]*a[ab]{14}"')
     with quick.attempt(1e-4):  # 2**13 states are within the limit: building them passes the time
-        with pytest.raises(quick.QuickLimitExceeded, match="time limit"):
+        with pytest.raises(quick.QuickLimitExceeded, match="automaton passed its time limit"):
             regex_to_dfa('"[ab]*a[ab]{12}"')
+    with quick.attempt(1e-4):  # a million NFA states are spelled out before a DFA state is built
+        with pytest.raises(quick.QuickLimitExceeded, match="NFA passed its time limit"):
+            regex_to_dfa('"((a{100}){100}){100}"')
     assert regex_to_dfa('"[ab]*a[ab]{14}"').dead > 2 ** 15  # outside an attempt: the real limits
 
 

@@ -381,14 +381,28 @@ void utf8_sequences(uint32_t a, uint32_t b, std::vector<ByteSeq>& out) {
   }
 }
 
+// A time limit on one build (none when ``max_seconds`` <= 0), checked every so many states.
+struct Deadline {
+  explicit Deadline(double max_seconds) : max_seconds(max_seconds), t0(std::chrono::steady_clock::now()) {}
+  void check(const char* what, size_t states) const {
+    if (max_seconds > 0 && std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > max_seconds)
+      throw Failure{kTooLarge, std::string("building its ") + what + " passed its time limit at " +
+                                   std::to_string(states) + " states"};
+  }
+  double max_seconds;
+  std::chrono::steady_clock::time_point t0;
+};
+
 class NfaBuilder {
  public:
-  NfaBuilder(const std::vector<Node>& ast, size_t max_states) : ast_(ast), max_(max_states) {}
+  NfaBuilder(const std::vector<Node>& ast, size_t max_states, const Deadline& deadline)
+      : ast_(ast), max_(max_states), deadline_(deadline) {}
 
   std::vector<NState> st;
 
   int32_t make() {
     if (st.size() >= max_) throw Failure{kTooLarge, "its regex passed " + std::to_string(max_) + " NFA states"};
+    if (st.size() % 4096 == 4095) deadline_.check("NFA", st.size());
     st.emplace_back();
     return int32_t(st.size()) - 1;
   }
@@ -409,6 +423,7 @@ class NfaBuilder {
  private:
   const std::vector<Node>& ast_;
   size_t max_;
+  const Deadline& deadline_;
   std::unordered_map<uint64_t, int32_t> built_;     // (node, next) -> start state
 
   int32_t build(int node, int32_t next) {
@@ -485,9 +500,8 @@ struct Dfa {
 
 class Determinizer {
  public:
-  // ``max_seconds`` > 0: give up (kTooLarge) once building has taken that long
-  Determinizer(const std::vector<NState>& nfa, size_t max_states, double max_seconds)
-      : nfa_(nfa), max_(max_states), max_seconds_(max_seconds), mark_(nfa.size(), 0) {}
+  Determinizer(const std::vector<NState>& nfa, size_t max_states, const Deadline& deadline)
+      : nfa_(nfa), max_(max_states), deadline_(deadline), mark_(nfa.size(), 0) {}
 
   void run(int32_t start, Dfa& d) {
     byte_classes(d);
@@ -495,11 +509,8 @@ class Determinizer {
     std::vector<int> touched;
     closure(&start, 1);
     intern();
-    const auto t0 = std::chrono::steady_clock::now();
     for (size_t i = 0; i < starts_.size() - 1; ++i) {
-      if (max_seconds_ > 0 && i % 64 == 63 &&
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > max_seconds_)
-        throw Failure{kTooLarge, "building its automaton passed its time limit at " + std::to_string(i) + " states"};
+      if (i % 64 == 63) deadline_.check("automaton", i);
       touched.clear();
       bool is_final = false;
       for (int64_t k = starts_[i]; k < starts_[i + 1]; ++k) {
@@ -527,7 +538,7 @@ class Determinizer {
  private:
   const std::vector<NState>& nfa_;
   size_t max_;
-  double max_seconds_;
+  const Deadline& deadline_;
   std::vector<uint32_t> mark_;
   uint32_t gen_ = 0;
   std::vector<int32_t> pool_;           // the DFA states' NFA sets, one after another
@@ -757,11 +768,12 @@ void* agentrt_regex_dfa(const char* regex, int64_t len, int64_t max_states, int6
   try {
     Parser parser(regex, size_t(len));
     int root = parser.parse();
-    NfaBuilder nfa(parser.nodes, size_t(max_nfa_states));
+    Deadline deadline(max_seconds);
+    NfaBuilder nfa(parser.nodes, size_t(max_nfa_states), deadline);
     int32_t match = nfa.make();
     nfa.st[match].match = true;
     int32_t start = nfa.compile(root, match);
-    Determinizer(nfa.st, size_t(max_states), max_seconds).run(start, r->dfa);
+    Determinizer(nfa.st, size_t(max_states), deadline).run(start, r->dfa);
     if (size_t(r->dfa.n + 1) * r->dfa.nclasses <= kMaxMinimizeEdges) minimize(r->dfa);
   } catch (const Failure& f) {
     r->status = f.status;
