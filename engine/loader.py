@@ -279,10 +279,10 @@ def _gguf_field(header: GGUFHeader, key: str, default: Any = None) -> Any:
     return header.metadata.get(key, default)
 
 
-def _gguf_config(reader: GGUFHeader, path: Path) -> tuple[dict[str, Any], bool]:
+def _gguf_config(header: GGUFHeader, path: Path) -> tuple[dict[str, Any], bool]:
     """HF config dict from GGUF metadata; also whether llama.cpp permuted the q/k rows."""
-    arch = _gguf_field(reader, "general.architecture")
-    gname = str(_gguf_field(reader, "general.name", "") or "")
+    arch = _gguf_field(header, "general.architecture")
+    gname = str(_gguf_field(header, "general.name", "") or "")
     if arch == "llama" and "mistral" in gname.lower():  # llama.cpp files Mistral under "llama"
         arch = "mistral"
     if arch not in _ARCHES:
@@ -290,33 +290,33 @@ def _gguf_config(reader: GGUFHeader, path: Path) -> tuple[dict[str, Any], bool]:
             f"{path.name}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHES)})"
         )
     model_type, hf_arch, permuted = _ARCHES[arch]
-    prefix = "llama" if arch == "mistral" and reader.metadata.get("mistral.block_count") is None else arch
+    prefix = "llama" if arch == "mistral" and header.metadata.get("mistral.block_count") is None else arch
 
     def need(k: str) -> Any:
-        v = _gguf_field(reader, f"{prefix}.{k}")
+        v = _gguf_field(header, f"{prefix}.{k}")
         if v is None:
             raise UnsupportedModelError(f"{path.name}: GGUF metadata key {prefix}.{k!r} is missing")
         return v
 
     n_heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
-    tokens = reader.metadata.get("tokenizer.ggml.tokens")
-    vocab = _gguf_field(reader, f"{prefix}.vocab_size") or (len(tokens) if tokens else None)
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    vocab = _gguf_field(header, f"{prefix}.vocab_size") or (len(tokens) if tokens else None)
     if vocab is None:
         raise UnsupportedModelError(f"{path.name}: no vocab size in the GGUF metadata")
-    head_dim = _gguf_field(reader, f"{prefix}.attention.key_length") or _gguf_field(
-        reader, f"{prefix}.rope.dimension_count"
+    head_dim = _gguf_field(header, f"{prefix}.attention.key_length") or _gguf_field(
+        header, f"{prefix}.rope.dimension_count"
     ) or hidden // n_heads
     rope_scaling = None
-    stype = _gguf_field(reader, f"{prefix}.rope.scaling.type")
+    stype = _gguf_field(header, f"{prefix}.rope.scaling.type")
     if stype and stype != "none":
-        rope_scaling = {"rope_type": stype, "factor": float(_gguf_field(reader, f"{prefix}.rope.scaling.factor", 1.0))}
-        orig = _gguf_field(reader, f"{prefix}.rope.scaling.original_context_length")
+        rope_scaling = {"rope_type": stype, "factor": float(_gguf_field(header, f"{prefix}.rope.scaling.factor", 1.0))}
+        orig = _gguf_field(header, f"{prefix}.rope.scaling.original_context_length")
         if orig:
             rope_scaling["original_max_position_embeddings"] = int(orig)
-    has_bias = any(name.endswith("attn_q.bias") for name in reader.tensors)
-    bos = _gguf_field(reader, "tokenizer.ggml.bos_token_id")
-    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    has_bias = any(name.endswith("attn_q.bias") for name in header.tensors)
+    bos = _gguf_field(header, "tokenizer.ggml.bos_token_id")
+    eos = _gguf_field(header, "tokenizer.ggml.eos_token_id")
     config = {
         "architectures": [hf_arch],
         "model_type": model_type,
@@ -325,13 +325,13 @@ def _gguf_config(reader: GGUFHeader, path: Path) -> tuple[dict[str, Any], bool]:
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(_gguf_field(reader, f"{prefix}.attention.head_count_kv") or n_heads),
+        "num_key_value_heads": int(_gguf_field(header, f"{prefix}.attention.head_count_kv") or n_heads),
         "head_dim": int(head_dim),
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_gguf_field(reader, f"{prefix}.rope.freq_base", 10000.0)),
+        "rope_theta": float(_gguf_field(header, f"{prefix}.rope.freq_base", 10000.0)),
         "rope_scaling": rope_scaling,
         "max_position_embeddings": int(need("context_length")),
-        "tie_word_embeddings": "output.weight" not in reader.tensors,
+        "tie_word_embeddings": "output.weight" not in header.tensors,
         "attention_bias": has_bias,
         "bos_token_id": None if bos is None else int(bos),
         "eos_token_id": None if eos is None else int(eos),
@@ -398,28 +398,28 @@ def _open_gguf(path: Path, metadata: bool = True) -> GGUFHeader:
 def _write_gguf_header(path: Path, out: Path) -> None:
     from .gguf_grids import UnsupportedQuantError, tensor_type
 
-    reader = _open_gguf(path)
-    config, _ = _gguf_config(reader, path)
+    header = _open_gguf(path)
+    config, _ = _gguf_config(header, path)
     try:
-        for t in reader.tensors.values():
+        for t in header.tensors.values():
             if len(t.shape) == 2:
                 tensor_type(t)  # refuses a quant type no grid reads, by name
     except UnsupportedQuantError as e:
         raise UnsupportedModelError(f"{path.name}: {e}") from None
     shapes = {gguf_to_hf_name(t.name): SimpleNamespace(shape=tuple(int(x) for x in reversed(t.shape)))
-              for t in reader.tensors.values()}
+              for t in header.tensors.values()}
     _check_weights(shapes, config, str(path))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if config["eos_token_id"] is not None:
         gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     tok = _gguf_tokenizer(path)
-    template = _gguf_field(reader, "tokenizer.chat_template")
+    template = _gguf_field(header, "tokenizer.chat_template")
     if template:
         tok.chat_template = template
     tok.save_pretrained(str(out))
     meta = {"source": str(path), "name": path.name[: -len(".gguf")], "converter_version": CONVERTER_VERSION,
-            "quant_type": _quant_type(reader), "parameters": sum(math.prod(t.shape) for t in reader.tensors.values())}
+            "quant_type": _quant_type(header), "parameters": sum(math.prod(t.shape) for t in header.tensors.values())}
     (out / _DONE_MARKER).write_text(json.dumps(meta, indent=2))
 
 
@@ -449,7 +449,7 @@ def _dequantized(path: Path, *, progress: bool) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
 
     config, permuted = _gguf_config(_open_gguf(path), path)
-    reader = gguf.GGUFReader(str(path))  # the tensors' data (this header was read by _open_gguf)
+    reader = gguf.GGUFReader(str(path))  # for the tensors as arrays, which only this (torch) path dequantizes
     weights: dict[str, torch.Tensor] = {}
     bar = tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", disable=not progress)
     for t in bar:
