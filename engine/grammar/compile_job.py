@@ -1,14 +1,16 @@
-"""What a compile runs in a compile worker: schema -> regex -> byte DFA, pickled. Kept apart from
-compiler.py (and free of torch) so the workers stay small: forking a process that has imported torch
-cost ~10 ms more, and a worker's import time is paid again whenever one starts.
+"""What a compile runs in a compile worker (or first in the caller's process, see quick.py): schema ->
+regex -> byte DFA, pickled. Kept apart from compiler.py (and free of torch) so the workers stay small:
+forking a process that has imported torch cost ~10 ms more, and a worker's import time is paid again
+whenever one starts.
 
 The parts a regex leaves to automata (see schema_to_parts) are built here and kept, least recently
-used first out, within ``_PARTS_BYTES``: a tool's arguments, a part of its own, compile once per worker
+used first out, within ``_PARTS_BYTES``: a tool's arguments, a part of its own, compile once per process
 however many turn grammars hold the tool.
 """
 from __future__ import annotations
 
 import pickle
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -21,6 +23,7 @@ from .schema_regex import schema_to_parts, schema_to_regex
 
 _PARTS: OrderedDict[tuple, ByteDFA] = OrderedDict()
 _PARTS_BYTES = 64 << 20
+_PARTS_LOCK = threading.Lock()  # in-process attempts (quick.py) may run in several threads at once
 
 
 def schema_to_dfa(schema: Any, lenient: bool = False, timeout_s: float | None = None) -> tuple[str, list[str], ByteDFA]:
@@ -112,10 +115,11 @@ def _to_dfa(schema: Any, lenient: bool, timeout_s: float | None, split_objects: 
 def _part(key: tuple, pieces: list, inner: dict[int, ByteDFA]) -> ByteDFA:
     """The DFA of the intersection of ``pieces`` (regexes, ("multiple_of", k) or ("unique_items", ...)) with ``inner`` parts
     spliced in; kept under ``key``."""
-    hit = _PARTS.get(key)
-    if hit is not None:
-        _PARTS.move_to_end(key)
-        return hit
+    with _PARTS_LOCK:
+        hit = _PARTS.get(key)
+        if hit is not None:
+            _PARTS.move_to_end(key)
+            return hit
     dfas = [_piece_dfa(p) for p in pieces]
     part = dfas[0]
     for more in dfas[1:]:
@@ -124,10 +128,11 @@ def _part(key: tuple, pieces: list, inner: dict[int, ByteDFA]) -> ByteDFA:
         part = minimized(part)
     if inner:
         part = splice(part, inner)
-    _PARTS[key] = part
-    total = sum(p.nbytes for p in _PARTS.values())
-    while len(_PARTS) > 1 and total > _PARTS_BYTES:
-        total -= _PARTS.popitem(last=False)[1].nbytes
+    with _PARTS_LOCK:
+        _PARTS[key] = part
+        total = sum(p.nbytes for p in _PARTS.values())
+        while len(_PARTS) > 1 and total > _PARTS_BYTES:
+            total -= _PARTS.popitem(last=False)[1].nbytes
     return part
 
 
