@@ -38,7 +38,10 @@ def worker_calls(monkeypatch):
 
 
 @pytest.fixture
-def compiler(tmp_path):
+def compiler(tmp_path, monkeypatch):
+    # a generous time, so a busy machine cannot send these to a worker: what is tested is where the
+    # limits of states and size put a schema, and that the attempt's outcome is the worker's
+    monkeypatch.setenv("AGENTRT_GRAMMAR_IN_PROCESS_MS", "5000")
     tok = smollm2_tokenizer()
     return GrammarCompiler.from_tokenizer(tok, vocab_size=len(tok), cache_dir=str(tmp_path))
 
