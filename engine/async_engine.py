@@ -11,8 +11,6 @@ import time
 import weakref
 from typing import Any, AsyncIterator
 
-import torch
-
 from .config import SamplingParams
 from .constraint import TokenConstraint
 from .engine import EngineStats, LLMEngine, RequestOutput
@@ -73,7 +71,7 @@ class AsyncLLMEngine:
     Usage: ``async for out in aengine.generate_stream(prompt, params): ...``. Leaving the loop
     early (break, cancellation) aborts the request and frees its blocks.
 
-    ``tune_threads``: let the loop pick 1 or torch's thread count by measuring step times (see
+    ``tune_threads``: let the loop pick 1 or the engine's thread count by measuring step times (see
     `engine.threads`); None = on for a CPU engine whose ``num_threads`` is not set explicitly.
     """
 
@@ -81,7 +79,7 @@ class AsyncLLMEngine:
         self.engine = engine
         if tune_threads is None:
             tune_threads = engine.device.type == "cpu" and engine.config.num_threads is None
-        self.thread_tuner = ThreadTuner(torch.get_num_threads(), torch.set_num_threads) if tune_threads else None
+        self.thread_tuner = ThreadTuner(engine.runner.threads, engine.runner.set_threads) if tune_threads else None
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, _Sink] = {}

@@ -540,7 +540,7 @@ void attention(const float* q, int64_t q_stride, const T* k_cache, const T* v_ca
                int64_t hd, float* out) {
   const int64_t G = nh / nkv;
   const Shape<T> a{q, q_stride, k_cache, v_cache, seq_start, ctx_len, slots, ld_slots, nh, nkv, hd, G, out};
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nthreads = agentrt::num_threads();
   std::vector<Task> first, second;
   std::vector<int64_t> score_at(B, -1), ld(B, 0);  // decode rows: offset and row stride of their scores
   int64_t nscores = 0, n_decode = 0;

@@ -331,6 +331,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step,
         "one fused engine step (decode rows and prefill chunks; int8/int6/int5/int4 weights; float32 activations; "
         "float32 or float16 cache)");
+  m.def("set_num_threads", &agentrt::set_num_threads,
+        "set the kernels' thread count (n >= 1; 0: follow torch's intra-op count, the start); returns the setting "
+        "it replaced");
+  m.def("num_threads", &agentrt::num_threads, "the kernels' thread count");
   m.def("isa", []() {  // the instruction set this build's kernels use
 #if defined(AGENTRT_VNNI)
     return "avx512-vnni";

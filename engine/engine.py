@@ -230,6 +230,10 @@ class LLMEngine:
 
         Finished requests' uncomputed tails (see `Scheduler.finish`) ride along in the batch; their
         rows are not sampled, and their blocks are released into the prefix cache after it."""
+        with self.runner.threads_for_step():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
         if self.num_speculative_tokens:
             self._propose_drafts()

@@ -60,9 +60,14 @@ struct Lin {
 constexpr int64_t kSuperRecord = 20;  // bytes a column's super-block scales take (see Lin)
 constexpr int64_t kSixRecord = 18;    // int6's
 
-// at::parallel_for's contract (f gets contiguous chunks of [begin, end), at most at::get_num_threads() of them,
+// at::parallel_for's contract (f gets contiguous chunks of [begin, end), at most `num_threads()` of them,
 // none smaller than `grain` but the last) on the kernels' own thread pool (thread_pool.cpp says why).
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
+
+// The kernels' thread count: set by `set_num_threads` (n >= 1), else (0, the start) torch's intra-op count.
+// `set_num_threads` returns the setting it replaced (0 or a count), for a caller that restores it.
+int64_t num_threads();
+int64_t set_num_threads(int64_t n);
 
 // Throws (TORCH_CHECK) naming `what` unless `l` is a well-formed [N, K] linear.
 void check_lin(const Lin& l, int64_t N, int64_t K, const char* what);
@@ -72,7 +77,7 @@ void check_lin(const Lin& l, int64_t N, int64_t K, const char* what);
 // (step max|x| / 127: at most half a step of error per element); with `int16` the kernel also multiplies
 // what that rounding left, rounded to step / 254 (int16-like precision for twice the multiply work).
 // Each row's result depends only on that row (never on M): a request's numbers do not change with what
-// else is in its batch. Threads over torch's pool.
+// else is in its batch. Threads over the kernels' pool (`num_threads()` of them).
 void linear(const Lin& l, const float* X, float* Y, int64_t M, int64_t K, bool accumulate, bool int16, int64_t ldy);
 
 // x [M, K] float32 -> [M, N] float32 through the `Lin` (w, s, z, bias): `linear` for Python.

@@ -108,6 +108,7 @@ struct Pool {
 };
 
 std::atomic<Pool*> g_pool{nullptr};
+std::atomic<int64_t> g_threads{0};  // 0: torch's intra-op count
 std::once_flag g_atfork;
 
 Pool& pool() {
@@ -125,9 +126,16 @@ Pool& pool() {
 
 }  // namespace
 
+int64_t num_threads() {
+  const int64_t n = g_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : std::max<int64_t>(1, at::get_num_threads());
+}
+
+int64_t set_num_threads(int64_t n) { return g_threads.exchange(std::max<int64_t>(0, n)); }
+
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
   if (begin >= end) return;
-  const int64_t n = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()),
+  const int64_t n = std::min<int64_t>(num_threads(),
                                       (end - begin + std::max<int64_t>(1, grain) - 1) / std::max<int64_t>(1, grain));
   if (n <= 1) return f(begin, end);
   Pool& p = pool();

@@ -255,3 +255,38 @@ def test_a_q4_k_m_file_of_the_embedded_model_matches_its_float32_weights(ext, tm
         agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
         print(f"Q4_K_M SmolLM2, {acts} activations: top-1 {agree:.3f}, max logit diff {(got - want).abs().max():.3f}")
         assert agree >= bound
+
+
+def test_a_step_runs_the_kernels_on_the_engines_threads_and_torch_on_one(ext, tmp_path):
+    """Inside a fused engine's step the kernels' pool has the engine's threads and torch's own ops run on the
+    calling thread alone (libgomp's workers, left spinning after each of torch's parallel regions, took the
+    cores the kernels' next region needs); both settings are back as they were after the step, and
+    `set_threads` (what the serving loop's tuner calls) changes the kernels' count, not torch's."""
+    path = write_tiny_gguf(tmp_path / "m.gguf", tiny_llama(tie=False), tiny_tokenizer(), quant="Q4_1")
+    os.environ["AGENTRT_CACHE"] = str(tmp_path / "cache")
+    try:
+        engine = LLMEngine(EngineConfig(model=str(path), num_threads=2, block_size=4, num_kv_blocks=64))
+    finally:
+        del os.environ["AGENTRT_CACHE"]
+    seen: list[tuple[int, int]] = []
+    compute_logits = engine.runner.compute_logits
+
+    def recording(hidden):
+        seen.append((torch.get_num_threads(), ext.num_threads()))
+        return compute_logits(hidden)
+
+    engine.runner.compute_logits = recording
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        from agentrt.engine import SamplingParams
+
+        engine.generate(["threads"], SamplingParams(max_tokens=3, ignore_eos=True))
+        assert seen and set(seen) == {(1, 2)}
+        assert torch.get_num_threads() == 2 and ext.set_num_threads(0) == 0  # both as they were
+        engine.runner.set_threads(1)
+        seen.clear()
+        engine.generate(["threads"], SamplingParams(max_tokens=2, ignore_eos=True))
+        assert set(seen) == {(1, 1)} and torch.get_num_threads() == 2 and engine.runner.threads == 1
+    finally:
+        torch.set_num_threads(before)
