@@ -56,6 +56,25 @@ def test_score_instances_counts_both_kinds_of_error():
     assert (res.wrongly_accepted, res.wrongly_rejected) == (0, 1)
 
 
+def test_an_instance_is_tried_in_the_key_order_of_each_branch_it_is_valid_against():
+    """Under anyOf, each branch the value satisfies may declare its keys in an order of its own (an open
+    object first, say, whose extra values the grammar nests less deep): every such order is a form, and
+    the forms of nested anyOfs combine; an invalid value keeps its own order (no branch to take it)."""
+    open_obj = {"type": "object", "properties": {"z": {}}}  # any keys, "z" first
+    content = {"anyOf": [{"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "string"}},
+                          "required": ["a"]}, {"type": "string"}]}
+    closed = {"type": "object", "properties": {"content": content, "role": {"type": "string"}}, "required": ["role"]}
+    schema = {"anyOf": [open_obj, closed]}
+    value = {"role": "user", "content": {"a": "x", "b": "y"}}
+    forms = bench.instance_forms({"schema": schema}, {"data": value, "valid": True})
+    assert forms == {'{"role":"user","content":{"a":"x","b":"y"}}',  # as written: also the open branch's order
+                     '{"content":{"b":"y","a":"x"},"role":"user"}'}  # the closed branch's, nested branch's too
+    assert bench.reorder(value, schema, schema) == value  # the first valid branch's order, as before
+    invalid = {"role": 1, "content": {"b": "y"}}
+    assert bench.instance_forms({"schema": closed}, {"data": invalid, "valid": False}) == {
+        '{"role":1,"content":{"b":"y"}}', '{"content":{"b":"y"},"role":1}'}
+
+
 def test_a_proven_unsatisfiable_schema_is_an_empty_grammar():
     none_valid = {"id": "u", "schema": {}, "tests": [{"data": 1, "valid": False}, {"data": "a", "valid": False}]}
     res = bench.unsatisfiable_result(none_valid)

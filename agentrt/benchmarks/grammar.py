@@ -65,37 +65,69 @@ def load_subset(name: str, data_dir: Path = DATA, limit: int | None = None) -> l
     return out[:limit] if limit else out
 
 
-def reorder(value: Any, schema: Any, root: Any, depth: int = 0) -> Any:
+def reorder(value: Any, schema: Any, root: Any) -> Any:
     """``value`` with object keys in the schema's declared property order (extras after); under anyOf
     or oneOf, the order of the first branch ``value`` is valid against."""
+    return reorderings(value, schema, root)[0]
+
+
+_MAX_ORDERINGS = 8
+
+
+def reorderings(value: Any, schema: Any, root: Any, depth: int = 0) -> list[Any]:
+    """``value`` with object keys in a declared property order of the schema (extras after): one ordering
+    per choice of the anyOf / oneOf branches ``value`` is valid against (JSON gives key order no meaning, and
+    each branch may declare its keys in an order of its own), at most ``_MAX_ORDERINGS``; the first is the
+    first valid branch's throughout (`reorder`)."""
     if depth > 32 or not isinstance(schema, dict):
-        return value
+        return [value]
+    values = [value]
     if "$ref" in schema and isinstance(schema["$ref"], str) and schema["$ref"].startswith("#"):
         target: Any = root
         for part in [p for p in schema["$ref"][1:].split("/") if p]:
             part = part.replace("~1", "/").replace("~0", "~")
             target = target.get(part) if isinstance(target, dict) else None
         if isinstance(target, dict):
-            value = reorder(value, target, root, depth + 1)
+            values = reorderings(value, target, root, depth + 1)
     for sub in schema.get("allOf", []) if isinstance(schema.get("allOf"), list) else []:
-        value = reorder(value, sub, root, depth + 1)
+        values = _distinct([r for v in values for r in reorderings(v, sub, root, depth + 1)])
     for key in ("anyOf", "oneOf"):
         branches = [b for b in schema.get(key, []) if isinstance(b, dict)] if isinstance(schema.get(key), list) else []
-        chosen = next((b for b in branches if _valid_against(value, b, root)), None)
-        if chosen is not None:
-            value = reorder(value, chosen, root, depth + 1)
-    if isinstance(value, dict):
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        if props:
-            keys = [k for k in props if k in value] + [k for k in value if k not in props]
-            value = {k: value[k] for k in keys}
-        return {k: reorder(v, props.get(k, schema.get("additionalProperties", {})), root, depth + 1)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        prefix = schema.get("prefixItems", []) if isinstance(schema.get("prefixItems"), list) else []
-        items = schema.get("items", {})
-        return [reorder(v, prefix[i] if i < len(prefix) else items, root, depth + 1) for i, v in enumerate(value)]
-    return value
+        if branches:
+            values = _distinct([r for v in values for b in [b for b in branches if _valid_against(v, b, root)] or [None]
+                                for r in ([v] if b is None else reorderings(v, b, root, depth + 1))])
+    out: list[Any] = []
+    for v in values:
+        if isinstance(v, dict):
+            props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+            keys = [k for k in props if k in v] + [k for k in v if k not in props] if props else list(v)
+            options = [reorderings(v[k], props.get(k, schema.get("additionalProperties", {})), root, depth + 1)
+                       for k in keys]
+            out += [dict(zip(keys, combo)) for combo in _combinations(options)]
+        elif isinstance(v, list):
+            prefix = schema.get("prefixItems", []) if isinstance(schema.get("prefixItems"), list) else []
+            items = schema.get("items", {})
+            out += _combinations([reorderings(x, prefix[i] if i < len(prefix) else items, root, depth + 1)
+                                  for i, x in enumerate(v)])
+        else:
+            out.append(v)
+    return _distinct(out)
+
+
+def _combinations(options: list[list[Any]]) -> list[list[Any]]:
+    """One pick from each of ``options``, the first picks first, at most ``_MAX_ORDERINGS`` of them."""
+    combos: list[list[Any]] = [[]]
+    for opts in options:
+        combos = [c + [o] for c in combos for o in opts][:_MAX_ORDERINGS]
+    return combos
+
+
+def _distinct(values: list[Any]) -> list[Any]:
+    """``values`` without repeats (by their compact JSON, key order kept), at most ``_MAX_ORDERINGS``."""
+    seen: dict[str, Any] = {}
+    for v in values:
+        seen.setdefault(json.dumps(v, sort_keys=False, default=str), v)
+    return list(seen.values())[:_MAX_ORDERINGS]
 
 
 def _valid_against(value: Any, schema: dict, root: Any) -> bool:
@@ -139,10 +171,10 @@ def unsatisfiable_result(case: dict, compile_s: float = 0.0) -> SchemaResult:
 
 
 def instance_forms(case: dict, test: dict) -> set[str] | None:
-    """The compact JSON texts an instance is tried as: as written and with keys in schema order
-    (None for NaN/inf, which are not JSON)."""
+    """The compact JSON texts an instance is tried as: as written and with keys in schema order, one
+    per way the anyOf / oneOf branches it is valid against order them (None for NaN/inf, which are not JSON)."""
     try:
-        return {compact(test["data"]), compact(reorder(test["data"], case["schema"], case["schema"]))}
+        return {compact(test["data"]), *map(compact, reorderings(test["data"], case["schema"], case["schema"]))}
     except (ValueError, TypeError):
         return None
 
