@@ -114,6 +114,40 @@ def test_overlapping_oneof_refused_and_bad_schema_errors():
         schema_to_regex({"$ref": "#/$defs/missing"})
 
 
+_ID = {"type": "integer", "minimum": 0}
+
+
+@pytest.mark.parametrize("schema", [
+    {"$schema": "http://json-schema.org/draft-04/schema#", "definitions": {"sid": {"id": "#sid", **_ID}},
+     "type": "array", "items": {"$ref": "#sid"}},
+    {"$schema": "http://json-schema.org/draft-07/schema#", "definitions": {"sid": {"$id": "#sid", **_ID}},
+     "type": "array", "items": {"$ref": "#sid"}},
+    {"$schema": "https://json-schema.org/draft/2020-12/schema", "$defs": {"sid": {"$anchor": "sid", **_ID}},
+     "type": "array", "items": {"$ref": "#sid"}},
+    {"$defs": {"sid": {"$anchor": "sid", **_ID}}, "type": "array", "items": {"$ref": "#sid"}},  # no dialect: any form
+])
+def test_plain_name_references_resolve_to_the_schema_that_declares_the_anchor(schema):
+    a = automaton(schema)
+    for v in ([], [0, 7]):
+        assert a.fullmatch(compact(v))
+    for v in ([-1], ["7"], [1.5]):
+        assert not a.fullmatch(compact(v))
+
+
+@pytest.mark.parametrize("schema,why", [
+    ({"items": {"$ref": "#nowhere"}}, "no subschema declares the anchor 'nowhere'"),
+    ({"$defs": {"a": {"$anchor": "x"}, "b": {"$anchor": "x"}}, "items": {"$ref": "#x"}}, "more than one"),
+    ({"$schema": "http://json-schema.org/draft-04/schema#", "definitions": {"s": {"id": "#s", "type": "integer"}},
+      "items": {"$ref": "#s"}, "properties": {"p": {"id": "http://other.example/p.json"}}}, "embedded resources"),
+    ({"$schema": "http://json-schema.org/draft-07/schema#", "definitions": {"s": {"id": "#s", "type": "integer"}},
+      "items": {"$ref": "#s"}}, "no subschema"),  # draft 7 names anchors with $id, not id
+    ({"items": {"$ref": "#s"}, "properties": {"k": {"const": {"$anchor": "s"}}}}, "no subschema"),  # data, not a schema
+])
+def test_plain_name_references_that_cannot_be_told_are_refused_by_name(schema, why):
+    with pytest.raises(UnsupportedSchemaError, match=why):
+        schema_to_regex(schema)
+
+
 # ------------------------------------------------------------------------- combinators (issue 3)
 _DIMS = {"type": "number"}
 _AREA = {"type": "object", "properties": {"radius": _DIMS, "length": _DIMS, "width": _DIMS}}

@@ -27,8 +27,11 @@ def resolve(ref: Any, ctx: Ctx, path: str) -> Any:
         return UNRESOLVED
     frag = ref[1:]
     if frag and not frag.startswith("/"):
-        ctx.refuse(path, "$ref", f"anchor references are not supported: {ref!r}")
-        return UNRESOLVED
+        found = anchor_target(ctx.root, unquote(frag))
+        if isinstance(found, str):
+            ctx.refuse(path, "$ref", f"{ref!r}: {found}")
+            return UNRESOLVED
+        return found[0]
     node = ctx.root
     for raw in frag.split("/")[1:] if frag else []:
         part = unquote(raw).replace("~1", "/").replace("~0", "~")
@@ -39,6 +42,41 @@ def resolve(ref: Any, ctx: Ctx, path: str) -> Any:
         else:
             raise GrammarCompileError(f"$ref {ref!r} at {path or '/'} does not resolve")
     return node
+
+
+# values that are data, not schemas: an "id" inside them names nothing
+_DATA_KEYWORDS = ("enum", "const", "default", "examples")
+
+
+def anchor_target(root: Any, name: str) -> tuple[Any] | str:
+    """(the subschema a plain-name fragment ``#name`` refers to,), or why it cannot be told: the schema
+    that declares the name as its ``$anchor`` (2019-09 on), or whose ``$id`` (drafts 6 and 7) or ``id``
+    (draft 4) is ``#name``, by the dialect ``$schema`` names (any of them when it names none). Only in a
+    document without embedded resources (an ``$id`` that is a URI below the root would start a new base)."""
+    dialect = str(root.get("$schema", "")) if isinstance(root, dict) else ""
+    forms = ([("$anchor", name)] if any(d in dialect for d in ("2019-09", "2020-12"))
+             else [("$id", f"#{name}")] if any(d in dialect for d in ("draft-06", "draft-07"))
+             else [("id", f"#{name}")] if any(d in dialect for d in ("draft-03", "draft-04"))
+             else [("$anchor", name), ("$id", f"#{name}"), ("id", f"#{name}")])
+    id_keys = {k if k != "$anchor" else "$id" for k, _ in forms}
+    found: list[Any] = []
+    nodes = [(root, True)]
+    while nodes:
+        node, is_root = nodes.pop()
+        if isinstance(node, list):
+            nodes += [(v, False) for v in node]
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key in id_keys if not is_root else ():
+            if isinstance(node.get(key), str) and not node[key].startswith("#"):
+                return f"anchors in a document with embedded resources ({key} {node[key]!r}) are not supported"
+        if any(node.get(k) == v for k, v in forms):
+            found.append(node)
+        nodes += [(v, False) for k, v in node.items() if k not in _DATA_KEYWORDS]
+    if len(found) != 1:
+        return f"{'no' if not found else 'more than one'} subschema declares the anchor {name!r}"
+    return (found[0],)
 
 
 def deref(schema: Any, ctx: Ctx) -> Any:
