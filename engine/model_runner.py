@@ -69,22 +69,24 @@ class ModelRunner:
             raise ValueError(f"threads must be >= 1, got {n}")
         if self.fused is not None:
             self._kernel_threads = n
-        else:
+        if self.fused is None or not self.fused.prefill:  # torch computes steps (or their prefill chunks)
             torch.set_num_threads(n)
 
     @contextmanager
     def threads_for_step(self) -> Iterator[None]:
         """Around one engine step. With the fused step, its kernels run on their own pool with `threads`
-        threads, and torch's ops around them (embedding rows, sampling, grammar masks) on the calling thread
-        alone: they are small, and each parallel region of torch's leaves libgomp's workers spinning for
-        milliseconds on the cores the kernels' pool needs next (with 8 requests, a decode step of
-        SmolLM2-135M on 2 cores took 1.6x as long that way)."""
+        threads; where it runs every step, torch's ops around it (embedding rows, sampling, grammar masks) run
+        on the calling thread alone: they are small, and each parallel region of torch's leaves libgomp's
+        workers spinning for milliseconds on the cores the kernels' pool needs next (with 8 requests, a
+        decode step of SmolLM2-135M on 2 cores took 1.6x as long that way). With ``prefill_int8`` torch's
+        W8A8 linears compute the prefill chunks, on torch's threads."""
         if self.fused is None:
             yield
             return
         ext = self.fused.decoder.ext
         kernels_before, torch_before = ext.set_num_threads(self._kernel_threads), torch.get_num_threads()
-        torch.set_num_threads(1)
+        if self.fused.prefill:
+            torch.set_num_threads(1)
         try:
             yield
         finally:

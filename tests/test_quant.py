@@ -256,6 +256,30 @@ def test_engine_prefill_int8_switch():
     assert torch.equal(base.prompt_logits(ids[:20], chunk_size=1), fast.prompt_logits(ids[:20], chunk_size=1))
 
 
+@needs_fbgemm
+def test_prefill_int8_steps_keep_torchs_threads():
+    """With prefill_int8 torch's W8A8 linears compute prefill chunks, so a step keeps torch's threads (a fused
+    engine that runs every step gives torch one); `set_threads` sets torch's and the kernels' counts."""
+    from agentrt.engine import EngineConfig, LLMEngine, SamplingParams
+    from tests.helpers.engine import ByteTokenizer, FakeLoaded, tiny_config, tiny_weights
+
+    cfg = tiny_config()
+    engine = LLMEngine(EngineConfig(dtype="float32", quantization="int8", prefill_int8=True, fused_decode=True,
+                                    num_kv_blocks=64, num_threads=2), loaded=FakeLoaded(cfg, tiny_weights(cfg), ByteTokenizer()))
+    assert engine.runner.fused is not None and not engine.runner.fused.prefill
+    seen: list[int] = []
+    compute_logits = engine.runner.compute_logits
+    engine.runner.compute_logits = lambda hidden: (seen.append(torch.get_num_threads()), compute_logits(hidden))[1]
+    before = torch.get_num_threads()
+    try:
+        engine.generate([list(range(40, 80))], SamplingParams(max_tokens=2, ignore_eos=True))
+        assert set(seen) == {2}
+        engine.runner.set_threads(1)
+        assert torch.get_num_threads() == 1 and engine.runner.threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.e2e
 @needs_fbgemm
 def test_smollm2_w8a8_accuracy_cost():
