@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from agentrt.engine.grammar import GrammarCompiler, GrammarMatcher, UnsupportedSchemaError
+from agentrt.engine.grammar import GrammarCompiler, GrammarMatcher, UnsupportedSchemaError, native_dfa
 from agentrt.engine.grammar.byte_dfa import regex_to_dfa
 from agentrt.engine.grammar.compile_job import schema_to_dfa
 from agentrt.engine.grammar.schema_regex import schema_to_regex
@@ -24,6 +24,36 @@ def test_intersection_matches_exactly_what_both_match():
         for chars in itertools.product("abcd", repeat=n):
             text = "".join(chars)
             assert both.fullmatch(text.encode()) == bool(re.fullmatch(a, text) and re.fullmatch(b, text)), text
+
+
+@pytest.mark.parametrize("a, b", [(r"[a-c]*b[a-c]*", r"[a-z]{2,4}"), (r"(?:ab|é)+", r"[^b]*(?:b[^b]*){1,2}"),
+                                  (r"\d{3}-\d+", r"(?:1|2|-|0)*")])
+def test_the_native_intersection_is_the_loops_exactly(monkeypatch, a, b):
+    """The C++ builder's product of two DFAs (where it is available) has the states and the language of the
+    Python loop's (its fallback), on texts across both alphabets."""
+    da, db = regex_to_dfa(a), regex_to_dfa(b)
+    native = intersect(da, db)
+    monkeypatch.setattr(native_dfa, "library", lambda: None)
+    loop = intersect(da, db)
+    assert native.num_states == loop.num_states
+    for n in range(6):
+        for chars in itertools.product(["a", "b", "é", "1", "-", "0"], repeat=n):
+            text = "".join(chars).encode()
+            assert native.fullmatch(text) == loop.fullmatch(text), text
+
+
+@pytest.mark.parametrize("pattern, unit, one_byte", [("^([a-z][0-9])+$", "a1", True), ("^([é][0-9])+$", "é1", False),
+                                                   ("^(a\n)+$", "a\n", False)])
+def test_a_length_beside_one_byte_characters_counts_bytes(pattern, unit, one_byte):
+    """minLength/maxLength beside a pattern (one it cannot fold them into) whose strings hold one-byte
+    characters only count bytes (one state a count), beside any other the characters (UTF-8 continuations,
+    escapes: ~14 states a count): the same strings either way."""
+    schema = {"type": "string", "pattern": pattern, "minLength": 40, "maxLength": 200}
+    _, _, dfa = schema_to_dfa(schema, False, 30.0)
+    assert (dfa.num_states < 250) == one_byte
+    for reps in range(1, 120):
+        value = unit * reps
+        assert dfa.fullmatch(compact(value).encode()) == (40 <= len(value) <= 200), reps
 
 
 def test_a_splice_stands_where_its_placeholder_does_and_may_be_empty():

@@ -15,10 +15,14 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
+
 from . import quick
 from .byte_dfa import ByteDFA, minimized, regex_to_dfa
-from .dfa_ops import SpliceError, intersect, multiples_dfa, placeholders_in, splice, unique_items_dfa
+from .dfa_ops import (ONE_BYTE_CHARS, SpliceError, counted_bytes_dfa, intersect, multiples_dfa, placeholders_in, splice,
+                      unique_items_dfa)
 from .errors import AutomatonTooLargeError, GrammarCompileError, UnsupportedSchemaError
+from .regex_util import STRING_CHAR, rep
 from .schema_regex import schema_to_parts, schema_to_regex
 
 _PARTS: OrderedDict[tuple, ByteDFA] = OrderedDict()
@@ -120,7 +124,9 @@ def _part(key: tuple, pieces: list, inner: dict[int, ByteDFA]) -> ByteDFA:
         if hit is not None:
             _PARTS.move_to_end(key)
             return hit
-    dfas = [_piece_dfa(p) for p in pieces]
+    lengths = [p for p in pieces if isinstance(p, tuple) and p[0] == "length"]  # ("length", minLength, maxLength)
+    dfas = [_piece_dfa(p) for p in pieces if p not in lengths]
+    dfas += [_length_dfa(*p[1:], dfas) for p in lengths]  # after the rest, whose bytes they may count
     part = dfas[0]
     for more in dfas[1:]:
         part = intersect(part, more)
@@ -134,6 +140,19 @@ def _part(key: tuple, pieces: list, inner: dict[int, ByteDFA]) -> ByteDFA:
         while len(_PARTS) > 1 and total > _PARTS_BYTES:
             total -= _PARTS.popitem(last=False)[1].nbytes
     return part
+
+
+def _length_dfa(mn: int, mx: int | None, others: list[ByteDFA]) -> ByteDFA:
+    """A string's length limits as an automaton: a counter of bytes where the other constraints on the
+    string admit only one-byte characters, else of any JSON string character."""
+    used = np.zeros(256, dtype=bool)
+    for dfa in others:
+        states = dfa.reachable()
+        used |= (dfa.table[states] != dfa.dead).any(axis=0)
+    alphabet = np.flatnonzero(used)
+    if others and np.isin(alphabet, ONE_BYTE_CHARS).all():
+        return counted_bytes_dfa(alphabet, mn, mx)
+    return regex_to_dfa(rep(STRING_CHAR, mn, mx))
 
 
 def _piece_dfa(piece: str | tuple) -> ByteDFA:

@@ -61,6 +61,10 @@ def library() -> ctypes.CDLL | None:
     lib.agentrt_regex_dfa_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.agentrt_regex_dfa_classes.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.agentrt_regex_dfa_free.argtypes = [ctypes.c_void_p]
+    lib.agentrt_dfa_intersect.restype = ctypes.c_void_p
+    lib.agentrt_dfa_intersect.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_double]
     lib.agentrt_dfa_minimize.restype = ctypes.c_int32
     lib.agentrt_dfa_minimize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                          ctypes.c_void_p]
@@ -101,16 +105,42 @@ def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray,
         max_states, max_nfa_states = min(max_states, attempt.max_states), attempt.max_nfa_states
         max_seconds = max(attempt.seconds_left(), 1e-4)
     handle = lib.agentrt_regex_dfa(data, len(data), max_states, max_nfa_states, max_seconds)
+    return _read(lib, handle, "building the regex's DFA", attempt is not None)
+
+
+def intersect_tables(lib: ctypes.CDLL, a_table: np.ndarray, a_final: np.ndarray, a_initial: int,
+                     b_table: np.ndarray, b_final: np.ndarray, b_initial: int, classes: np.ndarray,
+                     max_states: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(table, final, classes) as `compile_regex` gives them, of the reachable product of two DFAs (dense
+    tables with their dead rows last) whose bytes of one of ``classes`` [256] have equal columns in both;
+    initial state 0, not minimized. AutomatonTooLargeError past ``max_states``; within a `quick.attempt`,
+    its limits bound it as they do a regex's build."""
+    attempt = quick.limits()
+    max_seconds = 0.0
+    if attempt is not None:
+        max_states, max_seconds = min(max_states, attempt.max_states), max(attempt.seconds_left(), 1e-4)
+    a_table, b_table = (np.ascontiguousarray(t, dtype=np.int32) for t in (a_table, b_table))
+    a_final, b_final = (np.ascontiguousarray(f, dtype=np.uint8) for f in (a_final, b_final))
+    classes = np.ascontiguousarray(classes, dtype=np.uint8)
+    handle = lib.agentrt_dfa_intersect(a_table.ctypes.data, a_final.ctypes.data, a_table.shape[0], a_initial,
+                                       b_table.ctypes.data, b_final.ctypes.data, b_table.shape[0], b_initial,
+                                       classes.ctypes.data, max_states, max_seconds)
+    return _read(lib, handle, "intersecting two automata", attempt is not None)  # type: ignore[return-value]
+
+
+def _read(lib: ctypes.CDLL, handle: int | None, what: str, in_attempt: bool):
+    """The DFA of a builder's result ``handle`` (freed here), or None for syntax it does not parse; its
+    failures raised as `compile_regex` says."""
     if not handle:
-        raise MemoryError("building the regex's DFA")
+        raise MemoryError(what)
     try:
         status = lib.agentrt_regex_dfa_status(handle)
         if status == _UNSUPPORTED:
             return None
-        if attempt is not None and status in (_TOO_LARGE, _NO_MEMORY):
+        if in_attempt and status in (_TOO_LARGE, _NO_MEMORY):
             raise quick.QuickLimitExceeded(lib.agentrt_regex_dfa_message(handle).decode())
         if status == _NO_MEMORY:  # the compile process reports its memory cap (automaton.run_job)
-            raise MemoryError("building the regex's DFA")
+            raise MemoryError(what)
         if status:
             why = lib.agentrt_regex_dfa_message(handle).decode()
             if status == _TOO_LARGE:

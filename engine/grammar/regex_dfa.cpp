@@ -835,6 +835,58 @@ int32_t agentrt_dfa_minimize(const int32_t* table, const uint8_t* final, int64_t
   }
 }
 
+// The DFA of the texts two DFAs both match: the pairs of their states reachable from (ia, ib), numbered
+// in breadth-first order (0: the initial pair). ta [rows_a, 256] and tb [rows_b, 256] are dense tables
+// whose last rows are their dead states; bytes of one class in ``cls`` have equal columns in both. Read
+// like agentrt_regex_dfa's result (status 2: past ``max_states`` or ``max_seconds`` when > 0); not minimized.
+void* agentrt_dfa_intersect(const int32_t* ta, const uint8_t* fa, int64_t rows_a, int64_t ia, const int32_t* tb,
+                            const uint8_t* fb, int64_t rows_b, int64_t ib, const uint8_t* cls, int64_t max_states,
+                            double max_seconds) {
+  Result* r = new (std::nothrow) Result();
+  if (!r) return nullptr;
+  try {
+    Dfa& d = r->dfa;
+    int rep[256];
+    std::fill(rep, rep + 256, -1);
+    for (int b = 0; b < 256; ++b) {
+      if (rep[cls[b]] < 0) rep[cls[b]] = b;  // a byte of each class stands for it
+      d.nclasses = std::max(d.nclasses, cls[b] + 1);
+      d.cls[b] = cls[b];
+    }
+    const int64_t dead_a = rows_a - 1, dead_b = rows_b - 1;
+    const Deadline deadline(max_seconds);
+    std::unordered_map<int64_t, int32_t> ids;
+    std::vector<std::pair<int32_t, int32_t>> pairs;
+    auto id_of = [&](int64_t a, int64_t b) {
+      auto [it, fresh] = ids.try_emplace(a * rows_b + b, int32_t(pairs.size()));
+      if (fresh) {
+        if (int64_t(pairs.size()) >= max_states)
+          throw Failure{kTooLarge, "intersecting two automata passed " + std::to_string(max_states) + " states"};
+        if ((pairs.size() & 4095) == 4095) deadline.check("intersection", pairs.size());
+        pairs.emplace_back(int32_t(a), int32_t(b));
+      }
+      return it->second;
+    };
+    id_of(ia, ib);
+    for (size_t i = 0; i < pairs.size(); ++i) {
+      const auto [a, b] = pairs[i];
+      for (int c = 0; c < d.nclasses; ++c) {
+        const int64_t na = ta[int64_t(a) * 256 + rep[c]], nb = tb[int64_t(b) * 256 + rep[c]];
+        d.trans.push_back(na == dead_a || nb == dead_b ? -1 : id_of(na, nb));
+      }
+      d.final.push_back(fa[a] && fb[b]);
+    }
+    d.n = int32_t(pairs.size());
+  } catch (const Failure& f) {
+    r->status = f.status;
+    r->message = f.message;
+  } catch (const std::bad_alloc&) {
+    r->status = kNoMemory;
+    r->message = "out of memory";
+  }
+  return r;
+}
+
 void agentrt_regex_dfa_free(void* h) { delete static_cast<Result*>(h); }
 
 }  // extern "C"

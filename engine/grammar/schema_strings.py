@@ -78,7 +78,7 @@ def _intersection(schema: dict, ctx: Ctx, path: str, keywords: str, fmt: str | N
             ctx.refuse(path, "pattern", str(e))
             return None
     if mn > 0 or mx is not None:
-        parts.append(rep(STRING_CHAR, mn, mx))
+        parts.append(("length", mn, mx))  # a counter of characters, built as an automaton (compile_job)
     if any(p is None for p in parts):
         return None  # one of them admits no string
     placeholder = ctx.hole(parts)  # type: ignore[arg-type]
