@@ -754,6 +754,23 @@ struct Result {
   Dfa dfa;
 };
 
+// A new Result that ``build(dfa)`` fills, its failure recorded in it (null only when memory runs out for it).
+template <class F>
+Result* build_result(const F& build) {
+  Result* r = new (std::nothrow) Result();
+  if (!r) return nullptr;
+  try {
+    build(r->dfa);
+  } catch (const Failure& f) {
+    r->status = f.status;
+    r->message = f.message;
+  } catch (const std::bad_alloc&) {
+    r->status = kNoMemory;
+    r->message = "out of memory";
+  }
+  return r;
+}
+
 }  // namespace
 
 extern "C" {
@@ -763,9 +780,7 @@ extern "C" {
 // agentrt_regex_dfa_free.
 void* agentrt_regex_dfa(const char* regex, int64_t len, int64_t max_states, int64_t max_nfa_states,
                         double max_seconds) {
-  Result* r = new (std::nothrow) Result();
-  if (!r) return nullptr;
-  try {
+  return build_result([&](Dfa& d) {
     Parser parser(regex, size_t(len));
     int root = parser.parse();
     Deadline deadline(max_seconds);
@@ -773,16 +788,9 @@ void* agentrt_regex_dfa(const char* regex, int64_t len, int64_t max_states, int6
     int32_t match = nfa.make();
     nfa.st[match].match = true;
     int32_t start = nfa.compile(root, match);
-    Determinizer(nfa.st, size_t(max_states), deadline).run(start, r->dfa);
-    if (size_t(r->dfa.n + 1) * r->dfa.nclasses <= kMaxMinimizeEdges) minimize(r->dfa);
-  } catch (const Failure& f) {
-    r->status = f.status;
-    r->message = f.message;
-  } catch (const std::bad_alloc&) {
-    r->status = kNoMemory;
-    r->message = "out of memory";
-  }
-  return r;
+    Determinizer(nfa.st, size_t(max_states), deadline).run(start, d);
+    if (size_t(d.n + 1) * d.nclasses <= kMaxMinimizeEdges) minimize(d);
+  });
 }
 
 int agentrt_regex_dfa_status(void* h) { return static_cast<Result*>(h)->status; }
@@ -842,10 +850,7 @@ int32_t agentrt_dfa_minimize(const int32_t* table, const uint8_t* final, int64_t
 void* agentrt_dfa_intersect(const int32_t* ta, const uint8_t* fa, int64_t rows_a, int64_t ia, const int32_t* tb,
                             const uint8_t* fb, int64_t rows_b, int64_t ib, const uint8_t* cls, int64_t max_states,
                             double max_seconds) {
-  Result* r = new (std::nothrow) Result();
-  if (!r) return nullptr;
-  try {
-    Dfa& d = r->dfa;
+  return build_result([&](Dfa& d) {
     int rep[256];
     std::fill(rep, rep + 256, -1);
     for (int b = 0; b < 256; ++b) {
@@ -877,14 +882,7 @@ void* agentrt_dfa_intersect(const int32_t* ta, const uint8_t* fa, int64_t rows_a
       d.final.push_back(fa[a] && fb[b]);
     }
     d.n = int32_t(pairs.size());
-  } catch (const Failure& f) {
-    r->status = f.status;
-    r->message = f.message;
-  } catch (const std::bad_alloc&) {
-    r->status = kNoMemory;
-    r->message = "out of memory";
-  }
-  return r;
+  });
 }
 
 void agentrt_regex_dfa_free(void* h) { delete static_cast<Result*>(h); }
