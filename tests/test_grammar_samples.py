@@ -61,7 +61,7 @@ class _ByteWalk:
         return bool(self.dfa.final[self.state])
 
     def accept(self, token_id: int) -> bool:
-        self.state = int(self.dfa.table[self.state, token_id - 1])
+        self.state = self.dfa.next(self.state, token_id - 1)
         return self.state != self.dfa.dead
 
 

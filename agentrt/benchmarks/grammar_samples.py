@@ -63,7 +63,7 @@ def sample_dfa(dfa: Any, rng: random.Random, n: int, max_bytes: int = MAX_BYTES)
                 out.append(bytes(data))
                 break
             live = dfa.live_bytes(state)
-            nxt = dfa.table[state, live]
+            nxt = dfa.row(state)[live]
             ok = dist[nxt] < inf  # bytes after which a complete value is still reachable
             live, nxt = live[ok], nxt[ok]
             if not live.size:  # only the end is left
@@ -75,7 +75,7 @@ def sample_dfa(dfa: Any, rng: random.Random, n: int, max_bytes: int = MAX_BYTES)
             else:
                 byte = int(live[rng.randrange(live.size)])
             data.append(byte)
-            state = int(dfa.table[state, byte])
+            state = dfa.next(state, byte)
     return out
 
 

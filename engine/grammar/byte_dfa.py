@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,62 +27,87 @@ _SENTINEL_RE = r"\x{10FFFF}"
 SENTINEL_ID = 256  # the sentinel's id in the byte vocabulary outlines-core indexes
 
 
-@dataclass(frozen=True)
 class ByteDFA:
-    """A byte-level DFA: ``table[s, b]`` is the state after byte ``b`` (``dead`` if none)."""
+    """A byte-level DFA, kept as its distinct byte columns: ``columns[s, classes[b]]`` is the state after
+    byte ``b`` from ``s`` (``dead`` if none). A JSON grammar's DFA tells ~30-80 kinds of bytes apart, so
+    this is a few times smaller than the dense [S + 1, 256] table, which `table` makes when asked (the
+    compile's automaton operations; what runs per request reads the columns)."""
 
-    table: np.ndarray  # [S + 1, 256] int32; row S (the dead state) maps every byte to S
-    final: np.ndarray  # [S + 1] bool: the value may end here (the sentinel leads to acceptance)
-    initial: int
-    # [256] uint8 when known (the builder's, or refined from the parts a DFA was made of): bytes of one
-    # class have equal columns; None: found from the table when needed
-    classes: np.ndarray | None = field(default=None, compare=False, repr=False)
+    __slots__ = ("columns", "classes", "final", "initial")
+
+    def __init__(self, table: np.ndarray, final: np.ndarray, initial: int, classes: np.ndarray | None = None):
+        """From the dense ``table`` [S + 1, 256] int32 (row S the dead state, mapping every byte to S) and
+        ``final`` [S + 1] bool (the value may end there); ``classes`` [256] when known (bytes of one class
+        have equal columns: the builder's, or refined from the parts a DFA was made of), else found here."""
+        if classes is None:
+            classes, columns = byte_classes(table)
+        else:
+            _, firsts, classes = np.unique(classes, return_index=True, return_inverse=True)
+            columns = table[:, firsts]
+        self.columns = np.ascontiguousarray(columns, dtype=np.int32)  # [S + 1, C]
+        self.classes = classes.astype(np.uint8)  # [256]
+        self.final = final
+        self.initial = int(initial)
+
+    @classmethod
+    def from_columns(cls, columns: np.ndarray, classes: np.ndarray, final: np.ndarray, initial: int) -> ByteDFA:
+        """From ``columns`` [S + 1, C] and ``classes`` [256] (values 0..C-1) as `ByteDFA` keeps them."""
+        dfa = cls.__new__(cls)
+        dfa.columns = np.ascontiguousarray(columns, dtype=np.int32)
+        dfa.classes, dfa.final, dfa.initial = classes.astype(np.uint8), final, int(initial)
+        return dfa
+
+    @property
+    def table(self) -> np.ndarray:
+        """The dense table [S + 1, 256] int32, made anew on each call."""
+        return self.columns[:, self.classes]
 
     @property
     def dead(self) -> int:
-        return self.table.shape[0] - 1
+        return self.columns.shape[0] - 1
 
     @property
     def num_states(self) -> int:
-        return self.table.shape[0] - 1
+        return self.columns.shape[0] - 1
 
     @property
     def nbytes(self) -> int:
-        return self.table.nbytes + self.final.nbytes
+        return self.columns.nbytes + self.final.nbytes + self.classes.nbytes
 
     def __reduce__(self):
-        # Pickled (from a compile worker, to the disk cache) as its distinct byte columns: a JSON
-        # grammar's DFA tells ~30-80 kinds of bytes apart, so this is a few times smaller than
-        # [S + 1, 256] int32, and 16-bit below 65,536 states.
-        if self.classes is not None:
-            classes = self.classes
-            columns = self.table[:, np.unique(classes, return_index=True)[1]]
-        else:
-            classes, columns = byte_classes(self.table)
-        narrow = np.uint16 if self.table.shape[0] <= 1 << 16 else np.int32
-        return _from_columns, (columns.astype(narrow), classes, self.final, self.initial)
+        # pickled (from a compile worker, to the disk cache) 16-bit below 65,536 states
+        narrow = np.uint16 if self.columns.shape[0] <= 1 << 16 else np.int32
+        return _from_columns, (self.columns.astype(narrow), self.classes, self.final, self.initial)
+
+    def next(self, state: int, byte: int) -> int:
+        """The state after ``byte`` from ``state``."""
+        return int(self.columns[state, self.classes[byte]])
+
+    def row(self, state: int) -> np.ndarray:
+        """[256] the state after each byte from ``state``."""
+        return self.columns[state][self.classes]
 
     def step(self, state: int, data: bytes) -> int:
         """The state after ``data`` from ``state`` (``dead`` if some byte is not allowed)."""
-        table, dead = self.table, self.dead
+        columns, classes, dead = self.columns, self.classes, self.dead
         for b in data:
-            state = int(table[state, b])
+            state = int(columns[state, classes[b]])
             if state == dead:
                 break
         return state
 
     def live_bytes(self, state: int) -> np.ndarray:
         """The bytes (values 0-255) allowed in ``state``, ascending."""
-        return np.flatnonzero(self.table[state] != self.dead)
+        return np.flatnonzero(self.row(state) != self.dead)
 
     def reachable(self) -> np.ndarray:
         """The states some text leads to from the initial state, ascending (the dead state not among them)."""
-        seen = np.zeros(self.table.shape[0], dtype=bool)
+        seen = np.zeros(self.columns.shape[0], dtype=bool)
         seen[self.dead] = True
         frontier = np.array([self.initial])
         while frontier.size:
             seen[frontier] = True
-            nxt = np.unique(self.table[frontier])
+            nxt = np.unique(self.columns[frontier])
             frontier = nxt[~seen[nxt]]
         seen[self.dead] = False
         return np.flatnonzero(seen)
@@ -97,9 +121,8 @@ class ByteDFA:
         where ``usable`` [256] is True (INT32 max // 2 where the end cannot be reached that way).
         Breadth-first backwards from the final states, a level at a time over the reversed edges."""
         inf = np.iinfo(np.int32).max // 2
-        n, dead = self.table.shape[0], self.dead
-        cols = np.flatnonzero(usable)
-        dst = self.table[:, cols]  # [S + 1, k]
+        n, dead = self.columns.shape[0], self.dead
+        dst = self.columns[:, np.unique(self.classes[np.flatnonzero(usable)])]  # [S + 1, k]
         src = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], dst.shape)
         keep = (dst != dead) & (src != dead)
         pairs = np.unique(dst[keep].astype(np.int64) * n + src[keep])  # sorted by target, duplicates merged
@@ -141,14 +164,13 @@ def minimized(dfa: ByteDFA) -> ByteDFA:
     lib = native_dfa.library()
     if lib is None:
         return dfa
-    classes = dfa.classes if dfa.classes is not None else byte_classes(dfa.table)[0]
-    got = native_dfa.minimize_table(lib, dfa.table, dfa.final, classes)
-    if got is None or got[1] == dfa.table.shape[0] or got[0][dfa.initial] == got[1] - 1:
+    got = native_dfa.minimize_table(lib, dfa.table, dfa.final, dfa.classes)
+    if got is None or got[1] == dfa.columns.shape[0] or got[0][dfa.initial] == got[1] - 1:
         return dfa
     block_of, m = got
     rows = np.empty(m, dtype=np.int64)  # a state of each block
     rows[block_of] = np.arange(block_of.size)
-    return ByteDFA(block_of[dfa.table[rows]], dfa.final[rows], int(block_of[dfa.initial]), classes)
+    return ByteDFA.from_columns(block_of[dfa.columns[rows]], dfa.classes, dfa.final[rows], int(block_of[dfa.initial]))
 
 
 def refine_classes(partitions: list[np.ndarray | None]) -> np.ndarray | None:
@@ -167,7 +189,7 @@ def refine_classes(partitions: list[np.ndarray | None]) -> np.ndarray | None:
 
 
 def _from_columns(columns: np.ndarray, classes: np.ndarray, final: np.ndarray, initial: int) -> ByteDFA:
-    return ByteDFA(columns.astype(np.int32)[:, classes], final, initial, classes)
+    return ByteDFA.from_columns(columns, classes, final, initial)
 
 
 def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -191,7 +213,7 @@ def regex_to_dfa(regex: str) -> ByteDFA:
     lib = native_dfa.library()
     built = native_dfa.compile_regex(lib, regex) if lib is not None else None
     if built is not None:
-        return ByteDFA(*built[:2], 0, built[2])
+        return ByteDFA.from_columns(built[0], built[2], built[1], 0)
     if quick.limits() is not None:  # outlines-core cannot be stopped: that build is a worker's
         raise quick.QuickLimitExceeded("a regex only outlines-core builds")
     return outlines_regex_to_dfa(regex)

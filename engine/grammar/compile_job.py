@@ -148,7 +148,7 @@ def _length_dfa(mn: int, mx: int | None, others: list[ByteDFA]) -> ByteDFA:
     used = np.zeros(256, dtype=bool)
     for dfa in others:
         states = dfa.reachable()
-        used |= (dfa.table[states] != dfa.dead).any(axis=0)
+        used |= (dfa.columns[states] != dfa.dead).any(axis=0)[dfa.classes]
     alphabet = np.flatnonzero(used)
     if others and np.isin(alphabet, ONE_BYTE_CHARS).all():
         return counted_bytes_dfa(alphabet, mn, mx)

@@ -145,7 +145,7 @@ class CompiledGrammar:
             if live.size != 1 or int(live[0]) not in self.vocab.byte_token:
                 break
             data.append(int(live[0]))
-            s = int(self.dfa.table[s, live[0]])
+            s = self.dfa.next(s, int(live[0]))
         if not data:
             return []
         toks = self._tokenize(bytes(data), state)

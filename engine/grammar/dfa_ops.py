@@ -11,7 +11,7 @@ import re
 import numpy as np
 
 from . import native_dfa, quick
-from .byte_dfa import ByteDFA, byte_classes, refine_classes
+from .byte_dfa import ByteDFA, refine_classes
 from .errors import AutomatonTooLargeError, GrammarCompileError
 
 PLACEHOLDERS = range(0x01, 0x20)
@@ -152,17 +152,17 @@ def intersect(a: ByteDFA, b: ByteDFA, max_states: int = 200_000) -> ByteDFA:
     builder where it is available: a pair a few tens of nanoseconds there, ~50 us in the loop below)."""
     lib = native_dfa.library()
     if lib is not None:
-        classes = refine_classes([x.classes if x.classes is not None else byte_classes(x.table)[0] for x in (a, b)])
-        table, final, classes = native_dfa.intersect_tables(lib, a.table, a.final, a.initial, b.table, b.final,
-                                                            b.initial, classes, max_states)
-        return ByteDFA(table, final, 0, classes)
+        classes = refine_classes([a.classes, b.classes])
+        columns, final, classes = native_dfa.intersect_tables(lib, a.table, a.final, a.initial, b.table, b.final,
+                                                              b.initial, classes, max_states)
+        return ByteDFA.from_columns(columns, classes, final, 0)
     ids = {(a.initial, b.initial): 0}
     pairs = [(a.initial, b.initial)]
     rows: list[np.ndarray] = []
     i = 0
     while i < len(pairs):
         sa, sb = pairs[i]
-        na, nb = a.table[sa], b.table[sb]  # [256] each
+        na, nb = a.row(sa), b.row(sb)  # [256] each
         live = np.flatnonzero((na != a.dead) & (nb != b.dead))
         row = np.full(256, -1, dtype=np.int64)
         for byte, key in zip(live.tolist(), zip(na[live].tolist(), nb[live].tolist())):
@@ -200,8 +200,9 @@ def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
     copies: list[tuple[int, ByteDFA]] = []  # one copy of a hole per distinct t it leads to
     for p, hole in holes.items():
         by_target: dict[int, int] = {}
-        for src in np.flatnonzero(skeleton.table[:dead, p] != dead).tolist():
-            t = int(skeleton.table[src, p])
+        into = skeleton.columns[:dead, skeleton.classes[p]]  # [S] where byte p leads
+        for src in np.flatnonzero(into != dead).tolist():
+            t = int(into[src])
             if t not in by_target:
                 by_target[t] = size
                 copies.append((size, hole))
@@ -218,7 +219,7 @@ def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
     final = np.zeros(size + 1, dtype=bool)
     final[:dead] = skeleton.final[:dead]
     for src, _, hole, offset in wiring:  # into each hole first: a state after a hole may start another
-        first = hole.table[hole.initial]
+        first = hole.row(hole.initial)
         enter = np.flatnonzero(first != hole.dead)
         _join(out[src], enter, first[enter] + offset, size)
     for src, t, hole, offset in wiring:
@@ -238,7 +239,7 @@ def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
 def _place(block: ByteDFA, out: np.ndarray, offset: int, new_dead: int) -> None:
     """Write ``block``'s rows into ``out`` from row ``offset``, its states renumbered from there and its
     dead state made ``new_dead`` (in place: no temporaries the size of the table but a mask)."""
-    rows, dst = block.table[:block.dead], out[offset:offset + block.dead]
+    rows, dst = block.columns[:block.dead][:, block.classes], out[offset:offset + block.dead]
     np.add(rows, offset, out=dst)
     np.putmask(dst, rows == block.dead, new_dead)
 

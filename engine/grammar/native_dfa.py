@@ -58,7 +58,8 @@ def library() -> ctypes.CDLL | None:
     for name, restype in [("status", ctypes.c_int), ("message", ctypes.c_char_p), ("states", ctypes.c_int64)]:
         fn = getattr(lib, f"agentrt_regex_dfa_{name}")
         fn.restype, fn.argtypes = restype, [ctypes.c_void_p]
-    lib.agentrt_regex_dfa_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.agentrt_regex_dfa_nclasses.restype, lib.agentrt_regex_dfa_nclasses.argtypes = ctypes.c_int64, [ctypes.c_void_p]
+    lib.agentrt_regex_dfa_columns.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.agentrt_regex_dfa_classes.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.agentrt_regex_dfa_free.argtypes = [ctypes.c_void_p]
     lib.agentrt_dfa_intersect.restype = ctypes.c_void_p
@@ -90,8 +91,8 @@ def _build(path: Path) -> None:
 
 
 def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(table [S + 1, 256] int32 with row S the dead state, final [S + 1] bool, each byte's class [256]
-    uint8: bytes of one class have equal columns) of ``regex``'s minimal DFA, initial state 0; None when
+    """(columns [S + 1, C] int32, one per byte class, with row S the dead state, final [S + 1] bool, each
+    byte's class [256] uint8, values 0..C-1) of ``regex``'s minimal DFA, initial state 0; None when
     the regex holds syntax this builder does not parse. GrammarCompileError when the automaton passes
     its size limits, MemoryError when memory runs out. Within a `quick.attempt`, its smaller limits (and
     its time) bound the build, and passing one raises QuickLimitExceeded."""
@@ -111,7 +112,7 @@ def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray,
 def intersect_tables(lib: ctypes.CDLL, a_table: np.ndarray, a_final: np.ndarray, a_initial: int,
                      b_table: np.ndarray, b_final: np.ndarray, b_initial: int, classes: np.ndarray,
                      max_states: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(table, final, classes) as `compile_regex` gives them, of the reachable product of two DFAs (dense
+    """(columns, final, classes) as `compile_regex` gives them, of the reachable product of two DFAs (dense
     tables with their dead rows last) whose bytes of one of ``classes`` [256] have equal columns in both;
     initial state 0, not minimized. AutomatonTooLargeError past ``max_states``; within a `quick.attempt`,
     its limits bound it as they do a regex's build."""
@@ -148,12 +149,12 @@ def _read(lib: ctypes.CDLL, handle: int | None, what: str, in_attempt: bool):
                                              "schema: fewer alternatives, smaller maxLength/maxItems/enums)")
             raise GrammarCompileError(f"the schema's grammar could not be compiled: {why}")
         n = lib.agentrt_regex_dfa_states(handle)
-        table = np.empty((n + 1, 256), dtype=np.int32)
+        columns = np.empty((n + 1, lib.agentrt_regex_dfa_nclasses(handle)), dtype=np.int32)
         final = np.empty(n + 1, dtype=np.uint8)
         classes = np.empty(256, dtype=np.uint8)
-        lib.agentrt_regex_dfa_copy(handle, table.ctypes.data, final.ctypes.data)
+        lib.agentrt_regex_dfa_columns(handle, columns.ctypes.data, final.ctypes.data)
         lib.agentrt_regex_dfa_classes(handle, classes.ctypes.data)
-        return table, final.view(bool), classes
+        return columns, final.view(bool), classes
     finally:
         lib.agentrt_regex_dfa_free(handle)
 

@@ -80,7 +80,7 @@ def regexes_disjoint(ra: str, rb: str, max_pairs: int = 20_000, timeout_s: float
         if da.final[sa] and db.final[sb]:
             return False
         for byte in np.intersect1d(da.live_bytes(sa), db.live_bytes(sb)).tolist():  # bytes allowed in both
-            nxt = (int(da.table[sa, byte]), int(db.table[sb, byte]))
+            nxt = (da.next(sa, byte), db.next(sb, byte))
             if nxt not in seen:
                 if len(seen) % 256 == 0:
                     quick.check("oneOf proof")

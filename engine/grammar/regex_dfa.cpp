@@ -799,20 +799,16 @@ const char* agentrt_regex_dfa_message(void* h) { return static_cast<Result*>(h)-
 
 int64_t agentrt_regex_dfa_states(void* h) { return static_cast<Result*>(h)->dfa.n; }
 
-// Writes the dense table [n + 1, 256] (row n: the dead state) and final [n + 1].
-void agentrt_regex_dfa_copy(void* h, int32_t* table, uint8_t* final) {
+int64_t agentrt_regex_dfa_nclasses(void* h) { return static_cast<Result*>(h)->dfa.nclasses; }
+
+// Writes the table's columns, one per byte class, [n + 1, nclasses] (row n: the dead state), and final [n + 1].
+void agentrt_regex_dfa_columns(void* h, int32_t* columns, uint8_t* final) {
   const Dfa& d = static_cast<Result*>(h)->dfa;
-  for (int32_t s = 0; s <= d.n; ++s) {
-    int32_t* row = table + int64_t(s) * 256;
-    if (s == d.n) {
-      std::fill(row, row + 256, d.n);
-      final[s] = 0;
-      continue;
-    }
-    const int32_t* t = d.trans.data() + int64_t(s) * d.nclasses;
-    for (int b = 0; b < 256; ++b) row[b] = t[d.cls[b]] < 0 ? d.n : t[d.cls[b]];
-    final[s] = d.final[s];
-  }
+  const int64_t k = d.nclasses;
+  for (int64_t i = 0; i < int64_t(d.n) * k; ++i) columns[i] = d.trans[i] < 0 ? d.n : d.trans[i];
+  std::fill(columns + int64_t(d.n) * k, columns + int64_t(d.n + 1) * k, d.n);
+  std::copy(d.final.begin(), d.final.end(), final);
+  final[d.n] = 0;
 }
 
 // Writes each byte's class [256]: bytes of one class have equal columns in the table.

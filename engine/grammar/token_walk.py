@@ -43,7 +43,7 @@ class TokenTable:
     def walk(self, dfa: ByteDFA, state: int, among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(allowed token ids [n] int64 ascending, the state each leads to [n] int64) from ``state``;
         only the tokens where ``among`` [vocab_size] bool is True, when given."""
-        flat, dead = dfa.table.ravel(), dfa.dead
+        flat, classes, width, dead = dfa.columns.ravel(), dfa.classes, dfa.columns.shape[1], dfa.dead
         live = dfa.live_bytes(state)
         if not live.size:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -53,9 +53,9 @@ class TokenTable:
         if among is not None:
             rows = rows[among[self.ids[rows]]]
         done_rows, done_states = [], []
-        cur = flat[np.int64(state) * 256 + self.positions[0][rows]].astype(np.int64)  # [n] alive: first byte live
+        cur = flat[np.int64(state) * width + classes[self.positions[0][rows]]].astype(np.int64)  # [n] alive: first byte live
         for target in np.flatnonzero(np.bincount(cur)).tolist():
-            loops = dfa.table[target] == target  # [256] bytes that stay in ``target`` (a string's body: most)
+            loops = dfa.row(target) == target  # [256] bytes that stay in ``target`` (a string's body: most)
             if loops.sum() <= _MANY_LOOPS:
                 continue
             # a token that got to ``target`` and holds no other bytes stays there: no walk for it
@@ -73,7 +73,7 @@ class TokenTable:
                 rows, cur = rows[~ended], cur[~ended]
                 if not rows.size:
                     break
-            cur = flat[cur * 256 + self.positions[j][rows]].astype(np.int64)
+            cur = flat[cur * width + classes[self.positions[j][rows]]].astype(np.int64)
             alive = cur != dead
             rows, cur = rows[alive], cur[alive]
             j += 1
