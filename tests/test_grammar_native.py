@@ -9,6 +9,7 @@ import pytest
 from agentrt.engine.grammar import GrammarCompileError
 from agentrt.engine.grammar import native_dfa
 from agentrt.engine.grammar.byte_dfa import ByteDFA, byte_classes, minimized, outlines_regex_to_dfa, regex_to_dfa
+from agentrt.engine.grammar.dfa_ops import has_placeholder
 from agentrt.engine.grammar.schema_regex import schema_to_parts
 from agentrt.benchmarks.grammar import DATA, load_subset
 
@@ -172,36 +173,28 @@ def test_a_dfa_pickles_as_its_byte_classes_and_comes_back_the_same():
 
 
 @pytest.mark.parametrize("subset", ["MCPspec", "Github_easy"])
-def test_the_byte_classes_a_dfa_carries_hold_after_splices_and_intersections(lib, subset, monkeypatch):
-    """A DFA keeps one column per byte class, so the classes a splice or an intersection claims for its
-    table (refined from its parts') must hold: every table made while compiling real schemas (objects,
-    pattern-and-length intersections, multipleOf) comes back whole from its columns, and so does a pickle."""
+def test_a_dfa_spliced_from_parts_accepts_what_the_whole_regexs_dfa_does(lib, subset):
+    """A splice makes its table in byte classes refined from its parts' (each part's columns picked by a
+    byte of each class): on real schemas (objects in properties and array items as parts), the spliced DFA
+    and the DFA of the same schema as one regex accept the same texts, and a pickle brings it back whole."""
     import pickle
 
-    from agentrt.engine.grammar.compile_job import _PARTS, schema_to_dfa
+    from agentrt.engine.grammar.compile_job import _to_dfa
     from agentrt.engine.grammar.errors import GrammarCompileError as CompileError, UnsupportedSchemaError
 
-    keep = ByteDFA.__init__
-    tables = 0
-
-    def checked_init(self, table, final, initial, classes=None):
-        nonlocal tables
-        keep(self, table, final, initial, classes)
-        assert np.array_equal(self.table, table)
-        tables += 1
-
-    monkeypatch.setattr(ByteDFA, "__init__", checked_init)
-    monkeypatch.setattr("agentrt.engine.grammar.compile_job._PARTS", type(_PARTS)())
-    compiled = 0
+    spliced = 0
     for case in load_subset(subset, DATA)[:40]:
         try:
-            _, _, dfa = schema_to_dfa(case["schema"], False, 10)
+            regex, _, parts = _to_dfa(case["schema"], False, 10, split_objects=True)
+            _, _, whole = _to_dfa(case["schema"], False, 10, split_objects=False)
         except (UnsupportedSchemaError, CompileError):
             continue
-        back = pickle.loads(pickle.dumps(dfa))
-        assert np.array_equal(back.columns, dfa.columns) and np.array_equal(back.classes, dfa.classes)
-        compiled += 1
-    assert compiled >= 20 and tables >= 5
+        back = pickle.loads(pickle.dumps(parts))
+        assert np.array_equal(back.columns, parts.columns) and np.array_equal(back.classes, parts.classes)
+        if has_placeholder(regex):
+            assert difference(parts, whole) is None, case["id"]
+            spliced += 1
+    assert spliced >= 5
 
 
 def test_without_a_working_cxx_compiler_outlines_core_builds_the_dfas(monkeypatch, tmp_path, caplog):

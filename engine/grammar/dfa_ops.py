@@ -209,17 +209,23 @@ def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
                 size += hole.dead
             wiring.append((src, t, hole, by_target[t]))
     quick.check_states(size, "a splice")
-    out = np.empty((size + 1, 256), dtype=np.int32)
+    # the result's byte classes: within every part's, each placeholder a class of its own (its column is
+    # all dead now); the table is made in them, [size + 1, C], each part's columns picked by a byte of each
+    alone = np.zeros(256, dtype=np.uint8)
+    alone[list(holes)] = np.arange(1, len(holes) + 1)
+    classes = refine_classes([skeleton.classes, alone, *(hole.classes for hole in holes.values())])
+    reps = np.unique(classes, return_index=True)[1]  # [C] a byte of each class
+    out = np.empty((size + 1, reps.size), dtype=np.int32)
     out[size] = size  # the new dead state
-    _place(skeleton, out, 0, size)
+    _place(skeleton, out, 0, size, reps)
     for p in holes:
-        out[:dead, p] = size  # the placeholder itself is never text
+        out[:dead, classes[p]] = size  # the placeholder itself is never text
     for offset, hole in copies:
-        _place(hole, out, offset, size)
+        _place(hole, out, offset, size, reps)
     final = np.zeros(size + 1, dtype=bool)
     final[:dead] = skeleton.final[:dead]
     for src, _, hole, offset in wiring:  # into each hole first: a state after a hole may start another
-        first = hole.row(hole.initial)
+        first = hole.columns[hole.initial, hole.classes[reps]]  # [C]
         enter = np.flatnonzero(first != hole.dead)
         _join(out[src], enter, first[enter] + offset, size)
     for src, t, hole, offset in wiring:
@@ -230,16 +236,13 @@ def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
             go_on = np.flatnonzero(out[t] != size)
             _join(out[f], go_on, out[t, go_on], size)
             final[f] |= skeleton.final[t]
-    alone = np.zeros(256, dtype=np.uint8)  # each placeholder its own class: its column is now all dead
-    alone[list(holes)] = np.arange(1, len(holes) + 1)
-    classes = refine_classes([skeleton.classes, alone, *(hole.classes for hole in holes.values())])
-    return ByteDFA(out, final, skeleton.initial, classes)
+    return ByteDFA.from_columns(out, classes, final, skeleton.initial)
 
 
-def _place(block: ByteDFA, out: np.ndarray, offset: int, new_dead: int) -> None:
-    """Write ``block``'s rows into ``out`` from row ``offset``, its states renumbered from there and its
-    dead state made ``new_dead`` (in place: no temporaries the size of the table but a mask)."""
-    rows, dst = block.columns[:block.dead][:, block.classes], out[offset:offset + block.dead]
+def _place(block: ByteDFA, out: np.ndarray, offset: int, new_dead: int, reps: np.ndarray) -> None:
+    """Write ``block``'s rows into ``out`` [*, C] from row ``offset``, in the classes of the bytes ``reps`` [C],
+    its states renumbered from there and its dead state made ``new_dead``."""
+    rows, dst = block.columns[:block.dead][:, block.classes[reps]], out[offset:offset + block.dead]
     np.add(rows, offset, out=dst)
     np.putmask(dst, rows == block.dead, new_dead)
 
