@@ -173,11 +173,9 @@ def minimized(dfa: ByteDFA) -> ByteDFA:
     return ByteDFA.from_columns(block_of[dfa.columns[rows]], dfa.classes, dfa.final[rows], int(block_of[dfa.initial]))
 
 
-def refine_classes(partitions: list[np.ndarray | None]) -> np.ndarray | None:
-    """The coarsest byte classes within every one of ``partitions`` (None if one is not known): a DFA made
+def refine_classes(partitions: list[np.ndarray]) -> np.ndarray:
+    """The coarsest byte classes within every one of ``partitions`` [256] each, numbered 0..C-1: a DFA made
     from DFAs, byte by byte alike (a splice, an intersection), has equal columns on these."""
-    if any(p is None for p in partitions):
-        return None
     keys = np.stack(partitions)  # [k, 256]: a byte's class in each
     order = np.lexsort(keys[::-1])  # bytes with equal keys side by side
     ordered = keys[:, order]

@@ -152,9 +152,8 @@ def intersect(a: ByteDFA, b: ByteDFA, max_states: int = 200_000) -> ByteDFA:
     builder where it is available: a pair a few tens of nanoseconds there, ~50 us in the loop below)."""
     lib = native_dfa.library()
     if lib is not None:
-        classes = refine_classes([a.classes, b.classes])
-        columns, final, classes = native_dfa.intersect_tables(lib, a.table, a.final, a.initial, b.table, b.final,
-                                                              b.initial, classes, max_states)
+        columns, final, classes = native_dfa.intersect_columns(lib, a, b, refine_classes([a.classes, b.classes]),
+                                                               max_states)
         return ByteDFA.from_columns(columns, classes, final, 0)
     ids = {(a.initial, b.initial): 0}
     pairs = [(a.initial, b.initial)]

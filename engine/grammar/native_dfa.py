@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,9 +64,9 @@ def library() -> ctypes.CDLL | None:
     lib.agentrt_regex_dfa_classes.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.agentrt_regex_dfa_free.argtypes = [ctypes.c_void_p]
     lib.agentrt_dfa_intersect.restype = ctypes.c_void_p
-    lib.agentrt_dfa_intersect.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_double]
+    lib.agentrt_dfa_intersect.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double]
     lib.agentrt_dfa_minimize.restype = ctypes.c_int32
     lib.agentrt_dfa_minimize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                          ctypes.c_void_p]
@@ -109,23 +110,25 @@ def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray,
     return _read(lib, handle, "building the regex's DFA", attempt is not None)
 
 
-def intersect_tables(lib: ctypes.CDLL, a_table: np.ndarray, a_final: np.ndarray, a_initial: int,
-                     b_table: np.ndarray, b_final: np.ndarray, b_initial: int, classes: np.ndarray,
-                     max_states: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(columns, final, classes) as `compile_regex` gives them, of the reachable product of two DFAs (dense
-    tables with their dead rows last) whose bytes of one of ``classes`` [256] have equal columns in both;
-    initial state 0, not minimized. AutomatonTooLargeError past ``max_states``; within a `quick.attempt`,
-    its limits bound it as they do a regex's build."""
+def intersect_columns(lib: ctypes.CDLL, a: Any, b: Any, classes: np.ndarray,
+                      max_states: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(columns, final, classes) as `compile_regex` gives them, of the reachable product of the `ByteDFA`s
+    ``a`` and ``b`` in the byte ``classes`` [256] (values 0..C-1, within both DFAs' own); initial state 0,
+    not minimized. AutomatonTooLargeError past ``max_states``; within a `quick.attempt`, its limits bound
+    it as they do a regex's build."""
     attempt = quick.limits()
     max_seconds = 0.0
     if attempt is not None:
         max_states, max_seconds = min(max_states, attempt.max_states), max(attempt.seconds_left(), 1e-4)
-    a_table, b_table = (np.ascontiguousarray(t, dtype=np.int32) for t in (a_table, b_table))
-    a_final, b_final = (np.ascontiguousarray(f, dtype=np.uint8) for f in (a_final, b_final))
+    reps = np.unique(classes, return_index=True)[1]  # [C] a byte of each class
+    sides = [(np.ascontiguousarray(x.columns, dtype=np.int32), np.ascontiguousarray(x.final, dtype=np.uint8),
+              np.ascontiguousarray(x.classes[reps], dtype=np.int32)) for x in (a, b)]
+    (ca, fa, map_a), (cb, fb, map_b) = sides
     classes = np.ascontiguousarray(classes, dtype=np.uint8)
-    handle = lib.agentrt_dfa_intersect(a_table.ctypes.data, a_final.ctypes.data, a_table.shape[0], a_initial,
-                                       b_table.ctypes.data, b_final.ctypes.data, b_table.shape[0], b_initial,
-                                       classes.ctypes.data, max_states, max_seconds)
+    handle = lib.agentrt_dfa_intersect(ca.ctypes.data, fa.ctypes.data, ca.shape[0], ca.shape[1], a.initial,
+                                       cb.ctypes.data, fb.ctypes.data, cb.shape[0], cb.shape[1], b.initial,
+                                       classes.ctypes.data, map_a.ctypes.data, map_b.ctypes.data, max_states,
+                                       max_seconds)
     return _read(lib, handle, "intersecting two automata", attempt is not None)  # type: ignore[return-value]
 
 

@@ -840,17 +840,16 @@ int32_t agentrt_dfa_minimize(const int32_t* table, const uint8_t* final, int64_t
 }
 
 // The DFA of the texts two DFAs both match: the pairs of their states reachable from (ia, ib), numbered
-// in breadth-first order (0: the initial pair). ta [rows_a, 256] and tb [rows_b, 256] are dense tables
-// whose last rows are their dead states; bytes of one class in ``cls`` have equal columns in both. Read
-// like agentrt_regex_dfa's result (status 2: past ``max_states`` or ``max_seconds`` when > 0); not minimized.
-void* agentrt_dfa_intersect(const int32_t* ta, const uint8_t* fa, int64_t rows_a, int64_t ia, const int32_t* tb,
-                            const uint8_t* fb, int64_t rows_b, int64_t ib, const uint8_t* cls, int64_t max_states,
+// in breadth-first order (0: the initial pair), in the byte classes ``cls`` (within both DFAs' own). ca
+// [rows_a, width_a] and cb are the DFAs' columns, their last rows the dead states; the product's class c
+// is column ``map_a[c]`` of ca (``map_b[c]`` of cb). Read like agentrt_regex_dfa's result (status 2: past
+// ``max_states`` or ``max_seconds`` when > 0); not minimized.
+void* agentrt_dfa_intersect(const int32_t* ca, const uint8_t* fa, int64_t rows_a, int64_t width_a, int64_t ia,
+                            const int32_t* cb, const uint8_t* fb, int64_t rows_b, int64_t width_b, int64_t ib,
+                            const uint8_t* cls, const int32_t* map_a, const int32_t* map_b, int64_t max_states,
                             double max_seconds) {
   return build_result([&](Dfa& d) {
-    int rep[256];
-    std::fill(rep, rep + 256, -1);
     for (int b = 0; b < 256; ++b) {
-      if (rep[cls[b]] < 0) rep[cls[b]] = b;  // a byte of each class stands for it
       d.nclasses = std::max(d.nclasses, cls[b] + 1);
       d.cls[b] = cls[b];
     }
@@ -872,7 +871,7 @@ void* agentrt_dfa_intersect(const int32_t* ta, const uint8_t* fa, int64_t rows_a
     for (size_t i = 0; i < pairs.size(); ++i) {
       const auto [a, b] = pairs[i];
       for (int c = 0; c < d.nclasses; ++c) {
-        const int64_t na = ta[int64_t(a) * 256 + rep[c]], nb = tb[int64_t(b) * 256 + rep[c]];
+        const int64_t na = ca[int64_t(a) * width_a + map_a[c]], nb = cb[int64_t(b) * width_b + map_b[c]];
         d.trans.push_back(na == dead_a || nb == dead_b ? -1 : id_of(na, nb));
       }
       d.final.push_back(fa[a] && fb[b]);
