@@ -241,7 +241,7 @@ def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
 def _place(block: ByteDFA, out: np.ndarray, offset: int, new_dead: int, reps: np.ndarray) -> None:
     """Write ``block``'s rows into ``out`` [*, C] from row ``offset``, in the classes of the bytes ``reps`` [C],
     its states renumbered from there and its dead state made ``new_dead``."""
-    rows, dst = block.columns[:block.dead][:, block.classes[reps]], out[offset:offset + block.dead]
+    rows, dst = np.take(block.columns[:block.dead], block.classes[reps], axis=1), out[offset:offset + block.dead]
     np.add(rows, offset, out=dst)
     np.putmask(dst, rows == block.dead, new_dead)
 
