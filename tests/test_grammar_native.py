@@ -167,9 +167,8 @@ def test_a_dfa_pickles_as_its_byte_classes_and_comes_back_the_same():
     blob = pickle.dumps(dfa, protocol=pickle.HIGHEST_PROTOCOL)
     back = pickle.loads(blob)
     assert np.array_equal(back.table, dfa.table) and np.array_equal(back.final, dfa.final)
-    assert back.initial == dfa.initial and back.columns.dtype == np.int32
-    assert len(blob) < dfa.table.nbytes / 8  # 16-bit columns, a few dozen byte classes instead of 256
-    assert dfa.nbytes < dfa.table.nbytes / 4  # and in memory too, 32-bit
+    assert back.initial == dfa.initial and back.columns.dtype == dfa.columns.dtype == np.uint16  # ids < 65,536
+    assert dfa.columns.nbytes < dfa.table.nbytes / 4 and len(blob) < dfa.table.nbytes / 4  # ~30 byte classes, not 256
 
 
 @pytest.mark.parametrize("subset", ["MCPspec", "Github_easy"])

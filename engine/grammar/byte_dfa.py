@@ -31,7 +31,8 @@ class ByteDFA:
     """A byte-level DFA, kept as its distinct byte columns: ``columns[s, classes[b]]`` is the state after
     byte ``b`` from ``s`` (``dead`` if none). A JSON grammar's DFA tells ~30-80 kinds of bytes apart, so
     this is a few times smaller than the dense [S + 1, 256] table, which `table` makes when asked (the
-    compile's automaton operations; what runs per request reads the columns)."""
+    compile's automaton operations; what runs per request reads the columns), and 16-bit where the state
+    ids fit (below 65,536 states)."""
 
     __slots__ = ("columns", "classes", "final", "initial")
 
@@ -44,7 +45,7 @@ class ByteDFA:
         else:
             _, firsts, classes = np.unique(classes, return_index=True, return_inverse=True)
             columns = table[:, firsts]
-        self.columns = np.ascontiguousarray(columns, dtype=np.int32)  # [S + 1, C]
+        self.columns = _narrow(columns)  # [S + 1, C]
         self.classes = classes.astype(np.uint8)  # [256]
         self.final = final
         self.initial = int(initial)
@@ -53,13 +54,13 @@ class ByteDFA:
     def from_columns(cls, columns: np.ndarray, classes: np.ndarray, final: np.ndarray, initial: int) -> ByteDFA:
         """From ``columns`` [S + 1, C] and ``classes`` [256] (values 0..C-1) as `ByteDFA` keeps them."""
         dfa = cls.__new__(cls)
-        dfa.columns = np.ascontiguousarray(columns, dtype=np.int32)
+        dfa.columns = _narrow(columns)
         dfa.classes, dfa.final, dfa.initial = classes.astype(np.uint8), final, int(initial)
         return dfa
 
     @property
     def table(self) -> np.ndarray:
-        """The dense table [S + 1, 256] int32, made anew on each call."""
+        """The dense table [S + 1, 256] (the columns' dtype), made anew on each call."""
         return self.columns[:, self.classes]
 
     @property
@@ -74,10 +75,8 @@ class ByteDFA:
     def nbytes(self) -> int:
         return self.columns.nbytes + self.final.nbytes + self.classes.nbytes
 
-    def __reduce__(self):
-        # pickled (from a compile worker, to the disk cache) 16-bit below 65,536 states
-        narrow = np.uint16 if self.columns.shape[0] <= 1 << 16 else np.int32
-        return _from_columns, (self.columns.astype(narrow), self.classes, self.final, self.initial)
+    def __reduce__(self):  # pickled (from a compile worker, to the disk cache) as kept
+        return _from_columns, (self.columns, self.classes, self.final, self.initial)
 
     def next(self, state: int, byte: int) -> int:
         """The state after ``byte`` from ``state``."""
@@ -188,6 +187,12 @@ def refine_classes(partitions: list[np.ndarray]) -> np.ndarray:
 
 def _from_columns(columns: np.ndarray, classes: np.ndarray, final: np.ndarray, initial: int) -> ByteDFA:
     return ByteDFA.from_columns(columns, classes, final, initial)
+
+
+def _narrow(columns: np.ndarray) -> np.ndarray:
+    """``columns`` as uint16 where its state ids fit (rows <= 65,536), else int32, contiguous. Arithmetic on
+    state ids (offsets, products) widens them first: 16-bit sums would wrap."""
+    return np.ascontiguousarray(columns, dtype=np.uint16 if columns.shape[0] <= 1 << 16 else np.int32)
 
 
 def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

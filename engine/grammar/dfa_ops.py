@@ -224,7 +224,7 @@ def splice(skeleton: ByteDFA, holes: dict[int, ByteDFA]) -> ByteDFA:
     final = np.zeros(size + 1, dtype=bool)
     final[:dead] = skeleton.final[:dead]
     for src, _, hole, offset in wiring:  # into each hole first: a state after a hole may start another
-        first = hole.columns[hole.initial, hole.classes[reps]]  # [C]
+        first = hole.columns[hole.initial, hole.classes[reps]].astype(np.int64)  # [C]
         enter = np.flatnonzero(first != hole.dead)
         _join(out[src], enter, first[enter] + offset, size)
     for src, t, hole, offset in wiring:
@@ -242,7 +242,7 @@ def _place(block: ByteDFA, out: np.ndarray, offset: int, new_dead: int, reps: np
     """Write ``block``'s rows into ``out`` [*, C] from row ``offset``, in the classes of the bytes ``reps`` [C],
     its states renumbered from there and its dead state made ``new_dead``."""
     rows, dst = np.take(block.columns[:block.dead], block.classes[reps], axis=1), out[offset:offset + block.dead]
-    np.add(rows, offset, out=dst)
+    np.add(rows, offset, out=dst, dtype=np.int32)
     np.putmask(dst, rows == block.dead, new_dead)
 
 
