@@ -1,9 +1,9 @@
 """Regex -> byte-level DFA: the automaton a compiled grammar keeps. Token masks are not part of it:
 `token_walk` computes a state's allowed tokens when a matcher first reaches it.
 
-Our C++ builder (`native_dfa`) makes the dense table directly. Where it is not available,
-outlines-core builds the DFA (its ``Index`` over a 256-byte vocabulary), which we turn into a dense
-numpy table; two quirks of its ``Index`` shape that conversion:
+Our C++ builder (`native_dfa`) writes the DFA's byte-class columns directly (`ByteDFA` keeps those). Where
+it is not available, outlines-core builds the DFA (its ``Index`` over a 256-byte vocabulary), which we turn
+into a dense numpy table first; two quirks of its ``Index`` shape that conversion:
 
 - it drops a transition that leaves a match state into a non-match state (``a(?:bc)?`` does not
   accept "abc"): it works only for prefix-free languages. So the regex gets an end sentinel
