@@ -98,14 +98,13 @@ def compile_regex(lib: ctypes.CDLL, regex: str) -> tuple[np.ndarray, np.ndarray,
     its size limits, MemoryError when memory runs out. Within a `quick.attempt`, its smaller limits (and
     its time) bound the build, and passing one raises QuickLimitExceeded."""
     data = regex.encode("utf-8")
-    max_states = int(os.environ.get("AGENTRT_GRAMMAR_MAX_STATES") or MAX_STATES)
-    max_nfa_states, max_seconds = MAX_NFA_STATES, 0.0
+    max_states, max_seconds = _bounds(int(os.environ.get("AGENTRT_GRAMMAR_MAX_STATES") or MAX_STATES))
+    max_nfa_states = MAX_NFA_STATES
     attempt = quick.limits()
     if attempt is not None:
         if len(data) > attempt.max_regex_chars:
             raise quick.QuickLimitExceeded(f"a {len(data):,}-byte regex")
-        max_states, max_nfa_states = min(max_states, attempt.max_states), attempt.max_nfa_states
-        max_seconds = max(attempt.seconds_left(), 1e-4)
+        max_nfa_states = attempt.max_nfa_states
     handle = lib.agentrt_regex_dfa(data, len(data), max_states, max_nfa_states, max_seconds)
     return _read(lib, handle, "building the regex's DFA", attempt is not None)
 
@@ -116,10 +115,7 @@ def intersect_columns(lib: ctypes.CDLL, a: Any, b: Any, classes: np.ndarray,
     ``a`` and ``b`` in the byte ``classes`` [256] (values 0..C-1, within both DFAs' own); initial state 0,
     not minimized. AutomatonTooLargeError past ``max_states``; within a `quick.attempt`, its limits bound
     it as they do a regex's build."""
-    attempt = quick.limits()
-    max_seconds = 0.0
-    if attempt is not None:
-        max_states, max_seconds = min(max_states, attempt.max_states), max(attempt.seconds_left(), 1e-4)
+    max_states, max_seconds = _bounds(max_states)
     reps = np.unique(classes, return_index=True)[1]  # [C] a byte of each class
     sides = [(np.ascontiguousarray(x.columns, dtype=np.int32), np.ascontiguousarray(x.final, dtype=np.uint8),
               np.ascontiguousarray(x.classes[reps], dtype=np.int32)) for x in (a, b)]
@@ -129,7 +125,15 @@ def intersect_columns(lib: ctypes.CDLL, a: Any, b: Any, classes: np.ndarray,
                                        cb.ctypes.data, fb.ctypes.data, cb.shape[0], cb.shape[1], b.initial,
                                        classes.ctypes.data, map_a.ctypes.data, map_b.ctypes.data, max_states,
                                        max_seconds)
-    return _read(lib, handle, "intersecting two automata", attempt is not None)  # type: ignore[return-value]
+    return _read(lib, handle, "intersecting two automata", quick.limits() is not None)  # type: ignore[return-value]
+
+
+def _bounds(max_states: int) -> tuple[int, float]:
+    """(state limit, time limit in seconds, 0 for none) of a C++ build: within a `quick.attempt`, its own."""
+    attempt = quick.limits()
+    if attempt is None:
+        return max_states, 0.0
+    return min(max_states, attempt.max_states), max(attempt.seconds_left(), 1e-4)
 
 
 def _read(lib: ctypes.CDLL, handle: int | None, what: str, in_attempt: bool):
