@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from agentrt.schema import close_objects
 from agentrt.types import Message, ToolCall, ToolChoice, ToolSpec, new_call_id
 
 Mode = Literal["tools", "schema", "text"]
@@ -242,7 +243,7 @@ def _arguments_schema(params: dict[str, Any]) -> dict[str, Any]:
     params.setdefault("properties", {})
     # Small models invent keys; the registry would reject them anyway, so forbid them here.
     params.setdefault("additionalProperties", False)
-    return params
+    return close_objects(params)
 
 
 def call_schema(spec: ToolSpec, defs: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +278,7 @@ def calls_schema(specs: list[ToolSpec], parallel: bool, defs: dict[str, Any]) ->
 
 def answer_schema(output_schema: dict[str, Any] | None, defs: dict[str, Any]) -> dict[str, Any]:
     """``{"answer": <string or the output schema>}``."""
-    value = {"type": "string"} if output_schema is None else hoist_defs(output_schema, "answer__", defs)
+    value = {"type": "string"} if output_schema is None else hoist_defs(close_objects(output_schema), "answer__", defs)
     return {
         "type": "object",
         "properties": {"answer": value},

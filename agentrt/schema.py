@@ -337,6 +337,40 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_SINGLE = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
 
 
+# keywords beside which an object is left as it is: it says what other keys do, or a combinator
+# may add keys of its own that closing would refuse
+_OPENS_OR_COMBINES = ("additionalProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "$ref", "if", "then",
+                      "else", "dependentSchemas", "dependencies")
+
+
+def close_objects(schema: Any) -> Any:
+    """``schema`` with its objects closed where that can only narrow it: a subschema that lists
+    ``properties`` and says nothing of other keys gets ``additionalProperties: false``.
+
+    JSON Schema lets such an object have any other key, and an exact grammar generates them (after
+    the named ones); a tool's arguments want the named keys only (small models invent keys). Only
+    subschemas in positive places are closed (property and item values, anyOf branches beside no
+    properties of their own): closing a member of allOf (or an anyOf branch beside properties)
+    would refuse its siblings' keys, and one under oneOf / not / if / contains, or a definition a
+    ``$ref`` may reach from there, would admit values the original refuses."""
+    if isinstance(schema, list):  # draft 4's tuple form of items
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in ("properties", "patternProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = {name: close_objects(sub) for name, sub in out[key].items()}
+    for key in ("items", "prefixItems", "additionalProperties"):
+        if key in out:
+            out[key] = close_objects(out[key])
+    if isinstance(out.get("anyOf"), list) and not any(k in out for k in ("properties", "patternProperties")):
+        out["anyOf"] = close_objects(out["anyOf"])
+    if isinstance(out.get("properties"), dict) and not any(k in out for k in _OPENS_OR_COMBINES):
+        out["additionalProperties"] = False
+    return out
+
+
 # String formats that grammar backends (outlines-core and agentrt's own) can enforce;
 # other formats are dropped from the schema rather than left to block compilation.
 GRAMMAR_FORMATS = frozenset({"date", "time", "date-time", "uuid", "email"})

@@ -31,7 +31,9 @@ def automaton(schema: dict) -> ByteAutomaton:
 # ------------------------------------------------------------------------- regex exactness
 @pytest.mark.parametrize("schema,good,bad", [
     ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a"]},
-     [{"a": 1}, {"a": -3, "b": "x"}], [{}, {"b": "x"}, {"a": 1.5}, {"a": "1"}, {"a": 1, "c": 2}]),
+     [{"a": 1}, {"a": -3, "b": "x"}, {"a": 1, "c": 2}], [{}, {"b": "x"}, {"a": 1.5}, {"a": "1"}, {"a": 1, "b": 2}]),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": False},
+     [{}, {"a": 1}], [{"a": 1, "c": 2}, {"c": 2}]),
     ({"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 2},
      [[True], [True, False]], [[], [True, False, True], [1]]),
     ({"prefixItems": [{"type": "integer"}, {"type": "string"}], "items": False, "type": "array"},

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from agentrt.engine.grammar import BudgetError, GrammarCompiler, GrammarMatcher, distances, min_tokens
+from agentrt.schema import close_objects
 from tests.helpers.grammar import sentencepiece_tokenizer, smollm2_tokenizer
 
 SCHEMAS = [
@@ -149,7 +150,9 @@ def test_small_budget_always_ends_valid(setup, schema):
 @pytest.mark.parametrize("schema", SCHEMAS, ids=lambda s: json.dumps(s)[:40])
 def test_ample_budget_changes_nothing(setup, schema):
     _, comp = setup
-    g = comp.compile_json_schema(schema, timeout_s=None)
+    # closed, as the planner's tool arguments are: in an open object the scripted model, which ends a value
+    # only by chance, goes on writing keys the schema does not name past any budget
+    g = comp.compile_json_schema(close_objects(schema), timeout_s=None)
     for seed in range(3):
         stops = scripted(comp.vocab, stops=True, seed=seed)
         free, reason = run(GrammarMatcher(g), stops, 400, comp.vocab.vocab_size)

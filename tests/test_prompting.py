@@ -139,6 +139,30 @@ def test_defs_are_hoisted_and_prefixed_per_tool():
     assert not valid(s, '{"calls":[{"tool":"label","arguments":{"p":{"x":1,"y":2}}}]}')
 
 
+def test_tool_arguments_are_closed_where_that_only_narrows():
+    nested = ToolSpec(name="ship", parameters={
+        "type": "object",
+        "properties": {
+            "to": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "items": {"type": "array", "items": {"anyOf": [{"properties": {"sku": {"type": "string"}}}, {"type": "null"}]}},
+            "note": {"properties": {"a": {"type": "string"}}, "allOf": [{"properties": {"b": {"type": "string"}}}]},
+            "one": {"oneOf": [{"properties": {"x": {"type": "integer"}}}, {"properties": {"y": {"type": "integer"}}}]},
+        },
+    })
+    plan = plan_turn(USER, [nested])
+    args = plan.json_schema["anyOf"][0]["properties"]["calls"]["items"]["properties"]["arguments"]
+    props = args["properties"]
+    assert args["additionalProperties"] is False and props["to"]["additionalProperties"] is False
+    assert props["items"]["items"]["anyOf"][0]["additionalProperties"] is False
+    # beside allOf the members may add keys, and under oneOf closing a branch would admit values
+    # that match both branches of the original (invalid there): both stay as written
+    assert "additionalProperties" not in props["note"] and "additionalProperties" not in props["note"]["allOf"][0]
+    assert all("additionalProperties" not in b for b in props["one"]["oneOf"])
+    assert nested.parameters["properties"]["to"] == {"type": "object", "properties": {"city": {"type": "string"}}}
+    assert not valid(plan.json_schema, '{"calls":[{"tool":"ship","arguments":{"to":{"city":"Oslo","zip":"1"}}}]}')
+    assert valid(plan.json_schema, '{"calls":[{"tool":"ship","arguments":{"note":{"a":"x","b":"y"}}}]}')
+
+
 def test_system_prompt_lists_tools_compactly():
     line = tool_line(CALC)
     assert line == "- calculator(expression: string): Evaluate an arithmetic expression."

@@ -50,16 +50,50 @@ def schema_to_dfa(schema: Any, lenient: bool = False, timeout_s: float | None = 
         raise AutomatonTooLargeError(f"{e}; {where or '/'} is too large on its own") from None
 
 
+# The open grammar (see `Ctx.open_objects`) is tried within these (and half the time), then the closed one
+# within the compile's own limits: a free value after every key an object does not name can make a grammar
+# many times larger than its schema's named parts
+_OPEN_LIMITS = {"max_states": 50_000, "max_nfa_states": 500_000, "max_regex_chars": 500_000}
+
+
 def _whole_dfa(schema: Any, lenient: bool, timeout_s: float | None) -> tuple[str, list[str], ByteDFA]:
+    if quick.limits() is not None or not _says_nothing_of_other_keys(schema):  # an attempt: its own limits hold
+        return _spliced_dfa(schema, lenient, timeout_s, open_objects=True)
+    end = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        return _to_dfa(schema, lenient, timeout_s, split_objects=True)
+        with quick.attempt(_OPEN_ATTEMPT_S if timeout_s is None else timeout_s / 2, **_OPEN_LIMITS):
+            return _spliced_dfa(schema, lenient, timeout_s, open_objects=True)
+    except (quick.QuickLimitExceeded, AutomatonTooLargeError):
+        pass  # where the schema gives no additionalProperties, other keys are then not generated (narrower)
+    left = None if end is None else max(end - time.monotonic(), 0.01)
+    return _spliced_dfa(schema, lenient, left, open_objects=False)
+
+
+_OPEN_ATTEMPT_S = 10.0  # the open grammar's time where the compile has no limit
+
+
+def _spliced_dfa(schema: Any, lenient: bool, timeout_s: float | None,
+                 open_objects: bool) -> tuple[str, list[str], ByteDFA]:
+    try:
+        return _to_dfa(schema, lenient, timeout_s, split_objects=True, open_objects=open_objects)
     except SpliceError:  # an object part left a choice open where it stands: inline then
         pass
     try:
-        return _to_dfa(schema, lenient, timeout_s, split_objects=False)
+        return _to_dfa(schema, lenient, timeout_s, split_objects=False, open_objects=open_objects)
     except SpliceError:  # so did a part only an automaton says (two unique-items arrays in one anyOf):
         # without parts, the keywords that need them are refused by name (or left to lenient mode)
-        return _to_dfa(schema, lenient, timeout_s, split_objects=False, with_parts=False)
+        return _to_dfa(schema, lenient, timeout_s, split_objects=False, with_parts=False, open_objects=open_objects)
+
+
+def _says_nothing_of_other_keys(node: Any) -> bool:
+    """Whether some object subschema of ``node`` names properties and gives no additionalProperties."""
+    if isinstance(node, list):
+        return any(_says_nothing_of_other_keys(v) for v in node)
+    if not isinstance(node, dict):
+        return False
+    if isinstance(node.get("properties"), dict) and "additionalProperties" not in node:
+        return True
+    return any(_says_nothing_of_other_keys(v) for k, v in node.items() if k not in ("enum", "const"))
 
 
 _BLAME_S = 3.0  # how long a failed compile may look for the part that made it fail
@@ -103,10 +137,10 @@ def _subschemas(node: Any, path: str) -> list[tuple[str, Any]]:
     return out + named("$defs") + named("definitions")  # last: where a $ref above leads
 
 
-def _to_dfa(schema: Any, lenient: bool, timeout_s: float | None, split_objects: bool,
-            with_parts: bool = True) -> tuple[str, list[str], ByteDFA]:
+def _to_dfa(schema: Any, lenient: bool, timeout_s: float | None, split_objects: bool, with_parts: bool = True,
+            open_objects: bool = True) -> tuple[str, list[str], ByteDFA]:
     regex, unenforced, holes = schema_to_parts(schema, lenient=lenient, timeout_s=timeout_s, holes=with_parts,
-                                               split_objects=split_objects)
+                                               split_objects=split_objects, open_objects=open_objects)
     parts: dict[int, ByteDFA] = {}
     for byte in sorted(holes):  # a part holds only placeholders made before it (smaller bytes)
         inner = [b for piece in holes[byte] if isinstance(piece, str) for b in placeholders_in(piece)]

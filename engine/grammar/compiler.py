@@ -30,7 +30,7 @@ from .errors import GrammarCompileError
 from .token_walk import TokenTable
 from .vocab import TokenVocab, vocab_from_tokenizer
 
-COMPILER_VERSION = "21"  # bump when the regex a schema compiles to may change (invalidates disk caches)
+COMPILER_VERSION = "22"  # bump when the regex a schema compiles to may change (invalidates disk caches)
 _MAX_FORCED_BYTES = 512
 
 

@@ -13,18 +13,18 @@ _SIMPLE = [(0x20, 0x21), (0x23, 0x5B), (0x5D, 0x7E)]
 _OTHER = json_chars(complement(_SIMPLE))  # multi-byte and escaped characters
 
 
-def other_key(names: list[str], max_nodes: int = 40) -> str:
+def other_key(names: list[str], max_nodes: int = 4_000) -> str:
     """Regex for a compact JSON string (quotes included) whose value is not in ``names``.
 
     Strings have one canonical encoding (regex_util.STRING), so excluding each name's canonical
     text excludes the name. On the trie of the names' code points, such a string either stops at
     a trie node where no name ends, or leaves the trie (a node's path, then a character none of
-    its children has) and goes on freely. DFA states are what a token index pays for (each costs
-    a pass over the vocabulary), so the wide parts occur once: the free rest ``STRING_CHAR*`` is
-    factored out, and leaving by a multi-byte or escaped character is one shared class after
-    the set of node paths (per node only where a child is such a character). A trie of more
-    than ``max_nodes`` nodes is cut at the depth that keeps it within: keys sharing a cut
-    prefix with a name are then not generated (narrower, never wider).
+    its children has) and goes on freely. The wide parts occur once, so that the automaton has
+    about one state per trie node: the free rest ``STRING_CHAR*`` is factored out, and leaving by
+    a multi-byte or escaped character is one shared class after the set of node paths (per node
+    only where a child is such a character). A trie of more than ``max_nodes`` nodes is cut at
+    the depth that keeps it within: keys sharing a cut prefix with a name are then not generated
+    (narrower, never wider).
     """
     trie: dict = {}
     for name in names:

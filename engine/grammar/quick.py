@@ -46,10 +46,11 @@ def limits() -> QuickLimits | None:
 
 
 @contextmanager
-def attempt(seconds: float) -> Iterator[QuickLimits]:
-    """Run the body as an in-process attempt of at most ``seconds``."""
+def attempt(seconds: float, **sizes: int) -> Iterator[QuickLimits]:
+    """Run the body as an in-process attempt of at most ``seconds`` (and ``sizes``: QuickLimits' other
+    fields, where not their defaults)."""
     outer = limits()
-    _local.limits = QuickLimits(time.perf_counter() + seconds)
+    _local.limits = QuickLimits(time.perf_counter() + seconds, **sizes)
     try:
         yield _local.limits
     finally:

@@ -77,6 +77,10 @@ class Ctx:
         # with holes: an object-valued property's value becomes a part of its own (compiled once, kept by
         # the compile worker, spliced in), so a tool's arguments cost nothing in the next turn's grammar
         self.split_objects = False
+        # keys a schema names no rule for (additionalProperties omitted) are generated after the named
+        # ones, valued as free values are; False: only where additionalProperties is given (scalar
+        # values), the narrower grammar a compile falls back to when the open one is too large
+        self.open_objects = True
         self._walk, self._builders = walk, builders
         # draft 6 on: 1.0 is an integer; drafts 3/4 said no
         dialect = str(root.get("$schema", "")) if isinstance(root, dict) else ""
@@ -120,7 +124,9 @@ class Ctx:
 
     def scratch(self, max_ref_depth: int = 0, max_any_depth: int = 0) -> Ctx:
         """A lenient context on the same root for a trial compile."""
-        return Ctx(self.root, True, max_ref_depth, max_any_depth, self._walk, self._builders)
+        trial = Ctx(self.root, True, max_ref_depth, max_any_depth, self._walk, self._builders)
+        trial.open_objects = self.open_objects
+        return trial
 
 
 def _objects(schema: Any) -> bool:

@@ -7,10 +7,11 @@ invalid ones):
 
 - compact JSON only: no whitespace between tokens; strings in one canonical encoding
   (see regex_util); numbers with bounds are written without exponent;
-- declared properties appear in schema order; other keys come after them, only where the
-  schema gives additionalProperties (true: scalar values) and not beside maxProperties,
-  patternProperties or a presence plan that closes the object: each open object costs DFA
-  states, so a schema that says nothing gets none (as xgrammar's strict mode);
+- declared properties appear in schema order; other keys come after them, valued by
+  additionalProperties (true or omitted, as JSON Schema reads it: free values), not beside
+  maxProperties, patternProperties or a presence plan that closes the object. A schema that
+  wants only its named keys says ``additionalProperties: false`` (the planner closes tool
+  arguments so: `agentrt.schema.close_objects`);
 - unconstrained values (``{}``, ``true``, arrays without ``items``) nest at most
   ``max_any_depth`` (default 2) containers deep: a regular language cannot nest without
   bound, and each level adds the states of every value kind again after every place a free
@@ -33,7 +34,7 @@ import time
 from typing import Any
 
 from . import quick
-from .errors import GrammarCompileError, UnsatisfiableSchemaError, UnsupportedSchemaError
+from .errors import AutomatonTooLargeError, GrammarCompileError, UnsatisfiableSchemaError, UnsupportedSchemaError
 from .one_of import UNCOMPILED, branches_disjoint
 from .regex_util import alt
 from .schema_arrays import array_regex
@@ -64,11 +65,14 @@ def schema_to_regex(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
 
 def schema_to_parts(schema: Any, *, lenient: bool = False, max_ref_depth: int = 3, max_any_depth: int = 2,
                     timeout_s: float | None = None, max_regex_chars: int = 4_000_000,
-                    holes: bool = True, split_objects: bool = False) -> tuple[str, list[str], dict[int, list]]:
+                    holes: bool = True, split_objects: bool = False,
+                    open_objects: bool = True) -> tuple[str, list[str], dict[int, list]]:
     """As `schema_to_regex`, plus the parts the regex leaves to automata: ``(regex, unenforced, holes)``,
     where ``holes`` maps each placeholder byte in the regex to what stands there: the regexes whose
     intersection it is (see dfa_ops and compile_job). With ``split_objects``, object-valued properties
-    and array items are parts too (one regex each; it may hold the placeholders of parts made before it)."""
+    and array items are parts too (one regex each; it may hold the placeholders of parts made before it).
+    With ``open_objects=False``, keys an object does not name are generated only where the schema gives
+    additionalProperties (see `Ctx.open_objects`)."""
     if not isinstance(schema, (dict, bool)):
         raise GrammarCompileError(f"a JSON Schema must be an object or a boolean, got {type(schema).__name__}")
     depth = nesting_depth(schema)
@@ -80,6 +84,7 @@ def schema_to_parts(schema: Any, *, lenient: bool = False, max_ref_depth: int = 
         # draft 2019-09 replaced "dependencies" by dependentRequired/dependentSchemas: now an unknown keyword
         schema = _without_key(schema, "dependencies")
     ctx = Ctx(schema, lenient, max_ref_depth, max_any_depth, _node, _BUILDERS, deadline, max_regex_chars)
+    ctx.open_objects = open_objects
     if holes:
         ctx.holes = {}
         ctx.split_objects = split_objects
@@ -128,7 +133,7 @@ def _node(schema: Any, ctx: Ctx, path: str) -> str | None:
     if attempt is not None and regex is not None and len(regex) > attempt.max_regex_chars:
         raise quick.QuickLimitExceeded(f"the schema at {path or '/'} expands to a {len(regex):,}-character regex")
     if regex is not None and len(regex) > ctx.max_regex_chars:
-        raise GrammarCompileError(f"the schema at {path or '/'} expands to a {len(regex):,}-character regex (limit "
+        raise AutomatonTooLargeError(f"the schema at {path or '/'} expands to a {len(regex):,}-character regex (limit "
                                   f"{ctx.max_regex_chars:,}): simplify it (less nesting, fewer $refs / alternatives)")
     return regex
 
