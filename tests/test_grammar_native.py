@@ -203,3 +203,28 @@ def test_without_a_working_cxx_compiler_outlines_core_builds_the_dfas(monkeypatc
         assert native_dfa.library.__wrapped__() is None
     assert "C++ DFA builder is not available" in caplog.text and "using outlines-core" in caplog.text
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_the_trie_walk_agrees_with_numpys_on_every_state(lib):
+    """A state's allowed tokens walked down the vocabulary's trie in C++ (with whole subtrees taken where
+    their bytes loop on a string's body) equal numpy's token-by-token walk: 16-bit and 32-bit columns,
+    tokens of the same bytes, a token that is a prefix of others, bytes past ASCII."""
+    from agentrt.engine.grammar.token_walk import TokenTable
+    from agentrt.engine.grammar.vocab import TokenVocab
+
+    rng = np.random.default_rng(0)
+    alphabet = list(b'ab"\\{}:,0123 ') + [0xC3, 0xA9, 0xE2, 0x9C, 0x93]
+    pieces = {bytes(rng.choice(alphabet, size=int(rng.integers(1, 7)))) for _ in range(3000)}
+    token_bytes = dict(enumerate(sorted(pieces) + [b"ab", b"ab", b'"', b'a"b']))
+    table = TokenTable(TokenVocab(token_bytes, [len(token_bytes)], len(token_bytes) + 1, "plain"))
+    assert table.trie.tokens == len(token_bytes)
+    small = regex_to_dfa(r'\{"k":"([^"\\]|\\["\\nt])*","n":(0|[1-9][0-9]{0,3})\}')
+    wide = regex_to_dfa(r'"[ab]{0,70000}"')  # a counter past 65,536 states: 32-bit columns
+    assert small.columns.dtype == np.uint16 and wide.columns.dtype == np.int32
+    for dfa, states in ((small, small.reachable().tolist()), (wide, [0, 1, 2, 40_000, 69_999, 70_001])):
+        for s in states:
+            table._native = lib
+            got = table.walk(dfa, s)
+            table._native = None
+            expect = table.walk(dfa, s)
+            assert got[0].tolist() == expect[0].tolist() and got[1].tolist() == expect[1].tolist(), s

@@ -10,6 +10,7 @@
 // classes -> minimization (Hopcroft). Plain C ABI for ctypes: the compile workers
 // do not import torch, so this cannot be a torch extension.
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <cctype>
@@ -17,6 +18,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -771,13 +773,96 @@ Result* build_result(const F& build) {
   return r;
 }
 
+// The tokens ``state`` allows, walked down the vocabulary's byte trie (its nodes in preorder: node i holds
+// byte ``byte[i]`` at depth ``depth[i]`` (1 under the root), ends token ``token[i]`` or -1, its subtree
+// ends before node ``skip[i]``, and ``below[i]`` [4] is the set of bytes its subtree holds under it)
+// through the columns ``cols`` [rows, width] (T: uint16 or int32) read by the byte classes ``cls``. A
+// prefix shared by many tokens is stepped once, a dead one cuts its subtree, and a subtree whose bytes
+// all loop on the state reached (a string's body) is taken whole without a step: its tokens are
+// ``ranked[rank[i + 1]:rank[skip[i]]]`` (the tokens in node order; ``rank[i]``: how many end before node
+// i). ``by_id`` [vocab_size] is scratch, all -1 on entry and on return.
+template <class T>
+int64_t walk_trie(const T* cols, int64_t width, const uint8_t* cls, int64_t dead, int64_t state,
+                  const uint8_t* byte, const int32_t* depth, const int32_t* skip, const int32_t* token,
+                  const int32_t* rank, const int32_t* ranked, const uint64_t* below, int64_t nodes, int32_t max_depth, int64_t vocab_size, int32_t* by_id,
+                  int64_t* out_ids, int64_t* out_states) {
+  std::vector<int64_t> at(size_t(max_depth) + 1);
+  at[0] = state;
+  std::unordered_map<int64_t, std::array<uint64_t, 4>> loops;  // the bytes that stay in each state met
+  int64_t m = 0;
+  auto found = [&](int32_t id, int64_t s) {  // each token's node is reached once
+    out_ids[m++] = id;
+    by_id[id] = int32_t(s);
+  };
+  for (int64_t i = 0; i < nodes;) {
+    int64_t s = cols[at[depth[i] - 1] * width + cls[byte[i]]];
+    if (s == dead) {
+      i = skip[i];
+      continue;
+    }
+    at[depth[i]] = s;
+    if (token[i] >= 0) found(token[i], s);
+    if (skip[i] > i + 1) {
+      auto [it, fresh] = loops.try_emplace(s);
+      uint64_t* l = it->second.data();
+      if (fresh) {
+        std::fill(l, l + 4, uint64_t(0));
+        const T* row = cols + s * width;
+        for (int b = 0; b < 256; ++b)
+          if (int64_t(row[cls[b]]) == s) l[b >> 6] |= uint64_t(1) << (b & 63);
+      }
+      const uint64_t* u = below + 4 * i;
+      if (!((u[0] & ~l[0]) | (u[1] & ~l[1]) | (u[2] & ~l[2]) | (u[3] & ~l[3]))) {
+        for (int64_t k = rank[i + 1]; k < rank[skip[i]]; ++k) found(ranked[k], s);
+        i = skip[i];
+        continue;
+      }
+    }
+    ++i;
+  }
+  if (m * 16 < vocab_size) {  // few: sort them
+    std::sort(out_ids, out_ids + m);
+    for (int64_t k = 0; k < m; ++k) {
+      out_states[k] = by_id[out_ids[k]];
+      by_id[out_ids[k]] = -1;
+    }
+  } else {  // many (inside a string): read them off in id order
+    for (int64_t id = 0, k = 0; id < vocab_size; ++id) {
+      if (by_id[id] < 0) continue;
+      out_ids[k] = id;
+      out_states[k++] = by_id[id];
+      by_id[id] = -1;
+    }
+  }
+  return m;
+}
+
 }  // namespace
 
 extern "C" {
 
-// Compile ``regex`` (``len`` bytes of UTF-8). Never null; read the status first (0 ok, 1 unsupported
-// syntax, 2 over a size or time limit (``max_seconds`` > 0), 3 out of memory) and free it with
-// agentrt_regex_dfa_free.
+// The tokens the DFA allows from ``state`` (the vocabulary's trie and ``by_id`` as walk_trie reads them;
+// token ids below ``vocab_size``), written to ``out_ids`` / ``out_states`` (each room for every token) by
+// ascending id; returns how many, or -1 out of memory. ``cols`` holds uint16 when ``elem_bytes`` is 2, else
+// int32. Not reentrant on one ``by_id``.
+int64_t agentrt_token_walk(const void* cols, int32_t elem_bytes, int64_t width, const uint8_t* cls, int64_t dead,
+                           int64_t state, const uint8_t* byte, const int32_t* depth, const int32_t* skip,
+                           const int32_t* token, const int32_t* rank, const int32_t* ranked,
+                           const uint64_t* below, int64_t nodes, int32_t max_depth,
+                           int64_t vocab_size, int32_t* by_id, int64_t* out_ids, int64_t* out_states) {
+  try {
+    if (elem_bytes == 2)
+      return walk_trie(static_cast<const uint16_t*>(cols), width, cls, dead, state, byte, depth, skip, token, rank, ranked,
+                       below,
+                       nodes, max_depth, vocab_size, by_id, out_ids, out_states);
+    return walk_trie(static_cast<const int32_t*>(cols), width, cls, dead, state, byte, depth, skip, token, rank, ranked,
+                       below,
+                     nodes, max_depth, vocab_size, by_id, out_ids, out_states);
+  } catch (const std::bad_alloc&) {
+    return -1;
+  }
+}
+
 void* agentrt_regex_dfa(const char* regex, int64_t len, int64_t max_states, int64_t max_nfa_states,
                         double max_seconds) {
   return build_result([&](Dfa& d) {

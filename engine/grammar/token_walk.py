@@ -9,8 +9,11 @@ token's set of bytes at once, and only the rest (quotes, escapes) are walked.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
+from . import native_dfa
 from .byte_dfa import ByteDFA, concat_ranges
 from .vocab import TokenVocab
 
@@ -39,10 +42,17 @@ class TokenTable:
         self.byte_sets = np.packbits(used, axis=1, bitorder="little").view(np.uint64)  # [V, 4]
         firsts = rows[:, 0] if items else np.zeros(0, np.uint8)
         self.first_start = np.searchsorted(firsts, np.arange(257))  # byte b's tokens: rows first_start[b]:[b+1]
+        self.trie = TokenTrie(vocab.token_bytes)
+        self._native = native_dfa.library()
+        self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._scratch_lock = threading.Lock()
 
     def walk(self, dfa: ByteDFA, state: int, among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(allowed token ids [n] int64 ascending, the state each leads to [n] int64) from ``state``;
         only the tokens where ``among`` [vocab_size] bool is True, when given."""
+        if (among is None and self._native is not None and dfa.columns.flags.c_contiguous
+                and dfa.columns.dtype in (np.uint16, np.int32)):
+            return self._walk_native(dfa, state)
         flat, classes, width, dead = dfa.columns.ravel(), dfa.classes, dfa.columns.shape[1], dfa.dead
         live = dfa.live_bytes(state)
         if not live.size:
@@ -88,3 +98,71 @@ class TokenTable:
         by_id[ids] = ends
         ids = np.flatnonzero(by_id >= 0)  # ascending without a sort: a sort of ~50k ids cost 3 ms
         return ids, by_id[ids]
+
+    def _walk_native(self, dfa: ByteDFA, state: int) -> tuple[np.ndarray, np.ndarray]:
+        """`walk` in C++, down the vocabulary's trie (a string's state keeps most of the vocabulary:
+        numpy's passes over it took milliseconds)."""
+        columns, t = dfa.columns, self.trie
+        with self._scratch_lock:  # one walk at a time on the scratch arrays (ctypes lets go of the GIL)
+            if self._scratch is None:  # allocated once: fresh ones each walk cost their page faults
+                self._scratch = (np.full(self.width, -1, np.int32), np.empty(t.tokens, np.int64),
+                                 np.empty(t.tokens, np.int64))
+            by_id, ids, ends = self._scratch
+            m = self._native.agentrt_token_walk(
+                columns.ctypes.data, columns.itemsize, columns.shape[1], dfa.classes.ctypes.data, dfa.dead, state,
+                t.byte.ctypes.data, t.depth.ctypes.data, t.skip.ctypes.data, t.token.ctypes.data, t.rank.ctypes.data,
+                t.ranked.ctypes.data, t.below.ctypes.data,
+                t.byte.size, t.max_depth, self.width, by_id.ctypes.data, ids.ctypes.data, ends.ctypes.data)
+            if m < 0:
+                by_id.fill(-1)
+                raise MemoryError("walking the vocabulary's trie")
+            return ids[:m].copy(), ends[:m].copy()
+
+
+class TokenTrie:
+    """The vocabulary's tokens as a byte trie, its nodes in preorder (the order of the tokens' sorted
+    bytes): node i holds ``byte[i]`` at ``depth[i]`` (1 under the root), ends token ``token[i]`` (-1:
+    none) and its subtree ends before node ``skip[i]``; its subtree's tokens are ``ranked[rank[i + 1]:
+    rank[skip[i]]]``. Two tokens of the same bytes are sibling nodes."""
+
+    def __init__(self, token_bytes: dict[int, bytes]):
+        items = sorted((b, tid) for tid, b in token_bytes.items() if b)
+        byte, depth, token = [], [], []
+        prev = b""
+        for data, tid in items:
+            common = 0
+            limit = min(len(prev), len(data))
+            while common < limit and prev[common] == data[common]:
+                common += 1
+            common = min(common, len(data) - 1)  # the same bytes again: a sibling of its last node
+            byte.extend(data[common:])
+            depth.extend(range(common + 1, len(data) + 1))
+            token.extend([-1] * (len(data) - common - 1) + [tid])
+            prev = data
+        self.tokens = len(items)
+        self.byte = np.array(byte, dtype=np.uint8)  # [N]
+        self.depth = np.array(depth, dtype=np.int32)  # [N]
+        self.token = np.array(token, dtype=np.int32)  # [N]
+        self.max_depth = int(self.depth.max()) if byte else 0
+        self.ranked = self.token[self.token >= 0]  # [T] the tokens in node order
+        self.rank = np.zeros(len(byte) + 1, dtype=np.int32)  # [N + 1] tokens ending before each node
+        np.cumsum(self.token >= 0, out=self.rank[1:])
+        # a node's subtree ends at the next node no deeper than it (the end for the last ones)
+        skip = np.full(len(byte), len(byte), dtype=np.int32)
+        parent = np.full(len(byte), -1, dtype=np.int64)
+        open_nodes: list[int] = []
+        for i, d in enumerate(depth):
+            while open_nodes and depth[open_nodes[-1]] >= d:
+                skip[open_nodes.pop()] = i
+            if open_nodes:
+                parent[i] = open_nodes[-1]
+            open_nodes.append(i)
+        self.skip = skip
+        # the bytes under each node (its own not among them), deepest level first into the parents
+        below = np.zeros((len(byte), 4), dtype=np.uint64)  # [N, 4] a 256-bit set
+        own = np.zeros((len(byte), 4), dtype=np.uint64)
+        own[np.arange(len(byte)), self.byte >> 6] = np.left_shift(np.uint64(1), (self.byte & 63).astype(np.uint64))
+        for d in range(self.max_depth, 1, -1):
+            at = np.flatnonzero(self.depth == d)
+            np.bitwise_or.at(below, parent[at], below[at] | own[at])
+        self.below = below
