@@ -51,8 +51,8 @@ def schema_to_dfa(schema: Any, lenient: bool = False, timeout_s: float | None = 
 
 
 # The open grammar (see `Ctx.open_objects`) is tried within these (and half the time), then the closed one
-# within the compile's own limits: a free value after every key an object does not name can make a grammar
-# many times larger than its schema's named parts
+# within the compile's own limits: the keys every object may have besides its named ones can make a
+# grammar several times larger than its schema's named parts
 _OPEN_LIMITS = {"max_states": 50_000, "max_nfa_states": 500_000, "max_regex_chars": 500_000}
 
 

@@ -5,6 +5,8 @@ of these names" (the named keys have their own entries and value schemas).
 """
 from __future__ import annotations
 
+import functools
+
 from .regex_util import STRING_CHAR, alt, char_class, complement, intersect, json_chars, json_literal_text, lit, seq
 
 
@@ -41,16 +43,15 @@ def other_key(names: list[str], max_nodes: int = 4_000) -> str:
         if depth == cut:
             return (None if None in node else ""), None, None
         children = sorted(c for c in node if c is not None)
-        simple = [(ord(c), ord(c)) for c in children if _is_simple(c)]
-        special = [(ord(c), ord(c)) for c in children if not _is_simple(c)]
+        special = tuple(ord(c) for c in children if not _is_simple(c))
         stops: list[str | None] = [] if None in node else [""]
-        leaves: list[str | None] = [char_class(intersect(_SIMPLE, complement(simple)))]
+        leaves: list[str | None] = [_simple_except(tuple(ord(c) for c in children if _is_simple(c)))]
         if special:
-            leaves.append(json_chars(complement(_SIMPLE + special)))
+            leaves.append(_others_except(special))
         paths: list[str | None] = [] if special else [""]
         for ch in children:
             sub_stop, sub_leave, sub_paths = walk(node[ch], depth + 1)
-            head = lit(json_literal_text(ch)[1:-1])
+            head = _char_lit(ch)
             stops.append(seq(head, sub_stop))
             leaves.append(seq(head, sub_leave))
             paths.append(seq(head, sub_paths))
@@ -59,6 +60,26 @@ def other_key(names: list[str], max_nodes: int = 4_000) -> str:
     stop, leave, paths = walk(trie)
     leave = alt([leave, seq(paths, _OTHER)])
     return '"' + alt([seq(leave, f"{STRING_CHAR}*"), stop]) + '"'  # type: ignore[operator]
+
+
+# a trie's nodes mostly have one child, or a few, among a hundred one-byte characters: the classes
+# repeat within a schema and across schemas (range arithmetic per node was most of an open object's cost)
+@functools.lru_cache(maxsize=8192)
+def _simple_except(points: tuple[int, ...]) -> str:
+    """The class of the one-byte characters other than ``points``."""
+    return char_class(intersect(_SIMPLE, complement([(p, p) for p in points])))
+
+
+@functools.lru_cache(maxsize=4096)
+def _char_lit(ch: str) -> str:
+    """The regex of one character as a JSON string writes it."""
+    return lit(json_literal_text(ch)[1:-1])
+
+
+@functools.lru_cache(maxsize=1024)
+def _others_except(points: tuple[int, ...]) -> str:
+    """The multi-byte and escaped characters other than ``points``."""
+    return json_chars(complement(_SIMPLE + [(p, p) for p in points]))
 
 
 def _cut_depth(trie: dict, max_nodes: int) -> int:

@@ -78,8 +78,8 @@ class Ctx:
         # the compile worker, spliced in), so a tool's arguments cost nothing in the next turn's grammar
         self.split_objects = False
         # keys a schema names no rule for (additionalProperties omitted) are generated after the named
-        # ones, valued as free values are; False: only where additionalProperties is given (scalar
-        # values), the narrower grammar a compile falls back to when the open one is too large
+        # ones (scalar values); False: only where additionalProperties is given, the narrower grammar a
+        # compile falls back to when the open one is too large
         self.open_objects = True
         self._walk, self._builders = walk, builders
         # draft 6 on: 1.0 is an integer; drafts 3/4 said no

@@ -8,7 +8,7 @@ invalid ones):
 - compact JSON only: no whitespace between tokens; strings in one canonical encoding
   (see regex_util); numbers with bounds are written without exponent;
 - declared properties appear in schema order; other keys come after them, valued by
-  additionalProperties (true or omitted, as JSON Schema reads it: free values), not beside
+  additionalProperties (true or omitted, as JSON Schema reads it: scalar values), not beside
   maxProperties, patternProperties or a presence plan that closes the object. A schema that
   wants only its named keys says ``additionalProperties: false`` (the planner closes tool
   arguments so: `agentrt.schema.close_objects`);
