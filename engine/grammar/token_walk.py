@@ -127,41 +127,51 @@ class TokenTrie:
 
     def __init__(self, token_bytes: dict[int, bytes]):
         items = sorted((b, tid) for tid, b in token_bytes.items() if b)
-        byte, depth, token = [], [], []
-        prev = b""
-        for data, tid in items:
-            common = 0
-            limit = min(len(prev), len(data))
-            while common < limit and prev[common] == data[common]:
-                common += 1
-            common = min(common, len(data) - 1)  # the same bytes again: a sibling of its last node
-            byte.extend(data[common:])
-            depth.extend(range(common + 1, len(data) + 1))
-            token.extend([-1] * (len(data) - common - 1) + [tid])
-            prev = data
+        blobs, ids = [b for b, _ in items], [tid for _, tid in items]
         self.tokens = len(items)
-        self.byte = np.array(byte, dtype=np.uint8)  # [N]
-        self.depth = np.array(depth, dtype=np.int32)  # [N]
-        self.token = np.array(token, dtype=np.int32)  # [N]
-        self.max_depth = int(self.depth.max()) if byte else 0
+        lengths = np.fromiter(map(len, blobs), np.int64, len(items))  # [T]
+        longest = int(lengths.max()) if items else 0
+        padded = np.zeros((len(items), longest + 1), dtype=np.int16)  # [T, L + 1] byte + 1, 0 past the end
+        flat = np.frombuffer(b"".join(blobs), dtype=np.uint8).astype(np.int16) + 1
+        row_of = np.repeat(np.arange(len(items)), lengths)
+        col_of = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        padded[row_of, col_of] = flat
+        # bytes shared with the token before (sorted, so its nodes are the last ones made on that path);
+        # the same bytes again make a sibling of the last node
+        same = (padded[1:] == padded[:-1]) & (padded[1:] != 0)  # [T - 1, L + 1]
+        common = np.zeros(len(items), dtype=np.int64)
+        common[1:] = np.argmin(same, axis=1)
+        common = np.minimum(common, lengths - 1)
+        fresh = lengths - common  # [T] new nodes per token
+        first = np.cumsum(fresh) - fresh  # [T] each token's first new node
+        n = int(fresh.sum())
+        owner = np.repeat(np.arange(len(items)), fresh)  # [N] the token that made each node
+        position = np.repeat(common, fresh) + np.arange(n) - np.repeat(first, fresh)  # [N] 0-based byte index
+        self.byte = (padded[owner, position] - 1).astype(np.uint8)  # [N]
+        self.depth = (position + 1).astype(np.int32)  # [N]
+        self.token = np.full(n, -1, dtype=np.int32)  # [N]
+        self.token[first + fresh - 1] = np.array(ids, dtype=np.int32)
+        self.max_depth = longest
         self.ranked = self.token[self.token >= 0]  # [T] the tokens in node order
-        self.rank = np.zeros(len(byte) + 1, dtype=np.int32)  # [N + 1] tokens ending before each node
+        self.rank = np.zeros(n + 1, dtype=np.int32)  # [N + 1] tokens ending before each node
         np.cumsum(self.token >= 0, out=self.rank[1:])
-        # a node's subtree ends at the next node no deeper than it (the end for the last ones)
-        skip = np.full(len(byte), len(byte), dtype=np.int32)
-        parent = np.full(len(byte), -1, dtype=np.int64)
-        open_nodes: list[int] = []
-        for i, d in enumerate(depth):
-            while open_nodes and depth[open_nodes[-1]] >= d:
-                skip[open_nodes.pop()] = i
-            if open_nodes:
-                parent[i] = open_nodes[-1]
-            open_nodes.append(i)
-        self.skip = skip
+        # a node's parent: the last node before it one level up; its subtree ends at the next node no
+        # deeper than it (the end for the last ones): level by level, with binary searches
+        parent = np.full(n, -1, dtype=np.int64)
+        self.skip = np.full(n, n, dtype=np.int32)
+        above = np.zeros(0, dtype=np.int64)  # the nodes of depth d - 1
+        for d in range(1, longest + 1):
+            at = np.flatnonzero(self.depth == d)
+            if d > 1:
+                parent[at] = above[np.searchsorted(above, at) - 1]
+            upto = np.flatnonzero(self.depth <= d)  # ascending
+            after = np.searchsorted(upto, at, side="right")
+            self.skip[at] = np.where(after < upto.size, upto[np.minimum(after, upto.size - 1)], n)
+            above = at
         # the bytes under each node (its own not among them), deepest level first into the parents
-        below = np.zeros((len(byte), 4), dtype=np.uint64)  # [N, 4] a 256-bit set
-        own = np.zeros((len(byte), 4), dtype=np.uint64)
-        own[np.arange(len(byte)), self.byte >> 6] = np.left_shift(np.uint64(1), (self.byte & 63).astype(np.uint64))
+        below = np.zeros((n, 4), dtype=np.uint64)  # [N, 4] a 256-bit set
+        own = np.zeros((n, 4), dtype=np.uint64)
+        own[np.arange(n), self.byte >> 6] = np.left_shift(np.uint64(1), (self.byte & 63).astype(np.uint64))
         for d in range(self.max_depth, 1, -1):
             at = np.flatnonzero(self.depth == d)
             np.bitwise_or.at(below, parent[at], below[at] | own[at])
