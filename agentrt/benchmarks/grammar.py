@@ -574,7 +574,10 @@ def bfcl_cases(n: int) -> list[tuple[list[dict], dict]]:
 
 
 def bfcl_cases_with_ids(n: int) -> list[tuple[str, list[dict], dict]]:
-    """(BFCL id, chat messages, parameters schema) for the first n BFCL simple questions."""
+    """(BFCL id, chat messages, parameters schema) for the first n BFCL simple questions; the schema
+    closed as the planner closes a tool's arguments (`agentrt.schema.close_objects`)."""
+    from agentrt.schema import close_objects
+
     cases = []
     with open(DATA / "bfcl" / "simple.jsonl") as fh:
         for line in fh:
@@ -584,7 +587,7 @@ def bfcl_cases_with_ids(n: int) -> list[tuple[str, list[dict], dict]]:
                       f"Its parameters (JSON Schema): {json.dumps(fn['parameters'])}\n"
                       "Reply with the arguments as one JSON object.")
             msgs = [{"role": "system", "content": system}] + [m for m in d["question"][0] if m["role"] != "system"]
-            cases.append((d["id"], msgs, fn["parameters"]))
+            cases.append((d["id"], msgs, close_objects(fn["parameters"])))
             if len(cases) >= n:
                 break
     return cases
