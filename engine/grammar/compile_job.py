@@ -54,6 +54,7 @@ def schema_to_dfa(schema: Any, lenient: bool = False, timeout_s: float | None = 
 # within the compile's own limits: the keys every object may have besides its named ones can make a
 # grammar several times larger than its schema's named parts
 _OPEN_LIMITS = {"max_states": 50_000, "max_nfa_states": 500_000, "max_regex_chars": 500_000}
+_OPEN_ATTEMPT_S = 10.0  # the open grammar's time where the compile has no limit
 
 
 def _whole_dfa(schema: Any, lenient: bool, timeout_s: float | None) -> tuple[str, list[str], ByteDFA]:
@@ -67,9 +68,6 @@ def _whole_dfa(schema: Any, lenient: bool, timeout_s: float | None) -> tuple[str
         pass  # where the schema gives no additionalProperties, other keys are then not generated (narrower)
     left = None if end is None else max(end - time.monotonic(), 0.01)
     return _spliced_dfa(schema, lenient, left, open_objects=False)
-
-
-_OPEN_ATTEMPT_S = 10.0  # the open grammar's time where the compile has no limit
 
 
 def _spliced_dfa(schema: Any, lenient: bool, timeout_s: float | None,

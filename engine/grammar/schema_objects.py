@@ -146,7 +146,8 @@ def object_regex(schema: dict, ctx: Ctx, path: str, plan: Plan | None = None) ->
         ctx.refuse(path, "maxProperties", "fewer than the declared properties")
     worlds = frozenset(plan.worlds) if plan else frozenset({()})
     extra = None
-    # (true or omitted: scalar values; a free value after every open object made grammars ~2x larger)
+    # other keys take scalar values (additionalProperties true or omitted): a free value after every
+    # open object would make the grammar about twice as large
     opened = "additionalProperties" in schema or ctx.open_objects
     if opened and addl is not False and not pprops and mx is None and not counted and not (plan and plan.closed):
         names = [*props, *(r for r in required if isinstance(r, str)), *(plan.props if plan else [])]
