@@ -207,8 +207,8 @@ def test_without_a_working_cxx_compiler_outlines_core_builds_the_dfas(monkeypatc
 
 def test_the_trie_walk_agrees_with_numpys_on_every_state(lib):
     """A state's allowed tokens walked down the vocabulary's trie in C++ (with whole subtrees taken where
-    their bytes loop on a string's body) equal numpy's token-by-token walk: 16-bit and 32-bit columns,
-    tokens of the same bytes, a token that is a prefix of others, bytes past ASCII."""
+    their bytes loop on a string's body or count its length) equal numpy's token-by-token walk: 16-bit
+    and 32-bit columns, tokens of the same bytes, a token that is a prefix of others, bytes past ASCII."""
     from agentrt.engine.grammar.token_walk import TokenTable
     from agentrt.engine.grammar.vocab import TokenVocab
 
@@ -220,8 +220,12 @@ def test_the_trie_walk_agrees_with_numpys_on_every_state(lib):
     assert table.trie.tokens == len(token_bytes)
     small = regex_to_dfa(r'\{"k":"([^"\\]|\\["\\nt])*","n":(0|[1-9][0-9]{0,3})\}')
     wide = regex_to_dfa(r'"[ab]{0,70000}"')  # a counter past 65,536 states: 32-bit columns
+    # a length-limited string whose characters fall in several byte classes (digits count like letters here,
+    # not after "n")
+    counted = regex_to_dfa(r'\{"s":"[ !#-\[\]-~]{0,9}","n":[0-9]+\}')
     assert small.columns.dtype == np.uint16 and wide.columns.dtype == np.int32
-    for dfa, states in ((small, small.reachable().tolist()), (wide, [0, 1, 2, 40_000, 69_999, 70_001])):
+    for dfa, states in ((small, small.reachable().tolist()), (counted, counted.reachable().tolist()),
+                        (wide, [0, 1, 2, 40_000, 69_999, 70_001])):
         for s in states:
             table._native = lib
             got = table.walk(dfa, s)

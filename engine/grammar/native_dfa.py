@@ -72,7 +72,7 @@ def library() -> ctypes.CDLL | None:
                                          ctypes.c_void_p]
     lib.agentrt_token_walk.restype = ctypes.c_int64
     lib.agentrt_token_walk.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                       ctypes.c_int64, *[ctypes.c_void_p] * 7, ctypes.c_int64, ctypes.c_int32,
+                                       ctypes.c_int64, *[ctypes.c_void_p] * 9, ctypes.c_int64, ctypes.c_int32,
                                        ctypes.c_int64, *[ctypes.c_void_p] * 3]
     return lib
 

@@ -777,18 +777,50 @@ Result* build_result(const F& build) {
 // byte ``byte[i]`` at depth ``depth[i]`` (1 under the root), ends token ``token[i]`` or -1, its subtree
 // ends before node ``skip[i]``, and ``below[i]`` [4] is the set of bytes its subtree holds under it)
 // through the columns ``cols`` [rows, width] (T: uint16 or int32) read by the byte classes ``cls``. A
-// prefix shared by many tokens is stepped once, a dead one cuts its subtree, and a subtree whose bytes
-// all loop on the state reached (a string's body) is taken whole without a step: its tokens are
-// ``ranked[rank[i + 1]:rank[skip[i]]]`` (the tokens in node order; ``rank[i]``: how many end before node
-// i). ``by_id`` [vocab_size] is scratch, all -1 on entry and on return.
+// prefix shared by many tokens is stepped once and a dead one cuts its subtree. A subtree is not walked
+// where its bytes all loop on the state its root reached (a string's body: its tokens all end there) or
+// all lead to one same state from each state along the way down to its deepest token ``deepest[i]`` (a
+// length-limited string's counter: each token ends where that chain of states ends after the token's
+// length); its tokens are ``ranked[rank[i + 1]:rank[skip[i]]]`` (the tokens
+// in node order; ``rank[i]``: how many end before node i), of lengths ``ranked_len``. ``by_id``
+// [vocab_size] is scratch, all -1 on entry and on return.
 template <class T>
-int64_t walk_trie(const T* cols, int64_t width, const uint8_t* cls, int64_t dead, int64_t state,
-                  const uint8_t* byte, const int32_t* depth, const int32_t* skip, const int32_t* token,
-                  const int32_t* rank, const int32_t* ranked, const uint64_t* below, int64_t nodes, int32_t max_depth, int64_t vocab_size, int32_t* by_id,
-                  int64_t* out_ids, int64_t* out_states) {
-  std::vector<int64_t> at(size_t(max_depth) + 1);
+int64_t walk_trie(const T* cols, int64_t width, const uint8_t* cls, int64_t dead, int64_t state, const uint8_t* byte,
+                  const int32_t* depth, const int32_t* skip, const int32_t* token, const int32_t* rank,
+                  const int32_t* ranked, const int32_t* ranked_len, const int32_t* deepest, const uint64_t* below,
+                  int64_t nodes, int32_t max_depth, int64_t vocab_size, int32_t* by_id, int64_t* out_ids,
+                  int64_t* out_states) {
+  std::vector<int64_t> at(size_t(max_depth) + 1), chain(size_t(max_depth) + 1);
   at[0] = state;
   std::unordered_map<int64_t, std::array<uint64_t, 4>> loops;  // the bytes that stay in each state met
+  // Whether every byte under node i (reached in state s) leads from each state along the way to one same
+  // state (a length-limited string's counter: any plain character counts one more); then chain[d] is the
+  // state after the root's path and d - depth[i] more of those bytes, up to the subtree's deepest token.
+  std::vector<int64_t> classes;
+  std::array<bool, 256> seen{};
+  auto uniform_chain = [&](int64_t i, int64_t s) {
+    classes.clear();
+    seen.fill(false);
+    const uint64_t* u = below + 4 * i;
+    for (int w = 0; w < 4; ++w)
+      for (uint64_t bits = u[w]; bits; bits &= bits - 1) {
+        int c = cls[w * 64 + __builtin_ctzll(bits)];
+        if (!seen[c]) seen[c] = true, classes.push_back(c);
+      }
+    chain[depth[i]] = s;
+    for (int32_t d = depth[i]; d < deepest[i]; ++d) {
+      int64_t x = chain[d];
+      if (x == dead) {
+        chain[d + 1] = dead;
+        continue;
+      }
+      int64_t y = cols[x * width + classes[0]];
+      for (size_t k = 1; k < classes.size(); ++k)
+        if (int64_t(cols[x * width + classes[k]]) != y) return false;
+      chain[d + 1] = y;
+    }
+    return true;
+  };
   int64_t m = 0;
   auto found = [&](int32_t id, int64_t s) {  // each token's node is reached once
     out_ids[m++] = id;
@@ -803,17 +835,22 @@ int64_t walk_trie(const T* cols, int64_t width, const uint8_t* cls, int64_t dead
     at[depth[i]] = s;
     if (token[i] >= 0) found(token[i], s);
     if (skip[i] > i + 1) {
+      const uint64_t* u = below + 4 * i;
       auto [it, fresh] = loops.try_emplace(s);
       uint64_t* l = it->second.data();
       if (fresh) {
-        std::fill(l, l + 4, uint64_t(0));
         const T* row = cols + s * width;
         for (int b = 0; b < 256; ++b)
           if (int64_t(row[cls[b]]) == s) l[b >> 6] |= uint64_t(1) << (b & 63);
       }
-      const uint64_t* u = below + 4 * i;
-      if (!((u[0] & ~l[0]) | (u[1] & ~l[1]) | (u[2] & ~l[2]) | (u[3] & ~l[3]))) {
-        for (int64_t k = rank[i + 1]; k < rank[skip[i]]; ++k) found(ranked[k], s);
+      if (!((u[0] & ~l[0]) | (u[1] & ~l[1]) | (u[2] & ~l[2]) | (u[3] & ~l[3]))) {  // all loop here
+        for (int32_t r = rank[i + 1]; r < rank[skip[i]]; ++r) found(ranked[r], s);
+        i = skip[i];
+        continue;
+      }
+      if (deepest[i] > depth[i] + 1 && skip[i] - i > 16 && uniform_chain(i, s)) {
+        for (int32_t r = rank[i + 1]; r < rank[skip[i]]; ++r)
+          if (chain[ranked_len[r]] != dead) found(ranked[r], chain[ranked_len[r]]);
         i = skip[i];
         continue;
       }
@@ -848,16 +885,15 @@ extern "C" {
 int64_t agentrt_token_walk(const void* cols, int32_t elem_bytes, int64_t width, const uint8_t* cls, int64_t dead,
                            int64_t state, const uint8_t* byte, const int32_t* depth, const int32_t* skip,
                            const int32_t* token, const int32_t* rank, const int32_t* ranked,
-                           const uint64_t* below, int64_t nodes, int32_t max_depth,
-                           int64_t vocab_size, int32_t* by_id, int64_t* out_ids, int64_t* out_states) {
+                           const int32_t* ranked_len, const int32_t* deepest, const uint64_t* below, int64_t nodes,
+                           int32_t max_depth, int64_t vocab_size, int32_t* by_id, int64_t* out_ids,
+                           int64_t* out_states) {
   try {
     if (elem_bytes == 2)
-      return walk_trie(static_cast<const uint16_t*>(cols), width, cls, dead, state, byte, depth, skip, token, rank, ranked,
-                       below,
-                       nodes, max_depth, vocab_size, by_id, out_ids, out_states);
-    return walk_trie(static_cast<const int32_t*>(cols), width, cls, dead, state, byte, depth, skip, token, rank, ranked,
-                       below,
-                     nodes, max_depth, vocab_size, by_id, out_ids, out_states);
+      return walk_trie(static_cast<const uint16_t*>(cols), width, cls, dead, state, byte, depth, skip, token, rank,
+                       ranked, ranked_len, deepest, below, nodes, max_depth, vocab_size, by_id, out_ids, out_states);
+    return walk_trie(static_cast<const int32_t*>(cols), width, cls, dead, state, byte, depth, skip, token, rank,
+                     ranked, ranked_len, deepest, below, nodes, max_depth, vocab_size, by_id, out_ids, out_states);
   } catch (const std::bad_alloc&) {
     return -1;
   }

@@ -112,7 +112,7 @@ class TokenTable:
             m = self._native.agentrt_token_walk(
                 columns.ctypes.data, columns.itemsize, columns.shape[1], dfa.classes.ctypes.data, dfa.dead, state,
                 t.byte.ctypes.data, t.depth.ctypes.data, t.skip.ctypes.data, t.token.ctypes.data, t.rank.ctypes.data,
-                t.ranked.ctypes.data, t.below.ctypes.data,
+                t.ranked.ctypes.data, t.ranked_len.ctypes.data, t.deepest.ctypes.data, t.below.ctypes.data,
                 t.byte.size, t.max_depth, self.width, by_id.ctypes.data, ids.ctypes.data, ends.ctypes.data)
             if m < 0:
                 by_id.fill(-1)
@@ -124,7 +124,8 @@ class TokenTrie:
     """The vocabulary's tokens as a byte trie, its nodes in preorder (the order of the tokens' sorted
     bytes): node i holds ``byte[i]`` at ``depth[i]`` (1 under the root), ends token ``token[i]`` (-1:
     none) and its subtree ends before node ``skip[i]``; its subtree's tokens are ``ranked[rank[i + 1]:
-    rank[skip[i]]]``. Two tokens of the same bytes are sibling nodes."""
+    rank[skip[i]]]`` (``ranked_len``: their lengths) and ``deepest[i]`` is the depth of its deepest node.
+    Two tokens of the same bytes are sibling nodes."""
 
     def __init__(self, token_bytes: dict[int, bytes]):
         items = sorted((b, tid) for tid, b in token_bytes.items() if b)
@@ -154,6 +155,7 @@ class TokenTrie:
         self.token[first + fresh - 1] = np.array(ids, dtype=np.int32)
         self.max_depth = longest
         self.ranked = self.token[self.token >= 0]  # [T] the tokens in node order
+        self.ranked_len = self.depth[self.token >= 0]  # [T] their lengths in bytes
         self.rank = np.zeros(n + 1, dtype=np.int32)  # [N + 1] tokens ending before each node
         np.cumsum(self.token >= 0, out=self.rank[1:])
         # a node's parent: the last node before it one level up; its subtree ends at the next node no
@@ -169,11 +171,14 @@ class TokenTrie:
             after = np.searchsorted(upto, at, side="right")
             self.skip[at] = np.where(after < upto.size, upto[np.minimum(after, upto.size - 1)], n)
             above = at
-        # the bytes under each node (its own not among them), deepest level first into the parents
+        # the bytes under each node (its own not among them) and the depth of its deepest node, deepest
+        # level first into the parents
         below = np.zeros((n, 4), dtype=np.uint64)  # [N, 4] a 256-bit set
         own = np.zeros((n, 4), dtype=np.uint64)
         own[np.arange(n), self.byte >> 6] = np.left_shift(np.uint64(1), (self.byte & 63).astype(np.uint64))
+        self.deepest = self.depth.copy()  # [N]
         for d in range(self.max_depth, 1, -1):
             at = np.flatnonzero(self.depth == d)
             np.bitwise_or.at(below, parent[at], below[at] | own[at])
+            np.maximum.at(self.deepest, parent[at], self.deepest[at])
         self.below = below
