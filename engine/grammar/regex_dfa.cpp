@@ -781,9 +781,9 @@ Result* build_result(const F& build) {
 // where its bytes all loop on the state its root reached (a string's body: its tokens all end there) or
 // all lead to one same state from each state along the way down to its deepest token ``deepest[i]`` (a
 // length-limited string's counter: each token ends where that chain of states ends after the token's
-// length); its tokens are ``ranked[rank[i + 1]:rank[skip[i]]]`` (the tokens
-// in node order; ``rank[i]``: how many end before node i), of lengths ``ranked_len``. ``by_id``
-// [vocab_size] is scratch, all -1 on entry and on return.
+// length). A subtree's tokens are ``ranked[rank[i + 1]:rank[skip[i]]]`` (the tokens in node order;
+// ``rank[i]``: how many end before node i), of lengths ``ranked_len``. ``by_id`` [vocab_size] is scratch,
+// all -1 on entry and on return.
 template <class T>
 int64_t walk_trie(const T* cols, int64_t width, const uint8_t* cls, int64_t dead, int64_t state, const uint8_t* byte,
                   const int32_t* depth, const int32_t* skip, const int32_t* token, const int32_t* rank,
@@ -899,6 +899,9 @@ int64_t agentrt_token_walk(const void* cols, int32_t elem_bytes, int64_t width, 
   }
 }
 
+// Compile ``regex`` (``len`` bytes of UTF-8). Never null; read the status first (0 ok, 1 unsupported
+// syntax, 2 over a size or time limit (``max_seconds`` > 0), 3 out of memory) and free it with
+// agentrt_regex_dfa_free.
 void* agentrt_regex_dfa(const char* regex, int64_t len, int64_t max_states, int64_t max_nfa_states,
                         double max_seconds) {
   return build_result([&](Dfa& d) {
